@@ -1,0 +1,261 @@
+"""Read product catalogues from where companies keep them.
+
+Three sources, one result (:class:`Catalog`):
+
+* a folder of images, the file stem being the product id (``milk-1l.jpg``);
+* a CSV with columns ``product_id,image`` and optional ``name,group,kind,code``
+  (image paths are relative to the CSV's folder);
+* a SQLite database, ``sqlite:///catalog.db`` or ``sqlite:///catalog.db?table=products``,
+  with columns ``product_id``, ``name`` and ``image`` (a BLOB of the encoded image, or a
+  path), and optionally ``group``/``kind``/``code``.
+
+``group`` is the coarse class (another brand of milk is a hard impostor), ``kind`` the
+broad product kind (packaged, fruit, ...), ``code`` a barcode or QR payload.
+
+Invalid entries (duplicate ids, ids with path characters, missing images) raise
+:class:`~auditlens.errors.CatalogError` naming the product; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from PIL import Image
+
+from auditlens.errors import CatalogError, ImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+PRODUCT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+"""Product ids: letters, digits and ``. _ : @ + -``; no slashes, spaces or control chars."""
+
+
+def check_product_id(product_id: str, where: str = "") -> str:
+    """Return ``product_id`` if it is a safe id, else raise :class:`CatalogError`."""
+    if not isinstance(product_id, str) or not PRODUCT_ID.match(product_id) or ".." in product_id:
+        raise CatalogError(
+            f"{where}invalid product id {product_id!r}: use 1-128 letters, digits or "
+            "'. _ : @ + -', starting with a letter or digit (no '/', '\\', '..' or spaces)"
+        )
+    return product_id
+
+
+@dataclass(frozen=True)
+class Product:
+    """One catalogue entry: the product and its original image."""
+
+    product_id: str
+    name: str
+    image: str | bytes
+    """Path of the original image, or its encoded bytes (SQLite BLOB)."""
+    group: str = ""
+    """Coarse class, e.g. 'Milk'; products of one group are each other's hard impostors."""
+    kind: str = ""
+    """Broad kind, e.g. 'Packages', 'Fruit', 'Vegetables' (for per-kind reports)."""
+    code: str = ""
+    """Barcode or QR payload printed on the product, if known."""
+
+    def open(self, **load_kwargs) -> Image.Image:
+        """Load the original as upright RGB; errors name the product id."""
+        from auditlens.device_app.imaging import load_image
+
+        try:
+            return load_image(self.image, **load_kwargs)
+        except ImageError as exc:
+            raise CatalogError(f"product {self.product_id!r}: original unusable: {exc}") from exc
+
+
+class Catalog(Sequence[Product]):
+    """An ordered, id-unique list of products."""
+
+    def __init__(self, products: Sequence[Product], source: str = "") -> None:
+        self.source = source
+        self._products = list(products)
+        self._index: dict[str, int] = {}
+        for i, product in enumerate(self._products):
+            check_product_id(product.product_id, f"{source}: " if source else "")
+            if product.product_id in self._index:
+                raise CatalogError(
+                    f"{source}: product id {product.product_id!r} appears more than once"
+                )
+            self._index[product.product_id] = i
+        if not self._products:
+            raise CatalogError(f"{source}: the catalogue holds no products")
+
+    def __len__(self) -> int:
+        return len(self._products)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._products[i]
+
+    def __iter__(self) -> Iterator[Product]:
+        return iter(self._products)
+
+    def __contains__(self, product_id: object) -> bool:
+        return product_id in self._index
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.product_id for p in self._products]
+
+    def get(self, product_id: str) -> Product:
+        try:
+            return self._products[self._index[product_id]]
+        except KeyError:
+            raise CatalogError(f"{self.source}: no product {product_id!r} in the catalogue") from None
+
+    def subset(self, product_ids: Sequence[str]) -> Catalog:
+        return Catalog([self.get(p) for p in product_ids], self.source)
+
+
+def _read_folder(folder: Path) -> Catalog:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise CatalogError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise CatalogError(f"{folder}: product id {f.stem!r} has two images: {stems[f.stem].name}, {f.name}")
+        stems[f.stem] = f
+    return Catalog([Product(f.stem, f.stem, str(f)) for f in files], str(folder))
+
+
+def _read_csv(path: Path) -> Catalog:
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"product_id", "image"} - set(reader.fieldnames or ())
+            if missing:
+                raise CatalogError(f"{path}: missing column(s) {', '.join(sorted(missing))}; "
+                                   "expected product_id,image[,name,group,kind,code]")
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{path}: not UTF-8 text ({exc}); save the CSV as UTF-8") from exc
+    products = []
+    for line, row in enumerate(rows, start=2):
+        pid = (row.get("product_id") or "").strip()
+        check_product_id(pid, f"{path}:{line}: ")
+        image = (row.get("image") or "").strip()
+        if not image:
+            raise CatalogError(f"{path}:{line}: product {pid!r} has no image")
+        image_path = Path(image) if Path(image).is_absolute() else path.parent / image
+        products.append(Product(
+            pid, (row.get("name") or pid).strip(), str(image_path),
+            (row.get("group") or "").strip(), (row.get("kind") or "").strip(),
+            (row.get("code") or "").strip(),
+        ))
+    return Catalog(products, str(path))
+
+
+def _read_sqlite(url: str) -> Catalog:
+    # sqlite:///relative/path.db or sqlite:////absolute/path.db, optional ?table=NAME
+    if not url.startswith("sqlite:///"):
+        raise CatalogError(f"{url}: write SQLite catalogues as sqlite:///path/to/catalog.db")
+    location, _, query = url[len("sqlite:///"):].partition("?")
+    db_path = Path(location)
+    table = parse_qs(query).get("table", ["products"])[0]
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", table):
+        raise CatalogError(f"{url}: invalid table name {table!r}")
+    if not db_path.is_file():
+        raise CatalogError(f"{url}: no SQLite database at {db_path}")
+    try:
+        con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        con.text_factory = bytes  # decode ourselves, to name the product on bad UTF-8
+        try:
+            cols = [r[1].decode() for r in con.execute(f'PRAGMA table_info("{table}")')]
+            if not cols:
+                raise CatalogError(f"{url}: no table {table!r} in {db_path}")
+            missing = {"product_id", "name", "image"} - set(cols)
+            if missing:
+                raise CatalogError(
+                    f"{url}: table {table!r} lacks column(s) {', '.join(sorted(missing))}; "
+                    "expected product_id, name, image[, group, kind, code]"
+                )
+            extra = [c for c in ("group", "kind", "code") if c in cols]
+            select = ", ".join(f'"{c}"' for c in ["product_id", "name", "image", *extra])
+            rows = con.execute(
+                f'SELECT typeof("image"), {select} FROM "{table}" ORDER BY rowid'
+            ).fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise CatalogError(f"{url}: cannot read the database: {exc}") from exc
+
+    def text(value, what: str, pid: str) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CatalogError(f"{url}: product {pid!r}: {what} is not UTF-8 text") from exc
+        return str(value)
+
+    products = []
+    for image_type, raw_id, raw_name, image, *raw_extra in rows:
+        pid = text(raw_id, "product_id", repr(raw_id))
+        check_product_id(pid, f"{url}: ")
+        if image is None or image == b"":
+            raise CatalogError(f"{url}: product {pid!r} has no image")
+        if image_type == b"blob":
+            original: str | bytes = bytes(image)
+        else:
+            rel = Path(text(image, "image path", pid))
+            original = str(rel if rel.is_absolute() else db_path.parent / rel)
+        fields = {c: text(v, c, pid) for c, v in zip(extra, raw_extra)}
+        products.append(Product(
+            pid, text(raw_name, "name", pid) or pid, original,
+            fields.get("group", ""), fields.get("kind", ""), fields.get("code", ""),
+        ))
+    return Catalog(products, url)
+
+
+def open_catalog(source: str | Path) -> Catalog:
+    """Open a catalogue: a folder of images, a ``.csv`` file or ``sqlite:///path.db``."""
+    text = str(source)
+    if text.startswith("sqlite:"):
+        return _read_sqlite(text)
+    path = Path(source)
+    if path.is_dir():
+        return _read_folder(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return _read_csv(path)
+    if path.is_file() and path.suffix.lower() in (".db", ".sqlite", ".sqlite3"):
+        return _read_sqlite(f"sqlite:///{path}")
+    raise CatalogError(f"{source}: not a folder of images, a .csv file or sqlite:///path.db")
+
+
+@dataclass(frozen=True)
+class LabelledPhoto:
+    """A field photo and the product it truly shows (for training and evaluation)."""
+
+    photo: str
+    product_id: str
+
+
+def read_labelled_photos(path: str | Path) -> list[LabelledPhoto]:
+    """Read a ``photo,product_id`` CSV; relative photo paths are resolved against its folder."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"photo", "product_id"} - set(reader.fieldnames or ())
+            if missing:
+                raise CatalogError(f"{path}: missing column(s) {', '.join(sorted(missing))}; expected photo,product_id")
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{path}: cannot read labelled photos: {exc}") from exc
+    out = []
+    for line, row in enumerate(rows, start=2):
+        photo = (row["photo"] or "").strip()
+        pid = (row["product_id"] or "").strip()
+        if not photo or not pid:
+            raise CatalogError(f"{path}:{line}: empty photo or product_id")
+        p = Path(photo)
+        out.append(LabelledPhoto(str(p if p.is_absolute() else path.parent / p), pid))
+    return out

@@ -1,0 +1,329 @@
+"""The `auditlens` command: a thin layer over the library, one subcommand per task.
+
+Exit status: 0 success (for ``verify``: MATCH), 1 NO MATCH, 3 RETAKE, 2 bad usage or
+an input auditlens could not use (the message says which and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from auditlens.errors import AuditlensError
+
+EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR, EXIT_RETAKE = 0, 1, 2, 3
+
+
+def _shipped(name: str) -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("auditlens.models") / name))
+
+
+def default_bundle() -> Path:
+    """The sample reference bundle shipped with auditlens."""
+    return _shipped("sample_bundle")
+
+
+def _add_bundle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", "-b", type=Path, default=None,
+                   help="reference bundle folder or .zip (default: the shipped sample bundle)")
+    p.add_argument("--public-key", default=None, metavar="KEY",
+                   help="publisher's Ed25519 public key file: refuse unsigned or wrongly signed bundles")
+    p.add_argument("--threads", type=int, default=1, help="interpreter threads (default: 1)")
+
+
+def _verifier(args, **overrides):
+    from auditlens.device_app.verifier import Verifier, VerifierOptions
+
+    key = Path(args.public_key).read_bytes() if args.public_key else None
+    return Verifier(args.bundle or default_bundle(),
+                    VerifierOptions(num_threads=args.threads, **overrides), public_key=key)
+
+
+# -- enroll --------------------------------------------------------------------------
+def _add_enroll(p: argparse.ArgumentParser) -> None:
+    p.add_argument("catalog", help="folder of originals (file stem = product id), a CSV "
+                   "(product_id,image[,name,group,kind,code]) or sqlite:///catalog.db")
+    p.add_argument("--out", "-o", type=Path, required=True, help="bundle folder, or a path ending in .zip")
+    p.add_argument("--model", "-m", type=Path, default=None,
+                   help="TFLite encoder (default: the shipped model)")
+    p.add_argument("--references", type=Path, default=None, metavar="LABELLED.csv",
+                   help="extra approved photos per product (photo,product_id), enrolled beside the originals")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold (default: the model card's calibrated one)")
+    p.add_argument("--sign-key", type=Path, default=None, help="Ed25519 private key (PEM) to sign the bundle")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _run_enroll(args) -> int:
+    from auditlens.catalog import open_catalog, read_labelled_photos
+    from auditlens.export.enroll import EnrollOptions, enroll
+
+    catalog = open_catalog(args.catalog)
+    extras = read_labelled_photos(args.references) if args.references else ()
+    out = enroll(catalog, args.out, model=args.model, extra_references=extras,
+                 options=EnrollOptions(threshold=args.threshold, progress=not args.no_progress),
+                 signing_key=args.sign_key.read_bytes() if args.sign_key else None)
+    print(f"enrolled {len(catalog)} products ({len(extras)} extra reference photos) into {out}")
+    return EXIT_OK
+
+
+# -- verify / identify ---------------------------------------------------------------
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("photo", type=Path, help="the field photo (JPEG, PNG, WebP, ...)")
+    p.add_argument("--product", "-p", required=True, help="product id the photo should show")
+    _add_bundle(p)
+    p.add_argument("--json", action="store_true", help="print the full verdict as JSON")
+    p.add_argument("--log", type=Path, default=None, metavar="AUDIT.db",
+                   help="append the verdict to this audit log (SQLite)")
+    p.add_argument("--auditor", default=os.environ.get("USER", ""), help="auditor name for the log")
+
+
+def _format_verdict(v) -> str:
+    line = f"{v.decision.upper().replace('_', ' '):8s} {v.product_id}  score {v.score:.3f} (threshold {v.threshold:.3f}"
+    if v.estimated_far is not None:
+        line += f", est. false-accept {v.estimated_far:.2%}"
+    line += ")"
+    extra = [f"  - {r}" for r in v.reasons]
+    if v.suggestions:
+        extra.append("  looks more like: " + ", ".join(f"{c.product_id} ({c.score:.3f})" for c in v.suggestions))
+    return "\n".join([line, *extra])
+
+
+def _run_verify(args) -> int:
+    verifier = _verifier(args)
+    verdict = verifier.verify(args.photo, args.product)
+    if args.log:
+        from auditlens.device_app.auditlog import AuditLog
+
+        with AuditLog(args.log) as log:
+            log.append(verdict, photo=args.photo.read_bytes(), auditor=args.auditor)
+    print(json.dumps(verdict.to_dict(), indent=1) if args.json else _format_verdict(verdict))
+    return {"match": EXIT_OK, "no_match": EXIT_NO_MATCH}.get(verdict.decision, EXIT_RETAKE)
+
+
+def _add_identify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("photo", type=Path, help="the field photo")
+    p.add_argument("--top", "-k", type=int, default=5, help="how many products to list (default: 5)")
+    _add_bundle(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_identify(args) -> int:
+    candidates = _verifier(args).identify(args.photo, args.top)
+    if args.json:
+        print(json.dumps([c.__dict__ for c in candidates], indent=1))
+    else:
+        for rank, c in enumerate(candidates, 1):
+            print(f"{rank:2d}. {c.score:6.3f}  {c.product_id}  ({c.name})")
+    return EXIT_OK
+
+
+# -- score ---------------------------------------------------------------------------
+def _add_score(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", required=True, type=Path, help="CSV with columns photo,product_id")
+    p.add_argument("--out", "-o", required=True, type=Path,
+                   help="CSV written with columns photo,product_id,score,verdict,error")
+    _add_bundle(p)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_score(args) -> int:
+    from tqdm import tqdm
+
+    from auditlens.catalog import read_labelled_photos
+
+    verifier = _verifier(args)
+    pairs = read_labelled_photos(args.pairs)
+    captures: dict[str, object] = {}  # each photo decoded and embedded once
+    errors = 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", dir=args.out.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["photo", "product_id", "score", "verdict", "error"])
+            for pair in tqdm(pairs, desc="scoring", unit="pair", disable=args.no_progress):
+                try:
+                    capture = captures.get(pair.photo)
+                    if capture is None:
+                        try:
+                            capture = verifier.prepare(pair.photo)
+                        except AuditlensError as exc:
+                            capture = exc  # remembered: a bad photo is decoded once too
+                        captures[pair.photo] = capture
+                    if isinstance(capture, AuditlensError):
+                        raise capture
+                    v = verifier.verify(capture, pair.product_id)
+                    writer.writerow([pair.photo, pair.product_id, f"{v.score:.5f}", v.decision, ""])
+                except AuditlensError as exc:
+                    errors += 1
+                    writer.writerow([pair.photo, pair.product_id, "", "error", str(exc)])
+        os.replace(tmp, args.out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"scored {len(pairs)} pairs ({len(captures)} photos, {errors} errors) into {args.out}")
+    return EXIT_OK if not errors else EXIT_ERROR
+
+
+# -- info ----------------------------------------------------------------------------
+def _add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, nargs="?", default=None, help="bundle folder or .zip (default: the sample)")
+    p.add_argument("--public-key", default=None, help="check the signature with this Ed25519 public key")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+
+def _run_info(args) -> int:
+    from auditlens.device_app.bundle import ReferenceBundle
+
+    key = Path(args.public_key).read_bytes() if args.public_key else None
+    b = ReferenceBundle.load(args.bundle or default_bundle(), public_key=key)
+    m = b.manifest
+    if args.json:
+        print(json.dumps({k: v for k, v in m.items() if k != "probe"}, indent=1))
+        return EXIT_OK
+    d = m["decision"]
+    size = len(b.model_content)
+    print(f"bundle     {b.path}  (format {m['format_version']}, made {m['created']}, auditlens {m['auditlens_version']})")
+    print(f"integrity  {len(m['files'])} files, every sha256 verified" + (f"; signed by {b.signed_by}" if b.signed_by else ""))
+    print(f"model      {b.model_id}  ({size / 1024:.0f} KiB, input {b.spec.input_size}px {b.spec.crop}, latent {m['latent_dim']}-d)")
+    print(f"products   {len(b.products)}  ({len(b.references)} reference images)")
+    cal = f"calibrated for false-accept rate {d['target_far']:.2%} on {d.get('calibrated_on')}" if d.get("target_far") else "not calibrated"
+    print(f"threshold  {d['threshold']:.4f}  ({cal})")
+    kinds: dict[str, int] = {}
+    for p in b.products:
+        kinds[p.kind or "?"] = kinds.get(p.kind or "?", 0) + 1
+    print("kinds      " + ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())))
+    return EXIT_OK
+
+
+# -- demo ----------------------------------------------------------------------------
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", type=Path, default=None, help=argparse.SUPPRESS)
+
+
+def _run_demo(args) -> int:
+    from auditlens.catalog import read_labelled_photos
+    from auditlens.device_app.verifier import Verifier
+
+    bundle = args.bundle or default_bundle()
+    verifier = Verifier(bundle)
+    photos = read_labelled_photos(_shipped("sample") / "photos.csv")
+    ids = [p.product_id for p in verifier.bundle.products]
+    print(f"auditlens demo: {len(photos)} sample field photos against the {len(ids)}-product "
+          f"sample bundle (model {verifier.bundle.model_id}, threshold {verifier.threshold:.3f})\n")
+    print(f"{'photo':34s} {'claimed product':34s} {'truth':9s} {'verdict':9s} score")
+    right = total = 0
+    for i, photo in enumerate(photos):
+        capture = verifier.prepare(photo.photo)
+        wrong = ids[(ids.index(photo.product_id) + 1 + i) % len(ids)]
+        if wrong == photo.product_id:
+            wrong = ids[(ids.index(photo.product_id) + 1) % len(ids)]
+        for claimed in (photo.product_id, wrong):
+            v = verifier.verify(capture, claimed)
+            truth = "same" if claimed == photo.product_id else "other"
+            ok = (v.decision == "match") == (truth == "same")
+            right += ok
+            total += 1
+            print(f"{Path(photo.photo).name:34s} {claimed:34s} {truth:9s} {v.decision.upper():9s} {v.score:.3f}"
+                  f"{'' if ok else '  <- wrong'}")
+    print(f"\n{right}/{total} verdicts correct. Verify your own photo with:\n"
+          f"  auditlens verify --product {ids[0]} PHOTO.jpg")
+    return EXIT_OK
+
+
+def _add_import_grocery(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", type=Path, help="folder of the Grocery Store Dataset (with classes.csv)")
+    p.add_argument("--out", "-o", type=Path, required=True, help="folder for catalog.csv, train.csv, val.csv")
+
+
+def _run_import_grocery(args) -> int:
+    from auditlens.datasets import import_grocery
+
+    for name, path in import_grocery(args.root, args.out).items():
+        print(f"{name:8s} {path}")
+    return EXIT_OK
+
+
+# -- the command table -----------------------------------------------------------------
+Hook = tuple[str, str, str] | tuple[Callable, Callable]
+COMMANDS: dict[str, tuple[str, Hook]] = {
+    "demo": ("verify the shipped sample photos against the sample bundle", (_add_demo, _run_demo)),
+    "verify": ("does PHOTO show product ID? prints MATCH / NO MATCH / RETAKE", (_add_verify, _run_verify)),
+    "identify": ("which enrolled products does PHOTO resemble most?", (_add_identify, _run_identify)),
+    "score": ("batch-score photo,product_id pairs into a CSV", (_add_score, _run_score)),
+    "enroll": ("embed a catalogue's originals into a reference bundle", (_add_enroll, _run_enroll)),
+    "info": ("show and verify a reference bundle", (_add_info, _run_info)),
+    "train": ("train an encoder on a catalogue (needs auditlens[train])",
+              ("auditlens.training.train", "add_train_arguments", "run_train")),
+    "export": ("convert a trained encoder to int8 TFLite and check its drift (needs auditlens[train])",
+               ("auditlens.export.quantize", "add_export_arguments", "run_export")),
+    "import-grocery": ("write catalogue and photo CSVs for a Grocery Store Dataset copy",
+                       (_add_import_grocery, _run_import_grocery)),
+}
+
+
+def _resolve(hook: Hook) -> tuple[Callable, Callable]:
+    if callable(hook[0]):
+        return hook  # type: ignore[return-value]
+    module, add, run = hook  # type: ignore[misc]
+    mod = importlib.import_module(module)
+    return getattr(mod, add), getattr(mod, run)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="auditlens",
+        description="Offline product verification for field audits: does a photo show the "
+                    "product in the catalogue?",
+        epilog="Exit status: 0 success/MATCH, 1 NO MATCH, 3 RETAKE, 2 error. "
+               "Run `auditlens COMMAND --help` for a command's options.",
+    )
+    import auditlens
+
+    parser.add_argument("--version", action="version", version=f"auditlens {auditlens.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (summary, hook) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary)
+        if command is None or command == name:
+            # only the chosen command's module is imported: `verify` never loads TensorFlow
+            try:
+                add, _ = _resolve(hook)
+            except ImportError as exc:
+                p.set_defaults(_missing=f"`auditlens {name}` needs an optional dependency: {exc}")
+                continue
+            add(p)
+        p.set_defaults(_command=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if getattr(args, "_missing", None):
+        print(f"auditlens: error: {args._missing}", file=sys.stderr)
+        return EXIT_ERROR
+    _, run = _resolve(COMMANDS[args._command][1])
+    try:
+        return int(run(args) or 0)
+    except AuditlensError as exc:
+        print(f"auditlens: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("auditlens: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Exceptions auditlens raises, one type per thing a field engineer can act on.
+
+Every error carries a message that says what was wrong and what to do about it.
+They all derive from :class:`AuditlensError`, so a service can catch one type.
+"""
+
+from __future__ import annotations
+
+
+class AuditlensError(Exception):
+    """Base class of every error auditlens raises on purpose."""
+
+
+# -- images -------------------------------------------------------------------------
+class ImageError(AuditlensError):
+    """A photo or original could not be used."""
+
+
+class UnreadableImageError(ImageError):
+    """The bytes are not an image format auditlens can decode (or not an image at all)."""
+
+
+class TruncatedImageError(ImageError):
+    """The file ends before the image data does (interrupted upload or copy)."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image declares more pixels than allowed (decompression-bomb guard)."""
+
+
+class ImageTooSmallError(ImageError):
+    """The image is too small to show a product (e.g. a 1x1 tracking pixel)."""
+
+
+# -- bundles and models -------------------------------------------------------------
+class BundleError(AuditlensError):
+    """A reference bundle could not be loaded."""
+
+
+class BundleFormatError(BundleError):
+    """The bundle is malformed: a missing file, bad JSON, unknown format version, unsafe path."""
+
+
+class BundleIntegrityError(BundleError):
+    """A file of the bundle does not match the sha256 in its manifest (tampering or corruption)."""
+
+
+class BundleSignatureError(BundleError):
+    """The bundle is unsigned or its signature does not verify with the configured key."""
+
+
+class ModelMismatchError(BundleError):
+    """The model and the reference latents do not belong together."""
+
+
+class ModelError(AuditlensError):
+    """A model file could not be loaded or run."""
+
+
+# -- catalogue and products ---------------------------------------------------------
+class CatalogError(AuditlensError):
+    """A product catalogue could not be read, or holds invalid entries."""
+
+
+class UnknownProductError(AuditlensError, KeyError):
+    """The product id is not in the reference bundle."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown product"
+
+
+# -- audit log ----------------------------------------------------------------------
+class AuditLogError(AuditlensError):
+    """The audit log could not be written or read."""
+
+
+class AuditChainError(AuditLogError):
+    """The audit log's hash chain is broken: a record was edited, removed or reordered."""

@@ -1,0 +1,414 @@
+"""The reference bundle: what a device needs to verify products offline.
+
+A bundle is a folder (or the same files in one zip) holding::
+
+    manifest.json     format version, sha256 of every file, preprocessing, latent size,
+                      decision threshold (and what it was calibrated for), model id, probe
+    manifest.sig      optional Ed25519 signature of manifest.json
+    model.tflite      the encoder the latents were computed with
+    references.npy    float16 (R, D) unit latents, one row per reference image
+    products.json     per product: id, name, group, kind, code, reference rows, dHash
+    thumbs/NNNN.jpg   a small thumbnail of each original, for display
+
+Loading checks every file against its sha256, refuses paths outside the bundle and
+symlinks, refuses latents made by another model, and (given a public key) refuses
+unsigned or wrongly signed bundles. :func:`write_bundle` writes to a temporary path and
+renames only when complete, so a crash never leaves half a bundle behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from auditlens.device_app.interpreter import model_id_of
+from auditlens.device_app.preprocess import PreprocessSpec
+from PIL import Image
+
+from auditlens.errors import (
+    BundleFormatError,
+    BundleIntegrityError,
+    BundleSignatureError,
+    ModelMismatchError,
+    UnknownProductError,
+)
+
+FORMAT = "auditlens-bundle"
+FORMAT_VERSION = 1
+"""Bumped whenever a reader of the previous version would misread a new bundle."""
+
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+MODEL_FILE = "model.tflite"
+REFERENCES_FILE = "references.npy"
+PRODUCTS_FILE = "products.json"
+
+MAX_BUNDLE_BYTES = 2 * 1024**3
+"""Upper bound on what a bundle may unpack to (zip-bomb guard)."""
+
+_SAFE_NAME = re.compile(r"^(model\.tflite|references\.npy|products\.json|thumbs/[0-9]{4,9}\.(jpg|png))$")
+
+
+@dataclass(frozen=True)
+class ProductRecord:
+    """A product as the device knows it."""
+
+    product_id: str
+    name: str
+    group: str = ""
+    kind: str = ""
+    code: str = ""
+    references: tuple[int, ...] = ()
+    """Rows of ``references.npy`` that belong to this product (original first)."""
+    dhash: str = ""
+    """64-bit difference hash of the original, hex: flags photos that merely copy it."""
+    thumbnail: str = ""
+    """Path of the thumbnail inside the bundle."""
+
+    def to_dict(self) -> dict:
+        return {
+            "product_id": self.product_id, "name": self.name, "group": self.group,
+            "kind": self.kind, "code": self.code, "references": list(self.references),
+            "dhash": self.dhash, "thumbnail": self.thumbnail,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ProductRecord:
+        return cls(
+            str(d["product_id"]), str(d.get("name", d["product_id"])), str(d.get("group", "")),
+            str(d.get("kind", "")), str(d.get("code", "")),
+            tuple(int(i) for i in d.get("references", ())), str(d.get("dhash", "")),
+            str(d.get("thumbnail", "")),
+        )
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def probe_image(size: int, seed: int = 20260101) -> np.ndarray:
+    """A fixed synthetic image; its latent, stored at enrolment, proves on load that the
+    bundle's model is the one the references were computed with."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    base = np.stack([x, y, (x + y) / 2], axis=-1) * 200
+    blocks = rng.integers(0, 56, size=(8, 8, 3)).repeat(-(-size // 8), 0).repeat(-(-size // 8), 1)
+    return np.clip(base + blocks[:size, :size], 0, 255).astype(np.uint8)
+
+
+# -- reading ------------------------------------------------------------------------
+class _FolderSource:
+    def __init__(self, root: Path):
+        self.root = root
+        self.real_root = root.resolve()
+
+    def read(self, name: str) -> bytes:
+        path = self.root / name
+        if path.is_symlink():
+            raise BundleFormatError(f"{self.root}: {name} is a symlink; bundles hold plain files only")
+        try:
+            resolved = path.resolve()
+        except OSError as exc:
+            raise BundleFormatError(f"{self.root}: cannot resolve {name}: {exc}") from exc
+        if self.real_root not in resolved.parents:
+            raise BundleFormatError(f"{self.root}: {name} points outside the bundle")
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise BundleFormatError(f"{self.root}: the bundle has no {name}") from None
+        except OSError as exc:
+            raise BundleFormatError(f"{self.root}: cannot read {name}: {exc}") from exc
+
+    def exists(self, name: str) -> bool:
+        return (self.root / name).exists()
+
+
+class _ZipSource:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.zip = zipfile.ZipFile(path)
+            infos = self.zip.infolist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise BundleFormatError(f"{path}: not a readable zip bundle: {exc}") from exc
+        total = sum(i.file_size for i in infos)
+        if total > MAX_BUNDLE_BYTES:
+            raise BundleFormatError(f"{path}: unpacks to {total:,} bytes, more than a bundle may")
+        self.members = {}
+        for info in infos:
+            name = info.filename
+            if name.startswith("/") or ".." in PurePosixPath(name).parts or "\\" in name:
+                raise BundleFormatError(f"{path}: member {name!r} points outside the bundle")
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise BundleFormatError(f"{path}: member {name!r} is a symlink")
+            self.members[name] = info
+
+    def read(self, name: str) -> bytes:
+        info = self.members.get(name)
+        if info is None:
+            raise BundleFormatError(f"{self.path}: the bundle has no {name}")
+        with self.zip.open(info) as fh:
+            data = fh.read(info.file_size + 1)
+        if len(data) != info.file_size:
+            raise BundleFormatError(f"{self.path}: {name} does not unpack to its declared size")
+        return data
+
+    def exists(self, name: str) -> bool:
+        return name in self.members
+
+
+@dataclass
+class ReferenceBundle:
+    """A loaded, verified reference bundle."""
+
+    path: Path
+    manifest: dict
+    model_content: bytes
+    products: list[ProductRecord]
+    references: np.ndarray
+    """float32 (R, D), unit rows."""
+    reference_owner: np.ndarray
+    """int32 (R,): index into ``products`` of each reference row."""
+    thumbnails: dict[str, bytes] = field(default_factory=dict, repr=False)
+    signed_by: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest["model"]["id"]
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.manifest["preprocess"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest["decision"]["threshold"])
+
+    @property
+    def decision(self) -> dict:
+        return self.manifest["decision"]
+
+    def __post_init__(self) -> None:
+        self._index = {p.product_id: i for i, p in enumerate(self.products)}
+        self._by_code = {p.code: i for i, p in enumerate(self.products) if p.code}
+
+    def index(self, product_id: str) -> int:
+        try:
+            return self._index[product_id]
+        except (KeyError, TypeError):
+            raise UnknownProductError(
+                f"product {product_id!r} is not in this bundle ({len(self.products)} products, "
+                f"made {self.manifest.get('created', '?')}); enrol it or update the bundle"
+            ) from None
+
+    def product(self, product_id: str) -> ProductRecord:
+        return self.products[self.index(product_id)]
+
+    def product_for_code(self, code: str) -> ProductRecord | None:
+        i = self._by_code.get(code)
+        return None if i is None else self.products[i]
+
+    def thumbnail(self, product_id: str) -> Image.Image:
+        record = self.product(product_id)
+        return Image.open(io.BytesIO(self.thumbnails[record.thumbnail])).convert("RGB")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, public_key: bytes | str | None = None) -> ReferenceBundle:
+        """Load and verify a bundle folder or zip.
+
+        Args:
+            public_key: the publisher's Ed25519 public key (raw 32 bytes, or PEM/hex text).
+                When given, unsigned or wrongly signed bundles are refused.
+        """
+        path = Path(path)
+        if path.is_dir():
+            source: _FolderSource | _ZipSource = _FolderSource(path)
+        elif path.is_file():
+            source = _ZipSource(path)
+        else:
+            raise BundleFormatError(f"{path}: no bundle here (expected a folder or a .zip)")
+
+        raw_manifest = source.read(MANIFEST)
+        try:
+            manifest = json.loads(raw_manifest)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleIntegrityError(f"{path}: manifest.json is not valid JSON: {exc}") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BundleFormatError(f"{path}: not an auditlens bundle (manifest format is "
+                                    f"{manifest.get('format') if isinstance(manifest, dict) else '?'!r})")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleFormatError(
+                f"{path}: bundle format version {version!r}, this auditlens reads version "
+                f"{FORMAT_VERSION}; re-run `auditlens enroll` with this version to rebuild it"
+            )
+
+        signed_by = None
+        if public_key is not None:
+            from auditlens.device_app.signing import verify_manifest_signature
+
+            signature = source.read(SIGNATURE) if source.exists(SIGNATURE) else None
+            if signature is None:
+                raise BundleSignatureError(f"{path}: the bundle is not signed, and this device "
+                                           "only accepts bundles signed by its publisher")
+            signed_by = verify_manifest_signature(raw_manifest, signature, public_key, where=str(path))
+
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise BundleFormatError(f"{path}: manifest lists no files")
+        contents: dict[str, bytes] = {}
+        for name, digest in files.items():
+            if not isinstance(name, str) or not _SAFE_NAME.match(name):
+                raise BundleFormatError(f"{path}: manifest names an unexpected file {name!r}")
+            data = source.read(name)
+            if sha256_bytes(data) != digest:
+                raise BundleIntegrityError(
+                    f"{path}: {name} does not match its sha256 in the manifest; the bundle was "
+                    "modified or corrupted after it was made: reinstall it from the publisher"
+                )
+            contents[name] = data
+        for required in (MODEL_FILE, REFERENCES_FILE, PRODUCTS_FILE):
+            if required not in contents:
+                raise BundleFormatError(f"{path}: manifest does not list {required}")
+
+        try:
+            model = manifest["model"]
+            if model_id_of(contents[MODEL_FILE]) != model["id"]:
+                raise ModelMismatchError(f"{path}: model.tflite is not the model {model['id']} "
+                                         "named in the manifest")
+            if manifest["references_model_id"] != model["id"]:
+                raise ModelMismatchError(
+                    f"{path}: the reference latents were computed with model "
+                    f"{manifest['references_model_id']}, but the bundle carries model {model['id']}; "
+                    "re-enrol the catalogue with this model"
+                )
+            references = np.load(io.BytesIO(contents[REFERENCES_FILE]), allow_pickle=False)
+            products = [ProductRecord.from_dict(d) for d in json.loads(contents[PRODUCTS_FILE])]
+            PreprocessSpec.from_dict(manifest["preprocess"])
+            float(manifest["decision"]["threshold"])
+        except ModelMismatchError:
+            raise
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise BundleFormatError(f"{path}: malformed bundle contents: {exc!r}") from exc
+
+        if references.ndim != 2 or references.shape[1] != manifest.get("latent_dim"):
+            raise BundleFormatError(f"{path}: references.npy has shape {references.shape}, "
+                                    f"expected (R, {manifest.get('latent_dim')})")
+        owner = np.full(len(references), -1, dtype=np.int32)
+        for i, record in enumerate(products):
+            for row in record.references:
+                if not 0 <= row < len(references) or owner[row] != -1:
+                    raise BundleFormatError(f"{path}: product {record.product_id!r} names an "
+                                            f"invalid reference row {row}")
+                owner[row] = i
+        if (owner < 0).any():
+            raise BundleFormatError(f"{path}: {(owner < 0).sum()} reference rows belong to no product")
+        if len({p.product_id for p in products}) != len(products):
+            raise BundleFormatError(f"{path}: duplicate product ids in products.json")
+
+        thumbs = {n: d for n, d in contents.items() if n.startswith("thumbs/")}
+        return cls(path, manifest, contents[MODEL_FILE], products,
+                   references.astype(np.float32), owner, thumbs, signed_by)
+
+
+# -- writing ------------------------------------------------------------------------
+def write_bundle(
+    out: str | os.PathLike,
+    *,
+    model_content: bytes,
+    spec: PreprocessSpec,
+    products: Sequence[ProductRecord],
+    references: np.ndarray,
+    thumbnails: Sequence[bytes],
+    decision: Mapping,
+    probe_latent: Sequence[float],
+    extra: Mapping | None = None,
+    signing_key: bytes | str | None = None,
+) -> Path:
+    """Write a bundle folder, or a zip when ``out`` ends in ``.zip``, atomically.
+
+    ``thumbnails[i]`` is the JPEG of ``products[i]``'s original; ``decision`` holds at
+    least ``threshold``. An existing bundle at ``out`` is replaced only once the new one
+    is complete.
+    """
+    from datetime import datetime, timezone
+
+    import auditlens
+
+    out = Path(out)
+    model_id = model_id_of(model_content)
+    files: dict[str, bytes] = {MODEL_FILE: model_content}
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(references, dtype=np.float16), allow_pickle=False)
+    files[REFERENCES_FILE] = buf.getvalue()
+    records = []
+    for i, (record, thumb) in enumerate(zip(products, thumbnails, strict=True)):
+        name = f"thumbs/{i:04d}.jpg"
+        files[name] = thumb
+        records.append(ProductRecord(**{**record.to_dict(), "references": tuple(record.references),
+                                        "thumbnail": name}))
+    files[PRODUCTS_FILE] = json.dumps([r.to_dict() for r in records], ensure_ascii=False,
+                                      indent=1).encode("utf-8")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "auditlens_version": auditlens.__version__,
+        "model": {"file": MODEL_FILE, "id": model_id},
+        "references_model_id": model_id,
+        "preprocess": spec.to_dict(),
+        "latent_dim": int(np.asarray(references).shape[1]),
+        "latent_dtype": "float16",
+        "counts": {"products": len(records), "references": int(len(references))},
+        "decision": dict(decision),
+        "probe": {"seed": 20260101, "latent": [round(float(v), 6) for v in probe_latent]},
+        **(dict(extra) if extra else {}),
+        "files": {name: sha256_bytes(data) for name, data in sorted(files.items())},
+    }
+    files[MANIFEST] = json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8")
+    if signing_key is not None:
+        from auditlens.device_app.signing import sign_manifest
+
+        files[SIGNATURE] = sign_manifest(files[MANIFEST], signing_key)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if out.suffix.lower() == ".zip":
+            staged = tmp / out.name
+            with zipfile.ZipFile(staged, "w", compression=zipfile.ZIP_STORED) as zf:
+                for name, data in files.items():
+                    zf.writestr(name, data)
+        else:
+            staged = tmp / "bundle"
+            for name, data in files.items():
+                target = staged / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+        _fsync_tree(staged)
+        if out.is_dir() and not out.is_symlink():
+            old = tmp / "old"
+            os.replace(out, old)
+            os.replace(staged, out)
+        else:
+            os.replace(staged, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())

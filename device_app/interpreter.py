@@ -1,0 +1,145 @@
+"""The encoder on the device: a TFLite model run by the LiteRT interpreter.
+
+The interpreter is reached through :func:`load_interpreter` only, so moving to another
+runtime (python-for-android's ``tflite-runtime`` recipe, or the Java LiteRT library
+through pyjnius) means swapping that one adapter. Quantized inputs and outputs are
+(de)quantized here with the model's own scale and zero point, and latents are
+L2-normalised in numpy (the normalisation is kept out of the int8 graph on purpose).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from auditlens.errors import ModelError
+
+
+def load_interpreter(model_content: bytes, num_threads: int = 1):
+    """Create a TFLite interpreter from the model bytes with the best runtime available:
+    ``ai_edge_litert`` (LiteRT), then ``tflite_runtime``, then TensorFlow's own."""
+    errors = []
+    for module, attr in (
+        ("ai_edge_litert.interpreter", "Interpreter"),
+        ("tflite_runtime.interpreter", "Interpreter"),
+        ("tensorflow.lite", "Interpreter"),
+    ):
+        try:
+            cls = getattr(__import__(module, fromlist=[attr]), attr)
+        except ImportError as exc:
+            errors.append(f"{module}: {exc}")
+            continue
+        try:
+            return cls(model_content=model_content, num_threads=num_threads)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"the model file is not a valid TFLite model: {exc}") from exc
+    raise ModelError(
+        "no TFLite interpreter is installed; `pip install ai-edge-litert` "
+        "(tried: " + "; ".join(errors) + ")"
+    )
+
+
+def model_id_of(model_content: bytes) -> str:
+    """Stable id of a model: the first 16 hex digits of its sha256."""
+    return hashlib.sha256(model_content).hexdigest()[:16]
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Scale each row to unit length (rows of zeros stay zero)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """How to run the encoder."""
+
+    num_threads: int = 1
+    """CPU threads for the interpreter; 1 keeps the UI thread and the camera responsive."""
+
+
+class Encoder:
+    """Runs a TFLite image encoder: uint8 images (N, S, S, 3) in, unit latents (N, D) out."""
+
+    def __init__(self, model: str | os.PathLike | bytes, options: EncoderOptions | None = None):
+        self.options = options or EncoderOptions()
+        if isinstance(model, (bytes, bytearray)):
+            content = bytes(model)
+            self.path: Path | None = None
+        else:
+            self.path = Path(model)
+            try:
+                content = self.path.read_bytes()
+            except OSError as exc:
+                raise ModelError(f"{self.path}: cannot read the model file: {exc}") from exc
+        self.model_id = model_id_of(content)
+        self._interpreter = load_interpreter(content, self.options.num_threads)
+        self._batch = 1
+        self._interpreter.allocate_tensors()
+        inputs = self._interpreter.get_input_details()
+        outputs = self._interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(f"an encoder has one input and one output, this model has "
+                             f"{len(inputs)} and {len(outputs)}")
+        self._input, self._output = inputs[0], outputs[0]
+        shape = tuple(int(s) for s in self._input["shape"])
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+            raise ModelError(f"expected an encoder input of shape (1, S, S, 3), got {shape}")
+        self.input_size = shape[1]
+        self.latent_dim = int(self._output["shape"][-1])
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        return np.dtype(self._input["dtype"])
+
+    def _quantize_input(self, images: np.ndarray) -> np.ndarray:
+        dtype = self.input_dtype
+        if dtype == np.float32:
+            return images.astype(np.float32)
+        scale, zero = self._input["quantization"]
+        if dtype == np.uint8 and scale == 1.0 and zero == 0:
+            return images  # the common uint8 case: no arithmetic at all
+        info = np.iinfo(dtype)
+        q = np.round(images.astype(np.float32) / scale) + zero
+        return np.clip(q, info.min, info.max).astype(dtype)
+
+    def _dequantize_output(self, raw: np.ndarray) -> np.ndarray:
+        if raw.dtype == np.float32:
+            return raw
+        scale, zero = self._output["quantization"]
+        return (raw.astype(np.float32) - zero) * scale
+
+    def _resize(self, batch: int) -> None:
+        if batch != self._batch:
+            self._interpreter.resize_tensor_input(self._input["index"], [batch, self.input_size, self.input_size, 3])
+            self._interpreter.allocate_tensors()
+            self._input = self._interpreter.get_input_details()[0]
+            self._output = self._interpreter.get_output_details()[0]
+            self._batch = batch
+
+    def raw_latents(self, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
+        """Latents before normalisation, float32 (N, D)."""
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        if images.shape[1:] != (self.input_size, self.input_size, 3):
+            raise ModelError(f"images of shape {images.shape[1:]} do not fit the encoder's "
+                             f"input ({self.input_size}, {self.input_size}, 3)")
+        out = np.empty((len(images), self.latent_dim), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            self._resize(len(chunk))
+            self._interpreter.set_tensor(self._input["index"], self._quantize_input(chunk))
+            self._interpreter.invoke()
+            out[start:start + len(chunk)] = self._dequantize_output(
+                self._interpreter.get_tensor(self._output["index"]))
+        return out
+
+    def embed(self, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
+        """Unit-length latents, float32 (N, D); one uint8 image (S, S, 3) gives (1, D)."""
+        return l2_normalize(self.raw_latents(images, batch_size))

@@ -1,0 +1,82 @@
+"""Is this capture good enough to judge? Catching bad captures early turns a wrong
+verdict into a RETAKE the auditor can act on.
+
+The checks are cheap image statistics on a small grey copy of the capture: brightness,
+clipped highlights, sharpness (variance of the Laplacian) and detail inside the framing
+guide (a nearly uniform centre means the product is missing or far too small).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+ANALYSIS_SIDE = 256
+"""The capture is analysed at this size, so thresholds do not depend on the camera."""
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    """Limits beyond which a capture is sent back for a retake."""
+
+    min_brightness: float = 40.0
+    """Mean luminance (0-255) below which the capture is too dark."""
+    max_clipped: float = 0.45
+    """Fraction of pixels at >= 250 above which the capture is overexposed or glared."""
+    min_sharpness: float = 8.0
+    """Variance of the Laplacian below which the capture is too blurred."""
+    min_centre_detail: float = 4.0
+    """Standard deviation of luminance in the framing guide below which no product shows."""
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Measured capture statistics and the problems they reveal."""
+
+    brightness: float
+    clipped: float
+    sharpness: float
+    centre_detail: float
+    issues: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["issues"] = list(self.issues)
+        return d
+
+
+def _laplacian_variance(grey: np.ndarray) -> float:
+    lap = (grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1]
+           - 4.0 * grey[1:-1, 1:-1])
+    return float(lap.var())
+
+
+def assess(image: Image.Image, thresholds: QualityThresholds | None = None) -> Quality:
+    """Measure a capture (RGB) and list what would make its verdict unreliable."""
+    t = thresholds or QualityThresholds()
+    small = image.convert("L")
+    small.thumbnail((ANALYSIS_SIDE, ANALYSIS_SIDE), Image.Resampling.BILINEAR)
+    grey = np.asarray(small, dtype=np.float32)
+    brightness = float(grey.mean())
+    clipped = float((grey >= 250).mean())
+    sharpness = _laplacian_variance(grey)
+    h, w = grey.shape
+    centre = grey[h // 4: h - h // 4, w // 4: w - w // 4]
+    centre_detail = float(centre.std())
+
+    issues = []
+    if brightness < t.min_brightness:
+        issues.append("too dark: turn on more light or use the flash")
+    if clipped > t.max_clipped:
+        issues.append("overexposed or glare: avoid direct light on the product")
+    if sharpness < t.min_sharpness:
+        issues.append("too blurred: hold still and let the camera focus")
+    if centre_detail < t.min_centre_detail:
+        issues.append("no product in the frame: fill the framing guide with the product")
+    return Quality(brightness, clipped, sharpness, centre_detail, tuple(issues))

@@ -1,0 +1,267 @@
+"""Verify a field photo against a product's original: the heart of auditlens.
+
+``Verifier(bundle).verify(photo, product_id)`` returns a :class:`Verdict`: MATCH when
+the photo's latent is at least the bundle's calibrated threshold close (cosine) to one
+of the product's references, NO MATCH below it (with the products the photo resembles
+most), and RETAKE when the capture itself cannot be judged (too dark, blurred, no
+product) or merely reproduces the catalogue original instead of photographing the
+product.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from auditlens.device_app.bundle import ReferenceBundle, probe_image
+from auditlens.device_app.imaging import DEFAULT_MAX_PIXELS, ImageSource, load_image
+from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
+from auditlens.device_app.preprocess import to_model_input
+from auditlens.device_app.quality import Quality, QualityThresholds, assess
+from PIL import Image
+
+from auditlens.errors import ModelMismatchError
+
+MATCH, NO_MATCH, RETAKE = "match", "no_match", "retake"
+
+PROBE_MIN_COSINE = 0.98
+"""The bundle's probe latent and the model's must agree this well (same model, any CPU)."""
+
+
+@dataclass(frozen=True)
+class VerifierOptions:
+    """How verification runs and decides."""
+
+    num_threads: int = 1
+    """Interpreter threads."""
+    threshold: float | None = None
+    """Override the bundle's calibrated decision threshold (cosine)."""
+    suggestions: int = 3
+    """How many look-alike products a NO MATCH lists."""
+    check_quality: bool = True
+    """Send unusable captures back for a RETAKE instead of judging them."""
+    quality: QualityThresholds = field(default_factory=QualityThresholds)
+    """Limits of the capture-quality check."""
+    near_duplicate_bits: int = 5
+    """A photo whose 64-bit dHash is within this many bits of the original's copies it."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Refuse photos larger than this (decompression-bomb guard)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A product a photo resembles, with its score."""
+
+    product_id: str
+    name: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one verification, with everything an auditor needs later."""
+
+    decision: str
+    """'match', 'no_match' or 'retake'."""
+    product_id: str
+    score: float
+    """Cosine similarity between the photo and the product's closest reference, -1..1."""
+    threshold: float
+    """Scores at or above this are a match."""
+    estimated_far: float | None
+    """Share of other products' photos that score this high in calibration (None if the
+    bundle was not calibrated): the chance that a wrong product would pass at this score."""
+    reasons: tuple[str, ...]
+    model_id: str
+    photo_sha256: str
+    quality: Quality
+    near_duplicate: bool = False
+    suggestions: tuple[Candidate, ...] = ()
+    target_far: float | None = None
+    """The false-accept rate the threshold was calibrated for, if it was."""
+
+    @property
+    def matched(self) -> bool:
+        return self.decision == MATCH
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["reasons"] = list(self.reasons)
+        d["quality"] = self.quality.to_dict()
+        d["suggestions"] = [asdict(c) for c in self.suggestions]
+        return d
+
+
+@dataclass
+class Capture:
+    """A decoded photo, ready to score."""
+
+    image: Image.Image
+    model_input: np.ndarray
+    sha256: str
+
+
+def dhash(image: Image.Image) -> str:
+    """64-bit difference hash (hex) of an image: robust to resizing and re-encoding."""
+    grey = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+    bits = (grey[:, 1:] > grey[:, :-1]).flatten()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def hamming(a: str, b: str) -> int:
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+class Verifier:
+    """Scores photos against a reference bundle with the bundle's own encoder."""
+
+    def __init__(
+        self,
+        bundle: ReferenceBundle | str | os.PathLike,
+        options: VerifierOptions | None = None,
+        *,
+        model: str | os.PathLike | bytes | None = None,
+        public_key: bytes | str | None = None,
+    ) -> None:
+        """Args:
+        bundle: a loaded bundle or its path.
+        model: a model installed separately on the device; refused unless it is the
+            model the bundle's latents were computed with.
+        public_key: the publisher's Ed25519 key; unsigned bundles are then refused.
+        """
+        self.options = options or VerifierOptions()
+        if not isinstance(bundle, ReferenceBundle):
+            bundle = ReferenceBundle.load(bundle, public_key=public_key)
+        self.bundle = bundle
+        content = bundle.model_content
+        if model is not None:
+            content = bytes(model) if isinstance(model, (bytes, bytearray)) else Path(model).read_bytes()
+            if model_id_of(content) != bundle.model_id:
+                raise ModelMismatchError(
+                    f"model {model_id_of(content)} does not belong to bundle {bundle.path} "
+                    f"(its latents were computed with model {bundle.model_id}); "
+                    "install the bundle made for this model"
+                )
+        self.encoder = Encoder(content, EncoderOptions(num_threads=self.options.num_threads))
+        self.spec = bundle.spec
+        if self.encoder.input_size != self.spec.input_size or self.encoder.latent_dim != bundle.references.shape[1]:
+            raise ModelMismatchError(
+                f"the model takes {self.encoder.input_size}px images and gives "
+                f"{self.encoder.latent_dim}-d latents, the bundle expects {self.spec.input_size}px "
+                f"and {bundle.references.shape[1]}-d"
+            )
+        self._check_probe()
+        self.threshold = (self.options.threshold if self.options.threshold is not None
+                          else bundle.threshold)
+        far_curve = bundle.decision.get("far_curve")
+        self._far_curve = np.asarray(far_curve, dtype=np.float64) if far_curve else None
+
+    def _check_probe(self) -> None:
+        expected = np.asarray(self.bundle.manifest["probe"]["latent"], dtype=np.float32)
+        got = self.encoder.embed(probe_image(self.spec.input_size))[0]
+        cosine = float(got @ expected / max(np.linalg.norm(expected), 1e-12))
+        if cosine < PROBE_MIN_COSINE:
+            raise ModelMismatchError(
+                f"{self.bundle.path}: the model does not reproduce the latents the references were "
+                f"made with (probe cosine {cosine:.3f} < {PROBE_MIN_COSINE}); the model and the "
+                "references do not belong together"
+            )
+
+    # -- capture --------------------------------------------------------------------
+    def prepare(self, photo: ImageSource | np.ndarray) -> Capture:
+        """Decode a photo (path, bytes, file, PIL image or RGB array) for scoring."""
+        if isinstance(photo, np.ndarray):
+            photo = Image.fromarray(np.ascontiguousarray(photo[..., :3]).astype(np.uint8), "RGB")
+        if isinstance(photo, Image.Image):
+            image = load_image(photo, max_pixels=self.options.max_pixels)
+            digest = hashlib.sha256(image.tobytes()).hexdigest()
+        else:
+            if isinstance(photo, (str, os.PathLike)):
+                data = Path(photo).read_bytes() if Path(photo).is_file() else None
+                source = io.BytesIO(data) if data else photo
+            elif isinstance(photo, (bytes, bytearray)):
+                data = bytes(photo)
+                source = io.BytesIO(data)
+            else:
+                data = photo.read()
+                source = io.BytesIO(data)
+            if data is not None and isinstance(photo, (str, os.PathLike)):
+                source.name = str(photo)  # errors name the file
+            image = load_image(source, max_pixels=self.options.max_pixels, draft=self.spec.draft_size)
+            digest = hashlib.sha256(data).hexdigest() if data else ""
+        return Capture(image, to_model_input(image, self.spec), digest)
+
+    def embed(self, capture: Capture) -> np.ndarray:
+        return self.encoder.embed(capture.model_input)[0]
+
+    # -- scoring --------------------------------------------------------------------
+    def product_scores(self, latent: np.ndarray) -> np.ndarray:
+        """Best cosine of ``latent`` against each product's references, shape (P,)."""
+        sims = self.bundle.references @ latent
+        best = np.full(len(self.bundle.products), -np.inf, dtype=np.float32)
+        np.maximum.at(best, self.bundle.reference_owner, sims)
+        return best
+
+    def score(self, latent: np.ndarray, product_id: str) -> float:
+        rows = list(self.bundle.product(product_id).references)
+        return float((self.bundle.references[rows] @ latent).max())
+
+    def rank(self, latent: np.ndarray, top_k: int = 5) -> list[Candidate]:
+        scores = self.product_scores(latent)
+        k = min(top_k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [Candidate(self.bundle.products[i].product_id, self.bundle.products[i].name,
+                          float(scores[i])) for i in top]
+
+    def estimated_far(self, score: float) -> float | None:
+        if self._far_curve is None:
+            return None
+        scores, fars = self._far_curve[:, 0], self._far_curve[:, 1]
+        return float(np.interp(score, scores, fars))
+
+    # -- the public verbs -----------------------------------------------------------
+    def verify(self, photo: ImageSource | np.ndarray | Capture, product_id: str) -> Verdict:
+        """Decide whether ``photo`` shows ``product_id``."""
+        record = self.bundle.product(product_id)  # unknown ids fail before any decoding
+        capture = photo if isinstance(photo, Capture) else self.prepare(photo)
+        latent = self.embed(capture)
+        score = self.score(latent, product_id)
+        reasons: list[str] = []
+        quality = assess(capture.image, self.options.quality)
+        near_duplicate = bool(record.dhash) and hamming(dhash(capture.image), record.dhash) <= self.options.near_duplicate_bits
+
+        if near_duplicate:
+            decision = RETAKE
+            reasons.append("the photo reproduces the catalogue original instead of showing the "
+                           "product: photograph the product itself")
+        elif self.options.check_quality and not quality.ok:
+            decision = RETAKE
+            reasons.extend(quality.issues)
+        elif score >= self.threshold:
+            decision = MATCH
+            reasons.append(f"score {score:.3f} >= threshold {self.threshold:.3f}")
+        else:
+            decision = NO_MATCH
+            reasons.append(f"score {score:.3f} < threshold {self.threshold:.3f}")
+
+        suggestions: tuple[Candidate, ...] = ()
+        if decision == NO_MATCH and self.options.suggestions:
+            suggestions = tuple(c for c in self.rank(latent, self.options.suggestions + 1)
+                                if c.product_id != product_id)[: self.options.suggestions]
+        return Verdict(
+            decision=decision, product_id=product_id, score=score, threshold=self.threshold,
+            estimated_far=self.estimated_far(score), reasons=tuple(reasons),
+            model_id=self.bundle.model_id, photo_sha256=capture.sha256, quality=quality,
+            near_duplicate=near_duplicate, suggestions=suggestions,
+            target_far=self.bundle.decision.get("target_far"),
+        )
+
+    def identify(self, photo: ImageSource | np.ndarray | Capture, top_k: int = 5) -> list[Candidate]:
+        """The ``top_k`` products the photo most resembles, best first."""
+        capture = photo if isinstance(photo, Capture) else self.prepare(photo)
+        return self.rank(self.embed(capture), top_k)

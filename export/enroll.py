@@ -1,0 +1,167 @@
+"""Enrolment: compute each original's latent with the TFLite model the device will run,
+and write the reference bundle.
+
+Using the device's own int8 model (not the Keras model) means the references and the
+field photos are embedded by exactly the same arithmetic. This module needs no
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from auditlens.device_app.bundle import ProductRecord, probe_image, write_bundle
+from auditlens.device_app.imaging import load_image
+from auditlens.device_app.interpreter import Encoder, EncoderOptions
+from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
+from auditlens.device_app.verifier import dhash
+from PIL import Image
+from tqdm import tqdm
+
+from auditlens.catalog import Catalog, LabelledPhoto
+from auditlens.errors import AuditlensError, CatalogError
+
+DEFAULT_THRESHOLD = 0.5
+"""Decision threshold for a model that ships no calibration; run `auditlens calibrate`."""
+
+THUMBNAIL_SIDE = 160
+"""Thumbnails are at most this many pixels on a side (display only)."""
+
+
+@dataclass(frozen=True)
+class EnrollOptions:
+    """How a catalogue is enrolled."""
+
+    threshold: float | None = None
+    """Decision threshold to write; default: the model card's calibrated one."""
+    thumbnail_side: int = THUMBNAIL_SIDE
+    """Largest side of the stored thumbnails, in pixels."""
+    workers: int = min(4, os.cpu_count() or 1)
+    """Threads decoding originals in parallel (decoding releases the GIL)."""
+    batch_size: int = 32
+    """Images per interpreter call."""
+    num_threads: int = min(2, os.cpu_count() or 1)
+    """Interpreter threads."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def model_card(model_path: str | os.PathLike) -> dict:
+    """The JSON written beside a model by `auditlens export` (``encoder.json`` or
+    ``encoder.tflite.json``), or an empty dict."""
+    path = Path(model_path)
+    for card in (path.with_suffix(".json"), path.with_name(path.name + ".json")):
+        if card.is_file():
+            try:
+                return json.loads(card.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                return {}
+    return {}
+
+
+def default_model_path() -> Path:
+    """The model shipped with auditlens."""
+    from importlib.resources import files
+
+    return Path(str(files("auditlens.models") / "encoder.tflite"))
+
+
+@dataclass
+class _Loaded:
+    model_input: np.ndarray
+    thumbnail: bytes
+    dhash: str
+
+
+def _load_original(product, spec: PreprocessSpec, side: int) -> _Loaded:
+    image = product.open(draft=spec.draft_size)
+    thumb = image.copy()
+    thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    thumb.save(buf, "JPEG", quality=85)
+    return _Loaded(to_model_input(image, spec), buf.getvalue(), dhash(image))
+
+
+def _load_photo(photo: LabelledPhoto, spec: PreprocessSpec) -> np.ndarray:
+    try:
+        return to_model_input(load_image(photo.photo, draft=spec.draft_size), spec)
+    except AuditlensError as exc:
+        raise CatalogError(f"reference photo for {photo.product_id!r}: {exc}") from exc
+
+
+def enroll(
+    catalog: Catalog,
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike | None = None,
+    extra_references: Sequence[LabelledPhoto] = (),
+    options: EnrollOptions | None = None,
+    signing_key: bytes | str | None = None,
+) -> Path:
+    """Embed every original (and approved extra reference photos) and write a bundle.
+
+    Every product whose original cannot be used is reported, by id, in one
+    :class:`CatalogError`; no bundle is written then.
+    """
+    options = options or EnrollOptions()
+    model_path = Path(model) if model is not None else default_model_path()
+    content = model_path.read_bytes()
+    card = model_card(model_path)
+    encoder = Encoder(content, EncoderOptions(num_threads=options.num_threads))
+    spec = PreprocessSpec.from_dict(card["preprocess"]) if "preprocess" in card else PreprocessSpec(encoder.input_size)
+
+    extras: dict[str, list[LabelledPhoto]] = {}
+    for photo in extra_references:
+        if photo.product_id not in catalog:
+            raise CatalogError(f"reference photo {photo.photo}: product {photo.product_id!r} is not in the catalogue")
+        extras.setdefault(photo.product_id, []).append(photo)
+
+    loaded: list[_Loaded | None] = [None] * len(catalog)
+    failures: list[str] = []
+    with ThreadPoolExecutor(options.workers) as pool:
+        futures = [pool.submit(_load_original, p, spec, options.thumbnail_side) for p in catalog]
+        for i, fut in enumerate(tqdm(futures, desc="originals", unit="img", disable=not options.progress)):
+            try:
+                loaded[i] = fut.result()
+            except AuditlensError as exc:
+                failures.append(str(exc))
+        extra_inputs = {pid: list(pool.map(lambda ph: _load_photo(ph, spec), photos))
+                        for pid, photos in extras.items()}
+    if failures:
+        raise CatalogError(f"{len(failures)} product(s) could not be enrolled:\n  " + "\n  ".join(failures))
+
+    inputs, records = [], []
+    for product, item in zip(catalog, loaded):
+        assert item is not None
+        rows = [len(inputs)]
+        inputs.append(item.model_input)
+        for extra in extra_inputs.get(product.product_id, []):
+            rows.append(len(inputs))
+            inputs.append(extra)
+        records.append(ProductRecord(product.product_id, product.name, product.group, product.kind,
+                                     product.code, tuple(rows), item.dhash))
+    batch = np.stack(inputs)
+    latents = np.concatenate([
+        encoder.embed(batch[i:i + options.batch_size], batch_size=options.batch_size)
+        for i in tqdm(range(0, len(batch), options.batch_size), desc="embedding", unit="batch",
+                      disable=not options.progress)
+    ])
+
+    decision = dict(card.get("decision") or {"threshold": DEFAULT_THRESHOLD, "target_far": None,
+                                            "calibrated_on": None})
+    if options.threshold is not None:
+        decision = {"threshold": float(options.threshold), "target_far": None,
+                    "calibrated_on": "set by hand at enrolment"}
+    return write_bundle(
+        out, model_content=content, spec=spec, products=records, references=latents,
+        thumbnails=[item.thumbnail for item in loaded if item is not None], decision=decision,
+        probe_latent=encoder.embed(probe_image(spec.input_size))[0],
+        extra={"catalog": Path(catalog.source).name}, signing_key=signing_key,
+    )

@@ -1,0 +1,119 @@
+"""Everything a training run depends on, in one dataclass saved into ``report.json``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (defaults: the shipped model's recipe)."""
+
+    catalog: str = ""
+    """Catalogue of originals: a folder of images, a CSV or ``sqlite:///...``."""
+    photos: str | None = None
+    """Optional ``photo,product_id`` CSV of labelled field photos to train on."""
+    val_photos: str | None = None
+    """Optional ``photo,product_id`` CSV of field photos to validate on (else: augmented originals)."""
+    out_dir: str = "runs/train"
+    """Folder for the encoder, checkpoints, report and plots."""
+
+    seed: int = 0
+    """Seed of numpy, TensorFlow and Keras randomness (same seed, same batches)."""
+    input_size: int = 96
+    """Side of the encoder's square input (the PreprocessSpec's input_size)."""
+    crop: str = "center"
+    """PreprocessSpec crop: 'center' or 'full'."""
+    cache_scale: float = 4 / 3
+    """Images are cached this much larger than the input, so random crops keep detail."""
+    latent_dim: int = 128
+    """Length of the latent vector."""
+    width: int = 24
+    """Encoder stem channels (doubles at each of the four stride-2 stages)."""
+    head_channels: int = 256
+    """Encoder channels before global pooling."""
+    recon_size: int = 48
+    """Side of the decoder's reconstruction of the clean original."""
+
+    epochs: int = 1000
+    """Maximum number of epochs; ``minutes`` usually stops the run first."""
+    minutes: float | None = None
+    """Wall-clock budget for training (checked after every step); None: run all epochs."""
+    steps_per_epoch: int = 100
+    """Optimizer steps between validations/checkpoints."""
+    products_per_batch: int = 16
+    """Distinct products in a batch (P of the P x K sampler)."""
+    views_per_product: int = 4
+    """Views per product in a batch: the clean original, augmented originals and photos."""
+    learning_rate: float = 2e-3
+    """Peak AdamW learning rate (cosine decay over the run)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    threads: int = 0
+    """TensorFlow intra/inter-op threads; 0 lets TensorFlow decide (set 1 when runs share CPUs)."""
+
+    metric_weight: float = 1.0
+    """Weight of the supervised contrastive loss on L2-normalised latents."""
+    class_weight: float = 0.5
+    """Weight of the cosine-margin (CosFace) classification loss."""
+    recon_weight: float = 1.0
+    """Weight of the denoising reconstruction loss (augmented view in, clean original out)."""
+    temperature: float = 0.1
+    """Temperature of the supervised contrastive loss."""
+    cosface_scale: float = 20.0
+    """Scale s of the CosFace logits."""
+    cosface_margin: float = 0.25
+    """Margin m subtracted from the true class's cosine."""
+
+    augment: bool = True
+    """Master switch of camera-capture augmentation (off: only the clean images)."""
+    paste_background: bool = True
+    """Paste originals (mask of non-white pixels) onto crops of real cluttered photos."""
+    geometric: bool = True
+    """Random resized crop, zoom-out, rotation and perspective."""
+    photometric: bool = True
+    """Brightness/contrast/saturation/hue jitter, white balance and gamma shifts."""
+    blur: bool = True
+    """Gaussian (defocus) blur."""
+    noise: bool = True
+    """Sensor noise."""
+    jpeg: bool = True
+    """JPEG re-compression at random quality."""
+    glare: bool = True
+    """Additive specular glare blobs."""
+
+    holdout_fold: str | None = None
+    """'k/K': hold out the k-th of K deterministic folds of product ids (1-based), for
+    measuring products the model never saw."""
+    max_photos_per_product: int | None = None
+    """Cap on training photos per product (None: all)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    """What :func:`auditlens.training.train.train` produced."""
+
+    out_dir: str
+    """The run's folder."""
+    encoder_path: str
+    """``encoder.keras``: the best encoder (by validation EER)."""
+    autoencoder_path: str
+    """``autoencoder.keras``: encoder + decoder."""
+    report_path: str
+    """``report.json``."""
+    best_epoch: int
+    """Epoch whose encoder was kept."""
+    metrics: dict = field(default_factory=dict)
+    """Validation metrics of the kept encoder."""
+    seconds: float = 0.0
+    """Wall time of the whole run."""

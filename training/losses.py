@@ -1,0 +1,71 @@
+"""Training objectives.
+
+* :func:`supcon_loss`: supervised contrastive loss (Khosla et al. 2020) on L2-normalised
+  latents. Every view of a product in the batch (its clean original, augmented originals,
+  field photos) is a positive of every other; all other products are negatives. Without
+  labelled photos the positives are simply augmented views of the same original, so the
+  loss still works from a catalogue alone. It is what the device measures (cosine), so it
+  carries most of the verification quality and transfers to products never seen.
+* :class:`CosFaceHead` + :func:`cosface_loss`: cosine-margin classification over the
+  training products (Wang et al. 2018). It tightens each product's cluster around one
+  learnt centre; it is a training-only head and never ships.
+* :func:`reconstruction_loss`: denoising reconstruction, the decoder must redraw the clean
+  original from the latent of an augmented view or a field photo, so the latent has to keep
+  the product's appearance instead of only what separates the training products.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+def l2_normalize(x: tf.Tensor) -> tf.Tensor:
+    return tf.math.l2_normalize(x, axis=-1, epsilon=1e-12)
+
+
+def supcon_loss(latents: tf.Tensor, labels: tf.Tensor, temperature: float = 0.1) -> tf.Tensor:
+    """Supervised contrastive loss; anchors without any positive in the batch are skipped."""
+    z = l2_normalize(latents)
+    logits = tf.matmul(z, z, transpose_b=True) / temperature
+    n = tf.shape(z)[0]
+    not_self = 1.0 - tf.eye(n)
+    labels = tf.reshape(labels, [-1])
+    positives = tf.cast(tf.equal(labels[:, None], labels[None, :]), tf.float32) * not_self
+    # log-softmax over all other samples (self excluded from the denominator)
+    logits = logits - tf.stop_gradient(tf.reduce_max(logits, axis=1, keepdims=True))
+    exp = tf.exp(logits) * not_self
+    log_prob = logits - tf.math.log(tf.reduce_sum(exp, axis=1, keepdims=True) + 1e-12)
+    n_pos = tf.reduce_sum(positives, axis=1)
+    mean_log_prob = tf.reduce_sum(positives * log_prob, axis=1) / tf.maximum(n_pos, 1.0)
+    has_pos = tf.cast(n_pos > 0, tf.float32)
+    return -tf.reduce_sum(mean_log_prob * has_pos) / tf.maximum(tf.reduce_sum(has_pos), 1.0)
+
+
+class CosFaceHead(keras.layers.Layer):
+    """Cosine of a latent with one learnt centre per training product."""
+
+    def __init__(self, num_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+
+    def build(self, input_shape) -> None:
+        self.centres = self.add_weight(
+            name="centres", shape=(int(input_shape[-1]), self.num_classes),
+            initializer="glorot_uniform", trainable=True,
+        )
+
+    def call(self, latents):
+        return tf.matmul(l2_normalize(latents), tf.math.l2_normalize(self.centres, axis=0))
+
+
+def cosface_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float = 20.0, margin: float = 0.25) -> tf.Tensor:
+    """Large-margin cosine loss: cross-entropy on ``scale * (cos - margin * onehot)``."""
+    onehot = tf.one_hot(tf.reshape(labels, [-1]), tf.shape(cosines)[1])
+    logits = scale * (cosines - margin * onehot)
+    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
+
+
+def reconstruction_loss(reconstruction: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+    """Mean absolute error in 0..1 (L1 keeps edges and text sharper than L2)."""
+    return tf.reduce_mean(tf.abs(reconstruction - target))

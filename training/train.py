@@ -1,0 +1,548 @@
+"""Train the encoder: ``auditlens train CATALOG [--photos CSV] [--val-photos CSV] --out DIR``.
+
+A batch holds P products x K views: each product's *clean* original (exactly what the
+device embeds as the reference), augmented originals (synthetic field captures) and, where
+labelled photos exist, real field photos. The objective (weights in :class:`TrainConfig`):
+
+    metric_weight * supcon + class_weight * cosface + recon_weight * reconstruction
+
+Validation embeds the val photos and every original exactly as the device does
+(``to_model_input(load_image(p), spec)``), and reports top-1 (nearest original is the
+right product) and genuine-vs-impostor EER/AUC of cosine, separately for products seen in
+training and products held out (``--holdout-fold``). The encoder with the best seen-product
+EER is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from auditlens.catalog import Catalog, LabelledPhoto, open_catalog, read_labelled_photos
+from auditlens.device_app.imaging import load_image
+from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
+from auditlens.errors import AuditlensError, CatalogError
+from auditlens.training.config import TrainConfig, TrainResult
+
+EVAL_BATCH = 128
+
+
+# -- product folds ------------------------------------------------------------------------
+def parse_fold(text: str) -> tuple[int, int]:
+    """'k/K' -> (k, K) with 1 <= k <= K, K >= 2."""
+    try:
+        k, total = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"holdout fold must look like 1/3, not {text!r}") from None
+    if total < 2 or not 1 <= k <= total:
+        raise ValueError(f"holdout fold {text!r}: need 1 <= k <= K and K >= 2")
+    return k, total
+
+
+def holdout_products(product_ids: list[str], fold: str | None) -> set[str]:
+    """Ids of the held-out fold: deterministic, independent of catalogue order and seed.
+
+    Products are ordered by the sha256 of their id and dealt round-robin into K folds, so
+    every run (and every ablation) holds out the same products.
+    """
+    if not fold:
+        return set()
+    k, total = parse_fold(fold)
+    ordered = sorted(product_ids, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    return {pid for i, pid in enumerate(ordered) if i % total == k - 1}
+
+
+# -- metrics --------------------------------------------------------------------------------
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def eer_auc(genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, float, float]:
+    """(EER, AUC, threshold at the EER) of scores where genuine should be higher."""
+    scores = np.concatenate([genuine, impostor])
+    is_gen = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))])
+    order = np.argsort(-scores, kind="mergesort")
+    s, g = scores[order], is_gen[order]
+    tp = np.cumsum(g)
+    fp = np.cumsum(1 - g)
+    frr = 1 - tp / max(len(genuine), 1)  # genuine below the threshold
+    far = fp / max(len(impostor), 1)  # impostors at or above it
+    i = int(np.argmin(np.abs(frr - far)))
+    eer = float((frr[i] + far[i]) / 2)
+    # AUC = P(genuine > impostor), ties counted half (Mann-Whitney via average ranks)
+    ranks = np.empty(len(scores))
+    ranks[np.argsort(scores, kind="mergesort")] = np.arange(1, len(scores) + 1)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    ranks = (sums / counts)[inverse]
+    n_g, n_i = len(genuine), len(impostor)
+    auc = float((ranks[: n_g].sum() - n_g * (n_g + 1) / 2) / max(n_g * n_i, 1))
+    return eer, auc, float(s[i])
+
+
+def verification_metrics(
+    queries: np.ndarray, labels: np.ndarray, references: np.ndarray, groups: np.ndarray | None = None
+) -> dict:
+    """Metrics of query latents against the reference latents (one per product).
+
+    ``labels[i]`` is the reference row of query i. Genuine pairs: each query with its own
+    original; impostors: with every other original (and, if ``groups`` is given, a separate
+    EER against originals of the same coarse group only: the hard impostors).
+    """
+    if len(queries) == 0:
+        return {"n": 0}
+    sims = _normalise(queries) @ _normalise(references).T
+    rows = np.arange(len(queries))
+    genuine = sims[rows, labels]
+    others = np.ones_like(sims, dtype=bool)
+    others[rows, labels] = False
+    eer, auc, threshold = eer_auc(genuine, sims[others])
+    out = {
+        "n": int(len(queries)),
+        "top1": float(np.mean(np.argmax(sims, axis=1) == labels)),
+        "top5": float(np.mean((np.argsort(-sims, axis=1)[:, :5] == labels[:, None]).any(1))),
+        "eer": eer,
+        "auc": auc,
+        "eer_threshold": threshold,
+        "genuine_mean": float(genuine.mean()),
+        "impostor_mean": float(sims[others].mean()),
+    }
+    if groups is not None:
+        same = (groups[None, :] == groups[labels][:, None]) & others
+        if same.any():
+            out["eer_same_group"] = eer_auc(genuine, sims[same])[0]
+    return out
+
+
+# -- data -------------------------------------------------------------------------------------
+def _load_stack(sources, spec: PreprocessSpec, size: int | None, what: str) -> np.ndarray:
+    images = []
+    for src in sources:
+        try:
+            images.append(to_model_input(load_image(src), spec, size))
+        except AuditlensError as exc:
+            raise CatalogError(f"{what}: {exc}") from exc
+    return np.stack(images) if images else np.zeros((0, size or spec.input_size, size or spec.input_size, 3), np.uint8)
+
+
+def _filter_photos(photos: list[LabelledPhoto], catalog: Catalog, source: str) -> list[LabelledPhoto]:
+    unknown = sorted({p.product_id for p in photos} - set(catalog.ids))
+    if unknown:
+        raise CatalogError(f"{source}: product id(s) not in the catalogue: {', '.join(unknown[:5])}")
+    return photos
+
+
+# -- training -----------------------------------------------------------------------------------
+def _configure_tf(config: TrainConfig):
+    import tensorflow as tf
+
+    if config.threads:
+        try:  # only possible before TensorFlow's runtime starts (first op)
+            tf.config.threading.set_intra_op_parallelism_threads(config.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(config.threads)
+        except RuntimeError:
+            pass
+    import keras
+
+    keras.utils.set_random_seed(config.seed)
+    return tf
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train an encoder as ``config`` says and write its outputs to ``config.out_dir``."""
+    t_start = time.perf_counter()
+    tf = _configure_tf(config)
+    import keras
+
+    from auditlens.training.augment import (
+        AugmentSwitches,
+        CaptureAugmenter,
+        cache_size,
+        object_mask,
+        save_augment_grid,
+    )
+    from auditlens.training.losses import CosFaceHead, cosface_loss, reconstruction_loss, supcon_loss
+    from auditlens.training.model import ModelSpec, build_autoencoder, build_decoder, build_encoder
+
+    out = Path(config.out_dir)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    spec = PreprocessSpec(input_size=config.input_size, crop=config.crop)
+    rng = np.random.default_rng(config.seed)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if config.progress else (lambda msg: None)
+
+    # ---- data: every image through load_image + to_model_input (the device's path)
+    catalog = open_catalog(config.catalog)
+    ids = catalog.ids
+    held_out = holdout_products(ids, config.holdout_fold)
+    train_ids = [p for p in ids if p not in held_out]
+    if not train_ids:
+        raise CatalogError("the holdout leaves no product to train on")
+    ref_index = {pid: i for i, pid in enumerate(ids)}
+    train_index = {pid: i for i, pid in enumerate(train_ids)}
+    csize = cache_size(config.input_size, config.cache_scale)
+
+    log(f"caching {len(catalog)} originals ...")
+    originals_ref = _load_stack([p.image for p in catalog], spec, None, "original")  # exact input
+    originals_big = _load_stack([catalog.get(p).image for p in train_ids], spec, csize, "original")
+    originals_clean = originals_ref[[ref_index[p] for p in train_ids]]
+    masks = np.stack([object_mask(img) for img in originals_big])[..., None]
+
+    photos: list[LabelledPhoto] = []
+    if config.photos:
+        photos = _filter_photos(read_labelled_photos(config.photos), catalog, config.photos)
+        photos = [p for p in photos if p.product_id in train_index]
+        if config.max_photos_per_product:
+            kept: dict[str, int] = {}
+            capped = []
+            for p in photos:
+                if kept.get(p.product_id, 0) < config.max_photos_per_product:
+                    kept[p.product_id] = kept.get(p.product_id, 0) + 1
+                    capped.append(p)
+            photos = capped
+    log(f"caching {len(photos)} training photos ...")
+    photo_images = _load_stack([p.photo for p in photos], spec, csize, "training photo")
+    photo_labels = np.array([train_index[p.product_id] for p in photos], np.int64)
+    photos_of = [np.flatnonzero(photo_labels == c) for c in range(len(train_ids))]
+
+    # validation: val photos, or (catalogue only) fixed augmented originals
+    backgrounds = photo_images if len(photo_images) else originals_big
+    switches = AugmentSwitches.from_config(config)
+    augmenter = CaptureAugmenter(config.input_size, backgrounds, switches, seed=config.seed)
+    if config.val_photos:
+        val = _filter_photos(read_labelled_photos(config.val_photos), catalog, config.val_photos)
+        log(f"caching {len(val)} validation photos ...")
+        val_images = _load_stack([p.photo for p in val], spec, None, "validation photo")
+        val_labels = np.array([ref_index[p.product_id] for p in val], np.int64)
+        val_source = config.val_photos
+    else:
+        val_aug = CaptureAugmenter(config.input_size, backgrounds, AugmentSwitches(), seed=config.seed + 999)
+        all_big = _load_stack([p.image for p in catalog], spec, csize, "original")
+        all_masks = np.stack([object_mask(img) for img in all_big])[..., None]
+        reps = 4
+        val_images = val_aug.originals(
+            tf.constant(np.repeat(all_big, reps, 0)), tf.constant(np.repeat(all_masks, reps, 0))
+        ).numpy().astype(np.uint8)
+        val_labels = np.repeat(np.arange(len(ids)), reps)
+        val_source = "augmented originals (no --val-photos)"
+    val_seen = np.array([ids[c] not in held_out for c in val_labels], bool)
+    groups = np.array([p.group or p.product_id for p in catalog])
+    t_data = time.perf_counter() - t_start
+
+    # ---- model
+    mspec = ModelSpec(
+        input_size=config.input_size, latent_dim=config.latent_dim, width=config.width,
+        head_channels=config.head_channels, recon_size=config.recon_size,
+    )
+    encoder = build_encoder(mspec)
+    decoder = build_decoder(mspec)
+    autoencoder = build_autoencoder(encoder, decoder)
+    head = CosFaceHead(len(train_ids), name="cosface")
+    head.build((None, config.latent_dim))
+    optimizer = keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
+    trainable = encoder.trainable_weights + decoder.trainable_weights + head.trainable_weights
+    optimizer.build(trainable)
+
+    orig_big_t = tf.constant(originals_big)
+    masks_t = tf.constant(masks)
+    clean_t = tf.constant(originals_clean)
+    recon_t = tf.image.resize(tf.cast(clean_t, tf.float32) / 255.0, [config.recon_size] * 2, antialias=True)
+    photos_t = tf.constant(photo_images if len(photo_images) else np.zeros((1, csize, csize, 3), np.uint8))
+    weights = (config.metric_weight, config.class_weight, config.recon_weight)
+
+    idx_spec = tf.TensorSpec([None], tf.int32)
+
+    @tf.function(input_signature=[idx_spec, idx_spec, idx_spec])
+    def train_step(clean_idx, aug_idx, photo_idx):
+        clean = tf.cast(tf.gather(clean_t, clean_idx), tf.float32)
+        if switches == AugmentSwitches(False, False, False, False, False, False, False):
+            aug = tf.image.resize(tf.cast(tf.gather(orig_big_t, aug_idx), tf.float32), [config.input_size] * 2)
+        else:
+            aug = augmenter.originals(tf.gather(orig_big_t, aug_idx), tf.gather(masks_t, aug_idx))
+        photo = augmenter.photos(tf.gather(photos_t, photo_idx))
+        images = tf.concat([clean, aug, photo], 0)
+        labels = tf.concat([clean_idx, aug_idx, tf.gather(photo_labels_t, photo_idx)], 0)
+        with tf.GradientTape() as tape:
+            latents = encoder(images, training=True)
+            l_metric = supcon_loss(latents, labels, config.temperature)
+            l_class = cosface_loss(head(latents), labels, config.cosface_scale, config.cosface_margin)
+            recon = decoder(latents, training=True)
+            l_recon = reconstruction_loss(recon, tf.gather(recon_t, labels))
+            total = weights[0] * l_metric + weights[1] * l_class + weights[2] * l_recon
+            # BatchNorm has no regularisers here; AdamW's decay handles the weights.
+        grads = tape.gradient(total, trainable)
+        grads = [tf.zeros_like(w) if g is None else g for g, w in zip(grads, trainable)]
+        grads, _ = tf.clip_by_global_norm(grads, 5.0)
+        optimizer.apply_gradients(zip(grads, trainable))
+        return total, l_metric, l_class, l_recon
+
+    photo_labels_t = tf.constant(photo_labels.astype(np.int32) if len(photo_labels) else np.zeros(1, np.int32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, config.input_size, config.input_size, 3], tf.float32)])
+    def embed_fn(x):
+        return encoder(x, training=False)
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        return np.concatenate([
+            embed_fn(tf.constant(images[i : i + EVAL_BATCH], tf.float32)).numpy()
+            for i in range(0, len(images), EVAL_BATCH)
+        ]) if len(images) else np.zeros((0, config.latent_dim), np.float32)
+
+    def evaluate() -> dict:
+        refs = embed(originals_ref)
+        q = embed(val_images)
+        result = {"all": verification_metrics(q, val_labels, refs, groups)}
+        if held_out:
+            result["seen"] = verification_metrics(q[val_seen], val_labels[val_seen], refs, groups)
+            result["unseen"] = verification_metrics(q[~val_seen], val_labels[~val_seen], refs, groups)
+        else:
+            result["seen"] = result["all"]
+        return result
+
+    P = min(config.products_per_batch, len(train_ids))
+    K = max(config.views_per_product, 2)
+
+    def sample_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        chosen = rng.choice(len(train_ids), size=P, replace=False)
+        aug, pho = [], []
+        for c in chosen:
+            have = photos_of[c]
+            n_photo = min(K - 2, len(have)) if len(have) else 0
+            if n_photo:
+                pho.extend(rng.choice(have, size=n_photo, replace=len(have) < n_photo))
+            aug.extend([c] * (K - 1 - n_photo))
+        return (chosen.astype(np.int32), np.asarray(aug, np.int32), np.asarray(pho, np.int32))
+
+    # ---- augmentation preview
+    preview = rng.choice(len(train_ids), size=min(6, len(train_ids)), replace=False)
+    save_augment_grid(
+        augmenter, originals_big[preview], masks[preview], out / "augment_grid.png",
+        clean=originals_clean[preview], photos=photo_images[: 16] if len(photo_images) else None,
+    )
+
+    # ---- loop
+    budget = config.minutes * 60.0 if config.minutes else None
+    planned_steps = config.epochs * config.steps_per_epoch
+    warmup = min(200, planned_steps // 10 + 1)
+    history: list[dict] = []
+    best = {"eer": math.inf, "top1": -1.0, "epoch": 0}
+    best_path = out / "checkpoints" / "best.weights.h5"
+    step = 0
+    t_train = time.perf_counter()
+    t_eval_total = 0.0
+    stop = False
+    log(f"training on {len(train_ids)} products ({len(held_out)} held out), {len(photos)} photos; "
+        f"budget {'%.1f min' % config.minutes if config.minutes else f'{config.epochs} epochs'}")
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    for epoch in range(1, config.epochs + 1):
+        sums = np.zeros(4)
+        n = 0
+        bar = tqdm(total=config.steps_per_epoch, desc=f"epoch {epoch}", disable=not config.progress,
+                   leave=False, file=sys.stderr) if tqdm else None
+        t_epoch = time.perf_counter()
+        for _ in range(config.steps_per_epoch):
+            elapsed = time.perf_counter() - t_train - t_eval_total
+            frac = elapsed / budget if budget else step / planned_steps
+            lr = config.learning_rate * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+            optimizer.learning_rate.assign(max(lr, config.learning_rate * 0.01))
+            losses = [float(v) for v in train_step(*(tf.constant(a) for a in sample_batch()))]
+            if not np.isfinite(losses[0]):
+                raise FloatingPointError(f"loss became {losses[0]} at step {step}; lower --lr")
+            sums += losses
+            n += 1
+            step += 1
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[0]:.3f}", lr=f"{lr:.1e}")
+            if budget and time.perf_counter() - t_train - t_eval_total >= budget:
+                stop = True
+                break
+        if bar:
+            bar.close()
+        train_seconds = time.perf_counter() - t_epoch
+        t_eval = time.perf_counter()
+        metrics = evaluate()
+        t_eval_total += time.perf_counter() - t_eval
+        mean = sums / max(n, 1)
+        record = {
+            "epoch": epoch, "steps": step, "train_seconds": round(train_seconds, 2),
+            "loss": {"total": mean[0], "supcon": mean[1], "cosface": mean[2], "recon": mean[3]},
+            "val": metrics,
+        }
+        history.append(record)
+        seen = metrics["seen"]
+        better = seen["eer"] < best["eer"] or (seen["eer"] == best["eer"] and seen["top1"] > best["top1"])
+        if better:
+            best = {"eer": seen["eer"], "top1": seen["top1"], "epoch": epoch}
+            autoencoder.save_weights(best_path)
+        autoencoder.save_weights(out / "checkpoints" / "last.weights.h5")
+        unseen = metrics.get("unseen")
+        log(f"epoch {epoch} step {step}: loss {mean[0]:.3f} (supcon {mean[1]:.3f} cos {mean[2]:.3f} "
+            f"recon {mean[3]:.3f}) | val seen EER {seen['eer']:.3f} top1 {seen['top1']:.3f}"
+            + (f" | unseen EER {unseen['eer']:.3f} top1 {unseen['top1']:.3f}" if unseen and unseen.get('n') else "")
+            + (" *" if better else ""))
+        if stop:
+            break
+    train_wall = time.perf_counter() - t_train
+
+    # ---- outputs: the best encoder, alone and with its decoder
+    autoencoder.load_weights(best_path)
+    encoder_path = out / "encoder.keras"
+    autoencoder_path = out / "autoencoder.keras"
+    encoder.save(encoder_path)
+    autoencoder.save(autoencoder_path)
+    final = evaluate()
+    seconds = time.perf_counter() - t_start
+    report = {
+        "config": config.to_dict(),
+        "model": asdict(mspec),
+        "preprocess": spec.to_dict(),
+        "encoder_params": int(encoder.count_params()),
+        "data": {
+            "products": len(ids), "train_products": len(train_ids),
+            "held_out_products": sorted(held_out), "train_photos": len(photos),
+            "val_queries": int(len(val_images)), "val_source": val_source,
+            "val_seen": int(val_seen.sum()), "val_unseen": int((~val_seen).sum()),
+        },
+        "timings": {
+            "total_seconds": round(seconds, 1), "data_seconds": round(t_data, 1),
+            "train_loop_seconds": round(train_wall, 1), "eval_seconds": round(t_eval_total, 1),
+            "steps": step, "seconds_per_step": round((train_wall - t_eval_total) / max(step, 1), 4),
+        },
+        "best_epoch": best["epoch"],
+        "metrics": final,
+        "history": history,
+    }
+    report_path = out / "report.json"
+    report_path.write_text(json.dumps(report, indent=2, default=float))
+    plot_curves(history, out / "training_curves.png")
+    return TrainResult(str(out), str(encoder_path), str(autoencoder_path), str(report_path),
+                       best["epoch"], final, seconds)
+
+
+def plot_curves(history: list[dict], path: Path) -> Path | None:
+    """Loss terms and validation EER/top-1 per epoch (skipped if matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - eval extra not installed
+        return None
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("total", "supcon", "cosface", "recon"):
+        ax1.plot(epochs, [h["loss"][key] for h in history], label=key)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    ax1.set_yscale("log")
+    ax1.legend()
+    for subset, style in (("seen", "-"), ("unseen", "--")):
+        if all(subset in h["val"] and h["val"][subset].get("n") for h in history):
+            ax2.plot(epochs, [h["val"][subset]["eer"] for h in history], "C0" + style, label=f"EER {subset}")
+            ax2.plot(epochs, [h["val"][subset]["top1"] for h in history], "C1" + style, label=f"top-1 {subset}")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0, 1)
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# -- CLI -------------------------------------------------------------------------------------
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``auditlens train``."""
+    d = TrainConfig()
+    parser.description = (
+        "Train the image encoder on a catalogue of originals, optionally with labelled field "
+        "photos. Writes encoder.keras, autoencoder.keras, report.json, augment_grid.png and "
+        "training_curves.png to --out; export the encoder with 'auditlens export'."
+    )
+    parser.add_argument("catalog", help="catalogue of originals: folder of images, CSV or sqlite:///db")
+    parser.add_argument("--photos", help="photo,product_id CSV of labelled field photos to train on")
+    parser.add_argument("--val-photos", help="photo,product_id CSV to validate on "
+                        "(default: fixed augmented originals)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--minutes", type=float, help="wall-clock training budget (stops before --epochs)")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"maximum epochs (default {d.epochs})")
+    parser.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch,
+                        help=f"steps between validations (default {d.steps_per_epoch})")
+    parser.add_argument("--holdout-fold", metavar="k/K",
+                        help="hold out fold k of K (deterministic by product id) to measure unseen products")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    parser.add_argument("--input-size", type=int, default=d.input_size, help=f"encoder input side (default {d.input_size})")
+    parser.add_argument("--latent-dim", type=int, default=d.latent_dim, help=f"latent length (default {d.latent_dim})")
+    parser.add_argument("--width", type=int, default=d.width, help=f"encoder stem channels (default {d.width})")
+    parser.add_argument("--products-per-batch", type=int, default=d.products_per_batch,
+                        help=f"products per batch (default {d.products_per_batch})")
+    parser.add_argument("--views-per-product", type=int, default=d.views_per_product,
+                        help=f"views per product per batch (default {d.views_per_product})")
+    parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
+    parser.add_argument("--metric-weight", type=float, default=d.metric_weight,
+                        help=f"supervised contrastive loss weight (default {d.metric_weight}; 0 disables)")
+    parser.add_argument("--class-weight", type=float, default=d.class_weight,
+                        help=f"CosFace loss weight (default {d.class_weight}; 0 disables)")
+    parser.add_argument("--recon-weight", type=float, default=d.recon_weight,
+                        help=f"reconstruction loss weight (default {d.recon_weight}; 0 disables)")
+    parser.add_argument("--no-augment", action="store_true", help="no augmentation at all")
+    parser.add_argument("--no-paste-background", action="store_true",
+                        help="keep originals on white instead of pasting them onto photo crops")
+    parser.add_argument("--threads", type=int, default=d.threads,
+                        help="TensorFlow threads (default: all cores; use 1 when runs share a machine)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        catalog=str(args.catalog), photos=args.photos, val_photos=args.val_photos, out_dir=args.out,
+        minutes=args.minutes, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        holdout_fold=args.holdout_fold, seed=args.seed, input_size=args.input_size,
+        latent_dim=args.latent_dim, width=args.width, products_per_batch=args.products_per_batch,
+        views_per_product=args.views_per_product, learning_rate=args.lr,
+        metric_weight=args.metric_weight, class_weight=args.class_weight,
+        recon_weight=args.recon_weight, augment=not args.no_augment,
+        paste_background=not args.no_paste_background, threads=args.threads,
+        progress=not args.quiet,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``auditlens train``: returns the process exit code."""
+    try:
+        config = config_from_args(args)
+        if config.holdout_fold:
+            parse_fold(config.holdout_fold)
+        result = train(config)
+    except (AuditlensError, ValueError) as exc:
+        print(f"auditlens train: {exc}", file=sys.stderr)
+        return 2
+    m = result.metrics
+    print(f"encoder: {result.encoder_path} (best epoch {result.best_epoch}, {result.seconds / 60:.1f} min)")
+    for subset in ("seen", "unseen"):
+        s = m.get(subset)
+        if s and s.get("n") and (subset == "seen" or "unseen" in m):
+            print(f"val {subset:6s}: n={s['n']} top1={s['top1']:.3f} EER={s['eer']:.3f} AUC={s['auc']:.3f}")
+    print(f"report: {result.report_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_train_arguments(argparse.ArgumentParser(prog="auditlens train"))
+    return run_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
