@@ -1,0 +1,107 @@
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+
+from auditlens.catalog import open_catalog
+from auditlens.device_app.bundle import ReferenceBundle
+from auditlens.device_app.verifier import Verifier
+from auditlens.errors import (
+    BundleFormatError,
+    BundleIntegrityError,
+    ModelMismatchError,
+    UnknownProductError,
+)
+from auditlens.export.enroll import enroll
+
+from .conftest import SAMPLE
+
+
+@pytest.fixture
+def bundle_dir(tmp_path, shipped_model):
+    return enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "bundle", model=shipped_model,
+                  extra_references=[], options=None)
+
+
+def test_round_trip_keeps_products_latents_and_thumbnails(bundle_dir):
+    b = ReferenceBundle.load(bundle_dir)
+    assert [p.product_id for p in b.products] == open_catalog(SAMPLE / "catalog.csv").ids
+    assert b.references.shape == (10, b.manifest["latent_dim"])
+    np.testing.assert_allclose(np.linalg.norm(b.references, axis=1), 1.0, atol=2e-3)
+    assert max(b.thumbnail("Banana").size) <= 160
+    assert set(b.manifest["files"]) >= {"model.tflite", "references.npy", "products.json"}
+    with pytest.raises(UnknownProductError, match="not in this bundle"):
+        b.product("no-such-product")
+
+
+def test_zip_bundle_loads_like_the_folder(tmp_path, shipped_model):
+    out = enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "b.zip", model=shipped_model)
+    assert zipfile.is_zipfile(out)
+    folder = enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "b", model=shipped_model)
+    np.testing.assert_array_equal(ReferenceBundle.load(out).references, ReferenceBundle.load(folder).references)
+
+
+@pytest.mark.parametrize("member", ["model.tflite", "references.npy", "products.json", "thumbs/0003.jpg"])
+def test_a_flipped_byte_is_refused(bundle_dir, member):
+    path = bundle_dir / member
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match=member.replace(".", r"\.")):
+        ReferenceBundle.load(bundle_dir)
+
+
+def test_edited_manifest_is_refused(bundle_dir):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["decision"]["threshold"] = -1.0  # makes every photo a match
+    manifest["format_version"] = 0
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleFormatError, match="format version 0"):
+        ReferenceBundle.load(bundle_dir)
+
+
+def test_latents_of_another_model_are_refused(tmp_path, bundle_dir, shipped_model):
+    """Swap in another model and rewrite every hash consistently: the probe latent and the
+    model id recorded with the references still expose the swap."""
+    other = bytearray(shipped_model.read_bytes())
+    # a different but valid model: same graph, one weight buffer byte changed
+    other[len(other) // 3] ^= 0x10
+    swapped = tmp_path / "swapped"
+    shutil.copytree(bundle_dir, swapped)
+    (swapped / "model.tflite").write_bytes(bytes(other))
+    manifest = json.loads((swapped / "manifest.json").read_text())
+    from auditlens.device_app.bundle import sha256_bytes
+    from auditlens.device_app.interpreter import model_id_of
+
+    manifest["files"]["model.tflite"] = sha256_bytes(bytes(other))
+    manifest["model"]["id"] = model_id_of(bytes(other))
+    (swapped / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelMismatchError, match="computed with model"):
+        ReferenceBundle.load(swapped)
+    # and a separately installed model that is not the bundle's is refused too
+    with pytest.raises(ModelMismatchError, match="does not belong"):
+        Verifier(bundle_dir, model=bytes(other))
+
+
+def test_missing_bundle_and_non_bundle_zip(tmp_path):
+    with pytest.raises(BundleFormatError, match="no bundle here"):
+        ReferenceBundle.load(tmp_path / "nothing")
+    junk = tmp_path / "junk.zip"
+    junk.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(BundleFormatError, match="zip"):
+        ReferenceBundle.load(junk)
+
+
+def test_failed_enrolment_leaves_no_half_bundle(tmp_path, shipped_model, generated_catalog):
+    out = tmp_path / "out"
+    enroll(open_catalog(generated_catalog), out, model=shipped_model)
+    before = (out / "manifest.json").read_bytes()
+    (generated_catalog / "product-2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    from auditlens.errors import CatalogError
+
+    with pytest.raises(CatalogError, match="product-2"):
+        enroll(open_catalog(generated_catalog), out, model=shipped_model)
+    assert (out / "manifest.json").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

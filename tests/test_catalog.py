@@ -1,0 +1,83 @@
+import sqlite3
+
+import pytest
+
+from auditlens.catalog import open_catalog, read_labelled_photos
+from auditlens.errors import CatalogError
+
+from .conftest import SAMPLE, product_image, write_csv
+
+
+def test_folder_catalog_uses_file_stems(generated_catalog):
+    cat = open_catalog(generated_catalog)
+    assert cat.ids == [f"product-{i}" for i in range(6)]
+    assert cat.get("product-3").open().size == (160, 160)
+
+
+def test_csv_catalog_resolves_relative_paths_and_optional_columns():
+    cat = open_catalog(SAMPLE / "catalog.csv")
+    assert len(cat) == 10
+    milk = cat.get("Arla-Standard-Milk")
+    assert milk.group == "Milk" and milk.kind == "Packages"
+    assert milk.open().mode == "RGB"
+
+
+def test_sqlite_catalog_with_blobs_and_paths(tmp_path):
+    product_image(1).save(tmp_path / "b.png")
+    blob = (tmp_path / "a.png")
+    product_image(2).save(blob)
+    db = tmp_path / "catalog.db"
+    con = sqlite3.connect(db)
+    con.execute('CREATE TABLE products (product_id TEXT, name TEXT, image, "group" TEXT)')
+    con.execute("INSERT INTO products VALUES ('a', 'Product A', ?, 'G')", (blob.read_bytes(),))
+    con.execute("INSERT INTO products VALUES ('b', 'Product B', 'b.png', 'G')")
+    con.commit()
+    con.close()
+    cat = open_catalog(f"sqlite:///{db}")
+    assert cat.ids == ["a", "b"]
+    assert isinstance(cat.get("a").image, bytes) and cat.get("b").image.endswith("b.png")
+    assert cat.get("a").open().size == cat.get("b").open().size == (160, 160)
+    assert cat.get("a").group == "G"
+
+
+def test_sqlite_missing_columns_and_bad_utf8(tmp_path):
+    db = tmp_path / "c.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE products (product_id TEXT, image BLOB)")
+    con.commit()
+    con.close()
+    with pytest.raises(CatalogError, match="lacks column"):
+        open_catalog(f"sqlite:///{db}")
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE items (product_id TEXT, name BLOB, image TEXT)")
+    con.execute("INSERT INTO items VALUES ('x', ?, 'x.png')", (b"\xff\xfe bad",))
+    con.commit()
+    con.close()
+    with pytest.raises(CatalogError, match="'x'.*not UTF-8"):
+        open_catalog(f"sqlite:///{db}?table=items")
+
+
+@pytest.mark.parametrize("bad_id", ["../etc", "a/b", "", "has space", "x\\y"])
+def test_unsafe_product_ids_are_refused(tmp_path, bad_id):
+    csv_path = write_csv(tmp_path / "c.csv", ["product_id", "image"], [[bad_id, "x.png"]])
+    with pytest.raises(CatalogError, match="product id"):
+        open_catalog(csv_path)
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    csv_path = write_csv(tmp_path / "c.csv", ["product_id", "image"], [["a", "x.png"], ["a", "y.png"]])
+    with pytest.raises(CatalogError, match="more than once"):
+        open_catalog(csv_path)
+
+
+def test_missing_original_is_reported_by_product_id(tmp_path):
+    csv_path = write_csv(tmp_path / "c.csv", ["product_id", "image"], [["milk-1l", "missing.jpg"]])
+    with pytest.raises(CatalogError, match="milk-1l"):
+        open_catalog(csv_path).get("milk-1l").open()
+
+
+def test_labelled_photos_need_both_columns(tmp_path):
+    with pytest.raises(CatalogError, match="product_id"):
+        read_labelled_photos(write_csv(tmp_path / "p.csv", ["photo"], [["a.jpg"]]))
+    photos = read_labelled_photos(SAMPLE / "photos.csv")
+    assert photos and all(p.photo.startswith(str(SAMPLE)) for p in photos)

@@ -1,0 +1,74 @@
+"""The public command line, run as a user runs it (a subprocess of the installed script)."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from auditlens.cli import COMMANDS
+
+from .conftest import SAMPLE, write_csv
+
+
+def run(*args, check_rc=None):
+    proc = subprocess.run([sys.executable, "-m", "auditlens.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    return proc
+
+
+def test_demo_prints_matches_and_mismatches():
+    out = run("demo", check_rc=0).stdout
+    assert "MATCH" in out and "NO MATCH" in out
+    assert "verdicts correct" in out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command):
+    out = run(command, "--help", check_rc=0).stdout
+    assert "usage: auditlens" in out and len(out.splitlines()) > 3
+
+
+def test_verify_json_and_exit_codes(sample_photos):
+    photo = sample_photos[0]
+    proc = run("verify", "--json", "--product", photo.product_id, photo.photo)
+    verdict = json.loads(proc.stdout)
+    assert proc.returncode == {"match": 0, "no_match": 1, "retake": 3}[verdict["decision"]]
+    assert verdict["product_id"] == photo.product_id and 0 < verdict["threshold"] < 1
+    copy = run("verify", "--product", "Banana", SAMPLE / "originals" / "Banana.jpg", check_rc=3)
+    assert "catalogue original" in copy.stdout
+
+
+def test_errors_are_one_clear_line(tmp_path, sample_photos):
+    unknown = run("verify", "--product", "nope", sample_photos[0].photo, check_rc=2)
+    assert "not in this bundle" in unknown.stderr and "Traceback" not in unknown.stderr
+    text = tmp_path / "photo.jpg"
+    text.write_text("this is not a photo")
+    bad = run("verify", "--product", "Banana", text, check_rc=2)
+    assert "not a readable image" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_score_writes_every_pair_even_bad_photos(tmp_path, sample_photos):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
+    rows = [[p.photo, p.product_id] for p in sample_photos[:4]]
+    rows += [[sample_photos[0].photo, "Carrots"], [str(tmp_path / "broken.jpg"), "Banana"]]
+    pairs = write_csv(tmp_path / "pairs.csv", ["photo", "product_id"], rows)
+    out = tmp_path / "scores.csv"
+    proc = run("score", "--pairs", pairs, "--out", out, "--no-progress", check_rc=2)
+    assert "1 errors" in proc.stdout
+    got = list(csv.DictReader(out.open()))
+    assert [r["product_id"] for r in got] == [r[1] for r in rows]
+    assert got[-1]["verdict"] == "error" and got[-1]["error"]
+    assert all(r["verdict"] in ("match", "no_match", "retake") for r in got[:-1])
+    assert -1 <= float(got[0]["score"]) <= 1
+
+
+def test_enroll_then_info_and_identify(tmp_path, sample_photos):
+    run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "b", "--no-progress", check_rc=0)
+    info = run("info", tmp_path / "b", check_rc=0).stdout
+    assert "every sha256 verified" in info and "products   10" in info
+    ident = run("identify", "--bundle", tmp_path / "b", "--top", "3", sample_photos[0].photo, check_rc=0)
+    assert len(ident.stdout.strip().splitlines()) == 3

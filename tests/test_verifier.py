@@ -1,0 +1,79 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from auditlens.device_app.verifier import MATCH, NO_MATCH, RETAKE, Verifier, VerifierOptions, dhash, hamming
+from auditlens.errors import UnknownProductError
+
+from .conftest import SAMPLE
+
+
+@pytest.fixture(scope="module")
+def verifier(sample_bundle):
+    return Verifier(sample_bundle)
+
+
+def test_genuine_photos_outscore_impostors(verifier, sample_photos):
+    """On the shipped sample, each photo scores higher against its own product than the
+    average other product does (a property of a working encoder, not of one photo)."""
+    wins = 0
+    for photo in sample_photos:
+        latent = verifier.embed(verifier.prepare(photo.photo))
+        scores = verifier.product_scores(latent)
+        own = scores[verifier.bundle.index(photo.product_id)]
+        wins += own > np.median(scores)
+    assert wins >= 0.75 * len(sample_photos)
+
+
+def test_verdict_carries_what_an_audit_record_needs(verifier, sample_photos):
+    photo = sample_photos[0]
+    v = verifier.verify(photo.photo, photo.product_id)
+    assert v.decision in (MATCH, NO_MATCH)
+    assert (v.decision == MATCH) == (v.score >= v.threshold)
+    assert v.model_id == verifier.bundle.model_id and len(v.photo_sha256) == 64
+    assert v.to_dict()["quality"]["issues"] == []
+
+
+def test_a_copy_of_the_original_is_flagged(verifier):
+    original = SAMPLE / "originals" / "Banana.jpg"
+    v = verifier.verify(original, "Banana")
+    assert v.decision == RETAKE and v.near_duplicate
+    # re-encoded and resized copies are caught too
+    buf = io.BytesIO()
+    Image.open(original).resize((500, 500)).save(buf, "JPEG", quality=70)
+    assert verifier.verify(buf.getvalue(), "Banana").near_duplicate
+
+
+def test_dark_capture_asks_for_a_retake(verifier, sample_photos):
+    img = Image.open(sample_photos[0].photo).point(lambda v: v // 12)
+    v = verifier.verify(img, sample_photos[0].product_id)
+    assert v.decision == RETAKE and any("dark" in r for r in v.reasons)
+    relaxed = Verifier(verifier.bundle, VerifierOptions(check_quality=False))
+    assert relaxed.verify(img, sample_photos[0].product_id).decision in (MATCH, NO_MATCH)
+
+
+def test_no_match_lists_lookalikes_and_never_the_claimed_product(verifier, sample_photos):
+    strict = Verifier(verifier.bundle, VerifierOptions(threshold=1.01))
+    v = strict.verify(sample_photos[0].photo, "Carrots")
+    assert v.decision == NO_MATCH
+    assert len(v.suggestions) == 3 and "Carrots" not in [c.product_id for c in v.suggestions]
+    assert [c.score for c in v.suggestions] == sorted((c.score for c in v.suggestions), reverse=True)
+
+
+def test_unknown_product_id(verifier, sample_photos):
+    with pytest.raises(UnknownProductError, match="not in this bundle"):
+        verifier.verify(sample_photos[0].photo, "does-not-exist")
+
+
+def test_identify_ranks_all_products(verifier, sample_photos):
+    ranked = verifier.identify(sample_photos[0].photo, top_k=20)
+    assert len(ranked) == 10
+    assert ranked[0].score >= ranked[-1].score
+
+
+def test_dhash_is_stable_under_resizing():
+    img = Image.open(SAMPLE / "originals" / "Carrots.jpg")
+    assert hamming(dhash(img), dhash(img.resize((64, 64)))) <= 3
+    assert hamming(dhash(img), dhash(Image.open(SAMPLE / "originals" / "Banana.jpg"))) > 10
