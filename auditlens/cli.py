@@ -267,8 +267,18 @@ COMMANDS: dict[str, tuple[str, Hook]] = {
               ("auditlens.training.train", "add_train_arguments", "run_train")),
     "export": ("convert a trained encoder to int8 TFLite and check its drift (needs auditlens[train])",
                ("auditlens.export.quantize", "add_export_arguments", "run_export")),
+    "keygen": ("make an Ed25519 key pair to sign reference bundles (needs auditlens[sign])",
+               ("auditlens.device_app.signing", "add_keygen_arguments", "run_keygen")),
     "import-grocery": ("write catalogue and photo CSVs for a Grocery Store Dataset copy",
                        (_add_import_grocery, _run_import_grocery)),
+    "evaluate": ("measure a bundle on labelled photos: EER, TAR@FAR, AUC, top-k, plots, JSON",
+                 ("auditlens.evaluation.evaluate", "add_arguments", "run")),
+    "calibrate": ("set a bundle's decision threshold for a target false-accept rate",
+                  ("auditlens.evaluation.calibrate", "add_arguments", "run")),
+    "app": ("run the field app (Kivy): pick, capture, verify, keep the audit log (needs auditlens[app])",
+            ("auditlens.device_app.app.main", "add_arguments", "run")),
+    "verify-log": ("check an audit log's hash chain; export it as CSV/JSON",
+                   ("auditlens.device_app.auditlog", "add_arguments", "run")),
 }
 
 

@@ -1,0 +1,340 @@
+"""The field app's lifecycle: ``auditlens app --bundle BUNDLE [--camera-dir DIR]``.
+
+The auditor picks a product, frames it, captures; the worker thread verifies the photo
+with the engine and appends the verdict to the audit log; the verdict screen shows
+MATCH / NO MATCH / RETAKE. Kivy is imported only when the app runs, so this module's
+``add_arguments`` works for ``auditlens app --help`` on a machine without Kivy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+ANALYSE_EVERY_S = 0.8
+"""How often a camera frame is analysed (quality hint, barcode) on the worker thread."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", "-b", type=Path, required=True, help="the reference bundle (folder or .zip)")
+    p.add_argument("--camera-dir", type=Path, default=None, metavar="DIR",
+                   help="play the image files in DIR as the camera (demos, tests) instead of a webcam")
+    p.add_argument("--camera-index", type=int, default=0, help="which webcam to open")
+    p.add_argument("--log", type=Path, default=None, metavar="AUDIT.db",
+                   help="audit log (SQLite); default: audit.db in the app's data folder")
+    p.add_argument("--auditor", default=os.environ.get("USER", ""), help="auditor name written to the log")
+    p.add_argument("--device", default=socket.gethostname(), help="device name written to the log")
+    p.add_argument("--public-key", default=None,
+                   help="publisher's Ed25519 public key: refuse bundles not signed with it")
+    p.add_argument("--export-dir", type=Path, default=None,
+                   help="where History exports CSV/JSON (default: beside the log)")
+    p.add_argument("--size", default=None, metavar="WxH",
+                   help="window size on a desktop, e.g. 720x1280 (phone) or 1280x800 (tablet)")
+
+
+def configure_kivy(size: str | None = None) -> None:
+    """Settings that must be made before Kivy's window exists."""
+    os.environ.setdefault("KIVY_NO_ARGS", "1")  # our arguments are not Kivy's
+    from kivy.config import Config
+
+    Config.set("kivy", "exit_on_escape", "0")
+    Config.set("input", "mouse", "mouse,multitouch_on_demand")
+    if size:
+        w, h = (int(v) for v in size.lower().split("x"))
+        Config.set("graphics", "width", str(w))
+        Config.set("graphics", "height", str(h))
+
+
+def build_app_class():
+    """The Kivy App class (built on demand so importing this module needs no Kivy)."""
+    from auditlens.device_app.app.camera import (
+        CameraUnavailable,
+        FileCamera,
+        KivyCamera,
+        scan_codes,
+        scanner_available,
+    )
+    from auditlens.device_app.app.screens import (
+        CameraScreen,
+        HistoryScreen,
+        LoadingScreen,
+        PickerScreen,
+        RefusalScreen,
+        VerdictScreen,
+    )
+    from auditlens.device_app.app.session import Session
+    from auditlens.device_app.app.widgets import BG
+    from auditlens.device_app.app.worker import Worker
+    from auditlens.device_app.quality import assess
+    from kivy.app import App
+    from kivy.clock import Clock
+    from kivy.core.window import Window
+    from kivy.uix.screenmanager import NoTransition, ScreenManager
+
+    from auditlens.errors import AuditlensError
+
+    class AuditApp(App):
+        """The field app. Its methods are what the buttons call (and what tests drive)."""
+
+        title = "auditlens"
+
+        def __init__(self, *, bundle: Path, camera_dir: Path | None = None, log: Path | None = None,
+                     auditor: str = "", device: str = "", public_key: str | None = None,
+                     export_dir: Path | None = None, camera_index: int = 0, **kw):
+            super().__init__(**kw)
+            log = Path(log) if log else Path(self.user_data_dir) / "audit.db"
+            self.session = Session(Path(bundle), log, auditor=auditor, device=device,
+                                   public_key=public_key)
+            self.camera_dir, self.camera_index = camera_dir, camera_index
+            self.export_dir = export_dir
+            self.camera = None
+            self.product_id: str | None = None
+            self.scanning = False
+            self.loaded = False
+            self.load_error: BaseException | None = None
+            self.last_outcome = None
+            self.last_export = None
+            self.worker: Worker | None = None
+            self._analysing = False
+            self._verifying = False
+            self._notice_until = 0.0
+
+        # -- lifecycle ---------------------------------------------------------------
+        def build(self):
+            Window.clearcolor = BG
+            self.worker = Worker()
+            self.sm = ScreenManager(transition=NoTransition())
+            self.screens = {
+                s.name: s for s in (LoadingScreen(), RefusalScreen(), PickerScreen(),
+                                    CameraScreen(), VerdictScreen(), HistoryScreen())
+            }
+            for s in self.screens.values():
+                self.sm.add_widget(s)
+            self.sm.current = "loading"
+            return self.sm
+
+        def on_start(self):
+            self.worker.submit(self.session.load, self._loaded, self._refused)
+            Clock.schedule_interval(self._analyse_tick, ANALYSE_EVERY_S)
+
+        def on_stop(self):
+            if self.camera is not None:
+                self.camera.stop()
+            if self.worker is not None:
+                self.worker.stop()
+            self.session.close()
+
+        @property
+        def busy(self) -> bool:
+            return self.worker is not None and not self.worker.idle
+
+        def _loaded(self, _bundle):
+            self.loaded = True
+            self.screens["picker"].setup(self.session, scanner_available())
+            self.sm.current = "picker"
+
+        def _refused(self, exc: BaseException):
+            self.load_error = exc
+            message = str(exc) if isinstance(exc, AuditlensError) else f"{type(exc).__name__}: {exc}"
+            self.screens["refusal"].show(type(exc).__name__, message, str(self.session.bundle_path))
+            self.sm.current = "refusal"
+
+        # -- navigation ----------------------------------------------------------------
+        def set_auditor(self, name: str) -> None:
+            self.session.auditor = name.strip()
+
+        def go_picker(self):
+            self.scanning = False
+            if self.camera is not None:
+                self.camera.stop()
+            self.sm.current = "picker"
+
+        def _ensure_camera(self) -> bool:
+            screen = self.screens["camera"]
+            if self.camera is not None:
+                self.camera.start()
+                return True
+            try:
+                self.camera = (FileCamera(self.camera_dir) if self.camera_dir
+                               else KivyCamera(self.camera_index))
+                screen.attach_preview(self.camera.preview_widget())
+            except CameraUnavailable as exc:
+                self.camera = None
+                screen.show_unavailable(str(exc))
+                return False
+            screen.show_files(self.camera)
+            return True
+
+        def select_product(self, product_id: str):
+            record = self.session.bundle.product(product_id)
+            self.product_id, self.scanning = record.product_id, False
+            screen = self.screens["camera"]
+            ok = self._ensure_camera()
+            screen.show_product(record, self.session.thumbnail(record.product_id))
+            if not ok:
+                screen.capture.disabled = True
+                screen.hint.text = ""
+            self.sm.current = "camera"
+
+        def go_camera(self):
+            if self.product_id is None:
+                return self.go_picker()
+            return self.select_product(self.product_id)
+
+        def start_scan(self):
+            if not scanner_available():
+                return
+            self.scanning = True
+            self._ensure_camera()
+            self.screens["camera"].show_product(None, None, scanning=True)
+            self.sm.current = "camera"
+
+        def step_camera(self, delta: int):
+            if isinstance(self.camera, FileCamera):
+                self.camera.step(delta)
+                self.screens["camera"].show_files(self.camera)
+
+        # -- live analysis of camera frames (off the UI thread) -------------------------
+        def _analyse_tick(self, _dt):
+            if (self.sm.current != "camera" or self.camera is None or self._analysing
+                    or not self.worker.idle):
+                return
+            camera, scanning = self.camera, self.scanning
+            grab_here = not isinstance(camera, FileCamera)  # GL textures: read on this thread
+            frame = camera.frame(max_side=512) if grab_here else None
+            if grab_here and frame is None:
+                return
+            self._analysing = True
+
+            def job():
+                image = frame if frame is not None else camera.frame(max_side=512)
+                if image is None:
+                    return None, []
+                return assess(image), (scan_codes(image) if scanning else [])
+
+            self.worker.submit(job, self._analysed, lambda _e: setattr(self, "_analysing", False))
+
+        def _analysed(self, result):
+            self._analysing = False
+            quality, codes = result
+            screen = self.screens["camera"]
+            if self.sm.current != "camera":
+                return
+            if self.scanning:
+                for code in codes:
+                    record = self.session.product_for_code(code)
+                    if record is not None:
+                        self.select_product(record.product_id)
+                        screen.hint.text = f"Scanned {code}: {record.name}"
+                        self._notice_until = Clock.get_time() + 4.0
+                        return
+                screen.hint.text = (f"Code {codes[0]} is not in this bundle" if codes
+                                    else "Looking for a barcode or QR code...")
+                return
+            if quality is None or screen.capture.text != "CAPTURE":
+                return
+            if Clock.get_time() < self._notice_until:  # let a notice (scanned code) be read
+                return
+            screen.hint.text = (f"Check: {quality.issues[0].split(':')[0]}" if quality.issues
+                                else "Fill the frame with the product")
+
+        # -- capture and verdict ---------------------------------------------------------
+        def capture(self):
+            if self.product_id is None or self.camera is None or self.sm.current != "camera":
+                return False
+            if self._verifying:
+                return False
+            try:
+                photo = self.camera.capture()
+            except (OSError, CameraUnavailable) as exc:
+                self.screens["camera"].hint.text = f"Capture failed: {exc}"
+                return False
+            product_id = self.product_id
+            self._verifying = True
+            self.screens["camera"].busy(True)
+
+            def job():
+                outcome = self.session.verify(photo, product_id)
+                thumbs = {}
+                if outcome.verdict is not None:
+                    for c in outcome.verdict.suggestions:
+                        try:
+                            thumbs[c.product_id] = self.session.thumbnail(c.product_id)
+                        except Exception:  # noqa: BLE001
+                            pass
+                return outcome, self.session.thumbnail(product_id), thumbs
+
+            self.worker.submit(job, self._verified, self._capture_failed)
+            return True
+
+        def _verified(self, result):
+            outcome, original, thumbs = result
+            self._verifying = False
+            self.last_outcome = outcome
+            self.screens["camera"].busy(False)
+            record = self.session.bundle.product(outcome.product_id)
+            self.screens["verdict"].show(outcome, record, original, thumbs)
+            if self.camera is not None:
+                self.camera.stop()
+            self.sm.current = "verdict"
+
+        def _capture_failed(self, exc: BaseException):
+            self._verifying = False
+            self.screens["camera"].busy(False)
+            self.screens["camera"].hint.text = f"Not verified: {exc}"
+
+        # -- history -----------------------------------------------------------------------
+        def show_history(self):
+            if self.camera is not None:
+                self.camera.stop()
+
+            def job():
+                records = self.session.history()
+                try:
+                    return records, self.session.check_log(), ""
+                except AuditlensError as exc:
+                    return records, None, str(exc)
+
+            self.worker.submit(job, self._history_ready, self._history_failed)
+
+        def _history_ready(self, result):
+            records, report, error = result
+            names = {p.product_id: p.name for p in self.session.bundle.products}
+            self.screens["history"].show(records, report, error, names)
+            self.sm.current = "history"
+
+        def _history_failed(self, exc):
+            self.screens["history"].show([], None, str(exc), {})
+            self.sm.current = "history"
+
+        def export(self, kind: str):
+            def done(path):
+                self.last_export = path
+                self.screens["history"].exported(path)
+
+            self.worker.submit(lambda: self.session.export(kind, self.export_dir), done,
+                               lambda e: self.screens["history"].exported(f"failed: {e}"))
+
+    return AuditApp
+
+
+def run(args) -> int:
+    configure_kivy(args.size)
+    AuditApp = build_app_class()
+    app = AuditApp(bundle=args.bundle, camera_dir=args.camera_dir, log=args.log,
+                   auditor=args.auditor, device=args.device, public_key=args.public_key,
+                   export_dir=args.export_dir, camera_index=args.camera_index)
+    app.run()
+    if app.load_error is not None:
+        print(f"auditlens: error: bundle refused: {app.load_error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from auditlens.cli import main
+
+    sys.exit(main(["app", *sys.argv[1:]]))

@@ -1,0 +1,575 @@
+"""The on-device audit log: every verification, append-only and tamper-evident.
+
+One SQLite file (WAL journal, ``synchronous=FULL``, so a record is on disk when
+:meth:`AuditLog.append` returns and a crash or power cut never loses a committed record)
+holds one row per verification: the photo (downscaled to at most
+:data:`MAX_PHOTO_SIDE` pixels if it is larger), its sha256, the product id, score,
+threshold, decision, model id, UTC time, auditor, device and the verdict as JSON.
+
+Tamper evidence: every record carries the sha256 of the record before it
+(``prev_hash``) and its own hash (``record_hash``) over a canonical serialisation of all
+its fields, the photo's sha256 included. Triggers make ``UPDATE`` and ``DELETE`` fail
+and refuse an insert that does not extend the chain, so the API can only append; an
+edit made by hand (drop the triggers, change a row with the ``sqlite3`` tool) breaks the
+chain, and :meth:`AuditLog.verify_chain` (``auditlens verify-log``) names the first
+record that no longer verifies. What a chain cannot show by itself is the removal of
+the newest records: keep the head hash that :meth:`verify_chain` reports (it is in every
+export) when a log is uploaded, and compare it next time.
+
+This module is part of the engine: numpy/Pillow/stdlib only, no TensorFlow, no Kivy.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from auditlens.errors import AuditChainError, AuditLogError
+
+LOG_FORMAT = "auditlens-audit-log"
+LOG_VERSION = 1
+GENESIS_HASH = "0" * 64
+"""``prev_hash`` of the first record."""
+MAX_PHOTO_SIDE = 1600
+"""Photos larger than this (either side, pixels) are stored as a JPEG downscaled to it."""
+PHOTO_JPEG_QUALITY = 90
+
+HASHED_FIELDS = (
+    "id", "created_utc", "auditor", "device", "product_id", "decision", "score",
+    "threshold", "model_id", "photo_sha256", "captured_sha256", "verdict_json", "prev_hash",
+)
+"""The fields a record's hash covers, in this order (the photo through its sha256)."""
+
+CSV_COLUMNS = (
+    "id", "created_utc", "auditor", "device", "product_id", "decision", "score", "threshold",
+    "model_id", "photo_sha256", "captured_sha256", "reasons", "prev_hash", "record_hash",
+)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    id              INTEGER PRIMARY KEY,
+    created_utc     TEXT NOT NULL,
+    auditor         TEXT NOT NULL,
+    device          TEXT NOT NULL,
+    product_id      TEXT NOT NULL,
+    decision        TEXT NOT NULL,
+    score           REAL NOT NULL,
+    threshold       REAL NOT NULL,
+    model_id        TEXT NOT NULL,
+    photo_sha256    TEXT NOT NULL,
+    captured_sha256 TEXT NOT NULL,
+    verdict_json    TEXT NOT NULL,
+    prev_hash       TEXT NOT NULL,
+    record_hash     TEXT NOT NULL UNIQUE,
+    photo_mime      TEXT NOT NULL,
+    photo           BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS records_append_only_update BEFORE UPDATE ON records
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only: records cannot be changed');
+END;
+CREATE TRIGGER IF NOT EXISTS records_append_only_delete BEFORE DELETE ON records
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only: records cannot be deleted');
+END;
+CREATE TRIGGER IF NOT EXISTS records_extend_chain BEFORE INSERT ON records
+WHEN NEW.id IS NOT (SELECT COALESCE(MAX(id), 0) + 1 FROM records)
+  OR NEW.prev_hash IS NOT COALESCE((SELECT record_hash FROM records ORDER BY id DESC LIMIT 1),
+                                   '{GENESIS_HASH}')
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log only accepts a record that extends its hash chain');
+END;
+CREATE TRIGGER IF NOT EXISTS meta_read_only_update BEFORE UPDATE ON meta
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log header cannot be changed');
+END;
+CREATE TRIGGER IF NOT EXISTS meta_read_only_delete BEFORE DELETE ON meta
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log header cannot be changed');
+END;
+"""
+
+_TRIGGERS = ("records_append_only_update", "records_append_only_delete", "records_extend_chain")
+
+_LIST_COLUMNS = ("id", "created_utc", "auditor", "device", "product_id", "decision", "score",
+                 "threshold", "model_id", "photo_sha256", "captured_sha256", "verdict_json",
+                 "prev_hash", "record_hash", "photo_mime")
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One verification as the log keeps it (the photo itself: :meth:`AuditLog.photo`)."""
+
+    id: int
+    created_utc: str
+    auditor: str
+    device: str
+    product_id: str
+    decision: str
+    score: float
+    threshold: float
+    model_id: str
+    photo_sha256: str
+    """sha256 of the photo bytes stored in the log."""
+    captured_sha256: str
+    """sha256 of the photo bytes as captured (differs from ``photo_sha256`` only when the
+    capture was larger than :data:`MAX_PHOTO_SIDE` and was downscaled for storage)."""
+    verdict_json: str
+    prev_hash: str
+    record_hash: str
+    photo_mime: str = "image/jpeg"
+
+    @property
+    def verdict(self) -> dict:
+        return json.loads(self.verdict_json)
+
+    @property
+    def reasons(self) -> list[str]:
+        try:
+            return list(self.verdict.get("reasons", []))
+        except (ValueError, AttributeError):
+            return []
+
+    def hashed_fields(self) -> dict:
+        return {name: getattr(self, name) for name in HASHED_FIELDS}
+
+    def to_dict(self, *, verdict: bool = True) -> dict:
+        d = {name: getattr(self, name) for name in CSV_COLUMNS if name != "reasons"}
+        d["photo_mime"] = self.photo_mime
+        if verdict:
+            d["verdict"] = self.verdict
+        return d
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """What :meth:`AuditLog.verify_chain` checked."""
+
+    path: str
+    records: int
+    head_hash: str
+    """``record_hash`` of the newest record (the genesis hash for an empty log): keep it
+    when the log is uploaded, to show later that no newest record was removed."""
+    log_id: str
+    triggers_intact: bool
+    """False when the append-only triggers were removed (someone opened the file by hand)."""
+    first_created_utc: str = ""
+    last_created_utc: str = ""
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path, "records": self.records, "head_hash": self.head_hash,
+            "log_id": self.log_id, "triggers_intact": self.triggers_intact,
+            "first_created_utc": self.first_created_utc,
+            "last_created_utc": self.last_created_utc, "warnings": list(self.warnings),
+        }
+
+
+def canonical_bytes(fields: dict) -> bytes:
+    """The exact bytes a record's hash is computed over: JSON of :data:`HASHED_FIELDS`
+    with sorted keys, no spaces, UTF-8 (floats in Python's shortest round-trip form)."""
+    missing = [k for k in HASHED_FIELDS if k not in fields]
+    if missing:
+        raise AuditLogError(f"a record lacks the fields {missing}")
+    body = {k: fields[k] for k in HASHED_FIELDS}
+    body["id"] = int(body["id"])
+    body["score"] = float(body["score"])
+    body["threshold"] = float(body["threshold"])
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def record_hash(fields: dict) -> str:
+    return hashlib.sha256(canonical_bytes(fields)).hexdigest()
+
+
+def prepare_photo(photo: bytes, max_side: int = MAX_PHOTO_SIDE) -> tuple[bytes, str]:
+    """The bytes to store for a photo and their MIME type: the photo itself, or a JPEG
+    downscaled to ``max_side`` when it is larger (or when it is not JPEG/PNG)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(photo)) as image:
+            fmt = (image.format or "").upper()
+            if max(image.size) <= max_side and fmt in ("JPEG", "PNG"):
+                return photo, "image/jpeg" if fmt == "JPEG" else "image/png"
+            image.draft("RGB", (max_side, max_side))
+            rgb = image.convert("RGB")
+    except Exception:  # noqa: BLE001 - an undecodable photo is still evidence: keep it as is
+        return photo, "application/octet-stream"
+    rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=PHOTO_JPEG_QUALITY, optimize=True)
+    return out.getvalue(), "image/jpeg"
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _verdict_dict(verdict) -> dict:
+    if isinstance(verdict, dict):
+        return dict(verdict)
+    if hasattr(verdict, "to_dict"):
+        return verdict.to_dict()
+    raise AuditLogError(f"cannot log a {type(verdict).__name__}: expected a Verdict")
+
+
+class AuditLog:
+    """An append-only, hash-chained SQLite log of verifications.
+
+    Use it as a context manager::
+
+        with AuditLog("audit.db") as log:
+            record_id = log.append(verdict, photo=jpeg_bytes, auditor="A. Smith")
+            log.verify_chain()
+
+    One instance may be shared between threads (appends are serialised with a lock),
+    and several processes may append to the same file at once (each append is one
+    ``BEGIN IMMEDIATE`` transaction that reads the chain's head and extends it).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = True, device: str = "",
+                 timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.device = device
+        if not create and not self.path.is_file():
+            raise AuditLogError(f"{self.path}: no audit log here")
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise AuditLogError(f"{self.path}: cannot switch the log to WAL mode (got {mode})")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._init_schema()
+        except sqlite3.DatabaseError as exc:
+            raise AuditLogError(f"{self.path}: not a usable audit log: {exc}") from exc
+
+    # -- lifecycle -----------------------------------------------------------------
+    def _init_schema(self) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                had_records = self._db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone()
+                present = {r[0] for r in self._db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+                missing = sorted(set(_TRIGGERS) - present) if had_records else []
+                # statements one by one: executescript() would commit on its own
+                for statement in _split_sql(_SCHEMA):
+                    self._db.execute(statement)
+                meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+                if not meta:
+                    import uuid
+
+                    self._db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [
+                        ("format", LOG_FORMAT), ("version", str(LOG_VERSION)),
+                        ("log_id", uuid.uuid4().hex), ("created_utc", _utc_now()),
+                    ])
+                elif missing:
+                    # someone removed the append-only guards: put them back, and keep a
+                    # permanent note of it (inserting is the one thing the log allows)
+                    self._db.execute("INSERT INTO meta(key, value) VALUES (?, ?)",
+                                     (f"guards_restored:{_utc_now()}", ",".join(missing)))
+                if meta and meta.get("format") != LOG_FORMAT:
+                    raise AuditLogError(f"{self.path}: not an auditlens audit log")
+                if meta and meta.get("version") != str(LOG_VERSION):
+                    raise AuditLogError(f"{self.path}: audit log version {meta.get('version')}, "
+                                        f"this auditlens reads version {LOG_VERSION}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None  # type: ignore[assignment]
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def log_id(self) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'log_id'").fetchone()
+        return row[0] if row else ""
+
+    # -- writing -------------------------------------------------------------------
+    def append(self, verdict, *, photo: bytes, auditor: str, device: str | None = None) -> int:
+        """Write one verification; returns its record id once it is durably committed."""
+        if not isinstance(photo, (bytes, bytearray, memoryview)):
+            raise AuditLogError("the photo must be given as bytes")
+        photo = bytes(photo)
+        verdict_d = _verdict_dict(verdict)
+        try:
+            product_id = str(verdict_d["product_id"])
+            decision = str(verdict_d["decision"])
+            score = float(verdict_d["score"])
+            threshold = float(verdict_d["threshold"])
+            model_id = str(verdict_d.get("model_id", ""))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AuditLogError(f"the verdict lacks a field the log needs: {exc!r}") from exc
+        stored, mime = prepare_photo(photo)
+        verdict_json = json.dumps(verdict_d, sort_keys=True, separators=(",", ":"),
+                                  ensure_ascii=False, default=str)
+        fields = {
+            "created_utc": _utc_now(), "auditor": str(auditor or ""),
+            "device": str(self.device if device is None else device),
+            "product_id": product_id, "decision": decision, "score": score,
+            "threshold": threshold, "model_id": model_id,
+            "photo_sha256": hashlib.sha256(stored).hexdigest(),
+            "captured_sha256": hashlib.sha256(photo).hexdigest(),
+            "verdict_json": verdict_json,
+        }
+        with self._lock:
+            if self._db is None:
+                raise AuditLogError(f"{self.path}: the audit log is closed")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    head = self._db.execute(
+                        "SELECT id, record_hash FROM records ORDER BY id DESC LIMIT 1").fetchone()
+                    fields["id"] = (head[0] + 1) if head else 1
+                    fields["prev_hash"] = head[1] if head else GENESIS_HASH
+                    digest = record_hash(fields)
+                    self._db.execute(
+                        "INSERT INTO records (id, created_utc, auditor, device, product_id, decision,"
+                        " score, threshold, model_id, photo_sha256, captured_sha256, verdict_json,"
+                        " prev_hash, record_hash, photo_mime, photo)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (fields["id"], fields["created_utc"], fields["auditor"], fields["device"],
+                         product_id, decision, score, threshold, model_id, fields["photo_sha256"],
+                         fields["captured_sha256"], verdict_json, fields["prev_hash"], digest,
+                         mime, sqlite3.Binary(stored)))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise AuditLogError(f"{self.path}: could not write the audit record: {exc}") from exc
+        return int(fields["id"])
+
+    # -- reading -------------------------------------------------------------------
+    def __bool__(self) -> bool:  # an empty log is still an open log
+        return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+
+    def iter_records(self, *, newest_first: bool = False) -> Iterator[AuditRecord]:
+        order = "DESC" if newest_first else "ASC"
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_LIST_COLUMNS)} FROM records ORDER BY id {order}").fetchall()
+        for row in rows:
+            yield AuditRecord(*row)
+
+    def records(self, *, newest_first: bool = False, limit: int | None = None) -> list[AuditRecord]:
+        """The records (without photo bytes), oldest first unless ``newest_first``."""
+        out = []
+        for record in self.iter_records(newest_first=newest_first):
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(record)
+        return out
+
+    def record(self, record_id: int) -> AuditRecord:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(_LIST_COLUMNS)} FROM records WHERE id = ?",
+                                   (int(record_id),)).fetchone()
+        if row is None:
+            raise AuditLogError(f"{self.path}: no record {record_id}")
+        return AuditRecord(*row)
+
+    def photo(self, record_id: int) -> bytes:
+        """The stored photo of a record."""
+        with self._lock:
+            row = self._db.execute("SELECT photo FROM records WHERE id = ?",
+                                   (int(record_id),)).fetchone()
+        if row is None:
+            raise AuditLogError(f"{self.path}: no record {record_id}")
+        return bytes(row[0])
+
+    # -- checking ------------------------------------------------------------------
+    def verify_chain(self) -> ChainReport:
+        """Check the whole log; raise :class:`AuditChainError` naming the first record
+        that was edited, removed or reordered, or whose photo was swapped."""
+        with self._lock:
+            try:
+                check = self._db.execute("PRAGMA quick_check").fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise AuditLogError(f"{self.path}: the database is corrupted: {exc}") from exc
+            if [r[0] for r in check] != ["ok"]:
+                raise AuditLogError(f"{self.path}: the database is corrupted: "
+                                    + "; ".join(str(r[0]) for r in check[:5]))
+            triggers = {r[0] for r in self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+            cursor = self._db.execute(
+                f"SELECT {', '.join(_LIST_COLUMNS)}, photo FROM records ORDER BY id ASC")
+            expected_prev, expected_id, count = GENESIS_HASH, 1, 0
+            first = last = ""
+            for row in cursor:
+                record, blob = AuditRecord(*row[:-1]), row[-1]
+                rid = record.id
+                if rid != expected_id:
+                    missing = f"record {expected_id}" if rid == expected_id + 1 else \
+                        f"records {expected_id}..{rid - 1}"
+                    raise _chain_error(
+                        f"{self.path}: record {rid}: the chain is broken before it ({missing} "
+                        "removed); the log was edited outside auditlens", rid)
+                if record.prev_hash != expected_prev:
+                    raise _chain_error(
+                        f"{self.path}: record {rid}: its prev_hash does not match record "
+                        f"{rid - 1}; a record was edited, removed or reordered", rid)
+                try:
+                    recomputed = record_hash(record.hashed_fields())
+                except (TypeError, ValueError) as exc:
+                    raise _chain_error(f"{self.path}: record {rid}: unreadable fields ({exc})", rid) from exc
+                if recomputed != record.record_hash:
+                    raise _chain_error(
+                        f"{self.path}: record {rid}: its contents do not match its hash; the "
+                        "record was edited after it was written", rid)
+                if blob is None or hashlib.sha256(bytes(blob)).hexdigest() != record.photo_sha256:
+                    raise _chain_error(
+                        f"{self.path}: record {rid}: the stored photo does not match the photo's "
+                        "sha256; the photo was replaced after it was written", rid)
+                expected_prev, expected_id, count = record.record_hash, rid + 1, count + 1
+                first = first or record.created_utc
+                last = record.created_utc
+            restored = [k.split(":", 1)[1] for (k,) in self._db.execute(
+                "SELECT key FROM meta WHERE key LIKE 'guards_restored:%' ORDER BY key")]
+        intact = set(_TRIGGERS) <= triggers and not restored
+        warnings = tuple(
+            f"the append-only guards had been removed outside auditlens (found and restored "
+            f"at {when}); the records still verify, but the file was opened by hand"
+            for when in restored)
+        if not set(_TRIGGERS) <= triggers:
+            warnings += ("the append-only guards are missing: the file was opened by hand",)
+        return ChainReport(str(self.path), count, expected_prev, self.log_id, intact,
+                           first, last, warnings)
+
+    # -- export --------------------------------------------------------------------
+    def export_csv(self, path: str | os.PathLike) -> Path:
+        """One row per record (no photo bytes; the photo's sha256 identifies it)."""
+        def write(f):
+            writer = csv.writer(f)
+            writer.writerow(CSV_COLUMNS)
+            for r in self.iter_records():
+                row = r.to_dict(verdict=False)
+                row["reasons"] = " | ".join(r.reasons)
+                row["score"] = f"{r.score:.6f}"
+                row["threshold"] = f"{r.threshold:.6f}"
+                writer.writerow([row[c] for c in CSV_COLUMNS])
+        return _write_atomically(Path(path), write, newline="")
+
+    def export_json(self, path: str | os.PathLike, *, photos: bool = False) -> Path:
+        """The records with their verdicts (and the photos, base64, if ``photos``), plus
+        the chain's head hash, for upload."""
+        import base64
+
+        report = self.verify_chain()
+
+        def write(f):
+            f.write(f'{{"format": {json.dumps(LOG_FORMAT)}, "version": {LOG_VERSION}, '
+                    f'"log": {json.dumps(report.to_dict())}, "records": [\n')
+            for i, r in enumerate(self.iter_records()):
+                d = r.to_dict()
+                if photos:
+                    d["photo_base64"] = base64.b64encode(self.photo(r.id)).decode("ascii")
+                f.write(("" if i == 0 else ",\n") + json.dumps(d, ensure_ascii=False))
+            f.write("\n]}\n")
+        return _write_atomically(Path(path), write)
+
+
+def _chain_error(message: str, record_id: int) -> AuditChainError:
+    exc = AuditChainError(message)
+    exc.record_id = record_id  # type: ignore[attr-defined]
+    return exc
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split the schema into statements (triggers contain ``;`` inside BEGIN..END)."""
+    statements, current = [], []
+    for line in script.strip().splitlines():
+        current.append(line)
+        text = "\n".join(current).strip()
+        if text.endswith(";") and (not text.upper().startswith("CREATE TRIGGER")
+                                   or text.upper().endswith("END;")):
+            statements.append(text)
+            current = []
+    return statements
+
+
+def _write_atomically(path: Path, write, newline: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+# -- `auditlens verify-log` ---------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("log", type=Path, metavar="AUDIT.db", help="the audit log to check")
+    p.add_argument("--export-csv", type=Path, metavar="F", help="also write the records as CSV")
+    p.add_argument("--export-json", type=Path, metavar="F",
+                   help="also write the records and verdicts as JSON (with the chain's head hash)")
+    p.add_argument("--photos", action="store_true", help="include the photos (base64) in --export-json")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args) -> int:
+    with AuditLog(args.log, create=False) as log:
+        report = log.verify_chain()  # AuditChainError -> exit status 2 with the record named
+        if args.export_csv:
+            log.export_csv(args.export_csv)
+        if args.export_json:
+            log.export_json(args.export_json, photos=args.photos)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"{report.path}: OK, {report.records} records, hash chain intact")
+        print(f"  log id     {report.log_id}")
+        print(f"  head hash  {report.head_hash}")
+        if report.records:
+            print(f"  from {report.first_created_utc} to {report.last_created_utc}")
+        for w in report.warnings:
+            print(f"  warning: {w}")
+        for what, p in (("CSV", args.export_csv), ("JSON", args.export_json)):
+            if p:
+                print(f"  exported {what} to {p}")
+    return 0

@@ -1,0 +1,275 @@
+"""The field app, driven for real and headless: Kivy renders offscreen (SDL's offscreen
+video driver through Mesa, no display), a folder of photos plays the camera, and the
+test walks picker -> camera -> MATCH / NO MATCH / RETAKE -> history -> CSV export, then
+checks the verdicts against the engine, the audit records and the export."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from auditlens.device_app.app.camera import CameraUnavailable, FileCamera
+from auditlens.device_app.app.session import Session
+from auditlens.device_app.auditlog import AuditLog
+from auditlens.device_app.verifier import Verifier
+from PIL import Image
+
+from auditlens.cli import COMMANDS
+from auditlens.cli import main as cli_main
+
+
+def _load_shots():
+    """tests/make_screenshots.py, whether tests/ is a package or not."""
+    spec = importlib.util.spec_from_file_location("auditlens_make_screenshots",
+                                                  Path(__file__).with_name("make_screenshots.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+shots = _load_shots()
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_KIVY = importlib.util.find_spec("kivy") is not None
+MODEL = REPO / "models" / "encoder.tflite"
+
+needs_model = pytest.mark.skipif(not MODEL.is_file(), reason="no shipped model yet")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A bundle from the shipped sample catalogue (or a generated one) and a camera
+    folder: a photo of product A, a photo of another product, a too-dark photo of A."""
+    if not MODEL.is_file():
+        pytest.skip("no shipped model (models/encoder.tflite)")
+    root = tmp_path_factory.mktemp("demo")
+    plan = shots.make_demo(root, MODEL)  # the model is copied into root
+    return root, plan
+
+
+# -- engine-side pieces, no Kivy -------------------------------------------------------
+def test_cli_has_app_and_verify_log():
+    assert COMMANDS["app"][1] == ("auditlens.device_app.app.main", "add_arguments", "run")
+    assert COMMANDS["verify-log"][1] == ("auditlens.device_app.auditlog", "add_arguments", "run")
+
+
+def test_app_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["app", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--camera-dir" in out and "--bundle" in out and "--log" in out
+
+
+def test_engine_side_imports_no_kivy_or_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; import auditlens.device_app.auditlog, auditlens.device_app.app.session, "
+            "auditlens.device_app.app.camera, auditlens.device_app.app.main; "
+            "bad = [m for m in ('kivy', 'tensorflow', 'keras') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_file_camera(tmp_path):
+    with pytest.raises(CameraUnavailable):
+        FileCamera(tmp_path / "missing")
+    with pytest.raises(CameraUnavailable):
+        FileCamera(tmp_path)
+    for name, colour in (("b.jpg", (0, 0, 255)), ("a.png", (255, 0, 0)), ("notes.txt", None)):
+        if colour is None:
+            (tmp_path / name).write_text("not a photo")
+        else:
+            Image.new("RGB", (80, 60), colour).save(tmp_path / name)
+    cam = FileCamera(tmp_path)
+    assert [p.name for p in cam.files] == ["a.png", "b.jpg"]
+    assert cam.frame().getpixel((1, 1)) == (255, 0, 0)
+    cam.step()
+    assert cam.current.name == "b.jpg" and cam.capture() == (tmp_path / "b.jpg").read_bytes()
+    cam.step()
+    assert cam.current.name == "a.png"
+    cam.select("b")
+    assert cam.current.name == "b.jpg"
+
+
+def test_session_search_verify_and_log(demo, tmp_path):
+    root, plan = demo
+    session = Session(Path(plan["bundle"]), tmp_path / "audit.db", auditor="Sam", device="t")
+    bundle = session.load()
+    try:
+        hits, total = session.search("")
+        assert total == len(bundle.products)
+        hits, total = session.search("MILK")
+        assert hits and all("milk" in (p.name + p.product_id + p.group).lower() for p in hits)
+        first = bundle.products[0]
+        assert session.search(first.product_id)[0][0].product_id == first.product_id
+        assert session.search("zzz-nothing")[1] == 0
+        assert session.product_for_code(first.product_id).product_id == first.product_id
+        assert session.product_for_code("no-such-code") is None
+
+        camera = Path(plan["camera_dir"])
+        photo = (camera / plan["match_photo"]).read_bytes()
+        outcome = session.verify(photo, plan["product"])
+        assert outcome.verdict.decision == "match" and outcome.record_id == 1
+        broken = session.verify(b"\xff\xd8 not really a jpeg", plan["product"])
+        assert broken.verdict is None and broken.error and broken.record_id is None
+        (record,) = session.history()
+        assert record.captured_sha256 == hashlib.sha256(photo).hexdigest()
+        assert record.auditor == "Sam" and record.device == "t"
+        assert session.check_log().records == 1
+        path = session.export("csv", tmp_path)
+        assert path.suffix == ".csv" and path.read_text().count("\n") == 2
+    finally:
+        session.close()
+
+
+# -- the real app, headless --------------------------------------------------------------
+needs_kivy = pytest.mark.skipif(not HAVE_KIVY, reason="Kivy is not installed (pip install auditlens[app])")
+
+
+@needs_kivy
+@pytest.mark.parametrize("size", ["720x1280", "1280x800"])
+def test_app_end_to_end(demo, tmp_path, size):
+    root, plan = demo
+    log_path = tmp_path / "audit.db"
+    out = tmp_path / "run"
+    result = shots.run_app_headless(root / "plan.json", log_path, out, size, auditor="Test Auditor")
+    assert not result["errors"], result["errors"][0] + result["stderr_tail"]
+
+    # every screen was reached, and its screenshot is a real, non-blank picture of the window
+    w, h = (int(v) for v in size.split("x"))
+    expected = {"1-picker": "picker", "1b-picker-search": "picker", "2-camera": "camera",
+                "3-match": "verdict", "4-no-match": "verdict", "5-retake": "verdict",
+                "6-history": "history"}
+    assert {k: v["screen"] for k, v in result["screens"].items()} == expected
+    for info in result["screens"].values():
+        im = Image.open(info["file"])
+        assert im.size == (w, h)
+        assert np.asarray(im.convert("L")).std() > 20  # text and pictures, not an empty frame
+
+    verifier = Verifier(plan["bundle"])
+    # search narrowed the list to the products that match the query
+    products = {p.product_id: p for p in verifier.bundle.products}
+    assert 0 < len(result["search"]) < len(products)
+    for pid in result["search"]:
+        p = products[pid]
+        assert "milk" in f"{p.product_id} {p.name} {p.group} {p.code}".lower()
+
+    # the verdicts: the same as the engine gives for the same photos
+    match, no_match, retake = result["verdicts"]
+    assert (match["decision"], no_match["decision"], retake["decision"]) == ("match", "no_match", "retake")
+    assert no_match["suggestions"], "a NO MATCH lists look-alikes"
+    assert plan["product"] not in no_match["suggestions"]
+    assert any("dark" in r for r in retake["reasons"])
+    camera = Path(plan["camera_dir"])
+    for v in (match, no_match, retake):
+        expect = verifier.verify((camera / v["photo"]).read_bytes(), plan["product"])
+        assert v["decision"] == expect.decision
+        assert v["score"] == pytest.approx(expect.score, abs=1e-5)
+
+    # the audit log: one record per capture, with the photo, its hash, who, what, when
+    with AuditLog(log_path, create=False) as log:
+        report = log.verify_chain()
+        records = log.records()
+        stored = {r.id: log.photo(r.id) for r in records}
+    assert report.records == 3 and report.triggers_intact
+    for v, r in zip((match, no_match, retake), records):
+        photo = (camera / v["photo"]).read_bytes()
+        assert r.id == v["record_id"]
+        assert (r.product_id, r.decision) == (plan["product"], v["decision"])
+        assert r.score == pytest.approx(v["score"]) and r.threshold == pytest.approx(plan["threshold"])
+        assert r.captured_sha256 == hashlib.sha256(photo).hexdigest() == r.photo_sha256
+        assert stored[r.id] == photo
+        assert r.auditor == "Test Auditor" and r.device == "test-device"
+        assert r.model_id == verifier.bundle.model_id
+        assert r.verdict["decision"] == v["decision"]
+
+    # the CSV the History screen exported
+    rows = list(csv.DictReader(open(result["export_csv"], newline="", encoding="utf-8")))
+    assert [int(r["id"]) for r in rows] == [1, 2, 3]
+    assert [r["decision"] for r in rows] == ["match", "no_match", "retake"]
+    assert all(r["product_id"] == plan["product"] for r in rows)
+    assert rows[-1]["record_hash"] == report.head_hash
+    assert result["history_rows"] == 3 and "intact" in result["chain_label"]
+
+
+@needs_kivy
+def test_app_refuses_a_tampered_bundle(demo, tmp_path):
+    root, plan = demo
+    bad = tmp_path / "bundle"
+    shutil.copytree(plan["bundle"], bad)
+    refs = bad / "references.npy"
+    data = bytearray(refs.read_bytes())
+    data[-3] ^= 0xFF  # one flipped byte in the latents
+    refs.write_bytes(bytes(data))
+    bad_plan = dict(plan, bundle=str(bad), expect_refusal=True)
+    (tmp_path / "plan.json").write_text(json.dumps(bad_plan))
+    result = shots.run_app_headless(tmp_path / "plan.json", tmp_path / "audit.db", tmp_path / "run",
+                                    "720x1280")
+    assert not result["errors"], result["errors"]
+    assert result["screens"]["0-refused"]["screen"] == "refusal"
+    assert result["load_error"].startswith("BundleIntegrityError")
+    assert "integrity" in result["refusal_title"]
+    assert not (tmp_path / "audit.db").exists(), "nothing is logged with a refused bundle"
+
+
+def test_darkened_photo_is_dark():
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 200, 200)).save(out, "JPEG")
+    dark = Image.open(io.BytesIO(shots.darken(out.getvalue())))
+    assert np.asarray(dark).mean() < 40
+
+
+@needs_kivy
+def test_app_without_a_camera_degrades(demo, tmp_path):
+    """No --camera-dir and no usable webcam: a 'No camera' panel, capture disabled, no crash."""
+    root, plan = demo
+    (tmp_path / "plan.json").write_text(json.dumps(dict(plan, mode="no_camera")))
+    result = shots.run_app_headless(tmp_path / "plan.json", tmp_path / "audit.db", tmp_path / "run",
+                                    "720x1280")
+    assert not result["errors"], result["errors"]
+    info = result["no_camera"]
+    if info["camera"] != "None":
+        pytest.skip("a camera is attached to this machine")
+    assert info["screen"] == "camera" and info["capture_disabled"] and info["capture_returned"] is False
+
+
+FAKE_ZXING = """
+import os
+
+class _Result:
+    def __init__(self, text):
+        self.text = text
+
+def read_barcodes(image):
+    assert image.ndim == 3 and image.shape[2] == 3
+    return [_Result(os.environ["AUDITLENS_FAKE_CODE"])]
+"""
+
+
+@needs_kivy
+def test_scanning_a_code_selects_the_product(demo, tmp_path):
+    """The scan path end to end, with a stand-in for zxing-cpp that 'reads' a fixed code
+    from every frame (the real decoder is optional and not installed here)."""
+    root, plan = demo
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "zxingcpp.py").write_text(FAKE_ZXING)
+    (tmp_path / "plan.json").write_text(json.dumps(dict(plan, mode="scan")))
+    result = shots.run_app_headless(
+        tmp_path / "plan.json", tmp_path / "audit.db", tmp_path / "run", "720x1280",
+        extra_env={"PYTHONPATH": str(fake), "AUDITLENS_FAKE_CODE": plan["product"]})
+    assert not result["errors"], result["errors"]
+    assert result["scan_button_enabled"]
+    assert result["scan"]["product_id"] == plan["product"]
+    assert result["scan"]["screen"] == "camera" and not result["scan"]["scanning"]
+    assert result["scan"]["hint"].startswith("Scanned")
