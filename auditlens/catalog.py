@@ -127,7 +127,7 @@ def _read_folder(folder: Path) -> Catalog:
 
 def _read_csv(path: Path) -> Catalog:
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's BOM
             reader = csv.DictReader(fh)
             missing = {"product_id", "image"} - set(reader.fieldnames or ())
             if missing:
@@ -136,6 +136,8 @@ def _read_csv(path: Path) -> Catalog:
             rows = list(reader)
     except UnicodeDecodeError as exc:
         raise CatalogError(f"{path}: not UTF-8 text ({exc}); save the CSV as UTF-8") from exc
+    except (OSError, csv.Error) as exc:
+        raise CatalogError(f"{path}: cannot read the catalogue CSV: {exc}") from exc
     products = []
     for line, row in enumerate(rows, start=2):
         pid = (row.get("product_id") or "").strip()
@@ -242,13 +244,13 @@ def read_labelled_photos(path: str | Path) -> list[LabelledPhoto]:
     """Read a ``photo,product_id`` CSV; relative photo paths are resolved against its folder."""
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             missing = {"photo", "product_id"} - set(reader.fieldnames or ())
             if missing:
                 raise CatalogError(f"{path}: missing column(s) {', '.join(sorted(missing))}; expected photo,product_id")
             rows = list(reader)
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CatalogError(f"{path}: cannot read labelled photos: {exc}") from exc
     out = []
     for line, row in enumerate(rows, start=2):

@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -36,6 +37,7 @@ from auditlens.device_app.preprocess import PreprocessSpec
 from PIL import Image
 
 from auditlens.errors import (
+    BundleError,
     BundleFormatError,
     BundleIntegrityError,
     BundleSignatureError,
@@ -55,6 +57,10 @@ PRODUCTS_FILE = "products.json"
 
 MAX_BUNDLE_BYTES = 2 * 1024**3
 """Upper bound on what a bundle may unpack to (zip-bomb guard)."""
+
+MAX_COMPRESSION_RATIO = 100
+"""A zip member above 1 MiB that inflates more than this many times is refused (zip bomb);
+real bundle files (model, float16 latents, JSON, JPEGs) compress far less."""
 
 _SAFE_NAME = re.compile(r"^(model\.tflite|references\.npy|products\.json|thumbs/[0-9]{4,9}\.(jpg|png))$")
 
@@ -123,6 +129,8 @@ class _FolderSource:
         if self.real_root not in resolved.parents:
             raise BundleFormatError(f"{self.root}: {name} points outside the bundle")
         try:
+            if path.is_file() and path.stat().st_size > MAX_BUNDLE_BYTES:
+                raise BundleFormatError(f"{self.root}: {name} is larger than a bundle may be")
             return path.read_bytes()
         except FileNotFoundError:
             raise BundleFormatError(f"{self.root}: the bundle has no {name}") from None
@@ -131,6 +139,9 @@ class _FolderSource:
 
     def exists(self, name: str) -> bool:
         return (self.root / name).exists()
+
+    def close(self) -> None:
+        pass
 
 
 class _ZipSource:
@@ -151,20 +162,32 @@ class _ZipSource:
                 raise BundleFormatError(f"{path}: member {name!r} points outside the bundle")
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
                 raise BundleFormatError(f"{path}: member {name!r} is a symlink")
+            if info.file_size > 2**20 and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+                raise BundleFormatError(
+                    f"{path}: member {name!r} inflates {info.compress_size:,} bytes to "
+                    f"{info.file_size:,} (more than {MAX_COMPRESSION_RATIO}x): refused as a zip bomb"
+                )
             self.members[name] = info
 
     def read(self, name: str) -> bytes:
         info = self.members.get(name)
         if info is None:
             raise BundleFormatError(f"{self.path}: the bundle has no {name}")
-        with self.zip.open(info) as fh:
-            data = fh.read(info.file_size + 1)
+        try:
+            with self.zip.open(info) as fh:
+                data = fh.read(info.file_size + 1)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError,
+                NotImplementedError, RuntimeError) as exc:  # CRC, bad header, encrypted, ...
+            raise BundleIntegrityError(f"{self.path}: {name} is corrupt in the zip: {exc}") from exc
         if len(data) != info.file_size:
             raise BundleFormatError(f"{self.path}: {name} does not unpack to its declared size")
         return data
 
     def exists(self, name: str) -> bool:
         return name in self.members
+
+    def close(self) -> None:
+        self.zip.close()
 
 
 @dataclass
@@ -237,7 +260,14 @@ class ReferenceBundle:
             source = _ZipSource(path)
         else:
             raise BundleFormatError(f"{path}: no bundle here (expected a folder or a .zip)")
+        try:  # closed on errors too: a BundleError's traceback would keep the zip open
+            return cls._load(path, source, public_key)
+        finally:
+            source.close()
 
+    @classmethod
+    def _load(cls, path: Path, source: _FolderSource | _ZipSource,
+              public_key: bytes | str | None) -> ReferenceBundle:
         raw_manifest = source.read(MANIFEST)
         try:
             manifest = json.loads(raw_manifest)
@@ -292,15 +322,18 @@ class ReferenceBundle:
                     f"{manifest['references_model_id']}, but the bundle carries model {model['id']}; "
                     "re-enrol the catalogue with this model"
                 )
-            references = np.load(io.BytesIO(contents[REFERENCES_FILE]), allow_pickle=False)
+            references = _load_npy(contents[REFERENCES_FILE], path)
             products = [ProductRecord.from_dict(d) for d in json.loads(contents[PRODUCTS_FILE])]
             PreprocessSpec.from_dict(manifest["preprocess"])
             float(manifest["decision"]["threshold"])
         except ModelMismatchError:
             raise
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, EOFError, OSError,
+                json.JSONDecodeError) as exc:
             raise BundleFormatError(f"{path}: malformed bundle contents: {exc!r}") from exc
 
+        if references.dtype.kind not in "fiu":
+            raise BundleFormatError(f"{path}: references.npy holds {references.dtype}, not numbers")
         if references.ndim != 2 or references.shape[1] != manifest.get("latent_dim"):
             raise BundleFormatError(f"{path}: references.npy has shape {references.shape}, "
                                     f"expected (R, {manifest.get('latent_dim')})")
@@ -319,6 +352,13 @@ class ReferenceBundle:
         thumbs = {n: d for n, d in contents.items() if n.startswith("thumbs/")}
         return cls(path, manifest, contents[MODEL_FILE], products,
                    references.astype(np.float32), owner, thumbs, signed_by)
+
+
+def _load_npy(data: bytes, path: Path) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # numpy raises many types (ValueError, EOFError, SyntaxError, ...)
+        raise BundleFormatError(f"{path}: references.npy is not a readable array: {exc!r}") from exc
 
 
 # -- writing ------------------------------------------------------------------------
@@ -381,6 +421,14 @@ def write_bundle(
 
         files[SIGNATURE] = sign_manifest(files[MANIFEST], signing_key)
 
+    try:
+        _write_files(out, files)
+    except OSError as exc:  # disk full, file too large, read-only, ...: nothing was replaced
+        raise BundleError(f"{out}: cannot write the bundle: {exc}") from exc
+    return out
+
+
+def _write_files(out: Path, files: dict[str, bytes]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -399,12 +447,15 @@ def write_bundle(
         if out.is_dir() and not out.is_symlink():
             old = tmp / "old"
             os.replace(out, old)
-            os.replace(staged, out)
+            try:
+                os.replace(staged, out)
+            except BaseException:
+                os.replace(old, out)  # never delete the installed bundle with tmp below
+                raise
         else:
             os.replace(staged, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _fsync_tree(path: Path) -> None:

@@ -95,9 +95,31 @@ def load_image(
                 f"{name}: not a readable image (expected JPEG, PNG, WebP, BMP, GIF or TIFF)"
             ) from exc
         except OSError as exc:
+            if "truncat" in str(exc).lower():  # the file ends inside its header
+                raise TruncatedImageError(
+                    f"{name}: the file ends inside the image header ({exc}); copy or upload "
+                    "the photo again"
+                ) from exc
             raise UnreadableImageError(f"{name}: cannot read image: {exc}") from exc
-        if image.format not in ACCEPTED_FORMATS:
-            raise UnreadableImageError(f"{name}: image format {image.format} is not supported")
+
+    # close what we opened, on errors too: an ImageError's traceback would otherwise keep
+    # the file open for as long as the error lives (one descriptor per bad original)
+    opened = None if isinstance(source, Image.Image) else image
+    try:
+        result = _decode(image, name, max_pixels, draft, check_format=opened is not None)
+    except BaseException:
+        if opened is not None:
+            opened.close()
+        raise
+    if opened is not None and result is not opened:
+        opened.close()
+    return result
+
+
+def _decode(image: Image.Image, name: str, max_pixels: int, draft: tuple[int, int] | None,
+            check_format: bool) -> Image.Image:
+    if check_format and image.format not in ACCEPTED_FORMATS:
+        raise UnreadableImageError(f"{name}: image format {image.format} is not supported")
 
     width, height = image.size
     if width * height > max_pixels:

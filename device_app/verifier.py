@@ -24,7 +24,7 @@ from auditlens.device_app.preprocess import to_model_input
 from auditlens.device_app.quality import Quality, QualityThresholds, assess
 from PIL import Image
 
-from auditlens.errors import ModelMismatchError
+from auditlens.errors import ImageTooLargeError, ModelMismatchError, UnreadableImageError
 
 MATCH, NO_MATCH, RETAKE = "match", "no_match", "retake"
 
@@ -50,6 +50,8 @@ class VerifierOptions:
     """A photo whose 64-bit dHash is within this many bits of the original's copies it."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Refuse photos larger than this (decompression-bomb guard)."""
+    max_file_bytes: int = 100 * 1024**2
+    """Refuse photo files larger than this before reading them (100 MiB)."""
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,41 @@ class Verdict:
 
 @dataclass
 class Capture:
-    """A decoded photo, ready to score."""
+    """A decoded photo, ready to score; everything derived from its pixels is computed
+    once, so scoring it against many products costs one decode and one inference."""
 
-    image: Image.Image
     model_input: np.ndarray
     sha256: str
+    quality: Quality
+    dhash: str
+    image: Image.Image | None = None
+    """The upright RGB photo (None when the caller asked not to keep it)."""
+    latent: np.ndarray | None = None
+    """Memoised unit latent, filled by :meth:`Verifier.embed`."""
+
+    def release_pixels(self) -> None:
+        """Forget the pixels once the latent is known; quality, dHash and latent stay."""
+        if self.latent is None:
+            raise ValueError("embed the capture before releasing its pixels")
+        self.image = None
+        self.model_input = None  # type: ignore[assignment]
+
+
+def _read_photo_file(path: Path, max_bytes: int) -> bytes:
+    """Read a photo file, refusing missing, empty and oversized files before reading."""
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise UnreadableImageError(f"{path}: not a regular file")
+        if size == 0:
+            raise UnreadableImageError(f"{path}: the file is empty (0 bytes)")
+        if size > max_bytes:
+            raise ImageTooLargeError(f"{path}: {size:,} bytes is more than the {max_bytes:,} a photo may have")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UnreadableImageError(f"{path}: no such image file") from None
+    except OSError as exc:
+        raise UnreadableImageError(f"{path}: cannot read the file: {exc}") from exc
 
 
 def dhash(image: Image.Image) -> str:
@@ -172,8 +204,12 @@ class Verifier:
             )
 
     # -- capture --------------------------------------------------------------------
-    def prepare(self, photo: ImageSource | np.ndarray) -> Capture:
-        """Decode a photo (path, bytes, file, PIL image or RGB array) for scoring."""
+    def prepare(self, photo: ImageSource | np.ndarray, *, keep_image: bool = True) -> Capture:
+        """Decode a photo (path, bytes, file, PIL image or RGB array) for scoring.
+
+        ``keep_image=False`` drops the decoded pixels once the model input, quality and
+        dHash are computed (batch scoring keeps thousands of captures).
+        """
         if isinstance(photo, np.ndarray):
             photo = Image.fromarray(np.ascontiguousarray(photo[..., :3]).astype(np.uint8), "RGB")
         if isinstance(photo, Image.Image):
@@ -181,22 +217,23 @@ class Verifier:
             digest = hashlib.sha256(image.tobytes()).hexdigest()
         else:
             if isinstance(photo, (str, os.PathLike)):
-                data = Path(photo).read_bytes() if Path(photo).is_file() else None
-                source = io.BytesIO(data) if data else photo
-            elif isinstance(photo, (bytes, bytearray)):
-                data = bytes(photo)
+                data = _read_photo_file(Path(photo), self.options.max_file_bytes)
                 source = io.BytesIO(data)
-            else:
-                data = photo.read()
-                source = io.BytesIO(data)
-            if data is not None and isinstance(photo, (str, os.PathLike)):
                 source.name = str(photo)  # errors name the file
+            else:
+                data = bytes(photo) if isinstance(photo, (bytes, bytearray)) else photo.read()
+                source = io.BytesIO(data)
             image = load_image(source, max_pixels=self.options.max_pixels, draft=self.spec.draft_size)
-            digest = hashlib.sha256(data).hexdigest() if data else ""
-        return Capture(image, to_model_input(image, self.spec), digest)
+            digest = hashlib.sha256(data).hexdigest()
+        return Capture(to_model_input(image, self.spec), digest,
+                       assess(image, self.options.quality), dhash(image),
+                       image if keep_image else None)
 
     def embed(self, capture: Capture) -> np.ndarray:
-        return self.encoder.embed(capture.model_input)[0]
+        """The capture's unit latent (computed once per capture)."""
+        if capture.latent is None:
+            capture.latent = self.encoder.embed(capture.model_input)[0]
+        return capture.latent
 
     # -- scoring --------------------------------------------------------------------
     def product_scores(self, latent: np.ndarray) -> np.ndarray:
@@ -232,8 +269,8 @@ class Verifier:
         latent = self.embed(capture)
         score = self.score(latent, product_id)
         reasons: list[str] = []
-        quality = assess(capture.image, self.options.quality)
-        near_duplicate = bool(record.dhash) and hamming(dhash(capture.image), record.dhash) <= self.options.near_duplicate_bits
+        quality = capture.quality
+        near_duplicate = bool(record.dhash) and hamming(capture.dhash, record.dhash) <= self.options.near_duplicate_bits
 
         if near_duplicate:
             decision = RETAKE

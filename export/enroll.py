@@ -147,10 +147,10 @@ def enroll(
             inputs.append(extra)
         records.append(ProductRecord(product.product_id, product.name, product.group, product.kind,
                                      product.code, tuple(rows), item.dhash))
-    batch = np.stack(inputs)
+    # stacked one batch at a time: a whole-catalogue np.stack would double peak memory
     latents = np.concatenate([
-        encoder.embed(batch[i:i + options.batch_size], batch_size=options.batch_size)
-        for i in tqdm(range(0, len(batch), options.batch_size), desc="embedding", unit="batch",
+        encoder.embed(np.stack(inputs[i:i + options.batch_size]), batch_size=options.batch_size)
+        for i in tqdm(range(0, len(inputs), options.batch_size), desc="embedding", unit="batch",
                       disable=not options.progress)
     ])
 

@@ -1,0 +1,241 @@
+"""Ed25519 signatures of reference bundles.
+
+A publisher signs ``manifest.json`` (which holds the sha256 of every other file of the
+bundle) with its private key; the signature is stored beside it as ``manifest.sig`` (the
+raw 64 signature bytes). A device configured with the publisher's public key then refuses
+unsigned bundles and bundles signed by anyone else, so nobody can swap in references that
+make fake audits pass.
+
+The ``cryptography`` package (``pip install auditlens[sign]``) is imported only when a key
+is actually used: a device with no key configured never needs it.
+
+Keys:
+
+* private: PEM (PKCS#8, unencrypted, as written by ``auditlens keygen``), or the raw 32
+  byte seed, or those 32 bytes as 64 hex digits;
+* public: PEM (SubjectPublicKeyInfo), the raw 32 bytes, or 64 hex digits.
+
+The *fingerprint* of a public key is ``ed25519:`` followed by the first 16 hex digits of
+the sha256 of its raw 32 bytes; :func:`verify_manifest_signature` returns it so that
+``auditlens info`` can say who signed a bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import binascii
+import hashlib
+import os
+from pathlib import Path
+
+from auditlens.errors import AuditlensError, BundleSignatureError
+
+PRIVATE_KEY_FILE = "publisher.key"
+PUBLIC_KEY_FILE = "publisher.pub"
+SIGNATURE_SIZE = 64
+KEY_SIZE = 32
+
+
+class KeyFileError(AuditlensError):
+    """A key could not be written (exists already, or the folder is not writable)."""
+
+
+def _crypto():
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise BundleSignatureError(
+            "bundle signatures need the `cryptography` package: pip install 'auditlens[sign]' "
+            f"({exc})"
+        ) from exc
+    return ed25519, serialization, InvalidSignature
+
+
+def _as_bytes(key: bytes | bytearray | str | os.PathLike) -> bytes:
+    if isinstance(key, os.PathLike):
+        try:
+            return Path(key).read_bytes()
+        except OSError as exc:
+            raise BundleSignatureError(f"{key}: cannot read the key file: {exc}") from exc
+    if isinstance(key, str):
+        return key.encode("utf-8", "surrogateescape")
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        return bytes(key)
+    raise BundleSignatureError(f"a key must be bytes or text, not {type(key).__name__}")
+
+
+def _hex32(data: bytes) -> bytes | None:
+    text = data.strip()
+    if len(text) != 2 * KEY_SIZE:
+        return None
+    try:
+        return binascii.unhexlify(text)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _raw_public(public_key) -> bytes:
+    _, serialization, _ = _crypto()
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def fingerprint(public_key: bytes | str) -> str:
+    """``ed25519:`` + the first 16 hex digits of the sha256 of the raw public key."""
+    raw = _raw_public(load_public_key(public_key))
+    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_private_key(private_key: bytes | str | os.PathLike):
+    """An ``Ed25519PrivateKey`` from PEM, raw 32 bytes or 64 hex digits."""
+    ed25519, serialization, _ = _crypto()
+    data = _as_bytes(private_key)
+    if b"-----BEGIN" in data:
+        if b"PUBLIC KEY" in data and b"PRIVATE KEY" not in data:
+            raise BundleSignatureError("this is a public key; signing needs the private key "
+                                       f"({PRIVATE_KEY_FILE} from `auditlens keygen`)")
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except TypeError as exc:  # encrypted PEM
+            raise BundleSignatureError(f"the private key is password-protected, which auditlens "
+                                       f"does not support: {exc}") from exc
+        except (ValueError, binascii.Error) as exc:
+            raise BundleSignatureError(f"the private key is not a readable PEM key: {exc}") from exc
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise BundleSignatureError(f"the private key is a {type(key).__name__}, not an Ed25519 "
+                                       "key; make one with `auditlens keygen`")
+        return key
+    raw = data if len(data) == KEY_SIZE else _hex32(data)
+    if raw is None:
+        raise BundleSignatureError(
+            f"the private key is neither PEM, 32 raw bytes nor 64 hex digits ({len(data)} bytes)"
+        )
+    return ed25519.Ed25519PrivateKey.from_private_bytes(raw)
+
+
+def load_public_key(public_key: bytes | str | os.PathLike):
+    """An ``Ed25519PublicKey`` from PEM, raw 32 bytes or 64 hex digits."""
+    ed25519, serialization, _ = _crypto()
+    data = _as_bytes(public_key)
+    if b"-----BEGIN" in data:
+        if b"PRIVATE KEY" in data:
+            raise BundleSignatureError("this is a private key; configure the device with the "
+                                       f"public key ({PUBLIC_KEY_FILE}) and keep the private one "
+                                       "with the publisher")
+        try:
+            key = serialization.load_pem_public_key(data)
+        except (ValueError, binascii.Error) as exc:
+            raise BundleSignatureError(f"the public key is not a readable PEM key: {exc}") from exc
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            raise BundleSignatureError(f"the public key is a {type(key).__name__}, not an Ed25519 key")
+        return key
+    raw = data if len(data) == KEY_SIZE else _hex32(data)
+    if raw is None:
+        raise BundleSignatureError(
+            f"the public key is neither PEM, 32 raw bytes nor 64 hex digits ({len(data)} bytes)"
+        )
+    try:
+        return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise BundleSignatureError(f"not a valid Ed25519 public key: {exc}") from exc
+
+
+def sign_manifest(manifest_bytes: bytes, private_key: bytes | str | os.PathLike) -> bytes:
+    """The 64-byte Ed25519 signature of ``manifest_bytes``."""
+    return load_private_key(private_key).sign(bytes(manifest_bytes))
+
+
+def verify_manifest_signature(
+    manifest_bytes: bytes,
+    signature: bytes | None,
+    public_key: bytes | str | os.PathLike,
+    *,
+    where: str = "bundle",
+) -> str:
+    """Check ``signature`` of ``manifest_bytes`` with ``public_key``; return the key's
+    fingerprint, or raise :class:`BundleSignatureError`."""
+    _, _, InvalidSignature = _crypto()
+    key = load_public_key(public_key)
+    if signature is None or len(signature) == 0:
+        raise BundleSignatureError(f"{where}: the bundle is not signed, and this device only "
+                                   "accepts bundles signed by its publisher")
+    signature = bytes(signature)
+    if len(signature) != SIGNATURE_SIZE:
+        raise BundleSignatureError(f"{where}: manifest.sig holds {len(signature)} bytes, not a "
+                                   f"{SIGNATURE_SIZE}-byte Ed25519 signature")
+    try:
+        key.verify(signature, bytes(manifest_bytes))
+    except InvalidSignature:
+        raise BundleSignatureError(
+            f"{where}: the signature does not verify with the configured publisher key "
+            f"{fingerprint(public_key)}: the bundle was signed by someone else or changed after "
+            "signing; do not use it, reinstall it from the publisher"
+        ) from None
+    return "ed25519:" + hashlib.sha256(_raw_public(key)).hexdigest()[:16]
+
+
+def generate_keypair(directory: str | os.PathLike, *, force: bool = False) -> tuple[Path, Path]:
+    """Write a new Ed25519 key pair into ``directory``: ``publisher.key`` (PKCS#8 PEM,
+    mode 0600) and ``publisher.pub`` (SubjectPublicKeyInfo PEM). Existing keys are kept
+    unless ``force``. Returns (private path, public path)."""
+    ed25519, serialization, _ = _crypto()
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeyFileError(f"{directory}: cannot create the key folder: {exc}") from exc
+    private_path, public_path = directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
+    if not force:
+        for p in (private_path, public_path):
+            if p.exists() or p.is_symlink():
+                raise KeyFileError(f"{p} exists already; keep it, or pass --force to replace the "
+                                   "key pair (bundles signed with the old key will then be refused)")
+    key = ed25519.Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    _write_private(private_path, private_pem)
+    _write_atomic(public_path, public_pem, 0o644)
+    return private_path, public_path
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.fchmod(fd, mode)  # whatever the umask
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise KeyFileError(f"{path}: cannot write the key: {exc}") from exc
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # created 0600 from the first byte on: the key is never readable by others
+    _write_atomic(path, data, 0o600)
+
+
+# -- `auditlens keygen` ------------------------------------------------------------------
+def add_keygen_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", "-o", type=Path, required=True,
+                   help=f"folder for {PRIVATE_KEY_FILE} (private, mode 0600) and {PUBLIC_KEY_FILE}")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+
+
+def run_keygen(args) -> int:
+    private_path, public_path = generate_keypair(args.out, force=args.force)
+    print(f"private key  {private_path}  (mode 0600: keep it with the publisher; sign with "
+          f"`auditlens enroll --sign-key {private_path}`)")
+    print(f"public key   {public_path}  ({fingerprint(public_path.read_bytes())}; install it on "
+          f"devices: `auditlens verify --public-key {public_path}`)")
+    return 0

@@ -1,0 +1,231 @@
+"""Hostile and broken images: each gives its specific ImageError or loads correctly, none
+crashes the CLI (exit 2 with a one-line message, no traceback), none hangs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from auditlens.device_app.imaging import load_image
+from PIL import Image
+
+import auditlens.errors as errors
+from auditlens.cli import main
+
+from .corpus import OK, build_corpus, encode, exif_jpeg, png_header_only, quadrants, time_limit
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+CORPUS = build_corpus()
+IDS = [c[1] for c in CORPUS]
+
+CLI_CORPUS = CORPUS
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for _, name, data, _ in CORPUS:
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.mark.parametrize("case,name,data,expected", CORPUS, ids=IDS)
+@pytest.mark.parametrize("as_path", [False, True], ids=["bytes", "path"])
+def test_corpus_load_image(case, name, data, expected, as_path, corpus_dir):
+    source = corpus_dir / name if as_path else data
+    with time_limit(10, case):
+        if expected == OK:
+            image = load_image(source)
+            assert image.mode == "RGB" and min(image.size) >= 16
+        else:
+            with pytest.raises(getattr(errors, expected)) as info:
+                load_image(source)
+            message = str(info.value)
+            assert len(message) > 20
+            if as_path:
+                assert name in message  # the message names the file
+
+
+def test_truncated_and_bomb_messages_say_what_to_do():
+    by_name = {c[1]: c[2] for c in CORPUS}
+    with pytest.raises(errors.TruncatedImageError, match="copy or upload the photo again"):
+        load_image(by_name["truncated.jpg"])
+    with pytest.raises(errors.ImageTooLargeError, match="12000x12000 pixels is more than"):
+        load_image(by_name["bomb12k.png"])
+
+
+def test_bomb_refused_before_decoding():
+    """A 20000x20000 header must be refused from its header: no 1.2 GB allocation, fast."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with time_limit(5, "bomb"):
+        for side in (20000, 12000, 65535):
+            with pytest.raises(errors.ImageTooLargeError):
+                load_image(png_header_only(side, side))
+    grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grew_mib < 50
+
+
+def test_max_pixels_is_enforced_per_call():
+    data = encode(Image.new("RGB", (300, 300), (50, 90, 10)), "PNG")
+    with pytest.raises(errors.ImageTooLargeError):
+        load_image(data, max_pixels=300 * 300 - 1)
+    assert load_image(data, max_pixels=300 * 300).size == (300, 300)
+
+
+# -- correct loads: the pixels are what a viewer shows -------------------------------------
+def _by_name(name):
+    return next(c[2] for c in CORPUS if c[1] == name)
+
+
+def test_16bit_png_is_scaled_not_clipped():
+    a = np.asarray(load_image(_by_name("grey16.png")))
+    assert a[0, 0].tolist() == [0, 0, 0]
+    assert a[0, -1].tolist() == [255, 255, 255]
+    assert 100 < a[0, 32, 0] < 160  # the middle of the 16-bit ramp is mid-grey, not white
+
+
+def test_cmyk_jpeg_colours():
+    r, g, b = np.asarray(load_image(_by_name("cmyk.jpg")))[24, 32].tolist()
+    assert r < 60 and g > 200 and b > 200  # pure cyan ink shows cyan
+
+
+@pytest.mark.parametrize("name", ["palette.png", "rgba.png"])
+def test_transparency_composited_on_white(name):
+    a = np.asarray(load_image(_by_name(name))).astype(int)
+    assert (a[:, :28] >= 250).all()  # transparent half: white, not black
+    assert (np.abs(a[:, 36:] - [255, 0, 0]) <= 3).all()  # opaque half: red
+
+
+def test_animated_gif_first_frame():
+    a = np.asarray(load_image(_by_name("anim.gif"))).astype(int)
+    assert (np.abs(a[20, 20] - [255, 0, 0]) <= 8).all()
+
+
+def test_wrong_extension_loads_by_content():
+    assert load_image(_by_name("really-png.jpg")).size == (400, 300)
+    assert load_image(_by_name("really-jpeg.png")).size == (400, 300)
+
+
+QUADRANT_COLOURS = {"tl": (255, 0, 0), "tr": (0, 255, 0), "bl": (0, 0, 255), "br": (255, 255, 255)}
+
+
+def _assert_upright(image: Image.Image, width: int = 96, height: int = 64):
+    assert image.size == (width, height)
+    a = np.asarray(image).astype(int)
+    centres = {"tl": a[height // 4, width // 4], "tr": a[height // 4, 3 * width // 4],
+               "bl": a[3 * height // 4, width // 4], "br": a[3 * height // 4, 3 * width // 4]}
+    for quadrant, colour in QUADRANT_COLOURS.items():
+        assert (np.abs(centres[quadrant] - colour) <= 40).all(), (quadrant, centres[quadrant].tolist())
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_upright(orientation):
+    """The stored pixels are laid out per the EXIF definition of each orientation; the
+    loaded image must come out upright (red marker top-left, 96 wide, 64 high)."""
+    data = exif_jpeg(orientation, quadrants())
+    stored = Image.open(io.BytesIO(data))
+    if orientation >= 5:
+        assert stored.size == (64, 96)  # stored sideways
+    _assert_upright(load_image(data))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_upright_with_draft(orientation):
+    """Reduced JPEG decoding (what the device uses) keeps the orientation right."""
+    big = quadrants(384, 256)
+    image = load_image(exif_jpeg(orientation, big), draft=(96, 96))
+    w, h = image.size
+    assert w > h and w >= 96  # landscape again, and no smaller than asked
+    _assert_upright(image, w, h)
+
+
+# -- the CLI never crashes ----------------------------------------------------------------
+@pytest.mark.parametrize("case,name,data,expected", CLI_CORPUS, ids=IDS)
+def test_cli_verify_on_corpus(case, name, data, expected, corpus_dir, bundle_dir, capsys):
+    with time_limit(30, f"auditlens verify {name}"):
+        rc = main(["verify", "--bundle", str(bundle_dir), "--product", "product-0", str(corpus_dir / name)])
+    out, err = capsys.readouterr()
+    if expected == OK:
+        assert rc in (0, 1, 3), err
+        assert out.split()[0] in ("MATCH", "NO", "RETAKE")
+    else:
+        assert rc == 2
+        assert err.startswith("auditlens: error: ") and name in err
+        assert "Traceback" not in err and len(err.splitlines()) <= 2
+
+
+def test_cli_subprocess_bad_photos(corpus_dir, bundle_dir):
+    """The installed command, end to end: exit 2, a message, no traceback, no hang."""
+    for name in ("bomb.png", "truncated.jpg", "notes.jpg", "photo.heic"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "auditlens.cli", "verify", "--bundle", str(bundle_dir),
+             "--product", "product-0", str(corpus_dir / name)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "auditlens: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_missing_photo_and_unknown_product(corpus_dir, bundle_dir, capsys):
+    assert main(["verify", "--bundle", str(bundle_dir), "--product", "product-0",
+                 str(corpus_dir / "does-not-exist.jpg")]) == 2
+    assert "no such image file" in capsys.readouterr().err
+    assert main(["verify", "--bundle", str(bundle_dir), "--product", "no-such-product",
+                 str(corpus_dir / "really-png.jpg")]) == 2
+    assert "not in this bundle" in capsys.readouterr().err
+    fifo = corpus_dir / "pipe.jpg"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    for special in ("/dev/zero", str(fifo), str(corpus_dir)):  # endless, blocking, a folder
+        with time_limit(10, special):
+            assert main(["verify", "--bundle", str(bundle_dir), "--product", "product-0", special]) == 2
+        assert "auditlens: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("with_empty", [False, True],
+                         ids=["corpus", "corpus+empty"])
+def test_cli_score_over_corpus(corpus_dir, bundle_dir, tmp_path, capsys, with_empty):
+    """Batch scoring goes on past bad photos: one row per pair, errors named, exit 2."""
+    corpus = [c for c in CORPUS if with_empty or c[1] != "empty.jpg"]
+    pairs = tmp_path / "pairs.csv"
+    with pairs.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["photo", "product_id"])
+        for _, name, _, _ in corpus:
+            w.writerow([str(corpus_dir / name), "product-1"])
+    out = tmp_path / "scores.csv"
+    with time_limit(120, "auditlens score"):
+        rc = main(["score", "--bundle", str(bundle_dir), "--pairs", str(pairs), "--out", str(out), "--no-progress"])
+    assert rc == 2
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(corpus)
+    for row, (_, name, _, expected) in zip(rows, corpus, strict=True):
+        assert row["photo"].endswith(name)
+        if expected == OK:
+            assert row["verdict"] in ("match", "no_match", "retake"), row
+        else:
+            assert row["verdict"] == "error" and row["error"], row
+
+
+def test_failed_loads_leave_no_file_open(corpus_dir):
+    """Every error keeps its traceback (and so the decoder's frame) alive; the file it
+    opened must be closed anyway, or a batch of bad originals runs out of descriptors."""
+    import os
+
+    kept = []
+    before = len(os.listdir("/proc/self/fd"))
+    for _, name, _, _ in CORPUS:
+        try:
+            kept.append(load_image(corpus_dir / name))
+        except errors.ImageError as exc:
+            kept.append(exc)
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(kept) == len(CORPUS)
