@@ -1,0 +1,330 @@
+"""``auditlens calibrate``: choose a bundle's decision threshold for a target false-accept
+rate on labelled photos, and write it into the bundle.
+
+The photos are paired by the evaluation protocol (:mod:`.protocol`); the impostor pairs
+(random other-class products and every same-class product) give the false-accept rate
+``FAR(t) = #{impostor score >= t} / #impostor``. The threshold is the *smallest* one
+whose FAR on these pairs is at most the target (:func:`metrics.threshold_at_far`): the
+most genuine photos accepted for that false-accept budget.
+
+The bundle's ``decision`` then holds::
+
+    threshold      the decision threshold (cosine)
+    target_far     the false-accept rate asked for
+    measured_far   FAR at the threshold on the calibration pairs (<= target_far)
+    measured_tar   share of genuine pairs accepted at the threshold
+    calibrated_on  what data: photos file, photos, genuine / impostor pairs
+    far_curve      [[score, far], ...] by increasing score: the measured FAR of a
+                   threshold at that score, which ``Verifier.estimated_far`` interpolates
+                   to give each verdict a calibrated false-accept estimate
+    pairs, protocol, model_id, calibrated_at   details for the record
+
+The bundle is re-written whole through :func:`write_bundle` (atomically, every sha256
+renewed). A signed bundle is re-signed with ``--sign-key``; without one calibration
+refuses, unless ``--drop-signature`` says to write it unsigned.
+
+Calibrate on photos the evaluation does not use (e.g. the training photos when
+evaluating on the validation photos): a threshold measured on its own test photos
+flatters the test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos
+from auditlens.errors import AuditlensError, BundleSignatureError, CatalogError
+from auditlens.evaluation import metrics
+from auditlens.evaluation.protocol import (
+    DEFAULT_SEED,
+    HARD,
+    N_IMPOSTORS,
+    embed_photos,
+    make_pairs,
+    product_groups,
+    protocol_description,
+)
+
+CURVE_POINTS = 160
+"""About how many [score, far] points the far_curve keeps (log-spaced in FAR)."""
+
+MIN_IMPOSTORS_PER_TARGET = 10
+"""Warn when fewer than this many impostor pairs are expected to pass at the target."""
+
+# manifest keys write_bundle makes itself; every other key is carried over
+_WRITTEN_BY_WRITE_BUNDLE = {"format", "format_version", "created", "auditlens_version", "model",
+                            "references_model_id", "preprocess", "latent_dim", "latent_dtype",
+                            "counts", "decision", "probe", "files"}
+
+
+def far_curve(impostor, points: int = CURVE_POINTS) -> list[list[float]]:
+    """[[score, far], ...] by strictly increasing score, where ``far`` is the share of
+    impostors scoring at least ``score``.
+
+    Points are taken at log-spaced ranks of the descending impostor scores (dense where
+    FAR is small, where thresholds live), plus the lowest impostor score (FAR 1) and, last,
+    the next float above the highest impostor score (FAR 0).
+    """
+    desc = np.sort(np.asarray(impostor, dtype=np.float64))[::-1]
+    n = desc.size
+    if n == 0:
+        raise ValueError("no impostor scores")
+    asc = desc[::-1]
+    ranks = np.unique(np.round(np.geomspace(1, n, max(points - 1, 2))).astype(np.int64)) - 1
+    ranks = np.union1d(ranks, [n - 1])
+    curve: dict[float, float] = {}
+    for r in ranks:
+        s = float(np.float32(desc[r]))
+        far = (n - np.searchsorted(asc, desc[r], side="left")) / n
+        curve[round(s, 6)] = float(far) if round(s, 6) not in curve else max(curve[round(s, 6)], float(far))
+    top = float(np.nextafter(np.float32(desc[0]), np.float32(np.inf)))
+    out = sorted(curve.items())
+    if round(top, 6) <= out[-1][0]:
+        top = out[-1][0] + 1e-6
+    out.append((round(top, 6), 0.0))
+    return [[s, round(f, 6)] for s, f in out]
+
+
+def decide(genuine, impostor, target_far: float, *, hard=None) -> dict:
+    """The decision dict for ``target_far`` from genuine and impostor scores (no I/O)."""
+    genuine = np.asarray(genuine, dtype=np.float64)
+    impostor = np.asarray(impostor, dtype=np.float64)
+    threshold = metrics.threshold_at_far(impostor, target_far)
+    far, frr = metrics.far_frr_at(genuine, impostor, threshold)
+    out = {
+        "threshold": threshold,
+        "target_far": float(target_far),
+        "measured_far": far,
+        "measured_tar": 1.0 - frr,
+    }
+    if hard is not None and np.size(hard):
+        out["measured_far_hard"] = float((np.asarray(hard) >= threshold).mean())
+    out["far_curve"] = far_curve(impostor)
+    return out
+
+
+def is_signed(path: str | os.PathLike) -> bool:
+    """Whether the bundle at ``path`` carries a manifest signature."""
+    from auditlens.device_app.bundle import SIGNATURE
+
+    path = Path(path)
+    if path.is_dir():
+        return (path / SIGNATURE).exists()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return SIGNATURE in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def rewrite_bundle(bundle, out: str | os.PathLike, decision: dict, *,
+                   signing_key: bytes | str | None = None) -> Path:
+    """Write ``bundle`` (a loaded ``ReferenceBundle``) to ``out`` with a new decision,
+    keeping everything else (products, references, thumbnails, model, probe, extra keys)."""
+    from auditlens.device_app.bundle import write_bundle
+
+    m = bundle.manifest
+    extra = {k: v for k, v in m.items() if k not in _WRITTEN_BY_WRITE_BUNDLE}
+    extra["created"] = m.get("created")  # the references date from enrolment, not from now
+    thumbnails = [bundle.thumbnails[p.thumbnail] for p in bundle.products]
+    return write_bundle(
+        out, model_content=bundle.model_content, spec=bundle.spec, products=bundle.products,
+        references=bundle.references, thumbnails=thumbnails, decision=decision,
+        probe_latent=m["probe"]["latent"], extra=extra, signing_key=signing_key,
+    )
+
+
+def calibrate(
+    bundle: str | os.PathLike,
+    labelled_photos: Sequence[LabelledPhoto] | str | os.PathLike,
+    target_far: float = 0.01,
+    *,
+    out: str | os.PathLike | None = None,
+    write: bool = True,
+    catalog: Catalog | None = None,
+    seed: int = DEFAULT_SEED,
+    n_impostors: int = N_IMPOSTORS,
+    signing_key: bytes | str | None = None,
+    drop_signature: bool = False,
+    threads: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Calibrate the bundle at ``bundle`` for ``target_far`` and return the decision.
+
+    The bundle is re-written in place, or to ``out`` (a folder, or a path ending in
+    ``.zip``); nothing is written when ``write`` is false.
+    """
+    from auditlens.device_app.bundle import ReferenceBundle
+    from auditlens.device_app.verifier import Verifier, VerifierOptions
+
+    if not 0.0 < target_far < 1.0:
+        raise CatalogError(f"target false-accept rate must be within (0, 1), not {target_far}")
+    source = ""
+    if isinstance(labelled_photos, (str, os.PathLike)):
+        source = str(labelled_photos)
+        labelled_photos = read_labelled_photos(labelled_photos)
+    photos = list(labelled_photos)
+    signed = is_signed(bundle)
+    if write and signed and signing_key is None and not drop_signature:
+        raise BundleSignatureError(
+            f"{bundle} is signed; re-writing its manifest needs the publisher's key to re-sign "
+            "it: pass --sign-key PRIVATE.pem (or --drop-signature to write it unsigned, which "
+            "devices that require signed bundles will refuse)")
+
+    b = ReferenceBundle.load(bundle)
+    verifier = Verifier(b, VerifierOptions(num_threads=threads, check_quality=False))
+    embedded = embed_photos(verifier, photos, progress=progress, desc="calibrating")
+    if not embedded.photos:
+        raise CatalogError(f"{source or 'labelled photos'}: none of the {len(photos)} photos could be "
+                           f"used ({len(embedded.failed)} unreadable, {len(embedded.not_enrolled)} of "
+                           "products not in the bundle)")
+    groups, _ = product_groups(b, catalog)
+    pairs = make_pairs(embedded, groups, seed=seed, n_impostors=n_impostors)
+    genuine = pairs.score[pairs.genuine]
+    impostor = pairs.score[pairs.impostor]
+    if impostor.size == 0:
+        raise CatalogError("calibration needs impostor pairs: the bundle holds a single product")
+    decision = decide(genuine, impostor, target_far, hard=pairs.score[pairs.kind == HARD])
+    counts = pairs.counts()
+    decision["calibrated_on"] = (
+        f"{Path(source).name if source else 'labelled photos'}: {len(embedded.photos)} photos, "
+        f"{counts['genuine']} genuine / {counts['impostor'] + counts[HARD]} impostor pairs "
+        f"({counts[HARD]} hard)")
+    decision["pairs"] = {"photos": len(embedded.photos), "genuine": counts["genuine"],
+                         "impostor": counts["impostor"] + counts[HARD], "hard": counts[HARD],
+                         "photos_unreadable": len(embedded.failed),
+                         "photos_not_enrolled": len(embedded.not_enrolled)}
+    decision["photos_source"] = Path(source).name if source else ""
+    decision["protocol"] = {k: v for k, v in protocol_description(seed, n_impostors).items()
+                            if k in ("version", "seed", "random_impostors_per_photo")}
+    decision["model_id"] = b.model_id
+    decision["calibrated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    decision["warnings"] = []
+    if target_far * impostor.size < MIN_IMPOSTORS_PER_TARGET:
+        decision["warnings"].append(
+            f"only {impostor.size} impostor pairs: a FAR of {target_far:g} is measured from "
+            f"{target_far * impostor.size:.1f} expected false accepts; use more photos")
+    if embedded.not_enrolled:
+        decision["warnings"].append(f"{len(embedded.not_enrolled)} photos show products not in the bundle; skipped")
+    if embedded.failed:
+        decision["warnings"].append(f"{len(embedded.failed)} photos could not be read; skipped")
+
+    if write:
+        target = Path(out) if out is not None else Path(bundle)
+        rewrite_bundle(b, target, decision, signing_key=signing_key)
+        ReferenceBundle.load(target)  # prove the written bundle is valid
+        decision_written_to = str(target)
+    else:
+        decision_written_to = None
+    decision["_written_to"] = decision_written_to
+    decision["_was_signed"] = signed
+    return decision
+
+
+def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str) -> Path:
+    """Store ``decision`` in a model card (``models/encoder.json``) under ``"decision"``,
+    so that `auditlens enroll` writes it into every bundle made with that model.
+
+    Refuses when the model beside the card (same stem, ``.tflite``) is not the model the
+    decision was calibrated with.
+    """
+    from auditlens.device_app.interpreter import model_id_of
+
+    card_path = Path(card_path)
+    model = card_path.with_suffix(".tflite")
+    if model.is_file() and model_id_of(model.read_bytes()) != model_id:
+        raise CatalogError(f"{card_path}: the model beside it ({model.name}, "
+                           f"{model_id_of(model.read_bytes())}) is not the calibrated model {model_id}")
+    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
+    card["decision"] = {k: v for k, v in decision.items() if not k.startswith("_")}
+    fd, tmp = tempfile.mkstemp(prefix=f".{card_path.name}.", dir=card_path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(card, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, card_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return card_path
+
+
+# -- CLI --------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = (
+        "Choose a bundle's decision threshold for a target false-accept rate (FAR): the\n"
+        "smallest threshold whose FAR on the impostor pairs of LABELLED.csv (evaluation\n"
+        "protocol: 3 random other-class products and every same-class product per photo) is\n"
+        "at most the target. Writes threshold, target_far, measured_far/_tar, calibrated_on\n"
+        "and far_curve into the manifest's decision; verdicts then report an estimated\n"
+        "false-accept rate. Calibrate on photos you do not evaluate on.")
+    p.epilog = ("examples:\n"
+                "  auditlens calibrate --bundle bundle/ --photos train.csv --target-far 0.01\n"
+                "  auditlens calibrate --bundle b.zip --photos train.csv --out b-cal.zip --sign-key publisher.key\n"
+                "  auditlens calibrate --bundle bundle/ --photos train.csv --model-card models/encoder.json")
+    p.add_argument("--bundle", "-b", type=Path, required=True, help="reference bundle folder or .zip")
+    p.add_argument("--photos", required=True, type=Path, metavar="LABELLED.csv",
+                   help="CSV of photo,product_id (paths relative to the CSV)")
+    p.add_argument("--target-far", type=float, default=0.01,
+                   help="false-accept rate to calibrate for (default: %(default)s)")
+    p.add_argument("--out", "-o", type=Path, default=None, metavar="NEW_BUNDLE",
+                   help="write the calibrated bundle here (folder or .zip) instead of in place")
+    p.add_argument("--dry-run", action="store_true", help="print the threshold, write nothing")
+    p.add_argument("--model-card", type=Path, default=None, metavar="ENCODER.json",
+                   help="also store the decision in this model card, for `auditlens enroll`")
+    p.add_argument("--sign-key", type=Path, default=None, metavar="PRIVATE.pem",
+                   help="re-sign the manifest with this Ed25519 private key")
+    p.add_argument("--drop-signature", action="store_true",
+                   help="write a signed bundle back unsigned (devices requiring signatures refuse it)")
+    p.add_argument("--catalog", default=None, help="catalogue to take group/kind from when the bundle lacks them")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="protocol seed (default: %(default)s)")
+    p.add_argument("--impostors", type=int, default=N_IMPOSTORS,
+                   help="random other-class impostors per photo (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="interpreter threads (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args) -> int:
+    from auditlens.catalog import open_catalog
+
+    catalog = open_catalog(args.catalog) if args.catalog else None
+    key = args.sign_key.read_bytes() if args.sign_key else None
+    try:
+        d = calibrate(args.bundle, args.photos, args.target_far, out=args.out, write=not args.dry_run,
+                      catalog=catalog, seed=args.seed, n_impostors=args.impostors, signing_key=key,
+                      drop_signature=args.drop_signature, threads=args.threads,
+                      progress=not args.no_progress)
+    except ValueError as exc:
+        raise CatalogError(str(exc)) from exc
+    print(f"threshold {d['threshold']:.6f} for target FAR {d['target_far']:.2%}: measured FAR "
+          f"{d['measured_far']:.2%}, TAR {d['measured_tar']:.2%}"
+          + (f", FAR on hard impostors {d['measured_far_hard']:.2%}" if "measured_far_hard" in d else ""))
+    print(f"calibrated on {d['calibrated_on']}; far_curve of {len(d['far_curve'])} points")
+    for w in d["warnings"]:
+        print(f"warning: {w}")
+    if d["_written_to"]:
+        sig = ""
+        if d["_was_signed"]:
+            sig = " (re-signed)" if key else " (written UNSIGNED: the signature was dropped)"
+        elif key:
+            sig = " (signed)"
+        print(f"wrote the calibrated bundle to {d['_written_to']}{sig}")
+    if args.model_card:
+        try:
+            write_model_card(args.model_card, d, d["model_id"])
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AuditlensError(f"{args.model_card}: cannot update the model card: {exc}") from exc
+        print(f"stored the decision in model card {args.model_card}")
+    return 0

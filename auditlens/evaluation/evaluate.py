@@ -1,0 +1,642 @@
+"""``auditlens evaluate``: how well a bundle verifies labelled field photos.
+
+Runs the protocol of :mod:`.protocol` and reports, overall, per product kind
+(``ProductRecord.kind``), for hard impostors only and, given the products held out of
+training, for seen and unseen products separately:
+
+* ROC AUC, EER (and its threshold), TAR at FAR 1% and 5%, EER over hard pairs only;
+* top-1 / top-5 identification against every product of the bundle;
+* FAR / FRR at the bundle's own decision threshold.
+
+``out_dir`` receives ``report.json``, ``summary.md`` (the table in Markdown),
+``pairs.csv`` (every scored pair), ``roc.png``,
+``det.png``, ``scores.png`` (genuine / impostor histograms with the thresholds) and
+``confusions.png`` (the worst false accepts: photo, wrongly matched original, true
+original). Metric definitions: :mod:`auditlens.evaluation.metrics`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos
+from auditlens.errors import AuditlensError, CatalogError
+from auditlens.evaluation import metrics
+from auditlens.evaluation.protocol import (
+    DEFAULT_SEED,
+    GENUINE,
+    HARD,
+    N_IMPOSTORS,
+    Embedded,
+    Pairs,
+    embed_photos,
+    make_pairs,
+    product_groups,
+    protocol_description,
+)
+
+FARS = (0.01, 0.05)
+"""False-accept rates TAR is reported at."""
+
+GOALS = {
+    # block: {metric: (comparison, value)} from issue 3
+    "seen": {"eer": ("<=", 0.04), "tar_at_far_1%": (">=", 0.75), "top1": (">=", 0.80)},
+    "unseen": {"eer": ("<=", 0.10), "tar_at_far_1%": (">=", 0.40), "top1": (">=", 0.50)},
+    "Packages": {"eer": ("<=", 0.03), "top1": (">=", 0.92)},
+    "hard impostors": {"eer": ("<=", 0.06)},
+}
+
+
+# -- helpers ------------------------------------------------------------------------
+def _verifier(bundle, threads: int = 1):
+    from auditlens.device_app.bundle import ReferenceBundle
+    from auditlens.device_app.verifier import Verifier, VerifierOptions
+
+    if isinstance(bundle, Verifier):
+        return bundle
+    if not isinstance(bundle, ReferenceBundle):
+        bundle = ReferenceBundle.load(bundle)
+    return Verifier(bundle, VerifierOptions(num_threads=threads, check_quality=False))
+
+
+def read_product_ids(path: str | os.PathLike) -> set[str]:
+    """Product ids from a file: one per line (``#`` comments allowed), or JSON (a list,
+    or an object with ``held_out_products``, at the top or under ``data`` as in the
+    report.json that ``auditlens train`` writes)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{path}: cannot read product ids: {exc}") from exc
+    if path.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CatalogError(f"{path}: not valid JSON: {exc}") from exc
+        if isinstance(data, dict):  # a training report: held_out_products, maybe under "data"
+            nested = data.get("data") if isinstance(data.get("data"), dict) else {}
+            data = next((d[k] for d in (data, nested) for k in ("held_out_products", "unseen_products")
+                         if k in d), None)
+        if not isinstance(data, list):
+            raise CatalogError(f"{path}: expected a JSON list of product ids or an object with "
+                               "'held_out_products'")
+        return {str(x).strip() for x in data if str(x).strip()}
+    ids = set()
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            ids.add(line.split(",")[0].strip())
+    return ids
+
+
+def _f(x) -> float | None:
+    return None if x is None else round(float(x), 6)
+
+
+def summarize(pairs: Pairs, ranks: np.ndarray, photo_mask: np.ndarray,
+              threshold: float | None = None) -> dict:
+    """Every metric over the pairs of the photos in ``photo_mask``.
+
+    ``ranks`` are the identification ranks of all photos. Metrics that need a set that
+    is empty here (e.g. no hard impostors) are ``None``.
+    """
+    sub = pairs.subset(photo_mask[pairs.photo])
+    g = sub.score[sub.genuine]
+    imp = sub.score[sub.impostor]
+    hard = sub.score[sub.kind == HARD]
+    counts = sub.counts()
+    out: dict = {"photos": int(photo_mask.sum()), "pairs": counts}
+    r = ranks[photo_mask]
+    out["top1"] = _f((r <= 1).mean()) if r.size else None
+    out["top5"] = _f((r <= 5).mean()) if r.size else None
+    if g.size and imp.size:
+        e = metrics.eer(g, imp)
+        out["auc"] = _f(metrics.roc_auc(g, imp))
+        out["eer"] = _f(e.eer)
+        out["eer_threshold"] = _f(e.threshold)
+        for far in FARS:
+            tar, measured, t = metrics.tar_at_far(g, imp, far)
+            out[f"tar_at_far_{far:.0%}"] = _f(tar)
+            out[f"threshold_at_far_{far:.0%}"] = _f(t)
+    else:
+        out.update({"auc": None, "eer": None, "eer_threshold": None})
+        for far in FARS:
+            out[f"tar_at_far_{far:.0%}"] = None
+            out[f"threshold_at_far_{far:.0%}"] = None
+    if g.size and hard.size:
+        out["eer_hard"] = _f(metrics.eer(g, hard).eer)
+        out["auc_hard"] = _f(metrics.roc_auc(g, hard))
+    else:
+        out["eer_hard"] = out["auc_hard"] = None
+    if threshold is not None and g.size and imp.size:
+        far, frr = metrics.far_frr_at(g, imp, threshold)
+        out["at_bundle_threshold"] = {
+            "threshold": _f(threshold), "far": _f(far), "frr": _f(frr),
+            "far_hard": _f((hard >= threshold).mean()) if hard.size else None,
+        }
+    return out
+
+
+def _block(pairs: Pairs, ranks: np.ndarray, photo_mask: np.ndarray, kinds_of_photo: np.ndarray,
+           threshold: float | None) -> dict:
+    """Overall, hard-impostor-only and per-kind metrics for the photos in ``photo_mask``."""
+    block = {"all": summarize(pairs, ranks, photo_mask, threshold)}
+    hard_pairs = pairs.subset(pairs.kind != "impostor")  # genuine + hard
+    block["hard impostors"] = summarize(hard_pairs, ranks, photo_mask, threshold)
+    # identification does not depend on the pairs: it is reported once, under "all"
+    block["hard impostors"]["top1"] = block["hard impostors"]["top5"] = None
+    block["by_kind"] = {}
+    for kind in sorted(set(kinds_of_photo[photo_mask].tolist())):
+        block["by_kind"][kind] = summarize(pairs, ranks, photo_mask & (kinds_of_photo == kind), threshold)
+    return block
+
+
+def _goals(report: dict) -> list[dict]:
+    """Issue 3's goals against the measured figures."""
+    split = "seen" in report
+    rows = []
+
+    def check(name: str, where: str, block: dict | None) -> None:
+        if not block:
+            return
+        for metric, (op, goal) in GOALS[name].items():
+            value = block.get(metric)
+            ok = None if value is None else (value <= goal if op == "<=" else value >= goal)
+            rows.append({"goal": f"{name}: {metric} {op} {goal:g}", "measured": value,
+                         "on": where, "met": ok})
+
+    if split:
+        check("seen", "seen products", report["seen"]["all"])
+        check("unseen", "unseen products", report["unseen"]["all"])
+    else:
+        check("seen", "all products (no --unseen-products given)", report["overall"]["all"])
+    check("Packages", "kind Packages, all products", report["overall"]["by_kind"].get("Packages"))
+    check("hard impostors", "genuine + hard pairs, all products", report["overall"]["hard impostors"])
+    return rows
+
+
+# -- the table ------------------------------------------------------------------------
+_COLUMNS = [("photos", "photos", "{:d}"), ("genuine", None, "{:d}"), ("impostor", None, "{:d}"),
+            ("AUC", "auc", "{:.3f}"), ("EER", "eer", "{:.1%}"), ("TAR@1%", "tar_at_far_1%", "{:.1%}"),
+            ("TAR@5%", "tar_at_far_5%", "{:.1%}"), ("EER hard", "eer_hard", "{:.1%}"),
+            ("top-1", "top1", "{:.1%}"), ("top-5", "top5", "{:.1%}")]
+
+
+def _rows(report: dict) -> list[tuple[str, dict]]:
+    rows = []
+    sections = [("", report["overall"])]
+    if "seen" in report:
+        sections += [("seen: ", report["seen"]), ("unseen: ", report["unseen"])]
+    for prefix, block in sections:
+        rows.append((f"{prefix}all", block["all"]))
+        for kind, s in block["by_kind"].items():
+            rows.append((f"{prefix}{kind or '(no kind)'}", s))
+        rows.append((f"{prefix}hard impostors", block["hard impostors"]))
+    return rows
+
+
+def format_table(report: dict, markdown: bool = False) -> str:
+    """The report's headline figures as a text (or Markdown) table."""
+    header = ["", *[c[0] for c in _COLUMNS]]
+    lines = []
+    for name, s in _rows(report):
+        cells = [name]
+        for title, key, fmt in _COLUMNS:
+            if title == "genuine":
+                value = s["pairs"][GENUINE]
+            elif title == "impostor":
+                value = s["pairs"]["impostor"] + s["pairs"][HARD]
+            else:
+                value = s.get(key)
+            cells.append("-" if value is None else fmt.format(value))
+        lines.append(cells)
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(c) + " |" for c in lines]
+        return "\n".join(out)
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+    fmt_row = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, lines)])
+
+
+# -- plots ----------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curves(pairs: Pairs, photo_sets: Iterable[tuple[str, np.ndarray, bool]]):
+    for label, photo_mask, hard_only in photo_sets:
+        sub = pairs.subset(photo_mask[pairs.photo])
+        imp_mask = sub.kind == HARD if hard_only else sub.impostor
+        g, imp = sub.score[sub.genuine], sub.score[imp_mask]
+        if g.size and imp.size:
+            yield label, metrics.operating_points(g, imp), metrics.eer(g, imp).eer
+
+
+def plot_roc_det(pairs: Pairs, photo_sets, out_dir: Path, title: str) -> list[str]:
+    plt = _pyplot()
+    curves = list(_curves(pairs, photo_sets))
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    for label, pts, e in curves:
+        far = np.clip(pts.far, 1e-4, 1)
+        ax.plot(far, pts.tar, label=f"{label} (EER {e:.1%})")
+    ax.axvline(0.01, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false-accept rate (log)")
+    ax.set_ylabel("true-accept rate")
+    ax.set_title(f"ROC: {title}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "roc.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    ticks = np.array([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9])
+    for label, pts, e in curves:
+        ax.plot(metrics.probit(pts.far), metrics.probit(pts.frr), label=f"{label} (EER {e:.1%})")
+    lim = metrics.probit([0.0005, 0.95])
+    ax.plot(lim, lim, color="grey", ls=":", lw=1)
+    ax.set_xticks(metrics.probit(ticks), [f"{t:.1%}" for t in ticks], rotation=45, fontsize=8)
+    ax.set_yticks(metrics.probit(ticks), [f"{t:.1%}" for t in ticks], fontsize=8)
+    ax.set_xlim(*lim)
+    ax.set_ylim(*lim)
+    ax.set_xlabel("false-accept rate (normal deviate scale)")
+    ax.set_ylabel("false-reject rate")
+    ax.set_title(f"DET: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "det.png", dpi=120)
+    plt.close(fig)
+    return ["roc.png", "det.png"]
+
+
+def plot_scores(pairs: Pairs, thresholds: dict[str, float], out_dir: Path, title: str) -> list[str]:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    marks = [float(t) for t in thresholds.values() if t is not None]
+    lo = min([float(pairs.score.min()), *marks])
+    hi = max([float(pairs.score.max()), *marks])
+    pad = 0.03 * max(hi - lo, 1e-3)
+    bins = np.linspace(lo - pad, hi + pad, 61)
+    for label, mask, color in (("genuine", pairs.genuine, "tab:green"),
+                               ("random impostor", pairs.kind == "impostor", "tab:red"),
+                               ("hard impostor", pairs.kind == HARD, "tab:orange")):
+        if mask.any():
+            ax.hist(pairs.score[mask], bins=bins, density=True, histtype="step", lw=1.6,
+                    color=color, label=f"{label} ({int(mask.sum())})")
+    styles = ["-", "--", ":", "-."]
+    for (label, t), ls in zip(thresholds.items(), styles):
+        if t is not None:
+            ax.axvline(t, color="black", ls=ls, lw=1, label=f"{label} {t:.3f}")
+    ax.set_xlabel("score (cosine to the best reference)")
+    ax.set_ylabel("density")
+    ax.set_title(f"Scores: {title}")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out_dir / "scores.png", dpi=120)
+    plt.close(fig)
+    return ["scores.png"]
+
+
+def worst_false_accepts(embedded: Embedded, pairs: Pairs, n: int) -> list[dict]:
+    """The highest-scoring impostor pair of each photo, worst ``n`` photos first."""
+    imp = np.nonzero(pairs.impostor)[0]
+    order = imp[np.argsort(-pairs.score[imp], kind="stable")]
+    seen: set[int] = set()
+    out = []
+    for k in order:
+        photo = int(pairs.photo[k])
+        if photo in seen:
+            continue
+        seen.add(photo)
+        out.append({"photo": embedded.photos[photo].photo,
+                    "true_product": embedded.photos[photo].product_id,
+                    "true_score": _f(embedded.scores[photo, embedded.truth[photo]]),
+                    "matched_product_index": int(pairs.product[k]), "score": _f(pairs.score[k]),
+                    "pair": str(pairs.kind[k])})
+        if len(out) == n:
+            break
+    return out
+
+
+def worst_false_rejects(embedded: Embedded, pairs: Pairs, n: int) -> list[dict]:
+    gen = np.nonzero(pairs.genuine)[0]
+    order = gen[np.argsort(pairs.score[gen], kind="stable")][:n]
+    return [{"photo": embedded.photos[int(pairs.photo[k])].photo,
+             "product": embedded.photos[int(pairs.photo[k])].product_id,
+             "score": _f(pairs.score[k])} for k in order]
+
+
+def plot_confusions(mistakes: list[dict], bundle, spec, out_dir: Path, title: str) -> list[str]:
+    """A sheet of the worst false accepts: the photo, the original it was wrongly
+    matched to (bundle thumbnail), and its true original."""
+    if not mistakes:
+        return []
+    from PIL import Image
+
+    from auditlens.device_app.imaging import load_image
+
+    plt = _pyplot()
+    per_col = 3
+    cols = 2 if len(mistakes) > 4 else 1
+    rows = -(-len(mistakes) // cols)
+    fig, axes = plt.subplots(rows, cols * per_col, figsize=(2.1 * cols * per_col, 2.35 * rows + 0.5),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    blank = Image.new("RGB", (160, 160), (230, 230, 230))
+    for m_i, m in enumerate(mistakes):
+        r, c = divmod(m_i, cols)
+        try:
+            photo = load_image(m["photo"], draft=spec.draft_size)
+            photo.thumbnail((160, 160))
+        except (AuditlensError, OSError):
+            photo = blank
+        wrong = bundle.products[m["matched_product_index"]]
+        try:
+            wrong_img = bundle.thumbnail(wrong.product_id)
+        except (KeyError, OSError):
+            wrong_img = blank
+        try:
+            true_img = bundle.thumbnail(m["true_product"])
+        except (KeyError, OSError, AuditlensError):
+            true_img = blank
+        cells = [(photo, f"photo of\n{m['true_product'][:24]}"),
+                 (wrong_img, f"matched {wrong.product_id[:22]}\n{m['score']:.3f} ({m['pair']})"),
+                 (true_img, f"true original\n{m['true_score']:.3f}")]
+        for j, (img, caption) in enumerate(cells):
+            ax = axes[r, c * per_col + j]
+            ax.imshow(np.asarray(img))
+            ax.set_title(caption, fontsize=7, color="darkred" if j == 1 else "black")
+    fig.suptitle(f"Worst false accepts (photo | wrongly matched original | true original)\n{title}",
+                 fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=90)
+    plt.close(fig)
+    # photos make a large truecolour PNG; a 256-colour palette keeps the sheet small
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(
+        out_dir / "confusions.png", optimize=True)
+    return ["confusions.png"]
+
+
+def _write_pairs_csv(path: Path, embedded: Embedded, pairs: Pairs, bundle) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["photo", "photo_product", "product", "pair", "score"])
+        for n, p, k, s in zip(pairs.photo, pairs.product, pairs.kind, pairs.score):
+            photo = embedded.photos[int(n)]
+            w.writerow([photo.photo, photo.product_id, bundle.products[int(p)].product_id, k, f"{s:.6f}"])
+
+
+def _atomic_json(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, ensure_ascii=False)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- the entry point ---------------------------------------------------------------------
+def evaluate(
+    bundle,
+    labelled_photos: Sequence[LabelledPhoto] | str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    catalog: Catalog | None = None,
+    unseen_products: Iterable[str] | None = None,
+    seed: int = DEFAULT_SEED,
+    n_impostors: int = N_IMPOSTORS,
+    threads: int = 1,
+    progress: bool = True,
+    plots: bool = True,
+    worst: int = 12,
+    verbose: bool = True,
+) -> dict:
+    """Evaluate ``bundle`` (a path, a ``ReferenceBundle`` or a ``Verifier``) on labelled
+    photos (a list or a ``photo,product_id`` CSV) and return the report.
+
+    Args:
+        out_dir: where report.json, pairs.csv and the PNGs go (nothing written if None).
+        catalog: fills in ``group``/``kind`` for bundles enrolled without them.
+        unseen_products: ids of products held out of training: the report then has
+            ``seen`` and ``unseen`` sections besides ``overall``.
+        seed: the protocol's seed for the random impostors.
+    """
+    source = ""
+    if isinstance(labelled_photos, (str, os.PathLike)):
+        source = str(labelled_photos)
+        labelled_photos = read_labelled_photos(labelled_photos)
+    photos = list(labelled_photos)
+    if not photos:
+        raise CatalogError(f"{source or 'labelled photos'}: no photos to evaluate")
+    verifier = _verifier(bundle, threads)
+    b = verifier.bundle
+    embedded = embed_photos(verifier, photos, progress=progress, desc="evaluating")
+    if not embedded.photos:
+        raise CatalogError(f"{source or 'labelled photos'}: none of the {len(photos)} photos could be "
+                           f"scored ({len(embedded.failed)} unreadable, {len(embedded.not_enrolled)} "
+                           "of products not in the bundle)")
+    groups, kinds = product_groups(b, catalog)
+    pairs = make_pairs(embedded, groups, seed=seed, n_impostors=n_impostors)
+    ranks = metrics.identification_ranks(embedded.scores, embedded.truth)
+    photo_kind = np.array([kinds[t] or "(no kind)" for t in embedded.truth], dtype=object)
+    everyone = np.ones(len(embedded.photos), bool)
+    threshold = b.threshold
+
+    report: dict = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bundle": str(b.path),
+        "model_id": b.model_id,
+        "photos_source": source,
+        "decision": {k: v for k, v in b.decision.items() if k != "far_curve"},
+        "protocol": protocol_description(seed, n_impostors),
+        "counts": {"photos_given": len(photos), "photos_scored": len(embedded.photos),
+                   "photos_unreadable": len(embedded.failed),
+                   "photos_of_products_not_enrolled": len(embedded.not_enrolled),
+                   "products": len(b.products), "references": int(len(b.references)),
+                   "pairs": pairs.counts()},
+        "unreadable_photos": [{"photo": p, "error": e} for p, e in embedded.failed[:50]],
+        "overall": _block(pairs, ranks, everyone, photo_kind, threshold),
+    }
+    if unseen_products is not None:
+        unseen = set(unseen_products)
+        enrolled = {p.product_id for p in b.products}
+        missing = sorted(unseen - enrolled)
+        is_unseen = np.array([b.products[t].product_id in unseen for t in embedded.truth], bool)
+        report["split"] = {"unseen_products": sorted(unseen & enrolled),
+                           "unseen_not_in_bundle": missing,
+                           "photos_seen": int((~is_unseen).sum()), "photos_unseen": int(is_unseen.sum())}
+        if is_unseen.any() and (~is_unseen).any():
+            report["seen"] = _block(pairs, ranks, ~is_unseen, photo_kind, threshold)
+            report["unseen"] = _block(pairs, ranks, is_unseen, photo_kind, threshold)
+        else:
+            report["split"]["note"] = ("no seen/unseen breakdown: "
+                                       + ("no photo shows an unseen product" if not is_unseen.any()
+                                          else "every photo shows an unseen product"))
+            if verbose:
+                print(f"note: {report['split']['note']}")
+    report["goals"] = _goals(report)
+
+    fa = worst_false_accepts(embedded, pairs, worst)
+    for m in fa:
+        m["matched_product"] = b.products[m["matched_product_index"]].product_id
+    report["worst_false_accepts"] = [{k: v for k, v in m.items() if k != "matched_product_index"} for m in fa]
+    report["worst_false_rejects"] = worst_false_rejects(embedded, pairs, worst)
+    misidentified = np.nonzero(ranks > 1)[0]
+    top_wrong = embedded.scores.copy()
+    top_wrong[np.arange(len(top_wrong)), embedded.truth] = -np.inf
+    report["misidentified"] = [
+        {"photo": embedded.photos[n].photo, "true_product": embedded.photos[n].product_id,
+         "rank": int(ranks[n]), "top1": b.products[int(top_wrong[n].argmax())].product_id}
+        for n in misidentified[np.argsort(-ranks[misidentified], kind="stable")][:50]
+    ]
+
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files = ["report.json", "pairs.csv"]
+        _write_pairs_csv(out / "pairs.csv", embedded, pairs, b)
+        if plots:
+            title = f"{Path(source).name or 'photos'} vs {b.path.name} ({len(embedded.photos)} photos)"
+            sets = [("all", everyone, False), ("hard impostors only", everyone, True)]
+            for kind in sorted(set(photo_kind.tolist())):
+                sets.append((f"kind {kind}", photo_kind == kind, False))
+            if "seen" in report:
+                is_unseen = np.array([b.products[t].product_id in set(report["split"]["unseen_products"])
+                                      for t in embedded.truth], bool)
+                sets += [("seen products", ~is_unseen, False), ("unseen products", is_unseen, False)]
+            files += plot_roc_det(pairs, sets, out, title)
+            overall = report["overall"]["all"]
+            files += plot_scores(pairs, {"bundle threshold": threshold,
+                                         "EER threshold": overall.get("eer_threshold"),
+                                         "FAR 1% threshold": overall.get("threshold_at_far_1%")},
+                                 out, title)
+            files += plot_confusions(fa, b, b.spec, out, title)
+        files.append("summary.md")
+        report["files"] = files
+        (out / "summary.md").write_text(summary_markdown(report), encoding="utf-8")
+        _atomic_json(out / "report.json", report)
+
+    if verbose:
+        print(describe(report))
+    return report
+
+
+def summary_markdown(report: dict) -> str:
+    """The headline table and the goals, as Markdown (for READMEs)."""
+    c = report["counts"]
+    lines = [
+        f"Model `{report['model_id']}`, bundle of {c['products']} products, "
+        f"{c['photos_scored']} photos ({Path(report['photos_source']).name or 'labelled photos'}); "
+        f"{c['pairs'][GENUINE]} genuine, {c['pairs']['impostor']} random-impostor and "
+        f"{c['pairs'][HARD]} hard-impostor pairs (protocol v{report['protocol']['version']}, "
+        f"seed {report['protocol']['seed']}).",
+        "",
+        format_table(report, markdown=True),
+    ]
+    if report.get("goals"):
+        lines += ["", "| goal | measured | on | met |", "|---|---|---|---|"]
+        for g in report["goals"]:
+            v = "-" if g["measured"] is None else f"{g['measured']:.3f}"
+            met = {True: "yes", False: "**no**", None: "-"}[g["met"]]
+            lines.append(f"| {g['goal']} | {v} | {g['on']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def describe(report: dict) -> str:
+    c = report["counts"]
+    lines = [
+        f"bundle {report['bundle']} (model {report['model_id']}, {c['products']} products), "
+        f"{c['photos_scored']} photos scored"
+        + (f", {c['photos_unreadable']} unreadable" if c["photos_unreadable"] else "")
+        + (f", {c['photos_of_products_not_enrolled']} of products not in the bundle (skipped)"
+           if c["photos_of_products_not_enrolled"] else ""),
+        f"pairs: {c['pairs'][GENUINE]} genuine, {c['pairs']['impostor']} random impostor, "
+        f"{c['pairs'][HARD]} hard impostor (seed {report['protocol']['seed']})",
+        "",
+        format_table(report),
+    ]
+    at = report["overall"]["all"].get("at_bundle_threshold")
+    if at:
+        lines += ["", f"at the bundle's threshold {at['threshold']:.4f}: FAR {at['far']:.2%}, "
+                      f"FRR {at['frr']:.2%}" + (f", FAR on hard impostors {at['far_hard']:.2%}"
+                                                if at.get("far_hard") is not None else "")]
+    if report.get("goals"):
+        lines += ["", "issue 3 goals:"]
+        for g in report["goals"]:
+            mark = {True: "met ", False: "MISS", None: "  - "}[g["met"]]
+            v = "-" if g["measured"] is None else f"{g['measured']:.3f}"
+            lines.append(f"  [{mark}] {g['goal']:34s} measured {v}  ({g['on']})")
+    return "\n".join(lines)
+
+
+# -- CLI --------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = (
+        "Evaluate a reference bundle on labelled field photos with issue 3's protocol: each\n"
+        "photo against its own product (genuine), 3 random products of other coarse classes\n"
+        "and every other product of its own class (hard impostors). Reports ROC AUC, EER,\n"
+        "TAR at FAR 1%/5%, EER on hard pairs, top-1/top-5 identification, per product kind,\n"
+        "and writes report.json, summary.md, pairs.csv, roc.png, det.png, scores.png and\n"
+        "confusions.png (the worst false accepts beside the originals they were taken for).")
+    p.epilog = ("example:\n  auditlens evaluate --bundle bundle/ --photos val.csv --out eval/ "
+                "--unseen-products heldout.txt")
+    p.add_argument("--bundle", "-b", type=Path, default=None,
+                   help="reference bundle folder or .zip (default: the shipped sample bundle)")
+    p.add_argument("--photos", required=True, type=Path, metavar="LABELLED.csv",
+                   help="CSV of photo,product_id (paths relative to the CSV)")
+    p.add_argument("--out", "-o", required=True, type=Path, metavar="DIR", help="folder for the report")
+    p.add_argument("--unseen-products", type=Path, default=None, metavar="FILE",
+                   help="ids of products held out of training (one per line, or a JSON list, or "
+                        "a training report.json with held_out_products): report seen and unseen apart")
+    p.add_argument("--catalog", default=None,
+                   help="catalogue to take group/kind from when the bundle lacks them")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="protocol seed (default: %(default)s)")
+    p.add_argument("--impostors", type=int, default=N_IMPOSTORS,
+                   help="random other-class impostors per photo (default: %(default)s)")
+    p.add_argument("--worst", type=int, default=12, help="mistakes on the confusion sheet (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="interpreter threads (default: %(default)s)")
+    p.add_argument("--no-plots", action="store_true", help="write only report.json and pairs.csv")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args) -> int:
+    from auditlens.catalog import open_catalog
+    from auditlens.cli import default_bundle
+
+    catalog = open_catalog(args.catalog) if args.catalog else None
+    unseen = read_product_ids(args.unseen_products) if args.unseen_products else None
+    report = evaluate(args.bundle or default_bundle(), args.photos, args.out, catalog=catalog,
+                      unseen_products=unseen, seed=args.seed, n_impostors=args.impostors,
+                      threads=args.threads, progress=not args.no_progress,
+                      plots=not args.no_plots, worst=args.worst)
+    print(f"\nwrote {', '.join(report.get('files', []))} to {args.out}")
+    return 0

@@ -1,0 +1,217 @@
+"""The evaluation protocol of issue 3, shared by ``evaluate`` and ``calibrate`` so that
+every figure auditlens reports is measured the same way.
+
+For each labelled photo of an enrolled product:
+
+* **genuine**: the photo against its own product;
+* **impostor**: against ``n_impostors`` (3) products drawn at random from *other* coarse
+  classes (``group``); the draw depends only on the seed and the photo's path and
+  product, so adding photos never changes another photo's pairs;
+* **hard**: against *every other* product of its own coarse class (another brand of
+  milk). Products with an empty ``group`` have no hard impostors, and draw their random
+  impostors from all other products.
+
+A pair's score is the cosine between the photo's latent and the product's closest
+reference (the verifier's rule). Each photo is decoded and embedded once, with the
+bundle's own model and preprocessing (``Verifier.prepare``), and scored against the
+whole bundle at once, which also gives the identification ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from auditlens.catalog import Catalog, LabelledPhoto
+from auditlens.errors import AuditlensError
+
+GENUINE, IMPOSTOR, HARD = "genuine", "impostor", "hard"
+PROTOCOL_VERSION = 1
+N_IMPOSTORS = 3
+DEFAULT_SEED = 0
+
+
+@dataclass
+class Embedded:
+    """Labelled photos embedded against a bundle."""
+
+    photos: list[LabelledPhoto]
+    """The photos that could be used, in input order."""
+    latents: np.ndarray
+    """float32 (N, D) unit latents."""
+    truth: np.ndarray
+    """int (N,): index into the bundle's products of each photo's product."""
+    scores: np.ndarray
+    """float32 (N, P): best-reference cosine of each photo against every product."""
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    """(photo, reason) of photos that could not be decoded."""
+    not_enrolled: list[LabelledPhoto] = field(default_factory=list)
+    """Photos whose product is not in the bundle (cannot be scored)."""
+
+
+@dataclass
+class Pairs:
+    """The protocol's pairs, as parallel arrays."""
+
+    photo: np.ndarray
+    """int (M,): index into ``Embedded.photos``."""
+    product: np.ndarray
+    """int (M,): index into the bundle's products."""
+    kind: np.ndarray
+    """str (M,): 'genuine', 'impostor' or 'hard'."""
+    score: np.ndarray
+    """float32 (M,)."""
+
+    @property
+    def genuine(self) -> np.ndarray:
+        return self.kind == GENUINE
+
+    @property
+    def impostor(self) -> np.ndarray:
+        """Every impostor pair, random and hard."""
+        return self.kind != GENUINE
+
+    def subset(self, mask: np.ndarray) -> Pairs:
+        return Pairs(self.photo[mask], self.product[mask], self.kind[mask], self.score[mask])
+
+    def counts(self) -> dict[str, int]:
+        return {GENUINE: int(self.genuine.sum()), IMPOSTOR: int((self.kind == IMPOSTOR).sum()),
+                HARD: int((self.kind == HARD).sum())}
+
+
+def product_scores(latents: np.ndarray, references: np.ndarray, owner: np.ndarray,
+                   n_products: int) -> np.ndarray:
+    """Best cosine of each latent (N, D) against each product's references -> (N, P)."""
+    sims = np.asarray(latents, np.float32) @ np.asarray(references, np.float32).T
+    if len(owner) == n_products and np.array_equal(np.sort(owner), np.arange(n_products)):
+        out = np.empty((sims.shape[0], n_products), np.float32)
+        out[:, owner] = sims  # one reference per product
+        return out
+    out = np.full((sims.shape[0], n_products), -np.inf, np.float32)
+    for p in range(n_products):
+        cols = np.nonzero(owner == p)[0]
+        if cols.size:
+            out[:, p] = sims[:, cols].max(axis=1)
+    return out
+
+
+def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int = 32,
+                 workers: int | None = None, progress: bool = True, desc: str = "photos") -> Embedded:
+    """Decode (in threads) and embed (in batches) each photo once with the verifier's model.
+
+    Photos that cannot be decoded are listed in ``failed``, photos of products the
+    bundle does not hold in ``not_enrolled``; neither stops the run.
+    """
+    from tqdm import tqdm
+
+    bundle = verifier.bundle
+    usable: list[LabelledPhoto] = []
+    not_enrolled: list[LabelledPhoto] = []
+    known = {p.product_id for p in bundle.products}
+    for photo in photos:
+        (usable if photo.product_id in known else not_enrolled).append(photo)
+
+    def load(photo: LabelledPhoto):
+        try:
+            return verifier.prepare(photo.photo).model_input
+        except AuditlensError as exc:
+            return exc
+        except OSError as exc:  # e.g. the file vanished
+            return exc
+
+    workers = workers or min(4, os.cpu_count() or 1)
+    inputs: list[np.ndarray] = []
+    kept: list[LabelledPhoto] = []
+    failed: list[tuple[str, str]] = []
+    latents: list[np.ndarray] = []
+    bar = tqdm(total=len(usable), desc=desc, unit="img", disable=not progress)
+    with ThreadPoolExecutor(workers) as pool:
+        for photo, result in zip(usable, pool.map(load, usable)):
+            bar.update(1)
+            if isinstance(result, Exception):
+                failed.append((photo.photo, str(result)))
+                continue
+            kept.append(photo)
+            inputs.append(result)
+            if len(inputs) == batch_size:
+                latents.append(verifier.encoder.embed(np.stack(inputs), batch_size=batch_size))
+                inputs = []
+    if inputs:
+        latents.append(verifier.encoder.embed(np.stack(inputs), batch_size=batch_size))
+    bar.close()
+    dim = bundle.references.shape[1]
+    lat = np.concatenate(latents) if latents else np.zeros((0, dim), np.float32)
+    truth = np.array([bundle.index(p.product_id) for p in kept], dtype=np.int64)
+    scores = product_scores(lat, bundle.references, bundle.reference_owner, len(bundle.products))
+    return Embedded(kept, lat, truth, scores, failed, not_enrolled)
+
+
+def _photo_rng(seed: int, photo: LabelledPhoto) -> np.random.Generator:
+    digest = hashlib.sha256(f"{seed}\x00{photo.photo}\x00{photo.product_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def product_groups(bundle, catalog: Catalog | None = None) -> tuple[list[str], list[str]]:
+    """(group, kind) of every bundle product; a catalogue fills in what the bundle lacks."""
+    groups, kinds = [], []
+    for p in bundle.products:
+        g, k = p.group, p.kind
+        if catalog is not None and p.product_id in catalog:
+            c = catalog.get(p.product_id)
+            g, k = g or c.group, k or c.kind
+        groups.append(g)
+        kinds.append(k)
+    return groups, kinds
+
+
+def make_pairs(embedded: Embedded, groups: Sequence[str], *, seed: int = DEFAULT_SEED,
+               n_impostors: int = N_IMPOSTORS) -> Pairs:
+    """Build the protocol's pairs (see the module docstring) and look up their scores."""
+    groups_arr = np.asarray(groups, dtype=object)
+    n_products = len(groups_arr)
+    by_group: dict[str, np.ndarray] = {}
+    for g in set(groups):
+        by_group[g] = np.nonzero(groups_arr == g)[0]
+    all_idx = np.arange(n_products)
+    photo_idx, product_idx, kinds = [], [], []
+    for n, (photo, p) in enumerate(zip(embedded.photos, embedded.truth)):
+        g = groups_arr[p]
+        photo_idx.append(n)
+        product_idx.append(int(p))
+        kinds.append(GENUINE)
+        if g:
+            hard = by_group[g][by_group[g] != p]
+            others = all_idx[groups_arr != g]
+        else:
+            hard = np.zeros(0, np.int64)
+            others = all_idx[all_idx != p]
+        rng = _photo_rng(seed, photo)
+        chosen = rng.choice(others, size=min(n_impostors, others.size), replace=False) if others.size else []
+        for q in sorted(int(x) for x in chosen):
+            photo_idx.append(n)
+            product_idx.append(q)
+            kinds.append(IMPOSTOR)
+        for q in hard:
+            photo_idx.append(n)
+            product_idx.append(int(q))
+            kinds.append(HARD)
+    photo_a = np.asarray(photo_idx, dtype=np.int64)
+    product_a = np.asarray(product_idx, dtype=np.int64)
+    score = embedded.scores[photo_a, product_a] if photo_a.size else np.zeros(0, np.float32)
+    return Pairs(photo_a, product_a, np.asarray(kinds, dtype=object).astype(str), score)
+
+
+def protocol_description(seed: int, n_impostors: int = N_IMPOSTORS) -> dict:
+    return {
+        "version": PROTOCOL_VERSION, "seed": seed, "random_impostors_per_photo": n_impostors,
+        "pairs": "each photo vs its own product (genuine), vs "
+                 f"{n_impostors} random products of other coarse classes (impostor), and vs "
+                 "every other product of its own coarse class (hard impostor); "
+                 "score = cosine to the product's best reference",
+        "identification": "rank of the true product among every product of the bundle",
+    }

@@ -1,0 +1,168 @@
+"""`auditlens calibrate`: the threshold meets the target false-accept rate on its own
+data, measured again through the verifier on the rewritten bundle."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from auditlens.device_app.bundle import ReferenceBundle
+from auditlens.device_app.verifier import Verifier, VerifierOptions
+
+from auditlens.cli import main
+from auditlens.errors import BundleSignatureError
+from auditlens.evaluation.calibrate import calibrate, decide, far_curve, write_model_card
+from auditlens.evaluation.protocol import embed_photos, make_pairs, product_groups
+
+from .conftest import SAMPLE
+
+
+@pytest.fixture
+def bundle_copy(tmp_path, sample_bundle):
+    dst = tmp_path / "bundle"
+    shutil.copytree(sample_bundle, dst)
+    return dst
+
+
+def protocol_pairs(bundle_path, photos):
+    """The protocol's pairs, rebuilt from the bundle as written."""
+    v = Verifier(bundle_path, VerifierOptions(check_quality=False))
+    embedded = embed_photos(v, photos, progress=False)
+    groups, _ = product_groups(v.bundle)
+    return v, embedded, make_pairs(embedded, groups)
+
+
+@pytest.mark.parametrize("target", [0.05, 0.1, 0.25])
+def test_threshold_meets_the_target_on_its_own_photos(bundle_copy, sample_photos, target):
+    d = calibrate(bundle_copy, SAMPLE / "photos.csv", target, progress=False)
+    assert d["measured_far"] <= target
+    # measured again, pair by pair, through Verifier.verify on the re-written bundle
+    v, embedded, pairs = protocol_pairs(bundle_copy, sample_photos)
+    assert v.threshold == d["threshold"] and v.bundle.decision["target_far"] == target
+    accepted = []
+    for n, p in zip(pairs.photo[pairs.impostor], pairs.product[pairs.impostor]):
+        photo = embedded.photos[n]
+        verdict = v.verify(photo.photo, v.bundle.products[p].product_id)
+        accepted.append(verdict.score >= verdict.threshold)
+        assert verdict.target_far == target and verdict.estimated_far is not None
+    assert np.mean(accepted) <= target
+    assert np.mean(accepted) == pytest.approx(d["measured_far"])
+    # the smallest such threshold: one float32 step lower lets too many impostors through
+    imp = pairs.score[pairs.impostor]
+    below = float(np.nextafter(np.float32(d["threshold"]), np.float32(-np.inf)))
+    assert (imp >= below).mean() > target
+    gen = pairs.score[pairs.genuine]
+    assert d["measured_tar"] == pytest.approx((gen >= d["threshold"]).mean())
+
+
+def test_rewrite_keeps_the_bundle_and_records_the_calibration(bundle_copy, sample_bundle, sample_photos):
+    before = ReferenceBundle.load(sample_bundle)
+    d = calibrate(bundle_copy, sample_photos, 0.1, progress=False)
+    after = ReferenceBundle.load(bundle_copy)  # every sha256 verified
+    assert after.model_id == before.model_id
+    np.testing.assert_array_equal(after.references, before.references)
+    assert [p.to_dict() for p in after.products] == [p.to_dict() for p in before.products]
+    assert after.thumbnails == before.thumbnails
+    assert after.manifest["probe"] == before.manifest["probe"]
+    assert after.manifest["created"] == before.manifest["created"]
+    dec = after.decision
+    for key in ("threshold", "target_far", "calibrated_on", "measured_far", "measured_tar", "far_curve"):
+        assert key in dec
+    assert "genuine" in dec["calibrated_on"] and "impostor" in dec["calibrated_on"]
+    assert dec["pairs"]["genuine"] == len(sample_photos)
+    curve = np.asarray(dec["far_curve"])
+    assert (np.diff(curve[:, 0]) > 0).all() and (np.diff(curve[:, 1]) <= 0).all()
+    assert curve[0, 1] == 1.0 and curve[-1, 1] == 0.0
+    assert not any(k.startswith("_") for k in dec)
+    assert d["threshold"] == dec["threshold"]
+
+
+def test_out_writes_a_new_zip_and_leaves_the_input_alone(tmp_path, bundle_copy, sample_photos):
+    manifest = (bundle_copy / "manifest.json").read_bytes()
+    out = tmp_path / "calibrated.zip"
+    calibrate(bundle_copy, sample_photos, 0.1, out=out, progress=False)
+    assert (bundle_copy / "manifest.json").read_bytes() == manifest
+    assert ReferenceBundle.load(out).decision["target_far"] == 0.1
+
+
+def test_signed_bundles_are_re_signed_or_refused(tmp_path, bundle_copy, sample_photos):
+    pytest.importorskip("cryptography")
+    from auditlens.device_app.signing import generate_keypair
+
+    private, public = generate_keypair(tmp_path / "keys")
+    b = ReferenceBundle.load(bundle_copy)
+    from auditlens.evaluation.calibrate import rewrite_bundle
+
+    signed = tmp_path / "signed"
+    rewrite_bundle(b, signed, b.decision, signing_key=private.read_bytes())
+    assert ReferenceBundle.load(signed, public_key=public.read_bytes()).signed_by
+
+    with pytest.raises(BundleSignatureError, match="--sign-key"):
+        calibrate(signed, sample_photos, 0.1, progress=False)
+    calibrate(signed, sample_photos, 0.1, signing_key=private.read_bytes(), progress=False)
+    again = ReferenceBundle.load(signed, public_key=public.read_bytes())
+    assert again.signed_by and again.decision["target_far"] == 0.1
+
+    calibrate(signed, sample_photos, 0.05, drop_signature=True, progress=False)
+    with pytest.raises(BundleSignatureError):
+        ReferenceBundle.load(signed, public_key=public.read_bytes())
+
+
+def test_far_curve_and_decide_on_fixed_scores():
+    imp = [0.9, 0.8, 0.8, 0.5, 0.1]
+    curve = far_curve(imp)
+    assert curve[0] == [0.1, 1.0]
+    assert [0.8, 0.6] in curve and [0.9, 0.2] in curve
+    assert curve[-1][1] == 0.0 and curve[-1][0] > 0.9
+    d = decide([0.95, 0.85, 0.7], imp, 0.2)
+    # one false accept of 5 allowed: the 2nd highest impostor (0.8, twice) is rejected
+    assert d["measured_far"] == pytest.approx(0.2)  # only 0.9 passes
+    assert d["measured_tar"] == pytest.approx(2 / 3)  # 0.95 and 0.85
+    assert 0.8 < d["threshold"] < 0.8 + 1e-6
+
+
+def test_cli_calibrate_and_model_card(tmp_path, bundle_copy, capsys):
+    card = tmp_path / "encoder.json"
+    card.write_text(json.dumps({"preprocess": {"input_size": 96, "crop": "center"}}))
+    rc = main(["calibrate", "--bundle", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
+               "--target-far", "0.1", "--model-card", str(card), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "threshold" in out and "measured FAR" in out
+    saved = json.loads(card.read_text())
+    assert saved["preprocess"]["input_size"] == 96  # the rest of the card is kept
+    assert saved["decision"]["threshold"] == ReferenceBundle.load(bundle_copy).threshold
+    assert saved["decision"]["far_curve"]
+
+
+def test_model_card_of_another_model_is_refused(tmp_path, sample_bundle):
+    from auditlens.errors import AuditlensError
+
+    (tmp_path / "encoder.tflite").write_bytes(b"not the calibrated model")
+    with pytest.raises(AuditlensError, match="not the calibrated model"):
+        write_model_card(tmp_path / "encoder.json", {"threshold": 0.5},
+                         ReferenceBundle.load(sample_bundle).model_id)
+
+
+def test_dry_run_writes_nothing(bundle_copy, capsys):
+    manifest = (bundle_copy / "manifest.json").read_bytes()
+    assert main(["calibrate", "-b", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
+                 "--target-far", "0.2", "--dry-run", "--no-progress"]) == 0
+    assert (bundle_copy / "manifest.json").read_bytes() == manifest
+
+
+@pytest.mark.grocery
+def test_calibration_on_grocery_photos(tmp_path, grocery, shipped_model):
+    """FAR 1% on the grocery-dev validation photos, with the shipped model."""
+    from auditlens.export.enroll import EnrollOptions, enroll
+
+    from auditlens.catalog import open_catalog
+    from auditlens.datasets import import_grocery
+
+    csvs = import_grocery(grocery, tmp_path / "csv")
+    bundle = enroll(open_catalog(csvs["catalog"]), tmp_path / "bundle", model=shipped_model,
+                    options=EnrollOptions(progress=False))
+    d = calibrate(bundle, csvs["val"], 0.01, progress=False)
+    assert d["measured_far"] <= 0.01
+    assert d["pairs"]["impostor"] > 500 and d["pairs"]["hard"] > 0
+    assert d["measured_far_hard"] is not None

@@ -1,0 +1,169 @@
+"""`auditlens evaluate` on the shipped sample bundle: report, plots, protocol."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from auditlens.device_app.verifier import Verifier, VerifierOptions
+
+from auditlens.cli import main
+from auditlens.evaluation import metrics
+from auditlens.evaluation.evaluate import evaluate, read_product_ids
+from auditlens.evaluation.protocol import (
+    GENUINE,
+    HARD,
+    IMPOSTOR,
+    embed_photos,
+    make_pairs,
+    product_groups,
+)
+
+from .conftest import SAMPLE
+
+PNGS = ("roc.png", "det.png", "scores.png", "confusions.png")
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, sample_bundle):
+    out = tmp_path_factory.mktemp("eval")
+    unseen = ["Banana", "Oatly-Oat-Milk", "Carrots"]
+    evaluate(sample_bundle, SAMPLE / "photos.csv", out, unseen_products=unseen, progress=False,
+             verbose=False)
+    return out
+
+
+def test_writes_json_and_pngs(report_dir):
+    for name in ("report.json", "pairs.csv", *PNGS):
+        path = report_dir / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    for name in PNGS:
+        assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((report_dir / "report.json").read_text())
+    overall = report["overall"]["all"]
+    for key in ("auc", "eer", "eer_threshold", "tar_at_far_1%", "tar_at_far_5%", "eer_hard",
+                "top1", "top5", "at_bundle_threshold"):
+        assert key in overall, key
+    assert set(report["overall"]["by_kind"]) == {"Packages", "Fruit", "Vegetables"}
+    assert report["overall"]["hard impostors"]["pairs"][IMPOSTOR] == 0
+    assert report["counts"]["photos_scored"] == 16
+    assert report["seen"]["all"]["photos"] + report["unseen"]["all"]["photos"] == 16
+    assert report["split"]["unseen_products"] == ["Banana", "Carrots", "Oatly-Oat-Milk"]
+    assert report["goals"] and all("met" in g for g in report["goals"])
+    assert report["worst_false_accepts"][0]["matched_product"] != report["worst_false_accepts"][0]["true_product"]
+
+
+def test_figures_agree_with_the_pairs_and_the_verifier(report_dir, sample_bundle, sample_photos):
+    report = json.loads((report_dir / "report.json").read_text())
+    with (report_dir / "pairs.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    gen = np.array([float(r["score"]) for r in rows if r["pair"] == GENUINE])
+    imp = np.array([float(r["score"]) for r in rows if r["pair"] != GENUINE])
+    hard = np.array([float(r["score"]) for r in rows if r["pair"] == HARD])
+    overall = report["overall"]["all"]
+    assert overall["eer"] == pytest.approx(metrics.eer(gen, imp).eer, abs=1e-5)
+    assert overall["auc"] == pytest.approx(metrics.roc_auc(gen, imp), abs=1e-5)
+    assert overall["eer_hard"] == pytest.approx(metrics.eer(gen, hard).eer, abs=1e-5)
+    assert overall["pairs"] == {GENUINE: len(gen), IMPOSTOR: len(imp) - len(hard), HARD: len(hard)}
+
+    v = Verifier(sample_bundle, VerifierOptions(check_quality=False))
+    top1 = np.mean([v.identify(p.photo, 1)[0].product_id == p.product_id for p in sample_photos])
+    assert overall["top1"] == pytest.approx(top1)
+    for r in rows[:8]:  # a pair's score is the verifier's score
+        assert float(r["score"]) == pytest.approx(v.verify(r["photo"], r["product"]).score, abs=1e-5)
+
+
+def test_protocol_pairs(sample_bundle, sample_photos):
+    v = Verifier(sample_bundle)
+    embedded = embed_photos(v, sample_photos, progress=False)
+    groups, _ = product_groups(v.bundle)
+    pairs = make_pairs(embedded, groups, seed=7)
+    for n, photo in enumerate(embedded.photos):
+        mine = pairs.subset(pairs.photo == n)
+        own = v.bundle.index(photo.product_id)
+        g = groups[own]
+        assert mine.product[mine.genuine].tolist() == [own]
+        randoms = mine.product[mine.kind == IMPOSTOR]
+        assert len(randoms) == 3 and all(groups[q] != g for q in randoms)
+        same = {q for q in range(len(groups)) if groups[q] == g and q != own}
+        assert set(mine.product[mine.kind == HARD].tolist()) == same
+    # deterministic for a seed, different for another
+    again = make_pairs(embedded, groups, seed=7)
+    assert np.array_equal(again.product, pairs.product)
+    other = make_pairs(embedded, groups, seed=8)
+    assert not np.array_equal(other.product, pairs.product)
+    # a photo's pairs do not depend on the other photos
+    alone = make_pairs(embed_photos(v, sample_photos[3:4], progress=False), groups, seed=7)
+    assert alone.product.tolist() == pairs.product[pairs.photo == 3].tolist()
+
+
+def test_unreadable_photos_and_unknown_products_are_counted(tmp_path, sample_bundle, sample_photos):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    rows = [[p.photo, p.product_id] for p in sample_photos[:6]]
+    rows += [[str(bad), sample_photos[0].product_id], [sample_photos[1].photo, "Not-Enrolled"]]
+    csv_path = tmp_path / "photos.csv"
+    with csv_path.open("w", newline="") as fh:
+        csv.writer(fh).writerows([["photo", "product_id"], *rows])
+    report = evaluate(sample_bundle, csv_path, None, progress=False, verbose=False)
+    c = report["counts"]
+    assert (c["photos_scored"], c["photos_unreadable"], c["photos_of_products_not_enrolled"]) == (6, 1, 1)
+    assert report["unreadable_photos"][0]["photo"] == str(bad)
+
+
+def test_read_product_ids(tmp_path):
+    txt = tmp_path / "held.txt"
+    txt.write_text("# held out\nBanana\n\nCarrots  # comment\n")
+    assert read_product_ids(txt) == {"Banana", "Carrots"}
+    js = tmp_path / "report.json"
+    js.write_text(json.dumps({"held_out_products": ["Banana"]}))
+    assert read_product_ids(js) == {"Banana"}
+    js.write_text(json.dumps({"config": {}, "data": {"held_out_products": ["Carrots"]}}))
+    assert read_product_ids(js) == {"Carrots"}
+
+
+def test_cli_evaluate(tmp_path, sample_bundle, capsys):
+    held = tmp_path / "held.txt"
+    held.write_text("Banana\nCarrots\n")
+    out = tmp_path / "report"
+    rc = main(["evaluate", "--bundle", str(sample_bundle), "--photos", str(SAMPLE / "photos.csv"),
+               "--out", str(out), "--unseen-products", str(held), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for word in ("EER", "TAR@1%", "top-1", "Packages", "hard impostors", "unseen: all"):
+        assert word in text
+    assert (out / "report.json").is_file() and (out / "roc.png").is_file()
+
+
+def test_cli_help_names_the_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert "--unseen-products" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    assert "--target-far" in capsys.readouterr().out
+
+
+@pytest.mark.grocery
+def test_evaluate_on_grocery_val(tmp_path, grocery, shipped_model):
+    from auditlens.export.enroll import EnrollOptions, enroll
+
+    from auditlens.catalog import open_catalog
+    from auditlens.datasets import import_grocery
+
+    csvs = import_grocery(grocery, tmp_path / "csv")
+    bundle = enroll(open_catalog(csvs["catalog"]), tmp_path / "bundle", model=shipped_model,
+                    options=EnrollOptions(progress=False))
+    report = evaluate(bundle, csvs["val"], tmp_path / "eval", progress=False, verbose=False)
+    assert report["counts"]["photos_scored"] > 200
+    assert report["counts"]["pairs"][HARD] > 0
+    assert set(report["overall"]["by_kind"]) == {"Packages", "Fruit", "Vegetables"}
+    for name in PNGS:
+        assert (tmp_path / "eval" / name).is_file()
+
+
+def test_split_without_unseen_photos_is_noted(sample_bundle, sample_photos):
+    report = evaluate(sample_bundle, sample_photos, None, unseen_products=["Not-In-Bundle"],
+                      progress=False, verbose=False, plots=False)
+    assert "seen" not in report and "no photo shows an unseen product" in report["split"]["note"]
+    assert report["split"]["unseen_not_in_bundle"] == ["Not-In-Bundle"]
