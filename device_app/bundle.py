@@ -459,7 +459,9 @@ def _write_files(out: Path, files: dict[str, bytes]) -> None:
 
 
 def _fsync_tree(path: Path) -> None:
-    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
+    """Make the staged bundle durable before it is renamed into place."""
+    if path.is_dir():
+        os.sync()  # one flush for hundreds of thumbnails; a per-file fsync costs ~3 ms each
+        return
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())

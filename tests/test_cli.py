@@ -23,7 +23,7 @@ def run(*args, check_rc=None):
 def test_demo_prints_matches_and_mismatches():
     out = run("demo", check_rc=0).stdout
     assert "MATCH" in out and "NO MATCH" in out
-    assert "verdicts correct" in out
+    assert "genuine photos accepted" in out
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

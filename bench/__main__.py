@@ -1,0 +1,422 @@
+"""``python -m bench``: auditlens against classical peers, accuracy, speed, size and scale,
+in one run. Prints markdown tables and writes ``results.md``, ``results.json`` and PNG
+plots to ``--out`` (default ``bench/results/``).
+
+``--quick`` is the CI smoke run (a few photos, few repeats, small catalogues: well under a
+minute); the default full mode produces the published numbers (a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .common import (
+    DEFAULT_KERAS,
+    DEFAULT_MODEL,
+    REPO,
+    conditions,
+    load_average,
+    measure,
+    mib,
+    pct,
+    rel,
+    resolve_data,
+    table,
+)
+
+SECTIONS = ("accuracy", "latency", "scale", "memory")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much work a run does."""
+
+    max_photos: int | None
+    timing_photos: int
+    timing_repeats: int
+    phone_runs: int
+    encoder_runs: int
+    verify_runs: int
+    full_decode_12mp_runs: int
+    identify_sizes: tuple[int, ...]
+    identify_runs: int
+    enroll_repeats: int
+    enroll_photos: int
+    score_pairs: int
+    memory_per_method: bool
+    float32: bool
+
+
+QUICK = Settings(max_photos=16, timing_photos=4, timing_repeats=2, phone_runs=2, encoder_runs=50,
+                 verify_runs=8, full_decode_12mp_runs=3, identify_sizes=(1_000, 10_000),
+                 identify_runs=5, enroll_repeats=1, enroll_photos=0, score_pairs=200,
+                 memory_per_method=False, float32=False)
+FULL = Settings(max_photos=None, timing_photos=30, timing_repeats=3, phone_runs=10, encoder_runs=1000,
+                verify_runs=200, full_decode_12mp_runs=30,
+                identify_sizes=(1_000, 10_000, 100_000, 1_000_000), identify_runs=50,
+                enroll_repeats=3, enroll_photos=1000, score_pairs=10_000, memory_per_method=True,
+                float32=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI smoke run: small and fast, numbers not meaningful")
+    p.add_argument("--data", default=None,
+                   help="Grocery Store Dataset folder, or a folder with catalog.csv + photos.csv "
+                        "(default: ../shared/data/grocery-dev when present, else models/sample)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                   help="int8 TFLite encoder (default: the shipped models/encoder.tflite)")
+    p.add_argument("--keras", type=Path, default=DEFAULT_KERAS,
+                   help="Keras encoder converted to float32 TFLite for the float32 timing "
+                        "(default: models/default.keras; skipped without it or without TensorFlow)")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results",
+                   help="folder for results.md, results.json and the plots (default: bench/results)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="only these methods (name prefixes, e.g. sift orb auditlens)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    sections = args.only or SECTIONS
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.model.is_file():
+        print(f"bench: no model at {args.model}; pass --model PATH.tflite", file=sys.stderr)
+        return 2
+    os.chdir(REPO)  # children run `python -m bench.memory` from here
+    started = time.perf_counter()
+    cond = conditions()
+    with tempfile.TemporaryDirectory(prefix="auditlens-bench-") as tmp:
+        report = run(args, settings, sections, Path(tmp), cond)
+    report["conditions"]["load_average_at_end"] = load_average()
+    report["conditions"]["wall_seconds"] = round(time.perf_counter() - started, 1)
+    md = render(report)
+    (out / "results.md").write_text(md, encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(report, indent=1, default=_json_default), encoding="utf-8")
+    print("\n" + md)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {len(report['plots'])} plots "
+          f"in {report['conditions']['wall_seconds']} s")
+    return 0
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _spread(photos, n):
+    """At most ``n`` photos, spread across products (round robin)."""
+    if n is None or len(photos) <= n:
+        return list(photos)
+    by_product: dict[str, list] = {}
+    for ph in photos:
+        by_product.setdefault(ph.product_id, []).append(ph)
+    out, i = [], 0
+    while len(out) < n:
+        for group in by_product.values():
+            if i < len(group) and len(out) < n:
+                out.append(group[i])
+        i += 1
+    return out
+
+
+def run(args, s: Settings, sections, work: Path, cond: dict) -> dict:
+    from auditlens.device_app.interpreter import Encoder, model_id_of
+    from auditlens.export.enroll import EnrollOptions, enroll
+
+    from auditlens.catalog import open_catalog, read_labelled_photos
+
+    from . import plots
+    from .accuracy import METRICS_SOURCE, run_method
+    from .latency import encoder_latency, make_phone_jpeg, verify_latency
+    from .memory import measure_memory
+    from .peers import make_methods
+    from .scale import enroll_rate, identify_end_to_end, identify_scale, photo_catalog, score_pairs
+
+    data = resolve_data(args.data, work)
+    catalog = open_catalog(data.catalog_csv)
+    all_photos = [p for p in read_labelled_photos(data.photos_csv) if p.product_id in catalog]
+    photos = _spread(all_photos, s.max_photos)
+    model_bytes = args.model.read_bytes()
+    encoder = Encoder(model_bytes)
+    notes: list[str] = list(data.notes)
+    report: dict = {
+        "mode": "quick" if args.quick else "full",
+        "conditions": cond,
+        "data": {"name": data.name, "products": len(catalog), "photos": len(photos),
+                 "photos_available": len(all_photos)},
+        "model": {"path": rel(args.model), "id": model_id_of(model_bytes), "bytes": len(model_bytes),
+                  "input_size": encoder.input_size, "latent_dim": encoder.latent_dim,
+                  "input_dtype": str(encoder.input_dtype)},
+        "metrics_source": METRICS_SOURCE,
+        "notes": notes, "plots": [], "_lap": [("setup", time.perf_counter())],
+    }
+    log(f"bench ({report['mode']}): {len(catalog)} products, {len(photos)} photos from {data.name}; "
+        f"model {report['model']['id']} ({len(model_bytes) / 1024:.0f} KiB); load {cond['load_average_1_5_15']}")
+
+    bundle = work / "bundle"
+    enroll(catalog, bundle, model=args.model, options=EnrollOptions(progress=False))
+    groups = [p.group for p in catalog]
+    first = photos[0]
+    phone = {label: make_phone_jpeg(first.photo, size, work / f"m_{label.replace(' ', '')}.jpg")
+             for label, size in (("1 MP", (1152, 864)), ("12 MP", (4032, 3024)))}
+
+    _lap(report, "accuracy")
+    if "accuracy" in sections:
+        log("\n## accuracy (same pairs for every method)")
+        results = []
+        for method in make_methods(bundle, args.methods):
+            try:
+                r = run_method(method, catalog, photos, groups, timing_photos=s.timing_photos,
+                               timing_repeats=s.timing_repeats, log=log)
+            except ImportError as exc:  # a peer's library is missing: `pip install auditlens[bench]`
+                notes.append(f"{method.name} skipped: {exc} (install auditlens[bench])")
+                log(f"  {method.name:14s} skipped: {exc}")
+                continue
+            ref = method.prepare_reference(next(_ref for _ref in _refs(catalog, first.product_id)))
+            r12 = measure(lambda m=method, ref=ref: m.verify(phone["12 MP"], ref), s.phone_runs, warmup=1)
+            results.append((r, r12))
+        report["accuracy"] = [{**r.to_dict(), "verify_12mp": r12.to_dict()} for r, r12 in results]
+        ours = next((r for r, _ in results if r.name == "auditlens"), None)
+        if ours is not None:
+            for row, (r, _) in zip(report["accuracy"], results):
+                row["slower_than_auditlens"] = r.verify.median / ours.verify.median
+        report["_method_objects"] = [r for r, _ in results]
+        report["plots"].append(str(plots.roc([r for r, _ in results], args.out / "roc.png")))
+        report["plots"].append(str(plots.speed_accuracy([r for r, _ in results], args.out / "speed_accuracy.png")))
+
+    _lap(report, "latency")
+    if "latency" in sections:
+        log("\n## latency")
+        models = {"int8": args.model}
+        if s.float32:
+            path, note = _float_model(args.keras, work)
+            notes.append(note)
+            if path is not None:
+                models["float32"] = path
+        else:
+            notes.append("float32 inference skipped in --quick")
+        rows = encoder_latency(models, s.encoder_runs, log=log)
+        vrows, extra = verify_latency(bundle, first.photo, first.product_id, work, s.verify_runs,
+                                      s.full_decode_12mp_runs, log=log)
+        rows += vrows
+        report["latency"] = [r.to_dict() for r in rows]
+        report["latency_extra"] = extra
+        report["plots"].append(str(plots.latency(rows, args.out / "latency.png")))
+
+    _lap(report, "scale")
+    if "scale" in sections:
+        log("\n## throughput and scale")
+        scale: dict = {"enroll": []}
+        for as_zip in (False, True):
+            scale["enroll"].append({**enroll_rate(catalog, args.model, work / "enroll", s.enroll_repeats,
+                                                  as_zip=as_zip), "what": "catalogue originals"})
+        if s.enroll_photos and data.extra_csv:
+            big = photo_catalog(read_labelled_photos(data.extra_csv), s.enroll_photos)
+            for as_zip in (False, True):
+                scale["enroll"].append({**enroll_rate(big, args.model, work / "enroll_big", 1, as_zip=as_zip),
+                                        "what": "field photos (348 px JPEG) as originals"})
+        for e in scale["enroll"]:
+            log(f"  enroll {e['originals']} {e['what']} into a {e['bundle']} bundle: {e['per_second']:.0f} originals/s")
+        scale["identify"] = identify_scale(list(s.identify_sizes), encoder.latent_dim, s.identify_runs, log=log)
+        t = identify_end_to_end(bundle, first.photo, s.verify_runs)
+        scale["identify_bundle"] = {"products": len(catalog), **t.to_dict()}
+        scale["score"] = score_pairs(bundle, photos, catalog.ids, s.score_pairs, work)
+        log(f"  score {scale['score']['pairs']} pairs ({scale['score']['photos']} photos): "
+            f"{scale['score']['seconds']:.1f} s, {scale['score']['pairs_per_second']:.0f} pairs/s")
+        report["scale"] = scale
+        report["plots"].append(str(plots.identify_scale(scale["identify"], args.out / "identify_scale.png")))
+
+    _lap(report, "memory")
+    if "memory" in sections:
+        log("\n## memory (fresh processes)")
+        measured = {a["method"] for a in report.get("accuracy", [])} or {"auditlens"}
+        names = [m.name for m in make_methods(bundle, args.methods)
+                 if m.name in measured and (s.memory_per_method or m.name == "auditlens")]
+        report["memory"] = measure_memory(bundle, phone, first.product_id,
+                                          catalog.get(first.product_id).image, first.photo, names, log=log)
+    _lap(report, "end")
+    report.pop("_method_objects", None)
+    report["plots"] = [Path(p).name for p in report["plots"]]
+    return report
+
+
+def _lap(report: dict, section: str) -> None:
+    """Seconds spent in each section (the previous one ends where the next begins)."""
+    now = time.perf_counter()
+    last = report.setdefault("_lap", [("setup", now)])
+    laps = report["conditions"].setdefault("section_seconds", {})
+    name, since = last[-1]
+    laps[name] = round(now - since, 1)
+    last.append((section, now))
+    if section == "end":
+        report.pop("_lap")
+
+
+def _refs(catalog, product_id):
+    from .peers import ProductRef
+
+    p = catalog.get(product_id)
+    yield ProductRef(p.product_id, p.image)
+
+
+def _float_model(keras: Path, work: Path):
+    from .floatmodel import export_float32
+
+    return export_float32(keras, work / "encoder_float32.tflite")
+
+
+# -- the report ---------------------------------------------------------------------------
+def render(r: dict) -> str:
+    c = r["conditions"]
+    v = c["versions"]
+    lines = [
+        "# auditlens benchmark results",
+        "",
+        f"Mode **{r['mode']}**{' (smoke run: numbers are not meaningful)' if r['mode'] == 'quick' else ''}; "
+        f"generated by `python -m bench{' --quick' if r['mode'] == 'quick' else ''}` at {c['started_utc']} UTC "
+        f"in {c.get('wall_seconds', '?')} s.",
+        "",
+        "**Conditions.** " + f"{c['cpu']}, {c['logical_cpus']} logical CPUs, {c['platform']}; "
+        f"load average (1/5/15 min) {c['load_average_1_5_15']} at start, {c.get('load_average_at_end')} at end "
+        "(the machine is shared: absolute times drift, ratios measured in the same run are the "
+        "robust figures). Python " + v["python"] + ", numpy " + v["numpy"] + ", Pillow " + v["pillow"]
+        + ", OpenCV " + v["opencv"] + ", scikit-image " + v["scikit-image"] + ", imagehash "
+        + v["imagehash"] + ", ai-edge-litert " + v["ai-edge-litert"] + ". Times are wall-clock "
+        "medians / 95th percentiles in ms over repeated runs (count in results.json); the encoder "
+        "and OpenCV run single-threaded unless a row says otherwise.",
+        "",
+        f"**Data.** {r['data']['name']}: {r['data']['products']} products (catalogue originals), "
+        f"{r['data']['photos']} field photos. **Model** `{r['model']['path']}` id {r['model']['id']}, "
+        f"{r['model']['bytes'] / 1024:.0f} KiB, {r['model']['input_size']} px {r['model']['input_dtype']} "
+        f"input, {r['model']['latent_dim']}-d latent. Metrics from `{r['metrics_source']}`.",
+    ]
+    if "accuracy" in r:
+        mem = r.get("memory", {}).get("per_method_peak_rss_mib", {})
+        rows = []
+        for a in r["accuracy"]:
+            rows.append([a["method"], pct(a["eer"]), pct(a["eer_hard"]), pct(a["tar_at_far_1pct"]),
+                         pct(a["top1"]), f"{a['verify']['median_ms']:.2f} / {a['verify']['p95_ms']:.2f}",
+                         f"{a['verify_12mp']['median_ms']:.1f}",
+                         f"{a.get('slower_than_auditlens', float('nan')):.1f}x",
+                         f"{a['reference_bytes']:.0f}",
+                         f"{mem[a['method']]:.0f}" if a["method"] in mem else "n/a"])
+        lines += ["", "## Accuracy, speed and memory, side by side", "",
+                  "Protocol: each photo against its own product's original (genuine), 3 random products of "
+                  "other coarse classes and every other product of its own coarse class (impostors); "
+                  "EER and TAR at FAR 1% over all those pairs, EER hard = same-class impostors only; "
+                  "top-1 over the whole catalogue. *Verify* = decode the photo from its file, describe "
+                  "it and score it against the product's prepared reference (auditlens: the whole "
+                  "`Verifier.verify`, quality and near-copy checks included); *12 MP* = the same for a "
+                  "4032x3024 quality-90 JPEG. Peak RSS: a fresh process preparing one reference and "
+                  "verifying 5 photos.", "",
+                  table(["method", "EER", "EER hard", "TAR@FAR1%", "top-1", "verify ms (median / p95)",
+                         "verify 12 MP ms", "time vs auditlens", "bytes / reference", "peak RSS MiB"], rows),
+                  "", "How each method scores: " + "; ".join(f"**{a['method']}**: {a['describe']}"
+                                                            for a in r["accuracy"]) + "."]
+    if "latency" in r:
+        rows = [[x["what"], f"{x['median_ms']:.3f}", f"{x['p95_ms']:.3f}", x["runs"], x["note"]]
+                for x in r["latency"]]
+        lines += ["", "## Latency (auditlens)", "", table(["what", "median ms", "p95 ms", "runs", "note"], rows)]
+        ratios = r["latency_extra"]["ratios"]
+        lines += ["", "Same-run ratios: " + "; ".join(f"{k} = **{v:.1f}x**" for k, v in ratios.items()) + "."]
+        enc = {x["what"]: x["median_ms"] for x in r["latency"] if x["what"].startswith("encoder")}
+        if "encoder float32, 1 thread" in enc and "encoder int8, 1 thread" in enc:
+            lines[-1] += (f" float32 / int8 inference (1 thread) = "
+                          f"**{enc['encoder float32, 1 thread'] / enc['encoder int8, 1 thread']:.1f}x**;"
+                          f" 1 / 2 threads (int8) = **{enc['encoder int8, 1 thread'] / enc['encoder int8, 2 threads']:.2f}x**.")
+    if "scale" in r:
+        sc = r["scale"]
+        lines += ["", "## Throughput and scale", "",
+                  table(["enrol", "bundle", "originals", "seconds (median)", "originals / s", "setup"],
+                        [[e["what"], e["bundle"], e["originals"], f"{e['seconds_median']:.2f}", f"{e['per_second']:.0f}",
+                          f"{e['workers']} decode threads, {e['interpreter_threads']}-thread interpreter, "
+                          f"{e['runs']} run(s), bundle written"] for e in sc["enroll"]]),
+                  "", f"`auditlens score`: {sc['score']['pairs']:,} pairs of {sc['score']['photos']} photos "
+                  f"(each photo decoded and embedded once) in {sc['score']['seconds']:.2f} s = "
+                  f"**{sc['score']['pairs_per_second']:.0f} pairs/s**. `Verifier.identify` of one photo "
+                  f"against the {sc['identify_bundle']['products']}-product bundle: "
+                  f"{sc['identify_bundle']['median_ms']:.2f} / {sc['identify_bundle']['p95_ms']:.2f} ms.",
+                  "", "Identify (top-5) against N enrolled products, random unit latents of the model's "
+                  "dimension, one reference per product, 1 thread; *scratch* = peak temporary memory "
+                  "of one query (tracemalloc); *top-1 agree* = same best product as the exact float32 scan:",
+                  "", table(["products", "storage", "median ms", "p95 ms", "latents MiB", "scratch MiB",
+                             "top-1 agree"],
+                            [[f"{x['products']:,}", x["storage"], f"{x['median_ms']:.3f}", f"{x['p95_ms']:.3f}",
+                              f"{mib(x['latents_bytes']):.1f}", f"{mib(x['query_scratch_bytes']):.1f}",
+                              pct(x["top1_agreement"])] for x in sc["identify"]])]
+    if "memory" in r:
+        lines += ["", "## Memory (peak RSS of fresh processes)", "",
+                  table(["process", "peak RSS MiB", "detail"],
+                        [[x["what"], f"{x['peak_rss_mib']:.0f}",
+                          ", ".join(f"{k} {v}" for k, v in x.items()
+                                    if k not in ("what", "peak_rss_mib", "note") and v != "")]
+                         for x in r["memory"]["rows"]])]
+    goals = _goals(r)
+    if goals:
+        lines += ["", "## Issue goals", "", table(["goal", "measured", "met"], goals)]
+    if r["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
+    lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in r["plots"]), ""]
+    return "\n".join(lines)
+
+
+def _goals(r: dict) -> list[list[str]]:
+    out = []
+
+    def add(goal, measured, ok):
+        out.append([goal, measured, "yes" if ok else "**no**"])
+
+    lat = {x["what"]: x for x in r.get("latency", [])}
+    if "encoder int8, 1 thread" in lat:
+        m = lat["encoder int8, 1 thread"]["median_ms"]
+        add("encoder int8 <= 0.5 ms median, 1 thread", f"{m:.3f} ms", m <= 0.5)
+    add("model file <= 1 MB", f"{r['model']['bytes'] / 1e6:.3f} MB", r["model"]["bytes"] <= 1e6)
+    for label, limit in (("12 MP", 40), ("1 MP", 10)):
+        key = f"verify {label} JPEG, draft decode (engine)"
+        if key in lat:
+            m = lat[key]["median_ms"]
+            add(f"verify {label} JPEG <= {limit} ms median, 1 thread", f"{m:.1f} ms", m <= limit)
+    acc = {a["method"]: a for a in r.get("accuracy", [])}
+    if "auditlens" in acc and "SIFT + RANSAC" in acc:
+        ours, sift = acc["auditlens"], acc["SIFT + RANSAC"]
+        ratio = sift["verify"]["median_ms"] / ours["verify"]["median_ms"]
+        add(">= 10x faster per verification than SIFT + RANSAC", f"{ratio:.1f}x", ratio >= 10)
+        add("... while far more accurate (EER)", f"{pct(ours['eer'])} vs {pct(sift['eer'])}",
+            ours["eer"] < sift["eer"])
+    for x in r.get("scale", {}).get("identify", []):
+        if x["products"] == 100_000 and x["storage"].startswith("int8"):
+            add("identify over 100k <= 20 ms (int8 storage)", f"{x['median_ms']:.2f} ms", x["median_ms"] <= 20)
+            add("... and <= 50 MB of latents", f"{x['latents_bytes'] / 1e6:.1f} MB", x["latents_bytes"] <= 50e6)
+    enr = r.get("scale", {}).get("enroll", [])
+    if enr:
+        largest = max(e["originals"] for e in enr)
+        rates = {e["bundle"]: e["per_second"] for e in enr if e["originals"] == largest}
+        add(f">= 200 originals enrolled per second, 2 cores ({largest} originals)",
+            ", ".join(f"{b} bundle {v:.0f} /s" for b, v in rates.items()),
+            rates.get("folder", max(rates.values())) >= 200)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

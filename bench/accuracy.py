@@ -1,0 +1,161 @@
+"""Accuracy and time per verification of every method, on the same pairs.
+
+Protocol (``auditlens.evaluation.protocol``, issue 3): each photo against its own
+product's original (genuine), 3 random products of other coarse classes (impostor) and
+every other product of its own coarse class (hard impostor). Verification: EER and TAR
+at FAR 1% over all those pairs (and EER on the hard pairs alone). Identification: top-1
+over every product of the catalogue. Every method scores the full photo x product
+matrix once; the pairs are read out of it, so all methods see identical pairs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from auditlens.catalog import Catalog, LabelledPhoto
+
+from .common import Timing, measure
+from .peers import Method, ProductRef
+
+TARGET_FAR = 0.01
+
+
+# -- metrics: the evaluation module's when it is there, minimal ones otherwise ------------
+try:
+    from auditlens.evaluation.metrics import eer as _eer
+    from auditlens.evaluation.metrics import tar_at_far as _tar_at_far
+    from auditlens.evaluation.metrics import topk_accuracy as _topk
+
+    METRICS_SOURCE = "auditlens.evaluation.metrics"
+
+    def eer(genuine, impostor) -> float:
+        return _eer(genuine, impostor).eer
+
+    def tar_at_far(genuine, impostor, far: float) -> float:
+        return _tar_at_far(genuine, impostor, far)[0]
+
+    def top1(scores, truth) -> float:
+        return _topk(scores, truth, 1)
+except ImportError:  # pragma: no cover - only before the evaluation module exists
+    METRICS_SOURCE = "bench (minimal fallback)"
+
+    def eer(genuine, impostor) -> float:
+        g, i = np.asarray(genuine, float), np.asarray(impostor, float)
+        ts = np.unique(np.concatenate([g, i]))
+        far = np.array([(i >= t).mean() for t in ts])
+        frr = np.array([(g < t).mean() for t in ts])
+        k = int(np.argmin(np.abs(far - frr)))
+        return float((far[k] + frr[k]) / 2)
+
+    def tar_at_far(genuine, impostor, far: float) -> float:
+        i = np.sort(np.asarray(impostor, float))[::-1]
+        k = int(np.floor(far * len(i)))
+        t = np.nextafter(i[k], np.inf) if k < len(i) else i[-1]
+        return float((np.asarray(genuine) >= t).mean())
+
+    def top1(scores, truth) -> float:
+        s = np.asarray(scores)
+        true = s[np.arange(len(truth)), truth]
+        return float(((s >= true[:, None]).sum(1) == 1).mean())
+
+
+def make_pairs(photos: list[LabelledPhoto], truth: np.ndarray, scores: np.ndarray,
+               groups: list[str], seed: int = 0):
+    """(genuine scores, impostor scores, hard impostor scores) of the protocol's pairs."""
+    try:
+        from auditlens.evaluation.protocol import Embedded
+        from auditlens.evaluation.protocol import make_pairs as protocol_pairs
+
+        emb = Embedded(photos, np.zeros((len(photos), 1), np.float32), truth,
+                       scores.astype(np.float64))
+        pairs = protocol_pairs(emb, groups, seed=seed)
+        kind = pairs.kind
+        return (pairs.score[kind == "genuine"], pairs.score[kind != "genuine"],
+                pairs.score[kind == "hard"], len(pairs.score))
+    except ImportError:  # pragma: no cover
+        rng = random.Random(seed)
+        gen, imp, hard = [], [], []
+        for n, p in enumerate(truth):
+            gen.append(scores[n, p])
+            same = [q for q in range(len(groups)) if q != p and groups[q] and groups[q] == groups[p]]
+            other = [q for q in range(len(groups)) if q != p and q not in same]
+            for q in rng.sample(other, min(3, len(other))):
+                imp.append(scores[n, q])
+            hard += [scores[n, q] for q in same]
+        return np.array(gen), np.array(imp + hard), np.array(hard), len(gen) + len(imp) + len(hard)
+
+
+@dataclass
+class MethodResult:
+    name: str
+    describe: str
+    eer: float
+    eer_hard: float | None
+    tar_at_far1: float
+    top1: float
+    verify: Timing
+    """One verification on the phone: prepare the query photo and score it (median, p95)."""
+    prepare_query_ms: float
+    """Mean time to prepare one query photo while building the score matrix."""
+    score_ms: float
+    """Mean time per pair score while building the score matrix."""
+    enroll_ms: float
+    """Mean time to prepare one reference."""
+    reference_bytes: float
+    """Mean storage per prepared reference."""
+    scores: np.ndarray
+    """(N, P) photo x product score matrix."""
+    genuine: np.ndarray
+    impostor: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.name, "describe": self.describe, "eer": self.eer,
+            "eer_hard": self.eer_hard, "tar_at_far_1pct": self.tar_at_far1, "top1": self.top1,
+            "verify": self.verify.to_dict(), "prepare_query_ms_mean": self.prepare_query_ms,
+            "score_ms_mean": self.score_ms, "prepare_reference_ms_mean": self.enroll_ms,
+            "reference_bytes": self.reference_bytes,
+        }
+
+
+def run_method(method: Method, catalog: Catalog, photos: list[LabelledPhoto], groups: list[str],
+               *, timing_photos: int, timing_repeats: int, log=print) -> MethodResult:
+    method.setup()
+    products = [ProductRef(p.product_id, p.image) for p in catalog]
+    t0 = time.perf_counter()
+    refs = [method.prepare_reference(p) for p in products]
+    enroll_ms = (time.perf_counter() - t0) * 1e3 / len(refs)
+    t0 = time.perf_counter()
+    queries = [method.prepare_query(ph.photo) for ph in photos]
+    query_ms = (time.perf_counter() - t0) * 1e3 / len(queries)
+    t0 = time.perf_counter()
+    scores = method.score_matrix(refs, queries)
+    score_ms = (time.perf_counter() - t0) * 1e3 / scores.size
+    index = {p.product_id: i for i, p in enumerate(products)}
+    truth = np.array([index[ph.product_id] for ph in photos], dtype=np.int64)
+
+    genuine, impostor, hard, n_pairs = make_pairs(photos, truth, scores, groups)
+    # time per verification: photo decoded from its file, scored against its own product
+    sample = photos[:: max(1, len(photos) // timing_photos)][:timing_photos]
+    cycle = [(ph.photo, refs[index[ph.product_id]]) for ph in sample]
+    state = {"i": 0}
+
+    def one():
+        photo, ref = cycle[state["i"] % len(cycle)]
+        state["i"] += 1
+        method.verify(photo, ref)
+
+    verify = measure(one, len(cycle) * timing_repeats, warmup=2)
+    result = MethodResult(
+        method.name, method.describe, eer(genuine, impostor),
+        eer(genuine, hard) if len(hard) else None, tar_at_far(genuine, impostor, TARGET_FAR),
+        top1(scores, truth), verify, query_ms, score_ms, enroll_ms,
+        float(np.mean([method.reference_bytes(r) for r in refs])), scores, genuine, impostor,
+    )
+    log(f"  {method.name:14s} EER {result.eer:6.1%}  TAR@FAR1% {result.tar_at_far1:6.1%}  "
+        f"top-1 {result.top1:6.1%}  verify {verify.median:8.2f} ms  ({n_pairs} pairs)")
+    return result

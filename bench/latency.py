@@ -1,0 +1,135 @@
+"""Latency of auditlens on the device path: encoder inference (int8 vs float32, 1 and 2
+threads), preprocessing, decoding with and without JPEG draft (reduced) decoding, and the
+whole ``Verifier.verify`` of phone-sized JPEGs, with a per-stage breakdown."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from auditlens.device_app.imaging import load_image
+from auditlens.device_app.interpreter import Encoder, EncoderOptions
+from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
+from auditlens.device_app.quality import assess
+from auditlens.device_app.verifier import Verifier, VerifierOptions, dhash
+from PIL import Image
+
+from .common import Timing, measure
+
+PHONE_SIZES = {"1 MP": (1152, 864), "12 MP": (4032, 3024)}
+"""4:3 frames as phone cameras write them."""
+
+
+def make_phone_jpeg(photo: str | Path, size: tuple[int, int], out: Path) -> Path:
+    """Upscale a real photo to a phone-sized 4:3 frame (square upscale, centre crop) and
+    save it as a quality-90 JPEG (4:2:0 chroma, as phones write them)."""
+    image = load_image(photo)
+    w, h = size
+    side = max(w, h)
+    big = image.resize((side, side), Image.Resampling.BICUBIC)
+    left, top = (side - w) // 2, (side - h) // 2
+    big.crop((left, top, left + w, top + h)).save(out, "JPEG", quality=90, subsampling=2)
+    return out
+
+
+class _FullDecodeSpec(PreprocessSpec):
+    """The bundle's preprocessing with JPEG draft decoding switched off (full decode)."""
+
+    @property
+    def draft_size(self):  # type: ignore[override]
+        return None
+
+
+@dataclass
+class LatencyRow:
+    what: str
+    timing: Timing
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"what": self.what, **self.timing.to_dict(), "note": self.note}
+
+
+def encoder_latency(models: dict[str, Path], runs: int, log=print) -> list[LatencyRow]:
+    """Inference of one image, for each model and 1 / 2 interpreter threads."""
+    rows = []
+    for label, path in models.items():
+        for threads in (1, 2):
+            enc = Encoder(path, EncoderOptions(num_threads=threads))
+            image = np.random.default_rng(0).integers(0, 256, (enc.input_size, enc.input_size, 3), dtype=np.uint8)
+            t = measure(lambda enc=enc, image=image: enc.raw_latents(image), runs, warmup=10)
+            size_kib = Path(path).stat().st_size / 1024
+            rows.append(LatencyRow(f"encoder {label}, {threads} thread{'s' if threads > 1 else ''}", t,
+                                   f"{enc.input_size}px -> {enc.latent_dim}-d, {enc.input_dtype} input, "
+                                   f"model {size_kib:.0f} KiB"))
+            log(f"  {rows[-1].what:40s} {t.cell(3)} ms")
+    return rows
+
+
+def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, workdir: Path,
+                   runs: int, runs_12mp_full: int, log=print) -> tuple[list[LatencyRow], dict]:
+    """Whole verify of 1 MP and 12 MP JPEGs with draft vs full decoding, preprocessing,
+    decoding and the per-stage breakdown of a 12 MP verify."""
+    verifier = Verifier(bundle_path, VerifierOptions(num_threads=1))
+    full = Verifier(verifier.bundle, VerifierOptions(num_threads=1))
+    full.spec = _FullDecodeSpec(**verifier.spec.to_dict())
+    spec = verifier.spec
+    rows: list[LatencyRow] = []
+    files: dict[str, Path] = {}
+    ratios: dict[str, float] = {}
+    for label, size in PHONE_SIZES.items():
+        path = make_phone_jpeg(photo, size, workdir / f"phone_{label.replace(' ', '')}.jpg")
+        files[label] = path
+        data = path.read_bytes()
+        n_full = runs if label == "1 MP" else runs_12mp_full
+        kib = len(data) / 1024
+        t_draft = measure(lambda p=path: verifier.verify(p, product_id), runs, warmup=3)
+        t_full = measure(lambda p=path: full.verify(p, product_id), n_full, warmup=1)
+        rows.append(LatencyRow(f"verify {label} JPEG, draft decode (engine)", t_draft,
+                               f"{size[0]}x{size[1]}, {kib:.0f} KiB, decode+resize+infer+score+checks"))
+        rows.append(LatencyRow(f"verify {label} JPEG, full decode", t_full, "same verify, draft off"))
+        ratios[f"verify {label}: full / draft"] = t_full.median / t_draft.median
+        d_draft = measure(lambda data=data: load_image(io.BytesIO(data), draft=spec.draft_size), runs, warmup=2)
+        d_full = measure(lambda data=data: load_image(io.BytesIO(data)), n_full, warmup=1)
+        rows.append(LatencyRow(f"decode {label} JPEG, draft", d_draft,
+                               f"to >= {spec.draft_size[0]}px: {load_image(io.BytesIO(data), draft=spec.draft_size).size}"))
+        rows.append(LatencyRow(f"decode {label} JPEG, full", d_full, ""))
+        ratios[f"decode {label}: full / draft"] = d_full.median / d_draft.median
+        for r in rows[-4:]:
+            log(f"  {r.what:44s} {r.timing.cell(2)} ms")
+
+    # preprocessing alone: crop + resize to the encoder input
+    for label, image in (("grocery photo", load_image(photo)),
+                         ("12 MP draft-decoded", load_image(files["12 MP"], draft=spec.draft_size)),
+                         ("12 MP full-decoded", load_image(files["12 MP"]))):
+        t = measure(lambda image=image: to_model_input(image, spec), runs if "full" not in label else runs_12mp_full)
+        rows.append(LatencyRow(f"preprocess {label} ({image.width}x{image.height})", t, "to_model_input"))
+        log(f"  {rows[-1].what:44s} {t.cell(3)} ms")
+
+    # where the time of one 12 MP verify goes (draft decoding, as the engine does it)
+    path = files["12 MP"]
+    data = path.read_bytes()
+    image = load_image(io.BytesIO(data), draft=spec.draft_size)
+    model_input = to_model_input(image, spec)
+    latent = verifier.encoder.embed(model_input)[0]
+    stages = {
+        "read file": lambda: path.read_bytes(),
+        "sha256 of the file": lambda: hashlib.sha256(data).hexdigest(),
+        "decode (draft) + EXIF + RGB": lambda: load_image(io.BytesIO(data), draft=spec.draft_size),
+        "crop + resize to input": lambda: to_model_input(image, spec),
+        "encoder (int8, 1 thread)": lambda: verifier.encoder.embed(model_input),
+        "score (best reference)": lambda: verifier.score(latent, product_id),
+        "capture quality check": lambda: assess(image),
+        "near-copy dHash": lambda: dhash(image),
+    }
+    breakdown = {}
+    for name, fn in stages.items():
+        t = measure(fn, runs, warmup=2)
+        breakdown[name] = t
+        rows.append(LatencyRow(f"12 MP stage: {name}", t, ""))
+        log(f"  {rows[-1].what:44s} {t.cell(3)} ms")
+    return rows, {"ratios": ratios,
+                  "breakdown": {k: v.to_dict() for k, v in breakdown.items()}}

@@ -1,0 +1,107 @@
+"""PNG plots of a benchmark run (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc(methods, out: Path) -> Path:
+    """TAR against FAR (log) of every method on the protocol's pairs."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for m in methods:
+        g, i = np.asarray(m.genuine, float), np.asarray(m.impostor, float)
+        ts = np.unique(np.concatenate([g, i]))[::-1]
+        far = np.array([(i >= t).mean() for t in ts])
+        tar = np.array([(g >= t).mean() for t in ts])
+        ax.plot(np.maximum(far, 1e-4), tar, label=f"{m.name} (EER {m.eer:.1%})",
+                lw=2.5 if m.name == "auditlens" else 1.2)
+    ax.axvline(0.01, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false-accept rate (FAR)")
+    ax.set_ylabel("true-accept rate (TAR)")
+    ax.set_title("Verification ROC, same pairs for every method")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def speed_accuracy(methods, out: Path) -> Path:
+    """Time per verification (log) against EER."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for m in methods:
+        ax.scatter(m.verify.median, m.eer * 100, s=60 if m.name == "auditlens" else 30)
+        ax.annotate(m.name, (m.verify.median, m.eer * 100), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("time per verification, median (ms, log)")
+    ax.set_ylabel("EER (%)")
+    ax.set_title("Speed and accuracy (lower left is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def latency(rows, out: Path) -> Path:
+    """Median (bar) and p95 (whisker) of each latency row."""
+    plt = _pyplot()
+    labels = [r.what for r in rows]
+    med = np.array([r.timing.median for r in rows])
+    p95 = np.array([r.timing.p95 for r in rows])
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2))
+    y = np.arange(len(rows))
+    ax.barh(y, med, xerr=[np.zeros_like(med), np.maximum(p95 - med, 0)], color="tab:blue", alpha=0.8)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("ms (bar: median, whisker: p95; log)")
+    ax.set_title("auditlens latency")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def identify_scale(rows, out: Path) -> Path:
+    """Identify latency and latent memory against catalogue size, per storage type."""
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for storage in dict.fromkeys(r["storage"] for r in rows):
+        sel = [r for r in rows if r["storage"] == storage]
+        n = [r["products"] for r in sel]
+        a1.plot(n, [r["median_ms"] for r in sel], marker="o", label=storage)
+        a2.plot(n, [r["latents_bytes"] / 2**20 for r in sel], marker="o", label=storage)
+    for ax, ylabel in ((a1, "identify, median ms"), (a2, "latents, MiB")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("enrolled products")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    a1.axhline(20, color="grey", ls=":", lw=1)
+    a2.axhline(50, color="grey", ls=":", lw=1)
+    a1.legend(fontsize=7)
+    fig.suptitle("identify over large catalogues (random unit latents)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,142 @@
+"""Throughput and scale: enrolment rate, identify over 1k..1M enrolled products with
+latents stored as float32 / float16 / int8, and batch ``score`` with each photo embedded
+once."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+from auditlens.device_app.search import DTYPES, LatentIndex
+
+from auditlens.catalog import Catalog, LabelledPhoto, Product
+
+from .common import Timing, measure
+
+
+def enroll_rate(catalog: Catalog, model: Path, out: Path, repeats: int = 1, *,
+                as_zip: bool = False) -> dict:
+    """Originals enrolled per second by ``export.enroll.enroll`` with its default options
+    (decoding threads + a 2-thread interpreter), writing a folder bundle (every file
+    fsync'ed) or a ``.zip`` bundle (one file)."""
+    from auditlens.export.enroll import EnrollOptions, enroll
+
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        enroll(catalog, out / f"bundle_{i}{'.zip' if as_zip else ''}", model=model,
+               options=EnrollOptions(progress=False))
+        times.append(time.perf_counter() - t0)
+    best = float(np.median(times))
+    opts = EnrollOptions()
+    return {"originals": len(catalog), "seconds_median": best, "per_second": len(catalog) / best,
+            "runs": repeats, "workers": opts.workers, "interpreter_threads": opts.num_threads,
+            "bundle": "zip" if as_zip else "folder"}
+
+
+def photo_catalog(photos: list[LabelledPhoto], n: int) -> Catalog:
+    """A catalogue of ``n`` products whose 'originals' are field photos (for throughput)."""
+    return Catalog([Product(f"p{i:06d}", f"p{i:06d}", ph.photo) for i, ph in enumerate(photos[:n])],
+                   "field photos as originals")
+
+
+def _random_unit(rng, n: int, d: int) -> np.ndarray:
+    out = np.empty((n, d), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        block = rng.standard_normal((min(100_000, n - start), d), dtype=np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[start:start + len(block)] = block
+    return out
+
+
+def _engine_today(references: np.ndarray, owner: np.ndarray, n: int):
+    """What ``Verifier.rank`` does now: float32 references, ``np.maximum.at``, argpartition."""
+    def run(q, k=5):
+        sims = references @ q
+        best = np.full(n, -np.inf, dtype=np.float32)
+        np.maximum.at(best, owner, sims)
+        top = np.argpartition(-best, k - 1)[:k]
+        return top[np.argsort(-best[top])]
+    return run
+
+
+def identify_scale(sizes: list[int], dim: int, runs: int, seed: int = 0, log=print) -> list[dict]:
+    """Latency, memory and top-1 agreement with the exact float32 scan for each catalogue
+    size and storage type. Latents are random unit vectors; each query is a stored latent
+    plus noise (cosine ~0.9 to its product)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in sizes:
+        latents = _random_unit(rng, n, dim)
+        picks = rng.integers(0, n, 16)
+        queries = latents[picks] + 0.05 * rng.standard_normal((16, dim), dtype=np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        exact_top = [int(np.argmax(latents @ q)) for q in queries]
+        n_runs = runs if n < 1_000_000 else max(5, runs // 5)
+        variants: list[tuple[str, object, int]] = []
+        owner = np.arange(n, dtype=np.int32)
+        variants.append(("float32, engine today (maximum.at)", _engine_today(latents, owner, n), latents.nbytes))
+        for dtype in DTYPES:
+            index = LatentIndex(latents, dtype=dtype)
+            variants.append((f"{dtype}, search.LatentIndex", lambda q, index=index: index.top_k(q, 5)[0], index.nbytes))
+        for label, fn, nbytes in variants:
+            def one(fn=fn, queries=queries, state={"i": 0}):  # noqa: B006 - a per-loop counter
+                fn(queries[state["i"] % len(queries)])
+                state["i"] += 1
+
+            t = measure(one, n_runs, warmup=2)
+            tracemalloc.start()
+            fn(queries[0])
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            agree = float(np.mean([int(np.asarray(fn(q))[0]) == e for q, e in zip(queries, exact_top)]))
+            rows.append({"products": n, "storage": label, "latents_bytes": int(nbytes),
+                         "query_scratch_bytes": int(peak), "top1_agreement": agree, **t.to_dict()})
+            log(f"  identify {n:>9,d}  {label:36s} {t.cell(3)} ms  latents {nbytes / 2**20:8.1f} MiB  "
+                f"scratch {peak / 2**20:6.1f} MiB  top-1 agree {agree:.0%}")
+        del latents, variants
+    return rows
+
+
+def identify_end_to_end(bundle_path: Path, photo: str, runs: int) -> Timing:
+    """``Verifier.identify`` of a grocery photo against the benchmark bundle."""
+    from auditlens.device_app.verifier import Verifier
+
+    verifier = Verifier(bundle_path)
+    return measure(lambda: verifier.identify(photo, 5), runs, warmup=2)
+
+
+def score_pairs(bundle_path: Path, photos: list[LabelledPhoto], product_ids: list[str],
+                n_pairs: int, workdir: Path) -> dict:
+    """``auditlens score`` over ``n_pairs`` (photo, product) pairs, each photo embedded once."""
+    from auditlens.cli import main
+
+    pairs = []
+    per_photo = max(1, min(len(product_ids), -(-n_pairs // max(len(photos), 1))))
+    for i, ph in enumerate(photos):
+        claimed = [ph.product_id] + [p for p in product_ids if p != ph.product_id]
+        offset = i % max(1, len(claimed) - 1)
+        chosen = [claimed[0]] + (claimed[1:][offset:] + claimed[1:][:offset])[: per_photo - 1]
+        pairs += [(ph.photo, pid) for pid in chosen]
+        if len(pairs) >= n_pairs:
+            break
+    pairs = pairs[:n_pairs]
+    pairs_csv = workdir / "score_pairs.csv"
+    with pairs_csv.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["photo", "product_id"])
+        w.writerows(pairs)
+    out = workdir / "scored.csv"
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["score", "--pairs", str(pairs_csv), "--out", str(out), "--bundle", str(bundle_path),
+                   "--no-progress"])
+    seconds = time.perf_counter() - t0
+    n_photos = len({p for p, _ in pairs})
+    return {"pairs": len(pairs), "photos": n_photos, "seconds": seconds,
+            "pairs_per_second": len(pairs) / seconds, "exit_status": rc}
