@@ -94,11 +94,24 @@ def far_curve(impostor, points: int = CURVE_POINTS) -> list[list[float]]:
     return [[s, round(f, 6)] for s, f in out]
 
 
+CALIBRATION_MARGIN = 1e-3
+"""Largest step the threshold is moved above the highest rejected impostor."""
+
+
+def _with_margin(smallest: float, impostor: np.ndarray) -> float:
+    """Move the smallest admissible threshold halfway to the next impostor score (at most
+    :data:`CALIBRATION_MARGIN`), so the same FAR holds when a device recomputes a score a
+    few float32 steps differently (another CPU, another summation order)."""
+    above = impostor[impostor >= smallest]
+    gap = float(above.min() - smallest) if above.size else 2 * CALIBRATION_MARGIN
+    return smallest + min(gap / 2, CALIBRATION_MARGIN)
+
+
 def decide(genuine, impostor, target_far: float, *, hard=None) -> dict:
     """The decision dict for ``target_far`` from genuine and impostor scores (no I/O)."""
     genuine = np.asarray(genuine, dtype=np.float64)
     impostor = np.asarray(impostor, dtype=np.float64)
-    threshold = metrics.threshold_at_far(impostor, target_far)
+    threshold = _with_margin(metrics.threshold_at_far(impostor, target_far), impostor)
     far, frr = metrics.far_frr_at(genuine, impostor, threshold)
     out = {
         "threshold": threshold,

@@ -24,6 +24,12 @@ FD_LIMIT = 256
 
 
 def _rss_mib() -> float:
+    """Peak RSS of this program. VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec(),
+    so a child of a big pytest process would report the parent's peak."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -61,7 +67,6 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
     import auditlens.device_app.verifier  # noqa: F401  and the engine, LiteRT included
-
     from auditlens.cli import main as cli  # imports numpy, Pillow, the CLI
 
     if scenario == "score":
