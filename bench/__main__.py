@@ -141,10 +141,9 @@ def _spread(photos, n):
 
 
 def run(args, s: Settings, sections, work: Path, cond: dict) -> dict:
+    from auditlens.catalog import open_catalog, read_labelled_photos
     from auditlens.device_app.interpreter import Encoder, model_id_of
     from auditlens.export.enroll import EnrollOptions, enroll
-
-    from auditlens.catalog import open_catalog, read_labelled_photos
 
     from . import plots
     from .accuracy import METRICS_SOURCE, run_method

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.interpreter import Encoder, EncoderOptions
 from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
 from auditlens.device_app.quality import assess
 from auditlens.device_app.verifier import Verifier, VerifierOptions, dhash
-from PIL import Image
 
 from .common import Timing, measure
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from auditlens.device_app.imaging import load_image
 from PIL import Image
+
+from auditlens.device_app.imaging import load_image
 
 
 @dataclass(frozen=True)

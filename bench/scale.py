@@ -12,9 +12,9 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from auditlens.device_app.search import DTYPES, LatentIndex
 
 from auditlens.catalog import Catalog, LabelledPhoto, Product
+from auditlens.device_app.search import DTYPES, LatentIndex
 
 from .common import Timing, measure
 

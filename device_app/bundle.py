@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from auditlens.device_app.interpreter import model_id_of
-from auditlens.device_app.preprocess import PreprocessSpec
 from PIL import Image
 
+from auditlens.device_app.interpreter import model_id_of
+from auditlens.device_app.preprocess import PreprocessSpec
 from auditlens.errors import (
     BundleError,
     BundleFormatError,

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from auditlens.device_app.imaging import ImageSource, load_image
 from PIL import Image
+
+from auditlens.device_app.imaging import ImageSource, load_image
 
 
 @dataclass(frozen=True)

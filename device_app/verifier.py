@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
 from auditlens.device_app.bundle import ReferenceBundle, probe_image
 from auditlens.device_app.imaging import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
 from auditlens.device_app.preprocess import to_model_input
 from auditlens.device_app.quality import Quality, QualityThresholds, assess
-from PIL import Image
-
 from auditlens.errors import ImageTooLargeError, ModelMismatchError, UnreadableImageError
 
 MATCH, NO_MATCH, RETAKE = "match", "no_match", "retake"

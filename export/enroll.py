@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from auditlens.catalog import Catalog, LabelledPhoto
 from auditlens.device_app.bundle import ProductRecord, probe_image, write_bundle
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.interpreter import Encoder, EncoderOptions
 from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
 from auditlens.device_app.verifier import dhash
-from PIL import Image
-from tqdm import tqdm
-
-from auditlens.catalog import Catalog, LabelledPhoto
 from auditlens.errors import AuditlensError, CatalogError
 
 DEFAULT_THRESHOLD = 0.5

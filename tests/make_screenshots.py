@@ -186,10 +186,9 @@ def make_demo(root: Path, model: Path | None = None, source: str = "auto") -> di
     score *on these photos* (so the walk-through shows each screen whatever model is
     shipped): it demonstrates the app, it is not a calibration.
     """
+    from auditlens.catalog import open_catalog
     from auditlens.device_app.verifier import Verifier
     from auditlens.export.enroll import EnrollOptions, enroll
-
-    from auditlens.catalog import open_catalog
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from auditlens.device_app.app.camera import CameraUnavailable, FileCamera
-from auditlens.device_app.app.session import Session
-from auditlens.device_app.auditlog import AuditLog
-from auditlens.device_app.verifier import Verifier
 from PIL import Image
 
 from auditlens.cli import COMMANDS
 from auditlens.cli import main as cli_main
+from auditlens.device_app.app.camera import CameraUnavailable, FileCamera
+from auditlens.device_app.app.session import Session
+from auditlens.device_app.auditlog import AuditLog
+from auditlens.device_app.verifier import Verifier
 
 
 def _load_shots():

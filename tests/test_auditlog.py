@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from auditlens.cli import main as cli_main
 from auditlens.device_app.auditlog import (
     GENESIS_HASH,
     MAX_PHOTO_SIDE,
@@ -26,9 +29,6 @@ from auditlens.device_app.auditlog import (
 )
 from auditlens.device_app.quality import Quality
 from auditlens.device_app.verifier import Candidate, Verdict
-from PIL import Image
-
-from auditlens.cli import main as cli_main
 from auditlens.errors import AuditChainError, AuditLogError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
-from auditlens.device_app.verifier import Verifier, VerifierOptions
 
 from auditlens.cli import main
+from auditlens.device_app.verifier import Verifier, VerifierOptions
 from auditlens.evaluation import metrics
 from auditlens.evaluation.evaluate import evaluate, read_product_ids
 from auditlens.evaluation.protocol import (
@@ -146,10 +146,9 @@ def test_cli_help_names_the_options(capsys):
 
 @pytest.mark.grocery
 def test_evaluate_on_grocery_val(tmp_path, grocery, shipped_model):
-    from auditlens.export.enroll import EnrollOptions, enroll
-
     from auditlens.catalog import open_catalog
     from auditlens.datasets import import_grocery
+    from auditlens.export.enroll import EnrollOptions, enroll
 
     csvs = import_grocery(grocery, tmp_path / "csv")
     bundle = enroll(open_catalog(csvs["catalog"]), tmp_path / "bundle", model=shipped_model,

@@ -6,7 +6,12 @@ from PIL import Image
 
 from auditlens.catalog import open_catalog
 from auditlens.device_app.imaging import load_image
-from auditlens.device_app.preprocess import PreprocessSpec, crop_box, load_model_input, to_model_input
+from auditlens.device_app.preprocess import (
+    PreprocessSpec,
+    crop_box,
+    load_model_input,
+    to_model_input,
+)
 from auditlens.device_app.verifier import Verifier
 from auditlens.export.enroll import _load_original
 

@@ -50,6 +50,11 @@ def configure_kivy(size: str | None = None) -> None:
 
 def build_app_class():
     """The Kivy App class (built on demand so importing this module needs no Kivy)."""
+    from kivy.app import App
+    from kivy.clock import Clock
+    from kivy.core.window import Window
+    from kivy.uix.screenmanager import NoTransition, ScreenManager
+
     from auditlens.device_app.app.camera import (
         CameraUnavailable,
         FileCamera,
@@ -69,11 +74,6 @@ def build_app_class():
     from auditlens.device_app.app.widgets import BG
     from auditlens.device_app.app.worker import Worker
     from auditlens.device_app.quality import assess
-    from kivy.app import App
-    from kivy.clock import Clock
-    from kivy.core.window import Window
-    from kivy.uix.screenmanager import NoTransition, ScreenManager
-
     from auditlens.errors import AuditlensError
 
     class AuditApp(App):

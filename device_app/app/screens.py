@@ -8,6 +8,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from kivy.app import App
+from kivy.graphics import Color, Line, Rectangle
+from kivy.metrics import dp
+from kivy.uix.boxlayout import BoxLayout
+from kivy.uix.floatlayout import FloatLayout
+from kivy.uix.gridlayout import GridLayout
+from kivy.uix.label import Label
+from kivy.uix.screenmanager import Screen
+from kivy.uix.scrollview import ScrollView
+from kivy.uix.textinput import TextInput
+from kivy.uix.widget import Widget
+
 from auditlens.device_app.app.widgets import (
     ACCENT,
     AMBER,
@@ -31,17 +43,6 @@ from auditlens.device_app.app.widgets import (
     WrapLabel,
     pil_to_texture,
 )
-from kivy.app import App
-from kivy.graphics import Color, Line, Rectangle
-from kivy.metrics import dp
-from kivy.uix.boxlayout import BoxLayout
-from kivy.uix.floatlayout import FloatLayout
-from kivy.uix.gridlayout import GridLayout
-from kivy.uix.label import Label
-from kivy.uix.screenmanager import Screen
-from kivy.uix.scrollview import ScrollView
-from kivy.uix.textinput import TextInput
-from kivy.uix.widget import Widget
 
 DECISION_STYLE = {
     "match": ("MATCH", GREEN, TEXT),

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from PIL import Image
+
 from auditlens.device_app.auditlog import AuditLog, AuditRecord, ChainReport
 from auditlens.device_app.bundle import ProductRecord, ReferenceBundle
 from auditlens.device_app.verifier import Verdict, Verifier, VerifierOptions
-from PIL import Image
-
 from auditlens.errors import AuditlensError
 
 PREVIEW_SIDE = 640

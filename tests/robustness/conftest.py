@@ -55,9 +55,8 @@ def catalog_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory, catalog_dir, model_path) -> Path:
     """A bundle folder enrolled from :func:`catalog_dir` (treat as read-only: copy it)."""
-    from auditlens.export.enroll import EnrollOptions, enroll
-
     from auditlens.catalog import open_catalog
+    from auditlens.export.enroll import EnrollOptions, enroll
 
     out = tmp_path_factory.mktemp("bundles") / "bundle"
     enroll(open_catalog(catalog_dir), out, model=model_path,
@@ -75,9 +74,8 @@ def keypair(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def signed_bundle(tmp_path_factory, catalog_dir, model_path, keypair) -> Path:
-    from auditlens.export.enroll import EnrollOptions, enroll
-
     from auditlens.catalog import open_catalog
+    from auditlens.export.enroll import EnrollOptions, enroll
 
     out = tmp_path_factory.mktemp("signed") / "signed.zip"
     enroll(open_catalog(catalog_dir), out, model=model_path,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from auditlens.device_app.bundle import ReferenceBundle
 
 from auditlens.cli import main
+from auditlens.device_app.bundle import ReferenceBundle
 from auditlens.errors import (
     BundleError,
     BundleFormatError,

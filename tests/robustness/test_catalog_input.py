@@ -378,8 +378,9 @@ def test_kill_9_during_enrolment(tmp_path, bundle_dir, model_path):
     import shutil
     import time
 
-    from auditlens.device_app.bundle import ReferenceBundle
     from PIL import Image
+
+    from auditlens.device_app.bundle import ReferenceBundle
 
     originals = tmp_path / "originals"
     originals.mkdir()

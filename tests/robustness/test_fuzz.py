@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from auditlens.device_app.bundle import ReferenceBundle
-from auditlens.device_app.imaging import load_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from auditlens.device_app.bundle import ReferenceBundle
+from auditlens.device_app.imaging import load_image
 from auditlens.errors import BundleError, ImageError
 
 from .corpus import encode, exif_jpeg, product_image, time_limit

@@ -11,11 +11,11 @@ import sys
 
 import numpy as np
 import pytest
-from auditlens.device_app.imaging import load_image
 from PIL import Image
 
 import auditlens.errors as errors
 from auditlens.cli import main
+from auditlens.device_app.imaging import load_image
 
 from .corpus import OK, build_corpus, encode, exif_jpeg, png_header_only, quadrants, time_limit
 

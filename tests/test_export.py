@@ -1,0 +1,112 @@
+"""Export: int8 / float16 conversion of a freshly trained tiny encoder and its drift check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import product_image
+
+tf = pytest.importorskip("tensorflow")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> dict:
+    from auditlens.training.config import TrainConfig
+    from auditlens.training.train import train
+
+    root = tmp_path_factory.mktemp("export")
+    originals = root / "originals"
+    originals.mkdir()
+    for i in range(5):
+        product_image(i, 80).save(originals / f"item-{i}.png")
+    config = TrainConfig(
+        catalog=str(originals), out_dir=str(root / "run"), input_size=32, latent_dim=16, width=8,
+        head_channels=32, recon_size=16, epochs=1, steps_per_epoch=3, products_per_batch=4,
+        views_per_product=3, progress=False,
+    )
+    result = train(config)
+    return {"root": root, "catalog": originals, "encoder": result.encoder_path}
+
+
+def images_of(catalog: Path, size: int = 32) -> np.ndarray:
+    from auditlens.catalog import open_catalog
+    from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
+
+    spec = PreprocessSpec(input_size=size)
+    rng = np.random.default_rng(0)
+    clean = [to_model_input(p.open(), spec) for p in open_catalog(catalog)]
+    noisy = [np.clip(c + rng.normal(0, 12, c.shape), 0, 255).astype(np.uint8) for c in clean]
+    return np.stack(clean + noisy)
+
+
+def test_int8_latents_agree_with_keras(tiny_encoder, tmp_path):
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+
+    from auditlens.export.quantize import QuantizationConfig, export_encoder, run_tflite
+
+    rep = images_of(tiny_encoder["catalog"])
+    out = tmp_path / "encoder.tflite"
+    report = export_encoder(tiny_encoder["encoder"], rep, out, QuantizationConfig.for_int8(rep))
+    assert out.is_file() and report.size_bytes == out.stat().st_size
+    assert report.input_dtype == "uint8" and report.output_dtype == "int8"
+    assert report.n_images == len(rep) and report.mean_cosine > 0.97 and report.worst_cosine > 0.9
+
+    # independently of the report: dequantized int8 latents vs Keras latents, by cosine
+    encoder = keras.models.load_model(tiny_encoder["encoder"], compile=False)
+    ref = np.asarray(encoder(rep.astype(np.float32)))
+    got = run_tflite(out.read_bytes(), rep)
+    cos = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert cos.min() > 0.9
+
+    interpreter = Interpreter(model_path=str(out), num_threads=1)
+    scale, zero = interpreter.get_input_details()[0]["quantization"]
+    assert scale > 0  # the device reads the input's scale/zero point from the model
+
+
+def test_float16_export(tiny_encoder, tmp_path):
+    from auditlens.export.quantize import QuantizationConfig, export_encoder
+
+    rep = images_of(tiny_encoder["catalog"])
+    report = export_encoder(tiny_encoder["encoder"], rep, tmp_path / "f16.tflite",
+                            QuantizationConfig.for_float16())
+    assert report.input_dtype == "float32" and report.output_dtype == "float32"
+    assert report.worst_cosine > 0.999
+
+
+def test_drift_raises_and_writes_nothing(tiny_encoder, tmp_path):
+    from auditlens.errors import ModelError
+    from auditlens.export.quantize import QuantizationConfig, export_encoder
+
+    rep = images_of(tiny_encoder["catalog"])
+    out = tmp_path / "strict.tflite"
+    # No int8 model matches float exactly, so an exactness requirement must be refused.
+    strict = QuantizationConfig.for_int8(rep, min_worst_cosine=1.0 + 1e-6)
+    with pytest.raises(ModelError, match="drifts"):
+        export_encoder(tiny_encoder["encoder"], rep, out, strict)
+    assert not out.exists()
+
+    # A representative set of the wrong size is refused before converting.
+    with pytest.raises(ModelError):
+        export_encoder(tiny_encoder["encoder"], np.zeros((2, 40, 40, 3), np.uint8), out)
+
+
+def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
+    import argparse
+
+    from auditlens.export.quantize import add_export_arguments, run_export
+
+    out = tmp_path / "encoder.tflite"
+    args = add_export_arguments(argparse.ArgumentParser()).parse_args(
+        [tiny_encoder["encoder"], "--representative", str(tiny_encoder["catalog"]), "--out", str(out)])
+    assert run_export(args) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["preprocess"] == {"input_size": 32, "crop": "center"}
+    assert card["export"]["mode"] == "int8" and card["export"]["worst_cosine"] <= 1.0
+    assert "worst" in capsys.readouterr().out

@@ -1,0 +1,189 @@
+"""Training: augmentation, losses, folds and metrics (fast), and tiny end-to-end runs (slow).
+
+The end-to-end runs train a very small encoder for a few steps on generated products
+(coloured shapes on white, written as PNGs into a folder catalogue) and check that every
+output of a run is written and readable; they do not expect the model to be good.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from tests.conftest import product_image, write_csv
+
+tf = pytest.importorskip("tensorflow")
+
+N_PRODUCTS = 6
+
+
+def tiny_config(out: Path, catalog: Path, **overrides):
+    from auditlens.training.config import TrainConfig
+
+    values = dict(
+        catalog=str(catalog), out_dir=str(out), input_size=32, latent_dim=16, width=8,
+        head_channels=32, recon_size=16, epochs=2, steps_per_epoch=3, products_per_batch=4,
+        views_per_product=3, progress=False, seed=1,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def field_photo(seed: int, variant: int) -> Image.Image:
+    """A 'field photo' of product ``seed``: shifted, on a grey-ish background, blurred."""
+    rng = np.random.default_rng(1000 * seed + variant)
+    bg = tuple(int(c) for c in rng.integers(60, 200, 3))
+    canvas = Image.new("RGB", (200, 180), bg)
+    canvas.paste(product_image(seed, 140), (int(rng.integers(0, 60)), int(rng.integers(0, 40))))
+    return canvas.filter(ImageFilter.GaussianBlur(1))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    originals = root / "originals"
+    photos = root / "photos"
+    originals.mkdir()
+    photos.mkdir()
+    train_rows, val_rows = [], []
+    for i in range(N_PRODUCTS):
+        product_image(i, 96).save(originals / f"product-{i}.png")
+        for v in range(3):
+            name = f"p{i}_{v}.jpg"
+            field_photo(i, v).save(photos / name, quality=90)
+            (val_rows if v == 2 else train_rows).append([f"photos/{name}", f"product-{i}"])
+    return {
+        "catalog": originals,
+        "train": write_csv(root / "train.csv", ["photo", "product_id"], train_rows),
+        "val": write_csv(root / "val.csv", ["photo", "product_id"], val_rows),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    from auditlens.training.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    config = tiny_config(out, tiny_data["catalog"], photos=str(tiny_data["train"]),
+                         val_photos=str(tiny_data["val"]), holdout_fold="1/3")
+    return train(config)
+
+
+# -- fast ------------------------------------------------------------------------------------
+def test_object_mask_keeps_white_inside_the_product():
+    from auditlens.training.augment import object_mask
+
+    img = np.full((40, 40, 3), 255, np.uint8)
+    img[10:30, 10:30] = (200, 30, 30)  # a red carton ...
+    img[15:25, 15:25] = 255  # ... with a white label inside
+    mask = object_mask(img)
+    assert mask[20, 20] == 255, "white inside the product must stay product"
+    assert mask[2, 2] == 0 and mask[12, 12] == 255
+
+
+def test_augmenter_shapes_range_and_background_pasting():
+    from auditlens.training.augment import AugmentSwitches, CaptureAugmenter, object_mask
+
+    original = np.asarray(product_image(3, 48))
+    masks = object_mask(original)[None, ..., None]
+    backgrounds = np.zeros((2, 48, 48, 3), np.uint8)  # black clutter: easy to detect
+    only_paste = AugmentSwitches(True, False, False, False, False, False, False)
+    aug = CaptureAugmenter(32, backgrounds, only_paste, seed=0)
+    out = aug.originals(tf.constant(np.repeat(original[None], 16, 0)), tf.constant(np.repeat(masks, 16, 0)))
+    out = out.numpy()
+    assert out.shape == (16, 32, 32, 3) and out.min() >= 0 and out.max() <= 255
+    corners = out[:, :3, :3].reshape(16, -1).mean(1)
+    assert (corners < 30).mean() > 0.5, "most views should have the white studio corner replaced"
+    full = CaptureAugmenter(32, backgrounds, AugmentSwitches(), seed=0)
+    photos = full.photos(tf.constant(np.repeat(original[None], 4, 0))).numpy()
+    assert photos.shape == (4, 32, 32, 3) and np.all(photos == np.round(photos))
+
+
+def test_supcon_prefers_clustered_latents():
+    from auditlens.training.losses import cosface_loss, supcon_loss
+
+    labels = tf.constant([0, 0, 1, 1, 2, 2])
+    clustered = tf.constant(np.repeat(np.eye(3, 8), 2, axis=0), tf.float32)
+    mixed = tf.constant(np.tile(np.eye(3, 8), (2, 1)), tf.float32)  # positives orthogonal
+    assert float(supcon_loss(clustered, labels)) < float(supcon_loss(mixed, labels))
+    # views of one original only (no labelled photos): still a finite, positive loss
+    assert np.isfinite(float(supcon_loss(mixed, labels)))
+    cos_right = tf.constant(np.repeat(np.eye(3), 2, axis=0), tf.float32)
+    assert float(cosface_loss(cos_right, labels)) < float(cosface_loss(1 - cos_right, labels))
+
+
+def test_holdout_folds_partition_the_products():
+    from auditlens.training.train import holdout_products, parse_fold
+
+    ids = [f"p{i}" for i in range(31)]
+    folds = [holdout_products(ids, f"{k}/3") for k in (1, 2, 3)]
+    assert set().union(*folds) == set(ids) and sum(map(len, folds)) == len(ids)
+    assert holdout_products(list(reversed(ids)), "2/3") == folds[1]  # order-independent
+    with pytest.raises(ValueError):
+        parse_fold("4/3")
+
+
+def test_eer_and_auc_of_known_distributions():
+    from auditlens.training.train import eer_auc
+
+    rng = np.random.default_rng(0)
+    eer, auc, _ = eer_auc(rng.normal(1, 1, 4000), rng.normal(0, 1, 4000))
+    assert abs(eer - 0.3085) < 0.02 and abs(auc - 0.760) < 0.02  # d' = 1
+    eer, auc, _ = eer_auc(np.array([0.9, 0.8]), np.array([0.1, 0.2, 0.3]))
+    assert eer == 0.0 and auc == 1.0
+
+
+# -- slow ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_writes_every_output(trained):
+    out = Path(trained.out_dir)
+    for name in ("encoder.keras", "autoencoder.keras", "report.json", "augment_grid.png",
+                 "training_curves.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["holdout_fold"] == "1/3"
+    assert len(report["history"]) == 2
+    assert report["data"]["held_out_products"] and report["data"]["val_unseen"] > 0
+    for subset in ("all", "seen", "unseen"):
+        m = report["metrics"][subset]
+        assert 0 <= m["eer"] <= 1 and 0 <= m["top1"] <= 1 and 0 <= m["auc"] <= 1
+    assert np.isfinite(report["history"][-1]["loss"]["total"])
+
+    import keras
+
+    encoder = keras.models.load_model(out / "encoder.keras", compile=False)
+    assert encoder.input_shape == (None, 32, 32, 3) and encoder.output_shape == (None, 16)
+
+
+@pytest.mark.slow
+def test_train_from_originals_alone(tiny_data, tmp_path):
+    """No labelled photos at all: views of the originals are the positives, validation
+    uses fixed augmented originals."""
+    from auditlens.training.train import train
+
+    config = tiny_config(tmp_path / "run", tiny_data["catalog"], epochs=1, steps_per_epoch=2,
+                         class_weight=0.0)
+    result = train(config)
+    report = json.loads(Path(result.report_path).read_text())
+    assert report["data"]["train_photos"] == 0
+    assert report["data"]["val_queries"] == 4 * N_PRODUCTS
+    assert Path(result.encoder_path).is_file()
+
+
+@pytest.mark.slow
+def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
+    import argparse
+
+    from auditlens.training.train import add_train_arguments, config_from_args
+
+    parser = add_train_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([str(tiny_data["catalog"]), "--out", str(tmp_path), "--minutes", "2",
+                              "--holdout-fold", "2/4", "--no-paste-background", "--recon-weight", "0"])
+    config = config_from_args(args)
+    assert config.minutes == 2 and config.holdout_fold == "2/4"
+    assert not config.paste_background and config.recon_weight == 0
