@@ -196,11 +196,12 @@ class CaptureAugmenter:
         n = tf.shape(x)[0]
         quality = self.rng.uniform([n], 25, 96, dtype=tf.int32)
         as_uint8 = tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
+        side = [self.size, self.size, 3]
+        # A fully defined element shape lets map_fn stack an empty batch too.
         out = tf.map_fn(
-            lambda args: tf.image.adjust_jpeg_quality(args[0], args[1]),
-            (as_uint8, quality), fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
+            lambda args: tf.ensure_shape(tf.image.adjust_jpeg_quality(args[0], args[1]), side),
+            (as_uint8, quality), fn_output_signature=tf.TensorSpec(side, tf.uint8),
         )
-        out = tf.reshape(out, tf.shape(x))
         return tf.cast(out, tf.float32)
 
     def _finish(self, x, strength: float):

@@ -169,7 +169,12 @@ def train(config: TrainConfig) -> TrainResult:
         object_mask,
         save_augment_grid,
     )
-    from auditlens.training.losses import CosFaceHead, cosface_loss, reconstruction_loss, supcon_loss
+    from auditlens.training.losses import (
+        CosFaceHead,
+        cosface_loss,
+        reconstruction_loss,
+        supcon_loss,
+    )
     from auditlens.training.model import ModelSpec, build_autoencoder, build_decoder, build_encoder
 
     out = Path(config.out_dir)
@@ -255,6 +260,7 @@ def train(config: TrainConfig) -> TrainResult:
     clean_t = tf.constant(originals_clean)
     recon_t = tf.image.resize(tf.cast(clean_t, tf.float32) / 255.0, [config.recon_size] * 2, antialias=True)
     photos_t = tf.constant(photo_images if len(photo_images) else np.zeros((1, csize, csize, 3), np.uint8))
+    photo_labels_t = tf.constant(photo_labels.astype(np.int32) if len(photo_labels) else np.zeros(1, np.int32))
     weights = (config.metric_weight, config.class_weight, config.recon_weight)
 
     idx_spec = tf.TensorSpec([None], tf.int32)
@@ -262,10 +268,7 @@ def train(config: TrainConfig) -> TrainResult:
     @tf.function(input_signature=[idx_spec, idx_spec, idx_spec])
     def train_step(clean_idx, aug_idx, photo_idx):
         clean = tf.cast(tf.gather(clean_t, clean_idx), tf.float32)
-        if switches == AugmentSwitches(False, False, False, False, False, False, False):
-            aug = tf.image.resize(tf.cast(tf.gather(orig_big_t, aug_idx), tf.float32), [config.input_size] * 2)
-        else:
-            aug = augmenter.originals(tf.gather(orig_big_t, aug_idx), tf.gather(masks_t, aug_idx))
+        aug = augmenter.originals(tf.gather(orig_big_t, aug_idx), tf.gather(masks_t, aug_idx))
         photo = augmenter.photos(tf.gather(photos_t, photo_idx))
         images = tf.concat([clean, aug, photo], 0)
         labels = tf.concat([clean_idx, aug_idx, tf.gather(photo_labels_t, photo_idx)], 0)
@@ -282,8 +285,6 @@ def train(config: TrainConfig) -> TrainResult:
         grads, _ = tf.clip_by_global_norm(grads, 5.0)
         optimizer.apply_gradients(zip(grads, trainable))
         return total, l_metric, l_class, l_recon
-
-    photo_labels_t = tf.constant(photo_labels.astype(np.int32) if len(photo_labels) else np.zeros(1, np.int32))
 
     @tf.function(input_signature=[tf.TensorSpec([None, config.input_size, config.input_size, 3], tf.float32)])
     def embed_fn(x):
@@ -339,7 +340,7 @@ def train(config: TrainConfig) -> TrainResult:
     t_eval_total = 0.0
     stop = False
     log(f"training on {len(train_ids)} products ({len(held_out)} held out), {len(photos)} photos; "
-        f"budget {'%.1f min' % config.minutes if config.minutes else f'{config.epochs} epochs'}")
+        f"budget {f'{config.minutes:.1f} min' if config.minutes else f'{config.epochs} epochs'}")
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -447,10 +448,12 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
     ax1.set_ylabel("training loss")
     ax1.set_yscale("log")
     ax1.legend()
+    held_out = all("unseen" in h["val"] for h in history)
     for subset, style in (("seen", "-"), ("unseen", "--")):
         if all(subset in h["val"] and h["val"][subset].get("n") for h in history):
-            ax2.plot(epochs, [h["val"][subset]["eer"] for h in history], "C0" + style, label=f"EER {subset}")
-            ax2.plot(epochs, [h["val"][subset]["top1"] for h in history], "C1" + style, label=f"top-1 {subset}")
+            name = f"val {subset}" if held_out else "val"
+            ax2.plot(epochs, [h["val"][subset]["eer"] for h in history], "C0" + style, label=f"EER {name}")
+            ax2.plot(epochs, [h["val"][subset]["top1"] for h in history], "C1" + style, label=f"top-1 {name}")
     ax2.set_xlabel("epoch")
     ax2.set_ylim(0, 1)
     ax2.legend()

@@ -1,0 +1,410 @@
+"""Convert a trained Keras encoder to TFLite and prove the conversion kept its latents.
+
+``auditlens export MODEL --representative CATALOG [--photos CSV] --out encoder.tflite``
+
+Quantization is a value (:class:`QuantizationConfig`): full int8 (the default, what
+ships: uint8 pixels in, int8 latent out, scales and zero points read by the device from
+the model), float16 weights, or dynamic-range. One function applies it to the converter.
+
+After converting, :func:`export_encoder` runs the TFLite model with ``ai_edge_litert`` on
+the representative images and compares its L2-normalised latents with the Keras ones; the
+device compares latents by cosine, so cosine is the drift measure. A conversion whose
+worst cosine falls below the mode's threshold raises :class:`~auditlens.errors.ModelError`
+instead of shipping a silently broken model.
+
+TensorFlow is imported here only (the device side never imports it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from auditlens.device_app.imaging import load_image
+from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
+from auditlens.errors import AuditlensError, CatalogError, ModelError
+
+INT8_MIN_WORST_COSINE = 0.90
+"""Int8 export fails if any representative image's latent is less similar than this to
+the float one (a calibration gone wrong drops far below; healthy int8 stays above ~0.95)."""
+INT8_MIN_MEAN_COSINE = 0.97
+"""Int8 export fails if the mean cosine to the float latents is below this."""
+FLOAT16_MIN_WORST_COSINE = 0.999
+"""Float16 weights change latents only in the 4th digit; anything worse is a bug."""
+DYNAMIC_MIN_WORST_COSINE = 0.97
+"""Dynamic-range (int8 weights, float activations) export threshold."""
+MAX_CALIBRATION_IMAGES = 500
+"""Calibration images used at most (more adds conversion time, not accuracy)."""
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """How to quantize: build with :meth:`for_int8`, :meth:`for_float16` or :meth:`for_dynamic`."""
+
+    mode: str
+    """'int8', 'float16' or 'dynamic'."""
+    representative: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """uint8 (N, S, S, 3) calibration images (int8 only), preprocessed like on the device."""
+    input_type: str = "float32"
+    """Inference input type: 'uint8' or 'int8' for full int8, else 'float32'."""
+    output_type: str = "float32"
+    """Inference output type: 'int8' for full int8, else 'float32'."""
+    min_worst_cosine: float = INT8_MIN_WORST_COSINE
+    """Export raises ModelError when the worst cosine (TFLite vs Keras latent) is below this."""
+    min_mean_cosine: float = 0.0
+    """Export raises ModelError when the mean cosine is below this."""
+
+    @classmethod
+    def for_int8(
+        cls, representative: np.ndarray, input_type: str = "uint8",
+        min_worst_cosine: float = INT8_MIN_WORST_COSINE, min_mean_cosine: float = INT8_MIN_MEAN_COSINE,
+    ) -> QuantizationConfig:
+        """Full integer model. uint8 input takes the camera's pixels unchanged (the
+        in-graph Rescaling folds into the input scale); the latent comes out int8."""
+        rep = np.asarray(representative)
+        if rep.ndim != 4 or rep.shape[-1] != 3 or rep.dtype != np.uint8 or len(rep) == 0:
+            raise ValueError(f"representative images must be uint8 (N, S, S, 3), got {rep.dtype} {rep.shape}")
+        if input_type not in ("uint8", "int8"):
+            raise ValueError(f"int8 input type must be 'uint8' or 'int8', not {input_type!r}")
+        return cls("int8", rep, input_type, "int8", min_worst_cosine, min_mean_cosine)
+
+    @classmethod
+    def for_float16(cls, min_worst_cosine: float = FLOAT16_MIN_WORST_COSINE) -> QuantizationConfig:
+        """Float16 weights, float32 input/output (half the size of float32, GPU-friendly)."""
+        return cls("float16", None, "float32", "float32", min_worst_cosine, 0.0)
+
+    @classmethod
+    def for_dynamic(cls, min_worst_cosine: float = DYNAMIC_MIN_WORST_COSINE) -> QuantizationConfig:
+        """Int8 weights, float activations; no calibration data needed."""
+        return cls("dynamic", None, "float32", "float32", min_worst_cosine, 0.0)
+
+
+@dataclass
+class ExportReport:
+    """What an export produced and how close it stays to the Keras encoder."""
+
+    out_path: str
+    mode: str
+    size_bytes: int
+    n_images: int
+    """Images the latents were compared on (the representative set)."""
+    mean_cosine: float
+    """Mean cosine between TFLite and Keras L2-normalised latents."""
+    worst_cosine: float
+    """Lowest cosine over the compared images."""
+    min_worst_cosine: float
+    """Threshold the worst cosine had to meet."""
+    similarity_mae: float
+    """Mean |TFLite - Keras| of the cosine between two *different* images: the error the
+    device's decision score itself sees (a latent's own cosine can stay high while the
+    small differences between products are quantized away)."""
+    similarity_max_error: float
+    """Largest such error over all image pairs."""
+    input_dtype: str
+    output_dtype: str
+    input_shape: list[int]
+    latent_dim: int
+    input_quantization: tuple[float, int]
+    """(scale, zero point) of the input; (0.0, 0) when not quantized."""
+    output_quantization: tuple[float, int]
+    """(scale, zero point) of the output; (0.0, 0) when not quantized."""
+    latency_ms_median: float
+    """Median time of one image on 1 interpreter thread on this machine."""
+    convert_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def convert(model, config: QuantizationConfig) -> bytes:
+    """Apply ``config`` to ``TFLiteConverter.from_keras_model(model)`` and convert."""
+    tf = _tf()
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if config.mode == "int8":
+        rep = config.representative
+        if len(rep) > MAX_CALIBRATION_IMAGES:  # evenly spread, deterministic
+            rep = rep[np.linspace(0, len(rep) - 1, MAX_CALIBRATION_IMAGES).round().astype(int)]
+
+        def representative_dataset():
+            for image in rep:  # the float model's input: raw 0..255 pixels as float32
+                yield [image[None].astype(np.float32)]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8 if config.input_type == "uint8" else tf.int8
+        converter.inference_output_type = tf.int8
+    elif config.mode == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif config.mode == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    else:
+        raise ValueError(f"unknown quantization mode {config.mode!r}")
+    try:
+        return converter.convert()
+    except Exception as exc:  # the converter raises many types; name the step that failed
+        raise ModelError(f"TFLite conversion ({config.mode}) failed: {exc}") from exc
+
+
+def _quant_params(detail: dict) -> tuple[float, int]:
+    scale, zero = detail.get("quantization", (0.0, 0))
+    return float(scale), int(zero)
+
+
+def run_tflite(model_content: bytes, images: np.ndarray, num_threads: int = 1) -> np.ndarray:
+    """Raw (dequantized) latents of uint8 ``images`` (N, S, S, 3), one image per invoke."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_content, num_threads=num_threads)
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+    in_scale, in_zero = _quant_params(inp)
+    out_scale, out_zero = _quant_params(out)
+    latents = []
+    for image in images:
+        x = image[None].astype(np.float32)
+        if inp["dtype"] in (np.uint8, np.int8):
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(x / in_scale + in_zero), info.min, info.max).astype(inp["dtype"])
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        y = interpreter.get_tensor(out["index"]).astype(np.float32)
+        if out["dtype"] in (np.uint8, np.int8):
+            y = (y - out_zero) * out_scale
+        latents.append(y[0])
+    return np.stack(latents)
+
+
+def median_latency_ms(model_content: bytes, image: np.ndarray, runs: int = 200) -> float:
+    """Median single-image invoke time on one thread (after a warm-up)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_content, num_threads=1)
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]
+    x = image[None].astype(inp["dtype"]) if inp["dtype"] != np.int8 else (image[None].astype(np.int16) - 128).astype(np.int8)
+    interpreter.set_tensor(inp["index"], x)
+    for _ in range(20):
+        interpreter.invoke()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        interpreter.invoke()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two latent matrices."""
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return np.sum(a * b, axis=1)
+
+
+def _similarities(latents: np.ndarray) -> np.ndarray:
+    z = latents / np.maximum(np.linalg.norm(latents, axis=1, keepdims=True), 1e-12)
+    return z @ z.T
+
+
+def load_keras_encoder(model):
+    """A Keras model, or the path of a ``.keras`` file."""
+    if isinstance(model, (str, Path)):
+        import keras
+
+        path = Path(model)
+        if not path.is_file():
+            raise ModelError(f"{path}: no such Keras model file")
+        try:
+            return keras.models.load_model(path, compile=False)
+        except Exception as exc:
+            raise ModelError(f"{path}: cannot load the Keras model: {exc}") from exc
+    return model
+
+
+def export_encoder(
+    model,
+    representative_images: np.ndarray,
+    out_path: str | Path,
+    config: QuantizationConfig | None = None,
+    compare_images: np.ndarray | None = None,
+) -> ExportReport:
+    """Convert ``model`` as ``config`` says, write it to ``out_path`` and check its drift.
+
+    Args:
+        model: a Keras encoder or the path of its ``.keras`` file.
+        representative_images: uint8 (N, S, S, 3) images preprocessed like on the device;
+            they calibrate int8 and are the images latents are compared on.
+        out_path: where the ``.tflite`` goes (written only if the drift check passes).
+        config: the quantization; default full int8 calibrated on the representative images.
+        compare_images: compare on these instead of the representative images.
+
+    Raises:
+        ModelError: conversion failed, or the TFLite latents drift from the Keras ones
+            beyond the config's thresholds.
+    """
+    encoder = load_keras_encoder(model)
+    rep = np.asarray(representative_images)
+    if rep.dtype != np.uint8 or rep.ndim != 4:
+        raise ValueError(f"representative images must be uint8 (N, S, S, 3), got {rep.dtype} {rep.shape}")
+    expected = tuple(encoder.input_shape[1:])
+    if rep.shape[1:] != expected:
+        raise ModelError(f"representative images are {rep.shape[1:]}, the encoder takes {expected}")
+    config = config or QuantizationConfig.for_int8(rep)
+    compare = rep if compare_images is None else np.asarray(compare_images, np.uint8)
+
+    t = time.perf_counter()
+    content = convert(encoder, config)
+    convert_seconds = time.perf_counter() - t
+
+    reference = np.concatenate([
+        np.asarray(encoder(compare[i : i + 64].astype(np.float32), training=False))
+        for i in range(0, len(compare), 64)
+    ])
+    latents = run_tflite(content, compare)
+    cos = cosine_rows(latents, reference)
+    sim_error = np.abs(_similarities(latents) - _similarities(reference))
+    off_diagonal = ~np.eye(len(compare), dtype=bool)
+    pair_errors = sim_error[off_diagonal] if len(compare) > 1 else np.zeros(1)
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=content)
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+    report = ExportReport(
+        out_path=str(out_path), mode=config.mode, size_bytes=len(content), n_images=len(compare),
+        mean_cosine=float(cos.mean()), worst_cosine=float(cos.min()),
+        min_worst_cosine=config.min_worst_cosine,
+        similarity_mae=float(pair_errors.mean()), similarity_max_error=float(pair_errors.max()),
+        input_dtype=np.dtype(inp["dtype"]).name, output_dtype=np.dtype(out["dtype"]).name,
+        input_shape=[int(v) for v in inp["shape"]], latent_dim=int(out["shape"][-1]),
+        input_quantization=_quant_params(inp), output_quantization=_quant_params(out),
+        latency_ms_median=median_latency_ms(content, compare[0]),
+        convert_seconds=round(convert_seconds, 2),
+    )
+    if report.worst_cosine < config.min_worst_cosine or report.mean_cosine < config.min_mean_cosine:
+        raise ModelError(
+            f"{config.mode} model drifts from the Keras encoder: mean cosine {report.mean_cosine:.4f} "
+            f"(need >= {config.min_mean_cosine}), worst {report.worst_cosine:.4f} (need >= "
+            f"{config.min_worst_cosine}) on {report.n_images} images; check the representative "
+            "images (they must be preprocessed like the device's inputs) or use --float16"
+        )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(content)
+    return report
+
+
+# -- representative images ----------------------------------------------------------------
+def representative_images(
+    catalog_source: str, spec: PreprocessSpec, photos_csv: str | None = None, max_photos: int = 300,
+    progress: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """Originals of the catalogue plus up to ``max_photos`` evenly spread labelled photos,
+    each through ``load_image`` + ``to_model_input`` exactly as the device sees them."""
+    from auditlens.catalog import open_catalog, read_labelled_photos
+
+    catalog = open_catalog(catalog_source)
+    sources: list = [p.image for p in catalog]
+    if photos_csv:
+        photos = read_labelled_photos(photos_csv)
+        if max_photos and len(photos) > max_photos:
+            photos = [photos[i] for i in np.linspace(0, len(photos) - 1, max_photos).round().astype(int)]
+        sources += [p.photo for p in photos]
+    if progress:
+        progress(f"loading {len(sources)} representative images ...")
+    images = []
+    for src in sources:
+        try:
+            images.append(to_model_input(load_image(src), spec))
+        except AuditlensError as exc:
+            raise CatalogError(f"representative image: {exc}") from exc
+    return np.stack(images)
+
+
+# -- CLI -------------------------------------------------------------------------------------
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``auditlens export``."""
+    parser.description = (
+        "Convert a trained Keras encoder (encoder.keras) to TFLite: full int8 by default "
+        "(uint8 pixels in, int8 latent out), or --float16 / --dynamic. Prints the drift of its "
+        "latents against the Keras ones and writes <out>.json (report + preprocessing) next to it."
+    )
+    parser.add_argument("model", help="Keras encoder (.keras) written by 'auditlens train'")
+    parser.add_argument("--representative", required=True, metavar="CATALOG",
+                        help="catalogue whose originals calibrate and check the model")
+    parser.add_argument("--photos", help="photo,product_id CSV: field photos to add to the representative set")
+    parser.add_argument("--max-photos", type=int, default=300, help="photos used at most (default 300)")
+    parser.add_argument("--out", required=True, help="output .tflite path")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--float16", action="store_true", help="float16 weights instead of full int8")
+    mode.add_argument("--dynamic", action="store_true", help="dynamic-range int8 weights, float activations")
+    parser.add_argument("--crop", choices=("center", "full"), default="center",
+                        help="preprocessing crop the model was trained with (default center)")
+    parser.add_argument("--min-worst-cosine", type=float,
+                        help="fail if any image's cosine to the Keras latent is below this "
+                             f"(default int8 {INT8_MIN_WORST_COSINE}, float16 {FLOAT16_MIN_WORST_COSINE})")
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``auditlens export``: returns the process exit code."""
+    try:
+        encoder = load_keras_encoder(args.model)
+        spec = PreprocessSpec(input_size=int(encoder.input_shape[1]), crop=args.crop)
+        rep = representative_images(args.representative, spec, args.photos, args.max_photos,
+                                    progress=lambda m: print(m, file=sys.stderr))
+        if args.float16:
+            config = QuantizationConfig.for_float16()
+        elif args.dynamic:
+            config = QuantizationConfig.for_dynamic()
+        else:
+            config = QuantizationConfig.for_int8(rep)
+        if args.min_worst_cosine is not None:
+            config = QuantizationConfig(config.mode, config.representative, config.input_type,
+                                        config.output_type, args.min_worst_cosine, config.min_mean_cosine)
+        report = export_encoder(encoder, rep, args.out, config)
+    except (AuditlensError, ValueError) as exc:
+        print(f"auditlens export: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    card = {
+        "preprocess": spec.to_dict(),
+        "export": report.to_dict(),
+        "source_model": str(Path(args.model).resolve()),
+        "representative": {"catalog": str(args.representative), "photos": args.photos,
+                           "n_images": report.n_images},
+    }
+    card_path = out.with_suffix(".json")
+    card_path.write_text(json.dumps(card, indent=2))
+    print(f"wrote {out} ({report.mode}, {report.size_bytes / 1024:.1f} KiB, "
+          f"{report.input_dtype} in -> {report.output_dtype} out, {report.latency_ms_median:.3f} ms/image 1 thread)")
+    print(f"drift vs Keras on {report.n_images} images: mean cosine {report.mean_cosine:.4f}, "
+          f"worst {report.worst_cosine:.4f}; pairwise similarity error mean {report.similarity_mae:.4f}, "
+          f"max {report.similarity_max_error:.4f}")
+    print(f"model card: {card_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_export_arguments(argparse.ArgumentParser(prog="auditlens export"))
+    return run_export(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
