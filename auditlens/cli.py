@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,39 +139,33 @@ def _run_score(args) -> int:
     from tqdm import tqdm
 
     from auditlens.catalog import read_labelled_photos
+    from auditlens.files import atomic_write
 
     verifier = _verifier(args)
     pairs = read_labelled_photos(args.pairs)
     captures: dict[str, object] = {}  # each photo decoded and embedded once
     errors = 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", dir=args.out.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["photo", "product_id", "score", "verdict", "error"])
-            for pair in tqdm(pairs, desc="scoring", unit="pair", disable=args.no_progress):
-                try:
-                    capture = captures.get(pair.photo)
-                    if capture is None:
-                        try:
-                            capture = verifier.prepare(pair.photo, keep_image=False)
-                            verifier.embed(capture)
-                            capture.release_pixels()  # memory stays flat over 10k photos
-                        except AuditlensError as exc:
-                            capture = exc  # remembered: a bad photo is decoded once too
-                        captures[pair.photo] = capture
-                    if isinstance(capture, AuditlensError):
-                        raise capture
-                    v = verifier.verify(capture, pair.product_id)
-                    writer.writerow([pair.photo, pair.product_id, f"{v.score:.5f}", v.decision, ""])
-                except AuditlensError as exc:
-                    errors += 1
-                    writer.writerow([pair.photo, pair.product_id, "", "error", str(exc)])
-        os.replace(tmp, args.out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(args.out, newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["photo", "product_id", "score", "verdict", "error"])
+        for pair in tqdm(pairs, desc="scoring", unit="pair", disable=args.no_progress):
+            try:
+                capture = captures.get(pair.photo)
+                if capture is None:
+                    try:
+                        capture = verifier.prepare(pair.photo, keep_image=False)
+                        verifier.embed(capture)
+                        capture.release_pixels()  # memory stays flat over 10k photos
+                    except AuditlensError as exc:
+                        capture = exc  # remembered: a bad photo is decoded once too
+                    captures[pair.photo] = capture
+                if isinstance(capture, AuditlensError):
+                    raise capture
+                v = verifier.verify(capture, pair.product_id)
+                writer.writerow([pair.photo, pair.product_id, f"{v.score:.5f}", v.decision, ""])
+            except AuditlensError as exc:
+                errors += 1
+                writer.writerow([pair.photo, pair.product_id, "", "error", str(exc)])
     print(f"scored {len(pairs)} pairs ({len(captures)} photos, {errors} errors) into {args.out}")
     return EXIT_OK if not errors else EXIT_ERROR
 

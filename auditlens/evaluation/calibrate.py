@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -53,6 +52,7 @@ from auditlens.evaluation.protocol import (
     product_groups,
     protocol_description,
 )
+from auditlens.files import atomic_write
 
 CURVE_POINTS = 160
 """About how many [score, far] points the far_curve keeps (log-spaced in FAR)."""
@@ -259,16 +259,9 @@ def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str
                            f"{model_id_of(model.read_bytes())}) is not the calibrated model {model_id}")
     card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
     card["decision"] = {k: v for k, v in decision.items() if not k.startswith("_")}
-    fd, tmp = tempfile.mkstemp(prefix=f".{card_path.name}.", dir=card_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(card, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, card_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(card_path) as fh:
+        json.dump(card, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
     return card_path
 
 

@@ -22,7 +22,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +43,7 @@ from auditlens.evaluation.protocol import (
     product_groups,
     protocol_description,
 )
+from auditlens.files import atomic_write
 
 FARS = (0.01, 0.05)
 """False-accept rates TAR is reported at."""
@@ -410,16 +410,9 @@ def _write_pairs_csv(path: Path, embedded: Embedded, pairs: Pairs, bundle) -> No
 
 
 def _atomic_json(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, ensure_ascii=False)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        json.dump(data, fh, indent=1, ensure_ascii=False)
+        fh.write("\n")
 
 
 # -- the entry point ---------------------------------------------------------------------
