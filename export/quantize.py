@@ -166,28 +166,11 @@ def _quant_params(detail: dict) -> tuple[float, int]:
 
 
 def run_tflite(model_content: bytes, images: np.ndarray, num_threads: int = 1) -> np.ndarray:
-    """Raw (dequantized) latents of uint8 ``images`` (N, S, S, 3), one image per invoke."""
-    from ai_edge_litert.interpreter import Interpreter
+    """Raw (dequantized) latents of uint8 ``images`` (N, S, S, 3), computed by the device's
+    own encoder wrapper, so the drift check measures exactly what a phone will run."""
+    from auditlens.device_app.interpreter import Encoder, EncoderOptions
 
-    interpreter = Interpreter(model_content=model_content, num_threads=num_threads)
-    interpreter.allocate_tensors()
-    inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
-    in_scale, in_zero = _quant_params(inp)
-    out_scale, out_zero = _quant_params(out)
-    latents = []
-    for image in images:
-        x = image[None].astype(np.float32)
-        if inp["dtype"] in (np.uint8, np.int8):
-            info = np.iinfo(inp["dtype"])
-            x = np.clip(np.round(x / in_scale + in_zero), info.min, info.max).astype(inp["dtype"])
-        interpreter.set_tensor(inp["index"], x)
-        interpreter.invoke()
-        y = interpreter.get_tensor(out["index"]).astype(np.float32)
-        if out["dtype"] in (np.uint8, np.int8):
-            y = (y - out_zero) * out_scale
-        latents.append(y[0])
-    return np.stack(latents)
+    return Encoder(model_content, EncoderOptions(num_threads=num_threads)).raw_latents(images)
 
 
 def median_latency_ms(model_content: bytes, image: np.ndarray, runs: int = 200) -> float:

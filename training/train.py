@@ -66,26 +66,12 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 def eer_auc(genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, float, float]:
-    """(EER, AUC, threshold at the EER) of scores where genuine should be higher."""
-    scores = np.concatenate([genuine, impostor])
-    is_gen = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))])
-    order = np.argsort(-scores, kind="mergesort")
-    s, g = scores[order], is_gen[order]
-    tp = np.cumsum(g)
-    fp = np.cumsum(1 - g)
-    frr = 1 - tp / max(len(genuine), 1)  # genuine below the threshold
-    far = fp / max(len(impostor), 1)  # impostors at or above it
-    i = int(np.argmin(np.abs(frr - far)))
-    eer = float((frr[i] + far[i]) / 2)
-    # AUC = P(genuine > impostor), ties counted half (Mann-Whitney via average ranks)
-    ranks = np.empty(len(scores))
-    ranks[np.argsort(scores, kind="mergesort")] = np.arange(1, len(scores) + 1)
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    ranks = (sums / counts)[inverse]
-    n_g, n_i = len(genuine), len(impostor)
-    auc = float((ranks[: n_g].sum() - n_g * (n_g + 1) / 2) / max(n_g * n_i, 1))
-    return eer, auc, float(s[i])
+    """(EER, AUC, threshold at the EER) of scores where genuine should be higher, with the
+    definitions `auditlens evaluate` uses."""
+    from auditlens.evaluation import metrics
+
+    e = metrics.eer(genuine, impostor)
+    return float(e.eer), float(metrics.roc_auc(genuine, impostor)), float(e.threshold)
 
 
 def verification_metrics(
