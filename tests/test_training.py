@@ -128,6 +128,32 @@ def test_holdout_folds_partition_the_products():
         parse_fold("4/3")
 
 
+def test_batches_pair_products_of_one_group():
+    from auditlens.training.train import group_mates, sample_products
+
+    # the grocery shape: a few large groups (milk, juice) and many products alone
+    groups = ["milk"] * 7 + ["juice"] * 6 + ["pepper"] * 4 + [f"single{i}" for i in range(20)]
+    mates = group_mates(groups)
+    assert list(mates[0]) == [1, 2, 3, 4, 5, 6] and len(mates[20]) == 0
+
+    def same_group_pairs(batch: np.ndarray) -> int:
+        counts: dict[str, int] = {}
+        for i in batch:
+            counts[groups[i]] = counts.get(groups[i], 0) + 1
+        return sum(c // 2 for c in counts.values())
+
+    rng = np.random.default_rng(0)
+    hard = [sample_products(rng, mates, 16, 0.5) for _ in range(200)]
+    uniform = [sample_products(rng, mates, 16, 0.0) for _ in range(200)]
+    for batch in hard + uniform:
+        assert len(batch) == 16 and len(set(batch.tolist())) == 16
+    assert min(same_group_pairs(b) for b in hard) >= 4  # 8 of 16 products come in pairs
+    assert np.mean([same_group_pairs(b) for b in hard]) > np.mean([same_group_pairs(b) for b in uniform]) + 1
+    # more pairs asked for than groups can give: the batch is still full and distinct
+    small = sample_products(rng, group_mates(["a", "a", "b", "c"]), 8, 1.0)
+    assert sorted(small.tolist()) == [0, 1, 2, 3]
+
+
 def test_eer_and_auc_of_known_distributions():
     from auditlens.training.train import eer_auc
 

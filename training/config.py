@@ -45,6 +45,10 @@ class TrainConfig:
     """Distinct products in a batch (P of the P x K sampler)."""
     views_per_product: int = 4
     """Views per product in a batch: the clean original, augmented originals and photos."""
+    group_pairs: float = 0.5
+    """Share of a batch's products drawn as pairs from one coarse group (another brand of
+    milk beside a milk): the hard negatives the contrastive loss would rarely meet in a
+    random batch. 0: products drawn uniformly."""
     learning_rate: float = 2e-3
     """Peak AdamW learning rate (cosine decay over the run)."""
     weight_decay: float = 1e-4

@@ -60,6 +60,39 @@ def holdout_products(product_ids: list[str], fold: str | None) -> set[str]:
     return {pid for i, pid in enumerate(ordered) if i % total == k - 1}
 
 
+# -- batches ---------------------------------------------------------------------------------
+def group_mates(groups: list[str]) -> list[np.ndarray]:
+    """For each product, the indices of the other products of its coarse group."""
+    arr = np.asarray(groups, dtype=object)
+    return [np.flatnonzero((arr == g) & (np.arange(len(arr)) != i)) for i, g in enumerate(arr)]
+
+
+def sample_products(rng: np.random.Generator, mates_of: list[np.ndarray], size: int,
+                    group_pairs: float) -> np.ndarray:
+    """``size`` distinct products for one batch, about ``group_pairs`` of them drawn as pairs
+    from one coarse group (the hard negatives a uniform draw rarely puts side by side).
+
+    Products without a group mate only fill the uniform part of the batch.
+    """
+    n = len(mates_of)
+    size = min(size, n)
+    order = rng.permutation(n)
+    pairs_wanted = int(round(size * group_pairs)) // 2
+    chosen: list[int] = []
+    taken = np.zeros(n, bool)
+    for c in order:
+        if len(chosen) >= 2 * pairs_wanted:
+            break
+        free = mates_of[c][~taken[mates_of[c]]]
+        if taken[c] or not len(free):
+            continue
+        mate = int(rng.choice(free))
+        chosen += [int(c), mate]
+        taken[[c, mate]] = True
+    chosen += [int(c) for c in order if not taken[c]][: size - len(chosen)]
+    return np.asarray(chosen, np.int64)
+
+
 # -- metrics --------------------------------------------------------------------------------
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -296,8 +329,11 @@ def train(config: TrainConfig) -> TrainResult:
     P = min(config.products_per_batch, len(train_ids))
     K = max(config.views_per_product, 2)
 
+    train_groups = [catalog.get(p).group or p for p in train_ids]
+    mates_of = group_mates(train_groups)
+
     def sample_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        chosen = rng.choice(len(train_ids), size=P, replace=False)
+        chosen = sample_products(rng, mates_of, P, config.group_pairs)
         aug, pho = [], []
         for c in chosen:
             have = photos_of[c]
@@ -478,6 +514,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help=f"products per batch (default {d.products_per_batch})")
     parser.add_argument("--views-per-product", type=int, default=d.views_per_product,
                         help=f"views per product per batch (default {d.views_per_product})")
+    parser.add_argument("--group-pairs", type=float, default=d.group_pairs,
+                        help="share of a batch's products drawn as same-group pairs, the hard "
+                        f"negatives (default {d.group_pairs}; 0: uniform)")
     parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
     parser.add_argument("--metric-weight", type=float, default=d.metric_weight,
                         help=f"supervised contrastive loss weight (default {d.metric_weight}; 0 disables)")
@@ -500,7 +539,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         minutes=args.minutes, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         holdout_fold=args.holdout_fold, seed=args.seed, input_size=args.input_size,
         latent_dim=args.latent_dim, width=args.width, products_per_batch=args.products_per_batch,
-        views_per_product=args.views_per_product, learning_rate=args.lr,
+        views_per_product=args.views_per_product, group_pairs=args.group_pairs, learning_rate=args.lr,
         metric_weight=args.metric_weight, class_weight=args.class_weight,
         recon_weight=args.recon_weight, augment=not args.no_augment,
         paste_background=not args.no_paste_background, threads=args.threads,
