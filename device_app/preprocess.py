@@ -25,18 +25,46 @@ class PreprocessSpec:
     crop: str = "center"
     """'center': the largest centred square, then resize; 'full': squash the whole frame."""
 
+    photo_zooms: tuple[float, ...] = (1.0, 0.85)
+    """A field photo is embedded as several views whose unit latents are averaged: the crop
+    box, then centred boxes this fraction of its side (1.0 first: the plain input)."""
+
+    photo_mirror: bool = True
+    """Add the mirror image of every zoom to the photo's views."""
+
     def __post_init__(self) -> None:
         if self.crop not in ("center", "full"):
             raise ValueError(f"crop must be 'center' or 'full', not {self.crop!r}")
         if not 16 <= self.input_size <= 1024:
             raise ValueError(f"input_size must be within 16..1024, not {self.input_size}")
+        zooms = tuple(float(z) for z in self.photo_zooms)
+        if not zooms or zooms[0] != 1.0 or not all(0.3 <= z <= 1.0 for z in zooms):
+            raise ValueError(f"photo_zooms must start with 1.0 and lie within 0.3..1.0, not {zooms}")
+        object.__setattr__(self, "photo_zooms", zooms)
+
+    @property
+    def num_views(self) -> int:
+        return len(self.photo_zooms) * (2 if self.photo_mirror else 1)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["photo_zooms"] = list(self.photo_zooms)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> PreprocessSpec:
-        return cls(input_size=int(data["input_size"]), crop=str(data.get("crop", "center")))
+        """Read a manifest's or model card's spec; one written before photo views existed
+        embeds a photo as its plain input alone, as it did then."""
+        return cls(
+            input_size=int(data["input_size"]), crop=str(data.get("crop", "center")),
+            photo_zooms=tuple(data.get("photo_zooms", (1.0,))),
+            photo_mirror=bool(data.get("photo_mirror", False)),
+        )
+
+    @classmethod
+    def single_view(cls, input_size: int = 96, crop: str = "center") -> PreprocessSpec:
+        """A spec that embeds a photo as its plain input alone (no view averaging)."""
+        return cls(input_size=input_size, crop=crop, photo_zooms=(1.0,), photo_mirror=False)
 
     @property
     def draft_size(self) -> tuple[int, int]:
@@ -65,6 +93,34 @@ def to_model_input(image: Image.Image, spec: PreprocessSpec, size: int | None = 
     box = crop_box(image.size, spec.crop)
     resized = image.resize((side, side), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
     return np.asarray(resized, dtype=np.uint8)
+
+
+def to_photo_views(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """The encoder inputs of a field photo, uint8 (V, S, S, 3); view 0 is
+    :func:`to_model_input`. Zooms are taken from the decoded image, not the small input,
+    so a zoomed view is as sharp as the plain one."""
+    side = spec.input_size
+    left, top, right, bottom = crop_box(image.size, spec.crop)
+    views = []
+    for zoom in spec.photo_zooms:
+        if zoom == 1.0:
+            view = to_model_input(image, spec)
+        else:
+            dx, dy = (right - left) * (1 - zoom) / 2, (bottom - top) * (1 - zoom) / 2
+            box = (left + dx, top + dy, right - dx, bottom - dy)
+            view = np.asarray(image.resize((side, side), Image.Resampling.BILINEAR, box=box,
+                                           reducing_gap=3.0), dtype=np.uint8)
+        views.append(view)
+        if spec.photo_mirror:
+            views.append(np.ascontiguousarray(view[:, ::-1]))
+    return np.stack(views)
+
+
+def pool_views(latents: np.ndarray, num_views: int) -> np.ndarray:
+    """Unit latents (N * V, D) of N photos' consecutive views -> one unit latent each, (N, D)."""
+    latents = np.asarray(latents, dtype=np.float32)
+    pooled = latents.reshape(-1, num_views, latents.shape[-1]).mean(axis=1)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
 
 def load_model_input(source: ImageSource, spec: PreprocessSpec, **load_kwargs) -> np.ndarray:

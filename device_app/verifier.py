@@ -22,7 +22,7 @@ from PIL import Image
 from auditlens.device_app.bundle import ReferenceBundle, probe_image
 from auditlens.device_app.imaging import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
-from auditlens.device_app.preprocess import to_model_input
+from auditlens.device_app.preprocess import pool_views, to_photo_views
 from auditlens.device_app.quality import Quality, QualityThresholds, assess
 from auditlens.errors import ImageTooLargeError, ModelMismatchError, UnreadableImageError
 
@@ -103,7 +103,9 @@ class Capture:
     """A decoded photo, ready to score; everything derived from its pixels is computed
     once, so scoring it against many products costs one decode and one inference."""
 
-    model_input: np.ndarray
+    views: np.ndarray
+    """uint8 (V, S, S, 3): the encoder inputs of the photo's views (the spec's zooms and
+    mirror images); the latent is their pooled latent."""
     sha256: str
     quality: Quality
     dhash: str
@@ -112,12 +114,17 @@ class Capture:
     latent: np.ndarray | None = None
     """Memoised unit latent, filled by :meth:`Verifier.embed`."""
 
+    @property
+    def model_input(self) -> np.ndarray | None:
+        """The plain encoder input (S, S, 3): view 0, the crop box resized."""
+        return None if self.views is None else self.views[0]
+
     def release_pixels(self) -> None:
         """Forget the pixels once the latent is known; quality, dHash and latent stay."""
         if self.latent is None:
             raise ValueError("embed the capture before releasing its pixels")
         self.image = None
-        self.model_input = None  # type: ignore[assignment]
+        self.views = None  # type: ignore[assignment]
 
 
 def _read_photo_file(path: Path, max_bytes: int) -> bytes:
@@ -225,15 +232,21 @@ class Verifier:
                 source = io.BytesIO(data)
             image = load_image(source, max_pixels=self.options.max_pixels, draft=self.spec.draft_size)
             digest = hashlib.sha256(data).hexdigest()
-        return Capture(to_model_input(image, self.spec), digest,
+        return Capture(to_photo_views(image, self.spec), digest,
                        assess(image, self.options.quality), dhash(image),
                        image if keep_image else None)
 
     def embed(self, capture: Capture) -> np.ndarray:
         """The capture's unit latent (computed once per capture)."""
         if capture.latent is None:
-            capture.latent = self.encoder.embed(capture.model_input)[0]
+            capture.latent = self.embed_views(capture.views)[0]
         return capture.latent
+
+    def embed_views(self, views: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Unit latents (N, D) of N photos from their consecutive views (N * V, S, S, 3)."""
+        v = self.spec.num_views
+        batch = batch_size or v
+        return pool_views(self.encoder.embed(views, batch_size=batch), v)
 
     # -- scoring --------------------------------------------------------------------
     def product_scores(self, latent: np.ndarray) -> np.ndarray:

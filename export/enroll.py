@@ -24,7 +24,12 @@ from auditlens.catalog import Catalog, LabelledPhoto
 from auditlens.device_app.bundle import ProductRecord, probe_image, write_bundle
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.interpreter import Encoder, EncoderOptions
-from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
+from auditlens.device_app.preprocess import (
+    PreprocessSpec,
+    pool_views,
+    to_model_input,
+    to_photo_views,
+)
 from auditlens.device_app.verifier import dhash
 from auditlens.errors import AuditlensError, CatalogError
 
@@ -91,7 +96,7 @@ def _load_original(product, spec: PreprocessSpec, side: int) -> _Loaded:
 
 def _load_photo(photo: LabelledPhoto, spec: PreprocessSpec) -> np.ndarray:
     try:
-        return to_model_input(load_image(photo.photo, draft=spec.draft_size), spec)
+        return to_photo_views(load_image(photo.photo, draft=spec.draft_size), spec)
     except AuditlensError as exc:
         raise CatalogError(f"reference photo for {photo.product_id!r}: {exc}") from exc
 
@@ -137,22 +142,32 @@ def enroll(
     if failures:
         raise CatalogError(f"{len(failures)} product(s) could not be enrolled:\n  " + "\n  ".join(failures))
 
-    inputs, records = [], []
+    # Originals are embedded as they are (a studio image, one view); an extra reference
+    # photo is a field photo and gets the photo's views, as on the device.
+    inputs, photo_views, photo_rows, records = [], [], [], []
     for product, item in zip(catalog, loaded):
         assert item is not None
-        rows = [len(inputs)]
+        rows = [len(inputs) + len(photo_views)]
         inputs.append(item.model_input)
         for extra in extra_inputs.get(product.product_id, []):
-            rows.append(len(inputs))
-            inputs.append(extra)
+            rows.append(len(inputs) + len(photo_views))
+            photo_rows.append(rows[-1])
+            photo_views.append(extra)
         records.append(ProductRecord(product.product_id, product.name, product.group, product.kind,
                                      product.code, tuple(rows), item.dhash))
     # stacked one batch at a time: a whole-catalogue np.stack would double peak memory
-    latents = np.concatenate([
+    original_latents = np.concatenate([
         encoder.embed(np.stack(inputs[i:i + options.batch_size]), batch_size=options.batch_size)
         for i in tqdm(range(0, len(inputs), options.batch_size), desc="embedding", unit="batch",
                       disable=not options.progress)
     ])
+    latents = np.empty((len(inputs) + len(photo_views), encoder.latent_dim), np.float32)
+    is_photo = np.zeros(len(latents), bool)
+    is_photo[photo_rows] = True
+    latents[~is_photo] = original_latents
+    if photo_views:
+        latents[is_photo] = pool_views(encoder.embed(np.concatenate(photo_views), batch_size=spec.num_views),
+                                       spec.num_views)
 
     decision = dict(card.get("decision") or {"threshold": DEFAULT_THRESHOLD, "target_far": None,
                                             "calibrated_on": None})

@@ -1,7 +1,11 @@
 """One preprocessing path: enrolment (export side) and the device produce identical
 encoder inputs for the same image, and JPEG draft decoding stays close to full decoding."""
 
+import json
+import shutil
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from auditlens.catalog import open_catalog
@@ -10,12 +14,14 @@ from auditlens.device_app.preprocess import (
     PreprocessSpec,
     crop_box,
     load_model_input,
+    pool_views,
     to_model_input,
+    to_photo_views,
 )
 from auditlens.device_app.verifier import Verifier
-from auditlens.export.enroll import _load_original
+from auditlens.export.enroll import EnrollOptions, _load_original
 
-from .conftest import SAMPLE
+from .conftest import MODELS, SAMPLE
 
 
 def test_enrolment_and_device_inputs_are_identical(sample_bundle):
@@ -41,3 +47,60 @@ def test_draft_decoding_of_a_big_jpeg_stays_close(tmp_path):
     fast = load_model_input(path, spec).astype(np.float32)
     full = to_model_input(load_image(path), spec).astype(np.float32)
     assert np.abs(fast - full).mean() < 3.0
+
+
+def test_photo_views_are_the_plain_input_its_mirror_and_a_centred_zoom():
+    spec = PreprocessSpec(64, photo_zooms=(1.0, 0.5), photo_mirror=True)
+    # a 200x100 landscape photo whose centred 100x100 square has a distinct inner quarter
+    image = Image.new("RGB", (200, 100), (10, 20, 30))
+    image.paste((200, 40, 40), (75, 25, 125, 75))  # the centre half of the square
+    image.paste((40, 200, 40), (50, 0, 60, 100))  # a stripe at the square's left edge
+    views = to_photo_views(image, spec)
+    assert views.shape == (4, 64, 64, 3) and views.dtype == np.uint8 and spec.num_views == 4
+    np.testing.assert_array_equal(views[0], to_model_input(image, spec))
+    np.testing.assert_array_equal(views[1], views[0][:, ::-1])
+    np.testing.assert_array_equal(views[3], views[2][:, ::-1])
+    # the 0.5 zoom sees only the red centre; the plain view sees the stripe on its left
+    assert np.abs(views[2][8:-8, 8:-8].astype(int) - (200, 40, 40)).max() <= 2
+    assert views[0][:, 2, 1].mean() > 150 and views[1][:, -3, 1].mean() > 150
+
+
+def test_pooled_views_are_the_normalised_mean():
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(6, 8)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    pooled = pool_views(unit, 3)
+    assert pooled.shape == (2, 8)
+    expected = unit[3:].mean(0) / np.linalg.norm(unit[3:].mean(0))
+    np.testing.assert_allclose(pooled[1], expected, rtol=1e-6)
+    np.testing.assert_allclose(pool_views(unit, 1), unit, rtol=1e-6)
+
+
+def test_specs_written_before_photo_views_keep_one_view():
+    old = PreprocessSpec.from_dict({"input_size": 96, "crop": "center"})
+    assert old.photo_zooms == (1.0,) and not old.photo_mirror and old.num_views == 1
+    new = PreprocessSpec(96)
+    assert PreprocessSpec.from_dict(new.to_dict()) == new and new.num_views == 4
+    for zooms in ((0.85, 1.0), (1.0, 0.1), ()):
+        with pytest.raises(ValueError):
+            PreprocessSpec(96, photo_zooms=zooms)
+
+
+def test_verifier_pools_the_views_of_a_capture(tmp_path):
+    from auditlens.export.enroll import enroll
+
+    model = tmp_path / "encoder.tflite"
+    shutil.copy(MODELS / "encoder.tflite", model)
+    card = json.loads((MODELS / "encoder.json").read_text())
+    card["preprocess"] = PreprocessSpec(card["preprocess"]["input_size"]).to_dict()
+    (tmp_path / "encoder.json").write_text(json.dumps(card))
+    bundle = enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "bundle", model=model,
+                    options=EnrollOptions(progress=False))
+    verifier = Verifier(bundle)
+    assert verifier.spec.num_views == 4
+    capture = verifier.prepare(SAMPLE / "photos" / "Banana_001.jpg")
+    assert capture.views.shape[0] == 4
+    one_by_one = verifier.encoder.embed(capture.views, batch_size=1)
+    np.testing.assert_allclose(verifier.embed(capture), pool_views(one_by_one, 4)[0], atol=1e-6)
+    # pooling is what decides: the pooled latent differs from the plain view's
+    assert float(verifier.embed(capture) @ one_by_one[0]) < 0.9999

@@ -118,7 +118,7 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
 
     def load(photo: LabelledPhoto):
         try:
-            return verifier.prepare(photo.photo).model_input
+            return verifier.prepare(photo.photo, keep_image=False).views
         except AuditlensError as exc:
             return exc
         except OSError as exc:  # e.g. the file vanished
@@ -139,10 +139,10 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
             kept.append(photo)
             inputs.append(result)
             if len(inputs) == batch_size:
-                latents.append(verifier.encoder.embed(np.stack(inputs), batch_size=batch_size))
+                latents.append(verifier.embed_views(np.concatenate(inputs), batch_size))
                 inputs = []
     if inputs:
-        latents.append(verifier.encoder.embed(np.stack(inputs), batch_size=batch_size))
+        latents.append(verifier.embed_views(np.concatenate(inputs), batch_size))
     bar.close()
     dim = bundle.references.shape[1]
     lat = np.concatenate(latents) if latents else np.zeros((0, dim), np.float32)
