@@ -14,7 +14,7 @@ from PIL import Image
 
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.interpreter import Encoder, EncoderOptions
-from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
+from auditlens.device_app.preprocess import PreprocessSpec, to_model_input, to_photo_views
 from auditlens.device_app.quality import assess
 from auditlens.device_app.verifier import Verifier, VerifierOptions, dhash
 
@@ -114,14 +114,15 @@ def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, workdi
     path = files["12 MP"]
     data = path.read_bytes()
     image = load_image(io.BytesIO(data), draft=spec.draft_size)
-    model_input = to_model_input(image, spec)
-    latent = verifier.encoder.embed(model_input)[0]
+    views = to_photo_views(image, spec)
+    latent = verifier.embed_views(views)[0]
+    n = spec.num_views
     stages = {
         "read file": lambda: path.read_bytes(),
         "sha256 of the file": lambda: hashlib.sha256(data).hexdigest(),
         "decode (draft) + EXIF + RGB": lambda: load_image(io.BytesIO(data), draft=spec.draft_size),
-        "crop + resize to input": lambda: to_model_input(image, spec),
-        "encoder (int8, 1 thread)": lambda: verifier.encoder.embed(model_input),
+        f"crop + resize to {n} view{'s' if n > 1 else ''}": lambda: to_photo_views(image, spec),
+        f"encoder, {n} view{'s' if n > 1 else ''} (int8, 1 thread)": lambda: verifier.embed_views(views),
         "score (best reference)": lambda: verifier.score(latent, product_id),
         "capture quality check": lambda: assess(image),
         "near-copy dHash": lambda: dhash(image),
