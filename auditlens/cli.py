@@ -58,8 +58,26 @@ def _add_enroll(p: argparse.ArgumentParser) -> None:
                    help="extra approved photos per product (photo,product_id), enrolled beside the originals")
     p.add_argument("--threshold", type=float, default=None,
                    help="decision threshold (default: the model card's calibrated one)")
+    p.add_argument("--photo-zooms", type=_zooms, default=None, metavar="1,0.85",
+                   help="views a field photo is embedded as: centred zooms of its crop, 1 first "
+                   "(default: the model card's; other views need 'auditlens calibrate')")
+    p.add_argument("--photo-mirror", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the mirror image of each view (default: the model card's)")
     p.add_argument("--sign-key", type=Path, default=None, help="Ed25519 private key (PEM) to sign the bundle")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _zooms(text: str) -> tuple[float, ...]:
+    from auditlens.device_app.preprocess import PreprocessSpec
+
+    try:
+        zooms = tuple(float(z) for z in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"zooms must be numbers separated by commas, not {text!r}") from None
+    try:
+        return PreprocessSpec(photo_zooms=zooms).photo_zooms
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _run_enroll(args) -> int:
@@ -69,7 +87,8 @@ def _run_enroll(args) -> int:
     catalog = open_catalog(args.catalog)
     extras = read_labelled_photos(args.references) if args.references else ()
     out = enroll(catalog, args.out, model=args.model, extra_references=extras,
-                 options=EnrollOptions(threshold=args.threshold, progress=not args.no_progress),
+                 options=EnrollOptions(threshold=args.threshold, progress=not args.no_progress,
+                                       photo_zooms=args.photo_zooms, photo_mirror=args.photo_mirror),
                  signing_key=args.sign_key.read_bytes() if args.sign_key else None)
     print(f"enrolled {len(catalog)} products ({len(extras)} extra reference photos) into {out}")
     return EXIT_OK

@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,11 @@ class EnrollOptions:
     """Images per interpreter call."""
     num_threads: int = min(2, os.cpu_count() or 1)
     """Interpreter threads."""
+    photo_zooms: tuple[float, ...] | None = None
+    """Views a field photo is embedded as (``PreprocessSpec.photo_zooms``); default: the
+    model card's. A bundle whose views differ from the card's is not calibrated."""
+    photo_mirror: bool | None = None
+    """Add mirror images to a photo's views; default: the model card's."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -120,7 +125,12 @@ def enroll(
     content = model_path.read_bytes()
     card = model_card(model_path)
     encoder = Encoder(content, EncoderOptions(num_threads=options.num_threads))
-    spec = PreprocessSpec.from_dict(card["preprocess"]) if "preprocess" in card else PreprocessSpec(encoder.input_size)
+    card_spec = PreprocessSpec.from_dict(card["preprocess"]) if "preprocess" in card else PreprocessSpec(encoder.input_size)
+    spec = replace(
+        card_spec,
+        photo_zooms=card_spec.photo_zooms if options.photo_zooms is None else tuple(options.photo_zooms),
+        photo_mirror=card_spec.photo_mirror if options.photo_mirror is None else options.photo_mirror,
+    )
 
     extras: dict[str, list[LabelledPhoto]] = {}
     for photo in extra_references:
@@ -169,8 +179,9 @@ def enroll(
         latents[is_photo] = pool_views(encoder.embed(np.concatenate(photo_views), batch_size=spec.num_views),
                                        spec.num_views)
 
-    decision = dict(card.get("decision") or {"threshold": DEFAULT_THRESHOLD, "target_far": None,
-                                            "calibrated_on": None})
+    uncalibrated = {"threshold": DEFAULT_THRESHOLD, "target_far": None, "calibrated_on": None}
+    # The card's threshold was calibrated on photos embedded with the card's views.
+    decision = dict(card.get("decision") or uncalibrated) if spec == card_spec else uncalibrated
     if options.threshold is not None:
         decision = {"threshold": float(options.threshold), "target_far": None,
                     "calibrated_on": "set by hand at enrolment"}

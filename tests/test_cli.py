@@ -72,3 +72,19 @@ def test_enroll_then_info_and_identify(tmp_path, sample_photos):
     assert "every sha256 verified" in info and "products   10" in info
     ident = run("identify", "--bundle", tmp_path / "b", "--top", "3", sample_photos[0].photo, check_rc=0)
     assert len(ident.stdout.strip().splitlines()) == 3
+
+
+def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_photos):
+    from auditlens.device_app.bundle import ReferenceBundle
+    from auditlens.export.enroll import DEFAULT_THRESHOLD
+
+    run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "card", "--no-progress", check_rc=0)
+    # views no shipped card uses: the card's threshold does not hold for them
+    run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "other", "--no-progress",
+        "--photo-zooms", "1,0.6", "--photo-mirror", check_rc=0)
+    card, other = ReferenceBundle.load(tmp_path / "card"), ReferenceBundle.load(tmp_path / "other")
+    assert other.spec.photo_zooms == (1.0, 0.6) and other.spec.num_views == 4
+    assert card.decision["calibrated_on"] and card.spec != other.spec
+    assert other.decision["calibrated_on"] is None and other.threshold == DEFAULT_THRESHOLD
+    bad = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "bad", "--photo-zooms", "0.8,1", check_rc=2)
+    assert "photo_zooms must start with 1.0" in bad.stderr and "Traceback" not in bad.stderr

@@ -92,7 +92,7 @@ def test_augmenter_shapes_range_and_background_pasting():
     original = np.asarray(product_image(3, 48))
     masks = object_mask(original)[None, ..., None]
     backgrounds = np.zeros((2, 48, 48, 3), np.uint8)  # black clutter: easy to detect
-    only_paste = AugmentSwitches(True, False, False, False, False, False, False)
+    only_paste = AugmentSwitches(True, False, False, False, False, False, False, False)
     aug = CaptureAugmenter(32, backgrounds, only_paste, seed=0)
     out = aug.originals(tf.constant(np.repeat(original[None], 16, 0)), tf.constant(np.repeat(masks, 16, 0)))
     out = out.numpy()
@@ -102,6 +102,53 @@ def test_augmenter_shapes_range_and_background_pasting():
     full = CaptureAugmenter(32, backgrounds, AugmentSwitches(), seed=0)
     photos = full.photos(tf.constant(np.repeat(original[None], 4, 0))).numpy()
     assert photos.shape == (4, 32, 32, 3) and np.all(photos == np.round(photos))
+
+
+def test_mirroring_flips_about_half_the_views_and_nothing_else():
+    from auditlens.training.augment import AugmentSwitches, CaptureAugmenter
+
+    # A left-to-right ramp: its mirror image is unmistakable.
+    ramp = np.tile(np.linspace(0, 255, 32, dtype=np.float32)[None, :, None], (32, 1, 3))
+    batch = tf.constant(np.repeat(ramp[None], 64, 0).astype(np.uint8))
+    only_mirror = AugmentSwitches(False, False, False, False, False, False, False, True)
+    out = CaptureAugmenter(32, None, only_mirror, seed=3).photos(batch).numpy()
+    plain = np.round(tf.image.resize(tf.cast(batch[:1], tf.float32), [32, 32], antialias=True).numpy()[0])
+    is_plain = np.all(np.abs(out - plain) <= 1, axis=(1, 2, 3))
+    is_mirror = np.all(np.abs(out - plain[:, ::-1]) <= 1, axis=(1, 2, 3))
+    assert np.all(is_plain ^ is_mirror), "every view is the image or its mirror image"
+    assert 16 <= is_mirror.sum() <= 48
+    never = AugmentSwitches(False, False, False, False, False, False, False, False)
+    out = CaptureAugmenter(32, None, never, seed=3).photos(batch).numpy()
+    assert np.all(np.abs(out - plain) <= 1)
+
+
+def test_weight_average_follows_the_weights_and_swaps_back():
+    from auditlens.training.averaging import WeightAverage
+
+    w = tf.Variable([0.0, 2.0])
+    average = WeightAverage([w], decay=0.9)
+    w.assign([1.0, 2.0])
+    average.update()  # first update: decay min(0.9, 2/11), mostly the new weights
+    d = 2 / 11
+    np.testing.assert_allclose(average.values()[0], [d * 0.0 + (1 - d) * 1.0, 2.0], rtol=1e-6)
+    for _ in range(300):
+        average.update()
+    np.testing.assert_allclose(average.values()[0], [1.0, 2.0], atol=1e-4)
+    w.assign([5.0, 5.0])
+    average.update()  # settled: decay 0.9
+    expected = [0.9 * 1.0 + 0.1 * 5.0, 0.9 * 2.0 + 0.1 * 5.0]
+    np.testing.assert_allclose(average.values()[0], expected, atol=1e-4)
+    with pytest.raises(RuntimeError), average.applied():
+        np.testing.assert_allclose(w.numpy(), expected, atol=1e-4)
+        raise RuntimeError("validation crashed")
+    np.testing.assert_array_equal(w.numpy(), [5.0, 5.0])  # raw weights back after a crash
+
+    off = WeightAverage([w], decay=0.0)
+    off.update()
+    with off.applied():
+        np.testing.assert_array_equal(w.numpy(), [5.0, 5.0])
+    with pytest.raises(ValueError):
+        WeightAverage([w], decay=1.0)
 
 
 def test_supcon_prefers_clustered_latents():
@@ -175,6 +222,8 @@ def test_train_writes_every_output(trained):
     assert report["config"]["holdout_fold"] == "1/3"
     assert len(report["history"]) == 2
     assert report["data"]["held_out_products"] and report["data"]["val_unseen"] > 0
+    # val photos are embedded as the device embeds them: all of the spec's views, pooled
+    assert report["data"]["val_views"] == 4 and report["config"]["ema_decay"] > 0
     for subset in ("all", "seen", "unseen"):
         m = report["metrics"][subset]
         assert 0 <= m["eer"] <= 1 and 0 <= m["top1"] <= 1 and 0 <= m["auc"] <= 1
@@ -209,7 +258,9 @@ def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
 
     parser = add_train_arguments(argparse.ArgumentParser())
     args = parser.parse_args([str(tiny_data["catalog"]), "--out", str(tmp_path), "--minutes", "2",
-                              "--holdout-fold", "2/4", "--no-paste-background", "--recon-weight", "0"])
+                              "--holdout-fold", "2/4", "--no-paste-background", "--recon-weight", "0",
+                              "--no-mirror", "--ema-decay", "0"])
     config = config_from_args(args)
     assert config.minutes == 2 and config.holdout_fold == "2/4"
     assert not config.paste_background and config.recon_weight == 0
+    assert not config.mirror and config.ema_decay == 0

@@ -13,7 +13,9 @@ it originals degraded in all of these ways:
   saturation, white-balance gains and gamma (tf ops: Keras' colour layers have per-layer
   factor conventions that are easy to get wrong, these are explicit);
 * optics and sensor: Gaussian defocus blur, additive specular glare, sensor noise, JPEG
-  re-compression at random quality.
+  re-compression at random quality;
+* mirroring: half the views are flipped left-right, because the device averages a photo's
+  latent with its mirror image's (``PreprocessSpec.photo_mirror``) and the two should agree.
 
 Everything runs batched inside the TensorFlow training step (the CPU is the bottleneck;
 no per-image Python). Inputs are uint8 caches ``C x C`` (a bit larger than the model input
@@ -46,14 +48,15 @@ class AugmentSwitches:
     noise: bool = True
     jpeg: bool = True
     glare: bool = True
+    mirror: bool = True
 
     @classmethod
     def from_config(cls, config) -> AugmentSwitches:
         if not config.augment:
-            return cls(False, False, False, False, False, False, False)
+            return cls(False, False, False, False, False, False, False, False)
         return cls(
             config.paste_background, config.geometric, config.photometric,
-            config.blur, config.noise, config.jpeg, config.glare,
+            config.blur, config.noise, config.jpeg, config.glare, config.mirror,
         )
 
 
@@ -204,8 +207,14 @@ class CaptureAugmenter:
         )
         return tf.cast(out, tf.float32)
 
+    def _mirror(self, x):
+        flip = tf.reshape(self._bernoulli(tf.shape(x)[0], 0.5), [-1, 1, 1, 1])
+        return flip * tf.reverse(x, axis=[2]) + (1.0 - flip) * x
+
     def _finish(self, x, strength: float):
         s = self.switches
+        if s.mirror:
+            x = self._mirror(x)
         if s.photometric:
             x = self._photometric(x, strength)
         if s.blur:

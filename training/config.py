@@ -53,6 +53,10 @@ class TrainConfig:
     """Peak AdamW learning rate (cosine decay over the run)."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
+    ema_decay: float = 0.998
+    """Validate, keep and ship an exponential moving average of the encoder's weights with
+    this decay per step (0: the raw weights). Smooths the epoch-to-epoch jumps of a small
+    batch on a small catalogue."""
     threads: int = 0
     """TensorFlow intra/inter-op threads; 0 lets TensorFlow decide (set 1 when runs share CPUs)."""
 
@@ -85,6 +89,8 @@ class TrainConfig:
     """JPEG re-compression at random quality."""
     glare: bool = True
     """Additive specular glare blobs."""
+    mirror: bool = True
+    """Flip half the augmented views left-right (the device also embeds the mirror image)."""
 
     holdout_fold: str | None = None
     """'k/K': hold out the k-th of K deterministic folds of product ids (1-based), for

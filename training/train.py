@@ -6,11 +6,12 @@ labelled photos exist, real field photos. The objective (weights in :class:`Trai
 
     metric_weight * supcon + class_weight * cosface + recon_weight * reconstruction
 
-Validation embeds the val photos and every original exactly as the device does
-(``to_model_input(load_image(p), spec)``), and reports top-1 (nearest original is the
-right product) and genuine-vs-impostor EER/AUC of cosine, separately for products seen in
-training and products held out (``--holdout-fold``). The encoder with the best seen-product
-EER is kept.
+Validation embeds every original and each val photo exactly as the device does (the
+original's ``to_model_input``; the photo's ``to_photo_views``, latents pooled), and reports
+top-1 (nearest original is the right product) and genuine-vs-impostor EER/AUC of cosine,
+separately for products seen in training and products held out (``--holdout-fold``). It
+runs on the moving average of the weights (``--ema-decay``); the average with the best
+seen-product EER is kept.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto, open_catalog, read_labelled_photos
 from auditlens.device_app.imaging import load_image
-from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
+from auditlens.device_app.preprocess import (
+    PreprocessSpec,
+    pool_views,
+    to_model_input,
+    to_photo_views,
+)
 from auditlens.errors import AuditlensError, CatalogError
 from auditlens.training.config import TrainConfig, TrainResult
 
@@ -152,6 +158,18 @@ def _load_stack(sources, spec: PreprocessSpec, size: int | None, what: str) -> n
     return np.stack(images) if images else np.zeros((0, size or spec.input_size, size or spec.input_size, 3), np.uint8)
 
 
+def _load_views(sources, spec: PreprocessSpec, what: str) -> np.ndarray:
+    """uint8 (N * V, S, S, 3): the device's views of each photo, consecutive."""
+    views = []
+    for src in sources:
+        try:
+            views.append(to_photo_views(load_image(src), spec))
+        except AuditlensError as exc:
+            raise CatalogError(f"{what}: {exc}") from exc
+    side = spec.input_size
+    return np.concatenate(views) if views else np.zeros((0, side, side, 3), np.uint8)
+
+
 def _filter_photos(photos: list[LabelledPhoto], catalog: Catalog, source: str) -> list[LabelledPhoto]:
     unknown = sorted({p.product_id for p in photos} - set(catalog.ids))
     if unknown:
@@ -188,6 +206,7 @@ def train(config: TrainConfig) -> TrainResult:
         object_mask,
         save_augment_grid,
     )
+    from auditlens.training.averaging import WeightAverage
     from auditlens.training.losses import (
         CosFaceHead,
         cosface_loss,
@@ -243,7 +262,9 @@ def train(config: TrainConfig) -> TrainResult:
     if config.val_photos:
         val = _filter_photos(read_labelled_photos(config.val_photos), catalog, config.val_photos)
         log(f"caching {len(val)} validation photos ...")
-        val_images = _load_stack([p.photo for p in val], spec, None, "validation photo")
+        # Each val photo as the device embeds it: its views (plain, zoom, mirrors), pooled.
+        val_images = _load_views([p.photo for p in val], spec, "validation photo")
+        val_views = spec.num_views
         val_labels = np.array([ref_index[p.product_id] for p in val], np.int64)
         val_source = config.val_photos
     else:
@@ -255,6 +276,7 @@ def train(config: TrainConfig) -> TrainResult:
             tf.constant(np.repeat(all_big, reps, 0)), tf.constant(np.repeat(all_masks, reps, 0))
         ).numpy().astype(np.uint8)
         val_labels = np.repeat(np.arange(len(ids)), reps)
+        val_views = 1
         val_source = "augmented originals (no --val-photos)"
     val_seen = np.array([ids[c] not in held_out for c in val_labels], bool)
     groups = np.array([p.group or p.product_id for p in catalog])
@@ -282,6 +304,9 @@ def train(config: TrainConfig) -> TrainResult:
     photo_labels_t = tf.constant(photo_labels.astype(np.int32) if len(photo_labels) else np.zeros(1, np.int32))
     weights = (config.metric_weight, config.class_weight, config.recon_weight)
 
+    # Validation, checkpoints and the shipped encoder use the weights' moving average.
+    average = WeightAverage(encoder.weights, config.ema_decay)
+
     idx_spec = tf.TensorSpec([None], tf.int32)
 
     @tf.function(input_signature=[idx_spec, idx_spec, idx_spec])
@@ -303,6 +328,7 @@ def train(config: TrainConfig) -> TrainResult:
         grads = [tf.zeros_like(w) if g is None else g for g, w in zip(grads, trainable)]
         grads, _ = tf.clip_by_global_norm(grads, 5.0)
         optimizer.apply_gradients(zip(grads, trainable))
+        average.update()
         return total, l_metric, l_class, l_recon
 
     @tf.function(input_signature=[tf.TensorSpec([None, config.input_size, config.input_size, 3], tf.float32)])
@@ -317,7 +343,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     def evaluate() -> dict:
         refs = embed(originals_ref)
-        q = embed(val_images)
+        q = pool_views(_normalise(embed(val_images)), val_views)
         result = {"all": verification_metrics(q, val_labels, refs, groups)}
         if held_out:
             result["seen"] = verification_metrics(q[val_seen], val_labels[val_seen], refs, groups)
@@ -394,7 +420,14 @@ def train(config: TrainConfig) -> TrainResult:
             bar.close()
         train_seconds = time.perf_counter() - t_epoch
         t_eval = time.perf_counter()
-        metrics = evaluate()
+        with average.applied():
+            metrics = evaluate()
+            seen = metrics["seen"]
+            better = seen["eer"] < best["eer"] or (seen["eer"] == best["eer"] and seen["top1"] > best["top1"])
+            if better:
+                best = {"eer": seen["eer"], "top1": seen["top1"], "epoch": epoch}
+                autoencoder.save_weights(best_path)
+        autoencoder.save_weights(out / "checkpoints" / "last.weights.h5")
         t_eval_total += time.perf_counter() - t_eval
         mean = sums / max(n, 1)
         record = {
@@ -403,12 +436,6 @@ def train(config: TrainConfig) -> TrainResult:
             "val": metrics,
         }
         history.append(record)
-        seen = metrics["seen"]
-        better = seen["eer"] < best["eer"] or (seen["eer"] == best["eer"] and seen["top1"] > best["top1"])
-        if better:
-            best = {"eer": seen["eer"], "top1": seen["top1"], "epoch": epoch}
-            autoencoder.save_weights(best_path)
-        autoencoder.save_weights(out / "checkpoints" / "last.weights.h5")
         unseen = metrics.get("unseen")
         log(f"epoch {epoch} step {step}: loss {mean[0]:.3f} (supcon {mean[1]:.3f} cos {mean[2]:.3f} "
             f"recon {mean[3]:.3f}) | val seen EER {seen['eer']:.3f} top1 {seen['top1']:.3f}"
@@ -434,7 +461,7 @@ def train(config: TrainConfig) -> TrainResult:
         "data": {
             "products": len(ids), "train_products": len(train_ids),
             "held_out_products": sorted(held_out), "train_photos": len(photos),
-            "val_queries": int(len(val_images)), "val_source": val_source,
+            "val_queries": int(len(val_labels)), "val_views": val_views, "val_source": val_source,
             "val_seen": int(val_seen.sum()), "val_unseen": int((~val_seen).sum()),
         },
         "timings": {
@@ -527,6 +554,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--no-augment", action="store_true", help="no augmentation at all")
     parser.add_argument("--no-paste-background", action="store_true",
                         help="keep originals on white instead of pasting them onto photo crops")
+    parser.add_argument("--no-mirror", action="store_true",
+                        help="never flip augmented views left-right")
+    parser.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                        help="per-step decay of the weight moving average that is validated and "
+                        f"shipped (default {d.ema_decay}; 0: raw weights)")
     parser.add_argument("--threads", type=int, default=d.threads,
                         help="TensorFlow threads (default: all cores; use 1 when runs share a machine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
@@ -542,7 +574,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         views_per_product=args.views_per_product, group_pairs=args.group_pairs, learning_rate=args.lr,
         metric_weight=args.metric_weight, class_weight=args.class_weight,
         recon_weight=args.recon_weight, augment=not args.no_augment,
-        paste_background=not args.no_paste_background, threads=args.threads,
+        paste_background=not args.no_paste_background, mirror=not args.no_mirror,
+        ema_decay=args.ema_decay, threads=args.threads,
         progress=not args.quiet,
     )
 
