@@ -29,8 +29,10 @@ class PreprocessSpec:
     """A field photo is embedded as several views whose unit latents are averaged: the crop
     box, then centred boxes this fraction of its side (1.0 first: the plain input)."""
 
-    photo_mirror: bool = True
-    """Add the mirror image of every zoom to the photo's views."""
+    photo_mirror: bool = False
+    """Add the mirror image of every zoom to the photo's views. Off by default: an encoder
+    trained with mirrored views (``training.augment``) gains nothing from them (measured in
+    docs/ablation.md), and each view costs one more encoder run."""
 
     def __post_init__(self) -> None:
         if self.crop not in ("center", "full"):
@@ -121,6 +123,22 @@ def pool_views(latents: np.ndarray, num_views: int) -> np.ndarray:
     latents = np.asarray(latents, dtype=np.float32)
     pooled = latents.reshape(-1, num_views, latents.shape[-1]).mean(axis=1)
     return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+
+def stack_inputs(sources, spec: PreprocessSpec, *, size: int | None = None,
+                 views: bool = False) -> np.ndarray:
+    """Decode and preprocess many images the device's way: uint8 (N, S, S, 3), or with
+    ``views`` each photo's :func:`to_photo_views`, consecutive, (N * V, S, S, 3).
+
+    ``size`` overrides the input side (plain inputs only). Raises the first image's
+    :class:`~auditlens.errors.ImageError`, which names the image.
+    """
+    side = size or spec.input_size
+    if views:
+        arrays = [to_photo_views(load_image(src), spec) for src in sources]
+    else:
+        arrays = [to_model_input(load_image(src), spec, size)[None] for src in sources]
+    return np.concatenate(arrays) if arrays else np.zeros((0, side, side, 3), np.uint8)
 
 
 def load_model_input(source: ImageSource, spec: PreprocessSpec, **load_kwargs) -> np.ndarray:

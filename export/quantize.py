@@ -27,8 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from auditlens.device_app.imaging import load_image
-from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
+from auditlens.device_app.preprocess import PreprocessSpec, stack_inputs
 from auditlens.errors import AuditlensError, CatalogError, ModelError
 
 INT8_MIN_WORST_COSINE = 0.90
@@ -311,13 +310,10 @@ def representative_images(
         sources += [p.photo for p in photos]
     if progress:
         progress(f"loading {len(sources)} representative images ...")
-    images = []
-    for src in sources:
-        try:
-            images.append(to_model_input(load_image(src), spec))
-        except AuditlensError as exc:
-            raise CatalogError(f"representative image: {exc}") from exc
-    return np.stack(images)
+    try:
+        return stack_inputs(sources, spec)
+    except AuditlensError as exc:
+        raise CatalogError(f"representative image: {exc}") from exc
 
 
 # -- CLI -------------------------------------------------------------------------------------

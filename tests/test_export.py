@@ -107,6 +107,10 @@ def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
         [tiny_encoder["encoder"], "--representative", str(tiny_encoder["catalog"]), "--out", str(out)])
     assert run_export(args) == 0
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["preprocess"] == {"input_size": 32, "crop": "center"}
+    # the card carries the whole spec, photo views included, so enrolment embeds as trained
+    from auditlens.device_app.preprocess import PreprocessSpec
+
+    assert PreprocessSpec.from_dict(card["preprocess"]) == PreprocessSpec(32)
+    assert card["preprocess"]["photo_zooms"] == [1.0, 0.85] and card["preprocess"]["photo_mirror"] is False
     assert card["export"]["mode"] == "int8" and card["export"]["worst_cosine"] <= 1.0
     assert "worst" in capsys.readouterr().out

@@ -15,10 +15,12 @@ from auditlens.device_app.preprocess import (
     crop_box,
     load_model_input,
     pool_views,
+    stack_inputs,
     to_model_input,
     to_photo_views,
 )
 from auditlens.device_app.verifier import Verifier
+from auditlens.errors import ImageError
 from auditlens.export.enroll import EnrollOptions, _load_original
 
 from .conftest import MODELS, SAMPLE
@@ -80,7 +82,7 @@ def test_specs_written_before_photo_views_keep_one_view():
     old = PreprocessSpec.from_dict({"input_size": 96, "crop": "center"})
     assert old.photo_zooms == (1.0,) and not old.photo_mirror and old.num_views == 1
     new = PreprocessSpec(96)
-    assert PreprocessSpec.from_dict(new.to_dict()) == new and new.num_views == 4
+    assert PreprocessSpec.from_dict(new.to_dict()) == new and new.num_views == 2
     for zooms in ((0.85, 1.0), (1.0, 0.1), ()):
         with pytest.raises(ValueError):
             PreprocessSpec(96, photo_zooms=zooms)
@@ -97,10 +99,28 @@ def test_verifier_pools_the_views_of_a_capture(tmp_path):
     bundle = enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "bundle", model=model,
                     options=EnrollOptions(progress=False))
     verifier = Verifier(bundle)
-    assert verifier.spec.num_views == 4
+    assert verifier.spec.num_views == 2  # the plain input and the 0.85 zoom
     capture = verifier.prepare(SAMPLE / "photos" / "Banana_001.jpg")
-    assert capture.views.shape[0] == 4
+    assert capture.views.shape[0] == 2
     one_by_one = verifier.encoder.embed(capture.views, batch_size=1)
-    np.testing.assert_allclose(verifier.embed(capture), pool_views(one_by_one, 4)[0], atol=1e-6)
+    np.testing.assert_allclose(verifier.embed(capture), pool_views(one_by_one, 2)[0], atol=1e-6)
     # pooling is what decides: the pooled latent differs from the plain view's
     assert float(verifier.embed(capture) @ one_by_one[0]) < 0.9999
+
+
+def test_stack_inputs_is_the_per_image_path_in_bulk(tmp_path):
+    spec = PreprocessSpec(48)
+    paths = sorted((SAMPLE / "photos").glob("*.jpg"))[:3]
+    plain = stack_inputs(paths, spec)
+    assert plain.shape == (3, 48, 48, 3) and plain.dtype == np.uint8
+    np.testing.assert_array_equal(plain[2], to_model_input(load_image(paths[2]), spec))
+    big = stack_inputs(paths[:1], spec, size=64)
+    np.testing.assert_array_equal(big[0], to_model_input(load_image(paths[0]), spec, 64))
+    views = stack_inputs(paths, spec, views=True)
+    assert views.shape == (3 * spec.num_views, 48, 48, 3)
+    np.testing.assert_array_equal(views[spec.num_views:2 * spec.num_views], to_photo_views(load_image(paths[1]), spec))
+    assert stack_inputs([], spec).shape == (0, 48, 48, 3)
+    broken = tmp_path / "cut.jpg"
+    broken.write_bytes(paths[0].read_bytes()[:300])
+    with pytest.raises(ImageError, match="cut.jpg"):
+        stack_inputs([paths[0], broken], spec)

@@ -28,13 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto, open_catalog, read_labelled_photos
-from auditlens.device_app.imaging import load_image
-from auditlens.device_app.preprocess import (
-    PreprocessSpec,
-    pool_views,
-    to_model_input,
-    to_photo_views,
-)
+from auditlens.device_app.preprocess import PreprocessSpec, pool_views, stack_inputs
 from auditlens.errors import AuditlensError, CatalogError
 from auditlens.training.config import TrainConfig, TrainResult
 
@@ -148,26 +142,11 @@ def verification_metrics(
 
 
 # -- data -------------------------------------------------------------------------------------
-def _load_stack(sources, spec: PreprocessSpec, size: int | None, what: str) -> np.ndarray:
-    images = []
-    for src in sources:
-        try:
-            images.append(to_model_input(load_image(src), spec, size))
-        except AuditlensError as exc:
-            raise CatalogError(f"{what}: {exc}") from exc
-    return np.stack(images) if images else np.zeros((0, size or spec.input_size, size or spec.input_size, 3), np.uint8)
-
-
-def _load_views(sources, spec: PreprocessSpec, what: str) -> np.ndarray:
-    """uint8 (N * V, S, S, 3): the device's views of each photo, consecutive."""
-    views = []
-    for src in sources:
-        try:
-            views.append(to_photo_views(load_image(src), spec))
-        except AuditlensError as exc:
-            raise CatalogError(f"{what}: {exc}") from exc
-    side = spec.input_size
-    return np.concatenate(views) if views else np.zeros((0, side, side, 3), np.uint8)
+def _load_stack(sources, spec: PreprocessSpec, size: int | None, what: str, views: bool = False) -> np.ndarray:
+    try:
+        return stack_inputs(sources, spec, size=size, views=views)
+    except AuditlensError as exc:
+        raise CatalogError(f"{what}: {exc}") from exc
 
 
 def _filter_photos(photos: list[LabelledPhoto], catalog: Catalog, source: str) -> list[LabelledPhoto]:
@@ -263,7 +242,7 @@ def train(config: TrainConfig) -> TrainResult:
         val = _filter_photos(read_labelled_photos(config.val_photos), catalog, config.val_photos)
         log(f"caching {len(val)} validation photos ...")
         # Each val photo as the device embeds it: its views (plain, zoom, mirrors), pooled.
-        val_images = _load_views([p.photo for p in val], spec, "validation photo")
+        val_images = _load_stack([p.photo for p in val], spec, None, "validation photo", views=True)
         val_views = spec.num_views
         val_labels = np.array([ref_index[p.product_id] for p in val], np.int64)
         val_source = config.val_photos
