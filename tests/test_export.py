@@ -111,6 +111,6 @@ def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
     from auditlens.device_app.preprocess import PreprocessSpec
 
     assert PreprocessSpec.from_dict(card["preprocess"]) == PreprocessSpec(32)
-    assert card["preprocess"]["photo_zooms"] == [1.0, 0.85] and card["preprocess"]["photo_mirror"] is False
+    assert card["preprocess"]["photo_zooms"] == [1.0] and card["preprocess"]["photo_mirror"] is False
     assert card["export"]["mode"] == "int8" and card["export"]["worst_cosine"] <= 1.0
     assert "worst" in capsys.readouterr().out

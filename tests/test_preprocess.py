@@ -82,7 +82,9 @@ def test_specs_written_before_photo_views_keep_one_view():
     old = PreprocessSpec.from_dict({"input_size": 96, "crop": "center"})
     assert old.photo_zooms == (1.0,) and not old.photo_mirror and old.num_views == 1
     new = PreprocessSpec(96)
-    assert PreprocessSpec.from_dict(new.to_dict()) == new and new.num_views == 2
+    assert PreprocessSpec.from_dict(new.to_dict()) == new and new.num_views == 1
+    zoomed = PreprocessSpec(96, photo_zooms=(1.0, 0.85))
+    assert PreprocessSpec.from_dict(zoomed.to_dict()) == zoomed and zoomed.num_views == 2
     for zooms in ((0.85, 1.0), (1.0, 0.1), ()):
         with pytest.raises(ValueError):
             PreprocessSpec(96, photo_zooms=zooms)
@@ -94,7 +96,7 @@ def test_verifier_pools_the_views_of_a_capture(tmp_path):
     model = tmp_path / "encoder.tflite"
     shutil.copy(MODELS / "encoder.tflite", model)
     card = json.loads((MODELS / "encoder.json").read_text())
-    card["preprocess"] = PreprocessSpec(card["preprocess"]["input_size"]).to_dict()
+    card["preprocess"] = PreprocessSpec(card["preprocess"]["input_size"], photo_zooms=(1.0, 0.85)).to_dict()
     (tmp_path / "encoder.json").write_text(json.dumps(card))
     bundle = enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "bundle", model=model,
                     options=EnrollOptions(progress=False))
