@@ -241,7 +241,7 @@ def train(config: TrainConfig) -> TrainResult:
     if config.val_photos:
         val = _filter_photos(read_labelled_photos(config.val_photos), catalog, config.val_photos)
         log(f"caching {len(val)} validation photos ...")
-        # Each val photo as the device embeds it: its views (plain, zoom, mirrors), pooled.
+        # Each val photo as the device embeds it: the spec's views (zooms, mirrors), pooled.
         val_images = _load_stack([p.photo for p in val], spec, None, "validation photo", views=True)
         val_views = spec.num_views
         val_labels = np.array([ref_index[p.product_id] for p in val], np.int64)
