@@ -14,8 +14,9 @@ it originals degraded in all of these ways:
   factor conventions that are easy to get wrong, these are explicit);
 * optics and sensor: Gaussian defocus blur, additive specular glare, sensor noise, JPEG
   re-compression at random quality;
-* mirroring: half the views are flipped left-right, because the device averages a photo's
-  latent with its mirror image's (``PreprocessSpec.photo_mirror``) and the two should agree.
+* mirroring: half the views are flipped left-right, so a photo and its mirror image get
+  the same latent (averaging the two at verification lifted a model trained without
+  this; one trained with it gains nothing from the extra view: docs/ablation.md).
 
 Everything runs batched inside the TensorFlow training step (the CPU is the bottleneck;
 no per-image Python). Inputs are uint8 caches ``C x C`` (a bit larger than the model input

@@ -90,7 +90,7 @@ class TrainConfig:
     glare: bool = True
     """Additive specular glare blobs."""
     mirror: bool = True
-    """Flip half the augmented views left-right (the device also embeds the mirror image)."""
+    """Flip half the augmented views left-right, so the latent ignores left-right quirks."""
 
     holdout_fold: str | None = None
     """'k/K': hold out the k-th of K deterministic folds of product ids (1-based), for
