@@ -259,8 +259,9 @@ def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
     parser = add_train_arguments(argparse.ArgumentParser())
     args = parser.parse_args([str(tiny_data["catalog"]), "--out", str(tmp_path), "--minutes", "2",
                               "--holdout-fold", "2/4", "--no-paste-background", "--recon-weight", "0",
-                              "--no-mirror", "--ema-decay", "0"])
+                              "--no-mirror", "--ema-decay", "0", "--weight-decay", "0.05"])
     config = config_from_args(args)
     assert config.minutes == 2 and config.holdout_fold == "2/4"
     assert not config.paste_background and config.recon_weight == 0
     assert not config.mirror and config.ema_decay == 0
+    assert config.weight_decay == 0.05

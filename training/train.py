@@ -524,6 +524,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="share of a batch's products drawn as same-group pairs, the hard "
                         f"negatives (default {d.group_pairs}; 0: uniform)")
     parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                        help=f"AdamW decoupled weight decay (default {d.weight_decay})")
     parser.add_argument("--metric-weight", type=float, default=d.metric_weight,
                         help=f"supervised contrastive loss weight (default {d.metric_weight}; 0 disables)")
     parser.add_argument("--class-weight", type=float, default=d.class_weight,
@@ -551,7 +553,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         holdout_fold=args.holdout_fold, seed=args.seed, input_size=args.input_size,
         latent_dim=args.latent_dim, width=args.width, products_per_batch=args.products_per_batch,
         views_per_product=args.views_per_product, group_pairs=args.group_pairs, learning_rate=args.lr,
-        metric_weight=args.metric_weight, class_weight=args.class_weight,
+        weight_decay=args.weight_decay, metric_weight=args.metric_weight, class_weight=args.class_weight,
         recon_weight=args.recon_weight, augment=not args.no_augment,
         paste_background=not args.no_paste_background, mirror=not args.no_mirror,
         ema_decay=args.ema_decay, threads=args.threads,
