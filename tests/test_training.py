@@ -70,7 +70,7 @@ def trained(tiny_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     config = tiny_config(out, tiny_data["catalog"], photos=str(tiny_data["train"]),
-                         val_photos=str(tiny_data["val"]), holdout_fold="1/3")
+                         val_photos=str(tiny_data["val"]), holdout_fold="1/3", keep_epochs=True)
     return train(config)
 
 
@@ -234,6 +234,15 @@ def test_train_writes_every_output(trained):
     encoder = keras.models.load_model(out / "encoder.keras", compile=False)
     assert encoder.input_shape == (None, 32, 32, 3) and encoder.output_shape == (None, 16)
 
+    # --keep-epochs: every epoch's averaged encoder; the best epoch's is the shipped one
+    kept = sorted((out / "checkpoints").glob("encoder_epoch_*.keras"))
+    assert [p.name for p in kept] == ["encoder_epoch_001.keras", "encoder_epoch_002.keras"]
+    best = keras.models.load_model(kept[report["best_epoch"] - 1], compile=False)
+    other = keras.models.load_model(kept[2 - report["best_epoch"]], compile=False)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(best.predict(x, verbose=0), encoder.predict(x, verbose=0), atol=1e-5)
+    assert not np.allclose(other.predict(x, verbose=0), encoder.predict(x, verbose=0), atol=1e-5)
+
 
 @pytest.mark.slow
 def test_train_from_originals_alone(tiny_data, tmp_path):
@@ -259,9 +268,10 @@ def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
     parser = add_train_arguments(argparse.ArgumentParser())
     args = parser.parse_args([str(tiny_data["catalog"]), "--out", str(tmp_path), "--minutes", "2",
                               "--holdout-fold", "2/4", "--no-paste-background", "--recon-weight", "0",
-                              "--no-mirror", "--ema-decay", "0", "--weight-decay", "0.05"])
+                              "--no-mirror", "--ema-decay", "0", "--weight-decay", "0.05",
+                              "--keep-epochs"])
     config = config_from_args(args)
     assert config.minutes == 2 and config.holdout_fold == "2/4"
     assert not config.paste_background and config.recon_weight == 0
     assert not config.mirror and config.ema_decay == 0
-    assert config.weight_decay == 0.05
+    assert config.weight_decay == 0.05 and config.keep_epochs

@@ -57,6 +57,9 @@ class TrainConfig:
     """Validate, keep and ship an exponential moving average of the encoder's weights with
     this decay per step (0: the raw weights). Smooths the epoch-to-epoch jumps of a small
     batch on a small catalogue."""
+    keep_epochs: bool = False
+    """Also save the (averaged) encoder after every epoch as ``checkpoints/encoder_epoch_NNN.keras``,
+    so a checkpoint other than the one chosen on seen products can be exported later."""
     threads: int = 0
     """TensorFlow intra/inter-op threads; 0 lets TensorFlow decide (set 1 when runs share CPUs)."""
 

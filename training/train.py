@@ -406,6 +406,8 @@ def train(config: TrainConfig) -> TrainResult:
             if better:
                 best = {"eer": seen["eer"], "top1": seen["top1"], "epoch": epoch}
                 autoencoder.save_weights(best_path)
+            if config.keep_epochs:
+                encoder.save(out / "checkpoints" / f"encoder_epoch_{epoch:03d}.keras")
         autoencoder.save_weights(out / "checkpoints" / "last.weights.h5")
         t_eval_total += time.perf_counter() - t_eval
         mean = sums / max(n, 1)
@@ -540,6 +542,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--ema-decay", type=float, default=d.ema_decay,
                         help="per-step decay of the weight moving average that is validated and "
                         f"shipped (default {d.ema_decay}; 0: raw weights)")
+    parser.add_argument("--keep-epochs", action="store_true",
+                        help="also save the encoder of every epoch (checkpoints/encoder_epoch_NNN.keras), "
+                        "to export a checkpoint other than the best one on seen products")
     parser.add_argument("--threads", type=int, default=d.threads,
                         help="TensorFlow threads (default: all cores; use 1 when runs share a machine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
@@ -556,7 +561,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, metric_weight=args.metric_weight, class_weight=args.class_weight,
         recon_weight=args.recon_weight, augment=not args.no_augment,
         paste_background=not args.no_paste_background, mirror=not args.no_mirror,
-        ema_decay=args.ema_decay, threads=args.threads,
+        ema_decay=args.ema_decay, keep_epochs=args.keep_epochs, threads=args.threads,
         progress=not args.quiet,
     )
 
