@@ -4,6 +4,9 @@ import contextlib
 import io
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 from .conftest import REPO
 
@@ -24,3 +27,22 @@ def test_readme_python_example_runs():
     lines = out.getvalue().splitlines()
     assert lines[0].split()[0] in ("match", "no_match", "retake")
     assert lines[1].startswith("Banana ")  # the photo's own product ranks first
+
+
+def test_checkout_resolves_the_design_card_folders_under_auditlens():
+    # Python started in a checkout finds its auditlens/ folder before any installed copy;
+    # the top-level folders must then resolve as they do once installed. -S: no
+    # site-packages, so nothing installed (or editable) can answer instead.
+    code = (
+        "import importlib.util as u, sys; sys.path[:] = [sys.argv[1]] + sys.path[1:]; "
+        "print(*(u.find_spec(f'auditlens.{n}').origin for n in sys.argv[2:]))"
+    )
+    names = ["device_app.verifier", "training.model", "export.quantize", "models", "evaluation"]
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(REPO), *names],
+        capture_output=True, text=True, check=True, cwd=REPO.parent,
+    )
+    origins = [Path(p) for p in done.stdout.split()]
+    expected = ["device_app/verifier.py", "training/model.py", "export/quantize.py",
+                "models/__init__.py", "auditlens/evaluation/__init__.py"]
+    assert origins == [REPO / e for e in expected]
