@@ -1,6 +1,6 @@
 """Accuracy and time per verification of every method, on the same pairs.
 
-Protocol (``auditlens.evaluation.protocol``, issue 3): each photo against its own
+Protocol (``auditlens.evaluation.protocol``): each photo against its own
 product's original (genuine), 3 random products of other coarse classes (impostor) and
 every other product of its own coarse class (hard impostor). Verification: EER and TAR
 at FAR 1% over all those pairs (and EER on the hard pairs alone). Identification: top-1

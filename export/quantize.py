@@ -322,7 +322,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.description = (
         "Convert a trained Keras encoder (encoder.keras) to TFLite: full int8 by default "
         "(uint8 pixels in, int8 latent out), or --float16 / --dynamic. Prints the drift of its "
-        "latents against the Keras ones and writes <out>.json (report + preprocessing) next to it."
+        "latents against the Keras ones and writes the model card (report + preprocessing) next to it: --out enc.tflite gives enc.json."
     )
     parser.add_argument("model", help="Keras encoder (.keras) written by 'auditlens train'")
     parser.add_argument("--representative", required=True, metavar="CATALOG",

@@ -276,9 +276,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and far_curve into the manifest's decision; verdicts then report an estimated\n"
         "false-accept rate. Calibrate on photos you do not evaluate on.")
     p.epilog = ("examples:\n"
-                "  auditlens calibrate --bundle bundle/ --photos train.csv --target-far 0.01\n"
-                "  auditlens calibrate --bundle b.zip --photos train.csv --out b-cal.zip --sign-key publisher.key\n"
-                "  auditlens calibrate --bundle bundle/ --photos train.csv --model-card models/encoder.json")
+                "  auditlens calibrate --bundle bundle/ --photos heldout.csv --target-far 0.01\n"
+                "  auditlens calibrate --bundle b.zip --photos heldout.csv --out b-cal.zip --sign-key publisher.key\n"
+                "  auditlens calibrate --bundle bundle/ --photos heldout.csv --model-card runs/mine/encoder.json\n"
+                "(heldout.csv: labelled photos the encoder was not trained on; a threshold chosen on\n"
+                "training photos accepts far fewer genuine field photos than it promises)")
     p.add_argument("--bundle", "-b", type=Path, required=True, help="reference bundle folder or .zip")
     p.add_argument("--photos", required=True, type=Path, metavar="LABELLED.csv",
                    help="CSV of photo,product_id (paths relative to the CSV)")

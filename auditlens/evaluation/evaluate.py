@@ -49,7 +49,7 @@ FARS = (0.01, 0.05)
 """False-accept rates TAR is reported at."""
 
 GOALS = {
-    # block: {metric: (comparison, value)} from issue 3
+    # auditlens' quality goals, block: {metric: (comparison, value)}
     "seen": {"eer": ("<=", 0.04), "tar_at_far_1%": (">=", 0.75), "top1": (">=", 0.80)},
     "unseen": {"eer": ("<=", 0.10), "tar_at_far_1%": (">=", 0.40), "top1": (">=", 0.50)},
     "Packages": {"eer": ("<=", 0.03), "top1": (">=", 0.92)},
@@ -581,7 +581,7 @@ def describe(report: dict) -> str:
                       f"FRR {at['frr']:.2%}" + (f", FAR on hard impostors {at['far_hard']:.2%}"
                                                 if at.get("far_hard") is not None else "")]
     if report.get("goals"):
-        lines += ["", "issue 3 goals:"]
+        lines += ["", "quality goals:"]
         for g in report["goals"]:
             mark = {True: "met ", False: "MISS", None: "  - "}[g["met"]]
             v = "-" if g["measured"] is None else f"{g['measured']:.3f}"
@@ -593,7 +593,7 @@ def describe(report: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = (
-        "Evaluate a reference bundle on labelled field photos with issue 3's protocol: each\n"
+        "Evaluate a reference bundle on labelled field photos with auditlens' protocol: each\n"
         "photo against its own product (genuine), 3 random products of other coarse classes\n"
         "and every other product of its own class (hard impostors). Reports ROC AUC, EER,\n"
         "TAR at FAR 1%/5%, EER on hard pairs, top-1/top-5 identification, per product kind,\n"

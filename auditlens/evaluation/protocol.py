@@ -1,4 +1,4 @@
-"""The evaluation protocol of issue 3, shared by ``evaluate`` and ``calibrate`` so that
+"""auditlens' evaluation protocol, shared by ``evaluate`` and ``calibrate`` so that
 every figure auditlens reports is measured the same way.
 
 For each labelled photo of an enrolled product:
