@@ -15,9 +15,31 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from auditlens.errors import AuditlensError
+from auditlens.errors import AuditlensError, BundleError
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR, EXIT_RETAKE = 0, 1, 2, 3
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (thread counts, list lengths)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def cosine_threshold(text: str) -> float:
+    """argparse type: a decision threshold, a finite cosine in [-1, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not -1.0 <= value <= 1.0:  # also false for nan
+        raise argparse.ArgumentTypeError(f"a cosine threshold lies in [-1, 1], not {text}")
+    return value
 
 
 def _shipped(name: str) -> Path:
@@ -34,15 +56,15 @@ def default_bundle() -> Path:
 def _add_bundle(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", "-b", type=Path, default=None,
                    help="reference bundle folder or .zip (default: the shipped sample bundle)")
-    p.add_argument("--public-key", default=None, metavar="KEY",
+    p.add_argument("--public-key", type=Path, default=None, metavar="KEY",
                    help="publisher's Ed25519 public key file: refuse unsigned or wrongly signed bundles")
-    p.add_argument("--threads", type=int, default=1, help="interpreter threads (default: 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="interpreter threads (default: 1)")
 
 
 def _verifier(args, **overrides):
     from auditlens.device_app.verifier import Verifier, VerifierOptions
 
-    key = Path(args.public_key).read_bytes() if args.public_key else None
+    key = args.public_key.read_bytes() if args.public_key else None
     return Verifier(args.bundle or default_bundle(),
                     VerifierOptions(num_threads=args.threads, **overrides), public_key=key)
 
@@ -56,7 +78,7 @@ def _add_enroll(p: argparse.ArgumentParser) -> None:
                    help="TFLite encoder (default: the shipped model)")
     p.add_argument("--references", type=Path, default=None, metavar="LABELLED.csv",
                    help="extra approved photos per product (photo,product_id), enrolled beside the originals")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=cosine_threshold, default=None,
                    help="decision threshold (default: the model card's calibrated one)")
     p.add_argument("--photo-zooms", type=_zooms, default=None, metavar="1,0.85",
                    help="views a field photo is embedded as: centred zooms of its crop, 1 first "
@@ -130,7 +152,7 @@ def _run_verify(args) -> int:
 
 def _add_identify(p: argparse.ArgumentParser) -> None:
     p.add_argument("photo", type=Path, help="the field photo")
-    p.add_argument("--top", "-k", type=int, default=5, help="how many products to list (default: 5)")
+    p.add_argument("--top", "-k", type=positive_int, default=5, help="how many products to list (default: 5)")
     _add_bundle(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -192,14 +214,15 @@ def _run_score(args) -> int:
 # -- info ----------------------------------------------------------------------------
 def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, nargs="?", default=None, help="bundle folder or .zip (default: the sample)")
-    p.add_argument("--public-key", default=None, help="check the signature with this Ed25519 public key")
+    p.add_argument("--public-key", type=Path, default=None,
+                   help="check the signature with this Ed25519 public key file")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
 
 def _run_info(args) -> int:
     from auditlens.device_app.bundle import ReferenceBundle
 
-    key = Path(args.public_key).read_bytes() if args.public_key else None
+    key = args.public_key.read_bytes() if args.public_key else None
     b = ReferenceBundle.load(args.bundle or default_bundle(), public_key=key)
     m = b.manifest
     if args.json:
@@ -231,8 +254,11 @@ def _run_demo(args) -> int:
 
     bundle = args.bundle or default_bundle()
     verifier = Verifier(bundle)
-    photos = read_labelled_photos(_shipped("sample") / "photos.csv")
     ids = [p.product_id for p in verifier.bundle.products]
+    photos = [p for p in read_labelled_photos(_shipped("sample") / "photos.csv") if p.product_id in ids]
+    if not photos or len(ids) < 2:
+        raise BundleError(f"{bundle}: the demo needs a bundle with at least two products, among them "
+                          "the sample photos' products (the shipped sample bundle has them)")
     print(f"auditlens demo: {len(photos)} sample field photos against the {len(ids)}-product "
           f"sample bundle (model {verifier.bundle.model_id}, threshold {verifier.threshold:.3f})\n")
     print(f"{'photo':28s} {'claimed product':32s} {'truth':6s} {'verdict':9s} {'score':>6s}")
@@ -347,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(run(args) or 0)
     except AuditlensError as exc:
         print(f"auditlens: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a file named on the command line is missing or unreadable
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"auditlens: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("auditlens: interrupted", file=sys.stderr)

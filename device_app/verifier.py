@@ -262,7 +262,9 @@ class Verifier:
 
     def rank(self, latent: np.ndarray, top_k: int = 5) -> list[Candidate]:
         scores = self.product_scores(latent)
-        k = min(top_k, len(scores))
+        if int(top_k) < 1:
+            raise ValueError(f"top_k must be at least 1, not {top_k}")
+        k = min(int(top_k), len(scores))
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
         return [Candidate(self.bundle.products[i].product_id, self.bundle.products[i].name,

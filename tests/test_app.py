@@ -132,6 +132,35 @@ def test_session_search_verify_and_log(demo, tmp_path):
         session.close()
 
 
+def test_app_takes_the_public_key_as_a_file(demo, tmp_path):
+    # `auditlens keygen` tells the auditor to pass the .pub file; the app must read it
+    pytest.importorskip("cryptography")
+    import argparse
+
+    from auditlens.device_app.app.main import add_arguments
+    from auditlens.device_app.bundle import ReferenceBundle
+    from auditlens.device_app.signing import generate_keypair
+    from auditlens.errors import BundleSignatureError
+    from auditlens.evaluation.calibrate import rewrite_bundle
+
+    root, plan = demo
+    private, public = generate_keypair(tmp_path / "keys")
+    _, other_public = generate_keypair(tmp_path / "other")
+    bundle = ReferenceBundle.load(plan["bundle"])
+    signed = rewrite_bundle(bundle, tmp_path / "signed", bundle.decision, signing_key=private.read_bytes())
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for key, ok in ((public, True), (other_public, False)):
+        args = parser.parse_args(["--bundle", str(signed), "--public-key", str(key)])
+        session = Session(args.bundle, tmp_path / "audit.db", public_key=args.public_key)
+        if ok:
+            assert session.load().signed_by
+            session.close()
+        else:
+            with pytest.raises(BundleSignatureError):
+                session.load()
+
+
 # -- the real app, headless --------------------------------------------------------------
 needs_kivy = pytest.mark.skipif(not HAVE_KIVY, reason="Kivy is not installed (pip install auditlens[app])")
 

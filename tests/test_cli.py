@@ -88,3 +88,30 @@ def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_ph
     assert other.decision["calibrated_on"] is None and other.threshold == DEFAULT_THRESHOLD
     bad = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "bad", "--photo-zooms", "0.8,1", check_rc=2)
     assert "photo_zooms must start with 1.0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["identify", "--top", "0", "PHOTO"], "--top/-k: must be at least 1, not 0"),
+    (["identify", "--top", "-1", "PHOTO"], "--top/-k: must be at least 1, not -1"),
+    (["verify", "--product", "Banana", "--threads", "0", "PHOTO"], "--threads: must be at least 1"),
+    (["enroll", "CATALOG", "--out", "OUT", "--threshold", "nan"], "lies in [-1, 1], not nan"),
+    (["enroll", "CATALOG", "--out", "OUT", "--threshold", "1.5"], "lies in [-1, 1], not 1.5"),
+    (["verify", "--product", "Banana", "--public-key", "MISSING", "PHOTO"], "MISSING: No such file"),
+    (["info", "--public-key", "MISSING"], "MISSING: No such file"),
+    (["enroll", "CATALOG", "--out", "OUT", "--model", "MISSING"], "MISSING: No such file"),
+])
+def test_bad_arguments_and_missing_files_are_one_clear_line(tmp_path, sample_photos, args, message):
+    names = {"PHOTO": sample_photos[0].photo, "CATALOG": SAMPLE / "catalog.csv",
+             "OUT": tmp_path / "b", "MISSING": tmp_path / "nothing-here"}
+    proc = run(*[names.get(a, a) for a in args], check_rc=2)
+    assert message.replace("MISSING", str(tmp_path / "nothing-here")) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_demo_refuses_a_bundle_without_the_sample_products(tmp_path):
+    catalog = write_csv(tmp_path / "catalog.csv", ["product_id", "image"],
+                        [["only-one", SAMPLE / "originals" / "Banana.jpg"]])
+    run("enroll", catalog, "--out", tmp_path / "b", "--no-progress", check_rc=0)
+    proc = run("demo", "--bundle", tmp_path / "b", check_rc=2)
+    assert "at least two products" in proc.stderr and "Traceback" not in proc.stderr

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos
+from auditlens.cli import positive_int
 from auditlens.errors import AuditlensError, BundleSignatureError, CatalogError
 from auditlens.evaluation import metrics
 from auditlens.evaluation.protocol import (
@@ -299,7 +300,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="protocol seed (default: %(default)s)")
     p.add_argument("--impostors", type=int, default=N_IMPOSTORS,
                    help="random other-class impostors per photo (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1),
                    help="interpreter threads (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

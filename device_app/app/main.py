@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="audit log (SQLite); default: audit.db in the app's data folder")
     p.add_argument("--auditor", default=os.environ.get("USER", ""), help="auditor name written to the log")
     p.add_argument("--device", default=socket.gethostname(), help="device name written to the log")
-    p.add_argument("--public-key", default=None,
-                   help="publisher's Ed25519 public key: refuse bundles not signed with it")
+    p.add_argument("--public-key", type=Path, default=None, metavar="KEY",
+                   help="publisher's Ed25519 public key file: refuse bundles not signed with it")
     p.add_argument("--export-dir", type=Path, default=None,
                    help="where History exports CSV/JSON (default: beside the log)")
     p.add_argument("--size", default=None, metavar="WxH",
@@ -82,7 +82,7 @@ def build_app_class():
         title = "auditlens"
 
         def __init__(self, *, bundle: Path, camera_dir: Path | None = None, log: Path | None = None,
-                     auditor: str = "", device: str = "", public_key: str | None = None,
+                     auditor: str = "", device: str = "", public_key: Path | bytes | None = None,
                      export_dir: Path | None = None, camera_index: int = 0, **kw):
             super().__init__(**kw)
             log = Path(log) if log else Path(self.user_data_dir) / "audit.db"
