@@ -1,6 +1,7 @@
 """``python -m bench``: auditlens against classical peers, accuracy, speed, size and scale,
 in one run. Prints markdown tables and writes ``results.md``, ``results.json`` and PNG
-plots to ``--out`` (default ``bench/results/``).
+plots to ``--out`` (default ``bench/results/`` for the full run on grocery-dev,
+``bench/results-local/`` otherwise).
 
 ``--quick`` is the CI smoke run (a few photos, few repeats, small catalogues: well under a
 minute); the default full mode produces the published numbers (a few minutes).
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import (
+    DEFAULT_GROCERY,
     DEFAULT_KERAS,
     DEFAULT_MODEL,
     REPO,
@@ -79,8 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keras", type=Path, default=DEFAULT_KERAS,
                    help="Keras encoder converted to float32 TFLite for the float32 timing "
                         "(default: models/default.keras; skipped without it or without TensorFlow)")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results",
-                   help="folder for results.md, results.json and the plots (default: bench/results)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for results.md, results.json and the plots (default: bench/results, "
+                        "the published figures, for a full run on the default data; else bench/results-local, "
+                        "so a quick run or other data never overwrites them)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
     p.add_argument("--methods", nargs="+", default=None,
                    help="only these methods (name prefixes, e.g. sift orb auditlens)")
@@ -91,6 +95,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
     sections = args.only or SECTIONS
+    if args.data is None and not (DEFAULT_GROCERY / "classes.csv").is_file():
+        print(f"bench: no grocery-dev at {DEFAULT_GROCERY}: measuring the sample photos "
+              "shipped in models/sample (a handful: accuracy figures are not comparable with "
+              "bench/results; pass --data PATH for a Grocery Store Dataset copy)", file=sys.stderr)
+    if args.out is None:
+        full = not (args.quick or args.data or args.only or args.methods) and (DEFAULT_GROCERY / "classes.csv").is_file()
+        args.out = REPO / "bench" / ("results" if full else "results-local")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     if not args.model.is_file():
