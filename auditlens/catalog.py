@@ -133,13 +133,13 @@ def _read_csv(path: Path) -> Catalog:
             if missing:
                 raise CatalogError(f"{path}: missing column(s) {', '.join(sorted(missing))}; "
                                    "expected product_id,image[,name,group,kind,code]")
-            rows = list(reader)
+            rows = [(reader.line_num, row) for row in reader]  # line_num: blank lines count
     except UnicodeDecodeError as exc:
         raise CatalogError(f"{path}: not UTF-8 text ({exc}); save the CSV as UTF-8") from exc
     except (OSError, csv.Error) as exc:
         raise CatalogError(f"{path}: cannot read the catalogue CSV: {exc}") from exc
     products = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         pid = (row.get("product_id") or "").strip()
         check_product_id(pid, f"{path}:{line}: ")
         image = (row.get("image") or "").strip()
@@ -166,7 +166,8 @@ def _read_sqlite(url: str) -> Catalog:
     if not db_path.is_file():
         raise CatalogError(f"{url}: no SQLite database at {db_path}")
     try:
-        con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        # as_uri percent-quotes '#', '%', '?' and spaces, which a file: URI would misread
+        con = sqlite3.connect(f"{db_path.absolute().as_uri()}?mode=ro", uri=True)
         con.text_factory = bytes  # decode ourselves, to name the product on bad UTF-8
         try:
             cols = [r[1].decode() for r in con.execute(f'PRAGMA table_info("{table}")')]
@@ -249,11 +250,11 @@ def read_labelled_photos(path: str | Path) -> list[LabelledPhoto]:
             missing = {"photo", "product_id"} - set(reader.fieldnames or ())
             if missing:
                 raise CatalogError(f"{path}: missing column(s) {', '.join(sorted(missing))}; expected photo,product_id")
-            rows = list(reader)
+            rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CatalogError(f"{path}: cannot read labelled photos: {exc}") from exc
     out = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         photo = (row["photo"] or "").strip()
         pid = (row["product_id"] or "").strip()
         if not photo or not pid:

@@ -18,13 +18,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from auditlens.errors import (
+    ImageError,
     ImageTooLargeError,
     ImageTooSmallError,
     TruncatedImageError,
     UnreadableImageError,
 )
 
-ImageSource = str | os.PathLike | bytes | bytearray | BinaryIO | Image.Image
+ImageSource = str | os.PathLike | bytes | bytearray | BinaryIO | Image.Image | np.ndarray
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """Largest image accepted (100 MP: above any phone camera, far below a decompression bomb)."""
@@ -40,6 +41,8 @@ BACKGROUND = (255, 255, 255)
 
 
 def _describe(source: ImageSource) -> str:
+    if isinstance(source, np.ndarray):
+        return f"<{'x'.join(map(str, source.shape))} {source.dtype} array>"
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if isinstance(source, (bytes, bytearray)):
@@ -59,6 +62,32 @@ def _open(source: ImageSource) -> Image.Image:
     return Image.open(source)
 
 
+def _truncated_webp(source: ImageSource) -> bool:
+    """Whether ``source`` is a WebP whose RIFF header declares more bytes than it holds
+    (libwebp only says "could not create decoder object" for a cut-off file)."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            head, length = bytes(source[:12]), len(source)
+        elif isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as fh:
+                head, length = fh.read(12), os.fstat(fh.fileno()).st_size
+        else:
+            source.seek(0)  # Image.open reads a stream from its start as well
+            head, length = source.read(12), source.seek(0, io.SEEK_END)
+    except (OSError, AttributeError, ValueError):
+        return False
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return False
+    return int.from_bytes(head[4:8], "little") + 8 > length
+
+
+def _truncated_webp_error(name: str) -> TruncatedImageError:
+    return TruncatedImageError(
+        f"{name}: the WebP data is cut off (the file is shorter than its header says); "
+        "copy or upload the photo again"
+    )
+
+
 def load_image(
     source: ImageSource,
     *,
@@ -68,7 +97,8 @@ def load_image(
     """Decode ``source`` into an upright 8-bit RGB image.
 
     Args:
-        source: a path, the encoded bytes, a binary file object, or an already open image.
+        source: a path, the encoded bytes, a binary file object, an already open image, or
+            a pixel array (see :func:`image_from_array`).
         max_pixels: refuse images that declare more pixels than this, before decoding them.
         draft: for JPEGs, let the decoder skip detail down to at least this (width, height);
             a 12 MP photo then decodes at 1/8 of the cost. The result is still at least as
@@ -79,8 +109,11 @@ def load_image(
         TruncatedImageError: the image data ends early.
         ImageTooLargeError: the header declares more than ``max_pixels`` pixels.
         ImageTooSmallError: a side is shorter than :data:`MIN_SIDE`.
+        ImageError: an array of a shape or dtype :func:`image_from_array` does not accept.
     """
     name = _describe(source)
+    if isinstance(source, np.ndarray):
+        source = image_from_array(source, name)
     if isinstance(source, Image.Image):
         image = source
     else:
@@ -91,6 +124,8 @@ def load_image(
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(f"{name}: {exc}") from exc
         except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
+            if _truncated_webp(source):
+                raise _truncated_webp_error(name) from exc
             raise UnreadableImageError(
                 f"{name}: not a readable image (expected JPEG, PNG, WebP, BMP, GIF or TIFF)"
             ) from exc
@@ -100,6 +135,8 @@ def load_image(
                     f"{name}: the file ends inside the image header ({exc}); copy or upload "
                     "the photo again"
                 ) from exc
+            if _truncated_webp(source):
+                raise _truncated_webp_error(name) from exc
             raise UnreadableImageError(f"{name}: cannot read image: {exc}") from exc
 
     # close what we opened, on errors too: an ImageError's traceback would otherwise keep
@@ -155,6 +192,23 @@ def _decode(image: Image.Image, name: str, max_pixels: int, draft: tuple[int, in
     return to_rgb(image)
 
 
+def _scale_to_uint8(values: np.ndarray, *, sixteen_bit: bool = False) -> np.ndarray:
+    """Scale integer or float pixel values to uint8: 16-bit data (or values above 255) as
+    0..65535, floats whose finite values all lie within [0, 1] as 0..1, the rest as 0..255.
+    NaN becomes black, +inf white, -inf black."""
+    is_float = np.asarray(values).dtype.kind == "f"
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if sixteen_bit or finite.max(initial=0) > 255:
+        top = 65535.0
+    elif is_float and finite.size and finite.min() >= 0 and finite.max() <= 1:
+        top = 1.0
+    else:
+        top = 255.0
+    values = np.nan_to_num(values, nan=0.0, posinf=top, neginf=0.0)
+    return np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, compositing transparency on white and
     scaling 16-bit and float images instead of clipping them."""
@@ -162,9 +216,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        grey = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        grey = _scale_to_uint8(np.asarray(image), sixteen_bit=mode.startswith("I;16"))
         return Image.fromarray(grey, "L").convert("RGB")
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -175,3 +227,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
     return image.convert("RGB")
+
+
+def image_from_array(array: np.ndarray, name: str = "<array>") -> Image.Image:
+    """Turn a pixel array into a Pillow image for :func:`load_image`.
+
+    Accepts grey (H, W) or (H, W, 1), RGB (H, W, 3) and RGBA (H, W, 4) arrays (alpha is
+    composited on white later, as for files) of uint8, other integer types (uint16 as
+    0..65535; others as 0..255, or 0..65535 where a value exceeds 255) or floats (0..1
+    when all finite values lie within it, else 0..255); anything else raises
+    :class:`~auditlens.errors.ImageError`.
+    """
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
+    if not shape_ok or array.dtype.kind not in "uif":
+        raise ImageError(
+            f"{name}: cannot use an array of shape {array.shape} and dtype {array.dtype}; "
+            "pass (H, W) or (H, W, 1) grey, (H, W, 3) RGB or (H, W, 4) RGBA pixels as "
+            "uint8, another integer type, or floats (0..1 or 0..255)"
+        )
+    if array.dtype != np.uint8:
+        array = _scale_to_uint8(array, sixteen_bit=array.dtype.kind == "u" and array.dtype.itemsize == 2)
+    return Image.fromarray(np.ascontiguousarray(array))

@@ -52,13 +52,18 @@ class Quality:
 
 
 def _laplacian_variance(grey: np.ndarray) -> float:
+    if min(grey.shape) < 3:  # a Laplacian needs 3 rows and 3 columns: no detail to measure
+        return 0.0
     lap = (grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1]
            - 4.0 * grey[1:-1, 1:-1])
     return float(lap.var())
 
 
 def assess(image: Image.Image, thresholds: QualityThresholds | None = None) -> Quality:
-    """Measure a capture (RGB) and list what would make its verdict unreliable."""
+    """Measure a capture (RGB) and list what would make its verdict unreliable.
+
+    A capture so thin that its analysis copy is under 3 pixels high or wide (e.g. 20000x16)
+    has no measurable detail: its sharpness is 0 and it is sent back as too narrow."""
     t = thresholds or QualityThresholds()
     small = image.convert("L")
     small.thumbnail((ANALYSIS_SIDE, ANALYSIS_SIDE), Image.Resampling.BILINEAR)
@@ -75,7 +80,10 @@ def assess(image: Image.Image, thresholds: QualityThresholds | None = None) -> Q
         issues.append("too dark: turn on more light or use the flash")
     if clipped > t.max_clipped:
         issues.append("overexposed or glare: avoid direct light on the product")
-    if sharpness < t.min_sharpness:
+    if min(grey.shape) < 3:
+        issues.append(f"too narrow: a {image.width}x{image.height} photo shows no usable detail; "
+                      "photograph the whole product")
+    elif sharpness < t.min_sharpness:
         issues.append("too blurred: hold still and let the camera focus")
     if centre_detail < t.min_centre_detail:
         issues.append("no product in the frame: fill the framing guide with the product")

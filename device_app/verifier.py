@@ -20,7 +20,12 @@ import numpy as np
 from PIL import Image
 
 from auditlens.device_app.bundle import ReferenceBundle, probe_image
-from auditlens.device_app.imaging import DEFAULT_MAX_PIXELS, ImageSource, load_image
+from auditlens.device_app.imaging import (
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    image_from_array,
+    load_image,
+)
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
 from auditlens.device_app.preprocess import pool_views, to_photo_views
 from auditlens.device_app.quality import Quality, QualityThresholds, assess
@@ -212,13 +217,13 @@ class Verifier:
 
     # -- capture --------------------------------------------------------------------
     def prepare(self, photo: ImageSource | np.ndarray, *, keep_image: bool = True) -> Capture:
-        """Decode a photo (path, bytes, file, PIL image or RGB array) for scoring.
+        """Decode a photo (path, bytes, file, PIL image or grey/RGB/RGBA array) for scoring.
 
         ``keep_image=False`` drops the decoded pixels once the model input, quality and
         dHash are computed (batch scoring keeps thousands of captures).
         """
         if isinstance(photo, np.ndarray):
-            photo = Image.fromarray(np.ascontiguousarray(photo[..., :3]).astype(np.uint8), "RGB")
+            photo = image_from_array(photo)  # grey, RGB or RGBA; integer or 0..1 float
         if isinstance(photo, Image.Image):
             image = load_image(photo, max_pixels=self.options.max_pixels)
             digest = hashlib.sha256(image.tobytes()).hexdigest()

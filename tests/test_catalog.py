@@ -81,3 +81,44 @@ def test_labelled_photos_need_both_columns(tmp_path):
         read_labelled_photos(write_csv(tmp_path / "p.csv", ["photo"], [["a.jpg"]]))
     photos = read_labelled_photos(SAMPLE / "photos.csv")
     assert photos and all(p.photo.startswith(str(SAMPLE)) for p in photos)
+
+
+@pytest.mark.parametrize("folder", ["with#hash", "with%25percent", "with%pct", "with space"])
+def test_sqlite_path_with_uri_characters(tmp_path, folder):
+    """'#' and '%' in the path are quoted for SQLite's file: URI: the database is read,
+    and no stray empty file appears where the path was cut at '#'."""
+    root = tmp_path / folder
+    root.mkdir()
+    product_image(1).save(root / "a.png")
+    db = root / "cat#1.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE items (product_id TEXT, name TEXT, image TEXT)")
+    con.execute("INSERT INTO items VALUES ('a', 'Product A', 'a.png')")
+    con.commit()
+    con.close()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for source in (f"sqlite:///{db}?table=items", f"sqlite:///{db}"):
+        if source.endswith(".db"):
+            with pytest.raises(CatalogError, match="no table 'products'"):
+                open_catalog(source)
+        else:
+            cat = open_catalog(source)
+            assert cat.ids == ["a"] and cat.get("a").open().size == (160, 160)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_csv_errors_name_the_right_line_after_blank_lines(tmp_path):
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text("product_id,image\na,a.png\n\nb,b.png\n\n\"bad id\",c.png\n", encoding="utf-8")
+    with pytest.raises(CatalogError, match=r"c\.csv:6: invalid product id 'bad id'"):
+        open_catalog(csv_path)
+    csv_path.write_text("product_id,image\n\n\na,\n", encoding="utf-8")
+    with pytest.raises(CatalogError, match=r"c\.csv:4: product 'a' has no image"):
+        open_catalog(csv_path)
+
+
+def test_labelled_photo_errors_name_the_right_line_after_blank_lines(tmp_path):
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("photo,product_id\na.jpg,a\n\n\nb.jpg,\n", encoding="utf-8")
+    with pytest.raises(CatalogError, match=r"p\.csv:5: empty photo or product_id"):
+        read_labelled_photos(csv_path)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from auditlens.catalog import open_catalog
-from auditlens.device_app.imaging import load_image
+from auditlens.device_app.imaging import image_from_array, load_image
 from auditlens.device_app.preprocess import (
     PreprocessSpec,
     crop_box,
@@ -126,3 +126,77 @@ def test_stack_inputs_is_the_per_image_path_in_bulk(tmp_path):
     broken.write_bytes(paths[0].read_bytes()[:300])
     with pytest.raises(ImageError, match="cut.jpg"):
         stack_inputs([paths[0], broken], spec)
+
+
+GREY = 128
+
+
+@pytest.mark.parametrize("array", [
+    np.full((40, 48), GREY, np.uint8),
+    np.full((40, 48, 1), GREY, np.uint8),
+    np.full((40, 48, 3), GREY, np.uint8),
+    np.full((40, 48), GREY, np.int64),  # np.array of Python ints
+    np.full((40, 48, 3), GREY * 257, np.uint16),  # 16-bit, as a 16-bit PNG
+    np.full((40, 48), GREY / 255, np.float32),  # 0..1 floats
+    np.full((40, 48, 3), GREY / 255, np.float64),
+    np.full((40, 48, 1), float(GREY), np.float32),  # 0..255 floats
+    np.full((40, 48, 4), [GREY, GREY, GREY, 255], np.uint8),  # opaque RGBA
+    np.asfortranarray(np.full((40, 48, 3), GREY, np.uint8)),
+], ids=["grey", "grey1", "rgb", "int64", "uint16", "float01", "rgb-float01", "float255",
+        "rgba", "fortran"])
+def test_arrays_of_every_accepted_shape_and_dtype(array):
+    image = load_image(array)
+    assert image.mode == "RGB" and image.size == (48, 40)
+    assert (np.asarray(image) == GREY).all()
+
+
+def test_rgba_array_is_composited_on_white_and_float_nan_is_black():
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:, 16:, 3] = 255  # left half transparent
+    a = np.asarray(load_image(rgba))
+    assert (a[:, :16] == 255).all() and (a[:, 16:] == [255, 0, 0]).all()
+    values = np.full((32, 32, 3), 0.5)
+    values[0, 0] = np.nan
+    a = np.asarray(load_image(values))
+    assert a[0, 0].tolist() == [0, 0, 0] and (a[1:] == 128).all()
+
+
+@pytest.mark.parametrize("array", [
+    np.zeros((40, 48, 2), np.uint8),
+    np.zeros((40, 48, 3, 1), np.uint8),
+    np.zeros(48, np.uint8),
+    np.zeros((40, 48), bool),
+    np.zeros((40, 48), complex),
+    np.full((40, 48), "x", object),
+], ids=["2-channels", "4-d", "1-d", "bool", "complex", "object"])
+def test_unusable_arrays_raise_image_error_naming_what_is_accepted(array):
+    with pytest.raises(ImageError, match=r"\(H, W\) or \(H, W, 1\) grey, \(H, W, 3\) RGB") as info:
+        load_image(array)
+    assert str(array.shape) in str(info.value) and str(array.dtype) in str(info.value)
+    with pytest.raises(ImageError):
+        image_from_array(array)
+
+
+def test_small_arrays_are_refused_like_small_files():
+    from auditlens.errors import ImageTooSmallError
+
+    with pytest.raises(ImageTooSmallError, match="8x8 pixels"):
+        load_image(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ImageTooSmallError):
+        load_image(np.zeros((0, 0), np.float32))
+
+
+def test_verifier_prepares_arrays_as_it_prepares_files(sample_photos):
+    from auditlens.cli import default_bundle
+
+    verifier = Verifier(default_bundle())
+    photo = sample_photos[0]
+    rgb = np.asarray(load_image(photo.photo))
+    from_file = verifier.embed(verifier.prepare(photo.photo))
+    for array in (rgb, rgb.astype(np.float32) / 255.0, np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])):
+        assert float(verifier.embed(verifier.prepare(array)) @ from_file) > 0.999
+    grey = verifier.prepare(rgb.mean(axis=2).astype(np.uint8)[..., None])
+    assert grey.image.mode == "RGB"
+    with pytest.raises(ImageError):
+        verifier.prepare(rgb[..., :2])

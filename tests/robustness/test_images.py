@@ -17,7 +17,16 @@ import auditlens.errors as errors
 from auditlens.cli import main
 from auditlens.device_app.imaging import load_image
 
-from .corpus import OK, build_corpus, encode, exif_jpeg, png_header_only, quadrants, time_limit
+from .corpus import (
+    OK,
+    build_corpus,
+    encode,
+    exif_jpeg,
+    png_header_only,
+    product_image,
+    quadrants,
+    time_limit,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -90,6 +99,90 @@ def test_16bit_png_is_scaled_not_clipped():
     assert a[0, 0].tolist() == [0, 0, 0]
     assert a[0, -1].tolist() == [255, 255, 255]
     assert 100 < a[0, 32, 0] < 160  # the middle of the 16-bit ramp is mid-grey, not white
+
+
+def _float_tiff(values: np.ndarray) -> bytes:
+    return encode(Image.fromarray(values.astype(np.float32), "F"), "TIFF")
+
+
+def test_float_tiff_in_0_1_is_scaled_not_black():
+    a = np.asarray(load_image(_float_tiff(np.full((32, 48), 0.5))))
+    assert (a == 128).all()  # mid grey, not black (a RETAKE "too dark")
+    ramp = np.asarray(load_image(_float_tiff(np.tile(np.linspace(0, 1, 48), (32, 1)))))
+    assert ramp[0, 0, 0] == 0 and ramp[0, -1, 0] == 255
+    # a float image beyond 0..1 keeps the 0..255 scale
+    assert (np.asarray(load_image(_float_tiff(np.full((32, 48), 128.0)))) == 128).all()
+
+
+def test_float_tiff_with_nan_and_inf_pixels(recwarn):
+    values = np.full((32, 48), 0.5)
+    values[0, 0], values[0, 1], values[0, 2] = np.nan, np.inf, -np.inf
+    a = np.asarray(load_image(_float_tiff(values)))
+    assert a[0, :3, 0].tolist() == [0, 255, 0]
+    assert (a[1:] == 128).all()  # the finite values still read as 0..1
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    all_nan = np.asarray(load_image(_float_tiff(np.full((32, 48), np.nan))))
+    assert (all_nan == 0).all()
+
+
+def _webp(lossless: bool = False) -> bytes:
+    return encode(product_image(4, (96, 80)), "WEBP", lossless=lossless)
+
+
+@pytest.mark.parametrize("lossless", [False, True], ids=["lossy", "lossless"])
+@pytest.mark.parametrize("kind", ["bytes", "path", "stream"])
+def test_truncated_webp_says_the_file_is_cut_off(lossless, kind, tmp_path):
+    data = _webp(lossless)
+    for cut in (len(data) // 2, 40, 12):
+        part = data[:cut]
+        if kind == "path":
+            source = tmp_path / "cut.webp"
+            source.write_bytes(part)
+        else:
+            source = part if kind == "bytes" else io.BytesIO(part)
+        with pytest.raises(errors.TruncatedImageError, match="cut off.*copy or upload the photo again"):
+            load_image(source)
+
+
+def test_complete_but_corrupt_webp_is_not_called_truncated():
+    data = bytearray(_webp())
+    data[12:16] = b"XXXX"  # an unknown first chunk, the RIFF size still right
+    with pytest.raises(errors.UnreadableImageError) as info:
+        load_image(bytes(data))
+    assert not isinstance(info.value, errors.TruncatedImageError)
+    assert load_image(_webp() + b"trailing junk").size == (96, 80)
+
+
+def test_very_thin_image_has_defined_quality(recwarn):
+    from auditlens.device_app.quality import assess
+
+    for size in [(20000, 16), (16, 20000), (5000, 16)]:
+        quality = assess(Image.effect_noise(size, 60).convert("RGB"))
+        assert all(np.isfinite(v) for v in (quality.brightness, quality.clipped,
+                                            quality.sharpness, quality.centre_detail))
+        assert quality.sharpness == 0.0 and quality.issues[0].startswith("too narrow:")
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    ok = assess(Image.effect_noise((1200, 16), 60).convert("RGB"))  # 256x3: still measurable
+    assert ok.sharpness > 8 and not any(i.startswith("too narrow") for i in ok.issues)
+
+
+def test_cli_verify_json_on_a_very_thin_image(bundle_dir, tmp_path, capsys, recwarn):
+    import json
+
+    photo = tmp_path / "thin.png"
+    Image.effect_noise((20000, 16), 60).convert("RGB").save(photo)
+    with time_limit(60, "auditlens verify --json thin.png"):
+        rc = main(["verify", "--bundle", str(bundle_dir), "--product", "product-0", "--json", str(photo)])
+    out, err = capsys.readouterr()
+    assert rc == 3, err
+
+    def no_nan(constant):
+        raise AssertionError(f"invalid JSON constant {constant}")
+
+    verdict = json.loads(out, parse_constant=no_nan)
+    assert verdict["quality"]["sharpness"] == 0.0
+    assert any(r.startswith("too narrow: a 20000x16 photo") for r in verdict["reasons"])
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 def test_cmyk_jpeg_colours():
