@@ -13,7 +13,8 @@ A bundle is a folder (or the same files in one zip) holding::
 Loading checks every file against its sha256, refuses paths outside the bundle and
 symlinks, refuses latents made by another model, and (given a public key) refuses
 unsigned or wrongly signed bundles. :func:`write_bundle` writes to a temporary path and
-renames only when complete, so a crash never leaves half a bundle behind.
+renames only when complete, so a crash never leaves half a bundle behind; it replaces an
+existing bundle or empty folder, and refuses to write over anything else.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -63,6 +65,10 @@ MAX_COMPRESSION_RATIO = 100
 real bundle files (model, float16 latents, JSON, JPEGs) compress far less."""
 
 _SAFE_NAME = re.compile(r"^(model\.tflite|references\.npy|products\.json|thumbs/[0-9]{4,9}\.(jpg|png))$")
+_DHASH = re.compile(r"^[0-9a-fA-F]{1,16}$")
+
+MAX_MANIFEST_BYTES = 64 * 1024**2
+"""A manifest.json larger than this is not read when deciding whether a path is a bundle."""
 
 
 @dataclass(frozen=True)
@@ -325,7 +331,6 @@ class ReferenceBundle:
             references = _load_npy(contents[REFERENCES_FILE], path)
             products = [ProductRecord.from_dict(d) for d in json.loads(contents[PRODUCTS_FILE])]
             PreprocessSpec.from_dict(manifest["preprocess"])
-            float(manifest["decision"]["threshold"])
         except ModelMismatchError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, EOFError, OSError,
@@ -337,8 +342,21 @@ class ReferenceBundle:
         if references.ndim != 2 or references.shape[1] != manifest.get("latent_dim"):
             raise BundleFormatError(f"{path}: references.npy has shape {references.shape}, "
                                     f"expected (R, {manifest.get('latent_dim')})")
+        if not np.isfinite(references).all():
+            raise BundleFormatError(f"{path}: references.npy holds NaN or infinite values")
+        _check_probe(manifest, path)
+        _check_decision(manifest.get("decision"), path)
+        thumbs = {n: d for n, d in contents.items() if n.startswith("thumbs/")}
         owner = np.full(len(references), -1, dtype=np.int32)
         for i, record in enumerate(products):
+            if not record.references:
+                raise BundleFormatError(f"{path}: product {record.product_id!r} has no reference rows")
+            if record.thumbnail not in thumbs:
+                raise BundleFormatError(f"{path}: product {record.product_id!r} names thumbnail "
+                                        f"{record.thumbnail!r}, which the manifest does not list")
+            if record.dhash and not _DHASH.match(record.dhash):
+                raise BundleFormatError(f"{path}: product {record.product_id!r} has a dhash "
+                                        f"{record.dhash!r} that is not hexadecimal")
             for row in record.references:
                 if not 0 <= row < len(references) or owner[row] != -1:
                     raise BundleFormatError(f"{path}: product {record.product_id!r} names an "
@@ -349,9 +367,53 @@ class ReferenceBundle:
         if len({p.product_id for p in products}) != len(products):
             raise BundleFormatError(f"{path}: duplicate product ids in products.json")
 
-        thumbs = {n: d for n, d in contents.items() if n.startswith("thumbs/")}
         return cls(path, manifest, contents[MODEL_FILE], products,
                    references.astype(np.float32), owner, thumbs, signed_by)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_probe(manifest: dict, path: Path) -> None:
+    """The probe latent must be a latent of the bundle's size: the verifier compares the
+    model's own probe latent with it before it trusts the references."""
+    probe = manifest.get("probe")
+    latent = probe.get("latent") if isinstance(probe, dict) else None
+    if not isinstance(latent, list):
+        raise BundleFormatError(f"{path}: manifest has no probe latent (probe.latent), which proves "
+                                "the model and the references belong together")
+    if len(latent) != manifest.get("latent_dim"):
+        raise BundleFormatError(f"{path}: manifest probe.latent has {len(latent)} values, expected "
+                                f"latent_dim {manifest.get('latent_dim')}")
+    if not all(_is_finite_number(v) for v in latent):
+        raise BundleFormatError(f"{path}: manifest probe.latent holds values that are not finite numbers")
+
+
+def _check_decision(decision, path: Path) -> None:
+    """``threshold`` is a cosine; ``far_curve``, when there is one, is [[score, far], ...]
+    by strictly increasing score with falling FAR (the verifier interpolates it)."""
+    if not isinstance(decision, dict):
+        raise BundleFormatError(f"{path}: manifest has no decision")
+    threshold = decision.get("threshold")
+    if not _is_finite_number(threshold) or not -1.0 <= threshold <= 1.0:
+        raise BundleFormatError(f"{path}: manifest decision.threshold {threshold!r} is not a "
+                                "cosine within [-1, 1]")
+    target_far = decision.get("target_far")
+    if target_far is not None and not (_is_finite_number(target_far) and 0.0 <= target_far <= 1.0):
+        raise BundleFormatError(f"{path}: manifest decision.target_far {target_far!r} is not a "
+                                "rate within [0, 1]")
+    curve = decision.get("far_curve")
+    if not curve:  # absent, null or []: not calibrated
+        return
+    if not isinstance(curve, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(_is_finite_number(v) for v in p) for p in curve):
+        raise BundleFormatError(f"{path}: manifest decision.far_curve is not a list of "
+                                "[score, far] pairs of finite numbers")
+    scores, fars = np.asarray(curve, dtype=np.float64).T
+    if (np.diff(scores) <= 0).any() or (np.diff(fars) > 0).any() or not ((0 <= fars) & (fars <= 1)).all():
+        raise BundleFormatError(f"{path}: manifest decision.far_curve must have strictly increasing "
+                                "scores and falling false-accept rates within [0, 1]")
 
 
 def _load_npy(data: bytes, path: Path) -> np.ndarray:
@@ -379,7 +441,8 @@ def write_bundle(
 
     ``thumbnails[i]`` is the JPEG of ``products[i]``'s original; ``decision`` holds at
     least ``threshold``. An existing bundle at ``out`` is replaced only once the new one
-    is complete.
+    is complete; anything else at ``out`` but an empty folder is refused
+    (:func:`check_replaceable`), never deleted.
     """
     from datetime import datetime, timezone
 
@@ -428,7 +491,74 @@ def write_bundle(
     return out
 
 
+def check_replaceable(out: str | os.PathLike) -> None:
+    """Raise :class:`BundleError` unless writing a bundle to ``out`` would replace nothing
+    but a bundle: ``out`` does not exist, is an empty folder, or is a bundle folder or zip
+    holding only bundle files. Writing deletes what is at ``out``; a folder of originals or
+    any other file there must survive. Cheap: call it before costly work."""
+    out = Path(out)
+    if not out.exists():
+        return
+    try:
+        why = _not_a_bundle(out)
+    except OSError as exc:
+        why = f"cannot read it: {exc}"
+    if why:
+        raise BundleError(f"{out} exists and is not an auditlens bundle ({why}); writing the bundle "
+                          "would delete it: choose another --out or remove it")
+
+
+def _is_bundle_file(name: str) -> bool:
+    return name in (MANIFEST, SIGNATURE) or bool(_SAFE_NAME.match(name))
+
+
+def _is_bundle_manifest(data: bytes) -> bool:
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _not_a_bundle(out: Path) -> str:
+    """Why ``out`` (which exists) may not be replaced by a bundle, or '' when it may."""
+    if out.is_dir():
+        if not os.listdir(out):
+            return ""
+        manifest = out / MANIFEST
+        if manifest.is_symlink() or not manifest.is_file():
+            return f"it has no {MANIFEST}"
+        with open(manifest, "rb") as fh:
+            if not _is_bundle_manifest(fh.read(MAX_MANIFEST_BYTES)):
+                return f"its {MANIFEST} is not an auditlens bundle manifest"
+
+        def fail(exc: OSError) -> None:
+            raise exc
+
+        for root, dirs, names in os.walk(out, onerror=fail):
+            for name in dirs + names:
+                rel = (Path(root) / name).relative_to(out).as_posix()
+                if not (rel == "thumbs" and name in dirs) and not _is_bundle_file(rel):
+                    return f"it holds {rel}, which is not a bundle file"
+        return ""
+    if out.is_file():
+        try:
+            with zipfile.ZipFile(out) as zf:
+                infos = zf.infolist()
+                info = next((i for i in infos if i.filename == MANIFEST), None)
+                if info is None or info.file_size > MAX_MANIFEST_BYTES:
+                    return f"it is a zip without an auditlens {MANIFEST}"
+                if not _is_bundle_manifest(zf.read(info)):
+                    return f"its {MANIFEST} is not an auditlens bundle manifest"
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, RuntimeError):
+            return "it is a file but not a zip bundle"
+        stray = [i.filename for i in infos if i.filename != "thumbs/" and not _is_bundle_file(i.filename)]
+        return f"it holds {stray[0]}, which is not a bundle file" if stray else ""
+    return "it is neither a folder nor a file"
+
+
 def _write_files(out: Path, files: dict[str, bytes]) -> None:
+    check_replaceable(out)  # again: the path may have changed since the caller checked
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

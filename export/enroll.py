@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from auditlens.catalog import Catalog, LabelledPhoto
-from auditlens.device_app.bundle import ProductRecord, probe_image, write_bundle
+from auditlens.device_app.bundle import ProductRecord, check_replaceable, probe_image, write_bundle
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.interpreter import Encoder, EncoderOptions
 from auditlens.device_app.preprocess import (
@@ -118,8 +118,10 @@ def enroll(
     """Embed every original (and approved extra reference photos) and write a bundle.
 
     Every product whose original cannot be used is reported, by id, in one
-    :class:`CatalogError`; no bundle is written then.
+    :class:`CatalogError`; no bundle is written then. An ``out`` that holds anything but
+    a bundle (or an empty folder) is refused with a :class:`BundleError` before any work.
     """
+    check_replaceable(out)
     options = options or EnrollOptions()
     model_path = Path(model) if model is not None else default_model_path()
     content = model_path.read_bytes()

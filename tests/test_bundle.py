@@ -1,6 +1,7 @@
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from auditlens.catalog import open_catalog
 from auditlens.device_app.bundle import ReferenceBundle
 from auditlens.device_app.verifier import Verifier
 from auditlens.errors import (
+    BundleError,
     BundleFormatError,
     BundleIntegrityError,
     ModelMismatchError,
@@ -105,3 +107,104 @@ def test_failed_enrolment_leaves_no_half_bundle(tmp_path, shipped_model, generat
         enroll(open_catalog(generated_catalog), out, model=shipped_model)
     assert (out / "manifest.json").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+# -- writing over an existing path --------------------------------------------------
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def test_enrol_refuses_a_folder_that_is_not_a_bundle_before_any_work(tmp_path, generated_catalog):
+    out = tmp_path / "outdir"
+    (out / "important").mkdir(parents=True)
+    (out / "report.docx").write_text("precious")
+    before = _tree(out)
+    # the model does not exist: the check must come first, before it is read
+    with pytest.raises(BundleError, match="outdir exists and is not an auditlens bundle.*another --out"):
+        enroll(open_catalog(generated_catalog), out, model=tmp_path / "no-such-model.tflite")
+    assert _tree(out) == before
+
+
+def test_enrol_into_the_catalogue_folder_deletes_nothing(tmp_path, shipped_model, generated_catalog,
+                                                         monkeypatch):
+    before = _tree(generated_catalog)
+    with pytest.raises(BundleError, match="not an auditlens bundle"):
+        enroll(open_catalog(generated_catalog), generated_catalog, model=shipped_model)
+    # the write itself refuses too, for a caller that skipped the early check
+    monkeypatch.setattr("auditlens.export.enroll.check_replaceable", lambda out: None)
+    with pytest.raises(BundleError, match="not an auditlens bundle"):
+        enroll(open_catalog(generated_catalog), generated_catalog, model=shipped_model)
+    assert _tree(generated_catalog) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{generated_catalog.name}.")]
+
+
+def test_enrol_refuses_a_bundle_folder_holding_other_files(tmp_path, shipped_model, generated_catalog):
+    out = enroll(open_catalog(generated_catalog), tmp_path / "b", model=shipped_model)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match="holds notes.txt"):
+        enroll(open_catalog(generated_catalog), out, model=shipped_model)
+    assert (out / "notes.txt").read_text() == "mine"
+    ReferenceBundle.load(out)  # untouched
+
+
+@pytest.mark.parametrize("content", [
+    b"precious",  # not a zip
+    None,  # a zip, but not a bundle
+    json.dumps({"name": "my web app"}).encode(),  # a zip whose manifest.json is another program's
+])
+def test_enrol_refuses_a_file_that_is_not_a_zip_bundle(tmp_path, generated_catalog, content):
+    out = tmp_path / "photos.zip"
+    if content == b"precious":
+        out.write_bytes(content)
+    else:
+        with zipfile.ZipFile(out, "w") as zf:
+            zf.writestr("manifest.json" if content else "holiday.jpg", content or b"jpeg")
+    before = out.read_bytes()
+    with pytest.raises(BundleError, match="photos.zip exists and is not an auditlens bundle"):
+        enroll(open_catalog(generated_catalog), out, model=tmp_path / "no-such-model.tflite")
+    assert out.read_bytes() == before
+
+
+def test_enrol_refuses_a_folder_with_another_programs_manifest(tmp_path, generated_catalog):
+    out = tmp_path / "site"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"name": "my web app", "files": {}}))
+    with pytest.raises(BundleError, match="not an auditlens bundle manifest"):
+        enroll(open_catalog(generated_catalog), out, model=tmp_path / "no-such-model.tflite")
+    assert (out / "manifest.json").is_file()
+
+
+def test_an_existing_bundle_or_empty_folder_is_replaced(tmp_path, shipped_model, generated_catalog):
+    sample_ids = open_catalog(SAMPLE / "catalog.csv").ids
+    for name in ("b", "b.zip"):
+        out = enroll(open_catalog(generated_catalog), tmp_path / name, model=shipped_model)
+        enroll(open_catalog(SAMPLE / "catalog.csv"), out, model=shipped_model)
+        assert [p.product_id for p in ReferenceBundle.load(out).products] == sample_ids
+    # a bundle folder zipped by hand (with a thumbs/ directory entry) is a bundle too
+    zipped = Path(shutil.make_archive(str(tmp_path / "zipped"), "zip", root_dir=tmp_path / "b"))
+    assert "thumbs/" in zipfile.ZipFile(zipped).namelist()
+    enroll(open_catalog(generated_catalog), zipped, model=shipped_model)
+    assert len(ReferenceBundle.load(zipped).products) == 6
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    enroll(open_catalog(generated_catalog), empty, model=shipped_model)
+    assert len(ReferenceBundle.load(empty).products) == 6
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_enrol_and_calibrate_refuse_a_non_bundle_out(tmp_path, bundle_dir, capsys):
+    from auditlens.cli import main
+
+    out = tmp_path / "outdir"
+    (out / "important").mkdir(parents=True)
+    (out / "report.docx").write_text("precious")
+    before = _tree(out)
+    rc = main(["enroll", str(SAMPLE / "catalog.csv"), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("auditlens: error:") and "not an auditlens bundle" in err[-1]
+    rc = main(["calibrate", "--bundle", str(bundle_dir), "--photos", str(SAMPLE / "photos.csv"),
+               "--target-far", "0.1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("auditlens: error:") and "not an auditlens bundle" in err[-1]
+    assert _tree(out) == before
