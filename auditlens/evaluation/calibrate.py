@@ -177,11 +177,13 @@ def calibrate(
     The bundle is re-written in place, or to ``out`` (a folder, or a path ending in
     ``.zip``); nothing is written when ``write`` is false.
     """
-    from auditlens.device_app.bundle import ReferenceBundle
+    from auditlens.device_app.bundle import ReferenceBundle, check_replaceable
     from auditlens.device_app.verifier import Verifier, VerifierOptions
 
     if not 0.0 < target_far < 1.0:
         raise CatalogError(f"target false-accept rate must be within (0, 1), not {target_far}")
+    if write and out is not None:
+        check_replaceable(out)  # before the photos are embedded, not after
     source = ""
     if isinstance(labelled_photos, (str, os.PathLike)):
         source = str(labelled_photos)
