@@ -12,9 +12,10 @@ its fields, the photo's sha256 included. Triggers make ``UPDATE`` and ``DELETE``
 and refuse an insert that does not extend the chain, so the API can only append; an
 edit made by hand (drop the triggers, change a row with the ``sqlite3`` tool) breaks the
 chain, and :meth:`AuditLog.verify_chain` (``auditlens verify-log``) names the first
-record that no longer verifies. What a chain cannot show by itself is the removal of
-the newest records: keep the head hash that :meth:`verify_chain` reports (it is in every
-export) when a log is uploaded, and compare it next time.
+record that no longer verifies (``verify-log`` opens the file read-only, and refuses a
+database without the log's header or records table). What a chain cannot show by itself
+is the removal of the newest records: keep the head hash that :meth:`verify_chain`
+reports (it is in every export) when a log is uploaded, and compare it next time.
 
 This module is part of the engine: numpy/Pillow/stdlib only, no TensorFlow, no Kivy.
 """
@@ -25,9 +26,10 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
+import re
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from auditlens.errors import AuditChainError, AuditLogError
+from auditlens.files import atomic_write
 
 LOG_FORMAT = "auditlens-audit-log"
 LOG_VERSION = 1
@@ -197,16 +200,21 @@ def record_hash(fields: dict) -> str:
 
 def prepare_photo(photo: bytes, max_side: int = MAX_PHOTO_SIDE) -> tuple[bytes, str]:
     """The bytes to store for a photo and their MIME type: the photo itself, or a JPEG
-    downscaled to ``max_side`` when it is larger (or when it is not JPEG/PNG)."""
+    downscaled to ``max_side`` when it is larger (or when it is not JPEG/PNG).
+
+    A re-encoded photo is decoded as the verifier decodes it
+    (:func:`~auditlens.device_app.imaging.load_image`: EXIF orientation applied,
+    transparency on white, 16-bit scaled), so the evidence shows what was verified."""
     from PIL import Image
+
+    from auditlens.device_app.imaging import load_image
 
     try:
         with Image.open(io.BytesIO(photo)) as image:
             fmt = (image.format or "").upper()
             if max(image.size) <= max_side and fmt in ("JPEG", "PNG"):
                 return photo, "image/jpeg" if fmt == "JPEG" else "image/png"
-            image.draft("RGB", (max_side, max_side))
-            rgb = image.convert("RGB")
+        rgb = load_image(photo, draft=(max_side, max_side))
     except Exception:  # noqa: BLE001 - an undecodable photo is still evidence: keep it as is
         return photo, "application/octet-stream"
     rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
@@ -217,6 +225,16 @@ def prepare_photo(photo: bytes, max_side: int = MAX_PHOTO_SIDE) -> tuple[bytes, 
 
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _text(value) -> str:
+    """``value`` as text SQLite and the hash can take: characters UTF-8 cannot encode
+    (bytes Python decoded with ``surrogateescape``, such as a Latin-1 ``$USER``) become
+    U+FFFD, so the record is kept rather than lost."""
+    return _SURROGATES.sub("\ufffd", str(value))
 
 
 def _verdict_dict(verdict) -> dict:
@@ -249,34 +267,94 @@ class AuditLog:
             raise AuditLogError(f"{self.path}: no audit log here")
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = not create  # opened to verify: the file is never changed
         self._lock = threading.RLock()
+        self._db = None
         try:
-            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
-                                       check_same_thread=False)
+            if create:
+                self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
+                                           check_same_thread=False)
+            else:
+                self._db = self._connect_read_only(timeout)
             self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise AuditLogError(f"{self.path}: cannot switch the log to WAL mode (got {mode})")
-            self._db.execute("PRAGMA synchronous = FULL")
-            self._db.execute("PRAGMA foreign_keys = ON")
-            self._init_schema()
+            self._check_schema()  # refuse another application's database before touching it
+            if create:
+                mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise AuditLogError(f"{self.path}: cannot switch the log to WAL mode (got {mode})")
+                self._db.execute("PRAGMA synchronous = FULL")
+                self._db.execute("PRAGMA foreign_keys = ON")
+                self._init_schema()
         except sqlite3.DatabaseError as exc:
+            self.close()
             raise AuditLogError(f"{self.path}: not a usable audit log: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
 
     # -- lifecycle -----------------------------------------------------------------
+    def _connect_read_only(self, timeout: float) -> sqlite3.Connection:
+        """A connection that cannot change the file (``mode=ro``). On read-only media
+        SQLite cannot open a WAL database whose ``-shm`` file is absent; when there is no
+        ``-wal`` to read either, the file alone is the whole log, and it is opened
+        ``immutable``."""
+        uri = self.path.resolve().as_uri()
+
+        def connect(query: str) -> sqlite3.Connection:
+            return sqlite3.connect(f"{uri}?{query}", uri=True, timeout=timeout,
+                                   isolation_level=None, check_same_thread=False)
+
+        db = connect("mode=ro")
+        try:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.OperationalError as exc:
+            db.close()
+            wal = Path(f"{self.path.resolve()}-wal")
+            message = str(exc).lower()
+            if ("unable to open" not in message and "readonly" not in message) or (
+                    wal.exists() and wal.stat().st_size):
+                raise
+        return connect("mode=ro&immutable=1")
+
+    def _check_schema(self) -> dict:
+        """The log's header (``{}`` for an empty database about to become a log); raise
+        :class:`AuditLogError` for a database that is not an audit log, and
+        :class:`AuditChainError` for a log whose header or records table was removed."""
+        objects = self._db.execute("SELECT type, name FROM sqlite_master").fetchall()
+        if not objects and not self.read_only:
+            return {}
+        tables = {name for kind, name in objects if kind == "table"}
+        if "meta" not in tables:
+            if "records" in tables:
+                raise _chain_error(f"{self.path}: the log's header (the meta table) was removed; "
+                                   "the log was edited outside auditlens", None)
+            raise AuditLogError(f"{self.path}: not an auditlens audit log")
+        try:
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise AuditLogError(f"{self.path}: not an auditlens audit log ({exc})") from exc
+        if meta.get("format") != LOG_FORMAT:
+            raise AuditLogError(f"{self.path}: not an auditlens audit log")
+        if meta.get("version") != str(LOG_VERSION):
+            raise AuditLogError(f"{self.path}: audit log version {meta.get('version')}, "
+                                f"this auditlens reads version {LOG_VERSION}")
+        if "records" not in tables:
+            raise _chain_error(f"{self.path}: the records table was removed (all records lost); "
+                               "the log was edited outside auditlens", None)
+        return meta
+
     def _init_schema(self) -> None:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                had_records = self._db.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone()
+                meta = self._check_schema()  # again: another process may have created it
                 present = {r[0] for r in self._db.execute(
                     "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-                missing = sorted(set(_TRIGGERS) - present) if had_records else []
+                missing = sorted(set(_TRIGGERS) - present) if meta else []
                 # statements one by one: executescript() would commit on its own
                 for statement in _split_sql(_SCHEMA):
                     self._db.execute(statement)
-                meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
                 if not meta:
                     import uuid
 
@@ -289,11 +367,6 @@ class AuditLog:
                     # permanent note of it (inserting is the one thing the log allows)
                     self._db.execute("INSERT INTO meta(key, value) VALUES (?, ?)",
                                      (f"guards_restored:{_utc_now()}", ",".join(missing)))
-                if meta and meta.get("format") != LOG_FORMAT:
-                    raise AuditLogError(f"{self.path}: not an auditlens audit log")
-                if meta and meta.get("version") != str(LOG_VERSION):
-                    raise AuditLogError(f"{self.path}: audit log version {meta.get('version')}, "
-                                        f"this auditlens reads version {LOG_VERSION}")
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -324,19 +397,23 @@ class AuditLog:
         photo = bytes(photo)
         verdict_d = _verdict_dict(verdict)
         try:
-            product_id = str(verdict_d["product_id"])
-            decision = str(verdict_d["decision"])
+            product_id = _text(verdict_d["product_id"])
+            decision = _text(verdict_d["decision"])
             score = float(verdict_d["score"])
             threshold = float(verdict_d["threshold"])
-            model_id = str(verdict_d.get("model_id", ""))
+            model_id = _text(verdict_d.get("model_id", ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise AuditLogError(f"the verdict lacks a field the log needs: {exc!r}") from exc
+        for name, value in (("score", score), ("threshold", threshold)):
+            if not math.isfinite(value):
+                raise AuditLogError(f"cannot log a verdict whose {name} is {value}: the log "
+                                    "only stores finite numbers")
         stored, mime = prepare_photo(photo)
-        verdict_json = json.dumps(verdict_d, sort_keys=True, separators=(",", ":"),
-                                  ensure_ascii=False, default=str)
+        verdict_json = _text(json.dumps(verdict_d, sort_keys=True, separators=(",", ":"),
+                                        ensure_ascii=False, default=str))
         fields = {
-            "created_utc": _utc_now(), "auditor": str(auditor or ""),
-            "device": str(self.device if device is None else device),
+            "created_utc": _utc_now(), "auditor": _text(auditor or ""),
+            "device": _text(self.device if device is None else device),
             "product_id": product_id, "decision": decision, "score": score,
             "threshold": threshold, "model_id": model_id,
             "photo_sha256": hashlib.sha256(stored).hexdigest(),
@@ -426,6 +503,7 @@ class AuditLog:
             if [r[0] for r in check] != ["ok"]:
                 raise AuditLogError(f"{self.path}: the database is corrupted: "
                                     + "; ".join(str(r[0]) for r in check[:5]))
+            self._check_schema()  # the header and the records table are still there
             triggers = {r[0] for r in self._db.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
             cursor = self._db.execute(
@@ -473,8 +551,25 @@ class AuditLog:
                            first, last, warnings)
 
     # -- export --------------------------------------------------------------------
+    def _check_export_path(self, path: str | os.PathLike) -> Path:
+        """``path`` as a Path; raise :class:`AuditLogError` when it is the log itself or
+        one of its SQLite files (``-wal``, ``-shm``, ``-journal``): writing an export
+        there would destroy the log."""
+        path = Path(path)
+        target = path.resolve()
+        own = set()
+        for log in (self.path.absolute(), self.path.resolve()):
+            own |= {log, *(log.with_name(log.name + s) for s in ("-wal", "-shm", "-journal"))}
+        if target in own or (target.exists() and any(
+                p.exists() and os.path.samefile(target, p) for p in own)):
+            raise AuditLogError(f"{path}: refusing to export over the audit log {self.path} "
+                                "or one of its SQLite files; choose another export path")
+        return path
+
     def export_csv(self, path: str | os.PathLike) -> Path:
         """One row per record (no photo bytes; the photo's sha256 identifies it)."""
+        path = self._check_export_path(path)
+
         def write(f):
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS)
@@ -484,13 +579,14 @@ class AuditLog:
                 row["score"] = f"{r.score:.6f}"
                 row["threshold"] = f"{r.threshold:.6f}"
                 writer.writerow([row[c] for c in CSV_COLUMNS])
-        return _write_atomically(Path(path), write, newline="")
+        return _write_atomically(path, write, newline="")
 
     def export_json(self, path: str | os.PathLike, *, photos: bool = False) -> Path:
         """The records with their verdicts (and the photos, base64, if ``photos``), plus
         the chain's head hash, for upload."""
         import base64
 
+        path = self._check_export_path(path)
         report = self.verify_chain()
 
         def write(f):
@@ -502,10 +598,10 @@ class AuditLog:
                     d["photo_base64"] = base64.b64encode(self.photo(r.id)).decode("ascii")
                 f.write(("" if i == 0 else ",\n") + json.dumps(d, ensure_ascii=False))
             f.write("\n]}\n")
-        return _write_atomically(Path(path), write)
+        return _write_atomically(path, write)
 
 
-def _chain_error(message: str, record_id: int) -> AuditChainError:
+def _chain_error(message: str, record_id: int | None) -> AuditChainError:
     exc = AuditChainError(message)
     exc.record_id = record_id  # type: ignore[attr-defined]
     return exc
@@ -525,20 +621,8 @@ def _split_sql(script: str) -> list[str]:
 
 
 def _write_atomically(path: Path, write, newline: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, newline=newline) as f:  # 0644, like every other output
+        write(f)
     return path
 
 
@@ -554,6 +638,9 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     with AuditLog(args.log, create=False) as log:
+        for target in (args.export_csv, args.export_json):
+            if target:  # before anything is written
+                log._check_export_path(target)
         report = log.verify_chain()  # AuditChainError -> exit status 2 with the record named
         if args.export_csv:
             log.export_csv(args.export_csv)

@@ -10,12 +10,14 @@ import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -27,6 +29,7 @@ from auditlens.device_app.auditlog import (
     canonical_bytes,
     record_hash,
 )
+from auditlens.device_app.imaging import load_image
 from auditlens.device_app.quality import Quality
 from auditlens.device_app.verifier import Candidate, Verdict
 from auditlens.errors import AuditChainError, AuditLogError
@@ -333,3 +336,302 @@ def test_cli_verify_with_log_appends_a_record(tmp_path, capsys):
         assert log.verify_chain().records == 1
     assert record.product_id == row["product_id"] and record.auditor == "cli-user"
     assert record.captured_sha256 == hashlib.sha256(photo.read_bytes()).hexdigest()
+
+
+# -- exports never overwrite the log -------------------------------------------------------
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("option", ["--export-csv", "--export-json"])
+@pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
+def test_export_onto_the_log_or_its_sidecars_is_refused(log_path, option, suffix, capsys):
+    with AuditLog(log_path) as log:
+        for i in range(3):
+            log.append(make_verdict(i), photo=jpeg(colour=(i * 60, 0, 0)), auditor="a")
+        head = log.verify_chain().head_hash
+    target = Path(f"{log_path}{suffix}")
+    assert cli_main(["verify-log", str(log_path), option, str(target)]) == 2
+    captured = capsys.readouterr()
+    assert "refusing to export over the audit log" in captured.err and "OK" not in captured.out
+    with AuditLog(log_path, create=False) as log:
+        report = log.verify_chain()
+    assert (report.records, report.head_hash) == (3, head)
+
+
+def test_export_through_a_link_to_the_log_is_refused(log_path, tmp_path):
+    with AuditLog(log_path) as log:
+        log.append(make_verdict(), photo=jpeg(), auditor="a")
+        (tmp_path / "sym.csv").symlink_to(log_path)
+        os.link(log_path, tmp_path / "hard.json")
+        for export, target in ((log.export_csv, log_path), (log.export_json, log_path),
+                               (log.export_csv, tmp_path / "sym.csv"),
+                               (log.export_json, tmp_path / "hard.json"),
+                               (log.export_csv, Path(f"{log_path}-wal"))):
+            with pytest.raises(AuditLogError, match="refusing to export over the audit log"):
+                export(target)
+        assert log.verify_chain().records == 1
+
+
+def test_exports_are_written_0644(log_path, tmp_path):
+    with AuditLog(log_path) as log:
+        log.append(make_verdict(), photo=jpeg(), auditor="a")
+        csv_path = log.export_csv(tmp_path / "out.csv")
+        json_path = log.export_json(tmp_path / "out.json")
+    assert cli_main(["verify-log", str(log_path), "--export-csv", str(tmp_path / "c.csv"),
+                     "--export-json", str(tmp_path / "j.json")]) == 0
+    for p in (csv_path, json_path, tmp_path / "c.csv", tmp_path / "j.json"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# -- the stored photo is the photo that was verified ----------------------------------------
+def _stored(log_path: Path, photo: bytes) -> tuple[bytes, Image.Image]:
+    with AuditLog(log_path) as log:
+        rid = log.append(make_verdict(), photo=photo, auditor="a")
+        stored = log.photo(rid)
+        assert log.verify_chain().records == rid
+    im = Image.open(io.BytesIO(stored))
+    im.load()
+    return stored, im
+
+
+def _as_verified(photo: bytes, size: tuple[int, int]) -> np.ndarray:
+    """The pixels the verifier decodes, at the stored size."""
+    image = load_image(photo)
+    return np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
+
+
+def test_large_exif_rotated_jpeg_is_stored_upright(log_path):
+    real = Image.open(REPO / "models" / "sample" / "photos" / "Banana_001.jpg").convert("RGB")
+    sideways = real.resize((4000, 3000), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was held upright: display rotated 90 degrees clockwise
+    out = io.BytesIO()
+    sideways.save(out, "JPEG", quality=92, exif=exif)
+    photo = out.getvalue()
+
+    _, im = _stored(log_path, photo)
+    assert im.format == "JPEG" and im.size == (1200, 1600)  # portrait, as shown and verified
+    assert im.getexif().get(0x0112) in (None, 1)  # no orientation left to apply twice
+    got = np.asarray(im.convert("RGB"), dtype=np.float64)
+    assert np.abs(got - _as_verified(photo, im.size)).mean() < 4
+    unrotated = np.asarray(sideways.resize((1600, 1200)).rotate(-90, expand=True), dtype=np.float64)
+    assert np.abs(got - unrotated).mean() < 4
+
+
+def test_large_transparent_png_is_stored_on_white(log_path):
+    rgba = np.zeros((2000, 2400, 4), dtype=np.uint8)  # transparent black...
+    rgba[700:1300, 900:1500] = (200, 20, 20, 255)  # ...around an opaque red product
+    out = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(out, "PNG")
+    photo = out.getvalue()
+
+    _, im = _stored(log_path, photo)
+    assert im.size == (1600, 1333)
+    got = np.asarray(im.convert("RGB"), dtype=np.float64)
+    assert got[:200].min() > 240  # the background the verifier saw: white, not black
+    assert np.abs(got[666, 800] - (200, 20, 20)).max() < 12
+    assert np.abs(got - _as_verified(photo, im.size)).mean() < 3
+
+
+def test_large_16_bit_grey_png_is_scaled_not_white(log_path):
+    ramp = np.linspace(0, 65535, 2200).round().astype(np.uint16)
+    grey = np.tile(ramp, (1800, 1))
+    out = io.BytesIO()
+    Image.fromarray(grey).save(out, "PNG")
+    photo = out.getvalue()
+    assert Image.open(io.BytesIO(photo)).mode.startswith("I")
+
+    _, im = _stored(log_path, photo)
+    got = np.asarray(im.convert("L"), dtype=np.float64)
+    assert got[:, :100].mean() < 20 and got[:, -100:].mean() > 235
+    assert abs(got[:, 780:820].mean() - 255 * 800 / 1600) < 8  # a ramp, not pure white
+    assert np.abs(got - _as_verified(photo, im.size)[..., 0]).mean() < 3
+
+
+def test_small_photos_are_stored_byte_exact(log_path):
+    """The documented contract: a JPEG or PNG up to MAX_PHOTO_SIDE is kept as captured."""
+    real = (REPO / "models" / "sample" / "photos" / "Carrots_001.jpg").read_bytes()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = io.BytesIO()
+    Image.open(io.BytesIO(real)).save(rotated, "JPEG", exif=exif)
+    for photo in (real, rotated.getvalue()):
+        stored, im = _stored(log_path, photo)
+        assert stored == photo and im.format == "JPEG"
+
+
+# -- verifying never changes the file, and refuses what is not an audit log ----------------
+def _foreign_db(path: Path) -> Path:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE products (id TEXT PRIMARY KEY, name TEXT)")
+    db.executemany("INSERT INTO products VALUES (?, ?)", [("p1", "Milk"), ("p2", "Oats")])
+    db.commit()
+    db.close()
+    return path
+
+
+def _schema(path: Path) -> list:
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        return sorted(db.execute("SELECT type, name FROM sqlite_master").fetchall()) + [
+            db.execute("PRAGMA journal_mode").fetchone()[0]]
+    finally:
+        db.close()
+
+
+def test_verify_log_refuses_a_foreign_database_and_leaves_it_alone(tmp_path, capsys):
+    foreign = _foreign_db(tmp_path / "foreign.db")
+    before, schema = _sha(foreign), _schema(foreign)
+    assert cli_main(["verify-log", str(foreign)]) == 2
+    captured = capsys.readouterr()
+    assert "not an auditlens audit log" in captured.err and "OK" not in captured.out
+    with pytest.raises(AuditLogError, match="not an auditlens audit log"):
+        AuditLog(foreign, create=False)
+    with pytest.raises(AuditLogError, match="not an auditlens audit log"):
+        AuditLog(foreign)  # opening to append does not turn it into a log either
+    assert _sha(foreign) == before and _schema(foreign) == schema
+    assert schema[-1] == "delete"  # not switched to WAL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.db"]
+
+
+def test_empty_database_is_no_log_to_verify_but_can_become_one(tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(AuditLogError, match="not an auditlens audit log"):
+        AuditLog(empty, create=False)
+    assert empty.stat().st_size == 0
+    with AuditLog(empty) as log:
+        log.append(make_verdict(), photo=jpeg(), auditor="a")
+    with AuditLog(empty, create=False) as log:
+        assert log.verify_chain().records == 1
+
+
+def test_cli_verify_with_log_refuses_a_catalogue_database(tmp_path, capsys):
+    bundle = REPO / "models" / "sample_bundle"
+    photos = REPO / "models" / "sample" / "photos.csv"
+    if not bundle.is_dir() or not photos.is_file():
+        pytest.skip("no shipped sample bundle")
+    row = next(csv.DictReader(open(photos, newline="")))
+    catalog = _foreign_db(tmp_path / "catalog.db")
+    before = _sha(catalog)
+    rc = cli_main(["verify", "--bundle", str(bundle), "--product", row["product_id"],
+                   str(REPO / "models" / "sample" / row["photo"]), "--log", str(catalog)])
+    assert rc == 2
+    assert "not an auditlens audit log" in capsys.readouterr().err
+    assert _sha(catalog) == before and _schema(catalog)[-1] == "delete"
+
+
+def test_verify_log_does_not_change_the_log(log_path, capsys):
+    with AuditLog(log_path) as log:
+        for i in range(3):
+            log.append(make_verdict(i), photo=jpeg(), auditor="a")
+    _edit_by_hand(log_path, "")  # the guards dropped, no record touched
+    before = _sha(log_path)
+    assert cli_main(["verify-log", str(log_path)]) == 0
+    out = capsys.readouterr().out
+    assert "OK, 3 records" in out and "append-only guards are missing" in out
+    with AuditLog(log_path, create=False) as log:
+        report = log.verify_chain()
+        with pytest.raises(AuditLogError, match="could not write"):
+            log.append(make_verdict(), photo=jpeg(), auditor="a")
+    assert not report.triggers_intact  # not quietly restored by a verification
+    assert _sha(log_path) == before
+
+
+def test_verify_log_on_read_only_media(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    log_path = media / "audit.db"
+    with AuditLog(log_path) as log:
+        for i in range(3):
+            log.append(make_verdict(i), photo=jpeg(), auditor="a")
+    assert sorted(os.listdir(media)) == ["audit.db"]  # closed cleanly: no -wal, no -shm
+    cmd = [sys.executable, "-m", "auditlens.cli", "verify-log", "--json", str(log_path)]
+    if os.geteuid() == 0:  # root writes through file modes: mount the folder read-only
+        mount = 'mount --bind -o ro "$0" "$0" && ! touch "$0/probe" 2>/dev/null && exec "$@"'
+        if not shutil.which("unshare") or subprocess.run(
+                ["unshare", "-m", "sh", "-c", mount, str(media), "true"],
+                capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a read-only folder here")
+        cmd = ["unshare", "-m", "sh", "-c", mount, str(media), *cmd]
+    else:
+        log_path.chmod(0o444)
+        media.chmod(0o555)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        media.chmod(0o755)
+        log_path.chmod(0o644)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["records"] == 3 and report["triggers_intact"] and not report["warnings"]
+    assert sorted(os.listdir(media)) == ["audit.db"]
+
+
+@pytest.mark.parametrize("table, message", [("records", "records table was removed"),
+                                            ("meta", "header")])
+def test_dropped_table_is_reported_as_tampering(log_path, table, message, capsys):
+    with AuditLog(log_path) as log:
+        for i in range(3):
+            log.append(make_verdict(i), photo=jpeg(), auditor="a")
+    _edit_by_hand(log_path, f"DROP TABLE {table};")
+    assert cli_main(["verify-log", str(log_path)]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "OK" not in captured.out
+    for create in (False, True):  # nor does opening to append start a new, empty chain
+        with pytest.raises(AuditChainError, match=message):
+            AuditLog(log_path, create=create)
+    assert table not in {r[1] for r in _schema(log_path)[:-1]}
+
+
+# -- what the log cannot store is replaced or refused, never a crash ------------------------
+def test_undecodable_text_is_stored_with_replacement(log_path, tmp_path):
+    auditor = os.fsdecode(b"m\xfcller")  # $USER in Latin-1, as Python decodes it
+    assert auditor == "m\udcfcller"
+    verdict = make_verdict().to_dict()
+    verdict["reasons"] = [os.fsdecode(b"caf\xe9")]
+    with AuditLog(log_path, device=os.fsdecode(b"t\xe9l\xe9phone")) as log:
+        rid = log.append(verdict, photo=jpeg(), auditor=auditor)
+        record = log.record(rid)
+        assert log.verify_chain().records == 1
+        log.export_csv(tmp_path / "out.csv")
+        log.export_json(tmp_path / "out.json")
+    assert record.auditor == "m\ufffdller" and record.device == "t\ufffdl\ufffdphone"
+    assert record.reasons == ["caf\ufffd"]
+    assert record.decision == verdict["decision"] and record.score == verdict["score"]
+    rows = list(csv.DictReader(open(tmp_path / "out.csv", newline="", encoding="utf-8")))
+    assert rows[0]["auditor"] == "m\ufffdller"
+    data = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert data["records"][0]["auditor"] == "m\ufffdller"
+
+
+def test_cli_verify_with_a_latin1_user_logs_the_verdict(tmp_path, monkeypatch, capsys):
+    bundle = REPO / "models" / "sample_bundle"
+    photos = REPO / "models" / "sample" / "photos.csv"
+    if not bundle.is_dir() or not photos.is_file():
+        pytest.skip("no shipped sample bundle")
+    row = next(csv.DictReader(open(photos, newline="")))
+    monkeypatch.setenv("USER", os.fsdecode(b"m\xfcller"))
+    log_path = tmp_path / "audit.db"
+    rc = cli_main(["verify", "--bundle", str(bundle), "--product", row["product_id"],
+                   str(REPO / "models" / "sample" / row["photo"]), "--log", str(log_path)])
+    assert rc in (0, 1, 3), capsys.readouterr().err
+    with AuditLog(log_path, create=False) as log:
+        (record,) = log.records()
+        assert log.verify_chain().records == 1
+    assert record.auditor == "m\ufffdller" and record.product_id == row["product_id"]
+
+
+@pytest.mark.parametrize("field_name, value", [("score", float("nan")), ("threshold", float("nan")),
+                                               ("score", float("inf")), ("threshold", float("-inf"))])
+def test_non_finite_score_or_threshold_is_refused(log_path, field_name, value):
+    verdict = make_verdict().to_dict()
+    verdict[field_name] = value
+    with AuditLog(log_path) as log:
+        with pytest.raises(AuditLogError, match=f"{field_name} is .*finite"):
+            log.append(verdict, photo=jpeg(), auditor="a")
+        assert len(log) == 0  # nothing written
+        assert log.append(make_verdict(), photo=jpeg(), auditor="a") == 1
+        assert log.verify_chain().records == 1
