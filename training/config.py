@@ -20,7 +20,7 @@ class TrainConfig:
 
     seed: int = 0
     """Seed of numpy, TensorFlow and Keras randomness (same seed, same batches)."""
-    input_size: int = 96
+    input_size: int = 128
     """Side of the encoder's square input (the PreprocessSpec's input_size)."""
     crop: str = "center"
     """PreprocessSpec crop: 'center' or 'full'."""

@@ -67,7 +67,7 @@ def test_enroll_many_originals(tmp_path, model_path):
     assert r["rc"] == 0
     assert r["fds_after"] == r["fds_before"]
     grown = r["peak_rss_mib"] - r["rss_after_imports_mib"]
-    # the 96x96x3 model inputs (27 KiB each) are kept until embedding, plus a thumbnail
+    # the model inputs (128x128x3: 48 KiB each) are kept until embedding, plus a thumbnail
     assert grown < BASE_ALLOWANCE_MIB + ENROLL_ORIGINALS * 64 / 1024
     from auditlens.device_app.bundle import ReferenceBundle
 
