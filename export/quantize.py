@@ -4,7 +4,9 @@
 
 Quantization is a value (:class:`QuantizationConfig`): full int8 (the default, what
 ships: uint8 pixels in, int8 latent out, scales and zero points read by the device from
-the model), float16 weights, or dynamic-range. One function applies it to the converter.
+the model), float16 weights, dynamic-range, or float32 (the Keras model unchanged, the
+reference an int8 model's accuracy is judged against). One function applies it to the
+converter.
 
 After converting, :func:`export_encoder` runs the TFLite model with ``ai_edge_litert`` on
 the representative images and compares its L2-normalised latents with the Keras ones; the
@@ -37,6 +39,8 @@ INT8_MIN_MEAN_COSINE = 0.97
 """Int8 export fails if the mean cosine to the float latents is below this."""
 FLOAT16_MIN_WORST_COSINE = 0.999
 """Float16 weights change latents only in the 4th digit; anything worse is a bug."""
+FLOAT32_MIN_WORST_COSINE = 0.9999
+"""A float32 conversion computes what Keras computes, up to kernel rounding."""
 DYNAMIC_MIN_WORST_COSINE = 0.97
 """Dynamic-range (int8 weights, float activations) export threshold."""
 MAX_CALIBRATION_IMAGES = 500
@@ -45,10 +49,11 @@ MAX_CALIBRATION_IMAGES = 500
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """How to quantize: build with :meth:`for_int8`, :meth:`for_float16` or :meth:`for_dynamic`."""
+    """How to quantize: build with :meth:`for_int8`, :meth:`for_float16`, :meth:`for_dynamic`
+    or :meth:`for_float32`."""
 
     mode: str
-    """'int8', 'float16' or 'dynamic'."""
+    """'int8', 'float16', 'dynamic' or 'float32'."""
     representative: np.ndarray | None = field(default=None, repr=False, compare=False)
     """uint8 (N, S, S, 3) calibration images (int8 only), preprocessed like on the device."""
     input_type: str = "float32"
@@ -83,6 +88,12 @@ class QuantizationConfig:
     def for_dynamic(cls, min_worst_cosine: float = DYNAMIC_MIN_WORST_COSINE) -> QuantizationConfig:
         """Int8 weights, float activations; no calibration data needed."""
         return cls("dynamic", None, "float32", "float32", min_worst_cosine, 0.0)
+
+    @classmethod
+    def for_float32(cls, min_worst_cosine: float = FLOAT32_MIN_WORST_COSINE) -> QuantizationConfig:
+        """No quantization: the Keras model as TFLite, to measure what int8 costs in accuracy
+        with the same enrolment and evaluation as the shipped model."""
+        return cls("float32", None, "float32", "float32", min_worst_cosine, 0.0)
 
 
 @dataclass
@@ -151,7 +162,7 @@ def convert(model, config: QuantizationConfig) -> bytes:
         converter.target_spec.supported_types = [tf.float16]
     elif config.mode == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    else:
+    elif config.mode != "float32":
         raise ValueError(f"unknown quantization mode {config.mode!r}")
     try:
         return converter.convert()
@@ -321,7 +332,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     """Arguments of ``auditlens export``."""
     parser.description = (
         "Convert a trained Keras encoder (encoder.keras) to TFLite: full int8 by default "
-        "(uint8 pixels in, int8 latent out), or --float16 / --dynamic. Prints the drift of its "
+        "(uint8 pixels in, int8 latent out), or --float16 / --dynamic / --float32. Prints the drift of its "
         "latents against the Keras ones and writes the model card (report + preprocessing) next to it: --out enc.tflite gives enc.json."
     )
     parser.add_argument("model", help="Keras encoder (.keras) written by 'auditlens train'")
@@ -333,11 +344,14 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--float16", action="store_true", help="float16 weights instead of full int8")
     mode.add_argument("--dynamic", action="store_true", help="dynamic-range int8 weights, float activations")
+    mode.add_argument("--float32", action="store_true",
+                      help="no quantization: the Keras model as TFLite, to evaluate what int8 costs")
     parser.add_argument("--crop", choices=("center", "full"), default="center",
                         help="preprocessing crop the model was trained with (default center)")
     parser.add_argument("--min-worst-cosine", type=float,
                         help="fail if any image's cosine to the Keras latent is below this "
-                             f"(default int8 {INT8_MIN_WORST_COSINE}, float16 {FLOAT16_MIN_WORST_COSINE})")
+                             f"(default int8 {INT8_MIN_WORST_COSINE}, float16 {FLOAT16_MIN_WORST_COSINE}, "
+                             f"float32 {FLOAT32_MIN_WORST_COSINE})")
     return parser
 
 
@@ -352,6 +366,8 @@ def run_export(args: argparse.Namespace) -> int:
             config = QuantizationConfig.for_float16()
         elif args.dynamic:
             config = QuantizationConfig.for_dynamic()
+        elif args.float32:
+            config = QuantizationConfig.for_float32()
         else:
             config = QuantizationConfig.for_int8(rep)
         if args.min_worst_cosine is not None:

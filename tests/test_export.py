@@ -80,6 +80,23 @@ def test_float16_export(tiny_encoder, tmp_path):
     assert report.worst_cosine > 0.999
 
 
+def test_float32_export_computes_what_keras_computes(tiny_encoder, tmp_path):
+    import keras
+
+    from auditlens.export.quantize import QuantizationConfig, export_encoder, run_tflite
+
+    rep = images_of(tiny_encoder["catalog"])
+    out = tmp_path / "f32.tflite"
+    report = export_encoder(tiny_encoder["encoder"], rep, out, QuantizationConfig.for_float32())
+    assert report.mode == "float32" and report.input_dtype == "float32"
+    encoder = keras.models.load_model(tiny_encoder["encoder"], compile=False)
+    np.testing.assert_allclose(run_tflite(out.read_bytes(), rep), np.asarray(encoder(rep.astype(np.float32))),
+                               rtol=1e-3, atol=1e-4)
+    # four bytes a weight: larger than the float16 conversion of the same encoder
+    f16 = export_encoder(tiny_encoder["encoder"], rep, tmp_path / "f16.tflite", QuantizationConfig.for_float16())
+    assert report.size_bytes > 1.5 * f16.size_bytes
+
+
 def test_drift_raises_and_writes_nothing(tiny_encoder, tmp_path):
     from auditlens.errors import ModelError
     from auditlens.export.quantize import QuantizationConfig, export_encoder
