@@ -201,6 +201,45 @@ def test_batches_pair_products_of_one_group():
     assert sorted(small.tolist()) == [0, 1, 2, 3]
 
 
+def test_made_up_products_swap_colour_channels_and_turn_upside_down():
+    from auditlens.training.augment import pseudo_variants, variant_images
+
+    assert pseudo_variants(0) == [((0, 1, 2), False)]
+    every = pseudo_variants(11)
+    assert len(set(every)) == 12 and every[0] == ((0, 1, 2), False)
+    assert [flip for _, flip in every] == [False] * 6 + [True] * 6
+    with pytest.raises(ValueError):
+        pseudo_variants(12)
+
+    images = np.random.default_rng(0).uniform(0, 255, (len(every), 8, 6, 3)).astype(np.float32)
+    out = variant_images(every)(tf.constant(images), tf.range(len(every))).numpy()
+    for i, (perm, flip) in enumerate(every):
+        want = images[i][..., list(perm)]
+        np.testing.assert_array_equal(out[i], want[::-1, ::-1] if flip else want)
+    np.testing.assert_array_equal(out[0], images[0])
+    # the swap keeps every pixel's brightness: only which colour is where changes
+    np.testing.assert_allclose(out.sum(-1)[1], images.sum(-1)[1], rtol=1e-6)
+
+
+def test_made_up_variants_are_shared_within_a_group():
+    from auditlens.training.train import sample_variants
+
+    groups = ["milk", "milk", "juice", "juice", "apple", "pear"]
+    rng = np.random.default_rng(0)
+    chosen = np.arange(6)
+    draws = np.stack([sample_variants(rng, groups, chosen, 11) for _ in range(400)])
+    assert (draws[:, 0] == draws[:, 1]).all() and (draws[:, 2] == draws[:, 3]).all()
+    assert 0.4 < (draws == 0).mean() < 0.6  # about half the groups are the real products
+    assert set(np.unique(draws)) == set(range(12))
+    assert not sample_variants(rng, groups, chosen, 0).any()
+
+    # only eligible products (say, the cartons) are ever made up; the others stay real
+    eligible = np.array([True, True, True, True, False, False])
+    draws = np.stack([sample_variants(rng, groups, chosen, 11, eligible=eligible) for _ in range(400)])
+    assert not draws[:, 4:].any() and draws[:, :4].any()
+    assert (draws[:, 0] == draws[:, 1]).all()
+
+
 def test_eer_and_auc_of_known_distributions():
     from auditlens.training.train import eer_auc
 
@@ -260,6 +299,30 @@ def test_train_from_originals_alone(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_train_with_made_up_products(tiny_data, tmp_path):
+    """Every product of the catalogue and its photos also train as 11 made-up products."""
+    from auditlens.training.train import train
+
+    config = tiny_config(tmp_path / "run", tiny_data["catalog"], photos=str(tiny_data["train"]),
+                         val_photos=str(tiny_data["val"]), epochs=1, steps_per_epoch=3,
+                         pseudo_products=11)
+    result = train(config)
+    report = json.loads(Path(result.report_path).read_text())
+    assert report["data"]["train_classes"] == 12 * N_PRODUCTS
+    assert report["config"]["pseudo_products"] == 11
+    assert np.isfinite(report["history"][-1]["loss"]["total"])
+    # validation is on the real products only
+    assert report["data"]["val_queries"] == N_PRODUCTS
+
+    # a folder catalogue has no kinds: twins of "Packages" only would be twins of nothing
+    from auditlens.errors import CatalogError
+
+    with pytest.raises(CatalogError, match="no trained product is of these kinds"):
+        train(tiny_config(tmp_path / "none", tiny_data["catalog"], photos=str(tiny_data["train"]),
+                          epochs=1, steps_per_epoch=1, pseudo_products=3, pseudo_kinds=("Packages",)))
+
+
+@pytest.mark.slow
 def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
     import argparse
 
@@ -269,9 +332,13 @@ def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
     args = parser.parse_args([str(tiny_data["catalog"]), "--out", str(tmp_path), "--minutes", "2",
                               "--holdout-fold", "2/4", "--no-paste-background", "--recon-weight", "0",
                               "--no-mirror", "--ema-decay", "0", "--weight-decay", "0.05",
-                              "--keep-epochs"])
+                              "--keep-epochs", "--pseudo-products", "5", "--pseudo-kinds", "Packages", "Bottles"])
     config = config_from_args(args)
     assert config.minutes == 2 and config.holdout_fold == "2/4"
     assert not config.paste_background and config.recon_weight == 0
     assert not config.mirror and config.ema_decay == 0
-    assert config.weight_decay == 0.05 and config.keep_epochs
+    assert config.weight_decay == 0.05 and config.keep_epochs and config.pseudo_products == 5
+    assert config.pseudo_kinds == ("Packages", "Bottles")
+    assert config_from_args(parser.parse_args([str(tiny_data["catalog"]), "--out", str(tmp_path)])).pseudo_kinds == ()
+    with pytest.raises(SystemExit):
+        parser.parse_args([str(tiny_data["catalog"]), "--out", str(tmp_path), "--pseudo-products", "12"])

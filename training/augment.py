@@ -267,6 +267,35 @@ class CaptureAugmenter:
         return self._finish(x, 0.6)
 
 
+def pseudo_variants(count: int) -> list[tuple[tuple[int, int, int], bool]]:
+    """The identity and ``count`` made-up product variants: (colour channel order, upside down).
+
+    The 5 other orders of the RGB channels come first, then the 6 orders turned upside down.
+    A channel swap changes a product's colours far beyond any white-balance shift of the
+    capture augmentation, so a swapped product is a different product to tell apart.
+    """
+    from itertools import permutations
+
+    every = [(perm, flip) for flip in (False, True) for perm in permutations(range(3))]
+    if not 0 <= count < len(every):
+        raise ValueError(f"pseudo_products must be between 0 and {len(every) - 1}, got {count}")
+    return every[: count + 1]
+
+
+def variant_images(variants: list[tuple[tuple[int, int, int], bool]]):
+    """A function ``(images (B, H, W, 3), variant (B,)) -> images``: each image as the
+    variant of :func:`pseudo_variants` its index names (0: unchanged)."""
+    channel_order = tf.constant([perm for perm, _ in variants], tf.int32)
+    upside_down = tf.constant([flip for _, flip in variants], tf.bool)
+
+    def apply(images, variant):
+        images = tf.gather(images, tf.gather(channel_order, variant), axis=3, batch_dims=1)
+        flip = tf.gather(upside_down, variant)[:, None, None, None]
+        return tf.where(flip, tf.reverse(images, [1, 2]), images)
+
+    return apply
+
+
 def save_augment_grid(
     augmenter: CaptureAugmenter,
     originals: np.ndarray,

@@ -49,6 +49,14 @@ class TrainConfig:
     """Share of a batch's products drawn as pairs from one coarse group (another brand of
     milk beside a milk): the hard negatives the contrastive loss would rarely meet in a
     random batch. 0: products drawn uniformly."""
+    pseudo_products: int = 0
+    """Extra made-up products per trained product (0 to 11): the product with its colour
+    channels swapped and/or turned upside down, original and photos alike, each a class of
+    its own. More classes to tell apart from a small catalogue."""
+    pseudo_kinds: tuple[str, ...] = ()
+    """Catalogue kinds (the ``kind`` column, case-insensitive) whose products get the made-up
+    variants, e.g. ("Packages",): a carton with other colours is another product, a red
+    pepper with red and green swapped looks like a green one. Empty: every product."""
     learning_rate: float = 2e-3
     """Peak AdamW learning rate (cosine decay over the run)."""
     weight_decay: float = 1e-4

@@ -93,6 +93,27 @@ def sample_products(rng: np.random.Generator, mates_of: list[np.ndarray], size: 
     return np.asarray(chosen, np.int64)
 
 
+# -- made-up products --------------------------------------------------------------------
+def sample_variants(rng: np.random.Generator, groups: list[str], chosen: np.ndarray,
+                    count: int, real_share: float = 0.5,
+                    eligible: np.ndarray | None = None) -> np.ndarray:
+    """One variant per chosen product (0: the real product), shared by the products of one
+    coarse group in the batch, so same-group pairs stay hard negatives of each other.
+    Products whose ``eligible`` flag is False always stay real."""
+    out = np.zeros(len(chosen), np.int64)
+    if count == 0:
+        return out
+    by_group: dict[str, int] = {}
+    for i, c in enumerate(chosen):
+        if eligible is not None and not eligible[c]:
+            continue
+        g = groups[c]
+        if g not in by_group:
+            by_group[g] = 0 if rng.random() < real_share else int(rng.integers(1, count + 1))
+        out[i] = by_group[g]
+    return out
+
+
 # -- metrics --------------------------------------------------------------------------------
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -183,7 +204,9 @@ def train(config: TrainConfig) -> TrainResult:
         CaptureAugmenter,
         cache_size,
         object_mask,
+        pseudo_variants,
         save_augment_grid,
+        variant_images,
     )
     from auditlens.training.averaging import WeightAverage
     from auditlens.training.losses import (
@@ -269,7 +292,9 @@ def train(config: TrainConfig) -> TrainResult:
     encoder = build_encoder(mspec)
     decoder = build_decoder(mspec)
     autoencoder = build_autoencoder(encoder, decoder)
-    head = CosFaceHead(len(train_ids), name="cosface")
+    variants = pseudo_variants(config.pseudo_products)
+    n_classes = len(train_ids) * len(variants)
+    head = CosFaceHead(n_classes, name="cosface")
     head.build((None, config.latent_dim))
     optimizer = keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
     trainable = encoder.trainable_weights + decoder.trainable_weights + head.trainable_weights
@@ -287,20 +312,23 @@ def train(config: TrainConfig) -> TrainResult:
     average = WeightAverage(encoder.weights, config.ema_decay)
 
     idx_spec = tf.TensorSpec([None], tf.int32)
+    as_variant = variant_images(variants)
 
-    @tf.function(input_signature=[idx_spec, idx_spec, idx_spec])
-    def train_step(clean_idx, aug_idx, photo_idx):
+    @tf.function(input_signature=[idx_spec, idx_spec, idx_spec, idx_spec])
+    def train_step(clean_idx, aug_idx, photo_idx, variant):
         clean = tf.cast(tf.gather(clean_t, clean_idx), tf.float32)
         aug = augmenter.originals(tf.gather(orig_big_t, aug_idx), tf.gather(masks_t, aug_idx))
         photo = augmenter.photos(tf.gather(photos_t, photo_idx))
-        images = tf.concat([clean, aug, photo], 0)
-        labels = tf.concat([clean_idx, aug_idx, tf.gather(photo_labels_t, photo_idx)], 0)
+        products = tf.concat([clean_idx, aug_idx, tf.gather(photo_labels_t, photo_idx)], 0)
+        images = as_variant(tf.concat([clean, aug, photo], 0), variant)
+        labels = products + len(train_ids) * variant
+        target = as_variant(tf.gather(recon_t, products), variant)
         with tf.GradientTape() as tape:
             latents = encoder(images, training=True)
             l_metric = supcon_loss(latents, labels, config.temperature)
             l_class = cosface_loss(head(latents), labels, config.cosface_scale, config.cosface_margin)
             recon = decoder(latents, training=True)
-            l_recon = reconstruction_loss(recon, tf.gather(recon_t, labels))
+            l_recon = reconstruction_loss(recon, target)
             total = weights[0] * l_metric + weights[1] * l_class + weights[2] * l_recon
             # BatchNorm has no regularisers here; AdamW's decay handles the weights.
         grads = tape.gradient(total, trainable)
@@ -335,18 +363,31 @@ def train(config: TrainConfig) -> TrainResult:
     K = max(config.views_per_product, 2)
 
     train_groups = [catalog.get(p).group or p for p in train_ids]
+    pseudo_kinds = {k.casefold() for k in config.pseudo_kinds}
+    pseudo_eligible = np.array([not pseudo_kinds or catalog.get(p).kind.casefold() in pseudo_kinds
+                                for p in train_ids])
+    if config.pseudo_products and not pseudo_eligible.any():
+        raise CatalogError(f"--pseudo-kinds {', '.join(config.pseudo_kinds)}: no trained product "
+                           "is of these kinds")
     mates_of = group_mates(train_groups)
 
-    def sample_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sample_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Indices of the clean originals, augmented originals and photos of one batch, and
+        the made-up variant of every image (in that order)."""
         chosen = sample_products(rng, mates_of, P, config.group_pairs)
-        aug, pho = [], []
-        for c in chosen:
+        chosen_variant = sample_variants(rng, train_groups, chosen, config.pseudo_products,
+                                         eligible=pseudo_eligible)
+        aug, pho, aug_var, pho_var = [], [], [], []
+        for c, v in zip(chosen, chosen_variant):
             have = photos_of[c]
             n_photo = min(K - 2, len(have)) if len(have) else 0
             if n_photo:
                 pho.extend(rng.choice(have, size=n_photo, replace=len(have) < n_photo))
+                pho_var.extend([v] * n_photo)
             aug.extend([c] * (K - 1 - n_photo))
-        return (chosen.astype(np.int32), np.asarray(aug, np.int32), np.asarray(pho, np.int32))
+            aug_var.extend([v] * (K - 1 - n_photo))
+        variant = np.concatenate([chosen_variant, aug_var, pho_var]).astype(np.int32)
+        return (chosen.astype(np.int32), np.asarray(aug, np.int32), np.asarray(pho, np.int32), variant)
 
     # ---- augmentation preview
     preview = rng.choice(len(train_ids), size=min(6, len(train_ids)), replace=False)
@@ -366,7 +407,9 @@ def train(config: TrainConfig) -> TrainResult:
     t_train = time.perf_counter()
     t_eval_total = 0.0
     stop = False
-    log(f"training on {len(train_ids)} products ({len(held_out)} held out), {len(photos)} photos; "
+    log(f"training on {len(train_ids)} products ({len(held_out)} held out)"
+        + (f" x {len(variants)} variants" + (f" ({', '.join(config.pseudo_kinds)} only)" if config.pseudo_kinds else "")
+           if len(variants) > 1 else "") + f", {len(photos)} photos; "
         f"budget {f'{config.minutes:.1f} min' if config.minutes else f'{config.epochs} epochs'}")
     try:
         from tqdm import tqdm
@@ -442,6 +485,7 @@ def train(config: TrainConfig) -> TrainResult:
         "data": {
             "products": len(ids), "train_products": len(train_ids),
             "held_out_products": sorted(held_out), "train_photos": len(photos),
+            "train_classes": n_classes,
             "val_queries": int(len(val_labels)), "val_views": val_views, "val_source": val_source,
             "val_seen": int(val_seen.sum()), "val_unseen": int((~val_seen).sum()),
         },
@@ -525,6 +569,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--group-pairs", type=float, default=d.group_pairs,
                         help="share of a batch's products drawn as same-group pairs, the hard "
                         f"negatives (default {d.group_pairs}; 0: uniform)")
+    parser.add_argument("--pseudo-products", type=int, default=d.pseudo_products, metavar="N",
+                        choices=range(12),
+                        help="made-up products per trained product (0-11): its colour channels "
+                        "swapped and/or upside down, each its own class "
+                        f"(default {d.pseudo_products})")
+    parser.add_argument("--pseudo-kinds", nargs="+", default=list(d.pseudo_kinds), metavar="KIND",
+                        help="only products of these catalogue kinds get made-up variants, "
+                        "e.g. Packages (default: every product)")
     parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay,
                         help=f"AdamW decoupled weight decay (default {d.weight_decay})")
@@ -557,7 +609,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         minutes=args.minutes, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
         holdout_fold=args.holdout_fold, seed=args.seed, input_size=args.input_size,
         latent_dim=args.latent_dim, width=args.width, products_per_batch=args.products_per_batch,
-        views_per_product=args.views_per_product, group_pairs=args.group_pairs, learning_rate=args.lr,
+        views_per_product=args.views_per_product, group_pairs=args.group_pairs,
+        pseudo_products=args.pseudo_products, pseudo_kinds=tuple(args.pseudo_kinds),
+        learning_rate=args.lr,
         weight_decay=args.weight_decay, metric_weight=args.metric_weight, class_weight=args.class_weight,
         recon_weight=args.recon_weight, augment=not args.no_augment,
         paste_background=not args.no_paste_background, mirror=not args.no_mirror,
