@@ -284,7 +284,10 @@ def pseudo_variants(count: int) -> list[tuple[tuple[int, int, int], bool]]:
 
 def variant_images(variants: list[tuple[tuple[int, int, int], bool]]):
     """A function ``(images (B, H, W, 3), variant (B,)) -> images``: each image as the
-    variant of :func:`pseudo_variants` its index names (0: unchanged)."""
+    variant of :func:`pseudo_variants` its index names (0: unchanged). With the identity
+    alone (no made-up products) it returns the images as they are, adding no op to a step."""
+    if len(variants) == 1:
+        return lambda images, variant: images
     channel_order = tf.constant([perm for perm, _ in variants], tf.int32)
     upside_down = tf.constant([flip for _, flip in variants], tf.bool)
 

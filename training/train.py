@@ -230,6 +230,13 @@ def train(config: TrainConfig) -> TrainResult:
     train_ids = [p for p in ids if p not in held_out]
     if not train_ids:
         raise CatalogError("the holdout leaves no product to train on")
+    # made-up twins go to the products of the chosen kinds: refused before any image is read
+    pseudo_kinds = {k.casefold() for k in config.pseudo_kinds}
+    pseudo_eligible = np.array([not pseudo_kinds or catalog.get(p).kind.casefold() in pseudo_kinds
+                                for p in train_ids])
+    if config.pseudo_products and not pseudo_eligible.any():
+        raise CatalogError(f"--pseudo-kinds {', '.join(config.pseudo_kinds)}: no trained product "
+                           "is of these kinds")
     ref_index = {pid: i for i, pid in enumerate(ids)}
     train_index = {pid: i for i, pid in enumerate(train_ids)}
     csize = cache_size(config.input_size, config.cache_scale)
@@ -363,12 +370,6 @@ def train(config: TrainConfig) -> TrainResult:
     K = max(config.views_per_product, 2)
 
     train_groups = [catalog.get(p).group or p for p in train_ids]
-    pseudo_kinds = {k.casefold() for k in config.pseudo_kinds}
-    pseudo_eligible = np.array([not pseudo_kinds or catalog.get(p).kind.casefold() in pseudo_kinds
-                                for p in train_ids])
-    if config.pseudo_products and not pseudo_eligible.any():
-        raise CatalogError(f"--pseudo-kinds {', '.join(config.pseudo_kinds)}: no trained product "
-                           "is of these kinds")
     mates_of = group_mates(train_groups)
 
     def sample_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
