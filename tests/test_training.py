@@ -323,6 +323,33 @@ def test_train_with_made_up_products(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_stop_epoch_ships_that_epoch_of_a_longer_schedule(tiny_data, tmp_path):
+    """--stop-epoch runs the first N epochs of the --epochs schedule and keeps epoch N."""
+    import keras
+
+    from auditlens.training.train import train
+
+    config = tiny_config(tmp_path / "run", tiny_data["catalog"], photos=str(tiny_data["train"]),
+                         val_photos=str(tiny_data["val"]), epochs=5, stop_epoch=2, steps_per_epoch=2,
+                         keep_epochs=True)
+    result = train(config)
+    report = json.loads(Path(result.report_path).read_text())
+    assert [h["epoch"] for h in report["history"]] == [1, 2]
+    assert report["timings"]["steps"] == 4
+    assert result.best_epoch == 2 and report["checkpoint_choice"].startswith("last epoch")
+    shipped = keras.saving.load_model(result.encoder_path, compile=False)
+    kept = keras.saving.load_model(tmp_path / "run" / "checkpoints" / "encoder_epoch_002.keras", compile=False)
+    for a, b in zip(shipped.get_weights(), kept.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not (tmp_path / "run" / "checkpoints" / "encoder_epoch_003.keras").exists()
+    # the learning rate followed the 5-epoch cosine (step 4 of 10: 0.79 of the peak), not a
+    # 2-epoch one (step 4 of 4: 0.15 of the peak)
+    assert report["history"][-1]["lr"] == pytest.approx(config.learning_rate * 0.5 * (1 + np.cos(np.pi * 0.3)))
+    with pytest.raises(ValueError, match="outside the schedule"):
+        train(tiny_config(tmp_path / "bad", tiny_data["catalog"], epochs=3, stop_epoch=4))
+
+
+@pytest.mark.slow
 def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
     import argparse
 
@@ -332,13 +359,15 @@ def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
     args = parser.parse_args([str(tiny_data["catalog"]), "--out", str(tmp_path), "--minutes", "2",
                               "--holdout-fold", "2/4", "--no-paste-background", "--recon-weight", "0",
                               "--no-mirror", "--ema-decay", "0", "--weight-decay", "0.05",
-                              "--keep-epochs", "--pseudo-products", "5", "--pseudo-kinds", "Packages", "Bottles"])
+                              "--keep-epochs", "--pseudo-products", "5", "--pseudo-kinds", "Packages", "Bottles",
+                              "--epochs", "25", "--stop-epoch", "10"])
     config = config_from_args(args)
     assert config.minutes == 2 and config.holdout_fold == "2/4"
     assert not config.paste_background and config.recon_weight == 0
     assert not config.mirror and config.ema_decay == 0
     assert config.weight_decay == 0.05 and config.keep_epochs and config.pseudo_products == 5
     assert config.pseudo_kinds == ("Packages", "Bottles")
+    assert config.epochs == 25 and config.stop_epoch == 10
     assert config_from_args(parser.parse_args([str(tiny_data["catalog"]), "--out", str(tmp_path)])).pseudo_kinds == ()
     with pytest.raises(SystemExit):
         parser.parse_args([str(tiny_data["catalog"]), "--out", str(tmp_path), "--pseudo-products", "12"])

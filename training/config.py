@@ -37,6 +37,11 @@ class TrainConfig:
 
     epochs: int = 1000
     """Maximum number of epochs; ``minutes`` usually stops the run first."""
+    stop_epoch: int | None = None
+    """Stop after this epoch, with the learning-rate schedule of ``epochs`` (still high
+    there), and ship that epoch's encoder instead of the one best on trained products. An
+    early stop keeps the encoder general: products enrolled after training verify best
+    around epoch 9 to 10 of 25, while trained products keep gaining after it (docs/ablation.md)."""
     minutes: float | None = None
     """Wall-clock budget for training (checked after every step); None: run all epochs."""
     steps_per_epoch: int = 100

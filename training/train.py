@@ -195,6 +195,8 @@ def _configure_tf(config: TrainConfig):
 
 def train(config: TrainConfig) -> TrainResult:
     """Train an encoder as ``config`` says and write its outputs to ``config.out_dir``."""
+    if config.stop_epoch is not None and not 1 <= config.stop_epoch <= config.epochs:
+        raise ValueError(f"--stop-epoch {config.stop_epoch} is outside the schedule's epochs 1 to {config.epochs}")
     t_start = time.perf_counter()
     tf = _configure_tf(config)
     import keras
@@ -446,7 +448,9 @@ def train(config: TrainConfig) -> TrainResult:
         with average.applied():
             metrics = evaluate()
             seen = metrics["seen"]
-            better = seen["eer"] < best["eer"] or (seen["eer"] == best["eer"] and seen["top1"] > best["top1"])
+            # --stop-epoch ships the last epoch run; otherwise the best one on trained products
+            better = bool(config.stop_epoch) or seen["eer"] < best["eer"] or (
+                seen["eer"] == best["eer"] and seen["top1"] > best["top1"])
             if better:
                 best = {"eer": seen["eer"], "top1": seen["top1"], "epoch": epoch}
                 autoencoder.save_weights(best_path)
@@ -456,7 +460,7 @@ def train(config: TrainConfig) -> TrainResult:
         t_eval_total += time.perf_counter() - t_eval
         mean = sums / max(n, 1)
         record = {
-            "epoch": epoch, "steps": step, "train_seconds": round(train_seconds, 2),
+            "epoch": epoch, "steps": step, "train_seconds": round(train_seconds, 2), "lr": float(lr),
             "loss": {"total": mean[0], "supcon": mean[1], "cosface": mean[2], "recon": mean[3]},
             "val": metrics,
         }
@@ -466,7 +470,7 @@ def train(config: TrainConfig) -> TrainResult:
             f"recon {mean[3]:.3f}) | val seen EER {seen['eer']:.3f} top1 {seen['top1']:.3f}"
             + (f" | unseen EER {unseen['eer']:.3f} top1 {unseen['top1']:.3f}" if unseen and unseen.get('n') else "")
             + (" *" if better else ""))
-        if stop:
+        if stop or epoch == config.stop_epoch:
             break
     train_wall = time.perf_counter() - t_train
 
@@ -496,6 +500,8 @@ def train(config: TrainConfig) -> TrainResult:
             "steps": step, "seconds_per_step": round((train_wall - t_eval_total) / max(step, 1), 4),
         },
         "best_epoch": best["epoch"],
+        "checkpoint_choice": ("last epoch run (--stop-epoch)" if config.stop_epoch
+                              else "lowest val EER on trained products"),
         "metrics": final,
         "history": history,
     }
@@ -555,6 +561,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--minutes", type=float, help="wall-clock training budget (stops before --epochs)")
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"maximum epochs (default {d.epochs})")
+    parser.add_argument("--stop-epoch", type=int, metavar="N",
+                        help="stop after epoch N of the --epochs schedule and keep that epoch's "
+                        "encoder, not the best on trained products: for catalogues whose products "
+                        "are mostly enrolled after training (e.g. --epochs 25 --stop-epoch 10)")
     parser.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch,
                         help=f"steps between validations (default {d.steps_per_epoch})")
     parser.add_argument("--holdout-fold", metavar="k/K",
@@ -607,7 +617,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         catalog=str(args.catalog), photos=args.photos, val_photos=args.val_photos, out_dir=args.out,
-        minutes=args.minutes, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        minutes=args.minutes, epochs=args.epochs, stop_epoch=args.stop_epoch, steps_per_epoch=args.steps_per_epoch,
         holdout_fold=args.holdout_fold, seed=args.seed, input_size=args.input_size,
         latent_dim=args.latent_dim, width=args.width, products_per_batch=args.products_per_batch,
         views_per_product=args.views_per_product, group_pairs=args.group_pairs,
@@ -632,7 +642,8 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"auditlens train: {exc}", file=sys.stderr)
         return 2
     m = result.metrics
-    print(f"encoder: {result.encoder_path} (best epoch {result.best_epoch}, {result.seconds / 60:.1f} min)")
+    chosen = "stopped at epoch" if config.stop_epoch else "best epoch"
+    print(f"encoder: {result.encoder_path} ({chosen} {result.best_epoch}, {result.seconds / 60:.1f} min)")
     for subset in ("seen", "unseen"):
         s = m.get(subset)
         if s and s.get("n") and (subset == "seen" or "unseen" in m):
