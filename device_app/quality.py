@@ -60,7 +60,8 @@ def _laplacian_variance(grey: np.ndarray) -> float:
 
 
 def assess(image: Image.Image, thresholds: QualityThresholds | None = None) -> Quality:
-    """Measure a capture (RGB) and list what would make its verdict unreliable.
+    """Measure a capture (RGB, or its luminance "L" copy) and list what would make its
+    verdict unreliable.
 
     A capture so thin that its analysis copy is under 3 pixels high or wide (e.g. 20000x16)
     has no measurable detail: its sharpness is 0 and it is sent back as too narrow."""

@@ -237,8 +237,9 @@ class Verifier:
                 source = io.BytesIO(data)
             image = load_image(source, max_pixels=self.options.max_pixels, draft=self.spec.draft_size)
             digest = hashlib.sha256(data).hexdigest()
+        grey = image.convert("L")  # once for both checks: each would convert the image itself
         return Capture(to_photo_views(image, self.spec), digest,
-                       assess(image, self.options.quality), dhash(image),
+                       assess(grey, self.options.quality), dhash(grey),
                        image if keep_image else None)
 
     def embed(self, capture: Capture) -> np.ndarray:

@@ -81,6 +81,19 @@ def test_identify_ranks_all_products(verifier, sample_photos):
     assert ranked[0].score >= ranked[-1].score
 
 
+def test_capture_checks_read_the_luminance_as_the_colour_image_would(verifier, sample_photos):
+    """prepare() converts a photo to grey once for the quality check and the dHash; both
+    must come out exactly as from the colour image (enrolled hashes were made from it)."""
+    from auditlens.device_app.imaging import load_image
+    from auditlens.device_app.quality import assess
+
+    for photo in sample_photos[:6]:
+        image = load_image(photo.photo, draft=verifier.spec.draft_size)
+        capture = verifier.prepare(photo.photo)
+        assert capture.quality == assess(image)
+        assert capture.dhash == dhash(image)
+
+
 def test_dhash_is_stable_under_resizing():
     img = Image.open(SAMPLE / "originals" / "Carrots.jpg")
     assert hamming(dhash(img), dhash(img.resize((64, 64)))) <= 3
