@@ -448,9 +448,10 @@ def train(config: TrainConfig) -> TrainResult:
         with average.applied():
             metrics = evaluate()
             seen = metrics["seen"]
-            # --stop-epoch ships the last epoch run; otherwise the best one on trained products
-            better = bool(config.stop_epoch) or seen["eer"] < best["eer"] or (
-                seen["eer"] == best["eer"] and seen["top1"] > best["top1"])
+            if config.stop_epoch:  # keep the epoch the run stops at (or the budget ends in)
+                better = stop or epoch == config.stop_epoch
+            else:  # keep the best one on trained products
+                better = seen["eer"] < best["eer"] or (seen["eer"] == best["eer"] and seen["top1"] > best["top1"])
             if better:
                 best = {"eer": seen["eer"], "top1": seen["top1"], "epoch": epoch}
                 autoencoder.save_weights(best_path)
