@@ -309,6 +309,9 @@ COMMANDS: dict[str, tuple[str, Hook]] = {
     "info": ("show and verify a reference bundle", (_add_info, _run_info)),
     "train": ("train an encoder on a catalogue (needs auditlens[train])",
               ("auditlens.training.train", "add_train_arguments", "run_train")),
+    "teacher-features": ("a pretrained model's features of the training images, to distil "
+                         "into the encoder (needs auditlens[train])",
+                         ("auditlens.training.teacher", "add_arguments", "run")),
     "export": ("convert a trained encoder to int8 TFLite and check its drift (needs auditlens[train])",
                ("auditlens.export.quantize", "add_export_arguments", "run_export")),
     "keygen": ("make an Ed25519 key pair to sign reference bundles (needs auditlens[sign])",

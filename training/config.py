@@ -88,6 +88,11 @@ class TrainConfig:
     """Scale s of the CosFace logits."""
     cosface_margin: float = 0.25
     """Margin m subtracted from the true class's cosine."""
+    teacher_features: str | None = None
+    """Optional ``.npz`` of a pretrained model's features of every training image
+    (:mod:`auditlens.training.teacher`): distil them into the latent."""
+    distill_weight: float = 1.0
+    """Weight of the distillation loss (used only with ``teacher_features``)."""
 
     augment: bool = True
     """Master switch of camera-capture augmentation (off: only the clean images)."""

@@ -12,6 +12,10 @@
 * :func:`reconstruction_loss`: denoising reconstruction, the decoder must redraw the clean
   original from the latent of an augmented view or a field photo, so the latent has to keep
   the product's appearance instead of only what separates the training products.
+* :func:`distill_loss`: feature distillation from a pretrained teacher
+  (:mod:`auditlens.training.teacher`); a training-only linear head maps each latent into
+  the teacher's feature space, and the loss is the cosine distance to the teacher's
+  (centred, unit) feature of the clean image.
 """
 
 from __future__ import annotations
@@ -69,3 +73,14 @@ def cosface_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float = 20.0, mar
 def reconstruction_loss(reconstruction: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
     """Mean absolute error in 0..1 (L1 keeps edges and text sharper than L2)."""
     return tf.reduce_mean(tf.abs(reconstruction - target))
+
+
+def distill_loss(projected: tf.Tensor, targets: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """Weighted mean of ``1 - cos(projected, target)`` per row; ``targets`` are unit vectors.
+
+    Rows of weight 0 (images with no teacher feature, such as made-up products) add nothing;
+    all weights 0 gives 0.
+    """
+    cosine = tf.reduce_sum(l2_normalize(projected) * targets, axis=-1)
+    weights = tf.cast(weights, cosine.dtype)
+    return tf.reduce_sum((1.0 - cosine) * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)

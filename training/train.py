@@ -5,6 +5,7 @@ device embeds as the reference), augmented originals (synthetic field captures) 
 labelled photos exist, real field photos. The objective (weights in :class:`TrainConfig`):
 
     metric_weight * supcon + class_weight * cosface + recon_weight * reconstruction
+        [+ distill_weight * distillation, with --teacher-features]
 
 Validation embeds every original and each val photo exactly as the device does (the
 original's ``to_model_input``; the photo's ``to_photo_views``, latents pooled), and reports
@@ -214,10 +215,12 @@ def train(config: TrainConfig) -> TrainResult:
     from auditlens.training.losses import (
         CosFaceHead,
         cosface_loss,
+        distill_loss,
         reconstruction_loss,
         supcon_loss,
     )
     from auditlens.training.model import ModelSpec, build_autoencoder, build_decoder, build_encoder
+    from auditlens.training.teacher import centred_targets, load_teacher_features
 
     out = Path(config.out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -266,6 +269,15 @@ def train(config: TrainConfig) -> TrainResult:
     photo_labels = np.array([train_index[p.product_id] for p in photos], np.int64)
     photos_of = [np.flatnonzero(photo_labels == c) for c in range(len(train_ids))]
 
+    # distillation targets: the teacher's feature of each clean original and photo
+    teacher = load_teacher_features(config.teacher_features) if config.teacher_features else None
+    if teacher is not None:
+        t_orig = teacher.lookup([catalog.get(p).image for p in train_ids], "original")
+        t_photo = teacher.lookup([p.photo for p in photos], "training photo")
+        t_mean = np.concatenate([t_orig, t_photo]).mean(axis=0)
+        t_orig, t_photo = centred_targets(t_orig, t_mean), centred_targets(t_photo, t_mean)
+        log(f"distilling {teacher.dim}-d teacher features from {teacher.source}")
+
     # validation: val photos, or (catalogue only) fixed augmented originals
     backgrounds = photo_images if len(photo_images) else originals_big
     switches = AugmentSwitches.from_config(config)
@@ -307,6 +319,12 @@ def train(config: TrainConfig) -> TrainResult:
     head.build((None, config.latent_dim))
     optimizer = keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
     trainable = encoder.trainable_weights + decoder.trainable_weights + head.trainable_weights
+    if teacher is not None:  # training-only head: latent -> the teacher's feature space
+        projection = keras.layers.Dense(teacher.dim, use_bias=False, name="distill")
+        projection.build((None, config.latent_dim))
+        trainable += projection.trainable_weights
+        t_orig_t = tf.constant(t_orig)
+        t_photo_t = tf.constant(t_photo if len(t_photo) else np.zeros((1, teacher.dim), np.float32))
     optimizer.build(trainable)
 
     orig_big_t = tf.constant(originals_big)
@@ -339,13 +357,21 @@ def train(config: TrainConfig) -> TrainResult:
             recon = decoder(latents, training=True)
             l_recon = reconstruction_loss(recon, target)
             total = weights[0] * l_metric + weights[1] * l_class + weights[2] * l_recon
+            if teacher is not None:
+                aim = tf.concat([tf.gather(t_orig_t, clean_idx), tf.gather(t_orig_t, aug_idx),
+                               tf.gather(t_photo_t, photo_idx)], 0)
+                real = tf.equal(variant, 0)  # made-up products have no teacher feature
+                l_distill = distill_loss(projection(latents), aim, real)
+                total += config.distill_weight * l_distill
+            else:
+                l_distill = tf.constant(0.0)
             # BatchNorm has no regularisers here; AdamW's decay handles the weights.
         grads = tape.gradient(total, trainable)
         grads = [tf.zeros_like(w) if g is None else g for g, w in zip(grads, trainable)]
         grads, _ = tf.clip_by_global_norm(grads, 5.0)
         optimizer.apply_gradients(zip(grads, trainable))
         average.update()
-        return total, l_metric, l_class, l_recon
+        return total, l_metric, l_class, l_recon, l_distill
 
     @tf.function(input_signature=[tf.TensorSpec([None, config.input_size, config.input_size, 3], tf.float32)])
     def embed_fn(x):
@@ -419,7 +445,7 @@ def train(config: TrainConfig) -> TrainResult:
     except ImportError:  # pragma: no cover
         tqdm = None
     for epoch in range(1, config.epochs + 1):
-        sums = np.zeros(4)
+        sums = np.zeros(5)
         n = 0
         bar = tqdm(total=config.steps_per_epoch, desc=f"epoch {epoch}", disable=not config.progress,
                    leave=False, file=sys.stderr) if tqdm else None
@@ -462,13 +488,15 @@ def train(config: TrainConfig) -> TrainResult:
         mean = sums / max(n, 1)
         record = {
             "epoch": epoch, "steps": step, "train_seconds": round(train_seconds, 2), "lr": float(lr),
-            "loss": {"total": mean[0], "supcon": mean[1], "cosface": mean[2], "recon": mean[3]},
+            "loss": {"total": mean[0], "supcon": mean[1], "cosface": mean[2], "recon": mean[3],
+                     **({"distill": mean[4]} if teacher is not None else {})},
             "val": metrics,
         }
         history.append(record)
         unseen = metrics.get("unseen")
         log(f"epoch {epoch} step {step}: loss {mean[0]:.3f} (supcon {mean[1]:.3f} cos {mean[2]:.3f} "
-            f"recon {mean[3]:.3f}) | val seen EER {seen['eer']:.3f} top1 {seen['top1']:.3f}"
+            f"recon {mean[3]:.3f}" + (f" distill {mean[4]:.3f}" if teacher is not None else "")
+            + f") | val seen EER {seen['eer']:.3f} top1 {seen['top1']:.3f}"
             + (f" | unseen EER {unseen['eer']:.3f} top1 {unseen['top1']:.3f}" if unseen and unseen.get('n') else "")
             + (" *" if better else ""))
         if stop or epoch == config.stop_epoch:
@@ -494,6 +522,7 @@ def train(config: TrainConfig) -> TrainResult:
             "train_classes": n_classes,
             "val_queries": int(len(val_labels)), "val_views": val_views, "val_source": val_source,
             "val_seen": int(val_seen.sum()), "val_unseen": int((~val_seen).sum()),
+            "teacher": ({"features": teacher.source, "dim": teacher.dim} if teacher is not None else None),
         },
         "timings": {
             "total_seconds": round(seconds, 1), "data_seconds": round(t_data, 1),
@@ -524,8 +553,9 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
         return None
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("total", "supcon", "cosface", "recon"):
-        ax1.plot(epochs, [h["loss"][key] for h in history], label=key)
+    for key in ("total", "supcon", "cosface", "recon", "distill"):
+        if all(key in h["loss"] for h in history):
+            ax1.plot(epochs, [h["loss"][key] for h in history], label=key)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
     ax1.set_yscale("log")
@@ -598,6 +628,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help=f"CosFace loss weight (default {d.class_weight}; 0 disables)")
     parser.add_argument("--recon-weight", type=float, default=d.recon_weight,
                         help=f"reconstruction loss weight (default {d.recon_weight}; 0 disables)")
+    parser.add_argument("--teacher-features", metavar="NPZ",
+                        help="a pretrained model's features of every training image (auditlens "
+                        "teacher-features) to distil into the latent")
+    parser.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                        help=f"distillation loss weight, with --teacher-features (default {d.distill_weight})")
     parser.add_argument("--no-augment", action="store_true", help="no augmentation at all")
     parser.add_argument("--no-paste-background", action="store_true",
                         help="keep originals on white instead of pasting them onto photo crops")
@@ -625,7 +660,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pseudo_products=args.pseudo_products, pseudo_kinds=tuple(args.pseudo_kinds),
         learning_rate=args.lr,
         weight_decay=args.weight_decay, metric_weight=args.metric_weight, class_weight=args.class_weight,
-        recon_weight=args.recon_weight, augment=not args.no_augment,
+        recon_weight=args.recon_weight, teacher_features=args.teacher_features,
+        distill_weight=args.distill_weight, augment=not args.no_augment,
         paste_background=not args.no_paste_background, mirror=not args.no_mirror,
         ema_decay=args.ema_decay, keep_epochs=args.keep_epochs, threads=args.threads,
         progress=not args.quiet,
