@@ -16,7 +16,8 @@ The file is a plain ``.npz``, so any model, in any framework, can be the teacher
 * ``features``: float32 (N, D), row i the teacher's feature of image ``keys[i]``.
 
 :func:`save_teacher_features` writes it; ``auditlens teacher-features`` computes it with a
-Keras model (e.g. a ``keras.applications`` network with weights on disk). Features are
+Keras model (a ``.keras`` file, or a ``keras.applications`` network with weights on disk)
+or a torchvision classifier (``.pth`` on disk). Features are
 centred on the mean of the training images and L2-normalised before the loss
 (:func:`centred_targets`): a ReLU network's raw features all point one way, and the
 cosine of raw features would mostly measure that shared direction.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -52,18 +54,22 @@ class TeacherFeatures:
     def dim(self) -> int:
         return int(self.features.shape[1])
 
+    @cached_property
+    def row_of(self) -> dict[str, int]:
+        """Row of each key."""
+        return {k: i for i, k in enumerate(self.keys)}
+
     def lookup(self, images: Iterable[str | bytes], what: str) -> np.ndarray:
         """Rows of ``images`` (paths or encoded bytes), float32 (N, D); an image the file
         does not hold is refused with its name, before any training starts."""
-        index = {k: i for i, k in enumerate(self.keys)}
         rows = []
         for image in images:
             key = image_key(image)
-            if key not in index:
+            if key not in self.row_of:
                 name = f"{len(image)} bytes" if isinstance(image, bytes) else str(image)
                 raise CatalogError(f"teacher features {self.source}: no feature for the {what} {name}; "
                                    "compute them for every training image (auditlens teacher-features)")
-            rows.append(index[key])
+            rows.append(self.row_of[key])
         return self.features[np.asarray(rows, np.int64)] if rows else np.zeros((0, self.dim), np.float32)
 
 
@@ -80,9 +86,10 @@ def load_teacher_features(path: str | Path) -> TeacherFeatures:
         raise CatalogError(f"teacher features {path}: {len(keys)} keys but features of shape {features.shape}")
     if not np.isfinite(features).all():
         raise CatalogError(f"teacher features {path}: features hold NaN or infinite values")
-    if len(set(keys)) != len(keys):
+    teacher = TeacherFeatures(tuple(keys), features, str(path))
+    if len(teacher.row_of) != len(keys):
         raise CatalogError(f"teacher features {path}: an image appears twice")
-    return TeacherFeatures(tuple(keys), features, str(path))
+    return teacher
 
 
 def save_teacher_features(path: str | Path, keys: list[str], features: np.ndarray) -> Path:
@@ -119,8 +126,6 @@ KERAS_APPLICATIONS = {
 }
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
 
 
 def keras_teacher(model: str, weights: str | None, input_size: int):

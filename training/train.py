@@ -444,8 +444,9 @@ def train(config: TrainConfig) -> TrainResult:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
+    loss_names = ("total", "supcon", "cosface", "recon") + (("distill",) if teacher is not None else ())
     for epoch in range(1, config.epochs + 1):
-        sums = np.zeros(5)
+        sums = np.zeros(5)  # train_step returns all five terms (distill 0 without a teacher)
         n = 0
         bar = tqdm(total=config.steps_per_epoch, desc=f"epoch {epoch}", disable=not config.progress,
                    leave=False, file=sys.stderr) if tqdm else None
@@ -488,8 +489,7 @@ def train(config: TrainConfig) -> TrainResult:
         mean = sums / max(n, 1)
         record = {
             "epoch": epoch, "steps": step, "train_seconds": round(train_seconds, 2), "lr": float(lr),
-            "loss": {"total": mean[0], "supcon": mean[1], "cosface": mean[2], "recon": mean[3],
-                     **({"distill": mean[4]} if teacher is not None else {})},
+            "loss": dict(zip(loss_names, mean)),  # train_step's order; distill only with a teacher
             "val": metrics,
         }
         history.append(record)
