@@ -34,6 +34,17 @@ class TrainConfig:
     """Encoder channels before global pooling."""
     recon_size: int = 48
     """Side of the decoder's reconstruction of the clean original."""
+    backbone: str = "scratch"
+    """Encoder body: 'scratch' (the small network, ``width``) or 'mobilenet_v2' (the first
+    ``trunk_blocks`` blocks of torchvision's ImageNet MobileNetV2, :mod:`auditlens.training.pretrained`)."""
+    backbone_weights: str | None = None
+    """torchvision's ``mobilenet_v2-b0353104.pth`` (read without torch) to start the
+    'mobilenet_v2' trunk from; None: random initialisation."""
+    trunk_blocks: int = 13
+    """MobileNetV2 blocks kept by the 'mobilenet_v2' backbone."""
+    backbone_lr_scale: float = 0.1
+    """The pretrained trunk's learning rate relative to ``learning_rate`` (the new layers
+    take the full rate): fine-tuning, not relearning, the ImageNet features."""
 
     epochs: int = 1000
     """Maximum number of epochs; ``minutes`` usually stops the run first."""

@@ -38,6 +38,15 @@ class ModelSpec:
     """Channels of the 1x1 expansion before global pooling (richer pooled features)."""
     recon_size: int = 48
     """Side of the decoder's reconstruction (the clean original, downscaled)."""
+    backbone: str = "scratch"
+    """'scratch': the small network above (``width``, ``blocks``); 'mobilenet_v2': the first
+    ``trunk_blocks`` blocks of torchvision's MobileNetV2 (:mod:`auditlens.training.pretrained`),
+    whose layer names start with ``mb``."""
+    trunk_blocks: int = 13
+    """MobileNetV2 blocks kept by the 'mobilenet_v2' backbone (13: up to the 96-channel stage)."""
+
+
+BACKBONES = ("scratch", "mobilenet_v2")
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, act: bool = True):
@@ -60,19 +69,31 @@ def _separable(x, filters: int, stride: int, name: str):
     return layers.ReLU(6.0, name=f"{name}_pw_relu")(y)
 
 
-def build_encoder(spec: ModelSpec = ModelSpec()) -> keras.Model:
-    """Image (S, S, 3) float32 in 0..255 -> raw latent (latent_dim,)."""
+def build_encoder(spec: ModelSpec = ModelSpec(), backbone_state: dict | None = None) -> keras.Model:
+    """Image (S, S, 3) float32 in 0..255 -> raw latent (latent_dim,).
+
+    ``backbone_state``: torchvision MobileNetV2 weights (name -> array) loaded into the
+    'mobilenet_v2' trunk; None leaves it randomly initialised."""
     inputs = keras.Input((spec.input_size, spec.input_size, 3), dtype="float32", name="image")
-    # Rescaling lives in the graph so the device feeds raw pixels and the int8 converter
-    # folds it into the input quantization.
-    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(inputs)
-    x = _conv_bn(x, spec.width, 3, 2, "stem")
-    channels = spec.width
-    for stage, repeats in enumerate(spec.blocks):
-        channels *= 2
-        x = _separable(x, channels, 2, f"s{stage}_down")
-        for i in range(repeats):
-            x = _separable(x, channels, 1, f"s{stage}_b{i}")
+    # Input scaling lives in the graph so the device feeds raw pixels and the int8
+    # converter folds it into the input quantization.
+    if spec.backbone == "mobilenet_v2":
+        from auditlens.training.pretrained import IMAGENET_MEAN, IMAGENET_STD, mobilenet_v2_trunk
+
+        x = layers.Normalization(mean=[255.0 * m for m in IMAGENET_MEAN],
+                                 variance=[(255.0 * s) ** 2 for s in IMAGENET_STD], name="imagenet_norm")(inputs)
+        x = mobilenet_v2_trunk(x, spec.trunk_blocks, backbone_state)
+    elif spec.backbone == "scratch":
+        x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(inputs)
+        x = _conv_bn(x, spec.width, 3, 2, "stem")
+        channels = spec.width
+        for stage, repeats in enumerate(spec.blocks):
+            channels *= 2
+            x = _separable(x, channels, 2, f"s{stage}_down")
+            for i in range(repeats):
+                x = _separable(x, channels, 1, f"s{stage}_b{i}")
+    else:
+        raise ValueError(f"unknown backbone {spec.backbone!r}; choose from {', '.join(BACKBONES)}")
     x = _conv_bn(x, spec.head_channels, 1, 1, "head")
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     latent = layers.Dense(spec.latent_dim, name="latent")(x)

@@ -219,7 +219,14 @@ def train(config: TrainConfig) -> TrainResult:
         reconstruction_loss,
         supcon_loss,
     )
-    from auditlens.training.model import ModelSpec, build_autoencoder, build_decoder, build_encoder
+    from auditlens.training.model import (
+        BACKBONES,
+        ModelSpec,
+        build_autoencoder,
+        build_decoder,
+        build_encoder,
+    )
+    from auditlens.training.pretrained import read_torch_state_dict
     from auditlens.training.teacher import centred_targets, load_teacher_features
 
     out = Path(config.out_dir)
@@ -227,6 +234,16 @@ def train(config: TrainConfig) -> TrainResult:
     spec = PreprocessSpec(input_size=config.input_size, crop=config.crop)
     rng = np.random.default_rng(config.seed)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if config.progress else (lambda msg: None)
+
+    # a pretrained trunk's weights, read (or refused) before any image is
+    if config.backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}")
+    backbone_state = None
+    if config.backbone_weights:
+        if config.backbone != "mobilenet_v2":
+            raise ValueError("--backbone-weights needs --backbone mobilenet_v2")
+        backbone_state = read_torch_state_dict(config.backbone_weights)
+        log(f"encoder trunk: MobileNetV2 blocks 1-{config.trunk_blocks} from {config.backbone_weights}")
 
     # ---- data: every image through load_image + to_model_input (the device's path)
     catalog = open_catalog(config.catalog)
@@ -309,8 +326,9 @@ def train(config: TrainConfig) -> TrainResult:
     mspec = ModelSpec(
         input_size=config.input_size, latent_dim=config.latent_dim, width=config.width,
         head_channels=config.head_channels, recon_size=config.recon_size,
+        backbone=config.backbone, trunk_blocks=config.trunk_blocks,
     )
-    encoder = build_encoder(mspec)
+    encoder = build_encoder(mspec, backbone_state)
     decoder = build_decoder(mspec)
     autoencoder = build_autoencoder(encoder, decoder)
     variants = pseudo_variants(config.pseudo_products)
@@ -318,7 +336,14 @@ def train(config: TrainConfig) -> TrainResult:
     head = CosFaceHead(n_classes, name="cosface")
     head.build((None, config.latent_dim))
     optimizer = keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
-    trainable = encoder.trainable_weights + decoder.trainable_weights + head.trainable_weights
+    # A pretrained trunk (layers named mb*) gets its own optimizer at a lower rate.
+    trunk = [w for layer in encoder.layers if backbone_state is not None and layer.name.startswith("mb")
+             for w in layer.trainable_weights]
+    trunk_ids = {id(w) for w in trunk}
+    trunk_optimizer = keras.optimizers.AdamW(config.learning_rate * config.backbone_lr_scale,
+                                             weight_decay=config.weight_decay)
+    trainable = ([w for w in encoder.trainable_weights if id(w) not in trunk_ids]
+                 + decoder.trainable_weights + head.trainable_weights)
     if teacher is not None:  # training-only head: latent -> the teacher's feature space
         projection = keras.layers.Dense(teacher.dim, use_bias=False, name="distill")
         projection.build((None, config.latent_dim))
@@ -326,6 +351,8 @@ def train(config: TrainConfig) -> TrainResult:
         t_orig_t = tf.constant(t_orig)
         t_photo_t = tf.constant(t_photo if len(t_photo) else np.zeros((1, teacher.dim), np.float32))
     optimizer.build(trainable)
+    if trunk:
+        trunk_optimizer.build(trunk)
 
     orig_big_t = tf.constant(originals_big)
     masks_t = tf.constant(masks)
@@ -366,10 +393,12 @@ def train(config: TrainConfig) -> TrainResult:
             else:
                 l_distill = tf.constant(0.0)
             # BatchNorm has no regularisers here; AdamW's decay handles the weights.
-        grads = tape.gradient(total, trainable)
-        grads = [tf.zeros_like(w) if g is None else g for g, w in zip(grads, trainable)]
+        grads = tape.gradient(total, trainable + trunk)
+        grads = [tf.zeros_like(w) if g is None else g for g, w in zip(grads, trainable + trunk)]
         grads, _ = tf.clip_by_global_norm(grads, 5.0)
-        optimizer.apply_gradients(zip(grads, trainable))
+        optimizer.apply_gradients(zip(grads[:len(trainable)], trainable))
+        if trunk:
+            trunk_optimizer.apply_gradients(zip(grads[len(trainable):], trunk))
         average.update()
         return total, l_metric, l_class, l_recon, l_distill
 
@@ -456,6 +485,7 @@ def train(config: TrainConfig) -> TrainResult:
             frac = elapsed / budget if budget else step / planned_steps
             lr = config.learning_rate * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
             optimizer.learning_rate.assign(max(lr, config.learning_rate * 0.01))
+            trunk_optimizer.learning_rate.assign(max(lr, config.learning_rate * 0.01) * config.backbone_lr_scale)
             losses = [float(v) for v in train_step(*(tf.constant(a) for a in sample_batch()))]
             if not np.isfinite(losses[0]):
                 raise FloatingPointError(f"loss became {losses[0]} at step {step}; lower --lr")
@@ -604,6 +634,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--input-size", type=int, default=d.input_size, help=f"encoder input side (default {d.input_size})")
     parser.add_argument("--latent-dim", type=int, default=d.latent_dim, help=f"latent length (default {d.latent_dim})")
     parser.add_argument("--width", type=int, default=d.width, help=f"encoder stem channels (default {d.width})")
+    parser.add_argument("--backbone", choices=("scratch", "mobilenet_v2"), default=d.backbone,
+                        help="encoder body: the small network trained from scratch, or the first "
+                        f"--trunk-blocks blocks of MobileNetV2 (default {d.backbone})")
+    parser.add_argument("--backbone-weights", metavar="PTH",
+                        help="torchvision's ImageNet MobileNetV2 state dict (mobilenet_v2-b0353104.pth, "
+                        "read without torch; never downloaded) to start the mobilenet_v2 trunk from")
+    parser.add_argument("--trunk-blocks", type=int, default=d.trunk_blocks, metavar="N",
+                        help=f"MobileNetV2 blocks kept, 1-17 (default {d.trunk_blocks}: up to the 96-channel stage)")
+    parser.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale,
+                        help="learning rate of the pretrained trunk relative to --lr "
+                        f"(default {d.backbone_lr_scale})")
     parser.add_argument("--products-per-batch", type=int, default=d.products_per_batch,
                         help=f"products per batch (default {d.products_per_batch})")
     parser.add_argument("--views-per-product", type=int, default=d.views_per_product,
@@ -655,7 +696,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         catalog=str(args.catalog), photos=args.photos, val_photos=args.val_photos, out_dir=args.out,
         minutes=args.minutes, epochs=args.epochs, stop_epoch=args.stop_epoch, steps_per_epoch=args.steps_per_epoch,
         holdout_fold=args.holdout_fold, seed=args.seed, input_size=args.input_size,
-        latent_dim=args.latent_dim, width=args.width, products_per_batch=args.products_per_batch,
+        latent_dim=args.latent_dim, width=args.width, backbone=args.backbone,
+        backbone_weights=args.backbone_weights, trunk_blocks=args.trunk_blocks,
+        backbone_lr_scale=args.backbone_lr_scale, products_per_batch=args.products_per_batch,
         views_per_product=args.views_per_product, group_pairs=args.group_pairs,
         pseudo_products=args.pseudo_products, pseudo_kinds=tuple(args.pseudo_kinds),
         learning_rate=args.lr,
