@@ -235,7 +235,7 @@ def train(config: TrainConfig) -> TrainResult:
     rng = np.random.default_rng(config.seed)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if config.progress else (lambda msg: None)
 
-    # a pretrained trunk's weights, read (or refused) before any image is
+    # a pretrained trunk's weights are read (or refused) before any image
     if config.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}")
     backbone_state = None
