@@ -14,7 +14,7 @@ from auditlens.errors import BundleSignatureError
 from auditlens.evaluation.calibrate import calibrate, decide, far_curve, write_model_card
 from auditlens.evaluation.protocol import embed_photos, make_pairs, product_groups
 
-from .conftest import SAMPLE
+from .conftest import REPO, SAMPLE
 
 
 @pytest.fixture
@@ -135,6 +135,29 @@ def test_cli_calibrate_and_model_card(tmp_path, bundle_copy, capsys):
     assert saved["preprocess"]["input_size"] == 96  # the rest of the card is kept
     assert saved["decision"]["threshold"] == ReferenceBundle.load(bundle_copy).threshold
     assert saved["decision"]["far_curve"]
+
+
+def test_model_card_takes_the_views_it_was_calibrated_with(tmp_path, capsys):
+    """A threshold calibrated on photos embedded as several views is stored with those
+    views, so the next `enroll` with the card embeds photos the same way and applies it."""
+    model = tmp_path / "encoder.tflite"
+    shutil.copy(REPO / "models" / "encoder.tflite", model)
+    shutil.copy(REPO / "models" / "encoder.json", tmp_path / "encoder.json")
+    catalog = str(SAMPLE / "catalog.csv")
+    assert main(["enroll", catalog, "--model", str(model), "--out", str(tmp_path / "views"),
+                 "--photo-zooms", "1,0.7", "--photo-mirror", "--no-progress"]) == 0
+    assert main(["calibrate", "-b", str(tmp_path / "views"), "--photos", str(SAMPLE / "photos.csv"),
+                 "--target-far", "0.1", "--model-card", str(tmp_path / "encoder.json"), "--no-progress"]) == 0
+    card = json.loads((tmp_path / "encoder.json").read_text())
+    assert card["preprocess"]["photo_zooms"] == [1.0, 0.7] and card["preprocess"]["photo_mirror"] is True
+    assert card["preprocess"]["input_size"] == 128  # the rest of the card is kept
+
+    assert main(["enroll", catalog, "--model", str(model), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    again = ReferenceBundle.load(tmp_path / "again")
+    assert again.spec.photo_zooms == (1.0, 0.7) and again.spec.photo_mirror
+    assert again.threshold == ReferenceBundle.load(tmp_path / "views").threshold
+    assert again.manifest["decision"]["target_far"] == 0.1
+    capsys.readouterr()
 
 
 def test_model_card_of_another_model_is_refused(tmp_path, sample_bundle):

@@ -242,13 +242,19 @@ def calibrate(
     else:
         decision_written_to = None
     decision["_written_to"] = decision_written_to
+    decision["_views"] = {"photo_zooms": list(b.spec.photo_zooms), "photo_mirror": b.spec.photo_mirror}
     decision["_was_signed"] = signed
     return decision
 
 
-def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str) -> Path:
+def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str,
+                     views: dict | None = None) -> Path:
     """Store ``decision`` in a model card (``models/encoder.json``) under ``"decision"``,
     so that `auditlens enroll` writes it into every bundle made with that model.
+
+    ``views``: the calibrated bundle's ``photo_zooms`` and ``photo_mirror``. A threshold
+    holds only for photos embedded as the calibration embedded them, and `enroll` applies
+    the card's decision only to bundles with the card's views, so the card takes them too.
 
     Refuses when the model beside the card (same stem, ``.tflite``) is not the model the
     decision was calibrated with.
@@ -262,6 +268,8 @@ def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str
                            f"{model_id_of(model.read_bytes())}) is not the calibrated model {model_id}")
     card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
     card["decision"] = {k: v for k, v in decision.items() if not k.startswith("_")}
+    if views is not None:
+        card.setdefault("preprocess", {}).update(views)
     with atomic_write(card_path) as fh:
         json.dump(card, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
@@ -334,7 +342,7 @@ def run(args) -> int:
         print(f"wrote the calibrated bundle to {d['_written_to']}{sig}")
     if args.model_card:
         try:
-            write_model_card(args.model_card, d, d["model_id"])
+            write_model_card(args.model_card, d, d["model_id"], views=d["_views"])
         except (OSError, json.JSONDecodeError) as exc:
             raise AuditlensError(f"{args.model_card}: cannot update the model card: {exc}") from exc
         print(f"stored the decision in model card {args.model_card}")
