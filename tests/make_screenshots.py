@@ -355,6 +355,8 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
     def camera():
         assert app.sm.current == "camera"
         shot("2-camera")
+        guide = app.screens["camera"].guide
+        result["guide"] = {"rect": list(guide.guide_rect()), "image": list(guide.image_rect())}
         assert app.capture()
 
     @step_unless_refusal

@@ -186,6 +186,12 @@ def test_app_end_to_end(demo, tmp_path, size):
         assert np.asarray(im.convert("L")).std() > 20  # text and pictures, not an empty frame
 
     verifier = Verifier(plan["bundle"])
+    # the framing guide brackets what the encoder looks at: the photo's first view
+    gx, gy, side, _ = result["guide"]["rect"]
+    ix, iy, iw, ih = result["guide"]["image"]
+    assert side == pytest.approx(min(iw, ih) * min(0.84, verifier.bundle.spec.photo_zooms[0]), rel=1e-3)
+    assert gx - ix == pytest.approx((iw - side) / 2) and gy - iy == pytest.approx((ih - side) / 2)
+
     # search narrowed the list to the products that match the query
     products = {p.product_id: p for p in verifier.bundle.products}
     assert 0 < len(result["search"]) < len(products)

@@ -172,6 +172,7 @@ def build_app_class():
             record = self.session.bundle.product(product_id)
             self.product_id, self.scanning = record.product_id, False
             screen = self.screens["camera"]
+            screen.guide.look_at(self.session.bundle.spec.photo_zooms[0])
             ok = self._ensure_camera()
             screen.show_product(record, self.session.thumbnail(record.product_id))
             if not ok:

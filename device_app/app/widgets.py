@@ -148,13 +148,19 @@ class FramingGuide(Widget):
 
     source = ObjectProperty(None, allownone=True)
     inset = NumericProperty(0.08)
+    """Margin on each side, as a share of the centred square (see :meth:`look_at`)."""
+
+    def look_at(self, zoom: float) -> None:
+        """Frame the part of the centred square that a photo's first view keeps
+        (``PreprocessSpec.photo_zooms[0]``); a plain view keeps a small margin."""
+        self.inset = max(0.08, (1.0 - zoom) / 2)
 
     def __init__(self, **kw):
         super().__init__(**kw)
         from kivy.clock import Clock
 
         self._trigger = Clock.create_trigger(self._draw, -1)
-        self.bind(pos=self._trigger, size=self._trigger, source=self._watch)
+        self.bind(pos=self._trigger, size=self._trigger, inset=self._trigger, source=self._watch)
 
     def _watch(self, *_):
         if self.source is not None:
