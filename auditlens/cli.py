@@ -80,8 +80,9 @@ def _add_enroll(p: argparse.ArgumentParser) -> None:
                    help="extra approved photos per product (photo,product_id), enrolled beside the originals")
     p.add_argument("--threshold", type=cosine_threshold, default=None,
                    help="decision threshold (default: the model card's calibrated one)")
-    p.add_argument("--photo-zooms", type=_zooms, default=None, metavar="1,0.85",
-                   help="views a field photo is embedded as: centred zooms of its crop, 1 first "
+    p.add_argument("--photo-zooms", type=_zooms, default=None, metavar="0.7",
+                   help="views a field photo is embedded as: centred zooms of its crop box, e.g. "
+                   "0.7 (its middle 70%%) or 1,0.85 (two views, averaged) "
                    "(default: the model card's; other views need 'auditlens calibrate')")
     p.add_argument("--photo-mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="add the mirror image of each view (default: the model card's)")

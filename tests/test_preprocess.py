@@ -65,6 +65,10 @@ def test_photo_views_are_the_plain_input_its_mirror_and_a_centred_zoom():
     # the 0.5 zoom sees only the red centre; the plain view sees the stripe on its left
     assert np.abs(views[2][8:-8, 8:-8].astype(int) - (200, 40, 40)).max() <= 2
     assert views[0][:, 2, 1].mean() > 150 and views[1][:, -3, 1].mean() > 150
+    # a zoom alone is the one view: the same pixels as the zoom beside the plain input
+    alone = to_photo_views(image, PreprocessSpec(64, photo_zooms=(0.5,)))
+    assert alone.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(alone[0], views[2])
 
 
 def test_pooled_views_are_the_normalised_mean():
@@ -85,7 +89,9 @@ def test_specs_written_before_photo_views_keep_one_view():
     assert PreprocessSpec.from_dict(new.to_dict()) == new and new.num_views == 1
     zoomed = PreprocessSpec(96, photo_zooms=(1.0, 0.85))
     assert PreprocessSpec.from_dict(zoomed.to_dict()) == zoomed and zoomed.num_views == 2
-    for zooms in ((0.85, 1.0), (1.0, 0.1), ()):
+    tight = PreprocessSpec(96, photo_zooms=(0.7,))
+    assert PreprocessSpec.from_dict(tight.to_dict()) == tight and tight.num_views == 1
+    for zooms in ((1.0, 0.1), (0.2,), (1.5,), ()):
         with pytest.raises(ValueError):
             PreprocessSpec(96, photo_zooms=zooms)
 
