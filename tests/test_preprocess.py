@@ -3,6 +3,7 @@ encoder inputs for the same image, and JPEG draft decoding stays close to full d
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -30,9 +31,14 @@ def test_enrolment_and_device_inputs_are_identical(sample_bundle):
     verifier = Verifier(sample_bundle)
     product = open_catalog(SAMPLE / "catalog.csv").get("Banana")
     enrolled = _load_original(product, verifier.spec, 64).model_input
-    device = verifier.prepare(product.image).model_input
-    np.testing.assert_array_equal(enrolled, device)
-    assert device.dtype == np.uint8 and device.shape == (verifier.spec.input_size,) * 2 + (3,)
+    device = verifier.prepare(product.image).views
+    # the device's views are those of the image as enrolment decodes it; its plain view is
+    # the enrolled original pixel for pixel (the shipped card may use a zoom for photos)
+    decoded = load_image(product.image, draft=verifier.spec.draft_size)
+    np.testing.assert_array_equal(device, to_photo_views(decoded, verifier.spec))
+    plain = to_photo_views(decoded, replace(verifier.spec, photo_zooms=(1.0,), photo_mirror=False))
+    np.testing.assert_array_equal(enrolled, plain[0])
+    assert device.dtype == np.uint8 and device.shape[1:] == (verifier.spec.input_size,) * 2 + (3,)
 
 
 def test_center_crop_box():
