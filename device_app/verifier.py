@@ -119,11 +119,6 @@ class Capture:
     latent: np.ndarray | None = None
     """Memoised unit latent, filled by :meth:`Verifier.embed`."""
 
-    @property
-    def model_input(self) -> np.ndarray | None:
-        """The plain encoder input (S, S, 3): view 0, the crop box resized."""
-        return None if self.views is None else self.views[0]
-
     def release_pixels(self) -> None:
         """Forget the pixels once the latent is known; quality, dHash and latent stay."""
         if self.latent is None:
