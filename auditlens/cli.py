@@ -20,14 +20,38 @@ from auditlens.errors import AuditlensError, BundleError
 EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR, EXIT_RETAKE = 0, 1, 2, 3
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (thread counts, list lengths)."""
+def _whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (thread counts, list lengths)."""
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+MAX_THREADS = 256
+"""Most interpreter threads accepted (far above any device's cores; LiteRT crashes on absurd counts)."""
+
+
+def thread_count(text: str) -> int:
+    """argparse type: interpreter threads, 1 to :data:`MAX_THREADS`."""
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_THREADS} threads, not {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (counts that may be zero)."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
 
 
@@ -58,7 +82,7 @@ def _add_bundle(p: argparse.ArgumentParser) -> None:
                    help="reference bundle folder or .zip (default: the shipped sample bundle)")
     p.add_argument("--public-key", type=Path, default=None, metavar="KEY",
                    help="publisher's Ed25519 public key file: refuse unsigned or wrongly signed bundles")
-    p.add_argument("--threads", type=positive_int, default=1, help="interpreter threads (default: 1)")
+    p.add_argument("--threads", type=thread_count, default=1, help="interpreter threads (default: 1)")
 
 
 def _verifier(args, **overrides):
@@ -231,8 +255,15 @@ def _run_info(args) -> int:
         return EXIT_OK
     d = m["decision"]
     size = len(b.model_content)
-    print(f"bundle     {b.path}  (format {m['format_version']}, made {m['created']}, auditlens {m['auditlens_version']})")
-    print(f"integrity  {len(m['files'])} files, every sha256 verified" + (f"; signed by {b.signed_by}" if b.signed_by else ""))
+    print(f"bundle     {b.path}  (format {m['format_version']}, made {m.get('created', '?')}, "
+          f"auditlens {m.get('auditlens_version', '?')})")
+    if b.signed_by:
+        signature = f"; manifest signed by {b.signed_by}, signature checked"
+    elif b.has_signature:
+        signature = "; manifest.sig present but NOT checked (pass --public-key to check it)"
+    else:
+        signature = "; not signed (the manifest itself is covered by no hash)"
+    print(f"integrity  {len(m['files'])} files, every sha256 verified{signature}")
     print(f"model      {b.model_id}  ({size / 1024:.0f} KiB, input {b.spec.input_size}px {b.spec.crop}, latent {m['latent_dim']}-d)")
     print(f"products   {len(b.products)}  ({len(b.references)} reference images)")
     cal = f"calibrated for false-accept rate {d['target_far']:.2%} on {d.get('calibrated_on')}" if d.get("target_far") else "not calibrated"
@@ -385,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("auditlens: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: still exit 2, never 1 (which scripts read as NO MATCH)
+        if os.environ.get("AUDITLENS_DEBUG"):
+            raise
+        print(f"auditlens: internal error: {type(exc).__name__}: {exc} "
+              "(set AUDITLENS_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

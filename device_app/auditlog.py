@@ -30,6 +30,7 @@ import math
 import os
 import re
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -637,6 +638,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    if args.photos and not args.export_json:
+        print("auditlens: error: --photos adds the photos to --export-json; give --export-json F",
+              file=sys.stderr)
+        return 2
     with AuditLog(args.log, create=False) as log:
         for target in (args.export_csv, args.export_json):
             if target:  # before anything is written

@@ -55,6 +55,8 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 MODEL_FILE = "model.tflite"
 REFERENCES_FILE = "references.npy"
+UNIT_TOLERANCE = 1e-2
+"""How far a reference row's length may stray from 1 (float16 storage rounds it by ~1e-3)."""
 PRODUCTS_FILE = "products.json"
 
 MAX_BUNDLE_BYTES = 2 * 1024**3
@@ -178,6 +180,13 @@ class _ZipSource:
     def read(self, name: str) -> bytes:
         info = self.members.get(name)
         if info is None:
+            nested = sorted(m for m in self.members if m.endswith("/" + name))
+            if nested:
+                folder = nested[0][: -len(name)]
+                raise BundleFormatError(
+                    f"{self.path}: the zip holds the bundle inside a folder ({folder}); zip the "
+                    "bundle's files themselves, e.g. `auditlens enroll ... --out bundle.zip`, or "
+                    "`cd BUNDLE && python -m zipfile -c ../bundle.zip *`")
             raise BundleFormatError(f"{self.path}: the bundle has no {name}")
         try:
             with self.zip.open(info) as fh:
@@ -210,6 +219,9 @@ class ReferenceBundle:
     """int32 (R,): index into ``products`` of each reference row."""
     thumbnails: dict[str, bytes] = field(default_factory=dict, repr=False)
     signed_by: str | None = None
+    """Key id of the publisher whose signature was checked; None: not checked."""
+    has_signature: bool = False
+    """The bundle carries a manifest.sig (checked only when a public key was given)."""
 
     @property
     def model_id(self) -> str:
@@ -337,13 +349,20 @@ class ReferenceBundle:
                 json.JSONDecodeError) as exc:
             raise BundleFormatError(f"{path}: malformed bundle contents: {exc!r}") from exc
 
-        if references.dtype.kind not in "fiu":
-            raise BundleFormatError(f"{path}: references.npy holds {references.dtype}, not numbers")
+        if references.dtype.kind != "f":
+            raise BundleFormatError(f"{path}: references.npy holds {references.dtype}, not floating-point "
+                                    "latents")
         if references.ndim != 2 or references.shape[1] != manifest.get("latent_dim"):
             raise BundleFormatError(f"{path}: references.npy has shape {references.shape}, "
                                     f"expected (R, {manifest.get('latent_dim')})")
         if not np.isfinite(references).all():
             raise BundleFormatError(f"{path}: references.npy holds NaN or infinite values")
+        norms = np.linalg.norm(references.astype(np.float32), axis=1)
+        if references.size and np.abs(norms - 1.0).max() > UNIT_TOLERANCE:
+            worst = int(np.abs(norms - 1.0).argmax())
+            raise BundleFormatError(
+                f"{path}: references.npy row {worst} has length {norms[worst]:.4g}, not 1: reference "
+                "latents must be unit vectors, or every score leaves the cosine range; re-enrol the catalogue")
         _check_probe(manifest, path)
         _check_decision(manifest.get("decision"), path)
         thumbs = {n: d for n, d in contents.items() if n.startswith("thumbs/")}
@@ -368,7 +387,8 @@ class ReferenceBundle:
             raise BundleFormatError(f"{path}: duplicate product ids in products.json")
 
         return cls(path, manifest, contents[MODEL_FILE], products,
-                   references.astype(np.float32), owner, thumbs, signed_by)
+                   references.astype(np.float32), owner, thumbs, signed_by,
+                   has_signature=source.exists(SIGNATURE))
 
 
 def _is_finite_number(value) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -122,12 +123,22 @@ def load_image(
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = _open(source)
         except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError(f"{name}: {exc}") from exc
+            # Pillow's own guard (2x Image.MAX_IMAGE_PIXELS) fires before ours can
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            declared = int(found.group(1)) if found else None
+            if declared is not None and declared > max_pixels:
+                why = f"{declared:,} pixels is more than the {max_pixels:,} allowed"
+            else:
+                why = (f"{declared:,} pixels" if declared else "the image") + (
+                    f" is more than Pillow opens (Image.MAX_IMAGE_PIXELS x 2, "
+                    f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,})")
+            raise ImageTooLargeError(f"{name}: {why}; resize the photo before uploading it") from exc
         except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
             if _truncated_webp(source):
                 raise _truncated_webp_error(name) from exc
             raise UnreadableImageError(
-                f"{name}: not a readable image (expected JPEG, PNG, WebP, BMP, GIF or TIFF)"
+                f"{name}: not a readable image (expected JPEG, PNG, WebP, BMP, GIF, TIFF, "
+                "or HEIF/AVIF where Pillow decodes them)"
             ) from exc
         except OSError as exc:
             if "truncat" in str(exc).lower():  # the file ends inside its header

@@ -222,6 +222,15 @@ def test_exports(log_path, tmp_path, capsys):
     assert json.loads((tmp_path / "j.json").read_text())["log"]["records"] == 3
 
 
+def test_photos_without_a_json_export_is_refused(log_path, tmp_path, capsys):
+    with AuditLog(log_path) as log:
+        log.append(make_verdict(0, "match"), photo=jpeg(colour=(10, 200, 0)), auditor="a")
+    assert cli_main(["verify-log", str(log_path), "--photos"]) == 2
+    assert "--photos adds the photos to --export-json" in capsys.readouterr().err
+    assert cli_main(["verify-log", str(log_path), "--photos", "--export-json", str(tmp_path / "j.json")]) == 0
+    assert json.loads((tmp_path / "j.json").read_text())["records"][0]["photo_base64"]
+
+
 def test_missing_or_foreign_file(tmp_path, capsys):
     assert cli_main(["verify-log", str(tmp_path / "nope.db")]) == 2
     assert "no audit log" in capsys.readouterr().err

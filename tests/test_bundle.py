@@ -87,6 +87,23 @@ def test_latents_of_another_model_are_refused(tmp_path, bundle_dir, shipped_mode
         Verifier(bundle_dir, model=bytes(other))
 
 
+def test_a_zip_of_the_bundle_folder_says_how_to_zip_it(tmp_path, bundle_dir):
+    """`zip -r b.zip bundle/` nests every file under bundle/: say so, not just 'no manifest'."""
+    nested = tmp_path / "nested.zip"
+    with zipfile.ZipFile(nested, "w") as z:
+        for f in sorted(bundle_dir.rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(bundle_dir.parent).as_posix())
+    with pytest.raises(BundleFormatError, match=r"inside a folder \(bundle/\); zip the bundle's files themselves"):
+        ReferenceBundle.load(nested)
+    flat = tmp_path / "flat.zip"
+    with zipfile.ZipFile(flat, "w") as z:
+        for f in sorted(bundle_dir.rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(bundle_dir).as_posix())
+    np.testing.assert_array_equal(ReferenceBundle.load(flat).references, ReferenceBundle.load(bundle_dir).references)
+
+
 def test_missing_bundle_and_non_bundle_zip(tmp_path):
     with pytest.raises(BundleFormatError, match="no bundle here"):
         ReferenceBundle.load(tmp_path / "nothing")

@@ -90,7 +90,46 @@ def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_ph
     assert "photo_zooms must be one or more zooms within 0.3..1.0" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_info_says_whether_the_signature_was_checked(tmp_path):
+    from auditlens.device_app.signing import generate_keypair
+
+    private, public = generate_keypair(tmp_path / "keys")
+    run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "signed", "--sign-key", private,
+        "--no-progress", check_rc=0)
+    assert "manifest.sig present but NOT checked (pass --public-key" in run("info", tmp_path / "signed",
+                                                                            check_rc=0).stdout
+    checked = run("info", tmp_path / "signed", "--public-key", public, check_rc=0).stdout
+    assert "signature checked" in checked and "NOT checked" not in checked
+
+    run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "plain", "--no-progress", check_rc=0)
+    manifest_path = tmp_path / "plain" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["created"]  # optional to the loader: `info` must not trip over it either
+    manifest_path.write_text(json.dumps(manifest))
+    plain = run("info", tmp_path / "plain", check_rc=0).stdout
+    assert "made ?" in plain and "not signed" in plain
+
+
+def test_an_unexpected_error_exits_2_not_1_which_means_no_match(tmp_path, monkeypatch, capsys):
+    from auditlens.cli import main
+
+    def broken(args):
+        raise RuntimeError("disk controller on fire")
+
+    monkeypatch.setattr("auditlens.device_app.auditlog.run", broken)
+    assert main(["verify-log", str(tmp_path / "a.db")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["auditlens: internal error: RuntimeError: disk controller on fire "
+                   "(set AUDITLENS_DEBUG=1 for the traceback)"]
+    monkeypatch.setenv("AUDITLENS_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="on fire"):
+        main(["verify-log", str(tmp_path / "a.db")])
+
+
 @pytest.mark.parametrize("args, message", [
+    (["verify", "--product", "Banana", "--threads", "100000", "PHOTO"], "--threads: at most 256 threads, not 100000"),
+    (["evaluate", "--photos", "PHOTO", "--out", "OUT", "--impostors", "-3"], "--impostors: must be 0 or more, not -3"),
+    (["calibrate", "--photos", "PHOTO", "--impostors", "-1"], "--impostors: must be 0 or more, not -1"),
     (["identify", "--top", "0", "PHOTO"], "--top/-k: must be at least 1, not 0"),
     (["identify", "--top", "-1", "PHOTO"], "--top/-k: must be at least 1, not -1"),
     (["verify", "--product", "Banana", "--threads", "0", "PHOTO"], "--threads: must be at least 1"),

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos
-from auditlens.cli import positive_int
+from auditlens.cli import non_negative_int, thread_count
 from auditlens.errors import AuditlensError, BundleSignatureError, CatalogError
 from auditlens.evaluation import metrics
 from auditlens.evaluation.protocol import (
@@ -308,9 +308,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write a signed bundle back unsigned (devices requiring signatures refuse it)")
     p.add_argument("--catalog", default=None, help="catalogue to take group/kind from when the bundle lacks them")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="protocol seed (default: %(default)s)")
-    p.add_argument("--impostors", type=int, default=N_IMPOSTORS,
+    p.add_argument("--impostors", type=non_negative_int, default=N_IMPOSTORS,
                    help="random other-class impostors per photo (default: %(default)s)")
-    p.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--threads", type=thread_count, default=min(2, os.cpu_count() or 1),
                    help="interpreter threads (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos
-from auditlens.cli import positive_int
+from auditlens.cli import non_negative_int, thread_count
 from auditlens.errors import AuditlensError, CatalogError
 from auditlens.evaluation import metrics
 from auditlens.evaluation.protocol import (
@@ -613,10 +613,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", default=None,
                    help="catalogue to take group/kind from when the bundle lacks them")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="protocol seed (default: %(default)s)")
-    p.add_argument("--impostors", type=int, default=N_IMPOSTORS,
+    p.add_argument("--impostors", type=non_negative_int, default=N_IMPOSTORS,
                    help="random other-class impostors per photo (default: %(default)s)")
     p.add_argument("--worst", type=int, default=12, help="mistakes on the confusion sheet (default: %(default)s)")
-    p.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--threads", type=thread_count, default=min(2, os.cpu_count() or 1),
                    help="interpreter threads (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="write only report.json and pairs.csv")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -117,10 +117,30 @@ def test_product_with_a_dhash_that_is_not_hex_is_refused(bundle_copy):
 def test_non_finite_reference_latents_are_refused(bundle_copy, value):
     references = np.load(bundle_copy / "references.npy")
     references[3, 5] = value
+    _save_references(bundle_copy, references)
+    with pytest.raises(BundleFormatError, match=r"references\.npy holds NaN or infinite values"):
+        ReferenceBundle.load(bundle_copy)
+
+
+def _save_references(root, references) -> None:
     buf = io.BytesIO()
     np.save(buf, references, allow_pickle=False)
-    rewrite(bundle_copy, "references.npy", buf.getvalue())
-    with pytest.raises(BundleFormatError, match=r"references\.npy holds NaN or infinite values"):
+    rewrite(root, "references.npy", buf.getvalue())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: np.round(127 * r).astype(np.int8), r"holds int8, not floating-point latents"),
+    (lambda r: (5 * r.astype(np.float32)).astype(np.float16), r"row \d+ has length 5(\.\d+)?, not 1"),
+    (lambda r: np.where(np.arange(len(r))[:, None] == 4, 0.5 * r, r).astype(np.float16),
+     r"row 4 has length 0\.5\d*, not 1"),
+])
+def test_reference_latents_that_are_not_unit_vectors_are_refused(bundle_copy, change, message):
+    """Scaled or integer latents would push every score out of [-1, 1] and past any
+    threshold (a photo of a banana scored 44.8 against carrots before this check)."""
+    references = np.load(bundle_copy / "references.npy")
+    assert references.dtype == np.float16
+    _save_references(bundle_copy, change(references))
+    with pytest.raises(BundleFormatError, match=message):
         ReferenceBundle.load(bundle_copy)
 
 

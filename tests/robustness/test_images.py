@@ -82,6 +82,16 @@ def test_bomb_refused_before_decoding():
     assert grew_mib < 50
 
 
+def test_a_bomb_beyond_pillows_own_limit_gets_the_same_advice():
+    """Pillow refuses 30000x30000 inside Image.open, before auditlens's check: the message
+    still names auditlens's limit and what to do, not Pillow's 'DOS attack' text."""
+    with pytest.raises(errors.ImageTooLargeError,
+                       match=r"900,000,000 pixels is more than the 100,000,000 allowed; resize the photo"):
+        load_image(png_header_only(30000, 30000))
+    with pytest.raises(errors.ImageTooLargeError, match=r"900,000,000 pixels is more than Pillow opens"):
+        load_image(png_header_only(30000, 30000), max_pixels=10**10)
+
+
 def test_max_pixels_is_enforced_per_call():
     data = encode(Image.new("RGB", (300, 300), (50, 90, 10)), "PNG")
     with pytest.raises(errors.ImageTooLargeError):
