@@ -262,7 +262,7 @@ def _run_info(args) -> int:
     elif b.has_signature:
         signature = "; manifest.sig present but NOT checked (pass --public-key to check it)"
     else:
-        signature = "; not signed (the manifest itself is covered by no hash)"
+        signature = "; not signed, so nothing protects the manifest itself (threshold, hashes)"
     print(f"integrity  {len(m['files'])} files, every sha256 verified{signature}")
     print(f"model      {b.model_id}  ({size / 1024:.0f} KiB, input {b.spec.input_size}px {b.spec.crop}, latent {m['latent_dim']}-d)")
     print(f"products   {len(b.products)}  ({len(b.references)} reference images)")

@@ -55,9 +55,9 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 MODEL_FILE = "model.tflite"
 REFERENCES_FILE = "references.npy"
+PRODUCTS_FILE = "products.json"
 UNIT_TOLERANCE = 1e-2
 """How far a reference row's length may stray from 1 (float16 storage rounds it by ~1e-3)."""
-PRODUCTS_FILE = "products.json"
 
 MAX_BUNDLE_BYTES = 2 * 1024**3
 """Upper bound on what a bundle may unpack to (zip-bomb guard)."""
