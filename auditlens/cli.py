@@ -149,7 +149,7 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the full verdict as JSON")
     p.add_argument("--log", type=Path, default=None, metavar="AUDIT.db",
                    help="append the verdict to this audit log (SQLite)")
-    p.add_argument("--auditor", default=os.environ.get("USER", ""), help="auditor name for the log")
+    p.add_argument("--auditor", default=None, help="auditor name for the log (default: $USER)")
 
 
 def _format_verdict(v) -> str:
@@ -165,12 +165,16 @@ def _format_verdict(v) -> str:
 
 def _run_verify(args) -> int:
     verifier = _verifier(args)
+    if args.auditor is not None and not args.log:
+        print("auditlens: warning: --auditor is recorded only in an audit log; add --log AUDIT.db",
+              file=sys.stderr)
     verdict = verifier.verify(args.photo, args.product)
     if args.log:
         from auditlens.device_app.auditlog import AuditLog
 
+        auditor = os.environ.get("USER", "") if args.auditor is None else args.auditor
         with AuditLog(args.log) as log:
-            log.append(verdict, photo=args.photo.read_bytes(), auditor=args.auditor)
+            log.append(verdict, photo=args.photo.read_bytes(), auditor=auditor)
     print(json.dumps(verdict.to_dict(), indent=1) if args.json else _format_verdict(verdict))
     return {"match": EXIT_OK, "no_match": EXIT_NO_MATCH}.get(verdict.decision, EXIT_RETAKE)
 

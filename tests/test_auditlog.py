@@ -345,6 +345,13 @@ def test_cli_verify_with_log_appends_a_record(tmp_path, capsys):
         assert log.verify_chain().records == 1
     assert record.product_id == row["product_id"] and record.auditor == "cli-user"
     assert record.captured_sha256 == hashlib.sha256(photo.read_bytes()).hexdigest()
+    assert "warning" not in capsys.readouterr().err
+
+    # without --log there is nowhere to record the auditor: say so, still verify
+    rc = cli_main(["verify", "--bundle", str(bundle), "--product", row["product_id"], str(photo),
+                   "--auditor", "cli-user"])
+    assert rc in (0, 1, 3)
+    assert "--auditor is recorded only in an audit log; add --log" in capsys.readouterr().err
 
 
 # -- exports never overwrite the log -------------------------------------------------------
