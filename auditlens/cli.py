@@ -209,8 +209,9 @@ def _run_score(args) -> int:
     from tqdm import tqdm
 
     from auditlens.catalog import read_labelled_photos
-    from auditlens.files import atomic_write
+    from auditlens.files import atomic_write, check_output_file
 
+    check_output_file(args.out)
     verifier = _verifier(args)
     pairs = read_labelled_photos(args.pairs)
     captures: dict[str, object] = {}  # each photo decoded and embedded once

@@ -10,6 +10,7 @@ import csv
 from pathlib import Path
 
 from auditlens.errors import CatalogError
+from auditlens.files import atomic_write
 
 
 def import_grocery(root: str | Path, out_dir: str | Path) -> dict[str, Path]:
@@ -24,22 +25,28 @@ def import_grocery(root: str | Path, out_dir: str | Path) -> dict[str, Path]:
         raise CatalogError(f"{root}: no classes.csv; is this the Grocery Store Dataset?")
     out.mkdir(parents=True, exist_ok=True)
     by_class: dict[str, str] = {}
-    with classes.open(newline="", encoding="utf-8") as fh, (out / "catalog.csv").open("w", newline="") as fo:
+    # every CSV is written whole or not at all: a bad line leaves no half catalogue behind
+    with classes.open(newline="", encoding="utf-8") as fh, atomic_write(out / "catalog.csv", newline="") as fo:
         writer = csv.writer(fo)
         writer.writerow(["product_id", "image", "name", "group", "kind"])
-        for row in csv.reader(fh):
-            if not row or not row[1].strip().isdigit():
-                continue  # header
-            name, class_id, group, _, iconic = (c.strip() for c in row[:5])
-            kind = iconic.strip("/").split("/")[1]
+        for line, row in enumerate(csv.reader(fh), 1):
+            if not row or not "".join(row).strip() or (len(row) > 1 and not row[1].strip().isdigit()):
+                continue  # blank line or the header
+            parts = [c.strip() for c in row]
+            iconic_parts = parts[4].strip("/").split("/") if len(parts) >= 5 else []
+            if len(iconic_parts) < 2:
+                raise CatalogError(f"{classes}, line {line}: expected class name, class id, coarse class "
+                                   f"name, coarse class id, iconic image path (iconic/KIND/...), got {row!r}")
+            name, class_id, group, _, iconic = parts[:5]
             by_class[class_id] = name
-            writer.writerow([name, str(root / iconic.lstrip("/")), name.replace("-", " "), group, kind])
+            writer.writerow([name, str(root / iconic.lstrip("/")), name.replace("-", " "), group,
+                             iconic_parts[1]])
     written = {"catalog": out / "catalog.csv"}
     for split in ("train", "val", "test"):
         listing = root / f"{split}.txt"
         if not listing.is_file():
             continue
-        with listing.open(encoding="utf-8") as fh, (out / f"{split}.csv").open("w", newline="") as fo:
+        with listing.open(encoding="utf-8") as fh, atomic_write(out / f"{split}.csv", newline="") as fo:
             writer = csv.writer(fo)
             writer.writerow(["photo", "product_id"])
             for line in fh:

@@ -69,6 +69,12 @@ class UnknownProductError(AuditlensError, KeyError):
         return str(self.args[0]) if self.args else "unknown product"
 
 
+# -- outputs ------------------------------------------------------------------------
+class OutputPathError(AuditlensError):
+    """An output path cannot take what would be written there (a folder where a file
+    goes, a file where a folder goes); raised before any work."""
+
+
 # -- audit log ----------------------------------------------------------------------
 class AuditLogError(AuditlensError):
     """The audit log could not be written or read."""

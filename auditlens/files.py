@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from auditlens.errors import OutputPathError
+
 
 @contextmanager
 def atomic_write(path: str | os.PathLike, *, newline: str | None = None) -> Iterator[IO[str]]:
@@ -27,3 +29,21 @@ def atomic_write(path: str | os.PathLike, *, newline: str | None = None) -> Iter
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, a file output whose path is a folder or has no folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{path} is a folder; give a file name for this output")
+    if not path.parent.is_dir():
+        raise OutputPathError(f"{path}: the folder {path.parent} does not exist")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, a folder output whose path is an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{path} is a file; give a folder for this output")
+    return path

@@ -223,9 +223,15 @@ def load_keras_encoder(model):
         if not path.is_file():
             raise ModelError(f"{path}: no such Keras model file")
         try:
-            return keras.models.load_model(path, compile=False)
+            model = keras.models.load_model(path, compile=False)
         except Exception as exc:
             raise ModelError(f"{path}: cannot load the Keras model: {exc}") from exc
+    inputs, outputs = tuple(model.input_shape), tuple(model.output_shape)
+    if len(inputs) != 4 or inputs[-1] != 3 or len(outputs) != 2:
+        raise ModelError(
+            f"{getattr(model, 'name', 'model')}: takes {inputs} and gives {outputs}, not an image "
+            "encoder ((N, S, S, 3) in, (N, D) latents out); export the run's encoder.keras, not "
+            "autoencoder.keras")
     return model
 
 
@@ -357,6 +363,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def run_export(args: argparse.Namespace) -> int:
     """``auditlens export``: returns the process exit code."""
+    if Path(args.out).suffix.lower() != ".tflite":
+        # the model card goes beside it as OUT with .json: OUT.json would overwrite the model
+        print(f"auditlens export: --out {args.out}: name the model file NAME.tflite "
+              "(its model card is written beside it as NAME.json)", file=sys.stderr)
+        return 2
     try:
         encoder = load_keras_encoder(args.model)
         spec = PreprocessSpec(input_size=int(encoder.input_shape[1]), crop=args.crop)

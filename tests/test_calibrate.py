@@ -169,11 +169,16 @@ def test_model_card_of_another_model_is_refused(tmp_path, sample_bundle):
                          ReferenceBundle.load(sample_bundle).model_id)
 
 
-def test_dry_run_writes_nothing(bundle_copy, capsys):
+def test_dry_run_writes_nothing(tmp_path, bundle_copy, capsys):
     manifest = (bundle_copy / "manifest.json").read_bytes()
+    card = tmp_path / "encoder.json"
+    card.write_text(json.dumps({"preprocess": {"input_size": 96, "crop": "center"}}))
+    before = card.read_bytes()
     assert main(["calibrate", "-b", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
-                 "--target-far", "0.2", "--dry-run", "--no-progress"]) == 0
+                 "--target-far", "0.2", "--dry-run", "--model-card", str(card), "--no-progress"]) == 0
     assert (bundle_copy / "manifest.json").read_bytes() == manifest
+    assert card.read_bytes() == before  # the model card too: a dry run changes no threshold
+    assert f"dry run: model card {card} left as it is" in capsys.readouterr().out
 
 
 @pytest.mark.grocery

@@ -122,3 +122,23 @@ def test_labelled_photo_errors_name_the_right_line_after_blank_lines(tmp_path):
     csv_path.write_text("photo,product_id\na.jpg,a\n\n\nb.jpg,\n", encoding="utf-8")
     with pytest.raises(CatalogError, match=r"p\.csv:5: empty photo or product_id"):
         read_labelled_photos(csv_path)
+
+
+@pytest.mark.parametrize("bad_row", ["foo", "Apple,0,Apple", "Apple,0,Apple,0,Apple_Iconic.jpg"])
+def test_import_grocery_names_a_malformed_classes_line_and_writes_nothing(tmp_path, bad_row):
+    from auditlens.datasets import import_grocery
+    from auditlens.errors import CatalogError
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "classes.csv").write_text(
+        "Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int),Iconic Image Path (str)\n"
+        "Milk,1,Milk,1,/iconic-images-and-descriptions/Packages/Milk/Milk_Iconic.jpg\n"
+        f"{bad_row}\n\n")
+    with pytest.raises(CatalogError, match=r"classes\.csv, line 3: expected class name"):
+        import_grocery(root, tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())  # no half-written catalogue.csv
+    (root / "classes.csv").write_text((root / "classes.csv").read_text().replace(f"{bad_row}\n", ""))
+    written = import_grocery(root, tmp_path / "out")
+    rows = (written["catalog"]).read_text().splitlines()
+    assert rows[1].startswith("Milk,") and rows[1].endswith(",Milk,Milk,Packages") and len(rows) == 2

@@ -154,3 +154,19 @@ def test_demo_refuses_a_bundle_without_the_sample_products(tmp_path):
     run("enroll", catalog, "--out", tmp_path / "b", "--no-progress", check_rc=0)
     proc = run("demo", "--bundle", tmp_path / "b", check_rc=2)
     assert "at least two products" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_output_paths_that_cannot_work_are_refused_before_any_work(tmp_path, sample_photos):
+    pairs = write_csv(tmp_path / "pairs.csv", ["photo", "product_id"],
+                      [[p.photo, p.product_id] for p in sample_photos[:2]])
+    (tmp_path / "a-folder").mkdir()
+    proc = run("score", "--pairs", pairs, "--out", tmp_path / "a-folder", "--no-progress", check_rc=2)
+    assert f"{tmp_path / 'a-folder'} is a folder; give a file name" in proc.stderr
+    assert "scoring" not in proc.stderr  # refused before the first photo
+    proc = run("score", "--pairs", pairs, "--out", tmp_path / "no-such" / "s.csv", "--no-progress", check_rc=2)
+    assert "does not exist" in proc.stderr
+
+    (tmp_path / "a-file").write_text("keep me")
+    proc = run("evaluate", "--photos", pairs, "--out", tmp_path / "a-file", "--no-progress", check_rc=2)
+    assert f"{tmp_path / 'a-file'} is a file; give a folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "a-file").read_text() == "keep me"

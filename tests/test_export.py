@@ -131,3 +131,27 @@ def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
     assert card["preprocess"]["photo_zooms"] == [1.0] and card["preprocess"]["photo_mirror"] is False
     assert card["export"]["mode"] == "int8" and card["export"]["worst_cosine"] <= 1.0
     assert "worst" in capsys.readouterr().out
+
+
+def test_export_refuses_what_would_lose_the_model(tiny_encoder, tmp_path, capsys):
+    """`--out enc.json` would be overwritten by its own model card; the run's
+    autoencoder.keras is not an encoder: both refused before any conversion."""
+    import argparse
+
+    from auditlens.export.quantize import add_export_arguments, run_export
+
+    def export(model, out):
+        args = add_export_arguments(argparse.ArgumentParser()).parse_args(
+            [str(model), "--representative", str(tiny_encoder["catalog"]), "--out", str(out)])
+        return run_export(args)
+
+    assert export(tiny_encoder["encoder"], tmp_path / "enc.json") == 2
+    assert "name the model file NAME.tflite" in capsys.readouterr().err
+    assert not (tmp_path / "enc.json").exists()
+
+    autoencoder = Path(tiny_encoder["encoder"]).with_name("autoencoder.keras")
+    assert autoencoder.is_file()
+    assert export(autoencoder, tmp_path / "ae.tflite") == 2
+    err = capsys.readouterr().err
+    assert "not an image encoder" in err and "export the run's encoder.keras" in err
+    assert not (tmp_path / "ae.tflite").exists()

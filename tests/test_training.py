@@ -371,3 +371,37 @@ def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
     assert config_from_args(parser.parse_args([str(tiny_data["catalog"]), "--out", str(tmp_path)])).pseudo_kinds == ()
     with pytest.raises(SystemExit):
         parser.parse_args([str(tiny_data["catalog"]), "--out", str(tmp_path), "--pseudo-products", "12"])
+
+
+def test_settings_and_splits_that_cannot_train_are_refused_before_training(tiny_data, tmp_path):
+    """Each used to fail late (after an epoch) with an internal error, or run and hold
+    nothing out; now each is one clear message before a model is built."""
+    import shutil
+
+    from auditlens.errors import CatalogError
+    from auditlens.training.train import holdout_products, train
+
+    for field, value in (("epochs", 0), ("steps_per_epoch", 0), ("products_per_batch", 1),
+                         ("views_per_product", 1)):
+        flag = "--" + field.replace("_", "-")
+        with pytest.raises(ValueError, match=f"{flag} must be at least"):
+            train(tiny_config(tmp_path / field, tiny_data["catalog"], **{field: value}))
+
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(tiny_data["catalog"] / "product-0.png", one)
+    with pytest.raises(CatalogError, match=r"1 product\(s\) to train on: .* needs at least 2"):
+        train(tiny_config(tmp_path / "r1", one))
+
+    ids = [f"product-{i}" for i in range(N_PRODUCTS)]
+    assert not holdout_products(ids, "7/10")  # 6 products, 10 folds: fold 7 is empty
+    with pytest.raises(CatalogError, match=r"--holdout-fold 7/10 holds out none of the 6 products"):
+        train(tiny_config(tmp_path / "r2", tiny_data["catalog"], holdout_fold="7/10"))
+
+    held = holdout_products(ids, "1/3")
+    unseen_val = write_csv(tmp_path / "unseen_val.csv", ["photo", "product_id"],
+                           [[str(tiny_data["root"] / "photos" / f"p{p.split('-')[1]}_2.jpg"), p]
+                            for p in sorted(held)])
+    with pytest.raises(CatalogError, match="no validation photo shows a trained product"):
+        train(tiny_config(tmp_path / "r3", tiny_data["catalog"], holdout_fold="1/3",
+                          val_photos=str(unseen_val)))

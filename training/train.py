@@ -196,6 +196,11 @@ def _configure_tf(config: TrainConfig):
 
 def train(config: TrainConfig) -> TrainResult:
     """Train an encoder as ``config`` says and write its outputs to ``config.out_dir``."""
+    for name, value, least in (("epochs", config.epochs, 1), ("steps_per_epoch", config.steps_per_epoch, 1),
+                               ("products_per_batch", config.products_per_batch, 2),
+                               ("views_per_product", config.views_per_product, 2)):
+        if value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, not {value}")
     if config.stop_epoch is not None and not 1 <= config.stop_epoch <= config.epochs:
         raise ValueError(f"--stop-epoch {config.stop_epoch} is outside the schedule's epochs 1 to {config.epochs}")
     t_start = time.perf_counter()
@@ -250,8 +255,13 @@ def train(config: TrainConfig) -> TrainResult:
     ids = catalog.ids
     held_out = holdout_products(ids, config.holdout_fold)
     train_ids = [p for p in ids if p not in held_out]
-    if not train_ids:
-        raise CatalogError("the holdout leaves no product to train on")
+    if config.holdout_fold and not held_out:
+        raise CatalogError(f"--holdout-fold {config.holdout_fold} holds out none of the {len(ids)} products; "
+                           "choose fewer folds")
+    if len(train_ids) < 2:
+        raise CatalogError(f"{len(train_ids)} product(s) to train on"
+                           + (f" ({len(held_out)} held out)" if held_out else "")
+                           + ": the encoder learns by telling products apart, so it needs at least 2")
     # made-up twins go to the products of the chosen kinds: refused before any image is read
     pseudo_kinds = {k.casefold() for k in config.pseudo_kinds}
     pseudo_eligible = np.array([not pseudo_kinds or catalog.get(p).kind.casefold() in pseudo_kinds
@@ -319,6 +329,10 @@ def train(config: TrainConfig) -> TrainResult:
         val_views = 1
         val_source = "augmented originals (no --val-photos)"
     val_seen = np.array([ids[c] not in held_out for c in val_labels], bool)
+    if not val_seen.any():
+        raise CatalogError(f"{val_source}: no validation photo shows a trained product (all {len(val_seen)} "
+                           "are of held-out products); checkpoints are chosen on trained products, so "
+                           "add photos of some of them")
     groups = np.array([p.group or p.product_id for p in catalog])
     t_data = time.perf_counter() - t_start
 

@@ -299,7 +299,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="false-accept rate to calibrate for (default: %(default)s)")
     p.add_argument("--out", "-o", type=Path, default=None, metavar="NEW_BUNDLE",
                    help="write the calibrated bundle here (folder or .zip) instead of in place")
-    p.add_argument("--dry-run", action="store_true", help="print the threshold, write nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the threshold, write nothing (neither bundle nor model card)")
     p.add_argument("--model-card", type=Path, default=None, metavar="ENCODER.json",
                    help="also store the decision in this model card, for `auditlens enroll`")
     p.add_argument("--sign-key", type=Path, default=None, metavar="PRIVATE.pem",
@@ -340,7 +340,9 @@ def run(args) -> int:
         elif key:
             sig = " (signed)"
         print(f"wrote the calibrated bundle to {d['_written_to']}{sig}")
-    if args.model_card:
+    if args.model_card and args.dry_run:
+        print(f"dry run: model card {args.model_card} left as it is")
+    elif args.model_card:
         try:
             write_model_card(args.model_card, d, d["model_id"], views=d["_views"])
         except (OSError, json.JSONDecodeError) as exc:

@@ -44,7 +44,7 @@ from auditlens.evaluation.protocol import (
     product_groups,
     protocol_description,
 )
-from auditlens.files import atomic_write
+from auditlens.files import atomic_write, check_output_dir
 
 FARS = (0.01, 0.05)
 """False-accept rates TAR is reported at."""
@@ -402,7 +402,7 @@ def plot_confusions(mistakes: list[dict], bundle, spec, out_dir: Path, title: st
 
 
 def _write_pairs_csv(path: Path, embedded: Embedded, pairs: Pairs, bundle) -> None:
-    with path.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_write(path, newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["photo", "photo_product", "product", "pair", "score"])
         for n, p, k, s in zip(pairs.photo, pairs.product, pairs.kind, pairs.score):
@@ -442,6 +442,8 @@ def evaluate(
             ``seen`` and ``unseen`` sections besides ``overall``.
         seed: the protocol's seed for the random impostors.
     """
+    if out_dir is not None:
+        check_output_dir(out_dir)
     source = ""
     if isinstance(labelled_photos, (str, os.PathLike)):
         source = str(labelled_photos)
@@ -534,7 +536,8 @@ def evaluate(
             files += plot_confusions(fa, b, b.spec, out, title)
         files.append("summary.md")
         report["files"] = files
-        (out / "summary.md").write_text(summary_markdown(report), encoding="utf-8")
+        with atomic_write(out / "summary.md") as fh:
+            fh.write(summary_markdown(report))
         _atomic_json(out / "report.json", report)
 
     if verbose:
