@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,10 @@ class EncoderOptions:
 
 
 class Encoder:
-    """Runs a TFLite image encoder: uint8 images (N, S, S, 3) in, unit latents (N, D) out."""
+    """Runs a TFLite image encoder: uint8 images (N, S, S, 3) in, unit latents (N, D) out.
+
+    Safe to share between threads: one interpreter runs one batch at a time (callers
+    queue on a lock); for parallel inference, give each thread its own Encoder."""
 
     def __init__(self, model: str | os.PathLike | bytes, options: EncoderOptions | None = None):
         self.options = options or EncoderOptions()
@@ -79,6 +83,7 @@ class Encoder:
                 raise ModelError(f"{self.path}: cannot read the model file: {exc}") from exc
         self.model_id = model_id_of(content)
         self._interpreter = load_interpreter(content, self.options.num_threads)
+        self._lock = threading.Lock()
         self._batch = 1
         self._interpreter.allocate_tensors()
         inputs = self._interpreter.get_input_details()
@@ -133,11 +138,12 @@ class Encoder:
         out = np.empty((len(images), self.latent_dim), dtype=np.float32)
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            self._resize(len(chunk))
-            self._interpreter.set_tensor(self._input["index"], self._quantize_input(chunk))
-            self._interpreter.invoke()
-            out[start:start + len(chunk)] = self._dequantize_output(
-                self._interpreter.get_tensor(self._output["index"]))
+            with self._lock:  # resize, set, invoke and read belong together
+                self._resize(len(chunk))
+                self._interpreter.set_tensor(self._input["index"], self._quantize_input(chunk))
+                self._interpreter.invoke()
+                out[start:start + len(chunk)] = self._dequantize_output(
+                    self._interpreter.get_tensor(self._output["index"]))
         return out
 
     def embed(self, images: np.ndarray, batch_size: int = 1) -> np.ndarray:

@@ -132,6 +132,31 @@ def test_session_search_verify_and_log(demo, tmp_path):
         session.close()
 
 
+def test_a_verdict_the_log_cannot_take_is_held_and_written_later(demo, tmp_path):
+    """The log fails while a verdict is being saved: the auditor still sees the verdict,
+    told it is not logged yet, and it is written, in capture order, once the log works."""
+    from auditlens.device_app.auditlog import AuditLog
+
+    root, plan = demo
+    session = Session(Path(plan["bundle"]), tmp_path / "audit.db", auditor="Sam", device="t")
+    session.load()
+    try:
+        photo = (Path(plan["camera_dir"]) / plan["match_photo"]).read_bytes()
+        session.log.close()  # the log stops accepting records (as with a full disk)
+        held = session.verify(photo, plan["product"])
+        assert held.verdict.decision == "match" and held.record_id is None
+        assert "closed" in held.log_error and len(session.unlogged) == 1
+
+        session.log = AuditLog(tmp_path / "audit.db", device="t")  # the log works again
+        later = session.verify(photo, plan["product"])
+        assert later.log_error == "" and later.record_id == 2 and not session.unlogged
+        first, second = sorted(session.history(), key=lambda r: r.id)
+        assert first.created_utc <= second.created_utc and first.decision == "match"
+        assert first.auditor == "Sam" and session.check_log().records == 2
+    finally:
+        session.close()
+
+
 def test_app_takes_the_public_key_as_a_file(demo, tmp_path):
     # `auditlens keygen` tells the auditor to pass the .pub file; the app must read it
     pytest.importorskip("cryptography")

@@ -23,6 +23,19 @@ def verifier(sample_bundle):
     return Verifier(sample_bundle)
 
 
+def test_one_verifier_shared_by_threads_gives_the_sequential_scores(verifier, sample_photos):
+    """A service may call one Verifier from several threads: each call must run its own
+    interpreter pass (without the encoder's lock LiteRT raised 'at least 1 reference to
+    internal data in the interpreter')."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(p.photo, p.product_id) for p in sample_photos[:8]] * 4
+    expected = {job: verifier.verify(*job).score for job in set(jobs)}
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda job: (job, verifier.verify(*job).score), jobs))
+    assert all(score == expected[job] for job, score in got)
+
+
 def test_genuine_photos_outscore_impostors(verifier, sample_photos):
     """On the shipped sample, each photo scores higher against its own product than the
     average other product does (a property of a working encoder, not of one photo)."""

@@ -252,6 +252,7 @@ def build_app_class():
                 photo = self.camera.capture()
             except (OSError, CameraUnavailable) as exc:
                 self.screens["camera"].hint.text = f"Capture failed: {exc}"
+                self._notice_until = Clock.get_time() + 8.0
                 return False
             product_id = self.product_id
             self._verifying = True
@@ -275,6 +276,8 @@ def build_app_class():
             outcome, original, thumbs = result
             self._verifying = False
             self.last_outcome = outcome
+            self.product_id = outcome.product_id  # Retake: this verdict's product, even if
+            # the auditor went back and picked another while it was being checked
             self.screens["camera"].busy(False)
             record = self.session.bundle.product(outcome.product_id)
             self.screens["verdict"].show(outcome, record, original, thumbs)
@@ -286,6 +289,7 @@ def build_app_class():
             self._verifying = False
             self.screens["camera"].busy(False)
             self.screens["camera"].hint.text = f"Not verified: {exc}"
+            self._notice_until = Clock.get_time() + 8.0  # the frame check must not wipe it at once
 
         # -- history -----------------------------------------------------------------------
         def show_history(self):

@@ -461,10 +461,16 @@ class VerdictScreen(Screen):
         d.add_widget(WrapLabel(
             text=f"Capture: brightness {q.brightness:.0f}, sharpness {q.sharpness:.0f}, "
                  f"detail {q.centre_detail:.0f}", font_size=FONT_SMALL, color=MUTED))
-        d.add_widget(WrapLabel(
-            text=f"Logged as record #{outcome.record_id} - verified in "
-                 f"{outcome.seconds * 1000:.0f} ms - model {v.model_id[:8]}",
-            font_size=FONT_SMALL, color=MUTED))
+        if outcome.log_error:
+            d.add_widget(WrapLabel(
+                text=f"NOT LOGGED YET: {outcome.log_error}. The verdict is held by the app and "
+                     "written to the log with the next capture the log accepts; closing the app "
+                     "before then loses it.", font_size=FONT_SMALL, color=(1, 0.45, 0.4, 1)))
+        else:
+            d.add_widget(WrapLabel(
+                text=f"Logged as record #{outcome.record_id} - verified in "
+                     f"{outcome.seconds * 1000:.0f} ms - model {v.model_id[:8]}",
+                font_size=FONT_SMALL, color=MUTED))
 
 
 # -- history ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import sqlite3
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,6 +40,10 @@ class Outcome:
     seconds: float = 0.0
     """Time from capture to verdict (decode, quality check, inference, scoring)."""
     log_seconds: float = 0.0
+    log_error: str = ""
+    """Set when the verdict was judged but the log could not take it (disk full, file
+    locked, ...): the verdict is kept in :attr:`Session.unlogged` and written first
+    the next time the log accepts a record."""
 
 
 @dataclass
@@ -58,6 +63,8 @@ class Session:
         self.bundle_path = Path(self.bundle_path)
         self.log_path = Path(self.log_path)
         self._lock = threading.Lock()
+        self.unlogged: list[tuple[Verdict, bytes, str]] = []
+        """Judged captures the log could not take yet (verdict, photo, auditor), oldest first."""
 
     # -- lifecycle -----------------------------------------------------------------
     def load(self) -> ReferenceBundle:
@@ -137,9 +144,23 @@ class Session:
             preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
             outcome.capture, outcome.verdict = preview, verdict
             t0 = time.perf_counter()
-            outcome.record_id = self.log.append(verdict, photo=photo, auditor=self.auditor)
+            self.unlogged.append((verdict, photo, self.auditor))
+            try:
+                outcome.record_id = self._write_unlogged()
+            except (AuditlensError, OSError, sqlite3.Error) as exc:
+                outcome.log_error = str(exc)
             outcome.log_seconds = time.perf_counter() - t0
         return outcome
+
+    def _write_unlogged(self) -> int | None:
+        """Append the held verdicts in capture order; returns the last record id.
+        Stops at the first failure, keeping that verdict and the ones after it."""
+        record_id = None
+        while self.unlogged:
+            verdict, photo, auditor = self.unlogged[0]
+            record_id = self.log.append(verdict, photo=photo, auditor=auditor)
+            self.unlogged.pop(0)
+        return record_id
 
     # -- history ---------------------------------------------------------------------
     def history(self, limit: int = 200) -> list[AuditRecord]:
