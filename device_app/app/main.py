@@ -74,7 +74,7 @@ def build_app_class():
     from auditlens.device_app.app.widgets import BG
     from auditlens.device_app.app.worker import Worker
     from auditlens.device_app.quality import assess
-    from auditlens.errors import AuditlensError
+    from auditlens.errors import AuditChainError, AuditlensError
 
     class AuditApp(App):
         """The field app. Its methods are what the buttons call (and what tests drive)."""
@@ -300,8 +300,10 @@ def build_app_class():
                 records = self.session.history()
                 try:
                     return records, self.session.check_log(), ""
-                except AuditlensError as exc:
-                    return records, None, str(exc)
+                except AuditChainError as exc:  # the chain itself is broken
+                    return records, None, f"AUDIT LOG TAMPERED: {exc}"
+                except AuditlensError as exc:  # cannot read it: not evidence of tampering
+                    return records, None, f"Audit log could not be checked: {exc}"
 
             self.worker.submit(job, self._history_ready, self._history_failed)
 
@@ -312,7 +314,7 @@ def build_app_class():
             self.sm.current = "history"
 
         def _history_failed(self, exc):
-            self.screens["history"].show([], None, str(exc), {})
+            self.screens["history"].show([], None, f"History could not be read: {exc}", {})
             self.sm.current = "history"
 
         def export(self, kind: str):
@@ -321,7 +323,7 @@ def build_app_class():
                 self.screens["history"].exported(path)
 
             self.worker.submit(lambda: self.session.export(kind, self.export_dir), done,
-                               lambda e: self.screens["history"].exported(f"failed: {e}"))
+                               lambda e: self.screens["history"].export_failed(e))
 
     return AuditApp
 
