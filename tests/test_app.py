@@ -93,6 +93,8 @@ def test_file_camera(tmp_path):
     cam = FileCamera(tmp_path)
     assert [p.name for p in cam.files] == ["a.png", "b.jpg"]
     assert cam.frame().getpixel((1, 1)) == (255, 0, 0)
+    # frames are cached per file *and* size: the preview never gets the small analysis frame
+    assert cam.frame(max_side=40).size == (40, 30) and cam.frame().size == (80, 60)
     cam.step()
     assert cam.current.name == "b.jpg" and cam.capture() == (tmp_path / "b.jpg").read_bytes()
     cam.step()

@@ -39,7 +39,8 @@ class FileCamera:
         if not self.files:
             raise CameraUnavailable(f"{self.folder}: no image files to play as the camera")
         self.index = 0
-        self._frame_cache: tuple[int, Image.Image] | None = None
+        self._frame_cache: tuple[int, int, Image.Image] | None = None
+        """(file index, max_side, frame) of the last decoded frame."""
 
     @property
     def current(self) -> Path:
@@ -65,16 +66,20 @@ class FileCamera:
         pass
 
     def frame(self, max_side: int = 1024) -> Image.Image | None:
-        if self._frame_cache and self._frame_cache[0] == self.index:
-            return self._frame_cache[1]
+        # the index is read once: the UI may step to the next file while a background
+        # frame check decodes this one, and the frame must be cached under its own file
+        index = self.index
+        cached = self._frame_cache
+        if cached and cached[:2] == (index, max_side):
+            return cached[2]
         try:
-            with Image.open(self.current) as im:
+            with Image.open(self.files[index]) as im:
                 im.draft("RGB", (max_side, max_side))
                 image = ImageOps.exif_transpose(im).convert("RGB")
         except Exception:  # noqa: BLE001 - a broken file shows as no frame; capture reports it
             return None
         image.thumbnail((max_side, max_side))
-        self._frame_cache = (self.index, image)
+        self._frame_cache = (index, max_side, image)
         return image
 
     def capture(self) -> bytes:
