@@ -30,7 +30,7 @@ def import_grocery(root: str | Path, out_dir: str | Path) -> dict[str, Path]:
         writer = csv.writer(fo)
         writer.writerow(["product_id", "image", "name", "group", "kind"])
         for line, row in enumerate(csv.reader(fh), 1):
-            if not row or not "".join(row).strip() or (len(row) > 1 and not row[1].strip().isdigit()):
+            if not "".join(row).strip() or (len(row) > 1 and not row[1].strip().isdigit()):
                 continue  # blank line or the header
             parts = [c.strip() for c in row]
             iconic_parts = parts[4].strip("/").split("/") if len(parts) >= 5 else []

@@ -30,7 +30,6 @@ import math
 import os
 import re
 import sqlite3
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -639,9 +638,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     if args.photos and not args.export_json:
-        print("auditlens: error: --photos adds the photos to --export-json; give --export-json F",
-              file=sys.stderr)
-        return 2
+        raise AuditLogError("--photos adds the photos to --export-json; give --export-json F")
     with AuditLog(args.log, create=False) as log:
         for target in (args.export_csv, args.export_json):
             if target:  # before anything is written

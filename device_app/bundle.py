@@ -352,14 +352,15 @@ class ReferenceBundle:
         if references.dtype.kind != "f":
             raise BundleFormatError(f"{path}: references.npy holds {references.dtype}, not floating-point "
                                     "latents")
+        references = references.astype(np.float32)  # once: the lengths below and the bundle use it
         if references.ndim != 2 or references.shape[1] != manifest.get("latent_dim"):
             raise BundleFormatError(f"{path}: references.npy has shape {references.shape}, "
                                     f"expected (R, {manifest.get('latent_dim')})")
         if not np.isfinite(references).all():
             raise BundleFormatError(f"{path}: references.npy holds NaN or infinite values")
-        norms = np.linalg.norm(references.astype(np.float32), axis=1)
-        if references.size and np.abs(norms - 1.0).max() > UNIT_TOLERANCE:
-            worst = int(np.abs(norms - 1.0).argmax())
+        norms = np.linalg.norm(references, axis=1)
+        worst = int(np.abs(norms - 1.0).argmax()) if len(norms) else 0
+        if len(norms) and abs(norms[worst] - 1.0) > UNIT_TOLERANCE:
             raise BundleFormatError(
                 f"{path}: references.npy row {worst} has length {norms[worst]:.4g}, not 1: reference "
                 "latents must be unit vectors, or every score leaves the cosine range; re-enrol the catalogue")
@@ -387,7 +388,7 @@ class ReferenceBundle:
             raise BundleFormatError(f"{path}: duplicate product ids in products.json")
 
         return cls(path, manifest, contents[MODEL_FILE], products,
-                   references.astype(np.float32), owner, thumbs, signed_by,
+                   references, owner, thumbs, signed_by,
                    has_signature=source.exists(SIGNATURE))
 
 

@@ -125,13 +125,12 @@ def load_image(
         except Image.DecompressionBombError as exc:
             # Pillow's own guard (2x Image.MAX_IMAGE_PIXELS) fires before ours can
             found = re.search(r"\((\d+) pixels\)", str(exc))
-            declared = int(found.group(1)) if found else None
-            if declared is not None and declared > max_pixels:
-                why = f"{declared:,} pixels is more than the {max_pixels:,} allowed"
+            size = f"{int(found.group(1)):,} pixels" if found else "the image"
+            if found and int(found.group(1)) > max_pixels:
+                limit = f"the {max_pixels:,} allowed"
             else:
-                why = (f"{declared:,} pixels" if declared else "the image") + (
-                    f" is more than Pillow opens (Image.MAX_IMAGE_PIXELS x 2, "
-                    f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,})")
+                limit = f"Pillow opens (Image.MAX_IMAGE_PIXELS x 2, {2 * (Image.MAX_IMAGE_PIXELS or 0):,})"
+            why = f"{size} is more than {limit}"
             raise ImageTooLargeError(f"{name}: {why}; resize the photo before uploading it") from exc
         except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
             if _truncated_webp(source):

@@ -363,12 +363,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def run_export(args: argparse.Namespace) -> int:
     """``auditlens export``: returns the process exit code."""
-    if Path(args.out).suffix.lower() != ".tflite":
-        # the model card goes beside it as OUT with .json: OUT.json would overwrite the model
-        print(f"auditlens export: --out {args.out}: name the model file NAME.tflite "
-              "(its model card is written beside it as NAME.json)", file=sys.stderr)
-        return 2
     try:
+        if Path(args.out).suffix.lower() != ".tflite":
+            # the model card goes beside it as OUT with .json: OUT.json would overwrite the model
+            raise ModelError(f"--out {args.out}: name the model file NAME.tflite "
+                             "(its model card is written beside it as NAME.json)")
         encoder = load_keras_encoder(args.model)
         spec = PreprocessSpec(input_size=int(encoder.input_shape[1]), crop=args.crop)
         rep = representative_images(args.representative, spec, args.photos, args.max_photos,

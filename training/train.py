@@ -311,6 +311,10 @@ def train(config: TrainConfig) -> TrainResult:
     augmenter = CaptureAugmenter(config.input_size, backgrounds, switches, seed=config.seed)
     if config.val_photos:
         val = _filter_photos(read_labelled_photos(config.val_photos), catalog, config.val_photos)
+        if all(p.product_id in held_out for p in val):  # refused before any photo is decoded
+            raise CatalogError(f"{config.val_photos}: no validation photo shows a trained product (all "
+                               f"{len(val)} are of held-out products); checkpoints are chosen on trained "
+                               "products, so add photos of some of them")
         log(f"caching {len(val)} validation photos ...")
         # Each val photo as the device embeds it: the spec's views (zooms, mirrors), pooled.
         val_images = _load_stack([p.photo for p in val], spec, None, "validation photo", views=True)
@@ -329,10 +333,6 @@ def train(config: TrainConfig) -> TrainResult:
         val_views = 1
         val_source = "augmented originals (no --val-photos)"
     val_seen = np.array([ids[c] not in held_out for c in val_labels], bool)
-    if not val_seen.any():
-        raise CatalogError(f"{val_source}: no validation photo shows a trained product (all {len(val_seen)} "
-                           "are of held-out products); checkpoints are chosen on trained products, so "
-                           "add photos of some of them")
     groups = np.array([p.group or p.product_id for p in catalog])
     t_data = time.perf_counter() - t_start
 
