@@ -38,6 +38,7 @@ def test_verify_json_and_exit_codes(sample_photos):
     verdict = json.loads(proc.stdout)
     assert proc.returncode == {"match": 0, "no_match": 1, "retake": 3}[verdict["decision"]]
     assert verdict["product_id"] == photo.product_id and 0 < verdict["threshold"] < 1
+    assert proc.stderr == ""  # LiteRT's "Created ... XNNPACK delegate" line is not passed on
     copy = run("verify", "--product", "Banana", SAMPLE / "originals" / "Banana.jpg", check_rc=3)
     assert "catalogue original" in copy.stdout
 

@@ -111,3 +111,15 @@ def test_dhash_is_stable_under_resizing():
     img = Image.open(SAMPLE / "originals" / "Carrots.jpg")
     assert hamming(dhash(img), dhash(img.resize((64, 64)))) <= 3
     assert hamming(dhash(img), dhash(Image.open(SAMPLE / "originals" / "Banana.jpg"))) > 10
+
+
+def test_the_runtime_notice_is_dropped_and_other_stderr_output_kept(capfd):
+    import os
+
+    from auditlens.device_app.interpreter import Encoder, without_delegate_notice
+
+    Encoder(SAMPLE.parent / "encoder.tflite")
+    with without_delegate_notice():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"a warning written meanwhile\n")
+    assert capfd.readouterr().err == "a warning written meanwhile\n"
