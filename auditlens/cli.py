@@ -138,6 +138,13 @@ def _run_enroll(args) -> int:
                                        photo_zooms=args.photo_zooms, photo_mirror=args.photo_mirror),
                  signing_key=args.sign_key.read_bytes() if args.sign_key else None)
     print(f"enrolled {len(catalog)} products ({len(extras)} extra reference photos) into {out}")
+    from auditlens.device_app.bundle import ReferenceBundle
+
+    decision = ReferenceBundle.load(out).decision
+    if not decision.get("target_far") and not decision.get("calibrated_on"):
+        print(f"auditlens: warning: the threshold {decision['threshold']:.3f} is not calibrated (the "
+              "model card has none for these photo views): run `auditlens calibrate` on labelled "
+              "photos before field use", file=sys.stderr)
     return EXIT_OK
 
 
@@ -159,7 +166,8 @@ def _format_verdict(v) -> str:
     line += ")"
     extra = [f"  - {r}" for r in v.reasons]
     if v.suggestions:
-        extra.append("  looks more like: " + ", ".join(f"{c.product_id} ({c.score:.3f})" for c in v.suggestions))
+        heading = "looks more like" if v.outscored else "closest other products (none scores higher)"
+        extra.append(f"  {heading}: " + ", ".join(f"{c.product_id} ({c.score:.3f})" for c in v.suggestions))
     return "\n".join([line, *extra])
 
 
@@ -366,6 +374,21 @@ COMMANDS: dict[str, tuple[str, Hook]] = {
 }
 
 
+# the extra that installs each optional package a command may import late
+_EXTRAS = {"tensorflow": "train", "keras": "train", "matplotlib": "eval", "kivy": "app",
+           "cryptography": "sign", "cv2": "bench", "imagehash": "bench", "skimage": "bench"}
+
+
+def _missing_extra(command: str, exc: ImportError) -> str:
+    package = (exc.name or "").split(".")[0]
+    extra = _EXTRAS.get(package)
+    if extra is None:
+        return f"`auditlens {command}` could not import a module it needs: {exc}"
+    hint = " (or pass --no-plots)" if command == "evaluate" and extra == "eval" else ""
+    return (f"`auditlens {command}` needs {package}, which is not installed: install the "
+            f"[{extra}] extra (pip install '.[{extra}]' in an auditlens checkout){hint}")
+
+
 def _resolve(hook: Hook) -> tuple[Callable, Callable]:
     if callable(hook[0]):
         return hook  # type: ignore[return-value]
@@ -421,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("auditlens: interrupted", file=sys.stderr)
         return 130
+    except ImportError as exc:  # an optional extra the command reached for is not installed
+        print(f"auditlens: error: {_missing_extra(args._command, exc)}", file=sys.stderr)
+        return EXIT_ERROR
     except Exception as exc:  # a bug: still exit 2, never 1 (which scripts read as NO MATCH)
         if os.environ.get("AUDITLENS_DEBUG"):
             raise

@@ -95,6 +95,13 @@ class Verdict:
     def matched(self) -> bool:
         return self.decision == MATCH
 
+    @property
+    def outscored(self) -> bool:
+        """Whether a suggested product scores above the claimed one (the photo then looks
+        more like it); otherwise the suggestions are only the claimed product's nearest
+        neighbours."""
+        return bool(self.suggestions) and self.suggestions[0].score > self.score
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["reasons"] = list(self.reasons)

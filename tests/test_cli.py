@@ -79,10 +79,12 @@ def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_ph
     from auditlens.device_app.bundle import ReferenceBundle
     from auditlens.export.enroll import DEFAULT_THRESHOLD
 
-    run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "card", "--no-progress", check_rc=0)
+    calibrated = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "card", "--no-progress", check_rc=0)
     # views no shipped card uses: the card's threshold does not hold for them
-    run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "other", "--no-progress",
-        "--photo-zooms", "1,0.6", "--photo-mirror", check_rc=0)
+    dropped = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "other", "--no-progress",
+                  "--photo-zooms", "1,0.6", "--photo-mirror", check_rc=0)
+    assert "not calibrated" in dropped.stderr and "auditlens calibrate" in dropped.stderr
+    assert "warning" not in calibrated.stderr
     card, other = ReferenceBundle.load(tmp_path / "card"), ReferenceBundle.load(tmp_path / "other")
     assert other.spec.photo_zooms == (1.0, 0.6) and other.spec.num_views == 4
     assert card.decision["calibrated_on"] and card.spec != other.spec
@@ -171,3 +173,20 @@ def test_output_paths_that_cannot_work_are_refused_before_any_work(tmp_path, sam
     proc = run("evaluate", "--photos", pairs, "--out", tmp_path / "a-file", "--no-progress", check_rc=2)
     assert f"{tmp_path / 'a-file'} is a file; give a folder" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "a-file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("blocked, args, extra", [
+    ("matplotlib", ["evaluate", "--photos", SAMPLE / "photos.csv"], "[eval]"),
+    ("tensorflow", ["train", SAMPLE / "catalog.csv", "--epochs", "1", "--steps-per-epoch", "1"], "[train]"),
+])
+def test_a_missing_extra_is_named_before_any_work(tmp_path, blocked, args, extra):
+    """Without the extra a command needs, it says which to install (exit 2, not an
+    'internal error'), and evaluate says so before embedding a photo, writing nothing."""
+    out = tmp_path / "out"
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            "from auditlens.cli import main\n"
+            f"sys.exit(main({[*map(str, args), '--out', str(out)]!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert f"needs {blocked}" in proc.stderr and extra in proc.stderr and "internal error" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())

@@ -128,3 +128,24 @@ def test_backbone_weights_need_the_mobilenet_backbone(tiny_data, tmp_path, capsy
                  "--backbone-weights", str(DATA / "mnv2_trunk3.pth"), "--quiet"])
     assert code == 2
     assert "--backbone-weights needs --backbone mobilenet_v2" in capsys.readouterr().err
+
+
+def test_a_file_named_with_a_hash_must_have_that_hash(tmp_path):
+    """torchvision's NAME-HASH.pth convention: a copy whose bytes differ from its name's
+    sha256 prefix is refused before it is unpickled; the same bytes correctly named load."""
+    import hashlib
+    import shutil
+
+    from auditlens.errors import AuditlensError
+    from auditlens.training.pretrained import read_torch_state_dict
+
+    source = DATA / "mnv2_trunk3.pth"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    good = tmp_path / f"mnv2-{digest[:8]}.pth"
+    shutil.copy(source, good)
+    assert "features.0.0.weight" in read_torch_state_dict(good)
+    wrong = "0" * 8 if not digest.startswith("0" * 8) else "1" * 8
+    bad = tmp_path / f"mobilenet_v2-{wrong}.pth"
+    shutil.copy(source, bad)
+    with pytest.raises(AuditlensError, match=f"sha256 begins {digest[:8]}, not {wrong}"):
+        read_torch_state_dict(bad)

@@ -81,6 +81,11 @@ def test_no_match_lists_lookalikes_and_never_the_claimed_product(verifier, sampl
     assert v.decision == NO_MATCH
     assert len(v.suggestions) == 3 and "Carrots" not in [c.product_id for c in v.suggestions]
     assert [c.score for c in v.suggestions] == sorted((c.score for c in v.suggestions), reverse=True)
+    # a milk photo claimed as carrots looks more like a milk; claimed as itself, the
+    # suggestions are only its nearest other products, and the verdict says so
+    assert v.outscored and v.suggestions[0].score > v.score
+    own = strict.verify(sample_photos[0].photo, sample_photos[0].product_id)
+    assert own.decision == NO_MATCH and own.score > own.suggestions[0].score and not own.outscored
 
 
 def test_unknown_product_id(verifier, sample_photos):

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run (defaults: the shipped model's recipe)."""
+    """Settings of one training run. The defaults are the shipped model's recipe except its
+    ImageNet start (``backbone`` 'mobilenet_v2' with ``backbone_weights``, which you provide)."""
 
     catalog: str = ""
     """Catalogue of originals: a folder of images, a CSV or ``sqlite:///...``."""
@@ -46,8 +47,9 @@ class TrainConfig:
     """The pretrained trunk's learning rate relative to ``learning_rate`` (the new layers
     take the full rate): fine-tuning, not relearning, the ImageNet features."""
 
-    epochs: int = 1000
-    """Maximum number of epochs; ``minutes`` usually stops the run first."""
+    epochs: int = 10
+    """Epochs of the learning-rate schedule (the shipped model's: 10 of 150 steps, about an
+    hour on a 2-core CPU with the pretrained trunk); ``minutes`` can stop the run earlier."""
     stop_epoch: int | None = None
     """Stop after this epoch, with the learning-rate schedule of ``epochs`` (still high
     there), and ship that epoch's encoder instead of the one best on trained products. An
@@ -55,7 +57,7 @@ class TrainConfig:
     around epoch 9 to 10 of 25, while trained products keep gaining after it (docs/ablation.md)."""
     minutes: float | None = None
     """Wall-clock budget for training (checked after every step); None: run all epochs."""
-    steps_per_epoch: int = 100
+    steps_per_epoch: int = 150
     """Optimizer steps between validations/checkpoints."""
     products_per_batch: int = 16
     """Distinct products in a batch (P of the P x K sampler)."""

@@ -19,7 +19,9 @@ The Keras layers below follow torchvision's layout exactly (symmetric padding of
 
 from __future__ import annotations
 
+import hashlib
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -97,11 +99,28 @@ def _materialise(state, fetch) -> dict[str, np.ndarray]:
     return out
 
 
+def check_hash_in_name(path: Path) -> None:
+    """torchvision names its weight files ``NAME-HASH.pth``, HASH being the first hex digits
+    of the file's sha256 (``mobilenet_v2-b0353104.pth``): a file so named must hash to them,
+    or it is damaged or another file under the name."""
+    match = re.fullmatch(r".+-([0-9a-f]{8,64})\.pth", path.name)
+    if match is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise AuditlensError(f"{path}: its sha256 begins {digest.hexdigest()[:len(match.group(1))]}, not "
+                             f"{match.group(1)} as its name says: a damaged copy or another file")
+
+
 def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """Parameter name -> array, from a torch ``state_dict`` file (legacy or zip format)."""
     path = Path(path)
     if not path.is_file():
         raise AuditlensError(f"weights file not found: {path}")
+    check_hash_in_name(path)
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:

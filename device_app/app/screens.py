@@ -447,7 +447,9 @@ class VerdictScreen(Screen):
                     text=f"A different product scores this high in {v.estimated_far:.1%} of "
                          "calibration photos.", font_size=FONT_SMALL, color=MUTED))
         if v.suggestions:
-            d.add_widget(WrapLabel(text="The photo looks more like:", font_size=FONT, bold=True))
+            heading = ("The photo looks more like:" if v.outscored
+                       else "Closest other products (none scores higher):")
+            d.add_widget(WrapLabel(text=heading, font_size=FONT, bold=True))
             for c in v.suggestions:
                 texture = self._suggestion_textures.get(c.product_id)
                 if texture is None and c.product_id in suggestion_thumbs:
