@@ -20,6 +20,8 @@ TensorFlow is imported here only (the device side never imports it).
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import sys
 import time
@@ -64,19 +66,29 @@ class QuantizationConfig:
     """Export raises ModelError when the worst cosine (TFLite vs Keras latent) is below this."""
     min_mean_cosine: float = 0.0
     """Export raises ModelError when the mean cosine is below this."""
+    float_ops: int = 0
+    """int8 only: keep the graph's first N quantizable ops in float (input normalisation,
+    stem, first block: where a pretrained trunk's int8 drift starts); input and output
+    are then float32."""
 
     @classmethod
     def for_int8(
         cls, representative: np.ndarray, input_type: str = "uint8",
         min_worst_cosine: float = INT8_MIN_WORST_COSINE, min_mean_cosine: float = INT8_MIN_MEAN_COSINE,
+        float_ops: int = 0,
     ) -> QuantizationConfig:
         """Full integer model. uint8 input takes the camera's pixels unchanged (the
-        in-graph Rescaling folds into the input scale); the latent comes out int8."""
+        in-graph Rescaling folds into the input scale); the latent comes out int8. With
+        ``float_ops`` the first ops stay float and the model takes and gives float32."""
         rep = np.asarray(representative)
         if rep.ndim != 4 or rep.shape[-1] != 3 or rep.dtype != np.uint8 or len(rep) == 0:
             raise ValueError(f"representative images must be uint8 (N, S, S, 3), got {rep.dtype} {rep.shape}")
         if input_type not in ("uint8", "int8"):
             raise ValueError(f"int8 input type must be 'uint8' or 'int8', not {input_type!r}")
+        if float_ops < 0:
+            raise ValueError(f"float_ops must be >= 0, not {float_ops}")
+        if float_ops:
+            return cls("int8", rep, "float32", "float32", min_worst_cosine, min_mean_cosine, float_ops)
         return cls("int8", rep, input_type, "int8", min_worst_cosine, min_mean_cosine)
 
     @classmethod
@@ -128,6 +140,8 @@ class ExportReport:
     latency_ms_median: float
     """Median time of one image on 1 interpreter thread on this machine."""
     convert_seconds: float
+    float_ops: int = 0
+    """Ops kept in float at the start of an int8 graph (0: full int8)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,21 +153,59 @@ def _tf():
     return tf
 
 
+def _calibration_dataset(rep: np.ndarray) -> Callable:
+    """The converter's representative dataset: at most MAX_CALIBRATION_IMAGES images,
+    evenly spread (deterministic), as the float model's input (raw 0..255 pixels)."""
+    if len(rep) > MAX_CALIBRATION_IMAGES:
+        rep = rep[np.linspace(0, len(rep) - 1, MAX_CALIBRATION_IMAGES).round().astype(int)]
+
+    def dataset():
+        for image in rep:
+            yield [image[None].astype(np.float32)]
+
+    return dataset
+
+
+def _convert_with_float_ops(tf, make_converter, dataset, float_ops: int) -> bytes:
+    """int8 with the graph's first ``float_ops`` quantizable ops left in float, through
+    TFLite's QuantizationDebugger: one calibrated run names the ops in graph order, a
+    second converts with the first ones denylisted."""
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=make_converter(), debug_dataset=dataset)
+    debugger.run()
+    table = io.StringIO()
+    debugger.layer_statistics_dump(table)
+    table.seek(0)
+    names = [row["tensor_name"] for row in csv.DictReader(table)]
+    if float_ops > len(names):
+        raise ModelError(f"float_ops {float_ops}: the model has only {len(names)} quantizable ops")
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=names[:float_ops])
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=make_converter(), debug_dataset=dataset, debug_options=options)
+    return debugger.get_nondebug_quantized_model()
+
+
 def convert(model, config: QuantizationConfig) -> bytes:
     """Apply ``config`` to ``TFLiteConverter.from_keras_model(model)`` and convert."""
     tf = _tf()
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if config.mode == "int8" and config.float_ops:
+        dataset = _calibration_dataset(config.representative)
+
+        def make_converter():
+            c = tf.lite.TFLiteConverter.from_keras_model(model)
+            c.optimizations = [tf.lite.Optimize.DEFAULT]
+            c.representative_dataset = dataset
+            return c
+
+        try:
+            return _convert_with_float_ops(tf, make_converter, dataset, config.float_ops)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"TFLite conversion (int8, {config.float_ops} float ops) failed: {exc}") from exc
     if config.mode == "int8":
-        rep = config.representative
-        if len(rep) > MAX_CALIBRATION_IMAGES:  # evenly spread, deterministic
-            rep = rep[np.linspace(0, len(rep) - 1, MAX_CALIBRATION_IMAGES).round().astype(int)]
-
-        def representative_dataset():
-            for image in rep:  # the float model's input: raw 0..255 pixels as float32
-                yield [image[None].astype(np.float32)]
-
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative_dataset
+        converter.representative_dataset = _calibration_dataset(config.representative)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8 if config.input_type == "uint8" else tf.int8
         converter.inference_output_type = tf.int8
@@ -294,7 +346,7 @@ def export_encoder(
         input_shape=[int(v) for v in inp["shape"]], latent_dim=int(out["shape"][-1]),
         input_quantization=_quant_params(inp), output_quantization=_quant_params(out),
         latency_ms_median=median_latency_ms(content, compare[0]),
-        convert_seconds=round(convert_seconds, 2),
+        convert_seconds=round(convert_seconds, 2), float_ops=config.float_ops,
     )
     if report.worst_cosine < config.min_worst_cosine or report.mean_cosine < config.min_mean_cosine:
         raise ModelError(
@@ -352,6 +404,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     mode.add_argument("--dynamic", action="store_true", help="dynamic-range int8 weights, float activations")
     mode.add_argument("--float32", action="store_true",
                       help="no quantization: the Keras model as TFLite, to evaluate what int8 costs")
+    parser.add_argument("--float-ops", type=int, default=0, metavar="N",
+                        help="int8: keep the graph's first N ops in float, float32 in and out "
+                             "(6: input normalisation, stem and block 1 of the mobilenet_v2 trunk; "
+                             "docs/ablation.md) (default 0: full int8)")
     parser.add_argument("--crop", choices=("center", "full"), default="center",
                         help="preprocessing crop the model was trained with (default center)")
     parser.add_argument("--min-worst-cosine", type=float,
@@ -379,10 +435,13 @@ def run_export(args: argparse.Namespace) -> int:
         elif args.float32:
             config = QuantizationConfig.for_float32()
         else:
-            config = QuantizationConfig.for_int8(rep)
+            config = QuantizationConfig.for_int8(rep, float_ops=args.float_ops)
+        if args.float_ops and config.mode != "int8":
+            raise ValueError("--float-ops applies to the int8 export only")
         if args.min_worst_cosine is not None:
             config = QuantizationConfig(config.mode, config.representative, config.input_type,
-                                        config.output_type, args.min_worst_cosine, config.min_mean_cosine)
+                                        config.output_type, args.min_worst_cosine, config.min_mean_cosine,
+                                        config.float_ops)
         report = export_encoder(encoder, rep, args.out, config)
     except (AuditlensError, ValueError) as exc:
         print(f"auditlens export: {exc}", file=sys.stderr)

@@ -155,3 +155,31 @@ def test_export_refuses_what_would_lose_the_model(tiny_encoder, tmp_path, capsys
     err = capsys.readouterr().err
     assert "not an image encoder" in err and "export the run's encoder.keras" in err
     assert not (tmp_path / "ae.tflite").exists()
+
+
+def test_int8_with_the_first_ops_in_float(tiny_encoder, tmp_path):
+    """--float-ops N: the graph's first N ops compute in float (their outputs are float32
+    tensors, where the full int8 model has none past its input), the rest stays int8, and
+    the model takes and gives float32."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from auditlens.export.quantize import QuantizationConfig, export_encoder
+
+    rep = images_of(tiny_encoder["catalog"])
+
+    def float_tensors(path):
+        interpreter = Interpreter(model_path=str(path))
+        return [t["name"] for t in interpreter.get_tensor_details()
+                if t["dtype"] == np.float32 and not t["name"].startswith("serving_default")]
+
+    full = export_encoder(tiny_encoder["encoder"], rep, tmp_path / "full.tflite", QuantizationConfig.for_int8(rep))
+    mixed = export_encoder(tiny_encoder["encoder"], rep, tmp_path / "mixed.tflite",
+                           QuantizationConfig.for_int8(rep, float_ops=3))
+    assert (full.input_dtype, full.float_ops) == ("uint8", 0)
+    assert (mixed.input_dtype, mixed.output_dtype, mixed.float_ops) == ("float32", "float32", 3)
+    assert len(float_tensors(tmp_path / "mixed.tflite")) > len(float_tensors(tmp_path / "full.tflite"))
+    assert mixed.worst_cosine > 0.9
+    interpreter = Interpreter(model_path=str(tmp_path / "mixed.tflite"))
+    assert any(t["dtype"] == np.int8 for t in interpreter.get_tensor_details())  # the rest is int8
+    with pytest.raises(ValueError, match="float_ops must be >= 0"):
+        QuantizationConfig.for_int8(rep, float_ops=-1)
