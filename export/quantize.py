@@ -424,6 +424,8 @@ def run_export(args: argparse.Namespace) -> int:
             # the model card goes beside it as OUT with .json: OUT.json would overwrite the model
             raise ModelError(f"--out {args.out}: name the model file NAME.tflite "
                              "(its model card is written beside it as NAME.json)")
+        if args.float_ops and (args.float16 or args.dynamic or args.float32):
+            raise ValueError("--float-ops applies to the int8 export only")
         encoder = load_keras_encoder(args.model)
         spec = PreprocessSpec(input_size=int(encoder.input_shape[1]), crop=args.crop)
         rep = representative_images(args.representative, spec, args.photos, args.max_photos,
@@ -436,8 +438,6 @@ def run_export(args: argparse.Namespace) -> int:
             config = QuantizationConfig.for_float32()
         else:
             config = QuantizationConfig.for_int8(rep, float_ops=args.float_ops)
-        if args.float_ops and config.mode != "int8":
-            raise ValueError("--float-ops applies to the int8 export only")
         if args.min_worst_cosine is not None:
             config = QuantizationConfig(config.mode, config.representative, config.input_type,
                                         config.output_type, args.min_worst_cosine, config.min_mean_cosine,

@@ -141,6 +141,8 @@ def test_an_unexpected_error_exits_2_not_1_which_means_no_match(tmp_path, monkey
     (["verify", "--product", "Banana", "--public-key", "MISSING", "PHOTO"], "MISSING: No such file"),
     (["info", "--public-key", "MISSING"], "MISSING: No such file"),
     (["enroll", "CATALOG", "--out", "OUT", "--model", "MISSING"], "MISSING: No such file"),
+    (["export", "MISSING", "--representative", "CATALOG", "--out", "m.tflite", "--float16", "--float-ops", "2"],
+     "--float-ops applies to the int8 export only"),
 ])
 def test_bad_arguments_and_missing_files_are_one_clear_line(tmp_path, sample_photos, args, message):
     names = {"PHOTO": sample_photos[0].photo, "CATALOG": SAMPLE / "catalog.csv",
