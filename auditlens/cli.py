@@ -136,15 +136,9 @@ def _run_enroll(args) -> int:
     out = enroll(catalog, args.out, model=args.model, extra_references=extras,
                  options=EnrollOptions(threshold=args.threshold, progress=not args.no_progress,
                                        photo_zooms=args.photo_zooms, photo_mirror=args.photo_mirror),
-                 signing_key=args.sign_key.read_bytes() if args.sign_key else None)
+                 signing_key=args.sign_key.read_bytes() if args.sign_key else None,
+                 warn=lambda message: print(f"auditlens: warning: {message}", file=sys.stderr))
     print(f"enrolled {len(catalog)} products ({len(extras)} extra reference photos) into {out}")
-    from auditlens.device_app.bundle import ReferenceBundle
-
-    decision = ReferenceBundle.load(out).decision
-    if not decision.get("target_far") and not decision.get("calibrated_on"):
-        print(f"auditlens: warning: the threshold {decision['threshold']:.3f} is not calibrated (the "
-              "model card has none for these photo views): run `auditlens calibrate` on labelled "
-              "photos before field use", file=sys.stderr)
     return EXIT_OK
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,8 +114,12 @@ def enroll(
     extra_references: Sequence[LabelledPhoto] = (),
     options: EnrollOptions | None = None,
     signing_key: bytes | str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Embed every original (and approved extra reference photos) and write a bundle.
+
+    ``warn`` is told when the bundle's threshold is not a calibrated one (the model card
+    has none for the photo views enrolled, and none was given).
 
     Every product whose original cannot be used is reported, by id, in one
     :class:`CatalogError`; no bundle is written then. An ``out`` that holds anything but
@@ -187,6 +191,9 @@ def enroll(
     if options.threshold is not None:
         decision = {"threshold": float(options.threshold), "target_far": None,
                     "calibrated_on": "set by hand at enrolment"}
+    if warn and not decision.get("target_far") and not decision.get("calibrated_on"):
+        warn(f"the threshold {decision['threshold']:.3f} is not calibrated (the model card has none "
+             "for these photo views): run `auditlens calibrate` on labelled photos before field use")
     return write_bundle(
         out, model_content=content, spec=spec, products=records, references=latents,
         thumbnails=[item.thumbnail for item in loaded if item is not None], decision=decision,

@@ -186,40 +186,35 @@ def _convert_with_float_ops(tf, make_converter, dataset, float_ops: int) -> byte
 
 def convert(model, config: QuantizationConfig) -> bytes:
     """Apply ``config`` to ``TFLiteConverter.from_keras_model(model)`` and convert."""
-    tf = _tf()
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if config.mode == "int8" and config.float_ops:
-        dataset = _calibration_dataset(config.representative)
-
-        def make_converter():
-            c = tf.lite.TFLiteConverter.from_keras_model(model)
-            c.optimizations = [tf.lite.Optimize.DEFAULT]
-            c.representative_dataset = dataset
-            return c
-
-        try:
-            return _convert_with_float_ops(tf, make_converter, dataset, config.float_ops)
-        except ModelError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"TFLite conversion (int8, {config.float_ops} float ops) failed: {exc}") from exc
-    if config.mode == "int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = _calibration_dataset(config.representative)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8 if config.input_type == "uint8" else tf.int8
-        converter.inference_output_type = tf.int8
-    elif config.mode == "float16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif config.mode == "dynamic":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif config.mode != "float32":
+    if config.mode not in ("int8", "float16", "dynamic", "float32"):
         raise ValueError(f"unknown quantization mode {config.mode!r}")
+    tf = _tf()
+    dataset = _calibration_dataset(config.representative) if config.mode == "int8" else None
+
+    def make_converter():
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        if config.mode != "float32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if config.mode == "int8":
+            converter.representative_dataset = dataset
+        elif config.mode == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        return converter
+
     try:
+        if config.float_ops:
+            return _convert_with_float_ops(tf, make_converter, dataset, config.float_ops)
+        converter = make_converter()
+        if config.mode == "int8":  # full integer: int8 kernels only, quantized input and output
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.uint8 if config.input_type == "uint8" else tf.int8
+            converter.inference_output_type = tf.int8
         return converter.convert()
+    except ModelError:
+        raise
     except Exception as exc:  # the converter raises many types; name the step that failed
-        raise ModelError(f"TFLite conversion ({config.mode}) failed: {exc}") from exc
+        what = f"{config.mode}, {config.float_ops} float ops" if config.float_ops else config.mode
+        raise ModelError(f"TFLite conversion ({what}) failed: {exc}") from exc
 
 
 def _quant_params(detail: dict) -> tuple[float, int]:

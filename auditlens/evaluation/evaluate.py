@@ -444,11 +444,8 @@ def evaluate(
     """
     if out_dir is not None:
         check_output_dir(out_dir)
-        if plots:  # before any photo is embedded: the plots come last
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError as exc:
-                raise ModuleNotFoundError(f"the plots need matplotlib: {exc}", name="matplotlib") from exc
+        if plots:  # a missing matplotlib fails here, before any photo is embedded
+            import matplotlib  # noqa: F401
     source = ""
     if isinstance(labelled_photos, (str, os.PathLike)):
         source = str(labelled_photos)
