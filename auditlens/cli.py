@@ -101,7 +101,9 @@ def _add_enroll(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", type=Path, default=None,
                    help="TFLite encoder (default: the shipped model)")
     p.add_argument("--references", type=Path, default=None, metavar="LABELLED.csv",
-                   help="extra approved photos per product (photo,product_id), enrolled beside the originals")
+                   help="extra approved photos per product (photo,product_id), enrolled beside the originals "
+                   "(a photo scores against its product's best reference; the bundle then needs "
+                   "'auditlens calibrate')")
     p.add_argument("--threshold", type=cosine_threshold, default=None,
                    help="decision threshold (default: the model card's calibrated one)")
     p.add_argument("--photo-zooms", type=_zooms, default=None, metavar="0.7",

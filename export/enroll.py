@@ -188,12 +188,19 @@ def enroll(
     uncalibrated = {"threshold": DEFAULT_THRESHOLD, "target_far": None, "calibrated_on": None}
     # The card's threshold was calibrated on photos embedded with the card's views.
     decision = dict(card.get("decision") or uncalibrated) if spec == card_spec else uncalibrated
+    why = "the model card has none for these photo views"
+    if photo_views and decision.get("target_far"):
+        # ... and against originals alone: a photo reference lifts impostors' best scores
+        # too (docs/ablation.md: one per product takes the shipped card's 1% to 3.3%)
+        decision = {"threshold": decision["threshold"], "target_far": None, "calibrated_on": None}
+        why = ("the model card's was calibrated against originals alone, and extra reference "
+               "photos raise impostors' scores as well as genuine ones")
     if options.threshold is not None:
         decision = {"threshold": float(options.threshold), "target_far": None,
                     "calibrated_on": "set by hand at enrolment"}
     if warn and not decision.get("target_far") and not decision.get("calibrated_on"):
-        warn(f"the threshold {decision['threshold']:.3f} is not calibrated (the model card has none "
-             "for these photo views): run `auditlens calibrate` on labelled photos before field use")
+        warn(f"the threshold {decision['threshold']:.3f} is not calibrated ({why}): run "
+             "`auditlens calibrate` on labelled photos before field use")
     return write_bundle(
         out, model_content=content, spec=spec, products=records, references=latents,
         thumbnails=[item.thumbnail for item in loaded if item is not None], decision=decision,

@@ -75,6 +75,32 @@ def test_enroll_then_info_and_identify(tmp_path, sample_photos):
     assert len(ident.stdout.strip().splitlines()) == 3
 
 
+def test_enroll_with_reference_photos_needs_its_own_calibration(tmp_path, sample_photos):
+    from auditlens.device_app.bundle import ReferenceBundle
+
+    refs = tmp_path / "refs.csv"
+    with refs.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["photo", "product_id"])
+        w.writerows((p.photo, p.product_id) for p in sample_photos[:3])
+    with_refs = run("enroll", SAMPLE / "catalog.csv", "--references", refs, "--out", tmp_path / "b",
+                    "--no-progress", check_rc=0)
+    assert "not calibrated" in with_refs.stderr and "reference photos" in with_refs.stderr
+    b = ReferenceBundle.load(tmp_path / "b")
+    assert len(b.references) == len(b.products) + 3
+    assert b.decision["target_far"] is None and b.decision["calibrated_on"] is None
+    # each reference photo sits with its product, after the original
+    photo = sample_photos[0]
+    rows = next(p for p in b.products if p.product_id == photo.product_id).references
+    assert len(rows) == 1 + sum(p.product_id == photo.product_id for p in sample_photos[:3])
+    # a photo enrolled as a reference is its product's best match
+    ident = run("identify", "--bundle", tmp_path / "b", "--top", "1", photo.photo, check_rc=0).stdout
+    assert photo.product_id in ident
+    # calibrating on labelled photos makes it a calibrated bundle again
+    run("calibrate", "--bundle", tmp_path / "b", "--photos", SAMPLE / "photos.csv", "--no-progress", check_rc=0)
+    assert ReferenceBundle.load(tmp_path / "b").decision["target_far"] == 0.01
+
+
 def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_photos):
     from auditlens.device_app.bundle import ReferenceBundle
     from auditlens.export.enroll import DEFAULT_THRESHOLD
