@@ -58,6 +58,13 @@ CSV_COLUMNS = (
     "model_id", "photo_sha256", "captured_sha256", "reasons", "prev_hash", "record_hash",
 )
 
+PHOTO_CSV_COLUMNS = (
+    "photo", "product_id", "decision", "score", "threshold", "record_id", "created_utc",
+    "auditor", "photo_sha256",
+)
+"""Columns of ``photos.csv`` written by :meth:`AuditLog.export_photos`."""
+_PHOTO_SUFFIX = {"image/jpeg": "jpg", "image/png": "png"}
+
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
@@ -600,6 +607,53 @@ class AuditLog:
             f.write("\n]}\n")
         return _write_atomically(path, write)
 
+    def _check_photo_folder(self, folder: str | os.PathLike) -> Path:
+        folder = self._check_export_path(folder)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise AuditLogError(f"{folder}: the photo export needs a new or empty folder")
+        return folder
+
+    def export_photos(self, folder: str | os.PathLike) -> Path:
+        """Every record's photo as a file in ``folder`` (``000001.jpg``, ...) beside
+        ``photos.csv``: ``photo,product_id`` first, the columns `auditlens calibrate
+        --photos` and `auditlens enroll --references` read, then the record's verdict, score
+        and id. Photos of field audits are what a threshold for the products actually
+        audited is calibrated on, once someone has checked each label (drop the rows
+        whose photo does not show its product).
+
+        ``folder`` must be new or empty; it is filled in a temporary sibling and renamed
+        into place, so it holds the whole export or nothing. Each photo's bytes are checked
+        against the sha256 its record's hash covers."""
+        import shutil
+        import tempfile
+
+        folder = self._check_photo_folder(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            with (staging / "photos.csv").open("w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(PHOTO_CSV_COLUMNS)
+                for r in self.iter_records():
+                    data = self.photo(r.id)
+                    if hashlib.sha256(data).hexdigest() != r.photo_sha256:
+                        raise _chain_error(f"{self.path}: record {r.id}'s photo does not match "
+                                           "its sha256: the photo was swapped", r.id)
+                    name = f"{r.id:06d}.{_PHOTO_SUFFIX.get(r.photo_mime, 'bin')}"
+                    (staging / name).write_bytes(data)
+                    writer.writerow([name, r.product_id, r.decision, f"{r.score:.6f}",
+                                     f"{r.threshold:.6f}", r.id, r.created_utc, r.auditor,
+                                     r.photo_sha256])
+            for item in (staging, *staging.iterdir()):
+                os.chmod(item, 0o755 if item.is_dir() else 0o644)
+            if folder.exists():
+                folder.rmdir()  # empty, checked above
+            os.replace(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return folder
+
 
 def _chain_error(message: str, record_id: int | None) -> AuditChainError:
     exc = AuditChainError(message)
@@ -633,6 +687,10 @@ def add_arguments(p) -> None:
     p.add_argument("--export-json", type=Path, metavar="F",
                    help="also write the records and verdicts as JSON (with the chain's head hash)")
     p.add_argument("--photos", action="store_true", help="include the photos (base64) in --export-json")
+    p.add_argument("--export-photos", type=Path, metavar="DIR",
+                   help="also write every photo as a file in DIR (new or empty) with photos.csv "
+                        "(photo,product_id,decision,score,...): once checked by hand, the labelled "
+                        "photos that `auditlens calibrate` and `enroll --references` take")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -643,11 +701,15 @@ def run(args) -> int:
         for target in (args.export_csv, args.export_json):
             if target:  # before anything is written
                 log._check_export_path(target)
+        if args.export_photos:
+            log._check_photo_folder(args.export_photos)
         report = log.verify_chain()  # AuditChainError -> exit status 2 with the record named
         if args.export_csv:
             log.export_csv(args.export_csv)
         if args.export_json:
             log.export_json(args.export_json, photos=args.photos)
+        if args.export_photos:
+            log.export_photos(args.export_photos)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -658,7 +720,8 @@ def run(args) -> int:
             print(f"  from {report.first_created_utc} to {report.last_created_utc}")
         for w in report.warnings:
             print(f"  warning: {w}")
-        for what, p in (("CSV", args.export_csv), ("JSON", args.export_json)):
+        for what, p in (("CSV", args.export_csv), ("JSON", args.export_json),
+                        ("photos and photos.csv", args.export_photos)):
             if p:
                 print(f"  exported {what} to {p}")
     return 0

@@ -231,6 +231,41 @@ def test_photos_without_a_json_export_is_refused(log_path, tmp_path, capsys):
     assert json.loads((tmp_path / "j.json").read_text())["records"][0]["photo_base64"]
 
 
+def test_export_photos_gives_labelled_photos_the_other_commands_read(tmp_path, capsys):
+    """Field photos from the log, as files with photo,product_id rows: `calibrate` and
+    `enroll --references` take the export as it is."""
+    from auditlens.catalog import read_labelled_photos
+
+    sample = REPO / "models" / "sample"
+    rows = list(csv.DictReader(open(sample / "photos.csv", newline="")))[:4]
+    log_path = tmp_path / "audit.db"
+    for row in rows:
+        assert cli_main(["verify", "--product", row["product_id"], str(sample / row["photo"]),
+                         "--log", str(log_path), "--auditor", "field"]) in (0, 1, 3)
+    out = tmp_path / "export"
+    assert cli_main(["verify-log", str(log_path), "--export-photos", str(out)]) == 0
+    assert f"exported photos and photos.csv to {out}" in capsys.readouterr().out
+    exported = read_labelled_photos(out / "photos.csv")
+    assert [p.product_id for p in exported] == [r["product_id"] for r in rows]
+    for photo, row in zip(exported, rows):  # small JPEGs are kept byte for byte
+        assert Path(photo.photo).read_bytes() == (sample / row["photo"]).read_bytes()
+    table = list(csv.DictReader(open(out / "photos.csv", newline="", encoding="utf-8")))
+    assert {r["decision"] for r in table} <= {"match", "no_match", "retake"} and table[0]["auditor"] == "field"
+    assert cli_main(["calibrate", "--bundle", str(REPO / "models" / "sample_bundle"), "--photos",
+                     str(out / "photos.csv"), "--dry-run", "--no-progress"]) == 0
+    assert cli_main(["enroll", str(sample / "catalog.csv"), "--references", str(out / "photos.csv"),
+                     "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+
+    # a folder with something in it is refused before anything is written
+    assert cli_main(["verify-log", str(log_path), "--export-photos", str(out)]) == 2
+    assert "needs a new or empty folder" in capsys.readouterr().err
+    # a swapped photo stops the export and leaves no folder behind, not even a partial one
+    _edit_by_hand(log_path, "UPDATE records SET photo = X'FFD8FFD9' WHERE id = 3;")
+    with AuditLog(log_path) as log, pytest.raises(AuditChainError, match="record 3"):
+        log.export_photos(tmp_path / "again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.db", "b", "export"]
+
+
 def test_missing_or_foreign_file(tmp_path, capsys):
     assert cli_main(["verify-log", str(tmp_path / "nope.db")]) == 2
     assert "no audit log" in capsys.readouterr().err
