@@ -581,11 +581,18 @@ def describe(report: dict) -> str:
         "",
         format_table(report),
     ]
+    def rates(at: dict) -> str:
+        return f"FAR {at['far']:.2%}, FRR {at['frr']:.2%}" + (
+            f", FAR on hard impostors {at['far_hard']:.2%}" if at.get("far_hard") is not None else "")
+
     at = report["overall"]["all"].get("at_bundle_threshold")
     if at:
-        lines += ["", f"at the bundle's threshold {at['threshold']:.4f}: FAR {at['far']:.2%}, "
-                      f"FRR {at['frr']:.2%}" + (f", FAR on hard impostors {at['far_hard']:.2%}"
-                                                if at.get("far_hard") is not None else "")]
+        lines += ["", f"at the bundle's threshold {at['threshold']:.4f}: {rates(at)}"]
+        # a threshold calibrated on trained products admits more impostors of new ones
+        for block, label in (("seen", "products seen in training"), ("unseen", "products never seen")):
+            sub = report.get(block, {}).get("all", {}).get("at_bundle_threshold")
+            if sub:
+                lines.append(f"  {label + ':':27s} {rates(sub)}")
     if report.get("goals"):
         lines += ["", "quality goals:"]
         for g in report["goals"]:
