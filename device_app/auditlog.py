@@ -609,8 +609,10 @@ class AuditLog:
 
     def _check_photo_folder(self, folder: str | os.PathLike) -> Path:
         folder = self._check_export_path(folder)
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-            raise AuditLogError(f"{folder}: the photo export needs a new or empty folder")
+        if folder.exists() or folder.is_symlink():
+            raise AuditLogError(f"{folder} exists: the photo export makes a new folder; name one")
+        if not folder.parent.is_dir():
+            raise AuditLogError(f"{folder}: the folder {folder.parent} does not exist")
         return folder
 
     def export_photos(self, folder: str | os.PathLike) -> Path:
@@ -621,14 +623,17 @@ class AuditLog:
         audited is calibrated on, once someone has checked each label (drop the rows
         whose photo does not show its product).
 
-        ``folder`` must be new or empty; it is filled in a temporary sibling and renamed
-        into place, so it holds the whole export or nothing. Each photo's bytes are checked
-        against the sha256 its record's hash covers."""
+        The whole hash chain is checked first, as for the JSON export, and each photo's
+        bytes again as they are written. ``folder`` must not exist yet: it is filled in a
+        hidden sibling, flushed to disk and renamed into place, so it holds the whole
+        export or nothing. A record whose photo could not be decoded when it was logged
+        (stored as ``application/octet-stream``) gets a ``.bin`` file, which `calibrate`
+        skips as unreadable and `enroll` refuses: drop its row."""
         import shutil
         import tempfile
 
         folder = self._check_photo_folder(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        self.verify_chain()  # a label edited by hand must not reach calibrate or enroll
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             with (staging / "photos.csv").open("w", newline="", encoding="utf-8") as f:
@@ -640,19 +645,42 @@ class AuditLog:
                         raise _chain_error(f"{self.path}: record {r.id}'s photo does not match "
                                            "its sha256: the photo was swapped", r.id)
                     name = f"{r.id:06d}.{_PHOTO_SUFFIX.get(r.photo_mime, 'bin')}"
-                    (staging / name).write_bytes(data)
+                    _write_synced(staging / name, data)
                     writer.writerow([name, r.product_id, r.decision, f"{r.score:.6f}",
                                      f"{r.threshold:.6f}", r.id, r.created_utc, r.auditor,
                                      r.photo_sha256])
+                f.flush()
+                os.fsync(f.fileno())
             for item in (staging, *staging.iterdir()):
                 os.chmod(item, 0o755 if item.is_dir() else 0o644)
-            if folder.exists():
-                folder.rmdir()  # empty, checked above
+            _fsync_dir(staging)
             os.replace(staging, folder)
+            _fsync_dir(folder.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return folder
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _chain_error(message: str, record_id: int | None) -> AuditChainError:
@@ -688,7 +716,7 @@ def add_arguments(p) -> None:
                    help="also write the records and verdicts as JSON (with the chain's head hash)")
     p.add_argument("--photos", action="store_true", help="include the photos (base64) in --export-json")
     p.add_argument("--export-photos", type=Path, metavar="DIR",
-                   help="also write every photo as a file in DIR (new or empty) with photos.csv "
+                   help="also write every photo as a file in a new folder DIR, with photos.csv "
                         "(photo,product_id,decision,score,...): once checked by hand, the labelled "
                         "photos that `auditlens calibrate` and `enroll --references` take")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

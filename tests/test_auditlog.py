@@ -256,14 +256,20 @@ def test_export_photos_gives_labelled_photos_the_other_commands_read(tmp_path, c
     assert cli_main(["enroll", str(sample / "catalog.csv"), "--references", str(out / "photos.csv"),
                      "--out", str(tmp_path / "b"), "--no-progress"]) == 0
 
-    # a folder with something in it is refused before anything is written
-    assert cli_main(["verify-log", str(log_path), "--export-photos", str(out)]) == 2
-    assert "needs a new or empty folder" in capsys.readouterr().err
-    # a swapped photo stops the export and leaves no folder behind, not even a partial one
-    _edit_by_hand(log_path, "UPDATE records SET photo = X'FFD8FFD9' WHERE id = 3;")
-    with AuditLog(log_path) as log, pytest.raises(AuditChainError, match="record 3"):
-        log.export_photos(tmp_path / "again")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.db", "b", "export"]
+    # an existing folder, even an empty one, is refused before anything is written
+    (tmp_path / "empty").mkdir()
+    for target in (out, tmp_path / "empty"):
+        assert cli_main(["verify-log", str(log_path), "--export-photos", str(target)]) == 2
+        assert "the photo export makes a new folder" in capsys.readouterr().err
+    # a label or a photo edited by hand stops the export (used on its own, without
+    # verify-log's check) and leaves no folder behind, not even a partial one
+    for n, sql in enumerate(("UPDATE records SET product_id = 'Banana' WHERE id = 2;",
+                             "UPDATE records SET photo = X'FFD8FFD9' WHERE id = 2;")):
+        shutil.copy(log_path, tmp_path / f"edited{n}.db")
+        _edit_by_hand(tmp_path / f"edited{n}.db", sql)
+        with AuditLog(tmp_path / f"edited{n}.db") as log, pytest.raises(AuditChainError, match="record 2"):
+            log.export_photos(tmp_path / "again")
+    assert not (tmp_path / "again").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_missing_or_foreign_file(tmp_path, capsys):

@@ -99,6 +99,11 @@ def test_enroll_with_reference_photos_needs_its_own_calibration(tmp_path, sample
     # calibrating on labelled photos makes it a calibrated bundle again
     run("calibrate", "--bundle", tmp_path / "b", "--photos", SAMPLE / "photos.csv", "--no-progress", check_rc=0)
     assert ReferenceBundle.load(tmp_path / "b").decision["target_far"] == 0.01
+    # ... but its threshold is no model card's: those go to bundles of originals alone
+    card = tmp_path / "encoder.json"
+    refused = run("calibrate", "--bundle", tmp_path / "b", "--photos", SAMPLE / "photos.csv",
+                  "--model-card", card, "--no-progress", check_rc=2)
+    assert "3 reference photo(s) besides its originals" in refused.stderr and not card.exists()
 
 
 def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_photos):

@@ -135,8 +135,8 @@ def test_cli_evaluate(tmp_path, sample_bundle, capsys):
     assert (out / "report.json").is_file() and (out / "roc.png").is_file()
     # the bundle's threshold, read apart for trained and new products, as in report.json
     unseen = json.loads((out / "report.json").read_text())["unseen"]["all"]["at_bundle_threshold"]
-    assert f"products never seen:        FAR {unseen['far']:.2%}, FRR {unseen['frr']:.2%}" in text
-    assert "products seen in training:  FAR" in text
+    assert f"photos of products never seen:        FAR {unseen['far']:.2%}, FRR {unseen['frr']:.2%}" in text
+    assert "photos of products seen in training:  FAR" in text
 
 
 def test_cli_help_names_the_options(capsys):

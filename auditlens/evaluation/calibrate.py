@@ -320,6 +320,16 @@ def run(args) -> int:
 
     catalog = open_catalog(args.catalog) if args.catalog else None
     key = args.sign_key.read_bytes() if args.sign_key else None
+    if args.model_card:  # before the photos are embedded
+        from auditlens.device_app.bundle import ReferenceBundle
+
+        b = ReferenceBundle.load(args.bundle)
+        if len(b.references) > len(b.products):
+            raise CatalogError(
+                f"{args.bundle} holds {len(b.references) - len(b.products)} reference photo(s) "
+                "besides its originals; a model card's threshold is for bundles of originals "
+                "alone (enroll gives it to those), and photo references raise impostor scores: "
+                "calibrate this bundle without --model-card")
     try:
         d = calibrate(args.bundle, args.photos, args.target_far, out=args.out, write=not args.dry_run,
                       catalog=catalog, seed=args.seed, n_impostors=args.impostors, signing_key=key,

@@ -589,10 +589,11 @@ def describe(report: dict) -> str:
     if at:
         lines += ["", f"at the bundle's threshold {at['threshold']:.4f}: {rates(at)}"]
         # a threshold calibrated on trained products admits more impostors of new ones
-        for block, label in (("seen", "products seen in training"), ("unseen", "products never seen")):
+        for block, label in (("seen", "photos of products seen in training"),
+                             ("unseen", "photos of products never seen")):
             sub = report.get(block, {}).get("all", {}).get("at_bundle_threshold")
             if sub:
-                lines.append(f"  {label + ':':27s} {rates(sub)}")
+                lines.append(f"  {label + ':':37s} {rates(sub)}")
     if report.get("goals"):
         lines += ["", "quality goals:"]
         for g in report["goals"]:
