@@ -171,11 +171,13 @@ def calibrate(
     drop_signature: bool = False,
     threads: int = 1,
     progress: bool = True,
+    for_model_card: bool = False,
 ) -> dict:
     """Calibrate the bundle at ``bundle`` for ``target_far`` and return the decision.
 
     The bundle is re-written in place, or to ``out`` (a folder, or a path ending in
-    ``.zip``); nothing is written when ``write`` is false.
+    ``.zip``); nothing is written when ``write`` is false. ``for_model_card``: the
+    decision is meant for a model card, so a bundle with reference photos is refused.
     """
     from auditlens.device_app.bundle import ReferenceBundle, check_replaceable
     from auditlens.device_app.verifier import Verifier, VerifierOptions
@@ -197,6 +199,12 @@ def calibrate(
             "devices that require signed bundles will refuse)")
 
     b = ReferenceBundle.load(bundle)
+    if for_model_card and len(b.references) > len(b.products):  # before the photos are embedded
+        raise CatalogError(
+            f"{bundle} holds {len(b.references) - len(b.products)} reference photo(s) besides "
+            "its originals; a model card's threshold is for bundles of originals alone (enroll "
+            "gives it to those), and photo references raise impostor scores: calibrate this "
+            "bundle without --model-card")
     verifier = Verifier(b, VerifierOptions(num_threads=threads, check_quality=False))
     embedded = embed_photos(verifier, photos, progress=progress, desc="calibrating")
     if not embedded.photos:
@@ -320,21 +328,11 @@ def run(args) -> int:
 
     catalog = open_catalog(args.catalog) if args.catalog else None
     key = args.sign_key.read_bytes() if args.sign_key else None
-    if args.model_card:  # before the photos are embedded
-        from auditlens.device_app.bundle import ReferenceBundle
-
-        b = ReferenceBundle.load(args.bundle)
-        if len(b.references) > len(b.products):
-            raise CatalogError(
-                f"{args.bundle} holds {len(b.references) - len(b.products)} reference photo(s) "
-                "besides its originals; a model card's threshold is for bundles of originals "
-                "alone (enroll gives it to those), and photo references raise impostor scores: "
-                "calibrate this bundle without --model-card")
     try:
         d = calibrate(args.bundle, args.photos, args.target_far, out=args.out, write=not args.dry_run,
                       catalog=catalog, seed=args.seed, n_impostors=args.impostors, signing_key=key,
                       drop_signature=args.drop_signature, threads=args.threads,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, for_model_card=bool(args.model_card))
     except ValueError as exc:
         raise CatalogError(str(exc)) from exc
     print(f"threshold {d['threshold']:.6f} for target FAR {d['target_far']:.2%}: measured FAR "
