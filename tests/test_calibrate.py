@@ -169,6 +169,25 @@ def test_model_card_of_another_model_is_refused(tmp_path, sample_bundle):
                          ReferenceBundle.load(sample_bundle).model_id)
 
 
+def test_model_card_is_checked_before_the_bundle_is_rewritten(tmp_path, bundle_copy, capsys):
+    """A missing card, a file that is no card, or the card of another model: refused before
+    any photo is embedded, with the bundle left as it was."""
+    manifest = (bundle_copy / "manifest.json").read_bytes()
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(REPO / "models" / "encoder.json", other / "encoder.json")
+    (other / "encoder.tflite").write_bytes(b"another model")
+    (tmp_path / "notes.json").write_text(json.dumps({"threshold": 0.5}))
+    for card, message in ((tmp_path / "missing.json", "no such model card"),
+                          (tmp_path / "notes.json", "not a model card"),
+                          (other / "encoder.json", "not the calibrated model")):
+        rc = main(["calibrate", "-b", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
+                   "--model-card", str(card), "--no-progress"])
+        assert rc == 2 and message in capsys.readouterr().err
+        assert (bundle_copy / "manifest.json").read_bytes() == manifest
+    assert not (tmp_path / "missing.json").exists()
+
+
 def test_dry_run_writes_nothing(tmp_path, bundle_copy, capsys):
     manifest = (bundle_copy / "manifest.json").read_bytes()
     card = tmp_path / "encoder.json"

@@ -171,13 +171,15 @@ def calibrate(
     drop_signature: bool = False,
     threads: int = 1,
     progress: bool = True,
-    for_model_card: bool = False,
+    model_card: str | os.PathLike | None = None,
 ) -> dict:
     """Calibrate the bundle at ``bundle`` for ``target_far`` and return the decision.
 
     The bundle is re-written in place, or to ``out`` (a folder, or a path ending in
-    ``.zip``); nothing is written when ``write`` is false. ``for_model_card``: the
-    decision is meant for a model card, so a bundle with reference photos is refused.
+    ``.zip``); nothing is written when ``write`` is false. ``model_card``: the decision
+    is meant for that card too (the caller writes it with `write_model_card`), so the card
+    is checked before anything is embedded or written, and a bundle with reference photos
+    is refused.
     """
     from auditlens.device_app.bundle import ReferenceBundle, check_replaceable
     from auditlens.device_app.verifier import Verifier, VerifierOptions
@@ -199,7 +201,9 @@ def calibrate(
             "devices that require signed bundles will refuse)")
 
     b = ReferenceBundle.load(bundle)
-    if for_model_card and len(b.references) > len(b.products):  # before the photos are embedded
+    if model_card is not None:  # before the photos are embedded and the bundle rewritten
+        read_model_card(model_card, b.model_id)
+    if model_card is not None and len(b.references) > len(b.products):
         raise CatalogError(
             f"{bundle} holds {len(b.references) - len(b.products)} reference photo(s) besides "
             "its originals; a model card's threshold is for bundles of originals alone (enroll "
@@ -255,6 +259,28 @@ def calibrate(
     return decision
 
 
+def read_model_card(card_path: str | os.PathLike, model_id: str) -> dict:
+    """The model card at ``card_path``, refused when it is missing or unreadable, or when
+    the model beside it (same stem, ``.tflite``) is not the model ``model_id``."""
+    from auditlens.device_app.interpreter import model_id_of
+
+    card_path = Path(card_path)
+    model = card_path.with_suffix(".tflite")
+    if model.is_file() and (beside := model_id_of(model.read_bytes())) != model_id:
+        raise CatalogError(f"{card_path}: the model beside it ({model.name}, {beside}) is not the "
+                           f"calibrated model {model_id}")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CatalogError(f"{card_path}: no such model card (auditlens export writes one beside "
+                           "the model it exports)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CatalogError(f"{card_path}: cannot read the model card: {exc}") from exc
+    if not isinstance(card, dict) or not isinstance(card.get("preprocess"), dict):
+        raise CatalogError(f"{card_path}: not a model card (no 'preprocess' object)")
+    return card
+
+
 def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str,
                      views: dict | None = None) -> Path:
     """Store ``decision`` in a model card (``models/encoder.json``) under ``"decision"``,
@@ -264,17 +290,10 @@ def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str
     holds only for photos embedded as the calibration embedded them, and `enroll` applies
     the card's decision only to bundles with the card's views, so the card takes them too.
 
-    Refuses when the model beside the card (same stem, ``.tflite``) is not the model the
-    decision was calibrated with.
+    Refuses what `read_model_card` refuses.
     """
-    from auditlens.device_app.interpreter import model_id_of
-
     card_path = Path(card_path)
-    model = card_path.with_suffix(".tflite")
-    if model.is_file() and model_id_of(model.read_bytes()) != model_id:
-        raise CatalogError(f"{card_path}: the model beside it ({model.name}, "
-                           f"{model_id_of(model.read_bytes())}) is not the calibrated model {model_id}")
-    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
+    card = read_model_card(card_path, model_id)
     card["decision"] = {k: v for k, v in decision.items() if not k.startswith("_")}
     if views is not None:
         card.setdefault("preprocess", {}).update(views)
@@ -332,7 +351,7 @@ def run(args) -> int:
         d = calibrate(args.bundle, args.photos, args.target_far, out=args.out, write=not args.dry_run,
                       catalog=catalog, seed=args.seed, n_impostors=args.impostors, signing_key=key,
                       drop_signature=args.drop_signature, threads=args.threads,
-                      progress=not args.no_progress, for_model_card=bool(args.model_card))
+                      progress=not args.no_progress, model_card=args.model_card)
     except ValueError as exc:
         raise CatalogError(str(exc)) from exc
     print(f"threshold {d['threshold']:.6f} for target FAR {d['target_far']:.2%}: measured FAR "
@@ -353,7 +372,7 @@ def run(args) -> int:
     elif args.model_card:
         try:
             write_model_card(args.model_card, d, d["model_id"], views=d["_views"])
-        except (OSError, json.JSONDecodeError) as exc:
+        except OSError as exc:
             raise AuditlensError(f"{args.model_card}: cannot update the model card: {exc}") from exc
         print(f"stored the decision in model card {args.model_card}")
     return 0
