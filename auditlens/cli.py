@@ -152,7 +152,7 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the full verdict as JSON")
     p.add_argument("--log", type=Path, default=None, metavar="AUDIT.db",
                    help="append the verdict to this audit log (SQLite)")
-    p.add_argument("--auditor", default=None, help="auditor name for the log (default: $USER)")
+    p.add_argument("--auditor", default=None, help="auditor name for the log (default: the login name)")
 
 
 def _format_verdict(v) -> str:
@@ -173,13 +173,29 @@ def _run_verify(args) -> int:
         print("auditlens: warning: --auditor is recorded only in an audit log; add --log AUDIT.db",
               file=sys.stderr)
     verdict = verifier.verify(args.photo, args.product)
+    # the verdict is shown before it is logged: a log that cannot be written (an error,
+    # exit status 2) does not hide it from the auditor
+    print(json.dumps(verdict.to_dict(), indent=1) if args.json else _format_verdict(verdict), flush=True)
     if args.log:
-        from auditlens.device_app.auditlog import AuditLog
+        import getpass
+        import hashlib
 
-        auditor = os.environ.get("USER", "") if args.auditor is None else args.auditor
+        from auditlens.device_app.auditlog import AuditLog
+        from auditlens.errors import AuditLogError
+
+        photo = args.photo.read_bytes()
+        if hashlib.sha256(photo).hexdigest() != verdict.photo_sha256:
+            raise AuditLogError(f"{args.photo} changed after it was verified; nothing was logged")
+        auditor = args.auditor
+        if auditor is None:
+            try:
+                auditor = getpass.getuser()
+            except (KeyError, OSError):  # no login name in the environment or user database
+                auditor = ""
+        if not auditor:
+            print("auditlens: warning: the log records no auditor: pass --auditor NAME", file=sys.stderr)
         with AuditLog(args.log) as log:
-            log.append(verdict, photo=args.photo.read_bytes(), auditor=auditor)
-    print(json.dumps(verdict.to_dict(), indent=1) if args.json else _format_verdict(verdict))
+            log.append(verdict, photo=photo, auditor=auditor)
     return {"match": EXIT_OK, "no_match": EXIT_NO_MATCH}.get(verdict.decision, EXIT_RETAKE)
 
 

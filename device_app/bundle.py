@@ -611,8 +611,10 @@ def _write_files(out: Path, files: dict[str, bytes]) -> None:
 
 def _fsync_tree(path: Path) -> None:
     """Make the staged bundle durable before it is renamed into place."""
-    if path.is_dir():
+    if path.is_dir() and hasattr(os, "sync"):
         os.sync()  # one flush for hundreds of thumbnails; a per-file fsync costs ~3 ms each
         return
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:  # Windows has no os.sync
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())

@@ -206,7 +206,8 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
-            os.fchmod(fd, mode)  # whatever the umask
+            if hasattr(os, "fchmod"):  # whatever the umask (POSIX; Windows has no such modes)
+                os.fchmod(fd, mode)
             os.write(fd, data)
             os.fsync(fd)
         finally:

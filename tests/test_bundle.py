@@ -210,6 +210,27 @@ def test_an_existing_bundle_or_empty_folder_is_replaced(tmp_path, shipped_model,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_bundles_are_written_where_os_has_no_sync_or_fchmod(tmp_path, monkeypatch, shipped_model,
+                                                           generated_catalog):
+    """Windows Python has neither os.sync nor os.fchmod: the staged files are fsynced one by
+    one and the key files written without a mode."""
+    import os
+
+    from auditlens.device_app.signing import generate_keypair
+
+    for name in ("sync", "fchmod"):
+        if hasattr(os, name):
+            monkeypatch.delattr(os, name)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    private, public = generate_keypair(tmp_path / "keys")
+    out = enroll(open_catalog(generated_catalog), tmp_path / "b", model=shipped_model,
+                 signing_key=private.read_bytes())
+    assert len(ReferenceBundle.load(out, public_key=public).products) == 6
+    assert len(synced) >= len(list(out.rglob("*.*")))  # every staged file, and the two keys
+
+
 def test_cli_enrol_and_calibrate_refuse_a_non_bundle_out(tmp_path, bundle_dir, capsys):
     from auditlens.cli import main
 
