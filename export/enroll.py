@@ -31,7 +31,7 @@ from auditlens.device_app.preprocess import (
     to_photo_views,
 )
 from auditlens.device_app.verifier import dhash
-from auditlens.errors import AuditlensError, CatalogError
+from auditlens.errors import AuditlensError, CatalogError, ModelError
 
 DEFAULT_THRESHOLD = 0.5
 """Decision threshold for a model that ships no calibration; run `auditlens calibrate`."""
@@ -65,14 +65,19 @@ class EnrollOptions:
 
 def model_card(model_path: str | os.PathLike) -> dict:
     """The JSON written beside a model by `auditlens export` (``encoder.json`` or
-    ``encoder.tflite.json``), or an empty dict."""
+    ``encoder.tflite.json``), or an empty dict when there is none. A card that cannot be
+    read is refused: enrolling without it would silently change views and threshold."""
     path = Path(model_path)
     for card in (path.with_suffix(".json"), path.with_name(path.name + ".json")):
         if card.is_file():
             try:
-                return json.loads(card.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                return {}
+                data = json.loads(card.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ModelError(f"{card}: the model card beside {path.name} cannot be read ({exc}); "
+                                 "repair it, or move it away to enrol without one") from exc
+            if not isinstance(data, dict):
+                raise ModelError(f"{card}: the model card beside {path.name} is not a JSON object")
+            return data
     return {}
 
 
@@ -189,6 +194,9 @@ def enroll(
     # The card's threshold was calibrated on photos embedded with the card's views.
     decision = dict(card.get("decision") or uncalibrated) if spec == card_spec else uncalibrated
     why = "the model card has none for these photo views"
+    if decision.get("model_id") not in (None, encoder.model_id):
+        decision, why = uncalibrated, (f"the model card's was calibrated for model {decision['model_id']}, "
+                                       f"not this model {encoder.model_id}")
     if photo_views and decision.get("target_far"):
         # ... and against originals alone: a photo reference lifts impostors' best scores
         # too (docs/ablation.md: one per product takes the shipped card's 1% to 3.3%)

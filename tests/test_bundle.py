@@ -13,6 +13,7 @@ from auditlens.errors import (
     BundleError,
     BundleFormatError,
     BundleIntegrityError,
+    ModelError,
     ModelMismatchError,
     UnknownProductError,
 )
@@ -208,6 +209,27 @@ def test_an_existing_bundle_or_empty_folder_is_replaced(tmp_path, shipped_model,
     enroll(open_catalog(generated_catalog), empty, model=shipped_model)
     assert len(ReferenceBundle.load(empty).products) == 6
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_enrol_refuses_an_unreadable_model_card_and_ignores_another_models_decision(tmp_path, shipped_model):
+    """A broken card would silently change the photo views and the threshold; a card whose
+    decision was calibrated for another model must not lend that threshold to this one."""
+    model = tmp_path / "encoder.tflite"
+    shutil.copy(shipped_model, model)
+    card = json.loads((shipped_model.with_suffix(".json")).read_text())
+    catalog = open_catalog(SAMPLE / "catalog.csv")
+    model.with_suffix(".json").write_text(json.dumps(card)[:-20])
+    with pytest.raises(ModelError, match="model card beside encoder.tflite cannot be read"):
+        enroll(catalog, tmp_path / "broken", model=model)
+    assert not (tmp_path / "broken").exists()
+
+    card["decision"]["model_id"] = "0123456789abcdef"
+    model.with_suffix(".json").write_text(json.dumps(card))
+    warnings = []
+    b = ReferenceBundle.load(enroll(catalog, tmp_path / "other", model=model, warn=warnings.append))
+    assert b.decision["target_far"] is None and b.threshold != card["decision"]["threshold"]
+    assert "calibrated for model 0123456789abcdef" in warnings[0]
+    assert b.spec.photo_zooms == tuple(card["preprocess"]["photo_zooms"])  # the views still apply
 
 
 def test_bundles_are_written_where_os_has_no_sync_or_fchmod(tmp_path, monkeypatch, shipped_model,
