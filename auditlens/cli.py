@@ -157,8 +157,9 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 
 def _format_verdict(v) -> str:
     line = f"{v.decision.upper().replace('_', ' '):8s} {v.product_id}  score {v.score:.3f} (threshold {v.threshold:.3f}"
-    if v.estimated_far is not None:
-        line += f", est. false-accept {v.estimated_far:.2%}"
+    if v.estimated_far is not None:  # 0: above every impostor of the calibration, not a certainty
+        line += (f", est. false-accept {v.estimated_far:.2%}" if v.estimated_far > 0 else
+                 ", above every calibration impostor")
     line += ")"
     extra = [f"  - {r}" for r in v.reasons]
     if v.suggestions:
@@ -318,7 +319,9 @@ def _run_demo(args) -> int:
                           "the sample photos' products (the shipped sample bundle has them)")
     print(f"auditlens demo: {len(photos)} sample field photos against the {len(ids)}-product "
           f"sample bundle (model {verifier.bundle.model_id}, threshold {verifier.threshold:.3f})\n")
-    print(f"{'photo':28s} {'claimed product':32s} {'truth':6s} {'verdict':9s} {'score':>6s}")
+    wp = max(len("photo"), *(len(Path(p.photo).name) for p in photos))
+    wc = max(len("claimed product"), *map(len, ids))
+    print(f"{'photo':{wp}s} {'claimed product':{wc}s} {'truth':6s} {'verdict':9s} {'score':>6s}")
     accepted = rejected = 0
     for i, photo in enumerate(photos):
         capture = verifier.prepare(photo.photo)
@@ -331,7 +334,7 @@ def _run_demo(args) -> int:
             accepted += same and v.matched
             rejected += not same and not v.matched
             ok = v.matched == same
-            print(f"{Path(photo.photo).name[:28]:28s} {claimed[:32]:32s} {'same' if same else 'other':6s} "
+            print(f"{Path(photo.photo).name:{wp}s} {claimed:{wc}s} {'same' if same else 'other':6s} "
                   f"{v.decision.upper().replace('_', ' '):9s} {v.score:6.3f}{'' if ok else '  (wrong)'}")
     n = len(photos)
     far = verifier.bundle.decision.get("target_far")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -171,7 +170,6 @@ def conditions() -> dict:
         "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
         "load_average_1_5_15": load_average(), "versions": versions(),
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "python_executable": sys.executable,
     }
 
 

@@ -445,7 +445,7 @@ def run_export(args: argparse.Namespace) -> int:
     card = {
         "preprocess": spec.to_dict(),
         "export": report.to_dict(),
-        "source_model": str(Path(args.model).resolve()),
+        "source_model": str(args.model),  # as given: the card must not carry this machine's paths
         "representative": {"catalog": str(args.representative), "photos": args.photos,
                            "n_images": report.n_images},
     }

@@ -43,6 +43,24 @@ def test_verify_json_and_exit_codes(sample_photos):
     assert "catalogue original" in copy.stdout
 
 
+def test_verdict_states_the_calibrated_false_accept_rate(sample_photos):
+    """A score above every calibration impostor is said to be so, not printed as a 0.00% rate."""
+    from auditlens.cli import _format_verdict
+    from auditlens.device_app.verifier import Verifier
+
+    verifier = Verifier(REPO / "models" / "sample_bundle")
+    top = max(s for s, _ in verifier.bundle.decision["far_curve"])
+    seen = set()
+    for photo in sample_photos:
+        verdict = verifier.verify(photo.photo, photo.product_id)
+        line = _format_verdict(verdict).splitlines()[0]
+        above = verdict.score > top
+        assert ("above every calibration impostor" in line) == above
+        assert (f"est. false-accept {verdict.estimated_far:.2%}" in line) == (not above)
+        seen.add(above)
+    assert seen == {True, False}  # the sample photos show both cases
+
+
 def test_errors_are_one_clear_line(tmp_path, sample_photos):
     unknown = run("verify", "--product", "nope", sample_photos[0].photo, check_rc=2)
     assert "not in this bundle" in unknown.stderr and "Traceback" not in unknown.stderr

@@ -443,9 +443,10 @@ class VerdictScreen(Screen):
             bar.set(v.score, v.threshold, colour)
             d.add_widget(bar)
             if v.estimated_far is not None:
-                d.add_widget(WrapLabel(
-                    text=f"A different product scores this high in {v.estimated_far:.1%} of "
-                         "calibration photos.", font_size=FONT_SMALL, color=MUTED))
+                text = (f"A different product scores this high in {v.estimated_far:.1%} of "
+                        "calibration photos." if v.estimated_far > 0 else
+                        "No different product scored this high in the calibration photos.")
+                d.add_widget(WrapLabel(text=text, font_size=FONT_SMALL, color=MUTED))
         if v.suggestions:
             heading = ("The photo looks more like:" if v.outscored
                        else "Closest other products (none scores higher):")
