@@ -106,13 +106,14 @@ def _add_enroll(p: argparse.ArgumentParser) -> None:
                    "'auditlens calibrate')")
     p.add_argument("--threshold", type=cosine_threshold, default=None,
                    help="decision threshold (default: the model card's calibrated one)")
-    p.add_argument("--photo-zooms", type=_zooms, default=None, metavar="0.7",
+    p.add_argument("--photo-zooms", type=_zooms, default=None, metavar="ZOOMS",
                    help="views a field photo is embedded as: centred zooms of its crop box, e.g. "
                    "0.7 (its middle 70%%) or 1,0.85 (two views, averaged) "
                    "(default: the model card's; other views need 'auditlens calibrate')")
     p.add_argument("--photo-mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="add the mirror image of each view (default: the model card's)")
-    p.add_argument("--sign-key", type=Path, default=None, help="Ed25519 private key (PEM) to sign the bundle")
+    p.add_argument("--sign-key", type=Path, default=None, metavar="PRIVATE.pem",
+                   help="Ed25519 private key (PEM) to sign the bundle")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -265,7 +266,7 @@ def _run_score(args) -> int:
 # -- info ----------------------------------------------------------------------------
 def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, nargs="?", default=None, help="bundle folder or .zip (default: the sample)")
-    p.add_argument("--public-key", type=Path, default=None,
+    p.add_argument("--public-key", type=Path, default=None, metavar="KEY",
                    help="check the signature with this Ed25519 public key file")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 

@@ -404,7 +404,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                              "(6: input normalisation, stem and block 1 of the mobilenet_v2 trunk; "
                              "docs/ablation.md) (default 0: full int8)")
     parser.add_argument("--crop", choices=("center", "full"), default="center",
-                        help="preprocessing crop the model was trained with (default center)")
+                        help="preprocessing crop the model was trained with (default center, the one `auditlens "
+                        "train` uses; full only for a model trained with TrainConfig(crop='full'))")
     parser.add_argument("--min-worst-cosine", type=float,
                         help="fail if any image's cosine to the Keras latent is below this "
                              f"(default int8 {INT8_MIN_WORST_COSINE}, float16 {FLOAT16_MIN_WORST_COSINE}, "

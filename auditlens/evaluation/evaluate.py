@@ -631,7 +631,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worst", type=int, default=12, help="mistakes on the confusion sheet (default: %(default)s)")
     p.add_argument("--threads", type=thread_count, default=min(2, os.cpu_count() or 1),
                    help="interpreter threads (default: %(default)s)")
-    p.add_argument("--no-plots", action="store_true", help="write only report.json and pairs.csv")
+    p.add_argument("--no-plots", action="store_true", help="write report.json, summary.md and pairs.csv, no PNGs")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

@@ -22,11 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", "-b", type=Path, required=True, help="the reference bundle (folder or .zip)")
     p.add_argument("--camera-dir", type=Path, default=None, metavar="DIR",
                    help="play the image files in DIR as the camera (demos, tests) instead of a webcam")
-    p.add_argument("--camera-index", type=int, default=0, help="which webcam to open")
+    p.add_argument("--camera-index", type=int, default=0, help="which webcam to open (default: %(default)s)")
     p.add_argument("--log", type=Path, default=None, metavar="AUDIT.db",
                    help="audit log (SQLite); default: audit.db in the app's data folder")
-    p.add_argument("--auditor", default=os.environ.get("USER", ""), help="auditor name written to the log")
-    p.add_argument("--device", default=socket.gethostname(), help="device name written to the log")
+    p.add_argument("--auditor", default=os.environ.get("USER", ""), help="auditor name written to the log (default: $USER, here %(default)r)")
+    p.add_argument("--device", default=socket.gethostname(), help="device name written to the log (default: the host name, %(default)s)")
     p.add_argument("--public-key", type=Path, default=None, metavar="KEY",
                    help="publisher's Ed25519 public key file: refuse bundles not signed with it")
     p.add_argument("--export-dir", type=Path, default=None,
