@@ -220,7 +220,8 @@ def _run_identify(args) -> int:
 
 # -- score ---------------------------------------------------------------------------
 def _add_score(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pairs", required=True, type=Path, help="CSV with columns photo,product_id")
+    p.add_argument("--pairs", required=True, type=Path, metavar="PAIRS.csv",
+                   help="CSV with columns photo,product_id (photo paths relative to the CSV)")
     p.add_argument("--out", "-o", required=True, type=Path,
                    help="CSV written with columns photo,product_id,score,verdict,error")
     _add_bundle(p)
