@@ -89,8 +89,12 @@ def _verifier(args, **overrides):
     from auditlens.device_app.verifier import Verifier, VerifierOptions
 
     key = args.public_key.read_bytes() if args.public_key else None
-    return Verifier(args.bundle or default_bundle(),
-                    VerifierOptions(num_threads=args.threads, **overrides), public_key=key)
+    verifier = Verifier(args.bundle or default_bundle(),
+                        VerifierOptions(num_threads=args.threads, **overrides), public_key=key)
+    if verifier.bundle.has_signature and not verifier.bundle.signed_by:
+        print("auditlens: warning: the bundle is signed but its signature was not checked: pass "
+              "--public-key KEY to refuse a bundle someone else changed", file=sys.stderr)
+    return verifier
 
 
 # -- enroll --------------------------------------------------------------------------

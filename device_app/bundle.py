@@ -13,8 +13,10 @@ A bundle is a folder (or the same files in one zip) holding::
 Loading checks every file against its sha256, refuses paths outside the bundle and
 symlinks, refuses latents made by another model, and (given a public key) refuses
 unsigned or wrongly signed bundles. :func:`write_bundle` writes to a temporary path and
-renames only when complete, so a crash never leaves half a bundle behind; it replaces an
-existing bundle or empty folder, and refuses to write over anything else.
+renames only when complete, so a crash never leaves half a bundle behind (a crash between
+the two renames that replace a folder bundle leaves none at the path, the old one kept in
+``.NAME.*/old`` beside it); it replaces an existing bundle or empty folder, and refuses to
+write over anything else.
 """
 
 from __future__ import annotations

@@ -158,10 +158,23 @@ def enroll(
                 loaded[i] = fut.result()
             except AuditlensError as exc:
                 failures.append(str(exc))
-        extra_inputs = {pid: list(pool.map(lambda ph: _load_photo(ph, spec), photos))
-                        for pid, photos in extras.items()}
+        extra_futures = {pid: [pool.submit(_load_photo, ph, spec) for ph in photos]
+                         for pid, photos in extras.items()}
+        extra_inputs: dict[str, list[np.ndarray]] = {}
+        bad_photos: list[str] = []
+        for pid, futs in extra_futures.items():
+            for fut in futs:
+                try:
+                    extra_inputs.setdefault(pid, []).append(fut.result())
+                except AuditlensError as exc:
+                    bad_photos.append(str(exc))
+    problems = []
     if failures:
-        raise CatalogError(f"{len(failures)} product(s) could not be enrolled:\n  " + "\n  ".join(failures))
+        problems.append(f"{len(failures)} product(s) could not be enrolled:\n  " + "\n  ".join(failures))
+    if bad_photos:
+        problems.append(f"{len(bad_photos)} reference photo(s) could not be used:\n  " + "\n  ".join(bad_photos))
+    if problems:
+        raise CatalogError("\n".join(problems))
 
     # Originals are embedded as they are (a studio image, one view); an extra reference
     # photo is a field photo and gets the photo's views, as on the device.

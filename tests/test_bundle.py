@@ -13,6 +13,7 @@ from auditlens.errors import (
     BundleError,
     BundleFormatError,
     BundleIntegrityError,
+    CatalogError,
     ModelError,
     ModelMismatchError,
     UnknownProductError,
@@ -230,6 +231,19 @@ def test_enrol_refuses_an_unreadable_model_card_and_ignores_another_models_decis
     assert b.decision["target_far"] is None and b.threshold != card["decision"]["threshold"]
     assert "calibrated for model 0123456789abcdef" in warnings[0]
     assert b.spec.photo_zooms == tuple(card["preprocess"]["photo_zooms"])  # the views still apply
+
+
+def test_enrol_reports_every_unusable_reference_photo(tmp_path, shipped_model):
+    from auditlens.catalog import LabelledPhoto
+
+    (tmp_path / "cut.jpg").write_bytes((SAMPLE / "photos" / "Banana_001.jpg").read_bytes()[:300])
+    refs = [LabelledPhoto(str(SAMPLE / "photos" / "Banana_001.jpg"), "Banana"),
+            LabelledPhoto(str(tmp_path / "cut.jpg"), "Banana"),
+            LabelledPhoto(str(tmp_path / "missing.jpg"), "Carrots")]
+    with pytest.raises(CatalogError, match="2 reference photo") as err:
+        enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "b", model=shipped_model, extra_references=refs)
+    assert "cut.jpg" in str(err.value) and "missing.jpg" in str(err.value)
+    assert not (tmp_path / "b").exists()
 
 
 def test_bundles_are_written_where_os_has_no_sync_or_fchmod(tmp_path, monkeypatch, shipped_model,

@@ -154,6 +154,11 @@ def test_info_says_whether_the_signature_was_checked(tmp_path):
                                                                             check_rc=0).stdout
     checked = run("info", tmp_path / "signed", "--public-key", public, check_rc=0).stdout
     assert "signature checked" in checked and "NOT checked" not in checked
+    photo = SAMPLE / "photos" / "Banana_001.jpg"
+    unchecked = run("identify", "--bundle", tmp_path / "signed", photo, check_rc=0)
+    assert "signature was not checked" in unchecked.stderr
+    assert run("identify", "--bundle", tmp_path / "signed", "--public-key", public, photo,
+               check_rc=0).stderr == ""
 
     run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "plain", "--no-progress", check_rc=0)
     manifest_path = tmp_path / "plain" / "manifest.json"
