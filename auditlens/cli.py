@@ -437,7 +437,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             try:
                 add, _ = _resolve(hook)
             except ImportError as exc:
-                p.set_defaults(_missing=f"`auditlens {name}` needs an optional dependency: {exc}")
+                p.set_defaults(_missing=_missing_extra(name, exc))
                 continue
             add(p)
         p.set_defaults(_command=name)
