@@ -157,14 +157,15 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the full verdict as JSON")
     p.add_argument("--log", type=Path, default=None, metavar="AUDIT.db",
                    help="append the verdict to this audit log (SQLite)")
-    p.add_argument("--auditor", default=None, help="auditor name for the log (default: the login name)")
+    p.add_argument("--auditor", default=None, help="auditor name for the log (default: $USER, else the login name)")
 
 
 def _format_verdict(v) -> str:
     line = f"{v.decision.upper().replace('_', ' '):8s} {v.product_id}  score {v.score:.3f} (threshold {v.threshold:.3f}"
     if v.estimated_far is not None:  # 0: above every impostor of the calibration, not a certainty
-        line += (f", est. false-accept {v.estimated_far:.2%}" if v.estimated_far > 0 else
-                 ", above every calibration impostor")
+        far = v.estimated_far
+        line += (", above every calibration impostor" if far <= 0 else
+                 f", est. false-accept {far:.2%}" if far >= 0.0001 else ", est. false-accept < 0.01%")
     line += ")"
     extra = [f"  - {r}" for r in v.reasons]
     if v.suggestions:
@@ -183,21 +184,15 @@ def _run_verify(args) -> int:
     # exit status 2) does not hide it from the auditor
     print(json.dumps(verdict.to_dict(), indent=1) if args.json else _format_verdict(verdict), flush=True)
     if args.log:
-        import getpass
         import hashlib
 
-        from auditlens.device_app.auditlog import AuditLog
+        from auditlens.device_app.auditlog import AuditLog, default_auditor
         from auditlens.errors import AuditLogError
 
         photo = args.photo.read_bytes()
         if hashlib.sha256(photo).hexdigest() != verdict.photo_sha256:
             raise AuditLogError(f"{args.photo} changed after it was verified; nothing was logged")
-        auditor = args.auditor
-        if auditor is None:
-            try:
-                auditor = getpass.getuser()
-            except (KeyError, OSError):  # no login name in the environment or user database
-                auditor = ""
+        auditor = default_auditor() if args.auditor is None else args.auditor
         if not auditor:
             print("auditlens: warning: the log records no auditor: pass --auditor NAME", file=sys.stderr)
         with AuditLog(args.log) as log:

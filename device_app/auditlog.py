@@ -230,6 +230,19 @@ def prepare_photo(photo: bytes, max_side: int = MAX_PHOTO_SIDE) -> tuple[bytes, 
     return out.getvalue(), "image/jpeg"
 
 
+def default_auditor() -> str:
+    """The auditor name a log records when none is given: $USER, else the login name, else
+    "" (no such name on this system)."""
+    if os.environ.get("USER"):
+        return os.environ["USER"]
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - KeyError/OSError, or ImportError (no pwd on Windows)
+        return ""
+
+
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

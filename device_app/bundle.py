@@ -618,5 +618,5 @@ def _fsync_tree(path: Path) -> None:
         return
     for file in sorted(path.rglob("*")) if path.is_dir() else [path]:  # Windows has no os.sync
         if file.is_file():
-            with open(file, "rb") as fh:
+            with open(file, "r+b") as fh:  # Windows fsyncs only handles open for writing
                 os.fsync(fh.fileno())

@@ -63,21 +63,31 @@ class EnrollOptions:
     """Show a progress bar."""
 
 
+def load_model_card(card: str | os.PathLike) -> dict:
+    """A model card (the JSON `auditlens export` writes beside a model), refused with a
+    :class:`ModelError` when it is missing, unreadable or not a JSON object."""
+    card = Path(card)
+    try:
+        data = json.loads(card.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{card}: no such model card (auditlens export writes one beside the "
+                         "model it exports)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{card}: the model card cannot be read ({exc}); repair it, or move it "
+                         "away to go on without one") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{card}: not a model card (not a JSON object)")
+    return data
+
+
 def model_card(model_path: str | os.PathLike) -> dict:
-    """The JSON written beside a model by `auditlens export` (``encoder.json`` or
-    ``encoder.tflite.json``), or an empty dict when there is none. A card that cannot be
-    read is refused: enrolling without it would silently change views and threshold."""
+    """The card beside a model (``encoder.json`` or ``encoder.tflite.json``), or an empty
+    dict when there is none. A card that cannot be read is refused: enrolling without it
+    would silently change views and threshold."""
     path = Path(model_path)
     for card in (path.with_suffix(".json"), path.with_name(path.name + ".json")):
         if card.is_file():
-            try:
-                data = json.loads(card.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ModelError(f"{card}: the model card beside {path.name} cannot be read ({exc}); "
-                                 "repair it, or move it away to enrol without one") from exc
-            if not isinstance(data, dict):
-                raise ModelError(f"{card}: the model card beside {path.name} is not a JSON object")
-            return data
+            return load_model_card(card)
     return {}
 
 
@@ -126,9 +136,11 @@ def enroll(
     ``warn`` is told when the bundle's threshold is not a calibrated one (the model card
     has none for the photo views enrolled, and none was given).
 
-    Every product whose original cannot be used is reported, by id, in one
-    :class:`CatalogError`; no bundle is written then. An ``out`` that holds anything but
-    a bundle (or an empty folder) is refused with a :class:`BundleError` before any work.
+    Every product whose original cannot be used, and every unusable reference photo, is
+    reported in one :class:`CatalogError`; no bundle is written then. An ``out`` that holds
+    anything but a bundle (or an empty folder) is refused with a :class:`BundleError`, and
+    a model card beside the model that cannot be read with a :class:`ModelError`, before
+    any work.
     """
     check_replaceable(out)
     options = options or EnrollOptions()

@@ -446,7 +446,7 @@ def run_export(args: argparse.Namespace) -> int:
     card = {
         "preprocess": spec.to_dict(),
         "export": report.to_dict(),
-        "source_model": str(args.model),  # as given: the card must not carry this machine's paths
+        "source_model": str(args.model),  # as given on the command line, not resolved
         "representative": {"catalog": str(args.representative), "photos": args.photos,
                            "n_images": report.n_images},
     }

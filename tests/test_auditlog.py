@@ -683,6 +683,29 @@ def test_cli_verify_with_a_latin1_user_logs_the_verdict(tmp_path, monkeypatch, c
     assert record.auditor == "m\ufffdller" and record.product_id == row["product_id"]
 
 
+def test_cli_verify_does_not_log_a_photo_that_changed_after_it_was_judged(tmp_path, monkeypatch, capsys):
+    """The log keeps the bytes that were verified: a file replaced between the verdict and
+    the log write (another app saving over it) is refused, and the verdict still shown."""
+    from auditlens.device_app.verifier import Verifier
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes((REPO / "models" / "sample" / "photos" / "Banana_001.jpg").read_bytes())
+    judged = Verifier.verify
+
+    def verify_then_overwrite(self, source, product_id):
+        verdict = judged(self, source, product_id)
+        photo.write_bytes((REPO / "models" / "sample" / "photos" / "Banana_002.jpg").read_bytes())
+        return verdict
+
+    monkeypatch.setattr(Verifier, "verify", verify_then_overwrite)
+    log_path = tmp_path / "audit.db"
+    rc = cli_main(["verify", "--product", "Banana", str(photo), "--log", str(log_path), "--auditor", "a"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "changed after it was verified; nothing was logged" in captured.err
+    assert "Banana" in captured.out and "score" in captured.out
+    assert not log_path.exists()
+
+
 @pytest.mark.parametrize("field_name, value", [("score", float("nan")), ("threshold", float("nan")),
                                                ("score", float("inf")), ("threshold", float("-inf"))])
 def test_non_finite_score_or_threshold_is_refused(log_path, field_name, value):

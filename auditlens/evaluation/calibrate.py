@@ -263,20 +263,15 @@ def read_model_card(card_path: str | os.PathLike, model_id: str) -> dict:
     """The model card at ``card_path``, refused when it is missing or unreadable, or when
     the model beside it (same stem, ``.tflite``) is not the model ``model_id``."""
     from auditlens.device_app.interpreter import model_id_of
+    from auditlens.export.enroll import load_model_card
 
     card_path = Path(card_path)
     model = card_path.with_suffix(".tflite")
     if model.is_file() and (beside := model_id_of(model.read_bytes())) != model_id:
         raise CatalogError(f"{card_path}: the model beside it ({model.name}, {beside}) is not the "
                            f"calibrated model {model_id}")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CatalogError(f"{card_path}: no such model card (auditlens export writes one beside "
-                           "the model it exports)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CatalogError(f"{card_path}: cannot read the model card: {exc}") from exc
-    if not isinstance(card, dict) or not isinstance(card.get("preprocess"), dict):
+    card = load_model_card(card_path)
+    if not isinstance(card.get("preprocess"), dict):
         raise CatalogError(f"{card_path}: not a model card (no 'preprocess' object)")
     return card
 
@@ -296,7 +291,7 @@ def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str
     card = read_model_card(card_path, model_id)
     card["decision"] = {k: v for k, v in decision.items() if not k.startswith("_")}
     if views is not None:
-        card.setdefault("preprocess", {}).update(views)
+        card["preprocess"].update(views)
     with atomic_write(card_path) as fh:
         json.dump(card, fh, indent=2, ensure_ascii=False)
         fh.write("\n")

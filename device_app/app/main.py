@@ -14,6 +14,8 @@ import socket
 import sys
 from pathlib import Path
 
+from auditlens.device_app.auditlog import default_auditor
+
 ANALYSE_EVERY_S = 0.8
 """How often a camera frame is analysed (quality hint, barcode) on the worker thread."""
 
@@ -25,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--camera-index", type=int, default=0, help="which webcam to open (default: %(default)s)")
     p.add_argument("--log", type=Path, default=None, metavar="AUDIT.db",
                    help="audit log (SQLite); default: audit.db in the app's data folder")
-    p.add_argument("--auditor", default=os.environ.get("USER", ""), help="auditor name written to the log (default: $USER, here %(default)r)")
+    p.add_argument("--auditor", default=default_auditor(),
+                   help="auditor name written to the log (default: $USER, else the login name; here %(default)r)")
     p.add_argument("--device", default=socket.gethostname(), help="device name written to the log (default: the host name, %(default)s)")
     p.add_argument("--public-key", type=Path, default=None, metavar="KEY",
                    help="publisher's Ed25519 public key file: refuse bundles not signed with it")
