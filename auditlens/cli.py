@@ -237,10 +237,16 @@ def _run_score(args) -> int:
     verifier = _verifier(args)
     pairs = read_labelled_photos(args.pairs)
     captures: dict[str, object] = {}  # each photo decoded and embedded once
+    rows: list[list[str]] = []
     errors = 0
-    with atomic_write(args.out, newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["photo", "product_id", "score", "verdict", "error"])
+
+    def write(path: Path) -> None:
+        with atomic_write(path, newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["photo", "product_id", "score", "verdict", "error"])
+            writer.writerows(rows)
+
+    try:
         for pair in tqdm(pairs, desc="scoring", unit="pair", disable=args.no_progress):
             try:
                 capture = captures.get(pair.photo)
@@ -255,10 +261,17 @@ def _run_score(args) -> int:
                 if isinstance(capture, AuditlensError):
                     raise capture
                 v = verifier.verify(capture, pair.product_id)
-                writer.writerow([pair.photo, pair.product_id, f"{v.score:.5f}", v.decision, ""])
+                rows.append([pair.photo, pair.product_id, f"{v.score:.5f}", v.decision, ""])
             except AuditlensError as exc:
                 errors += 1
-                writer.writerow([pair.photo, pair.product_id, "", "error", str(exc)])
+                rows.append([pair.photo, pair.product_id, "", "error", str(exc)])
+    except BaseException:  # interrupted, or a fault: keep what was scored, apart from OUT
+        partial = args.out.with_name(f"{args.out.stem}.partial{args.out.suffix}")
+        write(partial)
+        print(f"auditlens: stopped after {len(rows)} of {len(pairs)} pairs; those rows are in {partial}",
+              file=sys.stderr)
+        raise
+    write(args.out)
     print(f"scored {len(pairs)} pairs ({len(captures)} photos, {errors} errors) into {args.out}")
     return EXIT_OK if not errors else EXIT_ERROR
 

@@ -85,6 +85,32 @@ def test_score_writes_every_pair_even_bad_photos(tmp_path, sample_photos):
     assert -1 <= float(got[0]["score"]) <= 1
 
 
+def test_score_interrupted_keeps_the_rows_it_scored(tmp_path, sample_photos, monkeypatch, capsys):
+    """Ctrl-C (or a fault) during a long `score` run: OUT is not written half, and the rows
+    scored so far are kept beside it."""
+    from auditlens.cli import main
+    from auditlens.device_app.verifier import Verifier
+
+    pairs = write_csv(tmp_path / "pairs.csv", ["photo", "product_id"],
+                      [[p.photo, p.product_id] for p in sample_photos[:5]])
+    judged = Verifier.verify
+    calls = []
+
+    def interrupted_on_the_fourth(self, capture, product_id):
+        calls.append(product_id)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return judged(self, capture, product_id)
+
+    monkeypatch.setattr(Verifier, "verify", interrupted_on_the_fourth)
+    out = tmp_path / "scores.csv"
+    assert main(["score", "--pairs", str(pairs), "--out", str(out), "--no-progress"]) == 130
+    assert "stopped after 3 of 5 pairs" in capsys.readouterr().err and not out.exists()
+    kept = list(csv.DictReader((tmp_path / "scores.partial.csv").open()))
+    assert [r["product_id"] for r in kept] == [p.product_id for p in sample_photos[:3]]
+    assert all(-1 <= float(r["score"]) <= 1 for r in kept)
+
+
 def test_enroll_then_info_and_identify(tmp_path, sample_photos):
     run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "b", "--no-progress", check_rc=0)
     info = run("info", tmp_path / "b", check_rc=0).stdout
