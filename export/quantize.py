@@ -23,6 +23,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -403,14 +404,28 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="int8: keep the graph's first N ops in float, float32 in and out "
                              "(6: input normalisation, stem and block 1 of the mobilenet_v2 trunk; "
                              "docs/ablation.md) (default 0: full int8)")
-    parser.add_argument("--crop", choices=("center", "full"), default="center",
-                        help="preprocessing crop the model was trained with (default center, the one `auditlens "
-                        "train` uses; full only for a model trained with TrainConfig(crop='full'))")
+    parser.add_argument("--crop", choices=("center", "full"), default=None,
+                        help="preprocessing crop the model was trained with (default: the one in the "
+                        "training run's report.json beside the model, else center); a crop the run's "
+                        "report contradicts is refused")
     parser.add_argument("--min-worst-cosine", type=float,
                         help="fail if any image's cosine to the Keras latent is below this "
                              f"(default int8 {INT8_MIN_WORST_COSINE}, float16 {FLOAT16_MIN_WORST_COSINE}, "
                              f"float32 {FLOAT32_MIN_WORST_COSINE})")
     return parser
+
+
+def trained_crop(model_path: str | os.PathLike) -> str | None:
+    """The preprocessing crop in the report.json of the training run that saved
+    ``model_path`` (``RUN/encoder.keras`` or ``RUN/checkpoints/encoder_epoch_NNN.keras``)."""
+    model_path = Path(model_path)
+    for report in (model_path.parent / "report.json", model_path.parent.parent / "report.json"):
+        try:
+            crop = json.loads(report.read_text(encoding="utf-8"))["preprocess"]["crop"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return str(crop)
+    return None
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -422,8 +437,14 @@ def run_export(args: argparse.Namespace) -> int:
                              "(its model card is written beside it as NAME.json)")
         if args.float_ops and (args.float16 or args.dynamic or args.float32):
             raise ValueError("--float-ops applies to the int8 export only")
+        crop = trained = trained_crop(args.model)
+        if args.crop is not None:
+            if trained is not None and args.crop != trained:
+                raise ModelError(f"--crop {args.crop}: the training run's report.json says this model "
+                                 f"was trained with crop {trained!r}; its photos would be cut differently")
+            crop = args.crop
         encoder = load_keras_encoder(args.model)
-        spec = PreprocessSpec(input_size=int(encoder.input_shape[1]), crop=args.crop)
+        spec = PreprocessSpec(input_size=int(encoder.input_shape[1]), crop=crop or "center")
         rep = representative_images(args.representative, spec, args.photos, args.max_photos,
                                     progress=lambda m: print(m, file=sys.stderr))
         if args.float16:

@@ -149,6 +149,14 @@ def test_export_refuses_what_would_lose_the_model(tiny_encoder, tmp_path, capsys
     assert "name the model file NAME.tflite" in capsys.readouterr().err
     assert not (tmp_path / "enc.json").exists()
 
+    # a crop other than the one the run trained with (its report.json) would mis-cut photos
+    args = add_export_arguments(argparse.ArgumentParser()).parse_args(
+        [tiny_encoder["encoder"], "--representative", str(tiny_encoder["catalog"]), "--crop", "full",
+         "--out", str(tmp_path / "full.tflite")])
+    assert run_export(args) == 2
+    assert "trained with crop 'center'" in capsys.readouterr().err
+    assert not (tmp_path / "full.tflite").exists()
+
     autoencoder = Path(tiny_encoder["encoder"]).with_name("autoencoder.keras")
     assert autoencoder.is_file()
     assert export(autoencoder, tmp_path / "ae.tflite") == 2
