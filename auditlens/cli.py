@@ -162,10 +162,15 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 
 def _format_verdict(v) -> str:
     line = f"{v.decision.upper().replace('_', ' '):8s} {v.product_id}  score {v.score:.3f} (threshold {v.threshold:.3f}"
-    if v.estimated_far is not None:  # 0: above every impostor of the calibration, not a certainty
-        far = v.estimated_far
-        line += (", above every calibration impostor" if far <= 0 else
-                 f", est. false-accept {far:.2%}" if far >= 0.0001 else ", est. false-accept < 0.01%")
+    far = v.estimated_far
+    if far is None:
+        pass
+    elif far <= 0:  # above every impostor of the calibration, not a certainty
+        line += ", above every calibration impostor"
+    elif far < 0.0001:
+        line += ", est. false-accept < 0.01%"
+    else:
+        line += f", est. false-accept {far:.2%}"
     line += ")"
     extra = [f"  - {r}" for r in v.reasons]
     if v.suggestions:

@@ -437,14 +437,13 @@ def run_export(args: argparse.Namespace) -> int:
                              "(its model card is written beside it as NAME.json)")
         if args.float_ops and (args.float16 or args.dynamic or args.float32):
             raise ValueError("--float-ops applies to the int8 export only")
-        crop = trained = trained_crop(args.model)
-        if args.crop is not None:
-            if trained is not None and args.crop != trained:
-                raise ModelError(f"--crop {args.crop}: the training run's report.json says this model "
-                                 f"was trained with crop {trained!r}; its photos would be cut differently")
-            crop = args.crop
+        trained = trained_crop(args.model)
+        if args.crop and trained and args.crop != trained:
+            raise ModelError(f"--crop {args.crop}: the training run's report.json says this model "
+                             f"was trained with crop {trained!r}; its photos would be cut differently")
         encoder = load_keras_encoder(args.model)
-        spec = PreprocessSpec(input_size=int(encoder.input_shape[1]), crop=crop or "center")
+        spec = PreprocessSpec(input_size=int(encoder.input_shape[1]),
+                              crop=args.crop or trained or "center")
         rep = representative_images(args.representative, spec, args.photos, args.max_photos,
                                     progress=lambda m: print(m, file=sys.stderr))
         if args.float16:

@@ -203,12 +203,12 @@ def calibrate(
     b = ReferenceBundle.load(bundle)
     if model_card is not None:  # before the photos are embedded and the bundle rewritten
         read_model_card(model_card, b.model_id)
-    if model_card is not None and len(b.references) > len(b.products):
-        raise CatalogError(
-            f"{bundle} holds {len(b.references) - len(b.products)} reference photo(s) besides "
-            "its originals; a model card's threshold is for bundles of originals alone (enroll "
-            "gives it to those), and photo references raise impostor scores: calibrate this "
-            "bundle without --model-card")
+        if len(b.references) > len(b.products):
+            raise CatalogError(
+                f"{bundle} holds {len(b.references) - len(b.products)} reference photo(s) besides "
+                "its originals; a model card's threshold is for bundles of originals alone (enroll "
+                "gives it to those), and photo references raise impostor scores: calibrate this "
+                "bundle without --model-card")
     verifier = Verifier(b, VerifierOptions(num_threads=threads, check_quality=False))
     embedded = embed_photos(verifier, photos, progress=progress, desc="calibrating")
     if not embedded.photos:
@@ -365,7 +365,7 @@ def run(args) -> int:
     if args.model_card and args.dry_run:
         print(f"dry run: model card {args.model_card} left as it is")
     elif args.model_card:
-        try:
+        try:  # checked again at write time: the card may have changed during the calibration
             write_model_card(args.model_card, d, d["model_id"], views=d["_views"])
         except OSError as exc:
             raise AuditlensError(f"{args.model_card}: cannot update the model card: {exc}") from exc

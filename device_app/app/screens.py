@@ -444,10 +444,11 @@ class VerdictScreen(Screen):
             d.add_widget(bar)
             if v.estimated_far is not None:
                 far = v.estimated_far
-                text = ("No different product scored this high in the calibration photos." if far <= 0
-                        else f"A different product scores this high in {far:.1%} of calibration "
-                        "photos." if far >= 0.001 else
-                        "A different product scores this high in fewer than 0.1% of calibration photos.")
+                if far <= 0:
+                    text = "No different product scored this high in the calibration photos."
+                else:
+                    share = f"{far:.1%}" if far >= 0.001 else "fewer than 0.1%"
+                    text = f"A different product scores this high in {share} of calibration photos."
                 d.add_widget(WrapLabel(text=text, font_size=FONT_SMALL, color=MUTED))
         if v.suggestions:
             heading = ("The photo looks more like:" if v.outscored
