@@ -84,6 +84,13 @@ class Catalog(Sequence[Product]):
                     f"{source}: product id {product.product_id!r} appears more than once"
                 )
             self._index[product.product_id] = i
+        codes: dict[str, str] = {}
+        for product in self._products:
+            if product.code and codes.setdefault(product.code, product.product_id) != product.product_id:
+                raise CatalogError(
+                    f"{source}: products {codes[product.code]!r} and {product.product_id!r} "
+                    f"have the same code {product.code!r}; a scanned code must name one product"
+                )
         if not self._products:
             raise CatalogError(f"{source}: the catalogue holds no products")
 

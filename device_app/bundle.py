@@ -249,10 +249,20 @@ class ReferenceBundle:
         try:
             return self._index[product_id]
         except (KeyError, TypeError):
+            near = self._near_id(product_id)
             raise UnknownProductError(
                 f"product {product_id!r} is not in this bundle ({len(self.products)} products, "
-                f"made {self.manifest.get('created', '?')}); enrol it or update the bundle"
+                f"made {self.manifest.get('created', '?')}); "
+                + (f"did you mean {near!r}?" if near else "enrol it or update the bundle")
             ) from None
+
+    def _near_id(self, product_id) -> str | None:
+        """The one bundle id ``product_id`` equals but for case and surrounding spaces."""
+        if not isinstance(product_id, str):
+            return None
+        key = product_id.strip().casefold()
+        near = [p.product_id for p in self.products if p.product_id.casefold() == key]
+        return near[0] if len(near) == 1 else None
 
     def product(self, product_id: str) -> ProductRecord:
         return self.products[self.index(product_id)]
@@ -388,6 +398,10 @@ class ReferenceBundle:
             raise BundleFormatError(f"{path}: {(owner < 0).sum()} reference rows belong to no product")
         if len({p.product_id for p in products}) != len(products):
             raise BundleFormatError(f"{path}: duplicate product ids in products.json")
+        codes = [p.code for p in products if p.code]
+        if len(set(codes)) != len(codes):
+            raise BundleFormatError(f"{path}: two products share a code in products.json; "
+                                    "a scanned code must name one product")
 
         return cls(path, manifest, contents[MODEL_FILE], products,
                    references, owner, thumbs, signed_by,

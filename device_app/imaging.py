@@ -202,16 +202,23 @@ def _decode(image: Image.Image, name: str, max_pixels: int, draft: tuple[int, in
     return to_rgb(image)
 
 
+FLOAT_UNIT_MAX = 1.5
+"""Float pixels whose largest finite value is at most this are read as 0..1 (a bicubic
+resize of a 0..1 image overshoots to about 1.05, a normalised one dips below 0); a 0..255
+float image this dark is black on either reading."""
+
+
 def _scale_to_uint8(values: np.ndarray, *, sixteen_bit: bool = False) -> np.ndarray:
     """Scale integer or float pixel values to uint8: 16-bit data (or values above 255) as
-    0..65535, floats whose finite values all lie within [0, 1] as 0..1, the rest as 0..255.
+    0..65535, floats whose finite values are all at most :data:`FLOAT_UNIT_MAX` as 0..1
+    (clipped: resampling and normalisation overshoot 0..1 a little), the rest as 0..255.
     NaN becomes black, +inf white, -inf black."""
     is_float = np.asarray(values).dtype.kind == "f"
     values = np.asarray(values, dtype=np.float64)
     finite = values[np.isfinite(values)]
     if sixteen_bit or finite.max(initial=0) > 255:
         top = 65535.0
-    elif is_float and finite.size and finite.min() >= 0 and finite.max() <= 1:
+    elif is_float and finite.size and finite.max() <= FLOAT_UNIT_MAX:
         top = 1.0
     else:
         top = 255.0
@@ -244,8 +251,8 @@ def image_from_array(array: np.ndarray, name: str = "<array>") -> Image.Image:
 
     Accepts grey (H, W) or (H, W, 1), RGB (H, W, 3) and RGBA (H, W, 4) arrays (alpha is
     composited on white later, as for files) of uint8, other integer types (uint16 as
-    0..65535; others as 0..255, or 0..65535 where a value exceeds 255) or floats (0..1
-    when all finite values lie within it, else 0..255); anything else raises
+    0..65535; others as 0..255, or 0..65535 where a value exceeds 255) or floats (0..1,
+    clipped, when no finite value exceeds :data:`FLOAT_UNIT_MAX`, else 0..255); anything else raises
     :class:`~auditlens.errors.ImageError`.
     """
     array = np.asarray(array)

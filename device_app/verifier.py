@@ -151,6 +151,16 @@ def _read_photo_file(path: Path, max_bytes: int) -> bytes:
         raise UnreadableImageError(f"{path}: cannot read the file: {exc}") from exc
 
 
+def _read_stream(stream, max_bytes: int) -> bytes:
+    """Read a photo from a file-like object, refusing one longer than ``max_bytes``
+    without reading more than one byte past it."""
+    data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        name = getattr(stream, "name", "the photo stream")
+        raise ImageTooLargeError(f"{name}: more than the {max_bytes:,} bytes a photo may have")
+    return data
+
+
 def dhash(image: Image.Image) -> str:
     """64-bit difference hash (hex) of an image: robust to resizing and re-encoding."""
     grey = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
@@ -235,7 +245,8 @@ class Verifier:
                 source = io.BytesIO(data)
                 source.name = str(photo)  # errors name the file
             else:
-                data = bytes(photo) if isinstance(photo, (bytes, bytearray)) else photo.read()
+                data = bytes(photo) if isinstance(photo, (bytes, bytearray)) else _read_stream(
+                    photo, self.options.max_file_bytes)
                 source = io.BytesIO(data)
             image = load_image(source, max_pixels=self.options.max_pixels, draft=self.spec.draft_size)
             digest = hashlib.sha256(data).hexdigest()

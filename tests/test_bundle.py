@@ -38,6 +38,10 @@ def test_round_trip_keeps_products_latents_and_thumbnails(bundle_dir):
     assert set(b.manifest["files"]) >= {"model.tflite", "references.npy", "products.json"}
     with pytest.raises(UnknownProductError, match="not in this bundle"):
         b.product("no-such-product")
+    # an id typed with other case or stray spaces is refused, naming the bundle's id
+    for typed in ("banana", " Banana", "Banana\n"):
+        with pytest.raises(UnknownProductError, match="did you mean 'Banana'"):
+            b.product(typed)
 
 
 def test_zip_bundle_loads_like_the_folder(tmp_path, shipped_model):

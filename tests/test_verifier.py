@@ -128,3 +128,28 @@ def test_the_runtime_notice_is_dropped_and_other_stderr_output_kept(capfd):
         os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
         os.write(2, b"a warning written meanwhile\n")
     assert capfd.readouterr().err == "a warning written meanwhile\n"
+
+
+def test_a_photo_stream_longer_than_the_limit_is_refused_without_reading_it_all(sample_bundle):
+    from auditlens.device_app.verifier import VerifierOptions
+    from auditlens.errors import ImageTooLargeError
+
+    class Endless(io.RawIOBase):  # a stream that never ends (a pipe, a socket)
+        served = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            buffer[:] = b"\xff" * len(buffer)
+            self.served += len(buffer)
+            return len(buffer)
+
+    small = Verifier(sample_bundle, VerifierOptions(max_file_bytes=100_000))
+    stream = Endless()
+    with pytest.raises(ImageTooLargeError, match="more than the 100,000 bytes"):
+        small.prepare(io.BufferedReader(stream))
+    assert stream.served < 200_000
+    photo = (SAMPLE / "photos" / "Banana_001.jpg").read_bytes()
+    assert len(photo) < 100_000
+    assert small.verify(io.BytesIO(photo), "Banana").decision == "match"

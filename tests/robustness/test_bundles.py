@@ -357,6 +357,15 @@ def test_not_a_bundle_manifest(bundle_copy):
         load(bundle_copy)
 
 
+def test_two_products_sharing_a_code(bundle_copy):
+    products = json.loads((bundle_copy / "products.json").read_bytes())
+    products[0]["code"] = products[1]["code"] = "7310865000000"
+    (bundle_copy / "products.json").write_text(json.dumps(products))
+    rehash(bundle_copy, "products.json")
+    with pytest.raises(BundleFormatError, match="two products share a code"):
+        load(bundle_copy)
+
+
 def test_missing_file(bundle_copy):
     (bundle_copy / "references.npy").unlink()
     with pytest.raises(BundleFormatError, match="no references.npy"):

@@ -52,6 +52,18 @@ def test_duplicate_ids_csv(tmp_path, images):
         open_catalog(csv)
 
 
+def test_duplicate_codes_csv(tmp_path, images):
+    # a scanned barcode must name one product, not silently the last one listed
+    csv = _write_csv(tmp_path / "c.csv", "product_id,image,code\n"
+                     f"milk,{images}/p0.jpg,7310865000000\noat,{images}/p1.jpg,7310865000000\n"
+                     f"soy,{images}/p2.jpg,\n")
+    with pytest.raises(CatalogError, match="'milk' and 'oat' have the same code '7310865000000'"):
+        open_catalog(csv)
+    ok = _write_csv(tmp_path / "ok.csv", "product_id,image,code\n"
+                    f"milk,{images}/p0.jpg,1\noat,{images}/p1.jpg,\nsoy,{images}/p2.jpg,\n")
+    assert open_catalog(ok).ids == ["milk", "oat", "soy"]  # products without a code are fine
+
+
 def test_duplicate_ids_sqlite(tmp_path):
     url = _db(tmp_path / "c.db", "product_id, name, image", [("milk", "A", b"x"), ("milk", "B", b"y")])
     with pytest.raises(CatalogError, match="'milk' appears more than once"):

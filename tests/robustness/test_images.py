@@ -124,6 +124,24 @@ def test_float_tiff_in_0_1_is_scaled_not_black():
     assert (np.asarray(load_image(_float_tiff(np.full((32, 48), 128.0)))) == 128).all()
 
 
+def test_float_array_overshooting_0_1_keeps_the_0_1_scale():
+    # a bicubic resize or a normalisation leaves a 0..1 image a little outside 0..1: one
+    # such pixel must not switch the whole image to 0..255 (nearly black, a false RETAKE)
+    from auditlens.device_app.imaging import image_from_array
+
+    ramp = np.tile(np.linspace(0, 1, 48), (32, 1))
+    clean = np.asarray(image_from_array(ramp))
+    for odd in (1.02, -0.01):
+        values = ramp.copy()
+        values[5, 5] = odd
+        got = np.array(image_from_array(values))
+        assert got[5, 5] == (255 if odd > 1 else 0)  # clipped
+        got[5, 5] = clean[5, 5]
+        assert (got == clean).all()
+    # a 0..255 float image keeps its scale
+    assert (np.asarray(image_from_array(np.full((32, 48), 128.0))) == 128).all()
+
+
 def test_float_tiff_with_nan_and_inf_pixels(recwarn):
     values = np.full((32, 48), 0.5)
     values[0, 0], values[0, 1], values[0, 2] = np.nan, np.inf, -np.inf
