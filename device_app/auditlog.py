@@ -13,9 +13,16 @@ and refuse an insert that does not extend the chain, so the API can only append;
 edit made by hand (drop the triggers, change a row with the ``sqlite3`` tool) breaks the
 chain, and :meth:`AuditLog.verify_chain` (``auditlens verify-log``) names the first
 record that no longer verifies (``verify-log`` opens the file read-only, and refuses a
-database without the log's header or records table). What a chain cannot show by itself
-is the removal of the newest records: keep the head hash that :meth:`verify_chain`
-reports (it is in every export) when a log is uploaded, and compare it next time.
+database without the log's header or records table).
+
+What a chain cannot show by itself: the removal of the newest records, and an edit whose
+author also recomputed the hashes of the edited record and of every record after it (the
+hash is a plain sha256 over a documented serialisation; anyone with the file and this
+code can do it). Both are caught against a hash kept elsewhere: keep the head that
+:meth:`verify_chain` reports (``ID:HASH``; it is in every export) when a log is uploaded,
+and check the log against it next time (``verify-log --expect-head ID:HASH``,
+``verify_chain(anchors=...)``): a record at or before a kept head can then no longer be
+changed, removed or re-hashed unnoticed.
 
 This module is part of the engine: numpy/Pillow/stdlib only, no TensorFlow, no Kivy.
 """
@@ -31,7 +38,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -178,9 +185,15 @@ class ChainReport:
     last_created_utc: str = ""
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
+    @property
+    def head(self) -> str:
+        """``ID:HASH`` of the newest record, as ``verify-log --expect-head`` takes it."""
+        return f"{self.records}:{self.head_hash}"
+
     def to_dict(self) -> dict:
         return {
             "path": self.path, "records": self.records, "head_hash": self.head_hash,
+            "head": self.head,
             "log_id": self.log_id, "triggers_intact": self.triggers_intact,
             "first_created_utc": self.first_created_utc,
             "last_created_utc": self.last_created_utc, "warnings": list(self.warnings),
@@ -228,6 +241,35 @@ def prepare_photo(photo: bytes, max_side: int = MAX_PHOTO_SIDE) -> tuple[bytes, 
     out = io.BytesIO()
     rgb.save(out, "JPEG", quality=PHOTO_JPEG_QUALITY, optimize=True)
     return out.getvalue(), "image/jpeg"
+
+
+def _check_judged_photo(photo: bytes, judged_sha256: str) -> None:
+    """Raise :class:`AuditLogError` unless ``photo`` is the photo a verdict judged: the same
+    bytes, or for a verdict judged from decoded pixels (a camera frame, an array), a
+    lossless encoding of those pixels (PNG). A verdict without ``photo_sha256`` (one made
+    by hand) is not checked."""
+    if not judged_sha256 or hashlib.sha256(photo).hexdigest() == judged_sha256:
+        return
+    from auditlens.device_app.imaging import load_image
+
+    try:
+        pixels = load_image(photo).tobytes()
+    except Exception:  # noqa: BLE001 - undecodable: it cannot be the judged photo either
+        pixels = b""
+    if hashlib.sha256(pixels).hexdigest() != judged_sha256:
+        raise AuditLogError(
+            "the photo given to the log is not the photo the verdict judged (its sha256 "
+            f"differs from the verdict's photo_sha256 {judged_sha256[:12]}...); log the "
+            "bytes that were verified")
+
+
+def _sniffed_mime(data: bytes) -> str:
+    """The image type the stored bytes themselves declare (JPEG, PNG, else unknown)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    return "application/octet-stream"
 
 
 def default_auditor() -> str:
@@ -428,6 +470,11 @@ class AuditLog:
             if not math.isfinite(value):
                 raise AuditLogError(f"cannot log a verdict whose {name} is {value}: the log "
                                     "only stores finite numbers")
+        if (decision, score >= threshold) in (("match", False), ("no_match", True)):
+            raise AuditLogError(f"cannot log a {decision!r} verdict whose score {score} is "
+                                f"{'below' if decision == 'match' else 'at or above'} its "
+                                f"threshold {threshold}: the record would contradict itself")
+        _check_judged_photo(photo, str(verdict_d.get("photo_sha256") or ""))
         stored, mime = prepare_photo(photo)
         verdict_json = _text(json.dumps(verdict_d, sort_keys=True, separators=(",", ":"),
                                         ensure_ascii=False, default=str))
@@ -512,9 +559,14 @@ class AuditLog:
         return bytes(row[0])
 
     # -- checking ------------------------------------------------------------------
-    def verify_chain(self) -> ChainReport:
+    def verify_chain(self, *, anchors: Sequence[tuple[int, str]] = ()) -> ChainReport:
         """Check the whole log; raise :class:`AuditChainError` naming the first record
-        that was edited, removed or reordered, or whose photo was swapped."""
+        that was edited, removed or reordered, or whose photo was swapped.
+
+        ``anchors``: ``(record id, record hash)`` pairs kept from earlier reports (the head
+        at each upload): each record must still carry its kept hash, which also catches a
+        rewrite that recomputed every hash after an edit, and the removal of records."""
+        kept = {int(rid): str(digest).lower() for rid, digest in anchors}
         with self._lock:
             try:
                 check = self._db.execute("PRAGMA quick_check").fetchall()
@@ -555,9 +607,23 @@ class AuditLog:
                     raise _chain_error(
                         f"{self.path}: record {rid}: the stored photo does not match the photo's "
                         "sha256; the photo was replaced after it was written", rid)
+                if record.photo_mime in _PHOTO_SUFFIX and _sniffed_mime(bytes(blob)) != record.photo_mime:
+                    raise _chain_error(
+                        f"{self.path}: record {rid}: the photo is stored as {record.photo_mime} "
+                        "but its bytes are not; the record was edited after it was written", rid)
+                if rid in kept and record.record_hash != kept[rid]:
+                    raise _chain_error(
+                        f"{self.path}: record {rid}: its hash is not the one kept for it "
+                        f"({kept[rid][:12]}...); records up to it were rewritten and re-hashed "
+                        "after that hash was kept", rid)
                 expected_prev, expected_id, count = record.record_hash, rid + 1, count + 1
                 first = first or record.created_utc
                 last = record.created_utc
+            gone = sorted(r for r in kept if r > count)
+            if gone:
+                raise _chain_error(
+                    f"{self.path}: record {gone[0]}, whose hash was kept, is gone (the log has "
+                    f"{count} records); the newest records were removed", gone[0])
             restored = [k.split(":", 1)[1] for (k,) in self._db.execute(
                 "SELECT key FROM meta WHERE key LIKE 'guards_restored:%' ORDER BY key")]
         intact = set(_TRIGGERS) <= triggers and not restored
@@ -587,8 +653,10 @@ class AuditLog:
         return path
 
     def export_csv(self, path: str | os.PathLike) -> Path:
-        """One row per record (no photo bytes; the photo's sha256 identifies it)."""
+        """One row per record (no photo bytes; the photo's sha256 identifies it). The
+        whole chain is checked first, as for the other exports."""
         path = self._check_export_path(path)
+        self.verify_chain()
 
         def write(f):
             writer = csv.writer(f)
@@ -639,8 +707,8 @@ class AuditLog:
         The whole hash chain, photos included, is checked first, as for the JSON export
         (a label or photo edited by hand must not reach calibrate or enroll). ``folder`` must not exist yet: it is filled in a
         hidden sibling, flushed to disk and renamed into place, so it holds the whole
-        export or nothing. A record whose photo could not be decoded when it was logged
-        (stored as ``application/octet-stream``) gets a ``.bin`` file, which `calibrate`
+        export or nothing. A photo whose bytes are neither JPEG nor PNG (one that could not be
+        decoded when it was logged, stored as it came) gets a ``.bin`` file, which `calibrate`
         skips as unreadable and `enroll` refuses: drop its row."""
         import shutil
         import tempfile
@@ -653,8 +721,9 @@ class AuditLog:
                 writer = csv.writer(f)
                 writer.writerow(PHOTO_CSV_COLUMNS)
                 for r in self.iter_records():
-                    name = f"{r.id:06d}.{_PHOTO_SUFFIX.get(r.photo_mime, 'bin')}"
-                    _write_synced(staging / name, self.photo(r.id))
+                    photo = self.photo(r.id)
+                    name = f"{r.id:06d}.{_PHOTO_SUFFIX.get(_sniffed_mime(photo), 'bin')}"
+                    _write_synced(staging / name, photo)
                     writer.writerow([name, r.product_id, r.decision, f"{r.score:.6f}",
                                      f"{r.threshold:.6f}", r.id, r.created_utc, r.auditor,
                                      r.photo_sha256])
@@ -728,7 +797,22 @@ def add_arguments(p) -> None:
                    help="also write every photo as a file in a new folder DIR, with photos.csv "
                         "(photo,product_id,decision,score,...): once checked by hand, the labelled "
                         "photos that `auditlens calibrate` and `enroll --references` take")
+    p.add_argument("--expect-head", action="append", default=[], type=_anchor, metavar="ID:HASH",
+                   help="a head this log reported earlier (printed as 'head', kept when the log "
+                        "was uploaded): the record ID must still carry HASH, which catches records "
+                        "removed or rewritten and re-hashed since then; may be repeated")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _anchor(text: str) -> tuple[int, str]:
+    import argparse
+
+    rid, _, digest = text.strip().partition(":")
+    if not (rid.isdigit() and int(rid) > 0 and re.fullmatch(r"[0-9a-fA-F]{64}", digest)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ID:HASH, a record id and its 64-hex-digit record hash "
+            "(the 'head' line of an earlier verify-log)")
+    return int(rid), digest.lower()
 
 
 def run(args) -> int:
@@ -740,7 +824,7 @@ def run(args) -> int:
                 log._check_export_path(target)
         if args.export_photos:
             log._check_photo_folder(args.export_photos)
-        report = log.verify_chain()  # AuditChainError -> exit status 2 with the record named
+        report = log.verify_chain(anchors=args.expect_head)  # AuditChainError -> exit 2, record named
         if args.export_csv:
             log.export_csv(args.export_csv)
         if args.export_json:
@@ -752,7 +836,9 @@ def run(args) -> int:
     else:
         print(f"{report.path}: OK, {report.records} records, hash chain intact")
         print(f"  log id     {report.log_id}")
-        print(f"  head hash  {report.head_hash}")
+        print(f"  head       {report.head}")
+        for rid, _ in args.expect_head:
+            print(f"  record {rid} still carries the hash kept for it")
         if report.records:
             print(f"  from {report.first_created_utc} to {report.last_created_utc}")
         for w in report.warnings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -31,7 +32,7 @@ from auditlens.device_app.auditlog import (
 )
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.quality import Quality
-from auditlens.device_app.verifier import Candidate, Verdict
+from auditlens.device_app.verifier import Candidate, Verdict, Verifier
 from auditlens.errors import AuditChainError, AuditLogError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_verdict(i: int = 0, decision: str = "match") -> Verdict:
     return Verdict(
-        decision=decision, product_id=f"product-{i}", score=0.5 + i / 1000, threshold=0.62,
+        decision=decision, product_id=f"product-{i}", threshold=0.62,
+        score=(0.7 if decision == "match" else 0.5) + i / 1000,  # agrees with the decision
         estimated_far=0.01, reasons=(f"reason {i}",), model_id="0123456789abcdef",
         photo_sha256="", quality=Quality(120.0, 0.01, 55.0, 30.0, ()),
         suggestions=(Candidate("other", "Other product", 0.7),) if decision == "no_match" else (),
@@ -189,6 +191,101 @@ def test_truncating_the_newest_records_changes_the_head_hash(log_path):
         report = log.verify_chain()
     assert report.records == 2 and report.head_hash != head
     assert not report.triggers_intact and report.warnings
+
+
+def _rewrite_and_rehash(path: Path, record_id: int, **changes) -> None:
+    """What a careful tamperer does: edit a record, then recompute its hash and the hash
+    of every record after it, so that the chain alone verifies again."""
+    _edit_by_hand(path, "")
+    db = sqlite3.connect(path)
+    cols = [c[1] for c in db.execute("PRAGMA table_info(records)")]
+    rows = [dict(zip(cols, r)) for r in db.execute("SELECT * FROM records ORDER BY id")]
+    prev = GENESIS_HASH if record_id == 1 else rows[record_id - 2]["record_hash"]
+    for row in rows[record_id - 1:]:
+        row.update(changes if row["id"] == record_id else {})
+        row["prev_hash"] = prev
+        row["record_hash"] = prev = record_hash(row)
+        db.execute(f"UPDATE records SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
+                   [row[c] for c in cols] + [row["id"]])
+    db.commit()
+    db.close()
+
+
+def test_a_kept_head_catches_a_rewrite_that_recomputed_every_hash(log_path, capsys):
+    with AuditLog(log_path) as log:
+        for i in range(3):
+            log.append(make_verdict(i, "no_match"), photo=jpeg(colour=(i * 50, 0, 0)), auditor="a")
+        uploaded = log.verify_chain().head  # kept off the device when the log was uploaded
+        log.append(make_verdict(3, "no_match"), photo=jpeg(), auditor="a")
+    assert uploaded.startswith("3:")
+    _rewrite_and_rehash(log_path, 2, decision="match", score=0.99)
+    with AuditLog(log_path, create=False) as log:
+        assert log.verify_chain().records == 4  # the chain alone cannot tell
+        assert log.record(2).decision == "match"
+        with pytest.raises(AuditChainError, match="record 3: its hash is not the one kept") as exc:
+            log.verify_chain(anchors=[(3, uploaded.split(":")[1])])
+    assert exc.value.record_id == 3
+    assert cli_main(["verify-log", str(log_path), "--expect-head", uploaded]) == 2
+    assert "rewritten and re-hashed" in capsys.readouterr().err
+
+
+def test_a_kept_head_catches_removed_newest_records(log_path, capsys):
+    with AuditLog(log_path) as log:
+        for i in range(3):
+            log.append(make_verdict(i), photo=jpeg(), auditor="a")
+        head = log.verify_chain().head
+    assert cli_main(["verify-log", str(log_path), "--expect-head", head]) == 0
+    assert "record 3 still carries the hash kept for it" in capsys.readouterr().out
+    _edit_by_hand(log_path, "DELETE FROM records WHERE id = 3;")
+    assert cli_main(["verify-log", str(log_path), "--expect-head", head]) == 2
+    assert "record 3, whose hash was kept, is gone" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # not ID:HASH
+        cli_main(["verify-log", str(log_path), "--expect-head", "3"])
+    assert "expected ID:HASH" in capsys.readouterr().err
+
+
+def test_photo_type_edited_by_hand_breaks_the_chain(log_path, tmp_path):
+    # the photo's type is not hashed; it must still agree with the stored bytes
+    with AuditLog(log_path) as log:
+        log.append(make_verdict(0), photo=jpeg(), auditor="a")
+    _edit_by_hand(log_path, "UPDATE records SET photo_mime = 'image/png' WHERE id = 1;")
+    with AuditLog(log_path, create=False) as log:
+        with pytest.raises(AuditChainError, match="record 1: the photo is stored as image/png"):
+            log.verify_chain()
+        with pytest.raises(AuditChainError):  # the CSV export checks the chain as the others do
+            log.export_csv(tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_append_refuses_a_verdict_that_contradicts_itself(log_path):
+    with AuditLog(log_path) as log:
+        for decision, score in (("match", 0.3), ("no_match", 0.62), ("no_match", 0.9)):
+            bad = dataclasses.replace(make_verdict(0, decision), score=score)
+            with pytest.raises(AuditLogError, match="would contradict itself"):
+                log.append(bad, photo=jpeg(), auditor="a")
+        # a retake may carry any score (the photo was not judged on it)
+        log.append(dataclasses.replace(make_verdict(0, "retake"), score=0.9), photo=jpeg(), auditor="a")
+        assert len(log) == 1
+
+
+def test_append_refuses_a_photo_other_than_the_judged_one(log_path, sample_bundle):
+    verifier = Verifier(sample_bundle)
+    photo = (REPO / "models" / "sample" / "photos" / "Banana_001.jpg").read_bytes()
+    verdict = verifier.verify(photo, "Banana")
+    with AuditLog(log_path) as log:
+        with pytest.raises(AuditLogError, match="not the photo the verdict judged"):
+            log.append(verdict, photo=jpeg(), auditor="a")
+        assert len(log) == 0
+        assert log.append(verdict, photo=photo, auditor="a") == 1
+        # judged from pixels (a camera frame): a lossless encoding of them is the judged photo
+        pixels = np.asarray(load_image(photo))
+        from_pixels = verifier.verify(pixels, "Banana")
+        png = io.BytesIO()
+        Image.fromarray(pixels).save(png, "PNG")
+        assert log.append(from_pixels, photo=png.getvalue(), auditor="a") == 2
+        assert log.append(from_pixels, photo=photo, auditor="a") == 3  # decodes to them too
+        with pytest.raises(AuditLogError, match="not the photo the verdict judged"):
+            log.append(from_pixels, photo=jpeg(), auditor="a")
 
 
 def test_exports(log_path, tmp_path, capsys):

@@ -30,8 +30,9 @@ CONCURRENT_RECORDS = 500 if FULL else 40
 
 
 def _verdict(i: int) -> dict:
-    return {"product_id": f"product-{i % 6}", "decision": "match" if i % 3 else "no_match",
-            "score": 0.5 + (i % 50) / 100, "threshold": 0.6, "model_id": "test-model",
+    score = 0.5 + (i % 50) / 100
+    return {"product_id": f"product-{i % 6}", "decision": "match" if score >= 0.6 else "no_match",
+            "score": score, "threshold": 0.6, "model_id": "test-model",
             "reasons": [f"record {i}"]}
 
 
