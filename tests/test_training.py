@@ -104,6 +104,25 @@ def test_augmenter_shapes_range_and_background_pasting():
     assert photos.shape == (4, 32, 32, 3) and np.all(photos == np.round(photos))
 
 
+def test_photo_crops_and_pasted_backgrounds_never_reach_past_the_frame():
+    # A crop running off a field photo or a background is filled with studio white, the
+    # cue that tells an original from a photo: black inputs must stay black throughout.
+    from auditlens.training.augment import AugmentSwitches, CaptureAugmenter, object_mask
+
+    black = tf.zeros((256, 48, 48, 3), tf.uint8)
+    only_geometry = AugmentSwitches(False, True, False, False, False, False, False, False)
+    photos = CaptureAugmenter(32, None, only_geometry, seed=1).photos(black).numpy()
+    assert photos.max() == 0, f"{(photos.max(axis=(1, 2, 3)) > 0).mean():.0%} of photo views hold white fill"
+    original = np.asarray(product_image(3, 48))
+    masks = np.repeat(object_mask(original)[None, ..., None], 256, 0)
+    only_paste = AugmentSwitches(True, False, False, False, False, False, False, False)
+    pasted = CaptureAugmenter(32, np.zeros((2, 48, 48, 3), np.uint8), only_paste, seed=1).originals(
+        tf.constant(np.repeat(original[None], 256, 0)), tf.constant(masks)).numpy()
+    corners = pasted[:, :2, :2].reshape(256, -1)
+    pasted_views = corners.mean(1) < 128  # the ~85% whose white studio corner was replaced
+    assert pasted_views.mean() > 0.7 and corners[pasted_views].max() == 0
+
+
 def test_mirroring_flips_about_half_the_views_and_nothing_else():
     from auditlens.training.augment import AugmentSwitches, CaptureAugmenter
 

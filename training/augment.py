@@ -137,14 +137,24 @@ class CaptureAugmenter:
     def _bernoulli(self, n, p: float) -> tf.Tensor:
         return tf.cast(self.rng.uniform([n]) < p, tf.float32)
 
-    def _resized_crop(self, images, side_lo, side_hi, centre_jitter, extrapolation=255.0):
-        """Random (possibly zoomed-out) square-ish crops, resized to S."""
+    def _resized_crop(self, images, side_lo, side_hi, centre_jitter, extrapolation=255.0,
+                      inside=False):
+        """Random (possibly zoomed-out) square-ish crops, resized to S.
+
+        ``inside``: the box stays within the image (field photos, backgrounds: a box
+        running off the frame would be filled with studio white, the very cue that tells
+        an original from a photo); ``centre_jitter`` 1 then lets it reach any edge.
+        Otherwise the centre moves by up to ``centre_jitter * |1 - side|``: originals
+        zoomed out (side > 1) sit anywhere in their white frame, and may touch its edge."""
         n = tf.shape(images)[0]
         side = self._u(n, side_lo, side_hi)
         aspect = tf.exp(self._u(n, -0.15, 0.15))
         h, w = side * tf.sqrt(aspect), side / tf.sqrt(aspect)
-        cy = 0.5 + self._u(n, -centre_jitter, centre_jitter) * tf.abs(1.0 - h)
-        cx = 0.5 + self._u(n, -centre_jitter, centre_jitter) * tf.abs(1.0 - w)
+        reach = 0.5 if inside else 1.0
+        if inside:
+            h, w = tf.minimum(h, 1.0), tf.minimum(w, 1.0)
+        cy = 0.5 + self._u(n, -centre_jitter, centre_jitter) * tf.abs(1.0 - h) * reach
+        cx = 0.5 + self._u(n, -centre_jitter, centre_jitter) * tf.abs(1.0 - w) * reach
         boxes = tf.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], axis=1)
         return tf.image.crop_and_resize(
             tf.cast(images, tf.float32), boxes, tf.range(n), [self.size, self.size],
@@ -153,7 +163,7 @@ class CaptureAugmenter:
 
     def _background(self, n) -> tf.Tensor:
         idx = self.rng.uniform([n], 0, tf.shape(self.backgrounds)[0], dtype=tf.int32)
-        return self._resized_crop(tf.gather(self.backgrounds, idx), 0.3, 1.0, 1.0)
+        return self._resized_crop(tf.gather(self.backgrounds, idx), 0.3, 1.0, 1.0, inside=True)
 
     def _photometric(self, x, strength: float = 1.0):
         n = tf.shape(x)[0]
@@ -260,7 +270,7 @@ class CaptureAugmenter:
         """Field photos -> more field photos (milder: they are already real captures)."""
         x = tf.cast(images, tf.float32)
         if self.switches.geometric:
-            x = self._resized_crop(x, 0.6, 1.0, 1.0)
+            x = self._resized_crop(x, 0.6, 1.0, 1.0, inside=True)
             x = self.rotate_photo(x, training=True)
         else:
             x = tf.image.resize(x, [self.size, self.size], antialias=True)
