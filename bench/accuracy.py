@@ -10,13 +10,15 @@ matrix once; the pairs are read out of it, so all methods see identical pairs.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto
+from auditlens.evaluation import metrics
+from auditlens.evaluation.protocol import Embedded
+from auditlens.evaluation.protocol import make_pairs as protocol_pairs
 
 from .common import Timing, measure
 from .peers import Method, ProductRef
@@ -24,69 +26,31 @@ from .peers import Method, ProductRef
 TARGET_FAR = 0.01
 
 
-# -- metrics: the evaluation module's when it is there, minimal ones otherwise ------------
-try:
-    from auditlens.evaluation.metrics import eer as _eer
-    from auditlens.evaluation.metrics import tar_at_far as _tar_at_far
-    from auditlens.evaluation.metrics import topk_accuracy as _topk
+# -- metrics and pairs: the evaluation module's, so the bench and `evaluate` agree ----------
+METRICS_SOURCE = "auditlens.evaluation.metrics"
 
-    METRICS_SOURCE = "auditlens.evaluation.metrics"
 
-    def eer(genuine, impostor) -> float:
-        return _eer(genuine, impostor).eer
+def eer(genuine, impostor) -> float:
+    return metrics.eer(genuine, impostor).eer
 
-    def tar_at_far(genuine, impostor, far: float) -> float:
-        return _tar_at_far(genuine, impostor, far)[0]
 
-    def top1(scores, truth) -> float:
-        return _topk(scores, truth, 1)
-except ImportError:  # pragma: no cover - only before the evaluation module exists
-    METRICS_SOURCE = "bench (minimal fallback)"
+def tar_at_far(genuine, impostor, far: float) -> float:
+    return metrics.tar_at_far(genuine, impostor, far)[0]
 
-    def eer(genuine, impostor) -> float:
-        g, i = np.asarray(genuine, float), np.asarray(impostor, float)
-        ts = np.unique(np.concatenate([g, i]))
-        far = np.array([(i >= t).mean() for t in ts])
-        frr = np.array([(g < t).mean() for t in ts])
-        k = int(np.argmin(np.abs(far - frr)))
-        return float((far[k] + frr[k]) / 2)
 
-    def tar_at_far(genuine, impostor, far: float) -> float:
-        i = np.sort(np.asarray(impostor, float))[::-1]
-        k = int(np.floor(far * len(i)))
-        t = np.nextafter(i[k], np.inf) if k < len(i) else i[-1]
-        return float((np.asarray(genuine) >= t).mean())
-
-    def top1(scores, truth) -> float:
-        s = np.asarray(scores)
-        true = s[np.arange(len(truth)), truth]
-        return float(((s >= true[:, None]).sum(1) == 1).mean())
+def top1(scores, truth) -> float:
+    return metrics.topk_accuracy(scores, truth, 1)
 
 
 def make_pairs(photos: list[LabelledPhoto], truth: np.ndarray, scores: np.ndarray,
                groups: list[str], seed: int = 0):
-    """(genuine scores, impostor scores, hard impostor scores) of the protocol's pairs."""
-    try:
-        from auditlens.evaluation.protocol import Embedded
-        from auditlens.evaluation.protocol import make_pairs as protocol_pairs
-
-        emb = Embedded(photos, np.zeros((len(photos), 1), np.float32), truth,
-                       scores.astype(np.float64))
-        pairs = protocol_pairs(emb, groups, seed=seed)
-        kind = pairs.kind
-        return (pairs.score[kind == "genuine"], pairs.score[kind != "genuine"],
-                pairs.score[kind == "hard"], len(pairs.score))
-    except ImportError:  # pragma: no cover
-        rng = random.Random(seed)
-        gen, imp, hard = [], [], []
-        for n, p in enumerate(truth):
-            gen.append(scores[n, p])
-            same = [q for q in range(len(groups)) if q != p and groups[q] and groups[q] == groups[p]]
-            other = [q for q in range(len(groups)) if q != p and q not in same]
-            for q in rng.sample(other, min(3, len(other))):
-                imp.append(scores[n, q])
-            hard += [scores[n, q] for q in same]
-        return np.array(gen), np.array(imp + hard), np.array(hard), len(gen) + len(imp) + len(hard)
+    """(genuine scores, impostor scores, hard impostor scores, pair count) of the
+    protocol's pairs."""
+    emb = Embedded(photos, np.zeros((len(photos), 1), np.float32), truth, scores.astype(np.float64))
+    pairs = protocol_pairs(emb, groups, seed=seed)
+    kind = pairs.kind
+    return (pairs.score[kind == "genuine"], pairs.score[kind != "genuine"],
+            pairs.score[kind == "hard"], len(pairs.score))
 
 
 @dataclass

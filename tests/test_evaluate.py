@@ -170,3 +170,38 @@ def test_split_without_unseen_photos_is_noted(sample_bundle, sample_photos):
                       progress=False, verbose=False, plots=False)
     assert "seen" not in report and "no photo shows an unseen product" in report["split"]["note"]
     assert report["split"]["unseen_not_in_bundle"] == ["Not-In-Bundle"]
+
+
+def test_impostor_draw_spread_brackets_the_reported_draw(report_dir):
+    report = json.loads((report_dir / "report.json").read_text())
+    draws = report["impostor_draws"]
+    assert draws["draws"] == 20 and draws["seeds"] == [0, 19]
+    for block in ("all", "seen", "unseen"):
+        for metric in ("eer", "tar_at_far_1%", "auc"):
+            spread = draws[block][metric]
+            reported = (report["overall"] if block == "all" else report[block])["all"][metric]
+            assert spread["min"] <= spread["median"] <= spread["max"]
+            assert spread["min"] <= reported <= spread["max"]  # seed 0 is one of the draws
+    assert draws["all"]["eer"]["min"] < draws["all"]["eer"]["max"]  # the draws differ
+    assert "over 20 impostor draws" in (report_dir / "summary.md").read_text()
+
+
+def test_the_impostor_draw_does_not_depend_on_where_the_photos_sit(tmp_path, sample_bundle, sample_photos):
+    import shutil
+
+    from auditlens.catalog import LabelledPhoto
+
+    moved = tmp_path / "elsewhere" / "deeper"
+    moved.mkdir(parents=True)
+    copies = []
+    for p in sample_photos:
+        target = moved / p.photo.split("/")[-1]
+        shutil.copy(p.photo, target)
+        copies.append(LabelledPhoto(str(target), p.product_id))
+    v = Verifier(sample_bundle)
+    groups, _ = product_groups(v.bundle)
+    here = make_pairs(embed_photos(v, sample_photos, progress=False), groups)
+    there = make_pairs(embed_photos(v, copies, progress=False), groups)
+    assert here.product.tolist() == there.product.tolist() and here.kind.tolist() == there.kind.tolist()
+    other_seed = make_pairs(embed_photos(v, sample_photos, progress=False), groups, seed=1)
+    assert other_seed.product.tolist() != here.product.tolist()

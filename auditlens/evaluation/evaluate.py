@@ -162,6 +162,34 @@ def _block(pairs: Pairs, ranks: np.ndarray, photo_mask: np.ndarray, kinds_of_pho
     return block
 
 
+IMPOSTOR_DRAWS = 20
+"""How many impostor draws (seeds) the spread of EER and TAR at FAR 1% is measured over."""
+
+
+def draw_spread(embedded: Embedded, groups: Sequence[str], masks: dict[str, np.ndarray], *,
+                seed: int, n_impostors: int, draws: int = IMPOSTOR_DRAWS) -> dict:
+    """EER, TAR at FAR 1% and AUC over ``draws`` draws of the random impostors (seeds
+    ``seed`` .. ``seed + draws - 1``; the report's figures are the first), for each photo
+    set in ``masks``: min, median and max. With a few hundred photos, a 1% false-accept
+    rate rests on about ten impostor scores, so one draw's TAR moves by several points."""
+    values: dict[str, dict[str, list[float]]] = {name: {"eer": [], "tar_at_far_1%": [], "auc": []}
+                                                 for name in masks}
+    for k in range(draws):
+        pairs = make_pairs(embedded, groups, seed=seed + k, n_impostors=n_impostors)
+        for name, mask in masks.items():
+            sub = pairs.subset(mask[pairs.photo])
+            g, imp = sub.score[sub.genuine], sub.score[sub.impostor]
+            if g.size and imp.size:
+                values[name]["eer"].append(metrics.eer(g, imp).eer)
+                values[name]["tar_at_far_1%"].append(metrics.tar_at_far(g, imp, 0.01)[0])
+                values[name]["auc"].append(metrics.roc_auc(g, imp))
+    out: dict = {"draws": draws, "seeds": [seed, seed + draws - 1]}
+    for name, by_metric in values.items():
+        out[name] = {m: {"min": _f(min(v)), "median": _f(np.median(v)), "max": _f(max(v))}
+                     for m, v in by_metric.items() if v}
+    return out
+
+
 def _goals(report: dict) -> list[dict]:
     """Issue 3's goals against the measured figures."""
     split = "seen" in report
@@ -499,6 +527,10 @@ def evaluate(
                                           else "every photo shows an unseen product"))
             if verbose:
                 print(f"note: {report['split']['note']}")
+    masks = {"all": everyone}
+    if "seen" in report:
+        masks.update(seen=~is_unseen, unseen=is_unseen)
+    report["impostor_draws"] = draw_spread(embedded, groups, masks, seed=seed, n_impostors=n_impostors)
     report["goals"] = _goals(report)
 
     fa = worst_false_accepts(embedded, pairs, worst)
@@ -559,6 +591,9 @@ def summary_markdown(report: dict) -> str:
         "",
         format_table(report, markdown=True),
     ]
+    spread = _spread_lines(report)
+    if spread:
+        lines += [""] + [f"* {line}" for line in spread]
     if report.get("goals"):
         lines += ["", "| goal | measured | on | met |", "|---|---|---|---|"]
         for g in report["goals"]:
@@ -566,6 +601,24 @@ def summary_markdown(report: dict) -> str:
             met = {True: "yes", False: "**no**", None: "-"}[g["met"]]
             lines.append(f"| {g['goal']} | {v} | {g['on']} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _spread_lines(report: dict) -> list[str]:
+    d = report.get("impostor_draws")
+    if not d:
+        return []
+    lines = []
+    for name in ("all", "seen", "unseen"):
+        m = d.get(name)
+        if not m or "eer" not in m:
+            continue
+        e, t = m["eer"], m["tar_at_far_1%"]
+        lines.append(
+            f"over {d['draws']} impostor draws (seeds {d['seeds'][0]}-{d['seeds'][1]}), "
+            f"{'photos' if name == 'all' else name + ' products'}: EER {e['min']:.1%}-{e['max']:.1%} "
+            f"(median {e['median']:.1%}), TAR at FAR 1% {t['min']:.1%}-{t['max']:.1%} "
+            f"(median {t['median']:.1%})")
+    return lines
 
 
 def describe(report: dict) -> str:
@@ -581,6 +634,10 @@ def describe(report: dict) -> str:
         "",
         format_table(report),
     ]
+    spread = _spread_lines(report)
+    if spread:
+        lines += [""] + spread
+
     def rates(at: dict) -> str:
         return f"FAR {at['far']:.2%}, FRR {at['frr']:.2%}" + (
             f", FAR on hard impostors {at['far_hard']:.2%}" if at.get("far_hard") is not None else "")

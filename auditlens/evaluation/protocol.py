@@ -5,8 +5,9 @@ For each labelled photo of an enrolled product:
 
 * **genuine**: the photo against its own product;
 * **impostor**: against ``n_impostors`` (3) products drawn at random from *other* coarse
-  classes (``group``); the draw depends only on the seed and the photo's path and
-  product, so adding photos never changes another photo's pairs;
+  classes (``group``); the draw depends only on the seed and the photo's file name and
+  product (not the folder it sits in, so the same photos give the same figures on any
+  machine), and adding photos never changes another photo's pairs;
 * **hard**: against *every other* product of its own coarse class (another brand of
   milk). Products with an empty ``group`` have no hard impostors, and draw their random
   impostors from all other products.
@@ -31,7 +32,8 @@ from auditlens.catalog import Catalog, LabelledPhoto
 from auditlens.errors import AuditlensError
 
 GENUINE, IMPOSTOR, HARD = "genuine", "impostor", "hard"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: impostors drawn by the photo's file name (1: by its path as given)."""
 N_IMPOSTORS = 3
 DEFAULT_SEED = 0
 
@@ -152,7 +154,8 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
 
 
 def _photo_rng(seed: int, photo: LabelledPhoto) -> np.random.Generator:
-    digest = hashlib.sha256(f"{seed}\x00{photo.photo}\x00{photo.product_id}".encode()).digest()
+    name = os.path.basename(str(photo.photo).replace("\\", "/"))
+    digest = hashlib.sha256(f"{seed}\x00{name}\x00{photo.product_id}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
