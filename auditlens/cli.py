@@ -161,16 +161,13 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 
 
 def _format_verdict(v) -> str:
+    from auditlens.device_app.verifier import far_share
+
     line = f"{v.decision.upper().replace('_', ' '):8s} {v.product_id}  score {v.score:.3f} (threshold {v.threshold:.3f}"
-    far = v.estimated_far
-    if far is None:
-        pass
-    elif far <= 0:  # above every impostor of the calibration, not a certainty
-        line += ", above every calibration impostor"
-    elif far < 0.0001:
-        line += ", est. false-accept < 0.01%"
-    else:
-        line += f", est. false-accept {far:.2%}"
+    if v.estimated_far is not None:
+        share = far_share(v.estimated_far)
+        line += (", above every calibration impostor" if share is None  # not a certainty
+                 else f", est. false-accept {share}")
     line += ")"
     extra = [f"  - {r}" for r in v.reasons]
     if v.suggestions:

@@ -285,7 +285,8 @@ def default_auditor() -> str:
         return ""
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
+    """The current UTC time as records carry it: ``2026-12-04T16:30:00.779Z``."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -297,6 +298,11 @@ def _text(value) -> str:
     (bytes Python decoded with ``surrogateescape``, such as a Latin-1 ``$USER``) become
     U+FFFD, so the record is kept rather than lost."""
     return _SURROGATES.sub("\ufffd", str(value))
+
+
+def _verdict_json(verdict_d: dict) -> str:
+    return _text(json.dumps(verdict_d, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                            default=str))
 
 
 def _verdict_dict(verdict) -> dict:
@@ -422,13 +428,13 @@ class AuditLog:
 
                     self._db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [
                         ("format", LOG_FORMAT), ("version", str(LOG_VERSION)),
-                        ("log_id", uuid.uuid4().hex), ("created_utc", _utc_now()),
+                        ("log_id", uuid.uuid4().hex), ("created_utc", utc_now()),
                     ])
                 elif missing:
                     # someone removed the append-only guards: put them back, and keep a
                     # permanent note of it (inserting is the one thing the log allows)
                     self._db.execute("INSERT INTO meta(key, value) VALUES (?, ?)",
-                                     (f"guards_restored:{_utc_now()}", ",".join(missing)))
+                                     (f"guards_restored:{utc_now()}", ",".join(missing)))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -476,10 +482,9 @@ class AuditLog:
                                 f"threshold {threshold}: the record would contradict itself")
         _check_judged_photo(photo, str(verdict_d.get("photo_sha256") or ""))
         stored, mime = prepare_photo(photo)
-        verdict_json = _text(json.dumps(verdict_d, sort_keys=True, separators=(",", ":"),
-                                        ensure_ascii=False, default=str))
+        verdict_json = _verdict_json(verdict_d)
         fields = {
-            "created_utc": _utc_now(), "auditor": _text(auditor or ""),
+            "created_utc": utc_now(), "auditor": _text(auditor or ""),
             "device": _text(self.device if device is None else device),
             "product_id": product_id, "decision": decision, "score": score,
             "threshold": threshold, "model_id": model_id,
@@ -515,6 +520,15 @@ class AuditLog:
             except sqlite3.Error as exc:
                 raise AuditLogError(f"{self.path}: could not write the audit record: {exc}") from exc
         return int(fields["id"])
+
+    def holds(self, verdict, photo: bytes) -> bool:
+        """Whether this verdict of this photo is already in the log (a verdict carries the
+        time it was judged, so a second capture of the same photo is a different one)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM records WHERE captured_sha256 = ? AND verdict_json = ? LIMIT 1",
+                (hashlib.sha256(bytes(photo)).hexdigest(), _verdict_json(_verdict_dict(verdict)))).fetchone()
+        return row is not None
 
     # -- reading -------------------------------------------------------------------
     def __bool__(self) -> bool:  # an empty log is still an open log

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from auditlens.device_app.auditlog import utc_now
 from auditlens.device_app.bundle import ReferenceBundle, probe_image
 from auditlens.device_app.imaging import (
     DEFAULT_MAX_PIXELS,
@@ -90,6 +91,9 @@ class Verdict:
     suggestions: tuple[Candidate, ...] = ()
     target_far: float | None = None
     """The false-accept rate the threshold was calibrated for, if it was."""
+    judged_utc: str = ""
+    """When the photo was judged (UTC, ISO 8601). An audit record also carries the time it
+    was written, later when the log could not take the verdict at once."""
 
     @property
     def matched(self) -> bool:
@@ -166,6 +170,15 @@ def dhash(image: Image.Image) -> str:
     grey = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
     bits = (grey[:, 1:] > grey[:, :-1]).flatten()
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def far_share(far: float) -> str | None:
+    """An estimated false-accept rate as people read it ("0.96%", "< 0.01%"); None when
+    the score is above every impostor of the calibration (an estimate of 0, not a
+    certainty). One wording for the CLI and the app."""
+    if far <= 0:
+        return None
+    return "< 0.01%" if far < 0.0001 else f"{far:.2%}"
 
 
 def hamming(a: str, b: str) -> int:
@@ -329,7 +342,7 @@ class Verifier:
             estimated_far=self.estimated_far(score), reasons=tuple(reasons),
             model_id=self.bundle.model_id, photo_sha256=capture.sha256, quality=quality,
             near_duplicate=near_duplicate, suggestions=suggestions,
-            target_far=self.bundle.decision.get("target_far"),
+            target_far=self.bundle.decision.get("target_far"), judged_utc=utc_now(),
         )
 
     def identify(self, photo: ImageSource | np.ndarray | Capture, top_k: int = 5) -> list[Candidate]:

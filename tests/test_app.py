@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -147,16 +148,73 @@ def test_a_verdict_the_log_cannot_take_is_held_and_written_later(demo, tmp_path)
         session.log.close()  # the log stops accepting records (as with a full disk)
         held = session.verify(photo, plan["product"])
         assert held.verdict.decision == "match" and held.record_id is None
-        assert "closed" in held.log_error and len(session.unlogged) == 1
+        assert "closed" in held.log_error and session.held() == 1
+        assert not session.unlogged  # held on disk, not only in memory
 
         session.log = AuditLog(tmp_path / "audit.db", device="t")  # the log works again
         later = session.verify(photo, plan["product"])
-        assert later.log_error == "" and later.record_id == 2 and not session.unlogged
+        assert later.log_error == "" and later.record_id == 2 and session.held() == 0
         first, second = sorted(session.history(), key=lambda r: r.id)
         assert first.created_utc <= second.created_utc and first.decision == "match"
         assert first.auditor == "Sam" and session.check_log().records == 2
+        # each record keeps the time its photo was judged, not only when it was written
+        assert first.verdict["judged_utc"] == held.verdict.judged_utc <= first.created_utc
+        assert first.verdict["judged_utc"] < second.verdict["judged_utc"]
     finally:
         session.close()
+
+
+def test_a_held_verdict_survives_the_app_closing_and_is_written_once(demo, tmp_path):
+    root, plan = demo
+    photo = (Path(plan["camera_dir"]) / plan["match_photo"]).read_bytes()
+    session = Session(Path(plan["bundle"]), tmp_path / "audit.db", auditor="Sam", device="t")
+    session.load()
+    session.log.close()
+    held = session.verify(photo, plan["product"])
+    assert held.log_error and session.held() == 1
+    session.log = None  # the app is killed: nothing more is written
+    (held_file,) = session.held_dir.glob("*.json")
+    kept = held_file.read_bytes()
+
+    again = Session(Path(plan["bundle"]), tmp_path / "audit.db", auditor="Kim", device="t")
+    again.load()  # the next start writes it
+    try:
+        (record,) = again.history()
+        assert record.auditor == "Sam" and record.decision == "match"
+        assert record.verdict["judged_utc"] == held.verdict.judged_utc
+        assert again.held() == 0 and again.check_log().records == 1
+    finally:
+        again.close()
+    # killed after writing the record but before removing its file: not written twice
+    held_file.write_bytes(kept)
+    assert json.loads(kept)["auditor"] == "Sam"
+    third = Session(Path(plan["bundle"]), tmp_path / "audit.db", device="t")
+    third.load()
+    try:
+        assert third.held() == 0 and len(third.history()) == 1
+    finally:
+        third.close()
+    with AuditLog(tmp_path / "audit.db") as log:
+        assert log.verify_chain().records == 1
+
+
+def test_a_log_that_cannot_be_opened_is_not_blamed_on_the_bundle(demo, tmp_path):
+    from auditlens.errors import AuditLogError
+
+    root, plan = demo
+    other = tmp_path / "notes.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE notes (t TEXT)")
+    con.commit()
+    con.close()
+    session = Session(Path(plan["bundle"]), other)
+    with pytest.raises(AuditLogError, match="not an auditlens audit log"):
+        session.load()
+    assert session.verifier is not None  # the bundle itself loaded
+    blocked = tmp_path / "file"
+    blocked.write_text("in the way")
+    with pytest.raises(AuditLogError, match="cannot open the audit log"):
+        Session(Path(plan["bundle"]), blocked / "audit.db").load()
 
 
 def test_app_takes_the_public_key_as_a_file(demo, tmp_path):

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from auditlens.device_app.auditlog import default_auditor
+from auditlens.errors import AuditLogError
 
 ANALYSE_EVERY_S = 0.8
 """How often a camera frame is analysed (quality hint, barcode) on the worker thread."""
@@ -123,6 +124,12 @@ def build_app_class():
             self.worker.submit(self.session.load, self._loaded, self._refused)
             Clock.schedule_interval(self._analyse_tick, ANALYSE_EVERY_S)
 
+        def on_pause(self):
+            # Android may stop a paused app without on_stop: write held verdicts now
+            if self.loaded and self.worker is not None:
+                self.worker.submit(self.session.write_held, lambda _r: None, lambda _e: None)
+            return True
+
         def on_stop(self):
             if self.camera is not None:
                 self.camera.stop()
@@ -142,7 +149,10 @@ def build_app_class():
         def _refused(self, exc: BaseException):
             self.load_error = exc
             message = str(exc) if isinstance(exc, AuditlensError) else f"{type(exc).__name__}: {exc}"
-            self.screens["refusal"].show(type(exc).__name__, message, str(self.session.bundle_path))
+            if isinstance(exc, AuditLogError):  # the bundle loaded; the log did not open
+                self.screens["refusal"].show_log(type(exc).__name__, message, str(self.session.log_path))
+            else:
+                self.screens["refusal"].show(type(exc).__name__, message, str(self.session.bundle_path))
             self.sm.current = "refusal"
 
         # -- navigation ----------------------------------------------------------------
@@ -150,6 +160,8 @@ def build_app_class():
             self.session.auditor = name.strip()
 
         def go_picker(self):
+            if self._verifying:  # the verdict on its way must be seen before anything else
+                return
             self.scanning = False
             if self.camera is not None:
                 self.camera.stop()
@@ -172,6 +184,8 @@ def build_app_class():
             return True
 
         def select_product(self, product_id: str):
+            if self._verifying:
+                return
             record = self.session.bundle.product(product_id)
             self.product_id, self.scanning = record.product_id, False
             screen = self.screens["camera"]
@@ -263,13 +277,8 @@ def build_app_class():
 
             def job():
                 outcome = self.session.verify(photo, product_id)
-                thumbs = {}
-                if outcome.verdict is not None:
-                    for c in outcome.verdict.suggestions:
-                        try:
-                            thumbs[c.product_id] = self.session.thumbnail(c.product_id)
-                        except Exception:  # noqa: BLE001
-                            pass
+                suggestions = outcome.verdict.suggestions if outcome.verdict is not None else ()
+                thumbs = {c.product_id: self.session.thumbnail(c.product_id) for c in suggestions}
                 return outcome, self.session.thumbnail(product_id), thumbs
 
             self.worker.submit(job, self._verified, self._capture_failed)
@@ -296,6 +305,8 @@ def build_app_class():
 
         # -- history -----------------------------------------------------------------------
         def show_history(self):
+            if self._verifying:
+                return
             if self.camera is not None:
                 self.camera.stop()
 
@@ -339,7 +350,8 @@ def run(args) -> int:
                    export_dir=args.export_dir, camera_index=args.camera_index)
     app.run()
     if app.load_error is not None:
-        print(f"auditlens: error: bundle refused: {app.load_error}", file=sys.stderr)
+        what = "audit log refused" if isinstance(app.load_error, AuditLogError) else "bundle refused"
+        print(f"auditlens: error: {what}: {app.load_error}", file=sys.stderr)
         return 2
     return 0
 

@@ -43,6 +43,7 @@ from auditlens.device_app.app.widgets import (
     WrapLabel,
     pil_to_texture,
 )
+from auditlens.device_app.verifier import far_share
 
 DECISION_STYLE = {
     "match": ("MATCH", GREEN, TEXT),
@@ -98,7 +99,8 @@ class RefusalScreen(Screen):
     def __init__(self, **kw):
         super().__init__(name="refusal", **kw)
         box = BgBox(orientation="vertical", padding=dp(20), spacing=dp(16))
-        box.add_widget(header("Bundle refused", bg=RED))
+        self.bar = header("Bundle refused", bg=RED)
+        box.add_widget(self.bar)
         self.title = WrapLabel(text="", font_size=FONT_BIG, bold=True)
         self.message = WrapLabel(text="", font_size=FONT)
         self.advice = WrapLabel(text="", font_size=FONT, color=MUTED)
@@ -111,6 +113,7 @@ class RefusalScreen(Screen):
         self.add_widget(box)
 
     def show(self, kind: str, message: str, bundle_path: str) -> None:
+        self.bar.title_label.text = "Bundle refused"
         titles = {
             "BundleIntegrityError": "This reference bundle failed its integrity check.",
             "ModelMismatchError": "The model and the reference latents do not belong together.",
@@ -122,6 +125,21 @@ class RefusalScreen(Screen):
         self.advice.text = (
             "No verification is possible with it, and none will be logged. Reinstall the "
             f"bundle from your publisher, then start the app again.\n\nBundle: {bundle_path}")
+
+    def show_log(self, kind: str, message: str, log_path: str) -> None:
+        """The bundle is fine; the audit log cannot be opened (full disk, another file at
+        its path, or a log edited outside auditlens)."""
+        tampered = kind == "AuditChainError"
+        self.bar.title_label.text = "AUDIT LOG TAMPERED" if tampered else "Audit log unavailable"
+        self.title.text = ("The audit log was edited outside auditlens." if tampered
+                           else "The audit log could not be opened.")
+        self.message.text = message
+        self.advice.text = (
+            "No verification is possible without a log to keep it in. "
+            + ("Do not delete the file: hand the device to your supervisor, who can check it "
+               "with `auditlens verify-log`." if tampered else
+               "Free some storage or move the file that is in the way, then start the app "
+               "again.") + f"\n\nAudit log: {log_path}")
 
 
 # -- product picker --------------------------------------------------------------------
@@ -179,10 +197,8 @@ class PickerScreen(Screen):
 
     def texture(self, product_id: str):
         if product_id not in self._textures:
-            try:
-                self._textures[product_id] = pil_to_texture(app().session.thumbnail(product_id))
-            except Exception:  # noqa: BLE001 - a missing thumbnail only costs the picture
-                self._textures[product_id] = None
+            thumbnail = app().session.thumbnail(product_id)
+            self._textures[product_id] = pil_to_texture(thumbnail) if thumbnail is not None else None
         return self._textures[product_id]
 
     def refresh(self) -> None:
@@ -443,12 +459,10 @@ class VerdictScreen(Screen):
             bar.set(v.score, v.threshold, colour)
             d.add_widget(bar)
             if v.estimated_far is not None:
-                far = v.estimated_far
-                if far <= 0:
-                    text = "No different product scored this high in the calibration photos."
-                else:
-                    share = f"{far:.1%}" if far >= 0.001 else "fewer than 0.1%"
-                    text = f"A different product scores this high in {share} of calibration photos."
+                share = far_share(v.estimated_far)
+                text = ("No different product scored this high in the calibration photos."
+                        if share is None else
+                        f"A different product scores this high in {share} of calibration photos.")
                 d.add_widget(WrapLabel(text=text, font_size=FONT_SMALL, color=MUTED))
         if v.suggestions:
             heading = ("The photo looks more like:" if v.outscored
@@ -456,7 +470,7 @@ class VerdictScreen(Screen):
             d.add_widget(WrapLabel(text=heading, font_size=FONT, bold=True))
             for c in v.suggestions:
                 texture = self._suggestion_textures.get(c.product_id)
-                if texture is None and c.product_id in suggestion_thumbs:
+                if texture is None and suggestion_thumbs.get(c.product_id) is not None:
                     texture = pil_to_texture(suggestion_thumbs[c.product_id])
                     self._suggestion_textures[c.product_id] = texture
                 # information only: the audited product stays the one picked
@@ -538,10 +552,20 @@ class HistoryScreen(Screen):
         if error:  # the app's words: "AUDIT LOG TAMPERED: ..." only for a broken chain
             self.chain.bg = RED
             self.chain_label.text = error
+        elif report.warnings or not report.triggers_intact:  # records verify, file was opened by hand
+            self.chain.bg = AMBER
+            self.chain_label.color = DARK_TEXT
+            self.chain_label.text = (f"Records verify ({report.records}), but: "
+                                     + "; ".join(report.warnings or ("the append-only guards are missing",)))
+            return self._rows(records, names)
         else:
             self.chain.bg = (0.10, 0.30, 0.18, 1)
             self.chain_label.text = (f"Hash chain intact: {report.records} records\n"
                                      f"head {report.head_hash[:16]}...  log {report.log_id[:8]}")
+        self.chain_label.color = TEXT
+        self._rows(records, names)
+
+    def _rows(self, records, names: dict) -> None:
         self.grid.clear_widgets()
         for r in records:
             self.grid.add_widget(HistoryRow(r, names.get(r.product_id, r.product_id)))

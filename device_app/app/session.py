@@ -20,7 +20,10 @@ from PIL import Image
 from auditlens.device_app.auditlog import AuditLog, AuditRecord, ChainReport
 from auditlens.device_app.bundle import ProductRecord, ReferenceBundle
 from auditlens.device_app.verifier import Verdict, Verifier, VerifierOptions
-from auditlens.errors import AuditlensError
+from auditlens.errors import AuditlensError, AuditLogError
+
+_LOG_ERRORS = (AuditlensError, OSError, sqlite3.Error, ValueError, KeyError)
+"""What writing to the log (or reading a held verdict) may raise: the verdict then waits."""
 
 PREVIEW_SIDE = 640
 """The capture is shown on the verdict screen at most this large."""
@@ -42,8 +45,8 @@ class Outcome:
     log_seconds: float = 0.0
     log_error: str = ""
     """Set when the verdict was judged but the log could not take it (disk full, file
-    locked, ...): the verdict is kept in :attr:`Session.unlogged` and written first
-    the next time the log accepts a record."""
+    locked, ...): the verdict is held (see :meth:`Session.held`) and written first the
+    next time the log accepts a record."""
 
 
 @dataclass
@@ -62,20 +65,34 @@ class Session:
     def __post_init__(self) -> None:
         self.bundle_path = Path(self.bundle_path)
         self.log_path = Path(self.log_path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.unlogged: list[tuple[Verdict, bytes, str]] = []
-        """Judged captures the log could not take yet (verdict, photo, auditor), oldest first."""
+        """Judged captures the log could not take and that could not be written to
+        :attr:`held_dir` either (verdict, photo, auditor), oldest first: lost if the app
+        closes before the log takes them."""
+
+    @property
+    def held_dir(self) -> Path:
+        """Where verdicts the log could not take wait, one JSON file each (verdict, photo,
+        auditor), beside the log: they survive the app being closed or killed."""
+        return self.log_path.with_name(f".{self.log_path.name}.held")
 
     # -- lifecycle -----------------------------------------------------------------
     def load(self) -> ReferenceBundle:
         """Verify and load the bundle (raises a BundleError the app shows as a refusal)
-        and open the audit log."""
+        and open the audit log (raises an AuditLogError, an AuditChainError for a log
+        edited outside auditlens: the bundle is not at fault)."""
         self.verifier = Verifier(self.bundle_path, self.options, public_key=self.public_key)
-        self.log = AuditLog(self.log_path, device=self.device)
+        try:
+            self.log = AuditLog(self.log_path, device=self.device)
+        except OSError as exc:  # e.g. its folder cannot be made
+            raise AuditLogError(f"{self.log_path}: cannot open the audit log: {exc}") from exc
+        self.write_held()  # verdicts held when the app last ran
         return self.verifier.bundle
 
     def close(self) -> None:
         if self.log is not None:
+            self.write_held()
             self.log.close()
             self.log = None
 
@@ -118,8 +135,13 @@ class Session:
                 record = None
         return record
 
-    def thumbnail(self, product_id: str) -> Image.Image:
-        return self.bundle.thumbnail(product_id)
+    def thumbnail(self, product_id: str) -> Image.Image | None:
+        """The product's thumbnail, or None when it cannot be shown (a missing picture
+        must never cost a verdict or its screen)."""
+        try:
+            return self.bundle.thumbnail(product_id)
+        except (AuditlensError, OSError, ValueError):
+            return None
 
     # -- the verb --------------------------------------------------------------------
     def verify(self, photo: bytes, product_id: str) -> Outcome:
@@ -144,27 +166,73 @@ class Session:
             preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
             outcome.capture, outcome.verdict = preview, verdict
             t0 = time.perf_counter()
-            self.unlogged.append((verdict, photo, self.auditor))
             try:
-                outcome.record_id = self._write_unlogged()
-            except (AuditlensError, OSError, sqlite3.Error) as exc:
-                outcome.log_error = str(exc)
+                self._write_held()  # older verdicts first, in capture order
+                outcome.record_id = self.log.append(verdict, photo=photo, auditor=self.auditor)
+            except _LOG_ERRORS as exc:
+                outcome.log_error = str(exc) + self._hold(verdict, photo, self.auditor)
             outcome.log_seconds = time.perf_counter() - t0
         return outcome
 
-    def _write_unlogged(self) -> int | None:
-        """Append the held verdicts in capture order; returns the last record id.
-        Stops at the first failure, keeping that verdict and the ones after it."""
-        record_id = None
+    # -- verdicts the log could not take -------------------------------------------------
+    def held(self) -> int:
+        """How many judged verdicts wait for the log."""
+        files = list(self.held_dir.glob("*.json")) if self.held_dir.is_dir() else []
+        return len(files) + len(self.unlogged)
+
+    def write_held(self) -> str:
+        """Try to write the held verdicts now (the app calls this on start, on History and
+        when it stops); returns "" or why they still wait."""
+        with self._lock:
+            try:
+                self._write_held()
+                return ""
+            except _LOG_ERRORS as exc:
+                return str(exc)
+
+    def _hold(self, verdict: Verdict, photo: bytes, auditor: str) -> str:
+        """Keep a verdict for later in :attr:`held_dir`; returns a note for the auditor."""
+        import base64
+        import json
+        import time
+
+        from auditlens.files import atomic_write
+
+        try:
+            self.held_dir.mkdir(exist_ok=True)
+            name = f"{time.time_ns():020d}-{verdict.photo_sha256[:12]}.json"
+            with atomic_write(self.held_dir / name) as f:
+                json.dump({"verdict": verdict.to_dict(), "auditor": auditor,
+                           "photo": base64.b64encode(photo).decode("ascii")}, f)
+            return ""
+        except OSError as exc:
+            self.unlogged.append((verdict, photo, auditor))
+            return (f" (and it could not be saved for later either: {exc}; it is kept in "
+                    "memory and lost if the app closes before the log works again)")
+
+    def _write_held(self) -> None:
+        """Append the held verdicts, oldest first; a failure stops there, keeping that
+        verdict and the ones after it. A verdict already in the log (the app was killed
+        between writing it and removing its file) is not written twice."""
+        import base64
+        import json
+
+        if self.held_dir.is_dir():
+            for path in sorted(self.held_dir.glob("*.json")):
+                held = json.loads(path.read_text(encoding="utf-8"))
+                photo = base64.b64decode(held["photo"])
+                if not self.log.holds(held["verdict"], photo):
+                    self.log.append(held["verdict"], photo=photo, auditor=held["auditor"])
+                path.unlink()
         while self.unlogged:
             verdict, photo, auditor = self.unlogged[0]
-            record_id = self.log.append(verdict, photo=photo, auditor=auditor)
+            self.log.append(verdict, photo=photo, auditor=auditor)
             self.unlogged.pop(0)
-        return record_id
 
     # -- history ---------------------------------------------------------------------
     def history(self, limit: int = 200) -> list[AuditRecord]:
         assert self.log is not None
+        self.write_held()
         return self.log.records(newest_first=True, limit=limit)
 
     def check_log(self) -> ChainReport:
