@@ -406,6 +406,16 @@ def test_settings_and_splits_that_cannot_train_are_refused_before_training(tiny_
         with pytest.raises(ValueError, match=f"{flag} must be at least"):
             train(tiny_config(tmp_path / field, tiny_data["catalog"], **{field: value}))
 
+    # two views leave no slot for a field photo: training would silently ignore --photos
+    with pytest.raises(ValueError, match="no room for a field photo"):
+        train(tiny_config(tmp_path / "v2", tiny_data["catalog"], views_per_product=2,
+                          photos=str(tiny_data["train"])))
+    empty = write_csv(tmp_path / "empty_val.csv", ["photo", "product_id"], [])
+    with pytest.raises(CatalogError, match="no validation photo of a catalogue product"):
+        train(tiny_config(tmp_path / "ev", tiny_data["catalog"], val_photos=str(empty)))
+    with pytest.raises(ValueError, match="outside MobileNetV2's blocks 1 to 17"):
+        train(tiny_config(tmp_path / "tb", tiny_data["catalog"], backbone="mobilenet_v2", trunk_blocks=18))
+
     one = tmp_path / "one"
     one.mkdir()
     shutil.copy(tiny_data["catalog"] / "product-0.png", one)

@@ -114,7 +114,7 @@ class TrainConfig:
     geometric: bool = True
     """Random resized crop, zoom-out, rotation and perspective."""
     photometric: bool = True
-    """Brightness/contrast/saturation/hue jitter, white balance and gamma shifts."""
+    """Brightness, contrast and saturation jitter, white balance and gamma shifts."""
     blur: bool = True
     """Gaussian (defocus) blur."""
     noise: bool = True

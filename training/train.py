@@ -201,6 +201,11 @@ def train(config: TrainConfig) -> TrainResult:
                                ("views_per_product", config.views_per_product, 2)):
         if value < least:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, not {value}")
+    if config.backbone == "mobilenet_v2" and not 1 <= config.trunk_blocks <= 17:
+        raise ValueError(f"--trunk-blocks {config.trunk_blocks} is outside MobileNetV2's blocks 1 to 17")
+    if config.photos and config.views_per_product < 3:
+        raise ValueError(f"--views-per-product {config.views_per_product} leaves no room for a field "
+                         "photo beside the original and its augmented copy: use 3 or more with --photos")
     if config.stop_epoch is not None and not 1 <= config.stop_epoch <= config.epochs:
         raise ValueError(f"--stop-epoch {config.stop_epoch} is outside the schedule's epochs 1 to {config.epochs}")
     t_start = time.perf_counter()
@@ -311,6 +316,8 @@ def train(config: TrainConfig) -> TrainResult:
     augmenter = CaptureAugmenter(config.input_size, backgrounds, switches, seed=config.seed)
     if config.val_photos:
         val = _filter_photos(read_labelled_photos(config.val_photos), catalog, config.val_photos)
+        if not val:
+            raise CatalogError(f"{config.val_photos}: no validation photo of a catalogue product")
         if all(p.product_id in held_out for p in val):  # refused before any photo is decoded
             raise CatalogError(f"{config.val_photos}: no validation photo shows a trained product (all "
                                f"{len(val)} are of held-out products); checkpoints are chosen on trained "
@@ -325,10 +332,12 @@ def train(config: TrainConfig) -> TrainResult:
         val_aug = CaptureAugmenter(config.input_size, backgrounds, AugmentSwitches(), seed=config.seed + 999)
         all_big = _load_stack([p.image for p in catalog], spec, csize, "original")
         all_masks = np.stack([object_mask(img) for img in all_big])[..., None]
-        reps = 4
-        val_images = val_aug.originals(
-            tf.constant(np.repeat(all_big, reps, 0)), tf.constant(np.repeat(all_masks, reps, 0))
-        ).numpy().astype(np.uint8)
+        reps, chunk = 4, 64  # augmented in chunks: one batch of every view would take GBs
+        rep_big, rep_masks = np.repeat(all_big, reps, 0), np.repeat(all_masks, reps, 0)
+        val_images = np.concatenate([
+            val_aug.originals(tf.constant(rep_big[i:i + chunk]), tf.constant(rep_masks[i:i + chunk]))
+            .numpy().astype(np.uint8) for i in range(0, len(rep_big), chunk)])
+        del rep_big, rep_masks
         val_labels = np.repeat(np.arange(len(ids)), reps)
         val_views = 1
         val_source = "augmented originals (no --val-photos)"
@@ -496,7 +505,8 @@ def train(config: TrainConfig) -> TrainResult:
         t_epoch = time.perf_counter()
         for _ in range(config.steps_per_epoch):
             elapsed = time.perf_counter() - t_train - t_eval_total
-            frac = elapsed / budget if budget else step / planned_steps
+            # the schedule ends with whichever comes first, the budget or the epochs
+            frac = max(elapsed / budget, step / planned_steps) if budget else step / planned_steps
             lr = config.learning_rate * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
             optimizer.learning_rate.assign(max(lr, config.learning_rate * 0.01))
             trunk_optimizer.learning_rate.assign(max(lr, config.learning_rate * 0.01) * config.backbone_lr_scale)
@@ -634,7 +644,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--val-photos", help="photo,product_id CSV to validate on "
                         "(default: fixed augmented originals)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--minutes", type=float, help="wall-clock training budget (stops before --epochs)")
+    parser.add_argument("--minutes", type=float,
+                        help="wall-clock training budget: training stops after it or after --epochs, "
+                             "whichever comes first, and the learning rate decays towards that end")
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"maximum epochs (default {d.epochs})")
     parser.add_argument("--stop-epoch", type=int, metavar="N",
                         help="stop after epoch N of the --epochs schedule and keep that epoch's "
