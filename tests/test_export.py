@@ -130,7 +130,27 @@ def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
     assert PreprocessSpec.from_dict(card["preprocess"]) == PreprocessSpec(32)
     assert card["preprocess"]["photo_zooms"] == [1.0] and card["preprocess"]["photo_mirror"] is False
     assert card["export"]["mode"] == "int8" and card["export"]["worst_cosine"] <= 1.0
+    assert card["export"]["compared_on"] == "the calibration images themselves"
     assert "worst" in capsys.readouterr().out
+
+    # with more field photos than calibrate, the drift is measured on the ones left out
+    from auditlens.export.quantize import comparison_photos
+
+    photos = tmp_path / "photos.csv"
+    rows = [f"{tiny_encoder['catalog'] / f'item-{i % 5}.png'},item-{i % 5}" for i in range(9)]
+    photos.write_text("photo,product_id\n" + "\n".join(rows) + "\n")
+    spec = PreprocessSpec(32)
+    assert comparison_photos(str(photos), spec, max_photos=9) is None  # all calibrate
+    assert comparison_photos(str(photos), spec, max_photos=4).shape == (5, 32, 32, 3)
+    assert comparison_photos(str(photos), spec, max_photos=4, count=2).shape == (2, 32, 32, 3)
+    args = add_export_arguments(argparse.ArgumentParser()).parse_args(
+        [tiny_encoder["encoder"], "--representative", str(tiny_encoder["catalog"]), "--out", str(out),
+         "--photos", str(photos), "--max-photos", "4"])
+    assert run_export(args) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["export"]["compared_on"] == "images outside the calibration set"
+    assert card["export"]["n_images"] == 5
+    assert "5 images outside the calibration set" in capsys.readouterr().out
 
 
 def test_export_refuses_what_would_lose_the_model(tiny_encoder, tmp_path, capsys):
