@@ -310,6 +310,8 @@ def _run_info(args) -> int:
     print(f"products   {len(b.products)}  ({len(b.references)} reference images)")
     cal = f"calibrated for false-accept rate {d['target_far']:.2%} on {d.get('calibrated_on')}" if d.get("target_far") else "not calibrated"
     print(f"threshold  {d['threshold']:.4f}  ({cal})")
+    for w in d.get("warnings") or ():
+        print(f"           warning: {w}")
     kinds: dict[str, int] = {}
     for p in b.products:
         kinds[p.kind or "?"] = kinds.get(p.kind or "?", 0) + 1

@@ -228,6 +228,20 @@ def enroll(
         decision = {"threshold": decision["threshold"], "target_far": None, "calibrated_on": None}
         why = ("the model card's was calibrated against originals alone, and extra reference "
                "photos raise impostors' scores as well as genuine ones")
+    if decision.get("target_far"):
+        from auditlens.evaluation.calibrate import products_fingerprint
+
+        mine = products_fingerprint(p.product_id for p in catalog)
+        if (decision.get("products") or {}).get("sha256") != mine["sha256"]:
+            # the threshold carries over; the false-accept rate measured for it does not
+            note = (f"the threshold was calibrated on another catalogue "
+                    f"({(decision.get('products') or {}).get('count', '?')} products, "
+                    f"{decision.get('calibrated_on')}); its false-accept rate on these "
+                    f"{len(catalog)} products is not measured: run `auditlens calibrate` "
+                    "on labelled photos of them")
+            decision["warnings"] = [*decision.get("warnings", []), note]
+            if warn and options.threshold is None:
+                warn(note)
     if options.threshold is not None:
         decision = {"threshold": float(options.threshold), "target_far": None,
                     "calibrated_on": "set by hand at enrolment"}

@@ -142,7 +142,8 @@ def test_enroll_with_reference_photos_needs_its_own_calibration(tmp_path, sample
     assert photo.product_id in ident
     # calibrating on labelled photos makes it a calibrated bundle again
     run("calibrate", "--bundle", tmp_path / "b", "--photos", SAMPLE / "photos.csv", "--no-progress", check_rc=0)
-    assert ReferenceBundle.load(tmp_path / "b").decision["target_far"] == 0.01
+    recalibrated = ReferenceBundle.load(tmp_path / "b").decision
+    assert recalibrated["target_far"] == 0.01 and recalibrated["products"]["count"] == 10
     # ... but its threshold is no model card's: those go to bundles of originals alone
     card = tmp_path / "encoder.json"
     card.write_bytes((REPO / "models" / "encoder.json").read_bytes())
@@ -161,7 +162,8 @@ def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_ph
     dropped = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "other", "--no-progress",
                   "--photo-zooms", "1,0.6", "--photo-mirror", check_rc=0)
     assert "not calibrated" in dropped.stderr and "auditlens calibrate" in dropped.stderr
-    assert "warning" not in calibrated.stderr
+    # the card's views: its threshold carries over, flagged as calibrated on other products
+    assert "not calibrated" not in calibrated.stderr and "another catalogue" in calibrated.stderr
     card, other = ReferenceBundle.load(tmp_path / "card"), ReferenceBundle.load(tmp_path / "other")
     assert other.spec.photo_zooms == (1.0, 0.6) and other.spec.num_views == 4
     assert card.decision["calibrated_on"] and card.spec != other.spec
@@ -274,3 +276,31 @@ def test_a_missing_extra_is_named_before_any_work(tmp_path, blocked, args, extra
     assert proc.returncode == 2, proc.stderr
     assert f"needs {blocked}" in proc.stderr and extra in proc.stderr and "internal error" not in proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_card_calibrated_on_another_catalogue_lends_its_threshold_with_a_warning(tmp_path):
+    from auditlens.catalog import open_catalog
+    from auditlens.device_app.bundle import ReferenceBundle
+    from auditlens.evaluation.calibrate import products_fingerprint
+
+    catalog = open_catalog(SAMPLE / "catalog.csv")
+    model = tmp_path / "encoder.tflite"
+    model.write_bytes((REPO / "models" / "encoder.tflite").read_bytes())
+    card = json.loads((REPO / "models" / "encoder.json").read_text())
+    card["decision"]["products"] = products_fingerprint(["Milk-A", "Milk-B"])  # another catalogue
+    (tmp_path / "encoder.json").write_text(json.dumps(card))
+    other = run("enroll", SAMPLE / "catalog.csv", "--model", model, "--out", tmp_path / "b1",
+                "--no-progress", check_rc=0)
+    assert "calibrated on another catalogue (2 products" in other.stderr
+    b = ReferenceBundle.load(tmp_path / "b1")
+    assert b.threshold == pytest.approx(card["decision"]["threshold"])
+    assert any("not measured" in w for w in b.decision["warnings"])
+    assert "warning: the threshold was calibrated on another catalogue" in run(
+        "info", tmp_path / "b1", check_rc=0).stdout
+    # the same products the card was calibrated with: no warning
+    card["decision"]["products"] = products_fingerprint(catalog.ids)
+    (tmp_path / "encoder.json").write_text(json.dumps(card))
+    same = run("enroll", SAMPLE / "catalog.csv", "--model", model, "--out", tmp_path / "b2",
+               "--no-progress", check_rc=0)
+    assert "another catalogue" not in same.stderr
+    assert not ReferenceBundle.load(tmp_path / "b2").decision["warnings"]

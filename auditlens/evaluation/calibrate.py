@@ -235,6 +235,7 @@ def calibrate(
     decision["protocol"] = {k: v for k, v in protocol_description(seed, n_impostors).items()
                             if k in ("version", "seed", "random_impostors_per_photo")}
     decision["model_id"] = b.model_id
+    decision["products"] = products_fingerprint(p.product_id for p in b.products)
     decision["calibrated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     decision["warnings"] = []
     if target_far * impostor.size < MIN_IMPOSTORS_PER_TARGET:
@@ -299,6 +300,16 @@ def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str
 
 
 # -- CLI --------------------------------------------------------------------------------
+def products_fingerprint(product_ids) -> dict:
+    """Which products a threshold was calibrated with: their count and the sha256 of their
+    sorted ids, one per line. A bundle of other products inherits the threshold but not
+    its measured false-accept rate."""
+    import hashlib
+
+    ids = sorted(product_ids)
+    return {"count": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = (
