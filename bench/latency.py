@@ -24,16 +24,31 @@ PHONE_SIZES = {"1 MP": (1152, 864), "12 MP": (4032, 3024)}
 """4:3 frames as phone cameras write them."""
 
 
+SENSOR_NOISE = 6.0
+"""Standard deviation (grey levels) of the noise added to the upscaled photo: an upscale
+alone is smooth and compresses to a fifth of a real phone JPEG, and a JPEG decoder's time
+grows with the detail it has to entropy-decode."""
+
+
 def make_phone_jpeg(photo: str | Path, size: tuple[int, int], out: Path) -> Path:
-    """Upscale a real photo to a phone-sized 4:3 frame (square upscale, centre crop) and
-    save it as a quality-90 JPEG (4:2:0 chroma, as phones write them)."""
+    """Upscale a real photo to a phone-sized 4:3 frame (square upscale, centre crop), add
+    sensor-like noise and save it as a quality-90 JPEG (4:2:0 chroma, as phones write
+    them): about 3 MB at 12 MP, the size of a phone's own JPEG of a shelf."""
     image = load_image(photo)
     w, h = size
     side = max(w, h)
     big = image.resize((side, side), Image.Resampling.BICUBIC)
     left, top = (side - w) // 2, (side - h) // 2
-    big.crop((left, top, left + w, top + h)).save(out, "JPEG", quality=90, subsampling=2)
+    frame = np.asarray(big.crop((left, top, left + w, top + h)), np.float32)
+    frame += np.random.default_rng(0).normal(0.0, SENSOR_NOISE, frame.shape).astype(np.float32)
+    Image.fromarray(np.clip(frame, 0, 255).round().astype(np.uint8)).save(out, "JPEG", quality=90, subsampling=2)
     return out
+
+
+def make_phone_jpegs(photo: str | Path, workdir: Path) -> dict[str, Path]:
+    """:func:`make_phone_jpeg` at every size of :data:`PHONE_SIZES`."""
+    return {label: make_phone_jpeg(photo, size, workdir / f"phone_{label.replace(' ', '')}.jpg")
+            for label, size in PHONE_SIZES.items()}
 
 
 class _FullDecodeSpec(PreprocessSpec):
@@ -70,10 +85,10 @@ def encoder_latency(models: dict[str, Path], runs: int, log=print) -> list[Laten
     return rows
 
 
-def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, workdir: Path,
+def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, phones: dict[str, Path],
                    runs: int, runs_12mp_full: int, log=print) -> tuple[list[LatencyRow], dict]:
-    """Whole verify of 1 MP and 12 MP JPEGs with draft vs full decoding, preprocessing,
-    decoding and the per-stage breakdown of a 12 MP verify."""
+    """Whole verify of the phone JPEGs (:func:`make_phone_jpegs` of ``photo``) with draft vs
+    full decoding, preprocessing, decoding and the per-stage breakdown of a 12 MP verify."""
     verifier = Verifier(bundle_path, VerifierOptions(num_threads=1))
     full = Verifier(verifier.bundle, VerifierOptions(num_threads=1))
     full.spec = _FullDecodeSpec(**verifier.spec.to_dict())
@@ -81,8 +96,8 @@ def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, workdi
     rows: list[LatencyRow] = []
     files: dict[str, Path] = {}
     ratios: dict[str, float] = {}
-    for label, size in PHONE_SIZES.items():
-        path = make_phone_jpeg(photo, size, workdir / f"phone_{label.replace(' ', '')}.jpg")
+    for label, path in phones.items():
+        size = PHONE_SIZES[label]
         files[label] = path
         data = path.read_bytes()
         n_full = runs if label == "1 MP" else runs_12mp_full

@@ -90,8 +90,8 @@ def identify_scale(rows, out: Path) -> Path:
         sel = [r for r in rows if r["storage"] == storage]
         n = [r["products"] for r in sel]
         a1.plot(n, [r["median_ms"] for r in sel], marker="o", label=storage)
-        a2.plot(n, [r["latents_bytes"] / 2**20 for r in sel], marker="o", label=storage)
-    for ax, ylabel in ((a1, "identify, median ms"), (a2, "latents, MiB")):
+        a2.plot(n, [r["latents_bytes"] / 1e6 for r in sel], marker="o", label=storage)
+    for ax, ylabel in ((a1, "identify, median ms"), (a2, "latents, MB")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("enrolled products")

@@ -137,6 +137,12 @@ def score_pairs(bundle_path: Path, photos: list[LabelledPhoto], product_ids: lis
         rc = main(["score", "--pairs", str(pairs_csv), "--out", str(out), "--bundle", str(bundle_path),
                    "--no-progress"])
     seconds = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"auditlens score exited with status {rc}: no throughput to report")
+    with out.open(newline="") as fh:
+        errors = sum(1 for row in csv.DictReader(fh) if row["error"])
+    if errors:  # a pair that failed costs no inference: it would flatter the rate
+        raise RuntimeError(f"auditlens score failed on {errors} of {len(pairs)} pairs; see {out}")
     n_photos = len({p for p, _ in pairs})
     return {"pairs": len(pairs), "photos": n_photos, "seconds": seconds,
             "pairs_per_second": len(pairs) / seconds, "exit_status": rc}
