@@ -138,10 +138,12 @@ def stack_inputs(sources, spec: PreprocessSpec, *, size: int | None = None,
     :class:`~auditlens.errors.ImageError`, which names the image.
     """
     side = size or spec.input_size
+    # reduced JPEG decoding as on the device, so large JPEGs give the device's pixels
+    draft = spec.draft_size if views or not size else (2 * side, 2 * side)
     if views:
-        arrays = [to_photo_views(load_image(src), spec) for src in sources]
+        arrays = [to_photo_views(load_image(src, draft=draft), spec) for src in sources]
     else:
-        arrays = [to_model_input(load_image(src), spec, size)[None] for src in sources]
+        arrays = [to_model_input(load_image(src, draft=draft), spec, size)[None] for src in sources]
     return np.concatenate(arrays) if arrays else np.zeros((0, side, side, 3), np.uint8)
 
 

@@ -127,12 +127,15 @@ def test_stack_inputs_is_the_per_image_path_in_bulk(tmp_path):
     paths = sorted((SAMPLE / "photos").glob("*.jpg"))[:3]
     plain = stack_inputs(paths, spec)
     assert plain.shape == (3, 48, 48, 3) and plain.dtype == np.uint8
-    np.testing.assert_array_equal(plain[2], to_model_input(load_image(paths[2]), spec))
+    # decoded as the device decodes (reduced JPEG decoding), so training sees its pixels
+    np.testing.assert_array_equal(plain[2], load_model_input(paths[2], spec))
+    assert Image.open(paths[2]).width >= 4 * spec.input_size  # the draft path is exercised
     big = stack_inputs(paths[:1], spec, size=64)
-    np.testing.assert_array_equal(big[0], to_model_input(load_image(paths[0]), spec, 64))
+    np.testing.assert_array_equal(big[0], to_model_input(load_image(paths[0], draft=(128, 128)), spec, 64))
     views = stack_inputs(paths, spec, views=True)
     assert views.shape == (3 * spec.num_views, 48, 48, 3)
-    np.testing.assert_array_equal(views[spec.num_views:2 * spec.num_views], to_photo_views(load_image(paths[1]), spec))
+    np.testing.assert_array_equal(views[spec.num_views:2 * spec.num_views],
+                                  to_photo_views(load_image(paths[1], draft=spec.draft_size), spec))
     assert stack_inputs([], spec).shape == (0, 48, 48, 3)
     broken = tmp_path / "cut.jpg"
     broken.write_bytes(paths[0].read_bytes()[:300])
