@@ -246,6 +246,10 @@ class Verifier:
 
         ``keep_image=False`` drops the decoded pixels once the model input, quality and
         dHash are computed (batch scoring keeps thousands of captures).
+
+        A PIL image is taken as a decoded file: its EXIF orientation is applied. An image
+        the caller turned upright by hand must not carry the tag any more (turn it with
+        ``PIL.ImageOps.exif_transpose``, which clears it, or pass the file's bytes).
         """
         if isinstance(photo, np.ndarray):
             photo = image_from_array(photo)  # grey, RGB or RGBA; integer or 0..1 float
