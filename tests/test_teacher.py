@@ -32,8 +32,7 @@ def test_features_are_the_teachers_output_on_the_device_input(tiny_data, tmp_pat
 
     from auditlens.catalog import open_catalog, read_labelled_photos
     from auditlens.cli import main
-    from auditlens.device_app.imaging import load_image
-    from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
+    from auditlens.device_app.preprocess import PreprocessSpec, load_model_input
     from auditlens.training.teacher import image_key, load_teacher_features
 
     model = small_teacher(tmp_path / "teacher.keras")
@@ -50,7 +49,8 @@ def test_features_are_the_teachers_output_on_the_device_input(tiny_data, tmp_pat
     net = keras.saving.load_model(model, compile=False)
     spec = PreprocessSpec(input_size=40, crop="center")
     for source in (originals[2], photos[5]):
-        expected = np.asarray(net(to_model_input(load_image(source), spec)[None].astype(np.float32)))[0]
+        device_input = load_model_input(source, spec)  # reduced JPEG decoding, as on the device
+        expected = np.asarray(net(device_input[None].astype(np.float32)))[0]
         np.testing.assert_allclose(feats.lookup([source], "image")[0], expected, rtol=1e-5, atol=1e-6)
 
 

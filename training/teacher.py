@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from auditlens.errors import CatalogError
+from auditlens.training.pretrained import IMAGENET_MEAN, IMAGENET_STD
 
 
 def image_key(source: str | bytes | Path) -> str:
@@ -124,8 +125,6 @@ KERAS_APPLICATIONS = {
     "ResNet50": "resnet50",
     "ConvNeXtTiny": "convnext",
 }
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def keras_teacher(model: str, weights: str | None, input_size: int):
@@ -181,7 +180,8 @@ def torchvision_teacher(name: str, weights: str | None):
     net.eval()
 
     def embed(images: np.ndarray) -> np.ndarray:
-        x = (images.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        x = (images.astype(np.float32) / 255.0 - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(
+            IMAGENET_STD, np.float32)
         with torch.no_grad():
             return net(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
 
