@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from auditlens.device_app.interpreter import l2_normalize
 from auditlens.device_app.preprocess import PreprocessSpec, stack_inputs
 from auditlens.errors import AuditlensError, CatalogError, ModelError
 
@@ -259,13 +260,11 @@ def median_latency_ms(model_content: bytes, image: np.ndarray, runs: int = 200) 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine of two latent matrices."""
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return np.sum(a * b, axis=1)
+    return np.sum(l2_normalize(a) * l2_normalize(b), axis=1)
 
 
 def _similarities(latents: np.ndarray) -> np.ndarray:
-    z = latents / np.maximum(np.linalg.norm(latents, axis=1, keepdims=True), 1e-12)
+    z = l2_normalize(latents)
     return z @ z.T
 
 

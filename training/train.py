@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto, open_catalog, read_labelled_photos
+from auditlens.device_app.interpreter import l2_normalize
 from auditlens.device_app.preprocess import PreprocessSpec, pool_views, stack_inputs
 from auditlens.errors import AuditlensError, CatalogError
 from auditlens.training.config import TrainConfig, TrainResult
@@ -116,10 +117,6 @@ def sample_variants(rng: np.random.Generator, groups: list[str], chosen: np.ndar
 
 
 # -- metrics --------------------------------------------------------------------------------
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def eer_auc(genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, float, float]:
     """(EER, AUC, threshold at the EER) of scores where genuine should be higher, with the
     definitions `auditlens evaluate` uses."""
@@ -140,7 +137,7 @@ def verification_metrics(
     """
     if len(queries) == 0:
         return {"n": 0}
-    sims = _normalise(queries) @ _normalise(references).T
+    sims = l2_normalize(queries) @ l2_normalize(references).T
     rows = np.arange(len(queries))
     genuine = sims[rows, labels]
     others = np.ones_like(sims, dtype=bool)
@@ -437,7 +434,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     def evaluate() -> dict:
         refs = embed(originals_ref)
-        q = pool_views(_normalise(embed(val_images)), val_views)
+        q = pool_views(l2_normalize(embed(val_images)), val_views)
         result = {"all": verification_metrics(q, val_labels, refs, groups)}
         if held_out:
             result["seen"] = verification_metrics(q[val_seen], val_labels[val_seen], refs, groups)
