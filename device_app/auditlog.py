@@ -525,6 +525,8 @@ class AuditLog:
         """Whether this verdict of this photo is already in the log (a verdict carries the
         time it was judged, so a second capture of the same photo is a different one)."""
         with self._lock:
+            if self._db is None:
+                raise AuditLogError(f"{self.path}: the audit log is closed")
             row = self._db.execute(
                 "SELECT 1 FROM records WHERE captured_sha256 = ? AND verdict_json = ? LIMIT 1",
                 (hashlib.sha256(bytes(photo)).hexdigest(), _verdict_json(_verdict_dict(verdict)))).fetchone()

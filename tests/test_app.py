@@ -151,12 +151,15 @@ def test_a_verdict_the_log_cannot_take_is_held_and_written_later(demo, tmp_path)
         assert "closed" in held.log_error and session.held() == 1
         assert not session.unlogged  # held on disk, not only in memory
 
+        again = session.verify(photo, plan["product"])  # still failing: held behind the first
+        assert again.log_error and session.held() == 2
+
         session.log = AuditLog(tmp_path / "audit.db", device="t")  # the log works again
         later = session.verify(photo, plan["product"])
-        assert later.log_error == "" and later.record_id == 2 and session.held() == 0
-        first, second = sorted(session.history(), key=lambda r: r.id)
+        assert later.log_error == "" and later.record_id == 3 and session.held() == 0
+        first, _, second = sorted(session.history(), key=lambda r: r.id)
         assert first.created_utc <= second.created_utc and first.decision == "match"
-        assert first.auditor == "Sam" and session.check_log().records == 2
+        assert first.auditor == "Sam" and session.check_log().records == 3
         # each record keeps the time its photo was judged, not only when it was written
         assert first.verdict["judged_utc"] == held.verdict.judged_utc <= first.created_utc
         assert first.verdict["judged_utc"] < second.verdict["judged_utc"]

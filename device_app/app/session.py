@@ -184,6 +184,8 @@ class Session:
         """Try to write the held verdicts now (the app calls this on start, on History and
         when it stops); returns "" or why they still wait."""
         with self._lock:
+            if self.log is None:
+                return "the audit log is not open"
             try:
                 self._write_held()
                 return ""
