@@ -55,11 +55,11 @@ def _random_unit(rng, n: int, d: int) -> np.ndarray:
 
 
 def _engine_today(references: np.ndarray, owner: np.ndarray, n: int):
-    """What ``Verifier.rank`` does now: float32 references, ``np.maximum.at``, argpartition."""
+    """What ``Verifier.rank`` does: the engine's best-reference scores, then argpartition."""
+    from auditlens.device_app.verifier import best_reference_scores
+
     def run(q, k=5):
-        sims = references @ q
-        best = np.full(n, -np.inf, dtype=np.float32)
-        np.maximum.at(best, owner, sims)
+        best = best_reference_scores(q, references, owner, n)
         top = np.argpartition(-best, k - 1)[:k]
         return top[np.argsort(-best[top])]
     return run

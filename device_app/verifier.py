@@ -172,6 +172,20 @@ def dhash(image: Image.Image) -> str:
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 
+def best_reference_scores(latents: np.ndarray, references: np.ndarray, owner: np.ndarray,
+                          n_products: int) -> np.ndarray:
+    """Best cosine of a latent (D,) or of each of latents (N, D) against every product's
+    references (rows of ``references``, ``owner`` naming each row's product): (P,) or
+    (N, P). The verifier's rule, shared by evaluation and the bench."""
+    sims = np.asarray(latents, np.float32) @ np.asarray(references, np.float32).T
+    best = np.full((*sims.shape[:-1], n_products), -np.inf, dtype=np.float32)
+    if len(owner) == n_products and (np.bincount(owner, minlength=n_products) == 1).all():
+        best[..., owner] = sims  # one reference per product
+    else:
+        np.maximum.at(best.T, owner, sims.T)  # along the last axis, in place
+    return best
+
+
 def far_share(far: float) -> str | None:
     """An estimated false-accept rate as people read it ("0.96%", "< 0.01%"); None when
     the score is above every impostor of the calibration (an estimate of 0, not a
@@ -287,10 +301,8 @@ class Verifier:
     # -- scoring --------------------------------------------------------------------
     def product_scores(self, latent: np.ndarray) -> np.ndarray:
         """Best cosine of ``latent`` against each product's references, shape (P,)."""
-        sims = self.bundle.references @ latent
-        best = np.full(len(self.bundle.products), -np.inf, dtype=np.float32)
-        np.maximum.at(best, self.bundle.reference_owner, sims)
-        return best
+        return best_reference_scores(latent, self.bundle.references, self.bundle.reference_owner,
+                                     len(self.bundle.products))
 
     def score(self, latent: np.ndarray, product_id: str) -> float:
         rows = list(self.bundle.product(product_id).references)

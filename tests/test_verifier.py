@@ -153,3 +153,21 @@ def test_a_photo_stream_longer_than_the_limit_is_refused_without_reading_it_all(
     photo = (SAMPLE / "photos" / "Banana_001.jpg").read_bytes()
     assert len(photo) < 100_000
     assert small.verify(io.BytesIO(photo), "Banana").decision == "match"
+
+
+def test_best_reference_scores_is_the_best_of_each_products_references():
+    from auditlens.device_app.verifier import best_reference_scores
+
+    rng = np.random.default_rng(0)
+    references = rng.standard_normal((7, 4)).astype(np.float32)
+    owner = np.array([0, 1, 1, 2, 3, 3, 3])  # product 4 has no reference
+    latents = rng.standard_normal((5, 4)).astype(np.float32)
+    sims = latents @ references.T
+    got = best_reference_scores(latents, references, owner, 5)
+    for p in range(4):
+        np.testing.assert_allclose(got[:, p], sims[:, owner == p].max(axis=1), rtol=1e-6)
+    assert np.isneginf(got[:, 4]).all()
+    np.testing.assert_array_equal(best_reference_scores(latents[2], references, owner, 5), got[2])
+    shuffled = np.array([2, 0, 1])  # one reference each, in another order
+    one_each = best_reference_scores(latents, references[:3], shuffled, 3)
+    np.testing.assert_allclose(one_each[:, shuffled], sims[:, :3], rtol=1e-6)

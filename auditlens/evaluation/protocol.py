@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto
+from auditlens.device_app.verifier import best_reference_scores
 from auditlens.errors import AuditlensError
 
 GENUINE, IMPOSTOR, HARD = "genuine", "impostor", "hard"
@@ -86,22 +87,6 @@ class Pairs:
                 HARD: int((self.kind == HARD).sum())}
 
 
-def product_scores(latents: np.ndarray, references: np.ndarray, owner: np.ndarray,
-                   n_products: int) -> np.ndarray:
-    """Best cosine of each latent (N, D) against each product's references -> (N, P)."""
-    sims = np.asarray(latents, np.float32) @ np.asarray(references, np.float32).T
-    if len(owner) == n_products and np.array_equal(np.sort(owner), np.arange(n_products)):
-        out = np.empty((sims.shape[0], n_products), np.float32)
-        out[:, owner] = sims  # one reference per product
-        return out
-    out = np.full((sims.shape[0], n_products), -np.inf, np.float32)
-    for p in range(n_products):
-        cols = np.nonzero(owner == p)[0]
-        if cols.size:
-            out[:, p] = sims[:, cols].max(axis=1)
-    return out
-
-
 def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int = 32,
                  workers: int | None = None, progress: bool = True, desc: str = "photos") -> Embedded:
     """Decode (in threads) and embed (in batches) each photo once with the verifier's model.
@@ -149,7 +134,7 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
     dim = bundle.references.shape[1]
     lat = np.concatenate(latents) if latents else np.zeros((0, dim), np.float32)
     truth = np.array([bundle.index(p.product_id) for p in kept], dtype=np.int64)
-    scores = product_scores(lat, bundle.references, bundle.reference_owner, len(bundle.products))
+    scores = best_reference_scores(lat, bundle.references, bundle.reference_owner, len(bundle.products))
     return Embedded(kept, lat, truth, scores, failed, not_enrolled)
 
 
