@@ -3,7 +3,9 @@ rate on labelled photos, and write it into the bundle.
 
 The photos are paired by the evaluation protocol (:mod:`.protocol`); the impostor pairs
 (random other-class products and every same-class product) give the false-accept rate
-``FAR(t) = #{impostor score >= t} / #impostor``. The threshold is the *smallest* one
+``FAR(t) = #{impostor score >= t} / #impostor``, pooled over 20 draws of the random
+impostors (seeds ``seed`` to ``seed + 19``: the mean FAR over the draws), so that the
+threshold does not jump with one draw's few highest impostor scores. The threshold is the *smallest* one
 whose FAR on these pairs is at most the target (:func:`metrics.threshold_at_far`): the
 most genuine photos accepted for that false-accept budget.
 
@@ -47,6 +49,7 @@ from auditlens.evaluation import metrics
 from auditlens.evaluation.protocol import (
     DEFAULT_SEED,
     HARD,
+    IMPOSTOR_DRAWS,
     N_IMPOSTORS,
     embed_photos,
     make_pairs,
@@ -167,6 +170,7 @@ def calibrate(
     catalog: Catalog | None = None,
     seed: int = DEFAULT_SEED,
     n_impostors: int = N_IMPOSTORS,
+    impostor_draws: int = IMPOSTOR_DRAWS,
     signing_key: bytes | str | None = None,
     drop_signature: bool = False,
     threads: int = 1,
@@ -216,12 +220,17 @@ def calibrate(
                            f"used ({len(embedded.failed)} unreadable, {len(embedded.not_enrolled)} of "
                            "products not in the bundle)")
     groups, _ = product_groups(b, catalog)
-    pairs = make_pairs(embedded, groups, seed=seed, n_impostors=n_impostors)
+    # The FAR pooled over several draws of the random impostors: one draw's 1% rests on
+    # about ten impostor scores of a few hundred photos, and its threshold jumps with them.
+    draws = [make_pairs(embedded, groups, seed=seed + k, n_impostors=n_impostors)
+             for k in range(max(1, int(impostor_draws)))]
+    pairs = draws[0]
     genuine = pairs.score[pairs.genuine]
-    impostor = pairs.score[pairs.impostor]
+    impostor = np.concatenate([d.score[d.impostor] for d in draws])
     if impostor.size == 0:
         raise CatalogError("calibration needs impostor pairs: the bundle holds a single product")
-    decision = decide(genuine, impostor, target_far, hard=pairs.score[pairs.kind == HARD])
+    decision = decide(genuine, impostor, target_far,
+                      hard=np.concatenate([d.score[d.kind == HARD] for d in draws]))
     counts = pairs.counts()
     decision["calibrated_on"] = (
         f"{Path(source).name if source else 'labelled photos'}: {len(embedded.photos)} photos, "
@@ -234,6 +243,7 @@ def calibrate(
     decision["photos_source"] = Path(source).name if source else ""
     decision["protocol"] = {k: v for k, v in protocol_description(seed, n_impostors).items()
                             if k in ("version", "seed", "random_impostors_per_photo")}
+    decision["protocol"]["impostor_draws"] = len(draws)
     decision["model_id"] = b.model_id
     decision["products"] = products_fingerprint(p.product_id for p in b.products)
     decision["calibrated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -36,6 +36,7 @@ from auditlens.evaluation.protocol import (
     DEFAULT_SEED,
     GENUINE,
     HARD,
+    IMPOSTOR_DRAWS,
     N_IMPOSTORS,
     Embedded,
     Pairs,
@@ -160,10 +161,6 @@ def _block(pairs: Pairs, ranks: np.ndarray, photo_mask: np.ndarray, kinds_of_pho
     for kind in sorted(set(kinds_of_photo[photo_mask].tolist())):
         block["by_kind"][kind] = summarize(pairs, ranks, photo_mask & (kinds_of_photo == kind), threshold)
     return block
-
-
-IMPOSTOR_DRAWS = 20
-"""How many impostor draws (seeds) the spread of EER and TAR at FAR 1% is measured over."""
 
 
 def draw_spread(embedded: Embedded, groups: Sequence[str], masks: dict[str, np.ndarray], *,

@@ -37,6 +37,9 @@ PROTOCOL_VERSION = 2
 """2: impostors drawn by the photo's file name (1: by its path as given)."""
 N_IMPOSTORS = 3
 DEFAULT_SEED = 0
+IMPOSTOR_DRAWS = 20
+"""Draws of the random impostors (seeds ``seed`` ..) that ``calibrate`` pools and whose
+spread ``evaluate`` reports."""
 
 
 @dataclass
