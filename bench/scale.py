@@ -80,7 +80,7 @@ def identify_scale(sizes: list[int], dim: int, runs: int, seed: int = 0, log=pri
         n_runs = runs if n < 1_000_000 else max(5, runs // 5)
         variants: list[tuple[str, object, int]] = []
         owner = np.arange(n, dtype=np.int32)
-        variants.append(("float32, engine today (maximum.at)", _engine_today(latents, owner, n), latents.nbytes))
+        variants.append(("float32, engine (Verifier.rank)", _engine_today(latents, owner, n), latents.nbytes))
         for dtype in DTYPES:
             index = LatentIndex(latents, dtype=dtype)
             variants.append((f"{dtype}, search.LatentIndex", lambda q, index=index: index.top_k(q, 5)[0], index.nbytes))
