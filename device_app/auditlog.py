@@ -582,7 +582,7 @@ class AuditLog:
         ``anchors``: ``(record id, record hash)`` pairs kept from earlier reports (the head
         at each upload): each record must still carry its kept hash, which also catches a
         rewrite that recomputed every hash after an edit, and the removal of records."""
-        kept = {int(rid): str(digest).lower() for rid, digest in anchors}
+        kept = {int(rid): str(digest).lower() for rid, digest in anchors if int(rid) > 0}
         with self._lock:
             try:
                 check = self._db.execute("PRAGMA quick_check").fetchall()
@@ -823,8 +823,9 @@ def add_arguments(p) -> None:
 def _anchor(text: str) -> tuple[int, str]:
     import argparse
 
-    rid, _, digest = text.strip().partition(":")
-    if not (rid.isdigit() and int(rid) > 0 and re.fullmatch(r"[0-9a-fA-F]{64}", digest)):
+    rid, _, digest = text.strip().partition(":")  # 0:GENESIS is an empty log's head
+    if not (rid.isdigit() and re.fullmatch(r"[0-9a-fA-F]{64}", digest)) or (
+            int(rid) == 0 and digest != GENESIS_HASH):
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected ID:HASH, a record id and its 64-hex-digit record hash "
             "(the 'head' line of an earlier verify-log)")

@@ -204,8 +204,9 @@ def _decode(image: Image.Image, name: str, max_pixels: int, draft: tuple[int, in
 
 FLOAT_UNIT_MAX = 1.5
 """Float pixels whose largest finite value is at most this are read as 0..1 (a bicubic
-resize of a 0..1 image overshoots to about 1.05, a normalised one dips below 0); a 0..255
-float image this dark is black on either reading."""
+resize of a 0..1 image overshoots to about 1.05, a normalised one dips below 0). The one
+ambiguity: a 0..255 float image whose brightest pixel is at most 1.5 (black to the eye)
+is read as 0..1 and so brightened; pass uint8 pixels to avoid guessing."""
 
 
 def _scale_to_uint8(values: np.ndarray, *, sixteen_bit: bool = False) -> np.ndarray:

@@ -158,7 +158,14 @@ def _read_photo_file(path: Path, max_bytes: int) -> bytes:
 def _read_stream(stream, max_bytes: int) -> bytes:
     """Read a photo from a file-like object, refusing one longer than ``max_bytes``
     without reading more than one byte past it."""
-    data = stream.read(max_bytes + 1)
+    chunks, size = [], 0
+    while size <= max_bytes:  # a raw stream (pipe, socket) returns what it has, not all
+        chunk = stream.read(max_bytes + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    data = b"".join(chunks)
     if len(data) > max_bytes:
         name = getattr(stream, "name", "the photo stream")
         raise ImageTooLargeError(f"{name}: more than the {max_bytes:,} bytes a photo may have")

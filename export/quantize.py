@@ -324,7 +324,8 @@ def export_encoder(
                        else "the calibration images themselves")
     else:
         compare = np.asarray(compare_images, np.uint8)
-        compared_on = "images outside the calibration set"
+        compared_on = ("images beyond the representative set" if config.representative is None
+                       else "images outside the calibration set")
     if len(compare) > MAX_COMPARE_IMAGES:  # evenly spread: the pairwise check is quadratic
         compare = compare[np.linspace(0, len(compare) - 1, MAX_COMPARE_IMAGES).round().astype(int)]
 
@@ -386,16 +387,22 @@ def representative_images(
     catalog = open_catalog(catalog_source)
     sources: list = [p.image for p in catalog]
     if photos_csv:
-        photos = read_labelled_photos(photos_csv)
-        if max_photos and len(photos) > max_photos:
-            photos = [photos[i] for i in np.linspace(0, len(photos) - 1, max_photos).round().astype(int)]
-        sources += [p.photo for p in photos]
+        sources += [p.photo for p in _split_photos(read_labelled_photos(photos_csv), max_photos)[0]]
     if progress:
         progress(f"loading {len(sources)} representative images ...")
     try:
         return stack_inputs(sources, spec)
     except AuditlensError as exc:
         raise CatalogError(f"representative image: {exc}") from exc
+
+
+def _split_photos(photos: list, max_photos: int) -> tuple[list, list]:
+    """(the photos that calibrate: at most ``max_photos``, evenly spread; the rest)."""
+    if not max_photos or len(photos) <= max_photos:
+        return list(photos), []
+    used = set(np.linspace(0, len(photos) - 1, max_photos).round().astype(int).tolist())
+    return ([p for i, p in enumerate(photos) if i in used],
+            [p for i, p in enumerate(photos) if i not in used])
 
 
 def comparison_photos(photos_csv: str | None, spec: PreprocessSpec, max_photos: int = 300,
@@ -407,10 +414,7 @@ def comparison_photos(photos_csv: str | None, spec: PreprocessSpec, max_photos: 
 
     if not photos_csv:
         return None
-    photos = read_labelled_photos(photos_csv)
-    used = (set(np.linspace(0, len(photos) - 1, max_photos).round().astype(int).tolist())
-            if max_photos and len(photos) > max_photos else set(range(len(photos))))
-    spare = [p for i, p in enumerate(photos) if i not in used]
+    spare = _split_photos(read_labelled_photos(photos_csv), max_photos)[1]
     if not spare:
         return None
     if len(spare) > count:

@@ -396,3 +396,18 @@ def test_scanning_a_code_selects_the_product(demo, tmp_path):
     assert result["scan"]["product_id"] == plan["product"]
     assert result["scan"]["screen"] == "camera" and not result["scan"]["scanning"]
     assert result["scan"]["hint"].startswith("Scanned")
+
+
+def test_an_unreadable_held_file_is_set_aside_and_blocks_nothing(demo, tmp_path):
+    root, plan = demo
+    photo = (Path(plan["camera_dir"]) / plan["match_photo"]).read_bytes()
+    session = Session(Path(plan["bundle"]), tmp_path / "audit.db", auditor="Sam", device="t")
+    session.held_dir.mkdir()
+    (session.held_dir / "00000000000000000001-cut.json").write_text("{truncated")
+    session.load()
+    try:
+        outcome = session.verify(photo, plan["product"])
+        assert outcome.log_error == "" and outcome.record_id == 1 and session.held() == 0
+        assert [p.name for p in session.held_dir.iterdir()] == ["00000000000000000001-cut.unreadable"]
+    finally:
+        session.close()

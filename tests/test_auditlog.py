@@ -242,6 +242,11 @@ def test_a_kept_head_catches_removed_newest_records(log_path, capsys):
     with pytest.raises(SystemExit):  # not ID:HASH
         cli_main(["verify-log", str(log_path), "--expect-head", "3"])
     assert "expected ID:HASH" in capsys.readouterr().err
+    empty = log_path.with_name("empty.db")
+    with AuditLog(empty) as log:
+        first_head = log.verify_chain().head  # an empty log's head is kept as well
+    assert first_head == f"0:{GENESIS_HASH}"
+    assert cli_main(["verify-log", str(empty), "--expect-head", first_head]) == 0
 
 
 def test_photo_type_edited_by_hand_breaks_the_chain(log_path, tmp_path):

@@ -36,6 +36,9 @@ def protocol_pairs(bundle_path, photos):
 def test_threshold_meets_the_target_on_its_own_photos(bundle_copy, sample_photos, target):
     d = calibrate(bundle_copy, SAMPLE / "photos.csv", target, progress=False)
     assert d["measured_far"] <= target and d["protocol"]["impostor_draws"] == 20
+    # too few impostors is judged on one draw's pairs, not the 20 draws pooled
+    few = target * d["pairs"]["impostor"] < 10
+    assert few == any("impostor pairs a draw" in w for w in d["warnings"])
     v, embedded, pairs = protocol_pairs(bundle_copy, sample_photos)
     assert v.threshold == d["threshold"] and v.bundle.decision["target_far"] == target
     # the rate is the one over 20 draws of the random impostors, pooled

@@ -171,3 +171,29 @@ def test_best_reference_scores_is_the_best_of_each_products_references():
     shuffled = np.array([2, 0, 1])  # one reference each, in another order
     one_each = best_reference_scores(latents, references[:3], shuffled, 3)
     np.testing.assert_allclose(one_each[:, shuffled], sims[:, :3], rtol=1e-6)
+
+
+def test_a_photo_from_a_raw_pipe_is_read_whole(sample_bundle):
+    # an unbuffered stream returns what the pipe holds at the moment, not the whole photo
+    import os
+    import threading
+    import time
+
+    photo = (SAMPLE / "photos" / "Banana_001.jpg").read_bytes()
+    read_end, write_end = os.pipe()
+
+    def feed():
+        with os.fdopen(write_end, "wb", buffering=0) as w:
+            for i in range(0, len(photo), 4096):
+                w.write(photo[i:i + 4096])
+                time.sleep(0.005)  # the reader sees the photo arrive in pieces
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    with io.FileIO(read_end, "rb") as raw:
+        verdict = Verifier(sample_bundle).verify(raw, "Banana")
+    feeder.join()
+    import hashlib
+
+    assert verdict.photo_sha256 == hashlib.sha256(photo).hexdigest()
+    assert verdict.decision == "match"

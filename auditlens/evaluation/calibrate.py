@@ -248,10 +248,11 @@ def calibrate(
     decision["products"] = products_fingerprint(p.product_id for p in b.products)
     decision["calibrated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     decision["warnings"] = []
-    if target_far * impostor.size < MIN_IMPOSTORS_PER_TARGET:
+    per_draw = counts["impostor"] + counts[HARD]  # the draws repeat the hard pairs
+    if target_far * per_draw < MIN_IMPOSTORS_PER_TARGET:
         decision["warnings"].append(
-            f"only {impostor.size} impostor pairs: a FAR of {target_far:g} is measured from "
-            f"{target_far * impostor.size:.1f} expected false accepts; use more photos")
+            f"only {per_draw} impostor pairs a draw: a FAR of {target_far:g} is measured from "
+            f"{target_far * per_draw:.1f} expected false accepts; use more photos")
     if embedded.not_enrolled:
         decision["warnings"].append(f"{len(embedded.not_enrolled)} photos show products not in the bundle; skipped")
     if embedded.failed:

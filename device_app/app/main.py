@@ -288,8 +288,7 @@ def build_app_class():
             outcome, original, thumbs = result
             self._verifying = False
             self.last_outcome = outcome
-            self.product_id = outcome.product_id  # Retake: this verdict's product, even if
-            # the auditor went back and picked another while it was being checked
+            self.product_id = outcome.product_id  # Retake: this verdict's product
             self.screens["camera"].busy(False)
             record = self.session.bundle.product(outcome.product_id)
             self.screens["verdict"].show(outcome, record, original, thumbs)

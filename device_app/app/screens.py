@@ -483,9 +483,9 @@ class VerdictScreen(Screen):
                  f"detail {q.centre_detail:.0f}", font_size=FONT_SMALL, color=MUTED))
         if outcome.log_error:
             d.add_widget(WrapLabel(
-                text=f"NOT LOGGED YET: {outcome.log_error}. The verdict is held by the app and "
-                     "written to the log with the next capture the log accepts; closing the app "
-                     "before then loses it.", font_size=FONT_SMALL, color=(1, 0.45, 0.4, 1)))
+                text=f"NOT LOGGED YET: {outcome.log_error}. The verdict is held on this device "
+                     "and written to the log as soon as it works again (next capture, History, or "
+                     "the next start).", font_size=FONT_SMALL, color=(1, 0.45, 0.4, 1)))
         else:
             d.add_widget(WrapLabel(
                 text=f"Logged as record #{outcome.record_id} - verified in "

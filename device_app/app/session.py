@@ -22,8 +22,8 @@ from auditlens.device_app.bundle import ProductRecord, ReferenceBundle
 from auditlens.device_app.verifier import Verdict, Verifier, VerifierOptions
 from auditlens.errors import AuditlensError, AuditLogError
 
-_LOG_ERRORS = (AuditlensError, OSError, sqlite3.Error, ValueError, KeyError)
-"""What writing to the log (or reading a held verdict) may raise: the verdict then waits."""
+_LOG_ERRORS = (AuditlensError, OSError, sqlite3.Error)
+"""What writing to the log may raise: the verdict then waits."""
 
 PREVIEW_SIDE = 640
 """The capture is shown on the verdict screen at most this large."""
@@ -66,10 +66,10 @@ class Session:
         self.bundle_path = Path(self.bundle_path)
         self.log_path = Path(self.log_path)
         self._lock = threading.RLock()
-        self.unlogged: list[tuple[Verdict, bytes, str]] = []
+        self.unlogged: list[tuple[int, Verdict, bytes, str]] = []
         """Judged captures the log could not take and that could not be written to
-        :attr:`held_dir` either (verdict, photo, auditor), oldest first: lost if the app
-        closes before the log takes them."""
+        :attr:`held_dir` either (time held in ns, verdict, photo, auditor), oldest first:
+        lost if the app closes before the log takes them."""
 
     @property
     def held_dir(self) -> Path:
@@ -91,10 +91,11 @@ class Session:
         return self.verifier.bundle
 
     def close(self) -> None:
-        if self.log is not None:
-            self.write_held()
-            self.log.close()
-            self.log = None
+        with self._lock:  # not while a worker job is writing to the log
+            if self.log is not None:
+                self.write_held()
+                self.log.close()
+                self.log = None
 
     @property
     def bundle(self) -> ReferenceBundle:
@@ -140,7 +141,7 @@ class Session:
         must never cost a verdict or its screen)."""
         try:
             return self.bundle.thumbnail(product_id)
-        except (AuditlensError, OSError, ValueError):
+        except Exception:  # noqa: BLE001 - display only: any decoding failure
             return None
 
     # -- the verb --------------------------------------------------------------------
@@ -200,36 +201,47 @@ class Session:
 
         from auditlens.files import atomic_write
 
+        held_ns = time.time_ns()
         try:
             self.held_dir.mkdir(exist_ok=True)
-            name = f"{time.time_ns():020d}-{verdict.photo_sha256[:12]}.json"
+            name = f"{held_ns:020d}-{verdict.photo_sha256[:12]}.json"
             with atomic_write(self.held_dir / name) as f:
                 json.dump({"verdict": verdict.to_dict(), "auditor": auditor,
                            "photo": base64.b64encode(photo).decode("ascii")}, f)
             return ""
-        except OSError as exc:
-            self.unlogged.append((verdict, photo, auditor))
+        except Exception as exc:  # noqa: BLE001 - full disk or worse: keep it in memory
+            self.unlogged.append((held_ns, verdict, photo, auditor))
             return (f" (and it could not be saved for later either: {exc}; it is kept in "
                     "memory and lost if the app closes before the log works again)")
 
     def _write_held(self) -> None:
-        """Append the held verdicts, oldest first; a failure stops there, keeping that
-        verdict and the ones after it. A verdict already in the log (the app was killed
-        between writing it and removing its file) is not written twice."""
+        """Append the held verdicts (files and memory together), oldest first; a log
+        failure stops there, keeping that verdict and the ones after it. A verdict already
+        in the log (the app was killed between writing it and removing its file) is not
+        written twice; a held file that cannot be read is renamed ``*.unreadable`` and
+        skipped, so it cannot block the ones after it."""
         import base64
         import json
 
-        if self.held_dir.is_dir():
-            for path in sorted(self.held_dir.glob("*.json")):
-                held = json.loads(path.read_text(encoding="utf-8"))
-                photo = base64.b64decode(held["photo"])
-                if not self.log.holds(held["verdict"], photo):
-                    self.log.append(held["verdict"], photo=photo, auditor=held["auditor"])
-                path.unlink()
-        while self.unlogged:
-            verdict, photo, auditor = self.unlogged[0]
-            self.log.append(verdict, photo=photo, auditor=auditor)
-            self.unlogged.pop(0)
+        files = sorted(self.held_dir.glob("*.json")) if self.held_dir.is_dir() else []
+        queue = [(int(p.name.split("-", 1)[0]) if p.name.split("-", 1)[0].isdigit() else 0, p)
+                 for p in files] + [(entry[0], entry) for entry in self.unlogged]
+        for _, item in sorted(queue, key=lambda t: t[0]):
+            if isinstance(item, Path):
+                try:
+                    held = json.loads(item.read_text(encoding="utf-8"))
+                    verdict, auditor = held["verdict"], held["auditor"]
+                    photo = base64.b64decode(held["photo"], validate=True)
+                except (OSError, ValueError, KeyError, TypeError):
+                    item.replace(item.with_suffix(".unreadable"))
+                    continue
+                if not self.log.holds(verdict, photo):
+                    self.log.append(verdict, photo=photo, auditor=auditor)
+                item.unlink()
+            else:
+                _, verdict, photo, auditor = item
+                self.log.append(verdict, photo=photo, auditor=auditor)
+                self.unlogged.remove(item)
 
     # -- history ---------------------------------------------------------------------
     def history(self, limit: int = 200) -> list[AuditRecord]:
