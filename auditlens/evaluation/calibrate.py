@@ -52,9 +52,11 @@ from auditlens.evaluation.protocol import (
     IMPOSTOR_DRAWS,
     N_IMPOSTORS,
     embed_photos,
-    make_pairs,
     product_groups,
     protocol_description,
+)
+from auditlens.evaluation.protocol import (
+    impostor_draws as pair_draws,
 )
 from auditlens.files import atomic_write
 
@@ -222,8 +224,7 @@ def calibrate(
     groups, _ = product_groups(b, catalog)
     # The FAR pooled over several draws of the random impostors: one draw's 1% rests on
     # about ten impostor scores of a few hundred photos, and its threshold jumps with them.
-    draws = [make_pairs(embedded, groups, seed=seed + k, n_impostors=n_impostors)
-             for k in range(max(1, int(impostor_draws)))]
+    draws = pair_draws(embedded, groups, seed=seed, n_impostors=n_impostors, draws=impostor_draws)
     pairs = draws[0]
     genuine = pairs.score[pairs.genuine]
     impostor = np.concatenate([d.score[d.impostor] for d in draws])

@@ -41,6 +41,7 @@ from auditlens.evaluation.protocol import (
     Embedded,
     Pairs,
     embed_photos,
+    impostor_draws,
     make_pairs,
     product_groups,
     protocol_description,
@@ -171,8 +172,7 @@ def draw_spread(embedded: Embedded, groups: Sequence[str], masks: dict[str, np.n
     rate rests on about ten impostor scores, so one draw's TAR moves by several points."""
     values: dict[str, dict[str, list[float]]] = {name: {"eer": [], "tar_at_far_1%": [], "auc": []}
                                                  for name in masks}
-    for k in range(draws):
-        pairs = make_pairs(embedded, groups, seed=seed + k, n_impostors=n_impostors)
+    for pairs in impostor_draws(embedded, groups, seed=seed, n_impostors=n_impostors, draws=draws):
         for name, mask in masks.items():
             sub = pairs.subset(mask[pairs.photo])
             g, imp = sub.score[sub.genuine], sub.score[sub.impostor]

@@ -197,6 +197,14 @@ def make_pairs(embedded: Embedded, groups: Sequence[str], *, seed: int = DEFAULT
     return Pairs(photo_a, product_a, np.asarray(kinds, dtype=object).astype(str), score)
 
 
+def impostor_draws(embedded: Embedded, groups: Sequence[str], *, seed: int = DEFAULT_SEED,
+                   n_impostors: int = N_IMPOSTORS, draws: int = IMPOSTOR_DRAWS) -> list[Pairs]:
+    """The protocol's pairs for ``draws`` draws of the random impostors, seeds ``seed`` ..
+    ``seed + draws - 1`` (genuine and hard pairs are the same in each)."""
+    return [make_pairs(embedded, groups, seed=seed + k, n_impostors=n_impostors)
+            for k in range(max(1, int(draws)))]
+
+
 def protocol_description(seed: int, n_impostors: int = N_IMPOSTORS) -> dict:
     return {
         "version": PROTOCOL_VERSION, "seed": seed, "random_impostors_per_photo": n_impostors,
