@@ -575,29 +575,57 @@ class AuditLog:
         return bytes(row[0])
 
     # -- checking ------------------------------------------------------------------
-    def verify_chain(self, *, anchors: Sequence[tuple[int, str]] = ()) -> ChainReport:
+    def verify_chain(self, *, anchors: Sequence[tuple[int, str]] = (),
+                     since: tuple[int, str] | None = None) -> ChainReport:
         """Check the whole log; raise :class:`AuditChainError` naming the first record
         that was edited, removed or reordered, or whose photo was swapped.
 
         ``anchors``: ``(record id, record hash)`` pairs kept from earlier reports (the head
         at each upload): each record must still carry its kept hash, which also catches a
-        rewrite that recomputed every hash after an edit, and the removal of records."""
+        rewrite that recomputed every hash after an edit, and the removal of records.
+
+        ``since``: the head (``(records, head_hash)``) of a check this process made
+        before: only the records after it are read and hashed, and that head record must
+        still carry its hash (the database-wide ``quick_check`` is skipped too). Records
+        up to it are taken as checked; a full check (the default, every export) reads them
+        all again."""
         kept = {int(rid): str(digest).lower() for rid, digest in anchors if int(rid) > 0}
+        start_id, start_hash = (0, GENESIS_HASH) if not since or int(since[0]) <= 0 else (
+            int(since[0]), str(since[1]).lower())
         with self._lock:
-            try:
-                check = self._db.execute("PRAGMA quick_check").fetchall()
-            except sqlite3.DatabaseError as exc:
-                raise AuditLogError(f"{self.path}: the database is corrupted: {exc}") from exc
-            if [r[0] for r in check] != ["ok"]:
-                raise AuditLogError(f"{self.path}: the database is corrupted: "
-                                    + "; ".join(str(r[0]) for r in check[:5]))
+            if not start_id:
+                try:
+                    check = self._db.execute("PRAGMA quick_check").fetchall()
+                except sqlite3.DatabaseError as exc:
+                    raise AuditLogError(f"{self.path}: the database is corrupted: {exc}") from exc
+                if [r[0] for r in check] != ["ok"]:
+                    raise AuditLogError(f"{self.path}: the database is corrupted: "
+                                        + "; ".join(str(r[0]) for r in check[:5]))
             self._check_schema()  # the header and the records table are still there
             triggers = {r[0] for r in self._db.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-            cursor = self._db.execute(
-                f"SELECT {', '.join(_LIST_COLUMNS)}, photo FROM records ORDER BY id ASC")
-            expected_prev, expected_id, count = GENESIS_HASH, 1, 0
             first = last = ""
+            if start_id:
+                row = self._db.execute("SELECT record_hash, created_utc FROM records WHERE id = ?",
+                                       (start_id,)).fetchone()
+                if row is None or row[0] != start_hash:
+                    raise _chain_error(f"{self.path}: record {start_id}: it is gone or no longer "
+                                       "carries the hash it had when last checked; the log was "
+                                       "edited outside auditlens", start_id)
+                last = row[1]
+                first = self._db.execute("SELECT created_utc FROM records WHERE id = 1").fetchone()[0]
+                for rid in sorted(r for r in kept if r <= start_id):  # not read below
+                    row = self._db.execute("SELECT record_hash FROM records WHERE id = ?",
+                                           (rid,)).fetchone()
+                    if row is None or row[0] != kept[rid]:
+                        raise _chain_error(
+                            f"{self.path}: record {rid}: its hash is not the one kept for it "
+                            f"({kept[rid][:12]}...); records up to it were rewritten and re-hashed "
+                            "after that hash was kept", rid)
+            cursor = self._db.execute(
+                f"SELECT {', '.join(_LIST_COLUMNS)}, photo FROM records WHERE id > ? ORDER BY id ASC",
+                (start_id,))
+            expected_prev, expected_id, count = start_hash, start_id + 1, start_id
             for row in cursor:
                 record, blob = AuditRecord(*row[:-1]), row[-1]
                 rid = record.id

@@ -249,6 +249,31 @@ def test_a_kept_head_catches_removed_newest_records(log_path, capsys):
     assert cli_main(["verify-log", str(empty), "--expect-head", first_head]) == 0
 
 
+def test_a_check_since_an_earlier_head_reads_only_the_new_records(log_path):
+    with AuditLog(log_path) as log:
+        for i in range(3):
+            log.append(make_verdict(i, "no_match"), photo=jpeg(colour=(i * 50, 0, 0)), auditor="a")
+        full = log.verify_chain()
+        for i in range(3, 5):
+            log.append(make_verdict(i, "no_match"), photo=jpeg(colour=(i * 50, 0, 0)), auditor="a")
+        since = log.verify_chain(since=(full.records, full.head_hash))
+        assert since == log.verify_chain()  # the same report as a full check
+        assert since.records == 5 and since.first_created_utc == full.first_created_utc
+    # a record after the earlier head edited by hand: caught
+    _edit_by_hand(log_path, "UPDATE records SET auditor = 'x' WHERE id = 4;")
+    with AuditLog(log_path, create=False) as log, pytest.raises(AuditChainError, match="record 4:"):
+        log.verify_chain(since=(full.records, full.head_hash))
+    # the earlier head itself changed: caught without reading the records before it
+    _rewrite_and_rehash(log_path, 3, auditor="y")
+    with AuditLog(log_path, create=False) as log:
+        with pytest.raises(AuditChainError, match="record 3: it is gone or no longer carries"):
+            log.verify_chain(since=(full.records, full.head_hash))
+        for since in ((2, log.record(2).record_hash), (4, log.record(4).record_hash)):
+            # a kept hash is checked whether its record is read again (2) or not (4)
+            with pytest.raises(AuditChainError, match="record 3: its hash is not the one kept"):
+                log.verify_chain(since=since, anchors=[(3, full.head_hash)])
+
+
 def test_photo_type_edited_by_hand_breaks_the_chain(log_path, tmp_path):
     # the photo's type is not hashed; it must still agree with the stored bytes
     with AuditLog(log_path) as log:

@@ -66,6 +66,7 @@ class Session:
         self.bundle_path = Path(self.bundle_path)
         self.log_path = Path(self.log_path)
         self._lock = threading.RLock()
+        self._checked: tuple[int, str] | None = None  # the head of the last chain check
         self.unlogged: list[tuple[int, Verdict, bytes, str]] = []
         """Judged captures the log could not take and that could not be written to
         :attr:`held_dir` either (time held in ns, verdict, photo, auditor), oldest first:
@@ -250,8 +251,12 @@ class Session:
         return self.log.records(newest_first=True, limit=limit)
 
     def check_log(self) -> ChainReport:
+        """The log's chain: checked in full the first time, then only the records added
+        since (History would otherwise re-hash every stored photo on each visit)."""
         assert self.log is not None
-        return self.log.verify_chain()
+        report = self.log.verify_chain(since=self._checked)
+        self._checked = (report.records, report.head_hash)
+        return report
 
     def export(self, kind: str, folder: str | os.PathLike | None = None) -> Path:
         """Write the log as ``kind`` ('csv' or 'json') into ``folder`` (default: beside
