@@ -124,22 +124,26 @@ class KivyCamera:
         if self.widget is not None:
             self.widget.play = False
 
-    def frame(self, max_side: int = 1024) -> Image.Image | None:
-        """Read the current frame (call on the UI thread: it reads the GL texture)."""
+    def _texture_image(self) -> Image.Image | None:
+        """The current frame as an upright RGB image (GL textures are stored bottom row
+        first); None before the camera delivered one. Call on the UI thread."""
         texture = getattr(self.widget, "texture", None)
         if texture is None:
             return None
         image = Image.frombytes("RGBA", texture.size, texture.pixels).convert("RGB")
-        image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-        image.thumbnail((max_side, max_side))
+        return image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+
+    def frame(self, max_side: int = 1024) -> Image.Image | None:
+        """Read the current frame (call on the UI thread: it reads the GL texture)."""
+        image = self._texture_image()
+        if image is not None:
+            image.thumbnail((max_side, max_side))
         return image
 
     def capture(self) -> bytes:
-        texture = getattr(self.widget, "texture", None)
-        if texture is None:
+        image = self._texture_image()
+        if image is None:
             raise CameraUnavailable("the camera has not delivered a frame yet")
-        image = Image.frombytes("RGBA", texture.size, texture.pixels).convert("RGB")
-        image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
         out = io.BytesIO()
         image.save(out, "JPEG", quality=92)
         return out.getvalue()
