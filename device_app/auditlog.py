@@ -614,14 +614,18 @@ class AuditLog:
                                        "edited outside auditlens", start_id)
                 last = row[1]
                 first = self._db.execute("SELECT created_utc FROM records WHERE id = 1").fetchone()[0]
-                for rid in sorted(r for r in kept if r <= start_id):  # not read below
-                    row = self._db.execute("SELECT record_hash FROM records WHERE id = ?",
-                                           (rid,)).fetchone()
-                    if row is None or row[0] != kept[rid]:
-                        raise _chain_error(
-                            f"{self.path}: record {rid}: its hash is not the one kept for it "
-                            f"({kept[rid][:12]}...); records up to it were rewritten and re-hashed "
-                            "after that hash was kept", rid)
+            for rid in sorted(kept):  # each kept head must still be there, with its hash
+                row = self._db.execute("SELECT record_hash FROM records WHERE id = ?",
+                                       (rid,)).fetchone()
+                if row is None:
+                    raise _chain_error(
+                        f"{self.path}: record {rid}, whose hash was kept, is gone; the newest "
+                        "records were removed", rid)
+                if row[0] != kept[rid]:
+                    raise _chain_error(
+                        f"{self.path}: record {rid}: its hash is not the one kept for it "
+                        f"({kept[rid][:12]}...); records up to it were rewritten and re-hashed "
+                        "after that hash was kept", rid)
             cursor = self._db.execute(
                 f"SELECT {', '.join(_LIST_COLUMNS)}, photo FROM records WHERE id > ? ORDER BY id ASC",
                 (start_id,))
@@ -655,19 +659,9 @@ class AuditLog:
                     raise _chain_error(
                         f"{self.path}: record {rid}: the photo is stored as {record.photo_mime} "
                         "but its bytes are not; the record was edited after it was written", rid)
-                if rid in kept and record.record_hash != kept[rid]:
-                    raise _chain_error(
-                        f"{self.path}: record {rid}: its hash is not the one kept for it "
-                        f"({kept[rid][:12]}...); records up to it were rewritten and re-hashed "
-                        "after that hash was kept", rid)
                 expected_prev, expected_id, count = record.record_hash, rid + 1, count + 1
                 first = first or record.created_utc
                 last = record.created_utc
-            gone = sorted(r for r in kept if r > count)
-            if gone:
-                raise _chain_error(
-                    f"{self.path}: record {gone[0]}, whose hash was kept, is gone (the log has "
-                    f"{count} records); the newest records were removed", gone[0])
             restored = [k.split(":", 1)[1] for (k,) in self._db.execute(
                 "SELECT key FROM meta WHERE key LIKE 'guards_restored:%' ORDER BY key")]
         intact = set(_TRIGGERS) <= triggers and not restored

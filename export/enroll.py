@@ -231,11 +231,11 @@ def enroll(
     if decision.get("target_far"):
         from auditlens.evaluation.calibrate import products_fingerprint
 
-        mine = products_fingerprint(p.product_id for p in catalog)
-        if (decision.get("products") or {}).get("sha256") != mine["sha256"]:
+        calibrated_on = decision.get("products") or {}
+        if calibrated_on.get("sha256") != products_fingerprint(p.product_id for p in catalog)["sha256"]:
             # the threshold carries over; the false-accept rate measured for it does not
             note = (f"the threshold was calibrated on another catalogue "
-                    f"({(decision.get('products') or {}).get('count', '?')} products, "
+                    f"({calibrated_on.get('count', '?')} products, "
                     f"{decision.get('calibrated_on')}); its false-accept rate on these "
                     f"{len(catalog)} products is not measured: run `auditlens calibrate` "
                     "on labelled photos of them")

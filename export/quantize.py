@@ -156,6 +156,11 @@ class ExportReport:
         return asdict(self)
 
 
+def spread_indices(n: int, k: int) -> np.ndarray:
+    """``k`` indices evenly spread over ``range(n)``, first and last included (k < n)."""
+    return np.linspace(0, n - 1, k).round().astype(int)
+
+
 def _tf():
     import tensorflow as tf
 
@@ -166,7 +171,7 @@ def _calibration_dataset(rep: np.ndarray) -> Callable:
     """The converter's representative dataset: at most MAX_CALIBRATION_IMAGES images,
     evenly spread (deterministic), as the float model's input (raw 0..255 pixels)."""
     if len(rep) > MAX_CALIBRATION_IMAGES:
-        rep = rep[np.linspace(0, len(rep) - 1, MAX_CALIBRATION_IMAGES).round().astype(int)]
+        rep = rep[spread_indices(len(rep), MAX_CALIBRATION_IMAGES)]
 
     def dataset():
         for image in rep:
@@ -327,7 +332,7 @@ def export_encoder(
         compared_on = ("images beyond the representative set" if config.representative is None
                        else "images outside the calibration set")
     if len(compare) > MAX_COMPARE_IMAGES:  # evenly spread: the pairwise check is quadratic
-        compare = compare[np.linspace(0, len(compare) - 1, MAX_COMPARE_IMAGES).round().astype(int)]
+        compare = compare[spread_indices(len(compare), MAX_COMPARE_IMAGES)]
 
     t = time.perf_counter()
     content = convert(encoder, config)
@@ -400,7 +405,7 @@ def _split_photos(photos: list, max_photos: int) -> tuple[list, list]:
     """(the photos that calibrate: at most ``max_photos``, evenly spread; the rest)."""
     if not max_photos or len(photos) <= max_photos:
         return list(photos), []
-    used = set(np.linspace(0, len(photos) - 1, max_photos).round().astype(int).tolist())
+    used = set(spread_indices(len(photos), max_photos).tolist())
     return ([p for i, p in enumerate(photos) if i in used],
             [p for i, p in enumerate(photos) if i not in used])
 
@@ -418,7 +423,7 @@ def comparison_photos(photos_csv: str | None, spec: PreprocessSpec, max_photos: 
     if not spare:
         return None
     if len(spare) > count:
-        spare = [spare[i] for i in np.linspace(0, len(spare) - 1, count).round().astype(int)]
+        spare = [spare[i] for i in spread_indices(len(spare), count)]
     try:
         return stack_inputs([p.photo for p in spare], spec)
     except AuditlensError as exc:

@@ -36,13 +36,11 @@ from auditlens.evaluation.protocol import (
     DEFAULT_SEED,
     GENUINE,
     HARD,
-    IMPOSTOR_DRAWS,
     N_IMPOSTORS,
     Embedded,
     Pairs,
     embed_photos,
     impostor_draws,
-    make_pairs,
     product_groups,
     protocol_description,
 )
@@ -164,15 +162,15 @@ def _block(pairs: Pairs, ranks: np.ndarray, photo_mask: np.ndarray, kinds_of_pho
     return block
 
 
-def draw_spread(embedded: Embedded, groups: Sequence[str], masks: dict[str, np.ndarray], *,
-                seed: int, n_impostors: int, draws: int = IMPOSTOR_DRAWS) -> dict:
-    """EER, TAR at FAR 1% and AUC over ``draws`` draws of the random impostors (seeds
-    ``seed`` .. ``seed + draws - 1``; the report's figures are the first), for each photo
-    set in ``masks``: min, median and max. With a few hundred photos, a 1% false-accept
-    rate rests on about ten impostor scores, so one draw's TAR moves by several points."""
+def draw_spread(draws: Sequence[Pairs], masks: dict[str, np.ndarray], seed: int) -> dict:
+    """EER, TAR at FAR 1% and AUC over the draws of the random impostors
+    (:func:`~.protocol.impostor_draws` from ``seed``; the report's figures are the first),
+    for each photo set in ``masks``: min, median and max. With a few hundred photos, a 1%
+    false-accept rate rests on about ten impostor scores, so one draw's TAR moves by
+    several points."""
     values: dict[str, dict[str, list[float]]] = {name: {"eer": [], "tar_at_far_1%": [], "auc": []}
                                                  for name in masks}
-    for pairs in impostor_draws(embedded, groups, seed=seed, n_impostors=n_impostors, draws=draws):
+    for pairs in draws:
         for name, mask in masks.items():
             sub = pairs.subset(mask[pairs.photo])
             g, imp = sub.score[sub.genuine], sub.score[sub.impostor]
@@ -180,7 +178,7 @@ def draw_spread(embedded: Embedded, groups: Sequence[str], masks: dict[str, np.n
                 values[name]["eer"].append(metrics.eer(g, imp).eer)
                 values[name]["tar_at_far_1%"].append(metrics.tar_at_far(g, imp, 0.01)[0])
                 values[name]["auc"].append(metrics.roc_auc(g, imp))
-    out: dict = {"draws": draws, "seeds": [seed, seed + draws - 1]}
+    out: dict = {"draws": len(draws), "seeds": [seed, seed + len(draws) - 1]}
     for name, by_metric in values.items():
         out[name] = {m: {"min": _f(min(v)), "median": _f(np.median(v)), "max": _f(max(v))}
                      for m, v in by_metric.items() if v}
@@ -486,7 +484,8 @@ def evaluate(
                            f"scored ({len(embedded.failed)} unreadable, {len(embedded.not_enrolled)} "
                            "of products not in the bundle)")
     groups, kinds = product_groups(b, catalog)
-    pairs = make_pairs(embedded, groups, seed=seed, n_impostors=n_impostors)
+    draws = impostor_draws(embedded, groups, seed=seed, n_impostors=n_impostors)
+    pairs = draws[0]  # the report's pairs; the other draws give the spread
     ranks = metrics.identification_ranks(embedded.scores, embedded.truth)
     photo_kind = np.array([kinds[t] or "(no kind)" for t in embedded.truth], dtype=object)
     everyone = np.ones(len(embedded.photos), bool)
@@ -527,7 +526,7 @@ def evaluate(
     masks = {"all": everyone}
     if "seen" in report:
         masks.update(seen=~is_unseen, unseen=is_unseen)
-    report["impostor_draws"] = draw_spread(embedded, groups, masks, seed=seed, n_impostors=n_impostors)
+    report["impostor_draws"] = draw_spread(draws, masks, seed)
     report["goals"] = _goals(report)
 
     fa = worst_false_accepts(embedded, pairs, worst)

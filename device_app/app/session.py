@@ -224,9 +224,12 @@ class Session:
         import base64
         import json
 
+        def held_at(path: Path) -> int:  # NNN-sha.json: the time it was held, in ns
+            stamp = path.name.split("-", 1)[0]
+            return int(stamp) if stamp.isdigit() else 0
+
         files = sorted(self.held_dir.glob("*.json")) if self.held_dir.is_dir() else []
-        queue = [(int(p.name.split("-", 1)[0]) if p.name.split("-", 1)[0].isdigit() else 0, p)
-                 for p in files] + [(entry[0], entry) for entry in self.unlogged]
+        queue = [(held_at(p), p) for p in files] + [(entry[0], entry) for entry in self.unlogged]
         for _, item in sorted(queue, key=lambda t: t[0]):
             if isinstance(item, Path):
                 try:
