@@ -520,7 +520,7 @@ def run_export(args: argparse.Namespace) -> int:
         "export": report.to_dict(),
         "source_model": str(args.model),  # as given on the command line, not resolved
         "representative": {"catalog": str(args.representative), "photos": args.photos,
-                           "n_images": report.n_images},
+                           "n_images": len(rep)},  # int8 calibrates on up to MAX_CALIBRATION_IMAGES of them
     }
     card_path = out.with_suffix(".json")
     card_path.write_text(json.dumps(card, indent=2))

@@ -150,6 +150,8 @@ def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["export"]["compared_on"] == "images outside the calibration set"
     assert card["export"]["n_images"] == 5
+    # the card's representative count is the calibration set (5 originals + 4 photos), not the 5 compared
+    assert card["representative"]["n_images"] == 9
     assert "5 images outside the calibration set" in capsys.readouterr().out
 
 
