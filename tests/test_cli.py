@@ -46,7 +46,7 @@ def test_verify_json_and_exit_codes(sample_photos):
 def test_verdict_states_the_calibrated_false_accept_rate(sample_photos):
     """A score above every calibration impostor is said to be so, not printed as a 0.00% rate."""
     from auditlens.cli import _format_verdict
-    from auditlens.device_app.verifier import Verifier
+    from auditlens.device_app.verifier import Verifier, far_share
 
     verifier = Verifier(REPO / "models" / "sample_bundle")
     top = max(s for s, _ in verifier.bundle.decision["far_curve"])
@@ -56,9 +56,17 @@ def test_verdict_states_the_calibrated_false_accept_rate(sample_photos):
         line = _format_verdict(verdict).splitlines()[0]
         above = verdict.score > top
         assert ("above every calibration impostor" in line) == above
-        assert (f"est. false-accept {verdict.estimated_far:.2%}" in line) == (not above)
+        assert (f"est. false-accept {far_share(verdict.estimated_far)}" in line) == (not above)
         seen.add(above)
     assert seen == {True, False}  # the sample photos show both cases
+
+
+def test_far_share_wording():
+    from auditlens.device_app.verifier import far_share
+
+    assert far_share(0.0096) == "0.96%" and far_share(0.0001) == "0.01%"
+    assert far_share(0.00005) == "< 0.01%"  # not printed as 0.00%
+    assert far_share(0.0) is None  # above every calibration impostor
 
 
 def test_errors_are_one_clear_line(tmp_path, sample_photos):
