@@ -20,7 +20,14 @@ from PIL import Image
 
 from auditlens.cli import COMMANDS
 from auditlens.cli import main as cli_main
-from auditlens.device_app.app.camera import CameraUnavailable, FileCamera
+from auditlens.device_app.app.camera import (
+    CameraUnavailable,
+    FileCamera,
+    KivyCamera,
+    android_frame_rotation,
+    texture_to_image,
+    upright_rotation,
+)
 from auditlens.device_app.app.session import Session
 from auditlens.device_app.auditlog import AuditLog
 from auditlens.device_app.verifier import Verifier
@@ -66,7 +73,7 @@ def test_app_help(capsys):
         cli_main(["app", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "--camera-dir" in out and "--bundle" in out and "--log" in out
+    assert "--camera-dir" in out and "--bundle" in out and "--log" in out and "--camera-rotation" in out
 
 
 def test_engine_side_imports_no_kivy_or_tensorflow():
@@ -353,6 +360,38 @@ def test_darkened_photo_is_dark():
 
 
 @needs_kivy
+def test_camera_frames_are_turned_upright():
+    """A phone's back camera is mounted turned 90 degrees (landscape frames): held upright,
+    the frames must turn 90 degrees clockwise; once the display turns with the phone, less."""
+    assert [upright_rotation(90, d) for d in (0, 90, 180, 270)] == [90, 0, 270, 180]
+    assert upright_rotation(270, 0) == 270 and upright_rotation(0, 0) == 0
+    with pytest.raises(ValueError):
+        upright_rotation(45, 0)
+    if importlib.util.find_spec("jnius") is None:  # not Android: frames are taken as they come
+        assert android_frame_rotation(0) is None
+    with pytest.raises(ValueError):
+        KivyCamera(rotation=45)
+
+    # a 3x2 frame with a red top-left and a blue bottom-right pixel, as a GL texture holds
+    # it (RGBA, bottom row first)
+    upright = Image.new("RGB", (3, 2), (0, 128, 0))
+    upright.putpixel((0, 0), (255, 0, 0))
+    upright.putpixel((2, 1), (0, 0, 255))
+    pixels = upright.convert("RGBA").transpose(Image.Transpose.FLIP_TOP_BOTTOM).tobytes()
+    corners = {}
+    for rotation in (0, 90, 180, 270):
+        image = texture_to_image((3, 2), pixels, rotation)
+        w, h = image.size
+        assert (w, h) == ((3, 2) if rotation in (0, 180) else (2, 3))
+        red = next((x, y) for x in range(w) for y in range(h) if image.getpixel((x, y)) == (255, 0, 0))
+        blue = next((x, y) for x in range(w) for y in range(h) if image.getpixel((x, y)) == (0, 0, 255))
+        corners[rotation] = (red, blue)
+    # clockwise: the top-left corner goes to the top-right, then bottom-right, then bottom-left
+    assert corners == {0: ((0, 0), (2, 1)), 90: ((1, 0), (0, 2)), 180: ((2, 1), (0, 0)), 270: ((0, 2), (1, 0))}
+    with pytest.raises(ValueError):
+        texture_to_image((3, 2), pixels, 45)
+
+
 def test_app_without_a_camera_degrades(demo, tmp_path):
     """No --camera-dir and no usable webcam: a 'No camera' panel, capture disabled, no crash."""
     root, plan = demo

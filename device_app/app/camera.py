@@ -91,15 +91,71 @@ class FileCamera:
         return FramePreview(self)
 
 
+ROTATIONS = (0, 90, 180, 270)
+
+
+def upright_rotation(sensor_degrees: int, display_degrees: int) -> int:
+    """Degrees clockwise that turn a back camera's frame upright on the screen, from the
+    angle its sensor is mounted at (Android's ``CameraInfo.orientation``: the clockwise turn
+    that makes its frames upright in the device's natural orientation) and the display's
+    rotation from that orientation (``Display.getRotation()`` in degrees)."""
+    if sensor_degrees % 90 or display_degrees % 90:
+        raise ValueError(f"camera and display rotations are multiples of 90 degrees, "
+                         f"not {sensor_degrees} and {display_degrees}")
+    return (sensor_degrees - display_degrees) % 360
+
+
+def android_frame_rotation(index: int = 0) -> int | None:
+    """:func:`upright_rotation` for camera ``index`` of the Android device the app runs
+    on, read through pyjnius; None off Android, for a front camera (its frames are mirrored
+    on screen: pass the rotation by hand) or when the platform will not say."""
+    try:
+        from jnius import autoclass  # only on Android (python-for-android ships pyjnius)
+    except ImportError:
+        return None
+    try:
+        info_class = autoclass("android.hardware.Camera$CameraInfo")
+        info = info_class()
+        autoclass("android.hardware.Camera").getCameraInfo(index, info)
+        if info.facing != info_class.CAMERA_FACING_BACK:
+            return None
+        activity = autoclass("org.kivy.android.PythonActivity").mActivity
+        surface_rotation = activity.getWindowManager().getDefaultDisplay().getRotation()
+        return upright_rotation(int(info.orientation), 90 * int(surface_rotation))
+    except Exception:  # noqa: BLE001 - any platform failure: treat the frames as upright
+        return None
+
+
+def texture_to_image(size: tuple[int, int], rgba: bytes, rotation: int = 0) -> Image.Image:
+    """An upright RGB image from a GL texture's RGBA pixels (stored bottom row first),
+    turned ``rotation`` degrees clockwise."""
+    if rotation not in ROTATIONS:
+        raise ValueError(f"rotation must be one of {ROTATIONS}, not {rotation}")
+    image = Image.frombytes("RGBA", size, rgba).convert("RGB").transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    turn = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180,
+            270: Image.Transpose.ROTATE_90}.get(rotation)  # PIL's ROTATE_n turn counter-clockwise
+    return image.transpose(turn) if turn is not None else image
+
+
 class KivyCamera:
     """A real camera through Kivy's camera provider (webcam on a desktop, the phone's
-    camera on Android)."""
+    camera on Android).
+
+    ``rotation``: degrees clockwise that make the camera's frames upright, applied to the
+    preview and to every frame and capture; ``"auto"`` asks Android (sensor mounting and
+    display rotation, :func:`android_frame_rotation`, read when the preview is built) and
+    is 0 elsewhere. Kivy's Android provider delivers the sensor's landscape frames, which a
+    phone held upright would otherwise verify lying on their side."""
 
     kind = "camera"
 
-    def __init__(self, index: int = 0, resolution: tuple[int, int] = (1280, 720)) -> None:
+    def __init__(self, index: int = 0, resolution: tuple[int, int] = (1280, 720),
+                 rotation: int | str = "auto") -> None:
+        if rotation != "auto" and rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be 'auto' or one of {ROTATIONS}, not {rotation!r}")
         self.index = index
         self.resolution = resolution
+        self.rotation = rotation
         self.widget = None
 
     def preview_widget(self):
@@ -114,7 +170,23 @@ class KivyCamera:
         if getattr(self.widget, "_camera", None) is None:
             raise CameraUnavailable("no camera provider could open a camera; run the app with "
                                     "--camera-dir FOLDER to play photo files instead")
+        if self.rotation == "auto":
+            self.rotation = android_frame_rotation(self.index) or 0
+        if self.rotation:
+            self._rotate_preview(self.widget, self.rotation)
         return self.widget
+
+    @staticmethod
+    def _rotate_preview(widget, degrees: int) -> None:
+        """Turn the preview's drawing ``degrees`` clockwise about its centre."""
+        from kivy.graphics import PopMatrix, PushMatrix, Rotate
+
+        with widget.canvas.before:
+            PushMatrix()
+            turn = Rotate(angle=-degrees, origin=widget.center)  # Kivy turns counter-clockwise
+        with widget.canvas.after:
+            PopMatrix()
+        widget.bind(center=lambda w, center: setattr(turn, "origin", center))
 
     def start(self) -> None:
         if self.widget is not None:
@@ -125,13 +197,12 @@ class KivyCamera:
             self.widget.play = False
 
     def _texture_image(self) -> Image.Image | None:
-        """The current frame as an upright RGB image (GL textures are stored bottom row
-        first); None before the camera delivered one. Call on the UI thread."""
+        """The current frame as an upright RGB image; None before the camera delivered
+        one. Call on the UI thread."""
         texture = getattr(self.widget, "texture", None)
         if texture is None:
             return None
-        image = Image.frombytes("RGBA", texture.size, texture.pixels).convert("RGB")
-        return image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        return texture_to_image(texture.size, texture.pixels, self.rotation if self.rotation != "auto" else 0)
 
     def frame(self, max_side: int = 1024) -> Image.Image | None:
         """Read the current frame (call on the UI thread: it reads the GL texture)."""

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--camera-dir", type=Path, default=None, metavar="DIR",
                    help="play the image files in DIR as the camera (demos, tests) instead of a webcam")
     p.add_argument("--camera-index", type=int, default=0, help="which webcam to open (default: %(default)s)")
+    p.add_argument("--camera-rotation", default="auto", choices=("auto", "0", "90", "180", "270"),
+                   help="degrees clockwise that turn the camera's frames upright; auto: asked from "
+                        "Android for a back camera, else 0 (default: %(default)s)")
     p.add_argument("--log", type=Path, default=None, metavar="AUDIT.db",
                    help="audit log (SQLite); default: audit.db in the app's data folder")
     p.add_argument("--auditor", default=default_auditor(),
@@ -87,12 +90,14 @@ def build_app_class():
 
         def __init__(self, *, bundle: Path, camera_dir: Path | None = None, log: Path | None = None,
                      auditor: str = "", device: str = "", public_key: Path | bytes | None = None,
-                     export_dir: Path | None = None, camera_index: int = 0, **kw):
+                     export_dir: Path | None = None, camera_index: int = 0,
+                     camera_rotation: int | str = "auto", **kw):
             super().__init__(**kw)
             log = Path(log) if log else Path(self.user_data_dir) / "audit.db"
             self.session = Session(Path(bundle), log, auditor=auditor, device=device,
                                    public_key=public_key)
             self.camera_dir, self.camera_index = camera_dir, camera_index
+            self.camera_rotation = camera_rotation
             self.export_dir = export_dir
             self.camera = None
             self.product_id: str | None = None
@@ -174,7 +179,7 @@ def build_app_class():
                 return True
             try:
                 self.camera = (FileCamera(self.camera_dir) if self.camera_dir
-                               else KivyCamera(self.camera_index))
+                               else KivyCamera(self.camera_index, rotation=self.camera_rotation))
                 screen.attach_preview(self.camera.preview_widget())
             except CameraUnavailable as exc:
                 self.camera = None
@@ -346,7 +351,8 @@ def run(args) -> int:
     AuditApp = build_app_class()
     app = AuditApp(bundle=args.bundle, camera_dir=args.camera_dir, log=args.log,
                    auditor=args.auditor, device=args.device, public_key=args.public_key,
-                   export_dir=args.export_dir, camera_index=args.camera_index)
+                   export_dir=args.export_dir, camera_index=args.camera_index,
+                   camera_rotation="auto" if args.camera_rotation == "auto" else int(args.camera_rotation))
     app.run()
     if app.load_error is not None:
         what = "audit log refused" if isinstance(app.load_error, AuditLogError) else "bundle refused"
