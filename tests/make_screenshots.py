@@ -182,9 +182,10 @@ def make_demo(root: Path, model: Path | None = None, source: str = "auto") -> di
     bundle under ``root`` and choose the photos the app is driven with: a product A, a
     photo of A, a photo of another product, and a too-dark photo of A.
 
-    The demo bundle's threshold is set between A's genuine score and the other photo's
-    score *on these photos* (so the walk-through shows each screen whatever model is
-    shipped): it demonstrates the app, it is not a calibration.
+    The bundle keeps the threshold it enrols with (the model card's calibrated one) when a
+    pair of photos is told apart by it; otherwise its threshold is set between A's genuine
+    score and the other photo's score *on these photos* (so the walk-through shows each
+    screen whatever model is shipped): a demonstration, not a calibration.
     """
     from auditlens.catalog import open_catalog
     from auditlens.device_app.verifier import Verifier
@@ -210,6 +211,7 @@ def make_demo(root: Path, model: Path | None = None, source: str = "auto") -> di
     names = list(photos)
     scores = np.array([verifier.product_scores(verifier.embed(verifier.prepare(photos[n][0])))
                        for n in names])  # (photos, products)
+    calibrated = verifier.threshold
     best = None
     for a_i, a in enumerate(ids):
         genuine = [k for k, n in enumerate(names) if photos[n][1] == a]
@@ -219,18 +221,24 @@ def make_demo(root: Path, model: Path | None = None, source: str = "auto") -> di
                 own = ids.index(photos[names[o]][1])
                 margin = scores[g, a_i] - scores[o, a_i]
                 # prefer packaged products, and an impostor photo whose own product ranks first
-                key = (kinds.get(a) == "Packages", kinds.get(photos[names[o]][1]) == kinds.get(a),
+                told_apart = scores[g, a_i] >= calibrated > scores[o, a_i]
+                key = (told_apart, kinds.get(a) == "Packages", kinds.get(photos[names[o]][1]) == kinds.get(a),
                        bool(np.argmax(scores[o]) == own), margin)
                 if margin > 0 and (best is None or key > best[0]):
                     best = (key, a, g, o)
     if best is None:
         raise RuntimeError(f"no photo pair separates any product with model {model}")
-    _, product, g, o = best
+    key, product, g, o = best
     a_i = ids.index(product)
-    threshold = float((scores[g, a_i] + scores[o, a_i]) / 2)
-    shutil.rmtree(root / "bundle0")
-    bundle = enroll(catalog, root / "bundle", model=root / "model.tflite",
-                    options=EnrollOptions(progress=False, threshold=round(threshold, 4)))
+    if key[0]:
+        threshold = calibrated
+        (root / "bundle0").rename(root / "bundle")
+        bundle = root / "bundle"
+    else:
+        threshold = round(float((scores[g, a_i] + scores[o, a_i]) / 2), 4)
+        shutil.rmtree(root / "bundle0")
+        bundle = enroll(catalog, root / "bundle", model=root / "model.tflite",
+                        options=EnrollOptions(progress=False, threshold=threshold))
 
     camera_dir = root / "camera"
     camera_dir.mkdir(exist_ok=True)
@@ -242,7 +250,7 @@ def make_demo(root: Path, model: Path | None = None, source: str = "auto") -> di
     (camera_dir / retake_photo).write_bytes(darken(photos[names[g]][0]))
     plan = {
         "source": source, "model": str(model), "bundle": str(bundle), "camera_dir": str(camera_dir),
-        "product": product, "threshold": round(threshold, 4),
+        "product": product, "threshold": threshold, "threshold_calibrated": bool(key[0]),
         "match_photo": match_photo, "match_score": float(scores[g, a_i]),
         "mismatch_photo": mismatch_photo, "mismatch_product": photos[names[o]][1],
         "mismatch_score": float(scores[o, a_i]), "retake_photo": retake_photo,
