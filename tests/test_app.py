@@ -359,7 +359,6 @@ def test_darkened_photo_is_dark():
     assert np.asarray(dark).mean() < 40
 
 
-@needs_kivy
 def test_camera_frames_are_turned_upright():
     """A phone's back camera is mounted turned 90 degrees (landscape frames): held upright,
     the frames must turn 90 degrees clockwise; once the display turns with the phone, less."""
@@ -392,6 +391,7 @@ def test_camera_frames_are_turned_upright():
         texture_to_image((3, 2), pixels, 45)
 
 
+@needs_kivy
 def test_app_without_a_camera_degrades(demo, tmp_path):
     """No --camera-dir and no usable webcam: a 'No camera' panel, capture disabled, no crash."""
     root, plan = demo
