@@ -230,8 +230,7 @@ def calibrate(
     impostor = np.concatenate([d.score[d.impostor] for d in draws])
     if impostor.size == 0:
         raise CatalogError("calibration needs impostor pairs: the bundle holds a single product")
-    decision = decide(genuine, impostor, target_far,
-                      hard=np.concatenate([d.score[d.kind == HARD] for d in draws]))
+    decision = decide(genuine, impostor, target_far, hard=pairs.score[pairs.kind == HARD])  # the same in every draw
     counts = pairs.counts()
     decision["calibrated_on"] = (
         f"{Path(source).name if source else 'labelled photos'}: {len(embedded.photos)} photos, "

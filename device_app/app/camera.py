@@ -167,11 +167,11 @@ class KivyCamera:
         except Exception as exc:  # noqa: BLE001 - providers raise anything
             raise CameraUnavailable(f"no camera could be opened ({exc}); run the app with "
                                     "--camera-dir FOLDER to play photo files instead") from exc
+        if self.rotation == "auto":  # resolved once a widget exists: frames come only from it
+            self.rotation = android_frame_rotation(self.index) or 0
         if getattr(self.widget, "_camera", None) is None:
             raise CameraUnavailable("no camera provider could open a camera; run the app with "
                                     "--camera-dir FOLDER to play photo files instead")
-        if self.rotation == "auto":
-            self.rotation = android_frame_rotation(self.index) or 0
         if self.rotation:
             self._rotate_preview(self.widget, self.rotation)
         return self.widget
@@ -202,7 +202,7 @@ class KivyCamera:
         texture = getattr(self.widget, "texture", None)
         if texture is None:
             return None
-        return texture_to_image(texture.size, texture.pixels, self.rotation if self.rotation != "auto" else 0)
+        return texture_to_image(texture.size, texture.pixels, self.rotation)
 
     def frame(self, max_side: int = 1024) -> Image.Image | None:
         """Read the current frame (call on the UI thread: it reads the GL texture)."""
