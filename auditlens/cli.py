@@ -288,9 +288,11 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 def _run_info(args) -> int:
     from auditlens.device_app.bundle import ReferenceBundle
+    from auditlens.device_app.verifier import Verifier
 
     key = args.public_key.read_bytes() if args.public_key else None
     b = ReferenceBundle.load(args.bundle or default_bundle(), public_key=key)
+    Verifier(b)  # runs the model on the bundle's probe: a model and references that differ are refused here too
     m = b.manifest
     if args.json:
         print(json.dumps({k: v for k, v in m.items() if k != "probe"}, indent=1))
@@ -306,7 +308,8 @@ def _run_info(args) -> int:
     else:
         signature = "; not signed, so nothing protects the manifest itself (threshold, hashes)"
     print(f"integrity  {len(m['files'])} files, every sha256 verified{signature}")
-    print(f"model      {b.model_id}  ({size / 1024:.0f} KiB, input {b.spec.input_size}px {b.spec.crop}, latent {m['latent_dim']}-d)")
+    print(f"model      {b.model_id}  ({size / 1024:.0f} KiB, input {b.spec.input_size}px {b.spec.crop}, "
+          f"latent {m['latent_dim']}-d; reproduces the references' probe latent)")
     print(f"products   {len(b.products)}  ({len(b.references)} reference images)")
     cal = f"calibrated for false-accept rate {d['target_far']:.2%} on {d.get('calibrated_on')}" if d.get("target_far") else "not calibrated"
     print(f"threshold  {d['threshold']:.4f}  ({cal})")

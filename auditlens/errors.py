@@ -80,5 +80,11 @@ class AuditLogError(AuditlensError):
     """The audit log could not be written or read."""
 
 
+class AuditRecordError(AuditLogError):
+    """The log refuses this verdict and photo as a record (a field missing or not finite,
+    a verdict that contradicts its threshold, a photo that is not the one judged): writing
+    it again will not help, whatever the state of the log."""
+
+
 class AuditChainError(AuditLogError):
     """The audit log's hash chain is broken: a record was edited, removed or reordered."""

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from auditlens.errors import AuditChainError, AuditLogError
+from auditlens.errors import AuditChainError, AuditLogError, AuditRecordError
 from auditlens.files import atomic_write
 
 LOG_FORMAT = "auditlens-audit-log"
@@ -257,7 +257,7 @@ def _check_judged_photo(photo: bytes, judged_sha256: str) -> None:
     except Exception:  # noqa: BLE001 - undecodable: it cannot be the judged photo either
         pixels = b""
     if hashlib.sha256(pixels).hexdigest() != judged_sha256:
-        raise AuditLogError(
+        raise AuditRecordError(
             "the photo given to the log is not the photo the verdict judged (its sha256 "
             f"differs from the verdict's photo_sha256 {judged_sha256[:12]}...); log the "
             "bytes that were verified")
@@ -310,7 +310,7 @@ def _verdict_dict(verdict) -> dict:
         return dict(verdict)
     if hasattr(verdict, "to_dict"):
         return verdict.to_dict()
-    raise AuditLogError(f"cannot log a {type(verdict).__name__}: expected a Verdict")
+    raise AuditRecordError(f"cannot log a {type(verdict).__name__}: expected a Verdict")
 
 
 class AuditLog:
@@ -334,7 +334,13 @@ class AuditLog:
         if not create and not self.path.is_file():
             raise AuditLogError(f"{self.path}: no audit log here")
         if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file where a folder of the path goes, no permission
+                in_the_way = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+                why = (f"{in_the_way} is a file, not a folder" if in_the_way
+                       else exc.strerror or str(exc))
+                raise AuditLogError(f"{self.path}: cannot make the log's folder: {why}") from exc
         self.read_only = not create  # opened to verify: the file is never changed
         self._lock = threading.RLock()
         self._db = None
@@ -461,7 +467,7 @@ class AuditLog:
     def append(self, verdict, *, photo: bytes, auditor: str, device: str | None = None) -> int:
         """Write one verification; returns its record id once it is durably committed."""
         if not isinstance(photo, (bytes, bytearray, memoryview)):
-            raise AuditLogError("the photo must be given as bytes")
+            raise AuditRecordError("the photo must be given as bytes")
         photo = bytes(photo)
         verdict_d = _verdict_dict(verdict)
         try:
@@ -471,13 +477,13 @@ class AuditLog:
             threshold = float(verdict_d["threshold"])
             model_id = _text(verdict_d.get("model_id", ""))
         except (KeyError, TypeError, ValueError) as exc:
-            raise AuditLogError(f"the verdict lacks a field the log needs: {exc!r}") from exc
+            raise AuditRecordError(f"the verdict lacks a field the log needs: {exc!r}") from exc
         for name, value in (("score", score), ("threshold", threshold)):
             if not math.isfinite(value):
-                raise AuditLogError(f"cannot log a verdict whose {name} is {value}: the log "
+                raise AuditRecordError(f"cannot log a verdict whose {name} is {value}: the log "
                                     "only stores finite numbers")
         if (decision, score >= threshold) in (("match", False), ("no_match", True)):
-            raise AuditLogError(f"cannot log a {decision!r} verdict whose score {score} is "
+            raise AuditRecordError(f"cannot log a {decision!r} verdict whose score {score} is "
                                 f"{'below' if decision == 'match' else 'at or above'} its "
                                 f"threshold {threshold}: the record would contradict itself")
         _check_judged_photo(photo, str(verdict_d.get("photo_sha256") or ""))
@@ -675,10 +681,11 @@ class AuditLog:
                            first, last, warnings)
 
     # -- export --------------------------------------------------------------------
-    def _check_export_path(self, path: str | os.PathLike) -> Path:
+    def _check_export_path(self, path: str | os.PathLike, file_suffix: str = "") -> Path:
         """``path`` as a Path; raise :class:`AuditLogError` when it is the log itself or
         one of its SQLite files (``-wal``, ``-shm``, ``-journal``): writing an export
-        there would destroy the log."""
+        there would destroy the log; or, for an export to a file (``file_suffix``), when
+        it is a folder."""
         path = Path(path)
         target = path.resolve()
         own = set()
@@ -688,12 +695,15 @@ class AuditLog:
                 p.exists() and os.path.samefile(target, p) for p in own)):
             raise AuditLogError(f"{path}: refusing to export over the audit log {self.path} "
                                 "or one of its SQLite files; choose another export path")
+        if file_suffix and path.is_dir():
+            raise AuditLogError(f"{path} is a folder: name the export file, e.g. "
+                                f"{path / ('audit' + file_suffix)}")
         return path
 
     def export_csv(self, path: str | os.PathLike) -> Path:
         """One row per record (no photo bytes; the photo's sha256 identifies it). The
         whole chain is checked first, as for the other exports."""
-        path = self._check_export_path(path)
+        path = self._check_export_path(path, ".csv")
         self.verify_chain()
 
         def write(f):
@@ -712,7 +722,7 @@ class AuditLog:
         the chain's head hash, for upload."""
         import base64
 
-        path = self._check_export_path(path)
+        path = self._check_export_path(path, ".json")
         report = self.verify_chain()
 
         def write(f):
@@ -858,9 +868,9 @@ def run(args) -> int:
     if args.photos and not args.export_json:
         raise AuditLogError("--photos adds the photos to --export-json; give --export-json F")
     with AuditLog(args.log, create=False) as log:
-        for target in (args.export_csv, args.export_json):
+        for target, suffix in ((args.export_csv, ".csv"), (args.export_json, ".json")):
             if target:  # before anything is written
-                log._check_export_path(target)
+                log._check_export_path(target, suffix)
         if args.export_photos:
             log._check_photo_folder(args.export_photos)
         report = log.verify_chain(anchors=args.expect_head)  # AuditChainError -> exit 2, record named

@@ -160,7 +160,8 @@ class _ZipSource:
         try:
             self.zip = zipfile.ZipFile(path)
             infos = self.zip.infolist()
-        except (zipfile.BadZipFile, OSError) as exc:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+            # NotImplementedError: a damaged central directory asks for a zip version
             raise BundleFormatError(f"{path}: not a readable zip bundle: {exc}") from exc
         total = sum(i.file_size for i in infos)
         if total > MAX_BUNDLE_BYTES:
@@ -193,8 +194,12 @@ class _ZipSource:
         try:
             with self.zip.open(info) as fh:
                 data = fh.read(info.file_size + 1)
+        except NotImplementedError as exc:  # a compression method zipfile cannot unpack
+            raise BundleFormatError(
+                f"{self.path}: cannot unpack {name}: {exc}; make the zip with `auditlens enroll "
+                "... --out bundle.zip` or `python -m zipfile -c` (deflate or stored)") from exc
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError,
-                NotImplementedError, RuntimeError) as exc:  # CRC, bad header, encrypted, ...
+                RuntimeError) as exc:  # CRC, bad header, encrypted, ...
             raise BundleIntegrityError(f"{self.path}: {name} is corrupt in the zip: {exc}") from exc
         if len(data) != info.file_size:
             raise BundleFormatError(f"{self.path}: {name} does not unpack to its declared size")

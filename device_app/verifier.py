@@ -30,7 +30,12 @@ from auditlens.device_app.imaging import (
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
 from auditlens.device_app.preprocess import pool_views, to_photo_views
 from auditlens.device_app.quality import Quality, QualityThresholds, assess
-from auditlens.errors import ImageTooLargeError, ModelMismatchError, UnreadableImageError
+from auditlens.errors import (
+    ImageTooLargeError,
+    ModelError,
+    ModelMismatchError,
+    UnreadableImageError,
+)
 
 MATCH, NO_MATCH, RETAKE = "match", "no_match", "retake"
 
@@ -229,7 +234,10 @@ class Verifier:
         self.bundle = bundle
         content = bundle.model_content
         if model is not None:
-            content = bytes(model) if isinstance(model, (bytes, bytearray)) else Path(model).read_bytes()
+            try:
+                content = bytes(model) if isinstance(model, (bytes, bytearray)) else Path(model).read_bytes()
+            except OSError as exc:
+                raise ModelError(f"{model}: cannot read the model: {exc.strerror or exc}") from exc
             if model_id_of(content) != bundle.model_id:
                 raise ModelMismatchError(
                     f"model {model_id_of(content)} does not belong to bundle {bundle.path} "

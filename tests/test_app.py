@@ -223,7 +223,7 @@ def test_a_log_that_cannot_be_opened_is_not_blamed_on_the_bundle(demo, tmp_path)
     assert session.verifier is not None  # the bundle itself loaded
     blocked = tmp_path / "file"
     blocked.write_text("in the way")
-    with pytest.raises(AuditLogError, match="cannot open the audit log"):
+    with pytest.raises(AuditLogError, match="cannot make the log's folder: .*file is a file, not a folder"):
         Session(Path(plan["bundle"]), blocked / "audit.db").load()
 
 
@@ -448,5 +448,37 @@ def test_an_unreadable_held_file_is_set_aside_and_blocks_nothing(demo, tmp_path)
         outcome = session.verify(photo, plan["product"])
         assert outcome.log_error == "" and outcome.record_id == 1 and session.held() == 0
         assert [p.name for p in session.held_dir.iterdir()] == ["00000000000000000001-cut.unreadable"]
+    finally:
+        session.close()
+
+
+def test_a_held_verdict_the_log_refuses_is_set_aside_and_blocks_nothing(demo, tmp_path):
+    """A held file that reads but that the log refuses as a record (one bit of its photo
+    flipped on the storage: no longer the photo the verdict judged) is kept on disk as
+    ``*.refused``; the captures after it are logged as usual."""
+    import base64
+
+    root, plan = demo
+    photo = (Path(plan["camera_dir"]) / plan["match_photo"]).read_bytes()
+    session = Session(Path(plan["bundle"]), tmp_path / "audit.db", auditor="Sam", device="t")
+    session.load()
+    try:
+        log = session.log
+        session.log.close()
+        assert session.verify(photo, plan["product"]).log_error and session.held() == 1
+        (held_file,) = session.held_dir.glob("*.json")
+        held = json.loads(held_file.read_text())
+        damaged = bytearray(base64.b64decode(held["photo"]))
+        damaged[len(damaged) // 2] ^= 0x01
+        held["photo"] = base64.b64encode(bytes(damaged)).decode("ascii")
+        held_file.write_text(json.dumps(held))
+
+        from auditlens.device_app.auditlog import AuditLog
+
+        session.log = AuditLog(log.path, device="t")
+        outcomes = [session.verify(photo, plan["product"]) for _ in range(2)]
+        assert [(o.log_error, o.record_id) for o in outcomes] == [("", 1), ("", 2)]
+        assert session.held() == 0 and session.check_log().records == 2
+        assert [p.name for p in session.held_dir.iterdir()] == [held_file.with_suffix(".refused").name]
     finally:
         session.close()

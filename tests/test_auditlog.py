@@ -543,6 +543,26 @@ def test_export_onto_the_log_or_its_sidecars_is_refused(log_path, option, suffix
     assert (report.records, report.head_hash) == (3, head)
 
 
+@pytest.mark.parametrize("option, suffix", [("--export-csv", ".csv"), ("--export-json", ".json")])
+def test_export_to_a_folder_names_the_folder(log_path, tmp_path, option, suffix, capsys):
+    with AuditLog(log_path) as log:
+        log.append(make_verdict(), photo=jpeg(), auditor="a")
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert cli_main(["verify-log", str(log_path), option, str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder} is a folder: name the export file, e.g. {folder / ('audit' + suffix)}" in err
+    assert list(folder.iterdir()) == []
+
+
+def test_a_log_path_under_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "logs").write_text("not a folder")
+    for path in (tmp_path / "logs" / "audit.db", tmp_path / "logs" / "day1" / "audit.db"):
+        with pytest.raises(AuditLogError, match=f"cannot make the log's folder: {tmp_path / 'logs'} "
+                                                "is a file, not a folder"):
+            AuditLog(path)
+
+
 def test_export_through_a_link_to_the_log_is_refused(log_path, tmp_path):
     with AuditLog(log_path) as log:
         log.append(make_verdict(), photo=jpeg(), auditor="a")

@@ -110,6 +110,40 @@ def test_a_zip_of_the_bundle_folder_says_how_to_zip_it(tmp_path, bundle_dir):
     np.testing.assert_array_equal(ReferenceBundle.load(flat).references, ReferenceBundle.load(bundle_dir).references)
 
 
+def test_a_damaged_or_unusual_zip_is_a_bundle_error(tmp_path, bundle_dir):
+    """zipfile raises NotImplementedError for a central directory that asks for an unknown
+    zip version, and for a compression method it lacks (Deflate64): both are bundle
+    errors with a reason, not a crash."""
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w") as z:
+        for f in sorted(bundle_dir.rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(bundle_dir).as_posix())
+    data = good.read_bytes()
+    central = data.find(b"PK\x01\x02")
+    version = bytearray(data)
+    version[central + 6] = 0xFF  # "version needed to extract" of the first entry
+    (tmp_path / "version.zip").write_bytes(bytes(version))
+    with pytest.raises(BundleFormatError, match="not a readable zip bundle: zip file version"):
+        ReferenceBundle.load(tmp_path / "version.zip")
+    method = bytearray(data)
+    at = central
+    while at != -1:  # every entry's compression method: 9, Deflate64
+        method[at + 10:at + 12] = (9).to_bytes(2, "little")
+        at = data.find(b"PK\x01\x02", at + 4)
+    (tmp_path / "deflate64.zip").write_bytes(bytes(method))
+    with pytest.raises(BundleFormatError, match="cannot unpack manifest.json.*compression method"):
+        ReferenceBundle.load(tmp_path / "deflate64.zip")
+
+
+def test_a_model_file_that_cannot_be_read_is_a_model_error(tmp_path, bundle_dir):
+    from auditlens.errors import ModelError
+
+    for missing in (tmp_path / "none.tflite", tmp_path):
+        with pytest.raises(ModelError, match="cannot read the model"):
+            Verifier(bundle_dir, model=missing)
+
+
 def test_missing_bundle_and_non_bundle_zip(tmp_path):
     with pytest.raises(BundleFormatError, match="no bundle here"):
         ReferenceBundle.load(tmp_path / "nothing")

@@ -312,3 +312,19 @@ def test_a_card_calibrated_on_another_catalogue_lends_its_threshold_with_a_warni
                "--no-progress", check_rc=0)
     assert "another catalogue" not in same.stderr
     assert not ReferenceBundle.load(tmp_path / "b2").decision["warnings"]
+
+
+def test_info_runs_the_model_on_the_probe(tmp_path):
+    """`info` checks more than hashes: a manifest whose probe latent the model does not
+    reproduce (references made with another model, every hash rewritten) is refused, as
+    `verify` refuses it."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(REPO / "models" / "sample_bundle", bundle)
+    assert "reproduces the references' probe latent" in run("info", bundle, check_rc=0).stdout
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["probe"]["latent"] = [-v for v in manifest["probe"]["latent"]]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    refused = run("info", bundle)
+    assert refused.returncode != 0 and "the model does not reproduce the latents" in refused.stderr

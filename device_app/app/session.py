@@ -20,7 +20,7 @@ from PIL import Image
 from auditlens.device_app.auditlog import AuditLog, AuditRecord, ChainReport
 from auditlens.device_app.bundle import ProductRecord, ReferenceBundle
 from auditlens.device_app.verifier import Verdict, Verifier, VerifierOptions
-from auditlens.errors import AuditlensError, AuditLogError
+from auditlens.errors import AuditlensError, AuditLogError, AuditRecordError
 
 _LOG_ERRORS = (AuditlensError, OSError, sqlite3.Error)
 """What writing to the log may raise: the verdict then waits."""
@@ -219,8 +219,11 @@ class Session:
         """Append the held verdicts (files and memory together), oldest first; a log
         failure stops there, keeping that verdict and the ones after it. A verdict already
         in the log (the app was killed between writing it and removing its file) is not
-        written twice; a held file that cannot be read is renamed ``*.unreadable`` and
-        skipped, so it cannot block the ones after it."""
+        written twice. A held file that cannot be read is renamed ``*.unreadable``, and one
+        the log refuses as a record (:class:`AuditRecordError`: its photo is not the one
+        judged, a field is missing) ``*.refused``: both stay on disk for a person to look
+        at and are skipped, so they cannot block the ones after them; a refused verdict
+        held in memory stays there and is skipped the same way."""
         import base64
         import json
 
@@ -239,12 +242,19 @@ class Session:
                 except (OSError, ValueError, KeyError, TypeError):
                     item.replace(item.with_suffix(".unreadable"))
                     continue
-                if not self.log.holds(verdict, photo):
-                    self.log.append(verdict, photo=photo, auditor=auditor)
+                try:
+                    if not self.log.holds(verdict, photo):
+                        self.log.append(verdict, photo=photo, auditor=auditor)
+                except AuditRecordError:
+                    item.replace(item.with_suffix(".refused"))
+                    continue
                 item.unlink()
             else:
                 _, verdict, photo, auditor = item
-                self.log.append(verdict, photo=photo, auditor=auditor)
+                try:
+                    self.log.append(verdict, photo=photo, auditor=auditor)
+                except AuditRecordError:
+                    continue
                 self.unlogged.remove(item)
 
     # -- history ---------------------------------------------------------------------
