@@ -13,14 +13,16 @@ from auditlens.errors import OutputPathError
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, *, newline: str | None = None) -> Iterator[IO[str]]:
-    """Open a text file for writing at a temporary name beside ``path``; on success it is
-    flushed to disk and renamed over ``path``, on any error it is removed."""
+def atomic_write(path: str | os.PathLike, *, newline: str | None = None,
+                 binary: bool = False) -> Iterator[IO]:
+    """Open a text (or ``binary``) file for writing at a temporary name beside ``path``; on
+    success it is flushed to disk and renamed over ``path``, on any error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as fh:
+        with (os.fdopen(fd, "wb") if binary else
+              os.fdopen(fd, "w", encoding="utf-8", newline=newline)) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

@@ -382,7 +382,7 @@ class ReferenceBundle:
                 f"{path}: references.npy row {worst} has length {norms[worst]:.4g}, not 1: reference "
                 "latents must be unit vectors, or every score leaves the cosine range; re-enrol the catalogue")
         _check_probe(manifest, path)
-        _check_decision(manifest.get("decision"), path)
+        check_decision(manifest.get("decision"), path)
         thumbs = {n: d for n, d in contents.items() if n.startswith("thumbs/")}
         owner = np.full(len(references), -1, dtype=np.int32)
         for i, record in enumerate(products):
@@ -432,29 +432,29 @@ def _check_probe(manifest: dict, path: Path) -> None:
         raise BundleFormatError(f"{path}: manifest probe.latent holds values that are not finite numbers")
 
 
-def _check_decision(decision, path: Path) -> None:
+def check_decision(decision, path: Path, what: str = "manifest decision") -> None:
     """``threshold`` is a cosine; ``far_curve``, when there is one, is [[score, far], ...]
     by strictly increasing score with falling FAR (the verifier interpolates it)."""
     if not isinstance(decision, dict):
-        raise BundleFormatError(f"{path}: manifest has no decision")
+        raise BundleFormatError(f"{path}: {what} is missing or not an object")
     threshold = decision.get("threshold")
     if not _is_finite_number(threshold) or not -1.0 <= threshold <= 1.0:
-        raise BundleFormatError(f"{path}: manifest decision.threshold {threshold!r} is not a "
+        raise BundleFormatError(f"{path}: {what}.threshold {threshold!r} is not a "
                                 "cosine within [-1, 1]")
     target_far = decision.get("target_far")
     if target_far is not None and not (_is_finite_number(target_far) and 0.0 <= target_far <= 1.0):
-        raise BundleFormatError(f"{path}: manifest decision.target_far {target_far!r} is not a "
+        raise BundleFormatError(f"{path}: {what}.target_far {target_far!r} is not a "
                                 "rate within [0, 1]")
     curve = decision.get("far_curve")
     if not curve:  # absent, null or []: not calibrated
         return
     if not isinstance(curve, list) or not all(
             isinstance(p, list) and len(p) == 2 and all(_is_finite_number(v) for v in p) for p in curve):
-        raise BundleFormatError(f"{path}: manifest decision.far_curve is not a list of "
+        raise BundleFormatError(f"{path}: {what}.far_curve is not a list of "
                                 "[score, far] pairs of finite numbers")
     scores, fars = np.asarray(curve, dtype=np.float64).T
     if (np.diff(scores) <= 0).any() or (np.diff(fars) > 0).any() or not ((0 <= fars) & (fars <= 1)).all():
-        raise BundleFormatError(f"{path}: manifest decision.far_curve must have strictly increasing "
+        raise BundleFormatError(f"{path}: {what}.far_curve must have strictly increasing "
                                 "scores and falling false-accept rates within [0, 1]")
 
 
@@ -491,6 +491,7 @@ def write_bundle(
     import auditlens
 
     out = Path(out)
+    check_decision(dict(decision), out)  # nothing is replaced by a bundle no device would load
     model_id = model_id_of(model_content)
     files: dict[str, bytes] = {MODEL_FILE: model_content}
     buf = io.BytesIO()

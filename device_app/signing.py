@@ -141,6 +141,12 @@ def load_public_key(public_key: bytes | str | os.PathLike):
         raise BundleSignatureError(f"not a valid Ed25519 public key: {exc}") from exc
 
 
+def public_key_of(private_key: bytes | str | os.PathLike) -> bytes:
+    """The raw 32-byte public key of ``private_key`` (raises :class:`BundleSignatureError`
+    for a key that is not a usable Ed25519 private key): check a key before long work."""
+    return _raw_public(load_private_key(private_key).public_key())
+
+
 def sign_manifest(manifest_bytes: bytes, private_key: bytes | str | os.PathLike) -> bytes:
     """The 64-byte Ed25519 signature of ``manifest_bytes``."""
     return load_private_key(private_key).sign(bytes(manifest_bytes))

@@ -21,7 +21,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from auditlens.catalog import Catalog, LabelledPhoto
-from auditlens.device_app.bundle import ProductRecord, check_replaceable, probe_image, write_bundle
+from auditlens.device_app.bundle import (
+    ProductRecord,
+    check_decision,
+    check_replaceable,
+    probe_image,
+    write_bundle,
+)
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.interpreter import Encoder, EncoderOptions
 from auditlens.device_app.preprocess import (
@@ -31,7 +37,7 @@ from auditlens.device_app.preprocess import (
     to_photo_views,
 )
 from auditlens.device_app.verifier import dhash
-from auditlens.errors import AuditlensError, CatalogError, ModelError
+from auditlens.errors import AuditlensError, BundleFormatError, CatalogError, ModelError
 
 DEFAULT_THRESHOLD = 0.5
 """Decision threshold for a model that ships no calibration; run `auditlens calibrate`."""
@@ -143,12 +149,23 @@ def enroll(
     any work.
     """
     check_replaceable(out)
+    if signing_key is not None:  # a key that cannot sign fails now, not after the embedding
+        from auditlens.device_app.signing import public_key_of
+
+        public_key_of(signing_key)
     options = options or EnrollOptions()
     model_path = Path(model) if model is not None else default_model_path()
     content = model_path.read_bytes()
     card = model_card(model_path)
     encoder = Encoder(content, EncoderOptions(num_threads=options.num_threads))
-    card_spec = PreprocessSpec.from_dict(card["preprocess"]) if "preprocess" in card else PreprocessSpec(encoder.input_size)
+    try:
+        card_spec = (PreprocessSpec.from_dict(card["preprocess"]) if "preprocess" in card
+                     else PreprocessSpec(encoder.input_size))
+        if card.get("decision") is not None:
+            check_decision(card["decision"], model_path, "its decision")
+    except (ValueError, KeyError, TypeError, BundleFormatError) as exc:
+        raise ModelError(f"the model card beside {model_path} is not usable ({exc!s}); repair it, or "
+                         "move it away to go on without one") from exc
     spec = replace(
         card_spec,
         photo_zooms=card_spec.photo_zooms if options.photo_zooms is None else tuple(options.photo_zooms),

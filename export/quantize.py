@@ -32,9 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from auditlens.cli import non_negative_int
 from auditlens.device_app.interpreter import l2_normalize
 from auditlens.device_app.preprocess import PreprocessSpec, stack_inputs
 from auditlens.errors import AuditlensError, CatalogError, ModelError
+from auditlens.files import atomic_write
 
 INT8_MIN_WORST_COSINE = 0.90
 """Int8 export fails if any representative image's latent is less similar than this to
@@ -371,12 +373,14 @@ def export_encoder(
             f"(need >= {config.min_mean_cosine}), worst {report.worst_cosine:.4f} (need >= "
             f"{config.min_worst_cosine}) on {report.n_images} {compared_on}; check the representative "
             "images (they must be preprocessed like the device's inputs), keep the first ops in "
-            "float (--float-ops 6), use --float16, or accept more drift with --min-worst-cosine "
-            "after measuring what it costs (auditlens evaluate on the exported model)"
+            "float (--float-ops 6) or use --float16"
+            + (", or accept more drift with --min-worst-cosine after measuring what it costs "
+               "(auditlens evaluate on the exported model)"
+               if report.mean_cosine >= config.min_mean_cosine else
+               " (the mean is below its floor: --min-worst-cosine does not relax it)")
         )
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_bytes(content)
+    with atomic_write(out_path, binary=True) as fh:  # an old model stays whole until replaced
+        fh.write(content)
     return report
 
 
@@ -403,7 +407,7 @@ def representative_images(
 
 def _split_photos(photos: list, max_photos: int) -> tuple[list, list]:
     """(the photos that calibrate: at most ``max_photos``, evenly spread; the rest)."""
-    if not max_photos or len(photos) <= max_photos:
+    if len(photos) <= max_photos:
         return list(photos), []
     used = set(spread_indices(len(photos), max_photos).tolist())
     return ([p for i, p in enumerate(photos) if i in used],
@@ -442,7 +446,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--representative", required=True, metavar="CATALOG",
                         help="catalogue whose originals calibrate and check the model")
     parser.add_argument("--photos", help="photo,product_id CSV: field photos to add to the representative set")
-    parser.add_argument("--max-photos", type=int, default=300, help="photos used at most (default 300)")
+    parser.add_argument("--max-photos", type=non_negative_int, default=300,
+                        help="photos used at most (default 300; 0: the originals alone)")
     parser.add_argument("--out", required=True, help="output .tflite path")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--float16", action="store_true", help="float16 weights instead of full int8")
@@ -523,7 +528,8 @@ def run_export(args: argparse.Namespace) -> int:
                            "n_images": len(rep)},  # int8 calibrates on up to MAX_CALIBRATION_IMAGES of them
     }
     card_path = out.with_suffix(".json")
-    card_path.write_text(json.dumps(card, indent=2))
+    with atomic_write(card_path) as fh:
+        json.dump(card, fh, indent=2)
     print(f"wrote {out} ({report.mode}, {report.size_bytes / 1024:.1f} KiB, "
           f"{report.input_dtype} in -> {report.output_dtype} out, {report.latency_ms_median:.3f} ms/image 1 thread)")
     print(f"drift vs Keras on {report.n_images} {report.compared_on}: mean cosine {report.mean_cosine:.4f}, "

@@ -271,6 +271,28 @@ def test_enrol_refuses_an_unreadable_model_card_and_ignores_another_models_decis
     assert b.spec.photo_zooms == tuple(card["preprocess"]["photo_zooms"])  # the views still apply
 
 
+@pytest.mark.parametrize("edit, why", [
+    (lambda c: c["preprocess"].update(input_size="x"), "invalid literal"),
+    (lambda c: c.update(preprocess={}), "input_size"),
+    (lambda c: c["decision"].update(threshold=2), "its decision.threshold 2 is not a cosine"),
+    (lambda c: c["decision"].update(far_curve=[[0.1, 0.5], [0.2, 0.9]]), "falling false-accept rates"),
+])
+def test_enrol_refuses_a_model_card_with_unusable_values(tmp_path, shipped_model, edit, why):
+    """A card that reads as JSON but holds values no bundle may carry is refused before any
+    work, and an installed bundle at --out is left as it was."""
+    model = tmp_path / "encoder.tflite"
+    shutil.copy(shipped_model, model)
+    card = json.loads((shipped_model.with_suffix(".json")).read_text())
+    catalog = open_catalog(SAMPLE / "catalog.csv")
+    installed = enroll(catalog, tmp_path / "installed", model=model)
+    before = (installed / "manifest.json").read_bytes()
+    edit(card)
+    model.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match=f"model card beside .*encoder.tflite is not usable .*{why}"):
+        enroll(catalog, installed, model=model)
+    assert (installed / "manifest.json").read_bytes() == before
+
+
 def test_enrol_reports_every_unusable_reference_photo(tmp_path, shipped_model):
     from auditlens.catalog import LabelledPhoto
 

@@ -115,6 +115,38 @@ def test_signed_bundles_are_re_signed_or_refused(tmp_path, bundle_copy, sample_p
         ReferenceBundle.load(signed, public_key=public.read_bytes())
 
 
+def test_re_signing_checks_the_signature_it_replaces(tmp_path, bundle_copy, sample_photos):
+    """A signed manifest edited after signing (here its catalogue name) is not re-signed:
+    re-signing would vouch for the edit. Nor is one signed with another key."""
+    pytest.importorskip("cryptography")
+    from auditlens.device_app.signing import generate_keypair
+    from auditlens.evaluation.calibrate import rewrite_bundle
+
+    private, public = generate_keypair(tmp_path / "keys")
+    other, _ = generate_keypair(tmp_path / "other")
+    signed = tmp_path / "signed"
+    rewrite_bundle(ReferenceBundle.load(bundle_copy), signed, ReferenceBundle.load(bundle_copy).decision,
+                   signing_key=private.read_bytes())
+    before = {f.name: f.read_bytes() for f in signed.iterdir() if f.is_file()}
+    with pytest.raises(BundleSignatureError, match="does not verify"):
+        calibrate(signed, sample_photos, 0.1, signing_key=other.read_bytes(), progress=False)
+    manifest = json.loads((signed / "manifest.json").read_text())
+    manifest["catalog"] = "edited after signing"
+    (signed / "manifest.json").write_text(json.dumps(manifest))
+    before["manifest.json"] = (signed / "manifest.json").read_bytes()
+    with pytest.raises(BundleSignatureError, match="does not verify"):
+        calibrate(signed, sample_photos, 0.1, signing_key=private.read_bytes(), progress=False)
+    assert {f.name: f.read_bytes() for f in signed.iterdir() if f.is_file()} == before
+
+
+def test_impostors_as_high_as_genuine_copies_keep_the_threshold_a_cosine():
+    """Two products enrolled from one image: their impostor pairs score 1. No threshold
+    can reject them; the threshold stays 1 (a cosine a bundle may hold) and the measured
+    FAR shows the target was missed."""
+    d = decide([1.0, 0.9], [1.0, 1.0, 0.2, 0.1], 0.01)
+    assert d["threshold"] == 1.0 and d["measured_far"] == pytest.approx(0.5)
+
+
 def test_far_curve_and_decide_on_fixed_scores():
     imp = [0.9, 0.8, 0.8, 0.5, 0.1]
     curve = far_curve(imp)

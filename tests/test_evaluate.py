@@ -213,3 +213,20 @@ def test_the_impostor_draw_does_not_depend_on_where_the_photos_sit(tmp_path, sam
     assert here.product.tolist() == there.product.tolist() and here.kind.tolist() == there.kind.tolist()
     other_seed = make_pairs(embed_photos(v, sample_photos, progress=False), groups, seed=1)
     assert other_seed.product.tolist() != here.product.tolist()
+
+
+def test_worst_zero_and_a_rerun_without_plots(tmp_path, sample_bundle):
+    """--worst 0 puts no photo on the confusion sheet (it put all of them); a rerun into the
+    same folder with --no-plots leaves no plot of the earlier run behind."""
+    out = tmp_path / "r"
+    assert main(["evaluate", "--bundle", str(sample_bundle), "--photos", str(SAMPLE / "photos.csv"),
+                 "--out", str(out), "--worst", "0", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["worst_false_accepts"] == [] and report["worst_false_rejects"] == []
+    assert (out / "roc.png").is_file() and not (out / "confusions.png").exists()
+    assert main(["evaluate", "--bundle", str(sample_bundle), "--photos", str(SAMPLE / "photos.csv"),
+                 "--out", str(out), "--no-plots", "--no-progress"]) == 0
+    assert not any((out / name).exists() for name in PNGS)
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--bundle", str(sample_bundle), "--photos", str(SAMPLE / "photos.csv"),
+              "--out", str(out), "--worst", "-3"])

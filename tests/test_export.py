@@ -143,6 +143,10 @@ def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
     assert comparison_photos(str(photos), spec, max_photos=9) is None  # all calibrate
     assert comparison_photos(str(photos), spec, max_photos=4).shape == (5, 32, 32, 3)
     assert comparison_photos(str(photos), spec, max_photos=4, count=2).shape == (2, 32, 32, 3)
+    assert comparison_photos(str(photos), spec, max_photos=0).shape == (9, 32, 32, 3)  # none calibrate
+    with pytest.raises(SystemExit):  # argparse: "must be 0 or more"
+        add_export_arguments(argparse.ArgumentParser()).parse_args(
+            [tiny_encoder["encoder"], "--representative", "x", "--out", "y", "--max-photos", "-1"])
     args = add_export_arguments(argparse.ArgumentParser()).parse_args(
         [tiny_encoder["encoder"], "--representative", str(tiny_encoder["catalog"]), "--out", str(out),
          "--photos", str(photos), "--max-photos", "4"])

@@ -117,7 +117,9 @@ def decide(genuine, impostor, target_far: float, *, hard=None) -> dict:
     """The decision dict for ``target_far`` from genuine and impostor scores (no I/O)."""
     genuine = np.asarray(genuine, dtype=np.float64)
     impostor = np.asarray(impostor, dtype=np.float64)
-    threshold = _with_margin(metrics.threshold_at_far(impostor, target_far), impostor)
+    # A threshold is a cosine: at most 1, even when impostors score 1 (one image enrolled
+    # under two products), and then the measured FAR says the target was not reached.
+    threshold = min(_with_margin(metrics.threshold_at_far(impostor, target_far), impostor), 1.0)
     far, frr = metrics.far_frr_at(genuine, impostor, threshold)
     out = {
         "threshold": threshold,
@@ -188,6 +190,7 @@ def calibrate(
     is refused.
     """
     from auditlens.device_app.bundle import ReferenceBundle, check_replaceable
+    from auditlens.device_app.signing import public_key_of
     from auditlens.device_app.verifier import Verifier, VerifierOptions
 
     if not 0.0 < target_far < 1.0:
@@ -206,7 +209,10 @@ def calibrate(
             "it: pass --sign-key PRIVATE.pem (or --drop-signature to write it unsigned, which "
             "devices that require signed bundles will refuse)")
 
-    b = ReferenceBundle.load(bundle)
+    # Re-signing vouches for the whole manifest: the signature there must be the same
+    # key's, or an edit made after signing would be signed anew.
+    public_key = public_key_of(signing_key) if signing_key is not None else None
+    b = ReferenceBundle.load(bundle, public_key=public_key if write and signed else None)
     if model_card is not None:  # before the photos are embedded and the bundle rewritten
         read_model_card(model_card, b.model_id)
         if len(b.references) > len(b.products):
@@ -229,7 +235,9 @@ def calibrate(
     genuine = pairs.score[pairs.genuine]
     impostor = np.concatenate([d.score[d.impostor] for d in draws])
     if impostor.size == 0:
-        raise CatalogError("calibration needs impostor pairs: the bundle holds a single product")
+        raise CatalogError("calibration needs impostor pairs: " + (
+            "the bundle holds a single product" if len(b.products) < 2 else
+            f"--impostors {n_impostors} draws none, and no product shares a group with another"))
     decision = decide(genuine, impostor, target_far, hard=pairs.score[pairs.kind == HARD])  # the same in every draw
     counts = pairs.counts()
     decision["calibrated_on"] = (
@@ -253,6 +261,10 @@ def calibrate(
         decision["warnings"].append(
             f"only {per_draw} impostor pairs a draw: a FAR of {target_far:g} is measured from "
             f"{target_far * per_draw:.1f} expected false accepts; use more photos")
+    if decision["measured_far"] > target_far:
+        decision["warnings"].append(
+            f"no threshold reaches a FAR of {target_far:g}: {decision['measured_far']:.2%} of the "
+            "impostor pairs score as high as the same image (products enrolled from one image?)")
     if embedded.not_enrolled:
         decision["warnings"].append(f"{len(embedded.not_enrolled)} photos show products not in the bundle; skipped")
     if embedded.failed:

@@ -254,6 +254,9 @@ def format_table(report: dict, markdown: bool = False) -> str:
 
 
 # -- plots ----------------------------------------------------------------------------
+PLOT_FILES = ("roc.png", "det.png", "scores.png", "confusions.png")
+"""Every plot `evaluate` may write into its folder."""
+
 def _pyplot():
     import matplotlib
 
@@ -346,8 +349,8 @@ def worst_false_accepts(embedded: Embedded, pairs: Pairs, n: int) -> list[dict]:
     imp = np.nonzero(pairs.impostor)[0]
     order = imp[np.argsort(-pairs.score[imp], kind="stable")]
     seen: set[int] = set()
-    out = []
-    for k in order:
+    out: list[dict] = []
+    for k in order if n > 0 else ():
         photo = int(pairs.photo[k])
         if photo in seen:
             continue
@@ -566,6 +569,8 @@ def evaluate(
             files += plot_confusions(fa, b, b.spec, out, title)
         files.append("summary.md")
         report["files"] = files
+        for stale in set(PLOT_FILES) - set(files):  # an earlier run's plots would describe other data
+            (out / stale).unlink(missing_ok=True)
         with atomic_write(out / "summary.md") as fh:
             fh.write(summary_markdown(report))
         _atomic_json(out / "report.json", report)
@@ -681,7 +686,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="protocol seed (default: %(default)s)")
     p.add_argument("--impostors", type=non_negative_int, default=N_IMPOSTORS,
                    help="random other-class impostors per photo (default: %(default)s)")
-    p.add_argument("--worst", type=int, default=12, help="mistakes on the confusion sheet (default: %(default)s)")
+    p.add_argument("--worst", type=non_negative_int, default=12, help="mistakes on the confusion sheet (default: %(default)s)")
     p.add_argument("--threads", type=thread_count, default=min(2, os.cpu_count() or 1),
                    help="interpreter threads (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="write report.json, summary.md and pairs.csv, no PNGs")
