@@ -367,6 +367,20 @@ def test_stop_epoch_ships_that_epoch_of_a_longer_schedule(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="outside the schedule"):
         train(tiny_config(tmp_path / "bad", tiny_data["catalog"], epochs=3, stop_epoch=4))
 
+    # the same folder again: refused, as the new run would overwrite the old one file by
+    # file; with overwrite, the earlier run's files go first (epoch 2 does not linger)
+    from auditlens.errors import OutputPathError
+
+    run = tmp_path / "run"
+    with pytest.raises(OutputPathError, match="holds an earlier training run .*--overwrite"):
+        train(tiny_config(run, tiny_data["catalog"], epochs=1, steps_per_epoch=1))
+    (run / "notes.txt").write_text("mine")
+    train(tiny_config(run, tiny_data["catalog"], epochs=1, steps_per_epoch=1, keep_epochs=True,
+                      overwrite=True))
+    assert sorted(p.name for p in (run / "checkpoints").glob("encoder_epoch_*")) == ["encoder_epoch_001.keras"]
+    assert (run / "notes.txt").read_text() == "mine"
+    assert len(json.loads((run / "report.json").read_text())["history"]) == 1
+
 
 @pytest.mark.slow
 def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
@@ -413,6 +427,10 @@ def test_settings_and_splits_that_cannot_train_are_refused_before_training(tiny_
     empty = write_csv(tmp_path / "empty_val.csv", ["photo", "product_id"], [])
     with pytest.raises(CatalogError, match="no validation photo of a catalogue product"):
         train(tiny_config(tmp_path / "ev", tiny_data["catalog"], val_photos=str(empty)))
+    with pytest.raises(ValueError, match="--group-pairs 1.5 is not a share within 0..1"):
+        train(tiny_config(tmp_path / "gp", tiny_data["catalog"], group_pairs=1.5))
+    with pytest.raises(ValueError, match="--minutes 0 must be more than 0"):
+        train(tiny_config(tmp_path / "m0", tiny_data["catalog"], minutes=0))
     with pytest.raises(ValueError, match="outside MobileNetV2's blocks 1 to 17"):
         train(tiny_config(tmp_path / "tb", tiny_data["catalog"], backbone="mobilenet_v2", trunk_blocks=18))
 

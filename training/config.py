@@ -133,6 +133,8 @@ class TrainConfig:
     """Cap on training photos per product (None: all)."""
     progress: bool = True
     """Show a progress bar."""
+    overwrite: bool = False
+    """Replace an earlier run's files in ``out_dir`` (otherwise such a folder is refused)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,7 +15,8 @@
 * :func:`distill_loss`: feature distillation from a pretrained teacher
   (:mod:`auditlens.training.teacher`); a training-only linear head maps each latent into
   the teacher's feature space, and the loss is the cosine distance to the teacher's
-  (centred, unit) feature of the clean image.
+  (centred, unit) feature of the clean image: the original's for an original and its
+  augmented copies, the photo's own (unaugmented) for a field photo.
 """
 
 from __future__ import annotations

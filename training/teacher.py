@@ -4,10 +4,11 @@ A large image model pretrained on millions of photos (an ImageNet classifier) de
 product it never saw better than the small encoder trained on one catalogue does, but it is
 several times too big for the phone. ``auditlens train --teacher-features F.npz`` passes
 its knowledge on: a training-only linear head maps the encoder's latent to the teacher's
-feature space, and the loss asks that the head's output of every view (a clean original,
-an augmented original, a field photo) point where the teacher's feature of the *clean*
-image points. The encoder must keep what the teacher sees, and lose what augmentation
-changes.
+feature space, and the loss asks that the head's output of every view point where the
+teacher's feature of that view's *clean* image points: the clean original's for the
+original and its augmented copies, the photo's own for a field photo (the teacher sees the
+photo unaugmented). The encoder must keep what the teacher sees, and lose what
+augmentation changes.
 
 The file is a plain ``.npz``, so any model, in any framework, can be the teacher:
 

@@ -31,7 +31,7 @@ import numpy as np
 from auditlens.catalog import Catalog, LabelledPhoto, open_catalog, read_labelled_photos
 from auditlens.device_app.interpreter import l2_normalize
 from auditlens.device_app.preprocess import PreprocessSpec, pool_views, stack_inputs
-from auditlens.errors import AuditlensError, CatalogError
+from auditlens.errors import AuditlensError, CatalogError, OutputPathError
 from auditlens.training.config import TrainConfig, TrainResult
 
 EVAL_BATCH = 128
@@ -191,6 +191,32 @@ def _configure_tf(config: TrainConfig):
     return tf
 
 
+RUN_FILES = ("encoder.keras", "autoencoder.keras", "report.json", "augment_grid.png",
+             "training_curves.png")
+"""What a run writes into its folder, besides ``checkpoints/``."""
+
+
+def prepare_run_folder(out: Path, *, overwrite: bool = False) -> None:
+    """Refuse a folder that holds an earlier run, whose files the new one would overwrite
+    one by one (a run stopped part way would leave a mix of both), unless ``overwrite``:
+    then the earlier run's files are removed first. Other files in the folder are kept."""
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out} is a file; give a folder for the run")
+    checkpoints = out / "checkpoints"
+    earlier = [out / name for name in RUN_FILES if (out / name).exists()]
+    if checkpoints.is_dir():
+        earlier += sorted(p for p in checkpoints.iterdir()
+                          if p.suffix == ".keras" or p.name.endswith(".weights.h5"))
+    if earlier and not overwrite:
+        raise OutputPathError(
+            f"--out {out} holds an earlier training run ({', '.join(p.name for p in earlier[:3])}"
+            f"{', ...' if len(earlier) > 3 else ''}); choose another --out, or pass --overwrite to "
+            "replace it")
+    for path in earlier:
+        path.unlink()
+    checkpoints.mkdir(parents=True, exist_ok=True)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train an encoder as ``config`` says and write its outputs to ``config.out_dir``."""
     for name, value, least in (("epochs", config.epochs, 1), ("steps_per_epoch", config.steps_per_epoch, 1),
@@ -205,6 +231,11 @@ def train(config: TrainConfig) -> TrainResult:
                          "photo beside the original and its augmented copy: use 3 or more with --photos")
     if config.stop_epoch is not None and not 1 <= config.stop_epoch <= config.epochs:
         raise ValueError(f"--stop-epoch {config.stop_epoch} is outside the schedule's epochs 1 to {config.epochs}")
+    if not 0.0 <= config.group_pairs <= 1.0:
+        raise ValueError(f"--group-pairs {config.group_pairs} is not a share within 0..1")
+    if config.minutes is not None and not config.minutes > 0:
+        raise ValueError(f"--minutes {config.minutes} must be more than 0 (leave it out for no budget)")
+    prepare_run_folder(Path(config.out_dir), overwrite=config.overwrite)
     t_start = time.perf_counter()
     tf = _configure_tf(config)
     import keras
@@ -237,7 +268,6 @@ def train(config: TrainConfig) -> TrainResult:
     from auditlens.training.teacher import centred_targets, load_teacher_features
 
     out = Path(config.out_dir)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     spec = PreprocessSpec(input_size=config.input_size, crop=config.crop)
     rng = np.random.default_rng(config.seed)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if config.progress else (lambda msg: None)
@@ -505,8 +535,9 @@ def train(config: TrainConfig) -> TrainResult:
             # the schedule ends with whichever comes first, the budget or the epochs
             frac = max(elapsed / budget, step / planned_steps) if budget else step / planned_steps
             lr = config.learning_rate * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-            optimizer.learning_rate.assign(max(lr, config.learning_rate * 0.01))
-            trunk_optimizer.learning_rate.assign(max(lr, config.learning_rate * 0.01) * config.backbone_lr_scale)
+            lr = max(lr, config.learning_rate * 0.01)  # the floor: the rate used and reported
+            optimizer.learning_rate.assign(lr)
+            trunk_optimizer.learning_rate.assign(lr * config.backbone_lr_scale)
             losses = [float(v) for v in train_step(*(tf.constant(a) for a in sample_batch()))]
             if not np.isfinite(losses[0]):
                 raise FloatingPointError(f"loss became {losses[0]} at step {step}; lower --lr")
@@ -640,7 +671,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--photos", help="photo,product_id CSV of labelled field photos to train on")
     parser.add_argument("--val-photos", help="photo,product_id CSV to validate on "
                         "(default: fixed augmented originals)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (a folder holding an earlier run "
+                        "is refused unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the earlier run's files in --out (its model, report, checkpoints)")
     parser.add_argument("--minutes", type=float,
                         help="wall-clock training budget: training stops after it or after --epochs, "
                              "whichever comes first, and the learning rate decays towards that end")
@@ -730,7 +764,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         distill_weight=args.distill_weight, augment=not args.no_augment,
         paste_background=not args.no_paste_background, mirror=not args.no_mirror,
         ema_decay=args.ema_decay, keep_epochs=args.keep_epochs, threads=args.threads,
-        progress=not args.quiet,
+        progress=not args.quiet, overwrite=args.overwrite,
     )
 
 
