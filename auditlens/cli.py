@@ -395,7 +395,7 @@ COMMANDS: dict[str, tuple[str, Hook]] = {
                          ("auditlens.training.teacher", "add_arguments", "run")),
     "export": ("convert a trained encoder to int8 TFLite and check its drift (needs auditlens[train])",
                ("auditlens.export.quantize", "add_export_arguments", "run_export")),
-    "keygen": ("make an Ed25519 key pair to sign reference bundles (needs auditlens[sign])",
+    "keygen": ("make an Ed25519 key pair to sign reference bundles (needs the [sign] extra)",
                ("auditlens.device_app.signing", "add_keygen_arguments", "run_keygen")),
     "import-grocery": ("write catalogue and photo CSVs for a Grocery Store Dataset copy",
                        (_add_import_grocery, _run_import_grocery)),

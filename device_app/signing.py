@@ -6,7 +6,7 @@ raw 64 signature bytes). A device configured with the publisher's public key the
 unsigned bundles and bundles signed by anyone else, so nobody can swap in references that
 make fake audits pass.
 
-The ``cryptography`` package (``pip install auditlens[sign]``) is imported only when a key
+The ``cryptography`` package (the ``[sign]`` extra) is imported only when a key
 is actually used: a device with no key configured never needs it.
 
 Keys:
@@ -47,8 +47,8 @@ def _crypto():
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise BundleSignatureError(
-            "bundle signatures need the `cryptography` package: pip install 'auditlens[sign]' "
-            f"({exc})"
+            "bundle signatures need the `cryptography` package: the [sign] extra (pip install "
+            f"'.[sign]' in an auditlens checkout, or pip install cryptography) ({exc})"
         ) from exc
     return ed25519, serialization, InvalidSignature
 
