@@ -235,9 +235,9 @@ def train(config: TrainConfig) -> TrainResult:
         raise ValueError(f"--group-pairs {config.group_pairs} is not a share within 0..1")
     if config.minutes is not None and not config.minutes > 0:
         raise ValueError(f"--minutes {config.minutes} must be more than 0 (leave it out for no budget)")
-    prepare_run_folder(Path(config.out_dir), overwrite=config.overwrite)
     t_start = time.perf_counter()
-    tf = _configure_tf(config)
+    tf = _configure_tf(config)  # a missing [train] extra is named before anything is written
+    prepare_run_folder(Path(config.out_dir), overwrite=config.overwrite)
     import keras
 
     from auditlens.training.augment import (
