@@ -252,3 +252,15 @@ def test_calibration_on_grocery_photos(tmp_path, grocery, shipped_model):
     assert d["measured_far"] <= 0.01
     assert d["pairs"]["impostor"] > 500 and d["pairs"]["hard"] > 0
     assert d["measured_far_hard"] is not None
+
+
+def test_no_impostor_pairs_says_why(tmp_path, sample_photos):
+    """Enrolled from a folder (no groups, so no look-alike pairs) and calibrated with
+    --impostors 0: the message names the option, not a one-product bundle."""
+    from auditlens.catalog import open_catalog
+    from auditlens.errors import CatalogError
+    from auditlens.export.enroll import enroll
+
+    bundle = enroll(open_catalog(SAMPLE / "originals"), tmp_path / "b", model=REPO / "models" / "encoder.tflite")
+    with pytest.raises(CatalogError, match="--impostors 0 draws none, and no product shares a group"):
+        calibrate(bundle, sample_photos, 0.1, n_impostors=0, write=False, progress=False)
