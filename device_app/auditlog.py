@@ -481,11 +481,11 @@ class AuditLog:
         for name, value in (("score", score), ("threshold", threshold)):
             if not math.isfinite(value):
                 raise AuditRecordError(f"cannot log a verdict whose {name} is {value}: the log "
-                                    "only stores finite numbers")
+                                       "only stores finite numbers")
         if (decision, score >= threshold) in (("match", False), ("no_match", True)):
             raise AuditRecordError(f"cannot log a {decision!r} verdict whose score {score} is "
-                                f"{'below' if decision == 'match' else 'at or above'} its "
-                                f"threshold {threshold}: the record would contradict itself")
+                                   f"{'below' if decision == 'match' else 'at or above'} its "
+                                   f"threshold {threshold}: the record would contradict itself")
         _check_judged_photo(photo, str(verdict_d.get("photo_sha256") or ""))
         stored, mime = prepare_photo(photo)
         verdict_json = _verdict_json(verdict_d)

@@ -257,6 +257,7 @@ def format_table(report: dict, markdown: bool = False) -> str:
 PLOT_FILES = ("roc.png", "det.png", "scores.png", "confusions.png")
 """Every plot `evaluate` may write into its folder."""
 
+
 def _pyplot():
     import matplotlib
 
