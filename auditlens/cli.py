@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -469,7 +470,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     _, run = _resolve(COMMANDS[args._command][1])
     try:
-        return int(run(args) or 0)
+        with warnings.catch_warnings():
+            if not os.environ.get("AUDITLENS_DEBUG"):
+                # Pillow warns about damaged files ("Truncated File Read") before auditlens
+                # reports them in one line of its own; the warning adds only a source line
+                warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+            return int(run(args) or 0)
     except AuditlensError as exc:
         print(f"auditlens: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

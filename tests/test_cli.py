@@ -328,3 +328,20 @@ def test_info_runs_the_model_on_the_probe(tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     refused = run("info", bundle)
     assert refused.returncode != 0 and "the model does not reproduce the latents" in refused.stderr
+
+
+def test_a_damaged_tiff_is_one_line_without_pillows_warning(tmp_path):
+    """Pillow warns ("Truncated File Read", with its source line) before auditlens gives its
+    own one-line error; the CLI shows only the latter (AUDITLENS_DEBUG=1 shows both)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, "TIFF", compression="tiff_deflate")
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(buf.getvalue()[:-50])
+    proc = run("verify", cut, "-p", "Banana", check_rc=2)
+    assert proc.stderr.strip().splitlines() == [
+        line for line in proc.stderr.strip().splitlines() if line.startswith("auditlens: error:")]
+    assert "cut.tif" in proc.stderr and "Warning" not in proc.stderr
