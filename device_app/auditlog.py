@@ -35,9 +35,11 @@ import io
 import json
 import math
 import os
+import random
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -344,27 +346,40 @@ class AuditLog:
         self.read_only = not create  # opened to verify: the file is never changed
         self._lock = threading.RLock()
         self._db = None
-        try:
-            if create:
-                self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
-                                           check_same_thread=False)
-            else:
-                self._db = self._connect_read_only(timeout)
-            self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-            self._check_schema()  # refuse another application's database before touching it
-            if create:
-                mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise AuditLogError(f"{self.path}: cannot switch the log to WAL mode (got {mode})")
-                self._db.execute("PRAGMA synchronous = FULL")
-                self._db.execute("PRAGMA foreign_keys = ON")
-                self._init_schema()
-        except sqlite3.DatabaseError as exc:
-            self.close()
-            raise AuditLogError(f"{self.path}: not a usable audit log: {exc}") from exc
-        except BaseException:
-            self.close()
-            raise
+        # Two processes opening a new log at once: switching it to WAL can meet the other's
+        # lock without SQLite waiting for it ("database is locked"); try again until timeout.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._open(create, timeout)
+                return
+            except sqlite3.OperationalError as exc:
+                self.close()
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise AuditLogError(f"{self.path}: not a usable audit log: {exc}") from exc
+                time.sleep(random.uniform(0.01, 0.1))
+            except sqlite3.DatabaseError as exc:
+                self.close()
+                raise AuditLogError(f"{self.path}: not a usable audit log: {exc}") from exc
+            except BaseException:
+                self.close()
+                raise
+
+    def _open(self, create: bool, timeout: float) -> None:
+        if create:
+            self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
+                                       check_same_thread=False)
+        else:
+            self._db = self._connect_read_only(timeout)
+        self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        self._check_schema()  # refuse another application's database before touching it
+        if create:
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise AuditLogError(f"{self.path}: cannot switch the log to WAL mode (got {mode})")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._init_schema()
 
     # -- lifecycle -----------------------------------------------------------------
     def _connect_read_only(self, timeout: float) -> sqlite3.Connection:
