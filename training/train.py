@@ -32,6 +32,7 @@ from auditlens.catalog import Catalog, LabelledPhoto, open_catalog, read_labelle
 from auditlens.device_app.interpreter import l2_normalize
 from auditlens.device_app.preprocess import PreprocessSpec, pool_views, stack_inputs
 from auditlens.errors import AuditlensError, CatalogError, OutputPathError
+from auditlens.files import check_output_dir
 from auditlens.training.config import TrainConfig, TrainResult
 
 EVAL_BATCH = 128
@@ -200,8 +201,7 @@ def prepare_run_folder(out: Path, *, overwrite: bool = False) -> None:
     """Refuse a folder that holds an earlier run, whose files the new one would overwrite
     one by one (a run stopped part way would leave a mix of both), unless ``overwrite``:
     then the earlier run's files are removed first. Other files in the folder are kept."""
-    if out.exists() and not out.is_dir():
-        raise OutputPathError(f"--out {out} is a file; give a folder for the run")
+    check_output_dir(out)
     checkpoints = out / "checkpoints"
     earlier = [out / name for name in RUN_FILES if (out / name).exists()]
     if checkpoints.is_dir():

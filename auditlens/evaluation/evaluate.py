@@ -347,11 +347,13 @@ def plot_scores(pairs: Pairs, thresholds: dict[str, float], out_dir: Path, title
 
 def worst_false_accepts(embedded: Embedded, pairs: Pairs, n: int) -> list[dict]:
     """The highest-scoring impostor pair of each photo, worst ``n`` photos first."""
+    if n <= 0:
+        return []
     imp = np.nonzero(pairs.impostor)[0]
     order = imp[np.argsort(-pairs.score[imp], kind="stable")]
     seen: set[int] = set()
     out: list[dict] = []
-    for k in order if n > 0 else ():
+    for k in order:
         photo = int(pairs.photo[k])
         if photo in seen:
             continue
