@@ -393,8 +393,10 @@ def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
                               "--holdout-fold", "2/4", "--no-paste-background", "--recon-weight", "0",
                               "--no-mirror", "--ema-decay", "0", "--weight-decay", "0.05",
                               "--keep-epochs", "--pseudo-products", "5", "--pseudo-kinds", "Packages", "Bottles",
-                              "--epochs", "25", "--stop-epoch", "10"])
+                              "--epochs", "25", "--stop-epoch", "10", "--temperature", "0.2",
+                              "--cosface-scale", "30", "--cosface-margin", "0.35"])
     config = config_from_args(args)
+    assert (config.temperature, config.cosface_scale, config.cosface_margin) == (0.2, 30.0, 0.35)
     assert config.minutes == 2 and config.holdout_fold == "2/4"
     assert not config.paste_background and config.recon_weight == 0
     assert not config.mirror and config.ema_decay == 0
@@ -429,6 +431,10 @@ def test_settings_and_splits_that_cannot_train_are_refused_before_training(tiny_
         train(tiny_config(tmp_path / "ev", tiny_data["catalog"], val_photos=str(empty)))
     with pytest.raises(ValueError, match="--group-pairs 1.5 is not a share within 0..1"):
         train(tiny_config(tmp_path / "gp", tiny_data["catalog"], group_pairs=1.5))
+    with pytest.raises(ValueError, match="--temperature 0.0 and --cosface-scale 20.0 must both be more than 0"):
+        train(tiny_config(tmp_path / "t0", tiny_data["catalog"], temperature=0.0))
+    with pytest.raises(ValueError, match="--cosface-margin 1.0 is not a cosine margin within 0..1"):
+        train(tiny_config(tmp_path / "cm", tiny_data["catalog"], cosface_margin=1.0))
     with pytest.raises(ValueError, match="--minutes 0 must be more than 0"):
         train(tiny_config(tmp_path / "m0", tiny_data["catalog"], minutes=0))
     with pytest.raises(ValueError, match="outside MobileNetV2's blocks 1 to 17"):

@@ -233,6 +233,11 @@ def train(config: TrainConfig) -> TrainResult:
         raise ValueError(f"--stop-epoch {config.stop_epoch} is outside the schedule's epochs 1 to {config.epochs}")
     if not 0.0 <= config.group_pairs <= 1.0:
         raise ValueError(f"--group-pairs {config.group_pairs} is not a share within 0..1")
+    if not config.temperature > 0 or not config.cosface_scale > 0:
+        raise ValueError(f"--temperature {config.temperature} and --cosface-scale {config.cosface_scale} "
+                         "must both be more than 0")
+    if not 0.0 <= config.cosface_margin < 1.0:
+        raise ValueError(f"--cosface-margin {config.cosface_margin} is not a cosine margin within 0..1")
     if config.minutes is not None and not config.minutes > 0:
         raise ValueError(f"--minutes {config.minutes} must be more than 0 (leave it out for no budget)")
     t_start = time.perf_counter()
@@ -726,6 +731,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help=f"CosFace loss weight (default {d.class_weight}; 0 disables)")
     parser.add_argument("--recon-weight", type=float, default=d.recon_weight,
                         help=f"reconstruction loss weight (default {d.recon_weight}; 0 disables)")
+    parser.add_argument("--temperature", type=float, default=d.temperature,
+                        help=f"supervised contrastive temperature (default {d.temperature})")
+    parser.add_argument("--cosface-scale", type=float, default=d.cosface_scale,
+                        help=f"scale of the CosFace logits (default {d.cosface_scale})")
+    parser.add_argument("--cosface-margin", type=float, default=d.cosface_margin,
+                        help=f"CosFace margin subtracted from the true product's cosine (default {d.cosface_margin})")
     parser.add_argument("--teacher-features", metavar="NPZ",
                         help="a pretrained model's features of every training image (auditlens "
                         "teacher-features) to distil into the latent")
@@ -760,7 +771,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pseudo_products=args.pseudo_products, pseudo_kinds=tuple(args.pseudo_kinds),
         learning_rate=args.lr,
         weight_decay=args.weight_decay, metric_weight=args.metric_weight, class_weight=args.class_weight,
-        recon_weight=args.recon_weight, teacher_features=args.teacher_features,
+        recon_weight=args.recon_weight, temperature=args.temperature, cosface_scale=args.cosface_scale,
+        cosface_margin=args.cosface_margin, teacher_features=args.teacher_features,
         distill_weight=args.distill_weight, augment=not args.no_augment,
         paste_background=not args.no_paste_background, mirror=not args.no_mirror,
         ema_decay=args.ema_decay, keep_epochs=args.keep_epochs, threads=args.threads,
