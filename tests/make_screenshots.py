@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -331,6 +332,62 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
             result["scan"] = {"screen": app.sm.current, "product_id": app.product_id,
                               "scanning": app.scanning,
                               "hint": app.screens["camera"].hint.text}
+    elif plan.get("mode") == "held":  # the log stops taking records, then works again
+        @step
+        def capture_unlogged():
+            def disk_full(*_a, **_k):
+                raise sqlite3.OperationalError("database or disk is full")
+
+            app.session.log.append = disk_full
+            app.select_product(product)
+            app.camera.select(plan["match_photo"])
+            assert app.capture()
+
+        @step
+        def history_with_held():
+            result["held"] = {"log_error": app.last_outcome.log_error, "decision": verdict_of()["decision"]}
+            app.show_history()
+
+        @step
+        def held_shown():
+            screen = app.screens["history"]
+            result["held"].update(screen=app.sm.current, label=screen.held.text,
+                                  rows=len(app.session.history()))
+            del app.session.log.append  # the disk has room again
+            app.show_history()
+
+        @step
+        def held_written():
+            result["held"].update(label_after=app.screens["history"].held.text,
+                                  rows_after=len(app.session.history()), waiting_after=app.session.held())
+    elif plan.get("mode") == "moved_on":  # History asked for, then a product picked at once
+        @step
+        def history_then_product():
+            app.show_history()
+            app.select_product(product)
+
+        @step
+        def where():
+            result["moved_on"] = {"screen": app.sm.current}
+    elif plan.get("mode") == "guide":  # where the framing guide sits over the photo
+        @step
+        def pick():
+            app.select_product(product)
+            app.camera.select(plan["match_photo"])
+            app.screens["camera"].show_files(app.camera)
+
+        @step
+        def measure():
+            guide = app.screens["camera"].guide
+            result["guide"] = {"rect": list(guide.guide_rect()), "image": list(guide.image_rect()),
+                               "crop": app.session.bundle.spec.crop,
+                               "zoom": app.session.bundle.spec.photo_zooms[0]}
+            app.step_camera(1)  # the next file cannot be decoded
+
+        @step
+        def broken():
+            screen = app.screens["camera"]
+            result["broken"] = {"texture": screen.preview.texture, "label": screen.file_label.text}
     elif plan.get("expect_refusal"):
         @step
         def refused():

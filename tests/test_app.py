@@ -260,6 +260,15 @@ def test_app_takes_the_public_key_as_a_file(demo, tmp_path):
 needs_kivy = pytest.mark.skipif(not HAVE_KIVY, reason="Kivy is not installed (pip install auditlens[app])")
 
 
+def run_plan(tmp_path: Path, plan: dict, size: str = "720x1280", **kw) -> dict:
+    """Drive the app headless through ``plan`` (a demo plan with its mode set) from a fresh
+    log under ``tmp_path``; the run must report no error."""
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    result = shots.run_app_headless(tmp_path / "plan.json", tmp_path / "audit.db", tmp_path / "run", size, **kw)
+    assert not result["errors"], result["errors"]
+    return result
+
+
 @needs_kivy
 @pytest.mark.parametrize("size", ["720x1280", "1280x800"])
 def test_app_end_to_end(demo, tmp_path, size):
@@ -341,11 +350,7 @@ def test_app_refuses_a_tampered_bundle(demo, tmp_path):
     data = bytearray(refs.read_bytes())
     data[-3] ^= 0xFF  # one flipped byte in the latents
     refs.write_bytes(bytes(data))
-    bad_plan = dict(plan, bundle=str(bad), expect_refusal=True)
-    (tmp_path / "plan.json").write_text(json.dumps(bad_plan))
-    result = shots.run_app_headless(tmp_path / "plan.json", tmp_path / "audit.db", tmp_path / "run",
-                                    "720x1280")
-    assert not result["errors"], result["errors"]
+    result = run_plan(tmp_path, dict(plan, bundle=str(bad), expect_refusal=True))
     assert result["screens"]["0-refused"]["screen"] == "refusal"
     assert result["load_error"].startswith("BundleIntegrityError")
     assert "integrity" in result["refusal_title"]
@@ -395,10 +400,7 @@ def test_camera_frames_are_turned_upright():
 def test_app_without_a_camera_degrades(demo, tmp_path):
     """No --camera-dir and no usable webcam: a 'No camera' panel, capture disabled, no crash."""
     root, plan = demo
-    (tmp_path / "plan.json").write_text(json.dumps(dict(plan, mode="no_camera")))
-    result = shots.run_app_headless(tmp_path / "plan.json", tmp_path / "audit.db", tmp_path / "run",
-                                    "720x1280")
-    assert not result["errors"], result["errors"]
+    result = run_plan(tmp_path, dict(plan, mode="no_camera"))
     info = result["no_camera"]
     if info["camera"] != "None":
         pytest.skip("a camera is attached to this machine")
@@ -426,11 +428,8 @@ def test_scanning_a_code_selects_the_product(demo, tmp_path):
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "zxingcpp.py").write_text(FAKE_ZXING)
-    (tmp_path / "plan.json").write_text(json.dumps(dict(plan, mode="scan")))
-    result = shots.run_app_headless(
-        tmp_path / "plan.json", tmp_path / "audit.db", tmp_path / "run", "720x1280",
-        extra_env={"PYTHONPATH": str(fake), "AUDITLENS_FAKE_CODE": plan["product"]})
-    assert not result["errors"], result["errors"]
+    result = run_plan(tmp_path, dict(plan, mode="scan"),
+                      extra_env={"PYTHONPATH": str(fake), "AUDITLENS_FAKE_CODE": plan["product"]})
     assert result["scan_button_enabled"]
     assert result["scan"]["product_id"] == plan["product"]
     assert result["scan"]["screen"] == "camera" and not result["scan"]["scanning"]
@@ -482,3 +481,96 @@ def test_a_held_verdict_the_log_refuses_is_set_aside_and_blocks_nothing(demo, tm
         assert [p.name for p in session.held_dir.iterdir()] == [held_file.with_suffix(".refused").name]
     finally:
         session.close()
+
+
+@needs_kivy
+def test_history_shows_verdicts_the_log_has_not_taken_yet(demo, tmp_path):
+    """A verdict judged while the log refuses writes (disk full) is not in the log yet:
+    History says how many wait and why, instead of 'No verifications yet'; once the log
+    works again, opening History writes it and the notice goes."""
+    root, plan = demo
+    result = run_plan(tmp_path, dict(plan, mode="held"))
+    held = result["held"]
+    assert held["decision"] == "match" and "disk is full" in held["log_error"]
+    assert held["screen"] == "history" and held["rows"] == 0
+    assert held["label"].startswith("1 verdict not yet in the audit log") and "disk is full" in held["label"]
+    assert held["label_after"] == "" and held["rows_after"] == 1 and held["waiting_after"] == 0
+
+
+@needs_kivy
+def test_history_does_not_take_over_a_screen_the_auditor_moved_to(demo, tmp_path):
+    """History is read on the worker; an auditor who picks a product before it is ready
+    stays on the camera screen."""
+    root, plan = demo
+    result = run_plan(tmp_path, dict(plan, mode="moved_on"))
+    assert result["moved_on"]["screen"] == "camera"
+
+
+@needs_kivy
+@pytest.mark.parametrize("crop", ["center", "full"])
+def test_framing_guide_brackets_what_the_encoder_sees(demo, tmp_path, crop):
+    """On a 4:3 photo the guide brackets the centred square for a 'center' bundle and the
+    middle of the whole frame for a 'full' one: the box the encoder's first view keeps.
+    A file the camera folder cannot decode shows no picture and says so."""
+    from auditlens.catalog import open_catalog
+    from auditlens.export.enroll import EnrollOptions, enroll
+
+    root, plan = demo
+    card = json.loads((root / "model.json").read_text())
+    card["preprocess"]["crop"] = crop
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    shutil.copy(root / "model.tflite", tmp_path / "model.tflite")
+    bundle = enroll(open_catalog(shots.SAMPLE / "catalog.csv"), tmp_path / "bundle",
+                    model=tmp_path / "model.tflite", options=EnrollOptions(progress=False))
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    photo = Image.open(Path(plan["camera_dir"]) / plan["match_photo"]).convert("RGB")
+    photo.resize((640, 480)).save(camera / "1-wide.jpg")
+    (camera / "2-broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    result = run_plan(tmp_path, dict(plan, mode="guide", bundle=str(bundle), camera_dir=str(camera),
+                                     match_photo="1-wide.jpg"), "1280x800")
+    info = result["guide"]
+    assert info["crop"] == crop
+    gx, gy, gw, gh = info["rect"]
+    ix, iy, iw, ih = info["image"]
+    assert iw / ih == pytest.approx(640 / 480, rel=1e-2)
+    keep = min(0.84, info["zoom"])  # the guide keeps a small margin even for a plain view
+    box_w, box_h = (iw, ih) if crop == "full" else (ih, ih)
+    assert (gw, gh) == (pytest.approx(box_w * keep, rel=1e-3), pytest.approx(box_h * keep, rel=1e-3))
+    assert gx - ix == pytest.approx((iw - gw) / 2) and gy - iy == pytest.approx((ih - gh) / 2)
+    assert result["broken"] == {"texture": None, "label": "photo 2/2: 2-broken.jpg (cannot be read)"}
+
+
+def test_an_auto_rotated_camera_follows_the_phone_turning(monkeypatch):
+    """'auto' asks Android again at every frame: a phone turned from portrait (frames need
+    90 degrees) to landscape (none) after the camera opened still gives upright frames."""
+    from types import SimpleNamespace
+
+    import auditlens.device_app.app.camera as camera_module
+
+    landscape = Image.new("RGB", (4, 2), (0, 128, 0))  # a sensor frame, 4 wide and 2 high
+    pixels = landscape.convert("RGBA").transpose(Image.Transpose.FLIP_TOP_BOTTOM).tobytes()
+    display = {"degrees": 0}
+    monkeypatch.setattr(camera_module, "android_frame_rotation",
+                        lambda index=0: upright_rotation(90, display["degrees"]))
+    camera = KivyCamera(rotation="auto")
+    camera.widget = SimpleNamespace(texture=SimpleNamespace(size=(4, 2), pixels=pixels), play=False)
+    assert camera.frame().size == (2, 4) and camera.rotation == 90  # portrait: turned upright
+    display["degrees"] = 90  # the auditor turns the phone to landscape
+    assert camera.frame().size == (4, 2) and camera.rotation == 0
+    display["degrees"] = 0
+    camera.start()
+    assert camera.rotation == 90 and camera.widget.play
+    fixed = KivyCamera(rotation=180)  # a rotation given by hand is never asked again
+    fixed.widget = camera.widget
+    assert fixed.frame().size == (4, 2) and fixed.rotation == 180
+
+
+def test_no_camera_advice_fits_the_device():
+    from auditlens.device_app.app.camera import no_camera_advice, request_camera_permission
+
+    assert "Settings" in no_camera_advice("android") and "--camera-dir" not in no_camera_advice("android")
+    assert "--camera-dir" in no_camera_advice("linux")
+    if importlib.util.find_spec("android") is None:  # off Android there is nothing to ask
+        asked = []
+        assert request_camera_permission(asked.append) is False and asked == []

@@ -137,14 +137,40 @@ def texture_to_image(size: tuple[int, int], rgba: bytes, rotation: int = 0) -> I
     return image.transpose(turn) if turn is not None else image
 
 
+def no_camera_advice(platform: str | None = None) -> str:
+    """What the auditor can do when no camera opens: on a phone, allow the app camera
+    access; on a desktop, play photo files instead."""
+    if platform is None:
+        from kivy.utils import platform
+    if platform in ("android", "ios"):
+        return "allow auditlens to use the camera in the device's Settings (Apps > auditlens > Permissions)"
+    return "run the app with --camera-dir FOLDER to play photo files instead"
+
+
+def request_camera_permission(answered) -> bool:
+    """On Android, ask for the camera (a runtime permission since Android 6: the camera
+    does not open until the user allows it); ``answered(granted)`` is called, possibly
+    on another thread, when the user has chosen. Returns False, and asks nothing, off
+    Android or when the permission is already granted."""
+    try:
+        from android.permissions import Permission, check_permission, request_permissions
+    except ImportError:  # not Android (python-for-android ships this module)
+        return False
+    if check_permission(Permission.CAMERA):
+        return False
+    request_permissions([Permission.CAMERA], lambda _names, grants: answered(bool(grants) and all(grants)))
+    return True
+
+
 class KivyCamera:
     """A real camera through Kivy's camera provider (webcam on a desktop, the phone's
     camera on Android).
 
     ``rotation``: degrees clockwise that make the camera's frames upright, applied to the
     preview and to every frame and capture; ``"auto"`` asks Android (sensor mounting and
-    display rotation, :func:`android_frame_rotation`, read when the preview is built) and
-    is 0 elsewhere. Kivy's Android provider delivers the sensor's landscape frames, which a
+    display rotation, :func:`android_frame_rotation`) and is 0 elsewhere. Auto is asked
+    again whenever a frame is read or the camera restarts, so turning the phone between
+    portrait and landscape keeps the frames upright. Kivy's Android provider delivers the sensor's landscape frames, which a
     phone held upright would otherwise verify lying on their side."""
 
     kind = "camera"
@@ -155,8 +181,10 @@ class KivyCamera:
             raise ValueError(f"rotation must be 'auto' or one of {ROTATIONS}, not {rotation!r}")
         self.index = index
         self.resolution = resolution
-        self.rotation = rotation
+        self.auto = rotation == "auto"
+        self.rotation = 0 if self.auto else rotation
         self.widget = None
+        self._turn = None  # the preview's Rotate instruction
 
     def preview_widget(self):
         from kivy.uix.camera import Camera
@@ -165,31 +193,37 @@ class KivyCamera:
             self.widget = Camera(index=self.index, resolution=self.resolution, play=True,
                                  fit_mode="contain")
         except Exception as exc:  # noqa: BLE001 - providers raise anything
-            raise CameraUnavailable(f"no camera could be opened ({exc}); run the app with "
-                                    "--camera-dir FOLDER to play photo files instead") from exc
-        if self.rotation == "auto":  # resolved once a widget exists: frames come only from it
-            self.rotation = android_frame_rotation(self.index) or 0
+            raise CameraUnavailable(f"no camera could be opened ({exc}); {no_camera_advice()}") from exc
         if getattr(self.widget, "_camera", None) is None:
-            raise CameraUnavailable("no camera provider could open a camera; run the app with "
-                                    "--camera-dir FOLDER to play photo files instead")
-        if self.rotation:
-            self._rotate_preview(self.widget, self.rotation)
+            raise CameraUnavailable(f"no camera provider could open a camera; {no_camera_advice()}")
+        self._rotate_preview(self.widget)
+        self.update_rotation()
         return self.widget
 
-    @staticmethod
-    def _rotate_preview(widget, degrees: int) -> None:
-        """Turn the preview's drawing ``degrees`` clockwise about its centre."""
+    def _rotate_preview(self, widget) -> None:
+        """Put a turn (:attr:`rotation` degrees clockwise, about the centre) into the
+        preview's drawing; :meth:`update_rotation` changes its angle."""
         from kivy.graphics import PopMatrix, PushMatrix, Rotate
 
         with widget.canvas.before:
             PushMatrix()
-            turn = Rotate(angle=-degrees, origin=widget.center)  # Kivy turns counter-clockwise
+            self._turn = turn = Rotate(angle=-self.rotation, origin=widget.center)  # Kivy turns counter-clockwise
         with widget.canvas.after:
             PopMatrix()
         widget.bind(center=lambda w, center: setattr(turn, "origin", center))
 
+    def update_rotation(self) -> int:
+        """Ask Android again how the frames stand (auto only: the phone may have turned
+        since the last frame) and turn the preview to match; returns the rotation."""
+        if self.auto:
+            self.rotation = android_frame_rotation(self.index) or 0
+        if self._turn is not None:
+            self._turn.angle = -self.rotation
+        return self.rotation
+
     def start(self) -> None:
         if self.widget is not None:
+            self.update_rotation()
             self.widget.play = True
 
     def stop(self) -> None:
@@ -202,7 +236,7 @@ class KivyCamera:
         texture = getattr(self.widget, "texture", None)
         if texture is None:
             return None
-        return texture_to_image(texture.size, texture.pixels, self.rotation)
+        return texture_to_image(texture.size, texture.pixels, self.update_rotation())
 
     def frame(self, max_side: int = 1024) -> Image.Image | None:
         """Read the current frame (call on the UI thread: it reads the GL texture)."""

@@ -66,6 +66,7 @@ def build_app_class():
         CameraUnavailable,
         FileCamera,
         KivyCamera,
+        request_camera_permission,
         scan_codes,
         scanner_available,
     )
@@ -110,6 +111,7 @@ def build_app_class():
             self._analysing = False
             self._verifying = False
             self._notice_until = 0.0
+            self._moves = 0  # counts the auditor's moves between screens (see show_history)
 
         # -- lifecycle ---------------------------------------------------------------
         def build(self):
@@ -128,6 +130,15 @@ def build_app_class():
         def on_start(self):
             self.worker.submit(self.session.load, self._loaded, self._refused)
             Clock.schedule_interval(self._analyse_tick, ANALYSE_EVERY_S)
+            if self.camera_dir is None:  # Android asks the user once; the answer comes later
+                request_camera_permission(
+                    lambda granted: Clock.schedule_once(lambda _dt: self._camera_permission(granted)))
+
+        def _camera_permission(self, granted: bool) -> None:
+            """The user answered Android's camera question: if the camera screen is up
+            without a camera, try again now that it may open."""
+            if granted and self.camera is None and self.sm.current == "camera" and not self.scanning:
+                self.go_camera()
 
         def on_pause(self):
             # Android may stop a paused app without on_stop: write held verdicts now
@@ -170,6 +181,7 @@ def build_app_class():
             self.scanning = False
             if self.camera is not None:
                 self.camera.stop()
+            self._moves += 1
             self.sm.current = "picker"
 
         def _ensure_camera(self) -> bool:
@@ -194,12 +206,14 @@ def build_app_class():
             record = self.session.bundle.product(product_id)
             self.product_id, self.scanning = record.product_id, False
             screen = self.screens["camera"]
-            screen.guide.look_at(self.session.bundle.spec.photo_zooms[0])
+            spec = self.session.bundle.spec
+            screen.guide.look_at(spec.photo_zooms[0], spec.crop)
             ok = self._ensure_camera()
             screen.show_product(record, self.session.thumbnail(record.product_id))
             if not ok:
                 screen.capture.disabled = True
                 screen.hint.text = ""
+            self._moves += 1
             self.sm.current = "camera"
 
         def go_camera(self):
@@ -213,6 +227,7 @@ def build_app_class():
             self.scanning = True
             self._ensure_camera()
             self.screens["camera"].show_product(None, None, scanning=True)
+            self._moves += 1
             self.sm.current = "camera"
 
         def step_camera(self, delta: int):
@@ -278,6 +293,7 @@ def build_app_class():
                 return False
             product_id = self.product_id
             self._verifying = True
+            self._moves += 1
             self.screens["camera"].busy(True)
 
             def job():
@@ -299,6 +315,7 @@ def build_app_class():
             self.screens["verdict"].show(outcome, record, original, thumbs)
             if self.camera is not None:
                 self.camera.stop()
+            self._moves += 1
             self.sm.current = "verdict"
 
         def _capture_failed(self, exc: BaseException):
@@ -313,27 +330,37 @@ def build_app_class():
                 return
             if self.camera is not None:
                 self.camera.stop()
+            asked = self._moves  # History opens only if the auditor has not moved on meanwhile
 
             def job():
+                why_held = self.session.write_held()  # verdicts the log could not take yet
+                held = (self.session.held(), why_held)
                 records = self.session.history()
                 try:
-                    return records, self.session.check_log(), ""
+                    return records, self.session.check_log(), "", held
                 except AuditChainError as exc:  # the chain itself is broken
-                    return records, None, f"AUDIT LOG TAMPERED: {exc}"
+                    return records, None, f"AUDIT LOG TAMPERED: {exc}", held
                 except AuditlensError as exc:  # cannot read it: not evidence of tampering
-                    return records, None, f"Audit log could not be checked: {exc}"
+                    return records, None, f"Audit log could not be checked: {exc}", held
 
-            self.worker.submit(job, self._history_ready, self._history_failed)
+            self.worker.submit(job, lambda result: self._history_ready(result, asked),
+                               lambda exc: self._history_failed(exc, asked))
 
-        def _history_ready(self, result):
-            records, report, error = result
+        def _open_history(self, asked: int) -> None:
+            if asked == self._moves:
+                self._moves += 1
+                self.sm.current = "history"
+
+        def _history_ready(self, result, asked: int):
+            records, report, error, (held, why_held) = result
             names = {p.product_id: p.name for p in self.session.bundle.products}
-            self.screens["history"].show(records, report, error, names)
-            self.sm.current = "history"
+            self.screens["history"].show(records, report, error, names, held=held, why_held=why_held)
+            self._open_history(asked)
 
-        def _history_failed(self, exc):
-            self.screens["history"].show([], None, f"History could not be read: {exc}", {})
-            self.sm.current = "history"
+        def _history_failed(self, exc, asked: int):
+            self.screens["history"].show([], None, f"History could not be read: {exc}", {},
+                                         held=self.session.held())
+            self._open_history(asked)
 
         def export(self, kind: str):
             def done(path):

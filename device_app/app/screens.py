@@ -337,9 +337,11 @@ class CameraScreen(Screen):
         self.files.opacity = 1 if camera.kind == "files" else 0
         self.files.disabled = camera.kind != "files"
         if camera.kind == "files":
-            self.file_label.text = f"photo {camera.index + 1}/{len(camera.files)}: {camera.current.name}"
             if self.preview is not None and hasattr(self.preview, "refresh"):
                 self.preview.refresh()
+            unreadable = getattr(self.preview, "texture", True) is None
+            self.file_label.text = (f"photo {camera.index + 1}/{len(camera.files)}: {camera.current.name}"
+                                    + (" (cannot be read)" if unreadable else ""))
 
     def busy(self, busy: bool) -> None:
         self.capture.disabled = busy
@@ -534,6 +536,8 @@ class HistoryScreen(Screen):
         self.chain_label.bind(size=lambda w, *_: setattr(w, "text_size", w.size))
         self.chain.add_widget(self.chain_label)
         body.add_widget(self.chain)
+        self.held = WrapLabel(text="", font_size=FONT_SMALL, color=AMBER)
+        body.add_widget(self.held)
         view, self.grid = scroll_list()
         body.add_widget(view)
         self.status = WrapLabel(text="", font_size=FONT_SMALL, color=MUTED)
@@ -548,7 +552,13 @@ class HistoryScreen(Screen):
         root.add_widget(body)
         self.add_widget(root)
 
-    def show(self, records, report, error: str, names: dict) -> None:
+    def show(self, records, report, error: str, names: dict, held: int = 0, why_held: str = "") -> None:
+        """The log's records and chain check; ``held``: verdicts judged on this device that
+        the log has not taken yet (kept on the device and written when it works again)."""
+        self.held.text = "" if not held else (
+            f"{held} verdict{'s' if held != 1 else ''} not yet in the audit log "
+            f"(kept on this device, written when the log works again; not in exports)"
+            + (f": {why_held}" if why_held else ""))
         if error:  # the app's words: "AUDIT LOG TAMPERED: ..." only for a broken chain
             self.chain.bg = RED
             self.chain_label.text = error

@@ -259,8 +259,9 @@ class Session:
 
     # -- history ---------------------------------------------------------------------
     def history(self, limit: int = 200) -> list[AuditRecord]:
+        """The newest ``limit`` records of the log (verdicts still held are not among
+        them: :meth:`write_held` first, :meth:`held` counts what still waits)."""
         assert self.log is not None
-        self.write_held()
         return self.log.records(newest_first=True, limit=limit)
 
     def check_log(self) -> ChainReport:

@@ -143,24 +143,29 @@ class ProductRow(ButtonBehavior, BgBox):
 
 
 class FramingGuide(Widget):
-    """Corner brackets around the centred square the encoder looks at, the outside
-    dimmed, drawn over the picture that the ``source`` preview widget displays."""
+    """Corner brackets around the part of the picture the encoder looks at (the centred
+    square, or the whole frame for a ``crop: full`` bundle), the outside dimmed, drawn
+    over the picture that the ``source`` preview widget displays."""
 
     source = ObjectProperty(None, allownone=True)
     inset = NumericProperty(0.08)
-    """Margin on each side, as a share of the centred square (see :meth:`look_at`)."""
+    """Margin on each side, as a share of the cropped box (see :meth:`look_at`)."""
+    crop = StringProperty("center")
+    """The bundle's ``PreprocessSpec.crop``: 'center' (a square) or 'full' (the whole frame)."""
 
-    def look_at(self, zoom: float) -> None:
-        """Frame the part of the centred square that a photo's first view keeps
+    def look_at(self, zoom: float, crop: str = "center") -> None:
+        """Frame the part of the cropped box that a photo's first view keeps
         (``PreprocessSpec.photo_zooms[0]``); a plain view keeps a small margin."""
         self.inset = max(0.08, (1.0 - zoom) / 2)
+        self.crop = crop
 
     def __init__(self, **kw):
         super().__init__(**kw)
         from kivy.clock import Clock
 
         self._trigger = Clock.create_trigger(self._draw, -1)
-        self.bind(pos=self._trigger, size=self._trigger, inset=self._trigger, source=self._watch)
+        self.bind(pos=self._trigger, size=self._trigger, inset=self._trigger, crop=self._trigger,
+                  source=self._watch)
 
     def _watch(self, *_):
         if self.source is not None:
@@ -176,28 +181,30 @@ class FramingGuide(Widget):
         return (*self.pos, *self.size)
 
     def guide_rect(self) -> tuple[float, float, float, float]:
+        """(x, y, width, height) of the guide, in window coordinates."""
         x, y, w, h = self.image_rect()
-        side = min(w, h) * (1 - 2 * self.inset)
-        return x + (w - side) / 2, y + (h - side) / 2, side, side
+        box_w, box_h = (w, h) if self.crop == "full" else (min(w, h), min(w, h))
+        gw, gh = box_w * (1 - 2 * self.inset), box_h * (1 - 2 * self.inset)
+        return x + (w - gw) / 2, y + (h - gh) / 2, gw, gh
 
     def _draw(self, *_):
         self.canvas.clear()
-        gx, gy, side, _ = self.guide_rect()
+        gx, gy, gw, gh = self.guide_rect()
         ix, iy, iw, ih = self.image_rect()
         with self.canvas:
             Color(0, 0, 0, 0.45)  # dim outside the guide (within the picture)
             Rectangle(pos=(ix, iy), size=(iw, gy - iy))
-            Rectangle(pos=(ix, gy + side), size=(iw, iy + ih - gy - side))
-            Rectangle(pos=(ix, gy), size=(gx - ix, side))
-            Rectangle(pos=(gx + side, gy), size=(ix + iw - gx - side, side))
+            Rectangle(pos=(ix, gy + gh), size=(iw, iy + ih - gy - gh))
+            Rectangle(pos=(ix, gy), size=(gx - ix, gh))
+            Rectangle(pos=(gx + gw, gy), size=(ix + iw - gx - gw, gh))
             Color(1, 1, 1, 0.95)
-            arm = side * 0.18
+            arm = min(gw, gh) * 0.18
             width = dp(3)
-            for cx, cy, dx, dy in ((gx, gy, 1, 1), (gx + side, gy, -1, 1),
-                                   (gx, gy + side, 1, -1), (gx + side, gy + side, -1, -1)):
+            for cx, cy, dx, dy in ((gx, gy, 1, 1), (gx + gw, gy, -1, 1),
+                                   (gx, gy + gh, 1, -1), (gx + gw, gy + gh, -1, -1)):
                 Line(points=[cx + dx * arm, cy, cx, cy, cx, cy + dy * arm], width=width)
             Color(1, 1, 1, 0.35)
-            Line(rectangle=(gx, gy, side, side), width=dp(1))
+            Line(rectangle=(gx, gy, gw, gh), width=dp(1))
 
 
 class FramePreview(KImage):
@@ -215,8 +222,8 @@ class FramePreview(KImage):
             return
         image = self.camera.frame()
         self._shown = self.camera.index
-        if image is not None:
-            self.texture = pil_to_texture(image)
+        # a file that cannot be read shows nothing, not the previous photo
+        self.texture = pil_to_texture(image) if image is not None else None
 
 
 def displayed_rect(image_widget: KImage) -> tuple[float, float, float, float]:
