@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ from .common import (
     REPO,
     conditions,
     load_average,
-    measure,
+    measure_interleaved,
     mib,
     pct,
     rel,
@@ -91,8 +92,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def default_out(args: argparse.Namespace) -> Path:
+    """bench/results (the published figures) for a full run of the shipped models on
+    grocery-dev; bench/results-local for anything else, so it never overwrites them."""
+    shipped = args.model.resolve() == DEFAULT_MODEL.resolve() and args.keras.resolve() == DEFAULT_KERAS.resolve()
+    published = (not (args.quick or args.data or args.only or args.methods) and shipped
+                 and (DEFAULT_GROCERY / "classes.csv").is_file())
+    return REPO / "bench" / ("results" if published else "results-local")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.command = shlex.join(["python", "-m", "bench", *argv])  # what the report says made it
     settings = QUICK if args.quick else FULL
     sections = args.only or SECTIONS
     if args.data is None and not (DEFAULT_GROCERY / "classes.csv").is_file():
@@ -100,8 +112,7 @@ def main(argv=None) -> int:
               "shipped in models/sample (a handful: accuracy figures are not comparable with "
               "bench/results; pass --data PATH for a Grocery Store Dataset copy)", file=sys.stderr)
     if args.out is None:
-        full = not (args.quick or args.data or args.only or args.methods) and (DEFAULT_GROCERY / "classes.csv").is_file()
-        args.out = REPO / "bench" / ("results" if full else "results-local")
+        args.out = default_out(args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     if not args.model.is_file():
@@ -157,7 +168,7 @@ def run(args, s: Settings, sections, work: Path, cond: dict) -> dict:
     from auditlens.export.enroll import EnrollOptions, enroll
 
     from . import plots
-    from .accuracy import METRICS_SOURCE, run_method
+    from .accuracy import METRICS_SOURCE, run_method, time_verifications
     from .latency import encoder_latency, make_phone_jpegs, verify_latency
     from .memory import measure_memory
     from .peers import make_methods
@@ -176,6 +187,7 @@ def run(args, s: Settings, sections, work: Path, cond: dict) -> dict:
     notes: list[str] = list(data.notes)
     report: dict = {
         "mode": "quick" if args.quick else "full",
+        "command": args.command,
         "conditions": cond,
         "data": {"name": data.name, "products": len(catalog), "photos": len(photos),
                  "photos_available": len(all_photos)},
@@ -197,18 +209,24 @@ def run(args, s: Settings, sections, work: Path, cond: dict) -> dict:
     _lap(report, "accuracy")
     if "accuracy" in sections:
         log("\n## accuracy (same pairs for every method)")
-        results = []
+        results, methods = [], []
         for method in make_methods(bundle, args.methods):
             try:
-                r = run_method(method, catalog, photos, groups, timing_photos=s.timing_photos,
-                               timing_repeats=s.timing_repeats, log=log)
+                r = run_method(method, catalog, photos, groups, timing_photos=s.timing_photos, log=log)
             except ImportError as exc:  # a peer's library is missing: `pip install auditlens[bench]`
                 notes.append(f"{method.name} skipped: {exc} (install auditlens[bench])")
                 log(f"  {method.name:14s} skipped: {exc}")
                 continue
-            ref = method.prepare_reference(next(_ref for _ref in _refs(catalog, first.product_id)))
-            r12 = measure(lambda m=method, ref=ref: m.verify(phone["12 MP"], ref), s.phone_runs, warmup=1)
-            results.append((r, r12))
+            results.append(r)
+            methods.append(method)
+        log("  timing one verification of every method, in alternation")
+        time_verifications(methods, results, s.timing_repeats)
+        refs = [m.prepare_reference(next(_refs(catalog, first.product_id))) for m in methods]
+        twelve = measure_interleaved([lambda m=m, ref=ref: m.verify(phone["12 MP"], ref)
+                                      for m, ref in zip(methods, refs)], s.phone_runs, warmup=1)
+        for r, r12 in zip(results, twelve):
+            log(f"  {r.name:14s} verify {r.verify.median:8.2f} ms, a 12 MP JPEG {r12.median:8.2f} ms")
+        results = list(zip(results, twelve))
         report["accuracy"] = [{**r.to_dict(), "verify_12mp": r12.to_dict()} for r, r12 in results]
         ours = next((r for r, _ in results if r.name == "auditlens"), None)
         if ours is not None:
@@ -267,7 +285,9 @@ def run(args, s: Settings, sections, work: Path, cond: dict) -> dict:
     _lap(report, "memory")
     if "memory" in sections:
         log("\n## memory (fresh processes)")
-        measured = {a["method"] for a in report.get("accuracy", [])} or {"auditlens"}
+        # the methods that ran (a peer whose library is missing did not), else those asked for
+        measured = ({a["method"] for a in report["accuracy"]} if "accuracy" in report
+                    else {m.name for m in make_methods(bundle, args.methods)})
         names = [m.name for m in make_methods(bundle, args.methods)
                  if m.name in measured and (s.memory_per_method or m.name == "auditlens")]
         report["memory"] = measure_memory(bundle, phone, first.product_id,
@@ -311,7 +331,7 @@ def render(r: dict) -> str:
         "# auditlens benchmark results",
         "",
         f"Mode **{r['mode']}**{' (smoke run: numbers are not meaningful)' if r['mode'] == 'quick' else ''}; "
-        f"generated by `python -m bench{' --quick' if r['mode'] == 'quick' else ''}` at {c['started_utc']} UTC "
+        f"generated by `{r['command']}` at {c['started_utc']} UTC "
         f"in {c.get('wall_seconds', '?')} s.",
         "",
         "**Conditions.** " + f"{c['cpu']}, {c['logical_cpus']} logical CPUs, {c['platform']}; "

@@ -20,7 +20,7 @@ from auditlens.evaluation import metrics
 from auditlens.evaluation.protocol import Embedded
 from auditlens.evaluation.protocol import make_pairs as protocol_pairs
 
-from .common import Timing, measure
+from .common import Timing, measure_interleaved
 from .peers import Method, ProductRef
 
 TARGET_FAR = 0.01
@@ -61,33 +61,39 @@ class MethodResult:
     eer_hard: float | None
     tar_at_far1: float
     top1: float
-    verify: Timing
-    """One verification on the phone: prepare the query photo and score it (median, p95)."""
+    verify: Timing | None
+    """One verification on the phone: prepare the query photo and score it (median, p95);
+    timed by :func:`time_verifications`, every method in alternation."""
     prepare_query_ms: float
     """Mean time to prepare one query photo while building the score matrix."""
     score_ms: float
     """Mean time per pair score while building the score matrix."""
-    enroll_ms: float
-    """Mean time to prepare one reference."""
+    enroll_ms: float | None
+    """Mean time to prepare one reference from its original; None for a method that reads
+    its references from the bundle (auditlens: its enrolment rate is in the scale section)."""
     reference_bytes: float
     """Mean storage per prepared reference."""
     scores: np.ndarray
     """(N, P) photo x product score matrix."""
     genuine: np.ndarray
     impostor: np.ndarray
+    timing_cycle: list
+    """(photo, reference) pairs :func:`time_verifications` cycles through."""
 
     def to_dict(self) -> dict:
         return {
             "method": self.name, "describe": self.describe, "eer": self.eer,
             "eer_hard": self.eer_hard, "tar_at_far_1pct": self.tar_at_far1, "top1": self.top1,
-            "verify": self.verify.to_dict(), "prepare_query_ms_mean": self.prepare_query_ms,
+            "verify": self.verify.to_dict() if self.verify else None, "prepare_query_ms_mean": self.prepare_query_ms,
             "score_ms_mean": self.score_ms, "prepare_reference_ms_mean": self.enroll_ms,
             "reference_bytes": self.reference_bytes,
         }
 
 
 def run_method(method: Method, catalog: Catalog, photos: list[LabelledPhoto], groups: list[str],
-               *, timing_photos: int, timing_repeats: int, log=print) -> MethodResult:
+               *, timing_photos: int, log=print) -> MethodResult:
+    """The method's accuracy on the protocol's pairs; its verification is timed later,
+    beside the others' (:func:`time_verifications`)."""
     method.setup()
     products = [ProductRef(p.product_id, p.image) for p in catalog]
     t0 = time.perf_counter()
@@ -103,23 +109,35 @@ def run_method(method: Method, catalog: Catalog, photos: list[LabelledPhoto], gr
     truth = np.array([index[ph.product_id] for ph in photos], dtype=np.int64)
 
     genuine, impostor, hard, n_pairs = make_pairs(photos, truth, scores, groups)
-    # time per verification: photo decoded from its file, scored against its own product
+    # the verifications timed later: photos decoded from their files, scored against their own product
     sample = photos[:: max(1, len(photos) // timing_photos)][:timing_photos]
     cycle = [(ph.photo, refs[index[ph.product_id]]) for ph in sample]
-    state = {"i": 0}
-
-    def one():
-        photo, ref = cycle[state["i"] % len(cycle)]
-        state["i"] += 1
-        method.verify(photo, ref)
-
-    verify = measure(one, len(cycle) * timing_repeats, warmup=2)
     result = MethodResult(
         method.name, method.describe, eer(genuine, impostor),
         eer(genuine, hard) if len(hard) else None, tar_at_far(genuine, impostor, TARGET_FAR),
-        top1(scores, truth), verify, query_ms, score_ms, enroll_ms,
-        float(np.mean([method.reference_bytes(r) for r in refs])), scores, genuine, impostor,
+        top1(scores, truth), None, query_ms, score_ms,
+        None if method.references_from_bundle else enroll_ms,
+        float(np.mean([method.reference_bytes(r) for r in refs])), scores, genuine, impostor, cycle,
     )
     log(f"  {method.name:14s} EER {result.eer:6.1%}  TAR@FAR1% {result.tar_at_far1:6.1%}  "
-        f"top-1 {result.top1:6.1%}  verify {verify.median:8.2f} ms  ({n_pairs} pairs)")
+        f"top-1 {result.top1:6.1%}  ({n_pairs} pairs)")
     return result
+
+
+def time_verifications(methods: list[Method], results: list[MethodResult], repeats: int) -> None:
+    """Time one verification of every method in alternation (a, b, c, a, b, c, ...), each
+    cycling through its own sample photos, so that a shared machine's drifting load falls
+    on every method alike; sets each result's ``verify``."""
+    def cycling(method: Method, cycle: list):
+        state = {"i": 0}
+
+        def one():
+            photo, ref = cycle[state["i"] % len(cycle)]
+            state["i"] += 1
+            method.verify(photo, ref)
+        return one
+
+    runs = max(len(r.timing_cycle) for r in results) * repeats
+    timings = measure_interleaved([cycling(m, r.timing_cycle) for m, r in zip(methods, results)], runs)
+    for r, t in zip(results, timings):
+        r.verify = t

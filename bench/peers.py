@@ -37,6 +37,8 @@ class Method:
     describe = ""
     work_side = 256
     """Side the method works at; JPEGs are draft-decoded down to (at least) this."""
+    references_from_bundle = False
+    """True when :meth:`prepare_reference` reads a reference made earlier (no work to time)."""
 
     def setup(self) -> None:
         """Import and build what the method needs (not timed)."""
@@ -147,9 +149,8 @@ class SSIM(Method):
 
         self._ssim = structural_similarity
 
-    def describe_image(self, image):
-        return np.asarray(image.convert("L").resize((128, 128), Image.Resampling.BILINEAR),
-                          dtype=np.float32)
+    def describe_image(self, image):  # uint8, as a device would store it (SSIM computes in float)
+        return np.asarray(image.convert("L").resize((128, 128), Image.Resampling.BILINEAR), dtype=np.uint8)
 
     def score(self, reference, query) -> float:
         return float(self._ssim(reference, query, data_range=255.0))
@@ -195,8 +196,11 @@ class _Features(Method):
         return float(mask.sum()) if mask is not None else 0.0
 
     def reference_bytes(self, reference) -> int:
+        """Keypoints as float32 x, y; descriptors one byte a value (ORB's are bits packed in
+        bytes; OpenCV's SIFT descriptors are whole numbers 0..255 held in float32, which a
+        device would store as uint8 without loss)."""
         points, descriptors = reference
-        return int(points.nbytes + (descriptors.nbytes if descriptors is not None else 0))
+        return int(points.nbytes + (descriptors.size if descriptors is not None else 0))
 
 
 class ORB(_Features):
@@ -227,6 +231,7 @@ class Auditlens(Method):
 
     name = "auditlens"
     describe = "int8 TFLite encoder (1 thread), cosine to the product's best reference"
+    references_from_bundle = True
 
     def __init__(self, bundle_path) -> None:
         self.bundle_path = bundle_path
