@@ -351,7 +351,7 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
         @step
         def held_shown():
             screen = app.screens["history"]
-            result["held"].update(screen=app.sm.current, label=screen.held.text,
+            result["held"].update(screen=app.sm.current, label=screen.held.text, height=screen.held.height,
                                   rows=len(app.session.history()))
             del app.session.log.append  # the disk has room again
             app.show_history()
@@ -359,6 +359,7 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
         @step
         def held_written():
             result["held"].update(label_after=app.screens["history"].held.text,
+                                  height_after=app.screens["history"].held.height,
                                   rows_after=len(app.session.history()), waiting_after=app.session.held())
     elif plan.get("mode") == "moved_on":  # History asked for, then a product picked at once
         @step

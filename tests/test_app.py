@@ -495,6 +495,7 @@ def test_history_shows_verdicts_the_log_has_not_taken_yet(demo, tmp_path):
     assert held["screen"] == "history" and held["rows"] == 0
     assert held["label"].startswith("1 verdict not yet in the audit log") and "disk is full" in held["label"]
     assert held["label_after"] == "" and held["rows_after"] == 1 and held["waiting_after"] == 0
+    assert held["height"] > 10 and held["height_after"] == 0  # no notice, no empty gap above the list
 
 
 @needs_kivy

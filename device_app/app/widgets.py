@@ -79,14 +79,15 @@ class WrapLabel(Label):
         kw.setdefault("valign", "middle")
         kw.setdefault("size_hint_y", None)
         super().__init__(**kw)
-        self.bind(width=self._wrap, texture_size=self._fit)
+        self.bind(width=self._wrap, texture_size=self._fit, text=self._fit)
         self._wrap()
+        self._fit()
 
     def _wrap(self, *_):
         self.text_size = (max(self.width - dp(4), 1), None)
 
     def _fit(self, *_):
-        self.height = self.texture_size[1] + dp(6)
+        self.height = self.texture_size[1] + dp(6) if self.text else 0  # no text: no room taken
 
 
 class Btn(Button):
