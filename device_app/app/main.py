@@ -172,6 +172,11 @@ def build_app_class():
             self.sm.current = "refusal"
 
         # -- navigation ----------------------------------------------------------------
+        def _show(self, screen: str) -> None:
+            """Switch to ``screen``: one move of the auditor's (what show_history counts)."""
+            self._moves += 1
+            self.sm.current = screen
+
         def set_auditor(self, name: str) -> None:
             self.session.auditor = name.strip()
 
@@ -181,8 +186,7 @@ def build_app_class():
             self.scanning = False
             if self.camera is not None:
                 self.camera.stop()
-            self._moves += 1
-            self.sm.current = "picker"
+            self._show("picker")
 
         def _ensure_camera(self) -> bool:
             screen = self.screens["camera"]
@@ -213,8 +217,7 @@ def build_app_class():
             if not ok:
                 screen.capture.disabled = True
                 screen.hint.text = ""
-            self._moves += 1
-            self.sm.current = "camera"
+            self._show("camera")
 
         def go_camera(self):
             if self.product_id is None:
@@ -227,8 +230,7 @@ def build_app_class():
             self.scanning = True
             self._ensure_camera()
             self.screens["camera"].show_product(None, None, scanning=True)
-            self._moves += 1
-            self.sm.current = "camera"
+            self._show("camera")
 
         def step_camera(self, delta: int):
             if isinstance(self.camera, FileCamera):
@@ -315,8 +317,7 @@ def build_app_class():
             self.screens["verdict"].show(outcome, record, original, thumbs)
             if self.camera is not None:
                 self.camera.stop()
-            self._moves += 1
-            self.sm.current = "verdict"
+            self._show("verdict")
 
         def _capture_failed(self, exc: BaseException):
             self._verifying = False
@@ -348,8 +349,7 @@ def build_app_class():
 
         def _open_history(self, asked: int) -> None:
             if asked == self._moves:
-                self._moves += 1
-                self.sm.current = "history"
+                self._show("history")
 
         def _history_ready(self, result, asked: int):
             records, report, error, (held, why_held) = result
