@@ -137,6 +137,8 @@ def time_verifications(methods: list[Method], results: list[MethodResult], repea
             method.verify(photo, ref)
         return one
 
+    if not results:
+        return
     runs = max(len(r.timing_cycle) for r in results) * repeats
     timings = measure_interleaved([cycling(m, r.timing_cycle) for m, r in zip(methods, results)], runs)
     for r, t in zip(results, timings):
