@@ -725,18 +725,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay,
                         help=f"AdamW decoupled weight decay (default {d.weight_decay})")
-    parser.add_argument("--metric-weight", type=float, default=d.metric_weight,
-                        help=f"supervised contrastive loss weight (default {d.metric_weight}; 0 disables)")
-    parser.add_argument("--class-weight", type=float, default=d.class_weight,
-                        help=f"CosFace loss weight (default {d.class_weight}; 0 disables)")
-    parser.add_argument("--recon-weight", type=float, default=d.recon_weight,
-                        help=f"reconstruction loss weight (default {d.recon_weight}; 0 disables)")
-    parser.add_argument("--temperature", type=float, default=d.temperature,
-                        help=f"supervised contrastive temperature (default {d.temperature})")
-    parser.add_argument("--cosface-scale", type=float, default=d.cosface_scale,
-                        help=f"scale of the CosFace logits (default {d.cosface_scale})")
-    parser.add_argument("--cosface-margin", type=float, default=d.cosface_margin,
-                        help=f"CosFace margin subtracted from the true product's cosine (default {d.cosface_margin})")
+    for field, what, note in (  # the losses' settings: --metric-weight ... --cosface-margin
+            ("metric_weight", "supervised contrastive loss weight", "; 0 disables"),
+            ("class_weight", "CosFace loss weight", "; 0 disables"),
+            ("recon_weight", "reconstruction loss weight", "; 0 disables"),
+            ("temperature", "supervised contrastive temperature", ""),
+            ("cosface_scale", "scale of the CosFace logits", ""),
+            ("cosface_margin", "CosFace margin subtracted from the true product's cosine", "")):
+        default = getattr(d, field)
+        parser.add_argument("--" + field.replace("_", "-"), type=float, default=default,
+                            help=f"{what} (default {default}{note})")
     parser.add_argument("--teacher-features", metavar="NPZ",
                         help="a pretrained model's features of every training image (auditlens "
                         "teacher-features) to distil into the latent")
