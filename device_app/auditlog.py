@@ -353,14 +353,12 @@ class AuditLog:
             try:
                 self._open(create, timeout)
                 return
-            except sqlite3.OperationalError as exc:
-                self.close()
-                if "locked" not in str(exc) or time.monotonic() >= deadline:
-                    raise AuditLogError(f"{self.path}: not a usable audit log: {exc}") from exc
-                time.sleep(random.uniform(0.01, 0.1))
             except sqlite3.DatabaseError as exc:
                 self.close()
-                raise AuditLogError(f"{self.path}: not a usable audit log: {exc}") from exc
+                locked = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+                if not locked or time.monotonic() >= deadline:
+                    raise AuditLogError(f"{self.path}: not a usable audit log: {exc}") from exc
+                time.sleep(random.uniform(0.01, 0.1))
             except BaseException:
                 self.close()
                 raise

@@ -15,6 +15,8 @@ from kivy.uix.label import Label
 from kivy.uix.widget import Widget
 from PIL import Image
 
+from auditlens.device_app.preprocess import crop_box
+
 # -- theme ------------------------------------------------------------------------------
 BG = (0.11, 0.13, 0.15, 1)
 CARD = (0.18, 0.21, 0.24, 1)
@@ -184,7 +186,8 @@ class FramingGuide(Widget):
     def guide_rect(self) -> tuple[float, float, float, float]:
         """(x, y, width, height) of the guide, in window coordinates."""
         x, y, w, h = self.image_rect()
-        box_w, box_h = (w, h) if self.crop == "full" else (min(w, h), min(w, h))
+        left, top, right, bottom = crop_box((w, h), self.crop)  # the engine's own crop
+        box_w, box_h = right - left, bottom - top
         gw, gh = box_w * (1 - 2 * self.inset), box_h * (1 - 2 * self.inset)
         return x + (w - gw) / 2, y + (h - gh) / 2, gw, gh
 
