@@ -8,6 +8,7 @@ output of a run is written and readable; they do not expect the model to be good
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +268,29 @@ def test_eer_and_auc_of_known_distributions():
     assert abs(eer - 0.3085) < 0.02 and abs(auc - 0.760) < 0.02  # d' = 1
     eer, auc, _ = eer_auc(np.array([0.9, 0.8]), np.array([0.1, 0.2, 0.3]))
     assert eer == 0.0 and auc == 1.0
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor_by_epochs_or_budget(tmp_path):
+    from auditlens.training.train import scheduled_learning_rate
+
+    config = tiny_config(tmp_path, tmp_path, epochs=10, steps_per_epoch=150, learning_rate=2e-3)
+    rates = [scheduled_learning_rate(config, step, 0.0) for step in range(1500)]
+    # warm-up: 151 steps (a tenth of the 1,500, plus one), rising linearly to near the peak
+    # from the floor of 1% of the peak (the first step's 1/151 is below it)
+    assert rates[0] == 2e-3 * 0.01
+    assert rates[10] == pytest.approx(2e-3 * 11 / 151, rel=1e-3)
+    assert all(a < b for a, b in zip(rates[:150], rates[1:151]))
+    assert max(rates) <= 2e-3 and rates[150] > 0.9 * 2e-3
+    # then cosine decay, halfway at half the schedule, floored at 1% of the peak at the end
+    assert all(a >= b for a, b in zip(rates[151:], rates[152:]))
+    assert rates[750] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)), rel=1e-9)
+    assert rates[-1] == 2e-3 * 0.01
+    # a --minutes budget ends the decay when it runs out, whatever the step
+    budgeted = tiny_config(tmp_path, tmp_path, epochs=10, steps_per_epoch=150, minutes=2.0)
+    assert scheduled_learning_rate(budgeted, 300, 60.0) == pytest.approx(
+        budgeted.learning_rate * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert scheduled_learning_rate(budgeted, 300, 120.0) == budgeted.learning_rate * 0.01
+    assert scheduled_learning_rate(budgeted, 300, 1.0) == scheduled_learning_rate(config, 300, 1.0)
 
 
 # -- slow ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -217,8 +217,8 @@ def prepare_run_folder(out: Path, *, overwrite: bool = False) -> None:
     checkpoints.mkdir(parents=True, exist_ok=True)
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train an encoder as ``config`` says and write its outputs to ``config.out_dir``."""
+def _check_config(config: TrainConfig) -> None:
+    """Refuse settings that cannot train, before anything is read or written."""
     for name, value, least in (("epochs", config.epochs, 1), ("steps_per_epoch", config.steps_per_epoch, 1),
                                ("products_per_batch", config.products_per_batch, 2),
                                ("views_per_product", config.views_per_product, 2)):
@@ -240,55 +240,79 @@ def train(config: TrainConfig) -> TrainResult:
         raise ValueError(f"--cosface-margin {config.cosface_margin} is not a cosine margin within 0..1")
     if config.minutes is not None and not config.minutes > 0:
         raise ValueError(f"--minutes {config.minutes} must be more than 0 (leave it out for no budget)")
-    t_start = time.perf_counter()
-    tf = _configure_tf(config)  # a missing [train] extra is named before anything is written
-    prepare_run_folder(Path(config.out_dir), overwrite=config.overwrite)
-    import keras
 
-    from auditlens.training.augment import (
-        AugmentSwitches,
-        CaptureAugmenter,
-        cache_size,
-        object_mask,
-        pseudo_variants,
-        save_augment_grid,
-        variant_images,
-    )
-    from auditlens.training.averaging import WeightAverage
-    from auditlens.training.losses import (
-        CosFaceHead,
-        cosface_loss,
-        distill_loss,
-        reconstruction_loss,
-        supcon_loss,
-    )
-    from auditlens.training.model import (
-        BACKBONES,
-        ModelSpec,
-        build_autoencoder,
-        build_decoder,
-        build_encoder,
-    )
+
+def _read_backbone(config: TrainConfig, log) -> dict | None:
+    """The pretrained trunk's weights (``--backbone-weights``), read or refused before any image."""
+    from auditlens.training.model import BACKBONES
     from auditlens.training.pretrained import read_torch_state_dict
-    from auditlens.training.teacher import centred_targets, load_teacher_features
 
-    out = Path(config.out_dir)
-    spec = PreprocessSpec(input_size=config.input_size, crop=config.crop)
-    rng = np.random.default_rng(config.seed)
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if config.progress else (lambda msg: None)
-
-    # a pretrained trunk's weights are read (or refused) before any image
     if config.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}")
-    backbone_state = None
-    if config.backbone_weights:
-        if config.backbone != "mobilenet_v2":
-            raise ValueError("--backbone-weights needs --backbone mobilenet_v2")
-        backbone_state = read_torch_state_dict(config.backbone_weights)
-        log(f"encoder trunk: MobileNetV2 blocks 1-{config.trunk_blocks} from {config.backbone_weights}")
+    if not config.backbone_weights:
+        return None
+    if config.backbone != "mobilenet_v2":
+        raise ValueError("--backbone-weights needs --backbone mobilenet_v2")
+    state = read_torch_state_dict(config.backbone_weights)
+    log(f"encoder trunk: MobileNetV2 blocks 1-{config.trunk_blocks} from {config.backbone_weights}")
+    return state
 
-    # ---- data: every image through load_image + to_model_input (the device's path)
-    catalog = open_catalog(config.catalog)
+
+# -- what a run learns from ---------------------------------------------------------------
+@dataclass
+class TrainingData:
+    """The catalogue's split and every training image, cached through ``load_image`` and the
+    device's ``to_model_input`` (the augmenter's sources a little larger, for its crops)."""
+
+    catalog: Catalog
+    held_out: set[str]
+    """Products left out of training (``--holdout-fold``)."""
+    train_ids: list[str]
+    pseudo_eligible: np.ndarray
+    """Per trained product: whether it gets made-up variants (``--pseudo-kinds``)."""
+    originals_ref: np.ndarray
+    """Every original, exactly the input the device embeds as its reference."""
+    originals_big: np.ndarray
+    """The trained products' originals at the cache size, and their object masks."""
+    masks: np.ndarray
+    photos: list[LabelledPhoto]
+    photo_images: np.ndarray
+    photo_labels: np.ndarray
+    """Each training photo's product, as an index into ``train_ids``."""
+
+    @property
+    def ids(self) -> list[str]:
+        return self.catalog.ids
+
+    @property
+    def originals_clean(self) -> np.ndarray:
+        """The trained products' reference inputs, in ``train_ids`` order."""
+        ref_index = {pid: i for i, pid in enumerate(self.ids)}
+        return self.originals_ref[[ref_index[p] for p in self.train_ids]]
+
+    @property
+    def photos_of(self) -> list[np.ndarray]:
+        """For each trained product, the indices of its training photos."""
+        return [np.flatnonzero(self.photo_labels == c) for c in range(len(self.train_ids))]
+
+
+@dataclass
+class ValidationSet:
+    """Val photos embedded as the device does (the spec's views, pooled), or augmented
+    originals when there are none."""
+
+    images: np.ndarray
+    views: int
+    labels: np.ndarray
+    """Each query's product, as an index into the catalogue's ids."""
+    seen: np.ndarray
+    """Whether each query's product was trained on."""
+    source: str
+
+
+def _choose_products(config: TrainConfig, catalog: Catalog) -> tuple[set[str], list[str], np.ndarray]:
+    """(held-out ids, trained ids, which trained products get made-up variants), refused
+    before any image is read when nothing could train."""
     ids = catalog.ids
     held_out = holdout_products(ids, config.holdout_fold)
     train_ids = [p for p in ids if p not in held_out]
@@ -299,95 +323,140 @@ def train(config: TrainConfig) -> TrainResult:
         raise CatalogError(f"{len(train_ids)} product(s) to train on"
                            + (f" ({len(held_out)} held out)" if held_out else "")
                            + ": the encoder learns by telling products apart, so it needs at least 2")
-    # made-up twins go to the products of the chosen kinds: refused before any image is read
-    pseudo_kinds = {k.casefold() for k in config.pseudo_kinds}
-    pseudo_eligible = np.array([not pseudo_kinds or catalog.get(p).kind.casefold() in pseudo_kinds
-                                for p in train_ids])
-    if config.pseudo_products and not pseudo_eligible.any():
+    kinds = {k.casefold() for k in config.pseudo_kinds}
+    eligible = np.array([not kinds or catalog.get(p).kind.casefold() in kinds for p in train_ids])
+    if config.pseudo_products and not eligible.any():
         raise CatalogError(f"--pseudo-kinds {', '.join(config.pseudo_kinds)}: no trained product "
                            "is of these kinds")
-    ref_index = {pid: i for i, pid in enumerate(ids)}
-    train_index = {pid: i for i, pid in enumerate(train_ids)}
-    csize = cache_size(config.input_size, config.cache_scale)
+    return held_out, train_ids, eligible
 
+
+def _training_photos(config: TrainConfig, catalog: Catalog, train_ids: list[str]) -> list[LabelledPhoto]:
+    """The labelled photos of trained products, at most ``max_photos_per_product`` each."""
+    if not config.photos:
+        return []
+    trained = set(train_ids)
+    photos = [p for p in _filter_photos(read_labelled_photos(config.photos), catalog, config.photos)
+              if p.product_id in trained]
+    if not config.max_photos_per_product:
+        return photos
+    kept: dict[str, int] = {}
+    capped = []
+    for p in photos:
+        if kept.get(p.product_id, 0) < config.max_photos_per_product:
+            kept[p.product_id] = kept.get(p.product_id, 0) + 1
+            capped.append(p)
+    return capped
+
+
+def load_training_data(config: TrainConfig, spec: PreprocessSpec, log) -> TrainingData:
+    """Split the catalogue and cache every original and training photo."""
+    from auditlens.training.augment import cache_size, object_mask
+
+    catalog = open_catalog(config.catalog)
+    held_out, train_ids, eligible = _choose_products(config, catalog)
+    csize = cache_size(config.input_size, config.cache_scale)
     log(f"caching {len(catalog)} originals ...")
     originals_ref = _load_stack([p.image for p in catalog], spec, None, "original")  # exact input
     originals_big = _load_stack([catalog.get(p).image for p in train_ids], spec, csize, "original")
-    originals_clean = originals_ref[[ref_index[p] for p in train_ids]]
     masks = np.stack([object_mask(img) for img in originals_big])[..., None]
-
-    photos: list[LabelledPhoto] = []
-    if config.photos:
-        photos = _filter_photos(read_labelled_photos(config.photos), catalog, config.photos)
-        photos = [p for p in photos if p.product_id in train_index]
-        if config.max_photos_per_product:
-            kept: dict[str, int] = {}
-            capped = []
-            for p in photos:
-                if kept.get(p.product_id, 0) < config.max_photos_per_product:
-                    kept[p.product_id] = kept.get(p.product_id, 0) + 1
-                    capped.append(p)
-            photos = capped
+    photos = _training_photos(config, catalog, train_ids)
     log(f"caching {len(photos)} training photos ...")
     photo_images = _load_stack([p.photo for p in photos], spec, csize, "training photo")
+    train_index = {pid: i for i, pid in enumerate(train_ids)}
     photo_labels = np.array([train_index[p.product_id] for p in photos], np.int64)
-    photos_of = [np.flatnonzero(photo_labels == c) for c in range(len(train_ids))]
+    return TrainingData(catalog, held_out, train_ids, eligible, originals_ref, originals_big, masks,
+                        photos, photo_images, photo_labels)
 
-    # distillation targets: the teacher's feature of each clean original and photo
-    teacher = load_teacher_features(config.teacher_features) if config.teacher_features else None
-    if teacher is not None:
-        t_orig = teacher.lookup([catalog.get(p).image for p in train_ids], "original")
-        t_photo = teacher.lookup([p.photo for p in photos], "training photo")
-        t_mean = np.concatenate([t_orig, t_photo]).mean(axis=0)
-        t_orig, t_photo = centred_targets(t_orig, t_mean), centred_targets(t_photo, t_mean)
-        log(f"distilling {teacher.dim}-d teacher features from {teacher.source}")
 
-    # validation: val photos, or (catalogue only) fixed augmented originals
-    backgrounds = photo_images if len(photo_images) else originals_big
-    switches = AugmentSwitches.from_config(config)
-    augmenter = CaptureAugmenter(config.input_size, backgrounds, switches, seed=config.seed)
+def _teacher_targets(config: TrainConfig, data: TrainingData, log):
+    """(teacher, its centred feature of each trained original, of each training photo) for
+    ``--teacher-features``, or None."""
+    if not config.teacher_features:
+        return None
+    from auditlens.training.teacher import centred_targets, load_teacher_features
+
+    teacher = load_teacher_features(config.teacher_features)
+    t_orig = teacher.lookup([data.catalog.get(p).image for p in data.train_ids], "original")
+    t_photo = teacher.lookup([p.photo for p in data.photos], "training photo")
+    t_mean = np.concatenate([t_orig, t_photo]).mean(axis=0)
+    log(f"distilling {teacher.dim}-d teacher features from {teacher.source}")
+    return teacher, centred_targets(t_orig, t_mean), centred_targets(t_photo, t_mean)
+
+
+def load_validation(config: TrainConfig, data: TrainingData, spec: PreprocessSpec,
+                    backgrounds: np.ndarray, log) -> ValidationSet:
+    """The val photos (``--val-photos``), or four fixed augmented views of every original."""
+    ref_index = {pid: i for i, pid in enumerate(data.ids)}
     if config.val_photos:
-        val = _filter_photos(read_labelled_photos(config.val_photos), catalog, config.val_photos)
+        val = _filter_photos(read_labelled_photos(config.val_photos), data.catalog, config.val_photos)
         if not val:
             raise CatalogError(f"{config.val_photos}: no validation photo of a catalogue product")
-        if all(p.product_id in held_out for p in val):  # refused before any photo is decoded
+        if all(p.product_id in data.held_out for p in val):  # refused before any photo is decoded
             raise CatalogError(f"{config.val_photos}: no validation photo shows a trained product (all "
                                f"{len(val)} are of held-out products); checkpoints are chosen on trained "
                                "products, so add photos of some of them")
         log(f"caching {len(val)} validation photos ...")
-        # Each val photo as the device embeds it: the spec's views (zooms, mirrors), pooled.
-        val_images = _load_stack([p.photo for p in val], spec, None, "validation photo", views=True)
-        val_views = spec.num_views
-        val_labels = np.array([ref_index[p.product_id] for p in val], np.int64)
-        val_source = config.val_photos
+        images = _load_stack([p.photo for p in val], spec, None, "validation photo", views=True)
+        labels = np.array([ref_index[p.product_id] for p in val], np.int64)
+        views, source = spec.num_views, config.val_photos
     else:
+        import tensorflow as tf
+
+        from auditlens.training.augment import (
+            AugmentSwitches,
+            CaptureAugmenter,
+            cache_size,
+            object_mask,
+        )
+
         val_aug = CaptureAugmenter(config.input_size, backgrounds, AugmentSwitches(), seed=config.seed + 999)
-        all_big = _load_stack([p.image for p in catalog], spec, csize, "original")
+        csize = cache_size(config.input_size, config.cache_scale)
+        all_big = _load_stack([p.image for p in data.catalog], spec, csize, "original")
         all_masks = np.stack([object_mask(img) for img in all_big])[..., None]
         reps, chunk = 4, 64  # augmented in chunks: one batch of every view would take GBs
         rep_big, rep_masks = np.repeat(all_big, reps, 0), np.repeat(all_masks, reps, 0)
-        val_images = np.concatenate([
+        images = np.concatenate([
             val_aug.originals(tf.constant(rep_big[i:i + chunk]), tf.constant(rep_masks[i:i + chunk]))
             .numpy().astype(np.uint8) for i in range(0, len(rep_big), chunk)])
-        del rep_big, rep_masks
-        val_labels = np.repeat(np.arange(len(ids)), reps)
-        val_views = 1
-        val_source = "augmented originals (no --val-photos)"
-    val_seen = np.array([ids[c] not in held_out for c in val_labels], bool)
-    groups = np.array([p.group or p.product_id for p in catalog])
-    t_data = time.perf_counter() - t_start
+        labels = np.repeat(np.arange(len(data.ids)), reps)
+        views, source = 1, "augmented originals (no --val-photos)"
+    seen = np.array([data.ids[c] not in data.held_out for c in labels], bool)
+    return ValidationSet(images, views, labels, seen, source)
 
-    # ---- model
-    mspec = ModelSpec(
-        input_size=config.input_size, latent_dim=config.latent_dim, width=config.width,
-        head_channels=config.head_channels, recon_size=config.recon_size,
-        backbone=config.backbone, trunk_blocks=config.trunk_blocks,
-    )
+
+# -- the networks and one optimizer step ------------------------------------------------------
+@dataclass
+class _Networks:
+    """The encoder and the training-only parts around it, with their optimizers: the
+    pretrained trunk (``trunk``) learns at ``--backbone-lr-scale`` of the rest's rate."""
+
+    encoder: object
+    decoder: object
+    autoencoder: object
+    head: object
+    projection: object | None
+    """Latent -> the teacher's feature space (``--teacher-features`` only)."""
+    optimizer: object
+    trunk_optimizer: object
+    trainable: list
+    trunk: list
+
+    def set_learning_rate(self, lr: float, trunk_scale: float) -> None:
+        self.optimizer.learning_rate.assign(lr)
+        self.trunk_optimizer.learning_rate.assign(lr * trunk_scale)
+
+
+def _build_networks(config: TrainConfig, mspec, backbone_state: dict | None, n_classes: int,
+                    teacher_dim: int | None) -> _Networks:
+    import keras
+
+    from auditlens.training.losses import CosFaceHead
+    from auditlens.training.model import build_autoencoder, build_decoder, build_encoder
+
     encoder = build_encoder(mspec, backbone_state)
     decoder = build_decoder(mspec)
     autoencoder = build_autoencoder(encoder, decoder)
-    variants = pseudo_variants(config.pseudo_products)
-    n_classes = len(train_ids) * len(variants)
     head = CosFaceHead(n_classes, name="cosface")
     head.build((None, config.latent_dim))
     optimizer = keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
@@ -399,29 +468,51 @@ def train(config: TrainConfig) -> TrainResult:
                                              weight_decay=config.weight_decay)
     trainable = ([w for w in encoder.trainable_weights if id(w) not in trunk_ids]
                  + decoder.trainable_weights + head.trainable_weights)
-    if teacher is not None:  # training-only head: latent -> the teacher's feature space
-        projection = keras.layers.Dense(teacher.dim, use_bias=False, name="distill")
+    projection = None
+    if teacher_dim:
+        projection = keras.layers.Dense(teacher_dim, use_bias=False, name="distill")
         projection.build((None, config.latent_dim))
         trainable += projection.trainable_weights
-        t_orig_t = tf.constant(t_orig)
-        t_photo_t = tf.constant(t_photo if len(t_photo) else np.zeros((1, teacher.dim), np.float32))
     optimizer.build(trainable)
     if trunk:
         trunk_optimizer.build(trunk)
+    return _Networks(encoder, decoder, autoencoder, head, projection, optimizer, trunk_optimizer,
+                     trainable, trunk)
 
-    orig_big_t = tf.constant(originals_big)
-    masks_t = tf.constant(masks)
-    clean_t = tf.constant(originals_clean)
+
+def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, augmenter,
+                     variants: list, teacher_targets, average):
+    """The compiled step on one batch, given as indices (clean originals, augmented originals,
+    photos, each image's made-up variant): the weighted losses, clipped gradients, both
+    optimizers and the weight average. Returns the loss terms."""
+    import tensorflow as tf
+
+    from auditlens.training.augment import cache_size, variant_images
+    from auditlens.training.losses import (
+        cosface_loss,
+        distill_loss,
+        reconstruction_loss,
+        supcon_loss,
+    )
+
+    encoder, decoder, head, projection = nets.encoder, nets.decoder, nets.head, nets.projection
+    n_train = len(data.train_ids)
+    csize = cache_size(config.input_size, config.cache_scale)
+    orig_big_t = tf.constant(data.originals_big)
+    masks_t = tf.constant(data.masks)
+    clean_t = tf.constant(data.originals_clean)
     recon_t = tf.image.resize(tf.cast(clean_t, tf.float32) / 255.0, [config.recon_size] * 2, antialias=True)
-    photos_t = tf.constant(photo_images if len(photo_images) else np.zeros((1, csize, csize, 3), np.uint8))
-    photo_labels_t = tf.constant(photo_labels.astype(np.int32) if len(photo_labels) else np.zeros(1, np.int32))
+    has_photos = len(data.photo_images) > 0
+    photos_t = tf.constant(data.photo_images if has_photos else np.zeros((1, csize, csize, 3), np.uint8))
+    photo_labels_t = tf.constant(data.photo_labels.astype(np.int32) if has_photos else np.zeros(1, np.int32))
+    if teacher_targets is not None:
+        teacher, t_orig, t_photo = teacher_targets
+        t_orig_t = tf.constant(t_orig)
+        t_photo_t = tf.constant(t_photo if len(t_photo) else np.zeros((1, teacher.dim), np.float32))
     weights = (config.metric_weight, config.class_weight, config.recon_weight)
-
-    # Validation, checkpoints and the shipped encoder use the weights' moving average.
-    average = WeightAverage(encoder.weights, config.ema_decay)
-
-    idx_spec = tf.TensorSpec([None], tf.int32)
+    params = nets.trainable + nets.trunk
     as_variant = variant_images(variants)
+    idx_spec = tf.TensorSpec([None], tf.int32)
 
     @tf.function(input_signature=[idx_spec, idx_spec, idx_spec, idx_spec])
     def train_step(clean_idx, aug_idx, photo_idx, variant):
@@ -430,7 +521,7 @@ def train(config: TrainConfig) -> TrainResult:
         photo = augmenter.photos(tf.gather(photos_t, photo_idx))
         products = tf.concat([clean_idx, aug_idx, tf.gather(photo_labels_t, photo_idx)], 0)
         images = as_variant(tf.concat([clean, aug, photo], 0), variant)
-        labels = products + len(train_ids) * variant
+        labels = products + n_train * variant
         target = as_variant(tf.gather(recon_t, products), variant)
         with tf.GradientTape() as tape:
             latents = encoder(images, training=True)
@@ -439,57 +530,42 @@ def train(config: TrainConfig) -> TrainResult:
             recon = decoder(latents, training=True)
             l_recon = reconstruction_loss(recon, target)
             total = weights[0] * l_metric + weights[1] * l_class + weights[2] * l_recon
-            if teacher is not None:
+            if teacher_targets is not None:
                 aim = tf.concat([tf.gather(t_orig_t, clean_idx), tf.gather(t_orig_t, aug_idx),
-                               tf.gather(t_photo_t, photo_idx)], 0)
+                                 tf.gather(t_photo_t, photo_idx)], 0)
                 real = tf.equal(variant, 0)  # made-up products have no teacher feature
                 l_distill = distill_loss(projection(latents), aim, real)
                 total += config.distill_weight * l_distill
             else:
                 l_distill = tf.constant(0.0)
             # BatchNorm has no regularisers here; AdamW's decay handles the weights.
-        grads = tape.gradient(total, trainable + trunk)
-        grads = [tf.zeros_like(w) if g is None else g for g, w in zip(grads, trainable + trunk)]
+        grads = tape.gradient(total, params)
+        grads = [tf.zeros_like(w) if g is None else g for g, w in zip(grads, params)]
         grads, _ = tf.clip_by_global_norm(grads, 5.0)
-        optimizer.apply_gradients(zip(grads[:len(trainable)], trainable))
-        if trunk:
-            trunk_optimizer.apply_gradients(zip(grads[len(trainable):], trunk))
+        nets.optimizer.apply_gradients(zip(grads[:len(nets.trainable)], nets.trainable))
+        if nets.trunk:
+            nets.trunk_optimizer.apply_gradients(zip(grads[len(nets.trainable):], nets.trunk))
         average.update()
         return total, l_metric, l_class, l_recon, l_distill
 
-    @tf.function(input_signature=[tf.TensorSpec([None, config.input_size, config.input_size, 3], tf.float32)])
-    def embed_fn(x):
-        return encoder(x, training=False)
+    return train_step
 
-    def embed(images: np.ndarray) -> np.ndarray:
-        return np.concatenate([
-            embed_fn(tf.constant(images[i : i + EVAL_BATCH], tf.float32)).numpy()
-            for i in range(0, len(images), EVAL_BATCH)
-        ]) if len(images) else np.zeros((0, config.latent_dim), np.float32)
 
-    def evaluate() -> dict:
-        refs = embed(originals_ref)
-        q = pool_views(l2_normalize(embed(val_images)), val_views)
-        result = {"all": verification_metrics(q, val_labels, refs, groups)}
-        if held_out:
-            result["seen"] = verification_metrics(q[val_seen], val_labels[val_seen], refs, groups)
-            result["unseen"] = verification_metrics(q[~val_seen], val_labels[~val_seen], refs, groups)
-        else:
-            result["seen"] = result["all"]
-        return result
-
-    P = min(config.products_per_batch, len(train_ids))
+def _batch_sampler(config: TrainConfig, data: TrainingData, rng: np.random.Generator):
+    """A function drawing one batch's indices for the train step: P products x K views each,
+    the clean original, photos where the product has them, augmented originals for the rest."""
+    P = min(config.products_per_batch, len(data.train_ids))
     K = max(config.views_per_product, 2)
-
-    train_groups = [catalog.get(p).group or p for p in train_ids]
+    train_groups = [data.catalog.get(p).group or p for p in data.train_ids]
     mates_of = group_mates(train_groups)
+    photos_of = data.photos_of
 
     def sample_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Indices of the clean originals, augmented originals and photos of one batch, and
         the made-up variant of every image (in that order)."""
         chosen = sample_products(rng, mates_of, P, config.group_pairs)
         chosen_variant = sample_variants(rng, train_groups, chosen, config.pseudo_products,
-                                         eligible=pseudo_eligible)
+                                         eligible=data.pseudo_eligible)
         aug, pho, aug_var, pho_var = [], [], [], []
         for c, v in zip(chosen, chosen_variant):
             have = photos_of[c]
@@ -502,17 +578,80 @@ def train(config: TrainConfig) -> TrainResult:
         variant = np.concatenate([chosen_variant, aug_var, pho_var]).astype(np.int32)
         return (chosen.astype(np.int32), np.asarray(aug, np.int32), np.asarray(pho, np.int32), variant)
 
-    # ---- augmentation preview
-    preview = rng.choice(len(train_ids), size=min(6, len(train_ids)), replace=False)
-    save_augment_grid(
-        augmenter, originals_big[preview], masks[preview], out / "augment_grid.png",
-        clean=originals_clean[preview], photos=photo_images[: 16] if len(photo_images) else None,
-    )
+    return sample_batch
 
-    # ---- loop
+
+def _evaluator(config: TrainConfig, encoder, data: TrainingData, val: ValidationSet):
+    """A function measuring the encoder as it is now on the validation set: ``{"all", "seen"
+    [, "unseen"]}`` of :func:`verification_metrics`, against every original."""
+    import tensorflow as tf
+
+    groups = np.array([p.group or p.product_id for p in data.catalog])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, config.input_size, config.input_size, 3], tf.float32)])
+    def embed_fn(x):
+        return encoder(x, training=False)
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        return np.concatenate([
+            embed_fn(tf.constant(images[i : i + EVAL_BATCH], tf.float32)).numpy()
+            for i in range(0, len(images), EVAL_BATCH)
+        ]) if len(images) else np.zeros((0, config.latent_dim), np.float32)
+
+    def evaluate() -> dict:
+        refs = embed(data.originals_ref)
+        q = pool_views(l2_normalize(embed(val.images)), val.views)
+        result = {"all": verification_metrics(q, val.labels, refs, groups)}
+        if data.held_out:
+            result["seen"] = verification_metrics(q[val.seen], val.labels[val.seen], refs, groups)
+            result["unseen"] = verification_metrics(q[~val.seen], val.labels[~val.seen], refs, groups)
+        else:
+            result["seen"] = result["all"]
+        return result
+
+    return evaluate
+
+
+def scheduled_learning_rate(config: TrainConfig, step: int, elapsed: float) -> float:
+    """The rate of optimizer step ``step`` (0-based), ``elapsed`` training seconds in: a
+    linear warm-up, then cosine decay over the epochs or the ``minutes`` budget, whichever
+    ends first, floored at 1% of the peak."""
+    planned = config.epochs * config.steps_per_epoch
+    warmup = min(200, planned // 10 + 1)
     budget = config.minutes * 60.0 if config.minutes else None
-    planned_steps = config.epochs * config.steps_per_epoch
-    warmup = min(200, planned_steps // 10 + 1)
+    frac = max(elapsed / budget, step / planned) if budget else step / planned
+    lr = config.learning_rate * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    return max(lr, config.learning_rate * 0.01)
+
+
+# -- the run ---------------------------------------------------------------------------------
+LOSS_NAMES = ("total", "supcon", "cosface", "recon", "distill")
+"""The train step's loss terms, in its order (distill is 0 without a teacher)."""
+
+
+@dataclass
+class _Fit:
+    """What the epochs loop leaves: per-epoch records, the kept epoch and the clock."""
+
+    history: list[dict]
+    best_epoch: int
+    best_path: Path
+    steps: int
+    train_wall: float
+    eval_seconds: float
+
+
+def _fit(config: TrainConfig, nets: _Networks, train_step, sample_batch, evaluate, average,
+         out: Path, log, distilling: bool) -> _Fit:
+    """Run the epochs: steps with the scheduled rate, then a validation of the weight
+    average, its checkpoints, and one log line per epoch."""
+    import tensorflow as tf
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    names = LOSS_NAMES if distilling else LOSS_NAMES[:-1]
     history: list[dict] = []
     best = {"eer": math.inf, "top1": -1.0, "epoch": 0}
     best_path = out / "checkpoints" / "best.weights.h5"
@@ -520,29 +659,15 @@ def train(config: TrainConfig) -> TrainResult:
     t_train = time.perf_counter()
     t_eval_total = 0.0
     stop = False
-    log(f"training on {len(train_ids)} products ({len(held_out)} held out)"
-        + (f" x {len(variants)} variants" + (f" ({', '.join(config.pseudo_kinds)} only)" if config.pseudo_kinds else "")
-           if len(variants) > 1 else "") + f", {len(photos)} photos; "
-        f"budget {f'{config.minutes:.1f} min' if config.minutes else f'{config.epochs} epochs'}")
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    loss_names = ("total", "supcon", "cosface", "recon") + (("distill",) if teacher is not None else ())
     for epoch in range(1, config.epochs + 1):
-        sums = np.zeros(5)  # train_step returns all five terms (distill 0 without a teacher)
+        sums = np.zeros(len(LOSS_NAMES))
         n = 0
         bar = tqdm(total=config.steps_per_epoch, desc=f"epoch {epoch}", disable=not config.progress,
                    leave=False, file=sys.stderr) if tqdm else None
         t_epoch = time.perf_counter()
         for _ in range(config.steps_per_epoch):
-            elapsed = time.perf_counter() - t_train - t_eval_total
-            # the schedule ends with whichever comes first, the budget or the epochs
-            frac = max(elapsed / budget, step / planned_steps) if budget else step / planned_steps
-            lr = config.learning_rate * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-            lr = max(lr, config.learning_rate * 0.01)  # the floor: the rate used and reported
-            optimizer.learning_rate.assign(lr)
-            trunk_optimizer.learning_rate.assign(lr * config.backbone_lr_scale)
+            lr = scheduled_learning_rate(config, step, time.perf_counter() - t_train - t_eval_total)
+            nets.set_learning_rate(lr, config.backbone_lr_scale)
             losses = [float(v) for v in train_step(*(tf.constant(a) for a in sample_batch()))]
             if not np.isfinite(losses[0]):
                 raise FloatingPointError(f"loss became {losses[0]} at step {step}; lower --lr")
@@ -552,7 +677,8 @@ def train(config: TrainConfig) -> TrainResult:
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[0]:.3f}", lr=f"{lr:.1e}")
-            if budget and time.perf_counter() - t_train - t_eval_total >= budget:
+            # the schedule ends with whichever comes first, the budget or the epochs
+            if config.minutes and time.perf_counter() - t_train - t_eval_total >= config.minutes * 60.0:
                 stop = True
                 break
         if bar:
@@ -568,65 +694,122 @@ def train(config: TrainConfig) -> TrainResult:
                 better = seen["eer"] < best["eer"] or (seen["eer"] == best["eer"] and seen["top1"] > best["top1"])
             if better:
                 best = {"eer": seen["eer"], "top1": seen["top1"], "epoch": epoch}
-                autoencoder.save_weights(best_path)
+                nets.autoencoder.save_weights(best_path)
             if config.keep_epochs:
-                encoder.save(out / "checkpoints" / f"encoder_epoch_{epoch:03d}.keras")
-        autoencoder.save_weights(out / "checkpoints" / "last.weights.h5")
+                nets.encoder.save(out / "checkpoints" / f"encoder_epoch_{epoch:03d}.keras")
+        nets.autoencoder.save_weights(out / "checkpoints" / "last.weights.h5")
         t_eval_total += time.perf_counter() - t_eval
         mean = sums / max(n, 1)
-        record = {
+        history.append({
             "epoch": epoch, "steps": step, "train_seconds": round(train_seconds, 2), "lr": float(lr),
-            "loss": dict(zip(loss_names, mean)),  # train_step's order; distill only with a teacher
+            "loss": dict(zip(names, mean)),
             "val": metrics,
-        }
-        history.append(record)
+        })
         unseen = metrics.get("unseen")
         log(f"epoch {epoch} step {step}: loss {mean[0]:.3f} (supcon {mean[1]:.3f} cos {mean[2]:.3f} "
-            f"recon {mean[3]:.3f}" + (f" distill {mean[4]:.3f}" if teacher is not None else "")
+            f"recon {mean[3]:.3f}" + (f" distill {mean[4]:.3f}" if distilling else "")
             + f") | val seen EER {seen['eer']:.3f} top1 {seen['top1']:.3f}"
             + (f" | unseen EER {unseen['eer']:.3f} top1 {unseen['top1']:.3f}" if unseen and unseen.get('n') else "")
             + (" *" if better else ""))
         if stop or epoch == config.stop_epoch:
             break
-    train_wall = time.perf_counter() - t_train
+    return _Fit(history, best["epoch"], best_path, step, time.perf_counter() - t_train, t_eval_total)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train an encoder as ``config`` says and write its outputs to ``config.out_dir``."""
+    _check_config(config)
+    t_start = time.perf_counter()
+    _configure_tf(config)  # a missing [train] extra is named before anything is written
+    prepare_run_folder(Path(config.out_dir), overwrite=config.overwrite)
+    from auditlens.training.augment import (
+        AugmentSwitches,
+        CaptureAugmenter,
+        pseudo_variants,
+        save_augment_grid,
+    )
+    from auditlens.training.averaging import WeightAverage
+    from auditlens.training.model import ModelSpec
+
+    out = Path(config.out_dir)
+    spec = PreprocessSpec(input_size=config.input_size, crop=config.crop)
+    rng = np.random.default_rng(config.seed)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if config.progress else (lambda msg: None)
+
+    backbone_state = _read_backbone(config, log)
+    data = load_training_data(config, spec, log)
+    teacher_targets = _teacher_targets(config, data, log)
+    teacher = teacher_targets[0] if teacher_targets is not None else None
+    backgrounds = data.photo_images if len(data.photo_images) else data.originals_big
+    augmenter = CaptureAugmenter(config.input_size, backgrounds, AugmentSwitches.from_config(config),
+                                 seed=config.seed)
+    val = load_validation(config, data, spec, backgrounds, log)
+    t_data = time.perf_counter() - t_start
+
+    mspec = ModelSpec(
+        input_size=config.input_size, latent_dim=config.latent_dim, width=config.width,
+        head_channels=config.head_channels, recon_size=config.recon_size,
+        backbone=config.backbone, trunk_blocks=config.trunk_blocks,
+    )
+    variants = pseudo_variants(config.pseudo_products)
+    n_classes = len(data.train_ids) * len(variants)
+    nets = _build_networks(config, mspec, backbone_state, n_classes, teacher.dim if teacher else None)
+    # Validation, checkpoints and the shipped encoder use the weights' moving average.
+    average = WeightAverage(nets.encoder.weights, config.ema_decay)
+    train_step = _make_train_step(config, nets, data, augmenter, variants, teacher_targets, average)
+    evaluate = _evaluator(config, nets.encoder, data, val)
+    sample_batch = _batch_sampler(config, data, rng)
+
+    preview = rng.choice(len(data.train_ids), size=min(6, len(data.train_ids)), replace=False)
+    save_augment_grid(
+        augmenter, data.originals_big[preview], data.masks[preview], out / "augment_grid.png",
+        clean=data.originals_clean[preview],
+        photos=data.photo_images[: 16] if len(data.photo_images) else None,
+    )
+    log(f"training on {len(data.train_ids)} products ({len(data.held_out)} held out)"
+        + (f" x {len(variants)} variants" + (f" ({', '.join(config.pseudo_kinds)} only)" if config.pseudo_kinds else "")
+           if len(variants) > 1 else "") + f", {len(data.photos)} photos; "
+        f"budget {f'{config.minutes:.1f} min' if config.minutes else f'{config.epochs} epochs'}")
+    fit = _fit(config, nets, train_step, sample_batch, evaluate, average, out, log, teacher is not None)
 
     # ---- outputs: the best encoder, alone and with its decoder
-    autoencoder.load_weights(best_path)
+    nets.autoencoder.load_weights(fit.best_path)
     encoder_path = out / "encoder.keras"
     autoencoder_path = out / "autoencoder.keras"
-    encoder.save(encoder_path)
-    autoencoder.save(autoencoder_path)
+    nets.encoder.save(encoder_path)
+    nets.autoencoder.save(autoencoder_path)
     final = evaluate()
     seconds = time.perf_counter() - t_start
     report = {
         "config": config.to_dict(),
         "model": asdict(mspec),
         "preprocess": spec.to_dict(),
-        "encoder_params": int(encoder.count_params()),
+        "encoder_params": int(nets.encoder.count_params()),
         "data": {
-            "products": len(ids), "train_products": len(train_ids),
-            "held_out_products": sorted(held_out), "train_photos": len(photos),
+            "products": len(data.ids), "train_products": len(data.train_ids),
+            "held_out_products": sorted(data.held_out), "train_photos": len(data.photos),
             "train_classes": n_classes,
-            "val_queries": int(len(val_labels)), "val_views": val_views, "val_source": val_source,
-            "val_seen": int(val_seen.sum()), "val_unseen": int((~val_seen).sum()),
+            "val_queries": int(len(val.labels)), "val_views": val.views, "val_source": val.source,
+            "val_seen": int(val.seen.sum()), "val_unseen": int((~val.seen).sum()),
             "teacher": ({"features": teacher.source, "dim": teacher.dim} if teacher is not None else None),
         },
         "timings": {
             "total_seconds": round(seconds, 1), "data_seconds": round(t_data, 1),
-            "train_loop_seconds": round(train_wall, 1), "eval_seconds": round(t_eval_total, 1),
-            "steps": step, "seconds_per_step": round((train_wall - t_eval_total) / max(step, 1), 4),
+            "train_loop_seconds": round(fit.train_wall, 1), "eval_seconds": round(fit.eval_seconds, 1),
+            "steps": fit.steps,
+            "seconds_per_step": round((fit.train_wall - fit.eval_seconds) / max(fit.steps, 1), 4),
         },
-        "best_epoch": best["epoch"],
+        "best_epoch": fit.best_epoch,
         "checkpoint_choice": ("last epoch run (--stop-epoch)" if config.stop_epoch
                               else "lowest val EER on trained products"),
         "metrics": final,
-        "history": history,
+        "history": fit.history,
     }
     report_path = out / "report.json"
     report_path.write_text(json.dumps(report, indent=2, default=float))
-    plot_curves(history, out / "training_curves.png")
+    plot_curves(fit.history, out / "training_curves.png")
     return TrainResult(str(out), str(encoder_path), str(autoencoder_path), str(report_path),
-                       best["epoch"], final, seconds)
+                       fit.best_epoch, final, seconds)
 
 
 def plot_curves(history: list[dict], path: Path) -> Path | None:
