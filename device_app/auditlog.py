@@ -29,6 +29,7 @@ This module is part of the engine: numpy/Pillow/stdlib only, no TensorFlow, no K
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -459,6 +460,14 @@ class AuditLog:
                 self._db.execute("ROLLBACK")
                 raise
 
+    @contextlib.contextmanager
+    def _open_db(self) -> Iterator[sqlite3.Connection]:
+        """The connection, held under the lock; a closed log says so."""
+        with self._lock:
+            if self._db is None:
+                raise AuditLogError(f"{self.path}: the audit log is closed")
+            yield self._db
+
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
@@ -473,7 +482,8 @@ class AuditLog:
 
     @property
     def log_id(self) -> str:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'log_id'").fetchone()
+        with self._open_db() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'log_id'").fetchone()
         return row[0] if row else ""
 
     # -- writing -------------------------------------------------------------------
@@ -511,9 +521,7 @@ class AuditLog:
             "captured_sha256": hashlib.sha256(photo).hexdigest(),
             "verdict_json": verdict_json,
         }
-        with self._lock:
-            if self._db is None:
-                raise AuditLogError(f"{self.path}: the audit log is closed")
+        with self._open_db():
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -543,10 +551,8 @@ class AuditLog:
     def holds(self, verdict, photo: bytes) -> bool:
         """Whether this verdict of this photo is already in the log (a verdict carries the
         time it was judged, so a second capture of the same photo is a different one)."""
-        with self._lock:
-            if self._db is None:
-                raise AuditLogError(f"{self.path}: the audit log is closed")
-            row = self._db.execute(
+        with self._open_db() as db:
+            row = db.execute(
                 "SELECT 1 FROM records WHERE captured_sha256 = ? AND verdict_json = ? LIMIT 1",
                 (hashlib.sha256(bytes(photo)).hexdigest(), _verdict_json(_verdict_dict(verdict)))).fetchone()
         return row is not None
@@ -556,39 +562,56 @@ class AuditLog:
         return True
 
     def __len__(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+        with self._open_db() as db:
+            return int(db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
 
-    def iter_records(self, *, newest_first: bool = False) -> Iterator[AuditRecord]:
-        order = "DESC" if newest_first else "ASC"
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {', '.join(_LIST_COLUMNS)} FROM records ORDER BY id {order}").fetchall()
-        for row in rows:
-            yield AuditRecord(*row)
+    PAGE_ROWS = 500
+    """Records read per query while iterating: a long log is never held in memory whole."""
+
+    def iter_records(self, *, newest_first: bool = False, limit: int | None = None) -> Iterator[AuditRecord]:
+        """The records (without photo bytes) in the log when iteration starts, oldest first
+        unless ``newest_first``, at most ``limit``; read :attr:`PAGE_ROWS` at a time, each
+        page under the lock, so writers wait for one page, not for the whole reading."""
+        if limit is not None and int(limit) < 0:
+            raise ValueError(f"limit must be 0 or more, not {limit}")
+        columns = ", ".join(_LIST_COLUMNS)
+        with self._open_db() as db:
+            last = db.execute("SELECT MAX(id) FROM records").fetchone()[0]
+        if last is None:
+            return
+        left = None if limit is None else int(limit)
+        after = last + 1 if newest_first else 0  # the id the next page starts past
+        while left is None or left > 0:
+            size = self.PAGE_ROWS if left is None else min(self.PAGE_ROWS, left)
+            with self._open_db() as db:
+                rows = db.execute(
+                    f"SELECT {columns} FROM records WHERE id < ? ORDER BY id DESC LIMIT ?"
+                    if newest_first else
+                    f"SELECT {columns} FROM records WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                    (after, size) if newest_first else (after, last, size)).fetchall()
+            yield from (AuditRecord(*row) for row in rows)
+            if len(rows) < size:
+                return
+            after = rows[-1][0]
+            if left is not None:
+                left -= len(rows)
 
     def records(self, *, newest_first: bool = False, limit: int | None = None) -> list[AuditRecord]:
         """The records (without photo bytes), oldest first unless ``newest_first``."""
-        out = []
-        for record in self.iter_records(newest_first=newest_first):
-            if limit is not None and len(out) >= limit:
-                break
-            out.append(record)
-        return out
+        return list(self.iter_records(newest_first=newest_first, limit=limit))
 
     def record(self, record_id: int) -> AuditRecord:
-        with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(_LIST_COLUMNS)} FROM records WHERE id = ?",
-                                   (int(record_id),)).fetchone()
+        with self._open_db() as db:
+            row = db.execute(f"SELECT {', '.join(_LIST_COLUMNS)} FROM records WHERE id = ?",
+                             (int(record_id),)).fetchone()
         if row is None:
             raise AuditLogError(f"{self.path}: no record {record_id}")
         return AuditRecord(*row)
 
     def photo(self, record_id: int) -> bytes:
         """The stored photo of a record."""
-        with self._lock:
-            row = self._db.execute("SELECT photo FROM records WHERE id = ?",
-                                   (int(record_id),)).fetchone()
+        with self._open_db() as db:
+            row = db.execute("SELECT photo FROM records WHERE id = ?", (int(record_id),)).fetchone()
         if row is None:
             raise AuditLogError(f"{self.path}: no record {record_id}")
         return bytes(row[0])
@@ -611,7 +634,7 @@ class AuditLog:
         kept = {int(rid): str(digest).lower() for rid, digest in anchors if int(rid) > 0}
         start_id, start_hash = (0, GENESIS_HASH) if not since or int(since[0]) <= 0 else (
             int(since[0]), str(since[1]).lower())
-        with self._lock:
+        with self._open_db():
             if not start_id:
                 try:
                     check = self._db.execute("PRAGMA quick_check").fetchall()

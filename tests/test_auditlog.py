@@ -88,6 +88,47 @@ def test_append_records_and_chain(log_path):
     db.close()
 
 
+def test_a_long_log_is_read_a_page_at_a_time_and_a_limit_reads_no_more(log_path, monkeypatch):
+    """Showing the newest 20 of a year of records must not read the year: every query is
+    bounded by the page size or the limit, in either order, and a record appended while
+    the log is being read waits for the next reading."""
+    monkeypatch.setattr(AuditLog, "PAGE_ROWS", 3)
+    with AuditLog(log_path) as log:
+        for i in range(10):
+            log.append(make_verdict(i), photo=jpeg(colour=(i * 20, 10, 10)), auditor="A")
+        fetched = []
+        log._db.set_trace_callback(fetched.append)
+        assert [r.id for r in log.records()] == list(range(1, 11))
+        assert [r.id for r in log.records(newest_first=True)] == list(range(10, 0, -1))
+        assert [r.id for r in log.records(newest_first=True, limit=2)] == [10, 9]
+        assert [r.id for r in log.records(limit=7)] == list(range(1, 8))
+        assert log.records(limit=0) == []
+        pages = [q for q in fetched if q.startswith("SELECT id, created_utc")]
+        assert pages and all(q.rstrip().endswith(("LIMIT 3", "LIMIT 2", "LIMIT 1")) for q in pages)
+        assert len(pages) == 4 + 4 + 1 + 3  # 10 rows in pages of 3 (the last short), both ways
+        log._db.set_trace_callback(None)
+
+        reading = log.iter_records()
+        assert next(reading).id == 1
+        log.append(make_verdict(10), photo=jpeg(), auditor="A")  # not blocked by the reader
+        assert [r.id for r in reading] == list(range(2, 11))  # as the log was when reading began
+        with pytest.raises(ValueError, match="0 or more"):
+            log.records(limit=-1)
+
+
+def test_a_closed_log_says_so_whatever_is_asked_of_it(log_path, tmp_path):
+    log = AuditLog(log_path)
+    log.append(make_verdict(), photo=jpeg(), auditor="A")
+    log.close()
+    for ask in (len, lambda g: g.records(), lambda g: g.record(1), lambda g: g.photo(1),
+                lambda g: g.log_id, lambda g: g.verify_chain(),
+                lambda g: g.export_csv(tmp_path / "out.csv"),
+                lambda g: g.holds(make_verdict(), jpeg())):
+        with pytest.raises(AuditLogError, match="the audit log is closed"):
+            ask(log)
+    assert not (tmp_path / "out.csv").exists()
+
+
 def test_synchronous_full(log_path):
     with AuditLog(log_path) as log:
         assert log._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
