@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"auditlens: error: {args._missing}", file=sys.stderr)
         return EXIT_ERROR
     _, run = _resolve(COMMANDS[args._command][1])
+    from auditlens.device_app.interpreter import drop_runtime_notice
+
+    drop_runtime_notice()  # this process is ours: the runtime's notice is not a verdict's
     try:
         with warnings.catch_warnings():
             if not os.environ.get("AUDITLENS_DEBUG"):

@@ -102,8 +102,9 @@ def load_image(
             a pixel array (see :func:`image_from_array`).
         max_pixels: refuse images that declare more pixels than this, before decoding them.
         draft: for JPEGs, let the decoder skip detail down to at least this (width, height);
-            a 12 MP photo then decodes at 1/8 of the cost. The result is still at least as
-            large as ``draft`` in both sides.
+            a 12 MP photo then decodes at 1/8 of the cost. Other images are reduced by the
+            same power of two after decoding (:func:`draft_scale`). The result is still at
+            least as large as ``draft`` in both sides.
 
     Raises:
         UnreadableImageError: not an image, an unsupported format, or a corrupt stream.
@@ -180,8 +181,9 @@ def _decode(image: Image.Image, name: str, max_pixels: int, draft: tuple[int, in
             f"(each side needs at least {MIN_SIDE})"
         )
 
+    drafted = False
     if draft is not None and image.format in ("JPEG", "MPO"):
-        image.draft("RGB", draft)
+        drafted = image.draft("RGB", draft) is not None  # None: already decoded
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -199,7 +201,22 @@ def _decode(image: Image.Image, name: str, max_pixels: int, draft: tuple[int, in
         image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block must not cost the photo; keep pixels as stored
         pass
-    return to_rgb(image)
+    image = to_rgb(image)
+    if draft is not None and not drafted:
+        # Other containers, and images handed over decoded, are brought to the scale a
+        # JPEG's draft decode reaches (box averaging, as its DCT scaling nearly is), so one
+        # photo reaches the encoder alike as a JPEG file, a PNG, a PIL image or an array.
+        scale = draft_scale(image.size, draft)
+        if scale > 1:
+            image = image.reduce(scale)
+    return image
+
+
+def draft_scale(size: tuple[int, int], draft: tuple[int, int]) -> int:
+    """The reduction a JPEG decoder's draft mode makes of an image of ``size``: the largest
+    of 8, 4 and 2 that leaves both sides at least ``draft``, else 1."""
+    ratio = min(size[0] // draft[0], size[1] // draft[1])
+    return next((s for s in (8, 4, 2) if ratio >= s), 1)
 
 
 FLOAT_UNIT_MAX = 1.5

@@ -24,6 +24,17 @@ from auditlens.errors import ModelError
 
 _DELEGATE_NOTICE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
 _STDERR_LOCK = threading.Lock()
+_drop_notice = False
+
+
+def drop_runtime_notice(enabled: bool = True) -> None:
+    """Filter LiteRT's delegate notice out of stderr whenever an :class:`Encoder` is made
+    (:func:`without_delegate_notice`). Off by default: the filter points the process's
+    file descriptor 2 elsewhere for a moment, which a service's other threads and child
+    processes would feel. ``auditlens``'s command line and the field app, whose processes
+    are their own, turn it on."""
+    global _drop_notice
+    _drop_notice = bool(enabled)
 
 
 @contextlib.contextmanager
@@ -120,7 +131,7 @@ class Encoder:
             except OSError as exc:
                 raise ModelError(f"{self.path}: cannot read the model file: {exc}") from exc
         self.model_id = model_id_of(content)
-        with without_delegate_notice():
+        with without_delegate_notice() if _drop_notice else contextlib.nullcontext():
             self._interpreter = load_interpreter(content, self.options.num_threads)
             self._interpreter.allocate_tensors()
         self._lock = threading.Lock()

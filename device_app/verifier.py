@@ -28,9 +28,10 @@ from auditlens.device_app.imaging import (
     load_image,
 )
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
-from auditlens.device_app.preprocess import pool_views, to_photo_views
+from auditlens.device_app.preprocess import PreprocessSpec, pool_views, to_photo_views
 from auditlens.device_app.quality import Quality, QualityThresholds, assess
 from auditlens.errors import (
+    BundleSignatureError,
     ImageTooLargeError,
     ModelError,
     ModelMismatchError,
@@ -63,6 +64,29 @@ class VerifierOptions:
     """Refuse photos larger than this (decompression-bomb guard)."""
     max_file_bytes: int = 100 * 1024**2
     """Refuse photo files larger than this before reading them (100 MiB)."""
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would fail later or silently decide every photo the same
+        way (a threshold read as text from a service's environment, NaN, 1.5)."""
+        def whole(name: str, least: int, most: int | None = None) -> None:
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                    or value < least or (most is not None and value > most)):
+                span = f"{least} to {most}" if most is not None else f"at least {least}"
+                raise ValueError(f"VerifierOptions.{name} must be a whole number {span}, not {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy's integers reach LiteRT as int
+
+        whole("num_threads", 1)
+        whole("suggestions", 0)
+        whole("near_duplicate_bits", 0, 64)
+        whole("max_pixels", 1)
+        whole("max_file_bytes", 1)
+        if self.threshold is not None:
+            t = self.threshold
+            if isinstance(t, bool) or not isinstance(t, (int, float, np.number)) or not -1.0 <= t <= 1.0:
+                raise ValueError(f"VerifierOptions.threshold must be a cosine within -1..1 (or None for "
+                                 f"the bundle's calibrated one), not {t!r}")
+            object.__setattr__(self, "threshold", float(t))
 
 
 @dataclass(frozen=True)
@@ -134,6 +158,10 @@ class Capture:
     """The upright RGB photo (None when the caller asked not to keep it)."""
     latent: np.ndarray | None = None
     """Memoised unit latent, filled by :meth:`Verifier.embed`."""
+    model_id: str | None = None
+    """The model that computed ``latent``; another verifier's model embeds it again."""
+    spec: PreprocessSpec | None = None
+    """The preprocessing ``views`` were made with; another bundle's makes them again."""
 
     def release_pixels(self) -> None:
         """Forget the pixels once the latent is known; quality, dHash and latent stay."""
@@ -141,6 +169,20 @@ class Capture:
             raise ValueError("embed the capture before releasing its pixels")
         self.image = None
         self.views = None  # type: ignore[assignment]
+
+
+def _check_loaded_signature(bundle: ReferenceBundle, public_key: bytes | str) -> None:
+    """A bundle handed over already loaded was checked against ``public_key`` when it was
+    loaded, or it is refused: its signature is only read at load time."""
+    from auditlens.device_app.signing import fingerprint
+
+    wanted = fingerprint(public_key)
+    if bundle.signed_by != wanted:
+        how = (f"was checked against key {bundle.signed_by}" if bundle.signed_by
+               else "was loaded without checking its signature")
+        raise BundleSignatureError(
+            f"{bundle.path}: the bundle {how}, not against the publisher key {wanted}; load it "
+            "with ReferenceBundle.load(path, public_key=...) or pass its path")
 
 
 def _read_photo_file(path: Path, max_bytes: int) -> bytes:
@@ -156,23 +198,29 @@ def _read_photo_file(path: Path, max_bytes: int) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise UnreadableImageError(f"{path}: no such image file") from None
-    except OSError as exc:
-        raise UnreadableImageError(f"{path}: cannot read the file: {exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise UnreadableImageError(f"{path!s:.200}: cannot read the file: {exc}") from exc
 
 
 def _read_stream(stream, max_bytes: int) -> bytes:
     """Read a photo from a file-like object, refusing one longer than ``max_bytes``
     without reading more than one byte past it."""
+    name = getattr(stream, "name", "the photo stream")
     chunks, size = [], 0
     while size <= max_bytes:  # a raw stream (pipe, socket) returns what it has, not all
-        chunk = stream.read(max_bytes + 1 - size)
+        try:
+            chunk = stream.read(max_bytes + 1 - size)
+        except (OSError, ValueError) as exc:  # ValueError: a closed file
+            raise UnreadableImageError(f"{name}: cannot read the photo stream: {exc}") from exc
+        if isinstance(chunk, str):
+            raise UnreadableImageError(f"{name}: the stream gives text, not bytes; open the photo "
+                                       "in binary mode ('rb')")
         if not chunk:
             break
         chunks.append(chunk)
         size += len(chunk)
     data = b"".join(chunks)
     if len(data) > max_bytes:
-        name = getattr(stream, "name", "the photo stream")
         raise ImageTooLargeError(f"{name}: more than the {max_bytes:,} bytes a photo may have")
     return data
 
@@ -231,6 +279,8 @@ class Verifier:
         self.options = options or VerifierOptions()
         if not isinstance(bundle, ReferenceBundle):
             bundle = ReferenceBundle.load(bundle, public_key=public_key)
+        elif public_key is not None:
+            _check_loaded_signature(bundle, public_key)
         self.bundle = bundle
         content = bundle.model_content
         if model is not None:
@@ -280,31 +330,51 @@ class Verifier:
         the caller turned upright by hand must not carry the tag any more (turn it with
         ``PIL.ImageOps.exif_transpose``, which clears it, or pass the file's bytes).
         """
+        draft = self.spec.draft_size
         if isinstance(photo, np.ndarray):
             photo = image_from_array(photo)  # grey, RGB or RGBA; integer or 0..1 float
         if isinstance(photo, Image.Image):
-            image = load_image(photo, max_pixels=self.options.max_pixels)
+            # brought to the scale an encoded photo is decoded at (load_image's draft), so
+            # the same photo scores the same as a PIL image, an array, bytes or a file
+            image = load_image(photo, max_pixels=self.options.max_pixels, draft=draft)
             digest = hashlib.sha256(image.tobytes()).hexdigest()
         else:
             if isinstance(photo, (str, os.PathLike)):
                 data = _read_photo_file(Path(photo), self.options.max_file_bytes)
                 source = io.BytesIO(data)
                 source.name = str(photo)  # errors name the file
-            else:
-                data = bytes(photo) if isinstance(photo, (bytes, bytearray)) else _read_stream(
-                    photo, self.options.max_file_bytes)
+            elif isinstance(photo, (bytes, bytearray, memoryview)):
+                data = bytes(photo)
                 source = io.BytesIO(data)
-            image = load_image(source, max_pixels=self.options.max_pixels, draft=self.spec.draft_size)
+            elif callable(getattr(photo, "read", None)):
+                data = _read_stream(photo, self.options.max_file_bytes)
+                source = io.BytesIO(data)
+            else:
+                raise UnreadableImageError(
+                    f"cannot read a photo from {type(photo).__name__}; pass a path, the encoded "
+                    "bytes, a binary file object, a PIL image or a pixel array")
+            image = load_image(source, max_pixels=self.options.max_pixels, draft=draft)
             digest = hashlib.sha256(data).hexdigest()
         grey = image.convert("L")  # once for both checks: each would convert the image itself
         return Capture(to_photo_views(image, self.spec), digest,
                        assess(grey, self.options.quality), dhash(grey),
-                       image if keep_image else None)
+                       image if keep_image else None, spec=self.spec)
 
     def embed(self, capture: Capture) -> np.ndarray:
-        """The capture's unit latent (computed once per capture)."""
-        if capture.latent is None:
-            capture.latent = self.embed_views(capture.views)[0]
+        """The capture's unit latent (computed once per capture and model). A capture
+        prepared or embedded for another bundle (a second catalogue, a bundle replaced
+        while a service runs) is embedded again with this one's model and views; once its
+        pixels are released that is refused."""
+        if capture.latent is not None and capture.model_id == self.bundle.model_id and capture.spec == self.spec:
+            return capture.latent
+        if capture.spec != self.spec and capture.image is not None:
+            capture.views, capture.spec = to_photo_views(capture.image, self.spec), self.spec
+        if capture.views is None or capture.spec != self.spec:
+            raise ModelMismatchError(
+                f"this capture was prepared for model {capture.model_id or 'of another bundle'} and its "
+                f"pixels were released; prepare the photo again to score it with model {self.bundle.model_id}")
+        capture.latent = self.embed_views(capture.views)[0]
+        capture.model_id = self.bundle.model_id
         return capture.latent
 
     def embed_views(self, views: np.ndarray, batch_size: int | None = None) -> np.ndarray:

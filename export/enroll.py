@@ -155,7 +155,10 @@ def enroll(
         public_key_of(signing_key)
     options = options or EnrollOptions()
     model_path = Path(model) if model is not None else default_model_path()
-    content = model_path.read_bytes()
+    try:
+        content = model_path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{model_path}: cannot read the model file: {exc.strerror or exc}") from exc
     card = model_card(model_path)
     encoder = Encoder(content, EncoderOptions(num_threads=options.num_threads))
     try:

@@ -232,7 +232,7 @@ def test_an_unexpected_error_exits_2_not_1_which_means_no_match(tmp_path, monkey
     (["enroll", "CATALOG", "--out", "OUT", "--threshold", "1.5"], "lies in [-1, 1], not 1.5"),
     (["verify", "--product", "Banana", "--public-key", "MISSING", "PHOTO"], "MISSING: No such file"),
     (["info", "--public-key", "MISSING"], "MISSING: No such file"),
-    (["enroll", "CATALOG", "--out", "OUT", "--model", "MISSING"], "MISSING: No such file"),
+    (["enroll", "CATALOG", "--out", "OUT", "--model", "MISSING"], "MISSING: cannot read the model file: No such file"),
     (["export", "MISSING", "--representative", "CATALOG", "--out", "m.tflite", "--float16", "--float-ops", "2"],
      "--float-ops applies to the int8 export only"),
 ])
