@@ -202,14 +202,7 @@ def _decode(image: Image.Image, name: str, max_pixels: int, draft: tuple[int, in
     except Exception:  # a broken EXIF block must not cost the photo; keep pixels as stored
         pass
     image = to_rgb(image)
-    if draft is not None and not drafted:
-        # Other containers, and images handed over decoded, are brought to the scale a
-        # JPEG's draft decode reaches (box averaging, as its DCT scaling nearly is), so one
-        # photo reaches the encoder alike as a JPEG file, a PNG, a PIL image or an array.
-        scale = draft_scale(image.size, draft)
-        if scale > 1:
-            image = image.reduce(scale)
-    return image
+    return image if draft is None or drafted else reduce_like_draft(image, draft)
 
 
 def draft_scale(size: tuple[int, int], draft: tuple[int, int]) -> int:
@@ -217,6 +210,14 @@ def draft_scale(size: tuple[int, int], draft: tuple[int, int]) -> int:
     of 8, 4 and 2 that leaves both sides at least ``draft``, else 1."""
     ratio = min(size[0] // draft[0], size[1] // draft[1])
     return next((s for s in (8, 4, 2) if ratio >= s), 1)
+
+
+def reduce_like_draft(image: Image.Image, draft: tuple[int, int]) -> Image.Image:
+    """``image`` brought to the scale a JPEG's draft decode reaches (:func:`draft_scale`),
+    by box averaging, as the decoder's DCT scaling nearly is: other containers and pixels
+    handed over decoded then reach the encoder as a JPEG of the same photo does."""
+    scale = draft_scale(image.size, draft)
+    return image.reduce(scale) if scale > 1 else image
 
 
 FLOAT_UNIT_MAX = 1.5

@@ -26,6 +26,7 @@ from auditlens.device_app.imaging import (
     ImageSource,
     image_from_array,
     load_image,
+    reduce_like_draft,
 )
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
 from auditlens.device_app.preprocess import PreprocessSpec, pool_views, to_photo_views
@@ -334,10 +335,12 @@ class Verifier:
         if isinstance(photo, np.ndarray):
             photo = image_from_array(photo)  # grey, RGB or RGBA; integer or 0..1 float
         if isinstance(photo, Image.Image):
-            # brought to the scale an encoded photo is decoded at (load_image's draft), so
-            # the same photo scores the same as a PIL image, an array, bytes or a file
-            image = load_image(photo, max_pixels=self.options.max_pixels, draft=draft)
+            image = load_image(photo, max_pixels=self.options.max_pixels)
+            # the digest is of the pixels as handed over (the audit log takes a lossless
+            # encoding of them as this photo); the encoder sees them at the scale an encoded
+            # photo is decoded at, so a photo scores nearly alike in every form
             digest = hashlib.sha256(image.tobytes()).hexdigest()
+            image = reduce_like_draft(image, draft)
         else:
             if isinstance(photo, (str, os.PathLike)):
                 data = _read_photo_file(Path(photo), self.options.max_file_bytes)

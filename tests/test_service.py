@@ -63,7 +63,7 @@ def test_a_preloaded_bundle_is_held_to_the_publisher_key(tmp_path, shipped_model
     assert accepted.bundle.signed_by and len(accepted.bundle.products) == 10
 
 
-def test_one_photo_scores_alike_from_a_file_bytes_a_stream_and_a_pil_image(verifier, big_photo, tmp_path):
+def test_one_photo_scores_alike_from_a_file_bytes_a_stream_a_pil_image_and_an_array(verifier, big_photo, tmp_path):
     data, product_id = big_photo
     path = tmp_path / "photo.jpg"
     path.write_bytes(data)
@@ -72,20 +72,34 @@ def test_one_photo_scores_alike_from_a_file_bytes_a_stream_and_a_pil_image(verif
         "bytes": verifier.verify(data, product_id).score,
         "memoryview": verifier.verify(memoryview(data), product_id).score,
         "stream": verifier.verify(io.BytesIO(data), product_id).score,
-        "PIL (opened)": verifier.verify(Image.open(io.BytesIO(data)), product_id).score,
     }
     assert len(set(scores.values())) == 1, scores
-    # decoded pixels (an array, a loaded image) come to the same scale by box averaging,
-    # close to the JPEG decoder's own reduction but not bit for bit
+    # decoded pixels (a PIL image, an array) and a PNG come to the same scale by box
+    # averaging, close to the JPEG decoder's own reduction but not bit for bit
     decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    assert abs(verifier.verify(decoded, product_id).score - scores["bytes"]) < 0.05
     png = io.BytesIO()
     Image.fromarray(decoded).save(png, "PNG", compress_level=1)
-    assert abs(verifier.verify(png.getvalue(), product_id).score - scores["bytes"]) < 0.05
+    for other in (Image.open(io.BytesIO(data)), decoded, png.getvalue()):
+        assert abs(verifier.verify(other, product_id).score - scores["bytes"]) < 0.05
+
+
+def test_a_verdict_on_decoded_pixels_is_logged_with_a_lossless_copy_of_them(verifier, big_photo, tmp_path):
+    """The verdict's photo_sha256 is of the pixels as handed over, not of the reduced copy
+    the encoder saw: the audit log takes their PNG as the judged photo."""
+    from auditlens.device_app.auditlog import AuditLog
+
+    data, product_id = big_photo
+    frame = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[:1200, :1600]  # a camera frame
+    verdict = verifier.verify(frame, product_id)
+    png = io.BytesIO()
+    Image.fromarray(frame).save(png, "PNG", compress_level=1)
+    with AuditLog(tmp_path / "audit.db") as log:
+        log.append(verdict, photo=png.getvalue(), auditor="A")
+        assert log.verify_chain().records == 1
 
 
 def test_decoded_images_reach_the_encoder_at_the_scale_of_a_drafted_jpeg(verifier, big_photo):
-    from auditlens.device_app.imaging import draft_scale, load_image
+    from auditlens.device_app.imaging import draft_scale, load_image, reduce_like_draft
 
     data, _ = big_photo
     draft = verifier.spec.draft_size
@@ -93,6 +107,7 @@ def test_decoded_images_reach_the_encoder_at_the_scale_of_a_drafted_jpeg(verifie
     decoded = Image.open(io.BytesIO(data)).convert("RGB")
     decoded.load()
     assert from_jpeg.size == load_image(decoded, draft=draft).size == load_image(np.asarray(decoded), draft=draft).size
+    assert reduce_like_draft(decoded, draft).size == from_jpeg.size
     assert draft_scale(decoded.size, draft) == 8 and from_jpeg.size == (504, 378)
     assert load_image(decoded).size == (4032, 3024)  # no draft asked: full size
     assert draft_scale((511, 700), (256, 256)) == 1 and draft_scale((512, 700), (256, 256)) == 2
