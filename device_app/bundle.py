@@ -108,6 +108,14 @@ class ProductRecord:
         )
 
 
+def products_fingerprint(product_ids) -> dict:
+    """Which products a threshold was calibrated with: their count and the sha256 of their
+    sorted ids, one per line. A bundle of other products inherits the threshold but not
+    its measured false-accept rate."""
+    ids = sorted(product_ids)
+    return {"count": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -245,6 +253,16 @@ class ReferenceBundle:
     @property
     def decision(self) -> dict:
         return self.manifest["decision"]
+
+    @property
+    def far_measured(self) -> bool:
+        """Whether the decision's false-accept rates were measured on this bundle's products.
+        A threshold lent by a model card calibrated on another catalogue carries over; the
+        rates measured for it do not (a decision that does not say is taken at its word)."""
+        calibrated_on = self.decision.get("products")
+        if not isinstance(calibrated_on, dict) or "sha256" not in calibrated_on:
+            return True
+        return calibrated_on["sha256"] == products_fingerprint(p.product_id for p in self.products)["sha256"]
 
     def __post_init__(self) -> None:
         self._index = {p.product_id: i for i, p in enumerate(self.products)}

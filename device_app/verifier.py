@@ -306,7 +306,8 @@ class Verifier:
         self._check_probe()
         self.threshold = (self.options.threshold if self.options.threshold is not None
                           else bundle.threshold)
-        far_curve = bundle.decision.get("far_curve")
+        # a rate measured on another catalogue's products is not quoted for these
+        far_curve = bundle.decision.get("far_curve") if bundle.far_measured else None
         self._far_curve = np.asarray(far_curve, dtype=np.float64) if far_curve else None
 
     def _check_probe(self) -> None:

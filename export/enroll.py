@@ -249,7 +249,7 @@ def enroll(
         why = ("the model card's was calibrated against originals alone, and extra reference "
                "photos raise impostors' scores as well as genuine ones")
     if decision.get("target_far"):
-        from auditlens.evaluation.calibrate import products_fingerprint
+        from auditlens.device_app.bundle import products_fingerprint
 
         calibrated_on = decision.get("products") or {}
         if calibrated_on.get("sha256") != products_fingerprint(p.product_id for p in catalog)["sha256"]:

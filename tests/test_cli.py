@@ -43,12 +43,28 @@ def test_verify_json_and_exit_codes(sample_photos):
     assert "catalogue original" in copy.stdout
 
 
-def test_verdict_states_the_calibrated_false_accept_rate(sample_photos):
-    """A score above every calibration impostor is said to be so, not printed as a 0.00% rate."""
+def test_verdict_states_the_calibrated_false_accept_rate(sample_photos, tmp_path):
+    """A score above every calibration impostor is said to be so, not printed as a 0.00%
+    rate; a rate measured on another catalogue's products is not quoted at all."""
+    import shutil
+
     from auditlens.cli import _format_verdict
+    from auditlens.device_app.bundle import products_fingerprint
     from auditlens.device_app.verifier import Verifier, far_share
 
-    verifier = Verifier(REPO / "models" / "sample_bundle")
+    lent = Verifier(REPO / "models" / "sample_bundle")  # the card's threshold, from 61 other products
+    assert not lent.bundle.far_measured and lent.bundle.decision.get("far_curve")
+    for photo in sample_photos[:4]:
+        verdict = lent.verify(photo.photo, photo.product_id)
+        assert verdict.estimated_far is None and "false-accept" not in _format_verdict(verdict)
+
+    # the same curve, as if measured on these products
+    shutil.copytree(REPO / "models" / "sample_bundle", tmp_path / "b")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest["decision"]["products"] = products_fingerprint(p.product_id for p in lent.bundle.products)
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    verifier = Verifier(tmp_path / "b")
+    assert verifier.bundle.far_measured
     top = max(s for s, _ in verifier.bundle.decision["far_curve"])
     seen = set()
     for photo in sample_photos:
@@ -288,8 +304,7 @@ def test_a_missing_extra_is_named_before_any_work(tmp_path, blocked, args, extra
 
 def test_a_card_calibrated_on_another_catalogue_lends_its_threshold_with_a_warning(tmp_path):
     from auditlens.catalog import open_catalog
-    from auditlens.device_app.bundle import ReferenceBundle
-    from auditlens.evaluation.calibrate import products_fingerprint
+    from auditlens.device_app.bundle import ReferenceBundle, products_fingerprint
 
     catalog = open_catalog(SAMPLE / "catalog.csv")
     model = tmp_path / "encoder.tflite"

@@ -189,7 +189,7 @@ def calibrate(
     is checked before anything is embedded or written, and a bundle with reference photos
     is refused.
     """
-    from auditlens.device_app.bundle import ReferenceBundle, check_replaceable
+    from auditlens.device_app.bundle import ReferenceBundle, check_replaceable, products_fingerprint
     from auditlens.device_app.signing import public_key_of
     from auditlens.device_app.verifier import Verifier, VerifierOptions
 
@@ -323,16 +323,6 @@ def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str
 
 
 # -- CLI --------------------------------------------------------------------------------
-def products_fingerprint(product_ids) -> dict:
-    """Which products a threshold was calibrated with: their count and the sha256 of their
-    sorted ids, one per line. A bundle of other products inherits the threshold but not
-    its measured false-accept rate."""
-    import hashlib
-
-    ids = sorted(product_ids)
-    return {"count": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = (
