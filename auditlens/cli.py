@@ -119,6 +119,9 @@ def _add_enroll(p: argparse.ArgumentParser) -> None:
                    help="add the mirror image of each view (default: the model card's)")
     p.add_argument("--sign-key", type=Path, default=None, metavar="PRIVATE.pem",
                    help="Ed25519 private key (PEM) to sign the bundle")
+    p.add_argument("--drop-signature", action="store_true",
+                   help="replace a signed bundle at --out with an unsigned one (devices requiring "
+                   "signatures refuse it); without it, replacing one needs --sign-key")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -145,7 +148,7 @@ def _run_enroll(args) -> int:
                  options=EnrollOptions(threshold=args.threshold, progress=not args.no_progress,
                                        photo_zooms=args.photo_zooms, photo_mirror=args.photo_mirror),
                  signing_key=args.sign_key.read_bytes() if args.sign_key else None,
-                 warn=lambda message: print(f"auditlens: warning: {message}", file=sys.stderr))
+                 drop_signature=args.drop_signature, warn=lambda message: print(f"auditlens: warning: {message}", file=sys.stderr))
     print(f"enrolled {len(catalog)} products ({len(extras)} extra reference photos) into {out}")
     return EXIT_OK
 

@@ -552,6 +552,18 @@ def write_bundle(
     return out
 
 
+def is_signed(path: str | os.PathLike) -> bool:
+    """Whether the bundle at ``path`` carries a manifest signature."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / SIGNATURE).exists()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return SIGNATURE in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def check_replaceable(out: str | os.PathLike) -> None:
     """Raise :class:`BundleError` unless writing a bundle to ``out`` would replace nothing
     but a bundle: ``out`` does not exist, is an empty folder, or is a bundle folder or zip

@@ -25,6 +25,7 @@ from auditlens.device_app.bundle import (
     ProductRecord,
     check_decision,
     check_replaceable,
+    is_signed,
     probe_image,
     write_bundle,
 )
@@ -37,7 +38,13 @@ from auditlens.device_app.preprocess import (
     to_photo_views,
 )
 from auditlens.device_app.verifier import dhash
-from auditlens.errors import AuditlensError, BundleFormatError, CatalogError, ModelError
+from auditlens.errors import (
+    AuditlensError,
+    BundleFormatError,
+    BundleSignatureError,
+    CatalogError,
+    ModelError,
+)
 
 DEFAULT_THRESHOLD = 0.5
 """Decision threshold for a model that ships no calibration; run `auditlens calibrate`."""
@@ -135,6 +142,7 @@ def enroll(
     extra_references: Sequence[LabelledPhoto] = (),
     options: EnrollOptions | None = None,
     signing_key: bytes | str | None = None,
+    drop_signature: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Embed every original (and approved extra reference photos) and write a bundle.
@@ -149,6 +157,11 @@ def enroll(
     any work.
     """
     check_replaceable(out)
+    if signing_key is None and not drop_signature and is_signed(out):
+        raise BundleSignatureError(
+            f"{out} holds a signed bundle; replacing it unsigned would drop the publisher's "
+            "signature, and devices that require one would refuse the new bundle: pass --sign-key "
+            "PRIVATE.pem (or --drop-signature to write it unsigned)")
     if signing_key is not None:  # a key that cannot sign fails now, not after the embedding
         from auditlens.device_app.signing import public_key_of
 

@@ -343,3 +343,27 @@ def test_cli_enrol_and_calibrate_refuse_a_non_bundle_out(tmp_path, bundle_dir, c
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("auditlens: error:") and "not an auditlens bundle" in err[-1]
     assert _tree(out) == before
+
+
+def test_enrolling_over_a_signed_bundle_keeps_a_signature_or_is_told_to_drop_it(tmp_path, shipped_model):
+    """Re-enrolling into the path of a signed bundle without a key used to write it back
+    unsigned, silently; devices that require signatures then refuse it."""
+    pytest.importorskip("cryptography")
+    from auditlens.cli import main
+    from auditlens.device_app.signing import generate_keypair
+    from auditlens.errors import BundleSignatureError
+
+    private, public = generate_keypair(tmp_path / "keys")
+    catalog = open_catalog(SAMPLE / "catalog.csv")
+    for out in (tmp_path / "signed", tmp_path / "signed.zip"):
+        enroll(catalog, out, model=shipped_model, signing_key=private.read_bytes())
+        before = out.stat().st_mtime_ns
+        with pytest.raises(BundleSignatureError, match="--drop-signature"):
+            enroll(catalog, out, model=shipped_model)
+        assert out.stat().st_mtime_ns == before
+        assert ReferenceBundle.load(out, public_key=public.read_bytes()).signed_by
+        enroll(catalog, out, model=shipped_model, signing_key=private.read_bytes())  # re-signed
+        assert ReferenceBundle.load(out, public_key=public.read_bytes()).signed_by
+        assert main(["enroll", str(SAMPLE / "catalog.csv"), "--out", str(out), "--model", str(shipped_model),
+                     "--drop-signature", "--no-progress"]) == 0
+        assert not ReferenceBundle.load(out).has_signature

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import zipfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -133,20 +132,6 @@ def decide(genuine, impostor, target_far: float, *, hard=None) -> dict:
     return out
 
 
-def is_signed(path: str | os.PathLike) -> bool:
-    """Whether the bundle at ``path`` carries a manifest signature."""
-    from auditlens.device_app.bundle import SIGNATURE
-
-    path = Path(path)
-    if path.is_dir():
-        return (path / SIGNATURE).exists()
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return SIGNATURE in zf.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
 def rewrite_bundle(bundle, out: str | os.PathLike, decision: dict, *,
                    signing_key: bytes | str | None = None) -> Path:
     """Write ``bundle`` (a loaded ``ReferenceBundle``) to ``out`` with a new decision,
@@ -189,7 +174,12 @@ def calibrate(
     is checked before anything is embedded or written, and a bundle with reference photos
     is refused.
     """
-    from auditlens.device_app.bundle import ReferenceBundle, check_replaceable, products_fingerprint
+    from auditlens.device_app.bundle import (
+        ReferenceBundle,
+        check_replaceable,
+        is_signed,
+        products_fingerprint,
+    )
     from auditlens.device_app.signing import public_key_of
     from auditlens.device_app.verifier import Verifier, VerifierOptions
 
