@@ -121,9 +121,16 @@ class Catalog(Sequence[Product]):
 
 
 def _read_folder(folder: Path) -> Catalog:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    # hidden files are not products: macOS leaves a "._NAME.jpg" beside every copied image
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
     if not files:
-        raise CatalogError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        nested = sorted(d.name + "/" for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
+                        and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir()))
+        raise CatalogError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder"
+                           + (f"; subfolders ({', '.join(nested[:3])}{', ...' if len(nested) > 3 else ''}) "
+                              "are not read: a catalogue folder holds one image per product, or use a "
+                              "CSV (product_id,image,...)" if nested else ""))
     stems: dict[str, Path] = {}
     for f in files:
         if f.stem in stems:
@@ -132,15 +139,27 @@ def _read_folder(folder: Path) -> Catalog:
     return Catalog([Product(f.stem, f.stem, str(f)) for f in files], str(folder))
 
 
+def _csv_rows(fh, path: Path, required: tuple[str, ...], expected: str) -> list[tuple[int, dict]]:
+    """The rows of a CSV with the line each starts on (blank lines count), keyed by its
+    header's names stripped and lower-cased ("Product_ID", " image"); a file separated by
+    semicolons or tabs (a spreadsheet's export in many locales) is read as such. A header
+    without the ``required`` columns is refused, quoting it."""
+    header = fh.readline()
+    fh.seek(0)
+    reader = csv.DictReader(fh, delimiter=max(",;\t", key=header.count))  # ties: a comma
+    found = list(reader.fieldnames or ())
+    reader.fieldnames = [(name or "").strip().lower() for name in found]
+    missing = [c for c in required if c not in reader.fieldnames]
+    if missing:
+        raise CatalogError(f"{path}: missing column(s) {', '.join(missing)}; expected {expected}, "
+                           f"found the header {header.strip()[:200]!r}")
+    return [(reader.line_num, row) for row in reader]
+
+
 def _read_csv(path: Path) -> Catalog:
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's BOM
-            reader = csv.DictReader(fh)
-            missing = {"product_id", "image"} - set(reader.fieldnames or ())
-            if missing:
-                raise CatalogError(f"{path}: missing column(s) {', '.join(sorted(missing))}; "
-                                   "expected product_id,image[,name,group,kind,code]")
-            rows = [(reader.line_num, row) for row in reader]  # line_num: blank lines count
+            rows = _csv_rows(fh, path, ("product_id", "image"), "product_id,image[,name,group,kind,code]")
     except UnicodeDecodeError as exc:
         raise CatalogError(f"{path}: not UTF-8 text ({exc}); save the CSV as UTF-8") from exc
     except (OSError, csv.Error) as exc:
@@ -253,11 +272,7 @@ def read_labelled_photos(path: str | Path) -> list[LabelledPhoto]:
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"photo", "product_id"} - set(reader.fieldnames or ())
-            if missing:
-                raise CatalogError(f"{path}: missing column(s) {', '.join(sorted(missing))}; expected photo,product_id")
-            rows = [(reader.line_num, row) for row in reader]
+            rows = _csv_rows(fh, path, ("photo", "product_id"), "photo,product_id")
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CatalogError(f"{path}: cannot read labelled photos: {exc}") from exc
     out = []

@@ -168,3 +168,42 @@ def test_import_grocery_refuses_a_split_line_it_cannot_read_and_writes_nothing(t
     with pytest.raises(CatalogError, match=why):
         import_grocery(root, tmp_path / "out")
     assert {name: path.read_bytes() for name, path in first.items()} == before
+
+
+@pytest.mark.parametrize("header, sep", [
+    ("product_id, image", ","), ("Product_ID,Image", ","), ("product_id;image;name", ";"),
+    ("product_id\timage", "\t"), ("\ufeffproduct_id,image", ","),
+])
+def test_csv_headers_as_spreadsheets_write_them_are_read(tmp_path, header, sep):
+    product_image(1).save(tmp_path / "a.png")
+    product_image(2).save(tmp_path / "b.png")
+    extra = [sep + "A name"] if header.count(sep) == 2 else [""]
+    lines = [header, f"A{sep}a.png{extra[0]}", f"B{sep}b.png{extra[0].replace('A name', 'B name')}"]
+    (tmp_path / "catalog.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cat = open_catalog(tmp_path / "catalog.csv")
+    assert cat.ids == ["A", "B"] and cat.get("B").open().size == (160, 160)
+    (tmp_path / "photos.csv").write_text(f"Photo{sep} Product_ID\na.png{sep}A\n", encoding="utf-8")
+    assert [(p.product_id, p.photo) for p in read_labelled_photos(tmp_path / "photos.csv")] == [
+        ("A", str(tmp_path / "a.png"))]
+
+
+def test_a_csv_header_without_its_columns_is_quoted_in_the_error(tmp_path):
+    (tmp_path / "catalog.csv").write_text("sku,file\nA,a.png\n", encoding="utf-8")
+    with pytest.raises(CatalogError, match=r"missing column\(s\) product_id, image; expected "
+                       r"product_id,image\[,name,group,kind,code\], found the header 'sku,file'"):
+        open_catalog(tmp_path / "catalog.csv")
+
+
+def test_a_catalogue_folder_skips_hidden_files_and_names_subfolders_it_does_not_read(tmp_path):
+    folder = tmp_path / "originals"
+    folder.mkdir()
+    product_image(1).save(folder / "milk.png")
+    (folder / "._milk.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # left by a Mac
+    assert open_catalog(folder).ids == ["milk"]
+
+    nested = tmp_path / "nested"
+    for sub in ("dairy", "fruit"):
+        (nested / sub).mkdir(parents=True)
+        product_image(2).save(nested / sub / "item.png")
+    with pytest.raises(CatalogError, match=r"no images .* subfolders \(dairy/, fruit/\) are not read"):
+        open_catalog(nested)
