@@ -134,6 +134,21 @@ def _load_photo(photo: LabelledPhoto, spec: PreprocessSpec) -> np.ndarray:
         raise CatalogError(f"reference photo for {photo.product_id!r}: {exc}") from exc
 
 
+def _same_inputs(catalog: Catalog, loaded: Sequence[_Loaded | None]) -> list[str]:
+    """A note for each set of products whose originals reach the encoder as the same
+    pixels (a placeholder picture, one image filed under two ids): they get the same
+    reference, so a photo of any of them matches them all."""
+    import hashlib
+
+    by_input: dict[str, list[str]] = {}
+    for product, item in zip(catalog, loaded):
+        if item is not None:
+            by_input.setdefault(hashlib.sha256(item.model_input.tobytes()).hexdigest(), []).append(product.product_id)
+    return [f"products {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''} ({len(ids)}) have the same "
+            "original image, so a photo of any of them matches them all: give each its own image"
+            for ids in by_input.values() if len(ids) > 1]
+
+
 def enroll(
     catalog: Catalog,
     out: str | os.PathLike,
@@ -220,6 +235,9 @@ def enroll(
         problems.append(f"{len(bad_photos)} reference photo(s) could not be used:\n  " + "\n  ".join(bad_photos))
     if problems:
         raise CatalogError("\n".join(problems))
+    if warn:
+        for note in _same_inputs(catalog, loaded):
+            warn(note)
 
     # Originals are embedded as they are (a studio image, one view); an extra reference
     # photo is a field photo and gets the photo's views, as on the device.

@@ -367,3 +367,20 @@ def test_enrolling_over_a_signed_bundle_keeps_a_signature_or_is_told_to_drop_it(
         assert main(["enroll", str(SAMPLE / "catalog.csv"), "--out", str(out), "--model", str(shipped_model),
                      "--drop-signature", "--no-progress"]) == 0
         assert not ReferenceBundle.load(out).has_signature
+
+
+def test_enrolment_warns_of_products_that_share_one_original(tmp_path, shipped_model):
+    import shutil
+
+    folder = tmp_path / "originals"
+    shutil.copytree(SAMPLE / "originals", folder)
+    for pid in ("SKU-100", "SKU-101"):  # a placeholder picture filed under two new ids
+        shutil.copy(folder / "Banana.jpg", folder / f"{pid}.jpg")
+    notes: list[str] = []
+    enroll(open_catalog(folder), tmp_path / "b", model=shipped_model, warn=notes.append)
+    shared = [n for n in notes if "same original image" in n]
+    assert shared == ["products Banana, SKU-100, SKU-101 (3) have the same original image, so a photo "
+                      "of any of them matches them all: give each its own image"]
+    notes.clear()
+    enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "c", model=shipped_model, warn=notes.append)
+    assert not [n for n in notes if "same original image" in n]
