@@ -117,7 +117,7 @@ def _add_enroll(p: argparse.ArgumentParser) -> None:
                    "(default: the model card's; other views need 'auditlens calibrate')")
     p.add_argument("--photo-mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="add the mirror image of each view (default: the model card's)")
-    p.add_argument("--sign-key", type=Path, default=None, metavar="PRIVATE.pem",
+    p.add_argument("--sign-key", type=Path, default=None, metavar="publisher.key",
                    help="Ed25519 private key (PEM) to sign the bundle")
     p.add_argument("--drop-signature", action="store_true",
                    help="replace a signed bundle at --out with an unsigned one (devices requiring "

@@ -176,7 +176,7 @@ def enroll(
         raise BundleSignatureError(
             f"{out} holds a signed bundle; replacing it unsigned would drop the publisher's "
             "signature, and devices that require one would refuse the new bundle: pass --sign-key "
-            "PRIVATE.pem (or --drop-signature to write it unsigned)")
+            "publisher.key (or --drop-signature to write it unsigned)")
     if signing_key is not None:  # a key that cannot sign fails now, not after the embedding
         from auditlens.device_app.signing import public_key_of
 

@@ -150,7 +150,7 @@ class ExportReport:
     convert_seconds: float
     float_ops: int = 0
     """Ops kept in float at the start of an int8 graph (0: full int8)."""
-    compared_on: str = "the representative images"
+    compared_on: str = "representative images"
     """Which images the drift was measured on: field photos kept out of the int8
     calibration when there are spare ones, else the calibration images themselves."""
 
@@ -327,8 +327,8 @@ def export_encoder(
     config = config or QuantizationConfig.for_int8(rep)
     if compare_images is None or not len(compare_images):
         compare = rep
-        compared_on = ("the representative images" if config.representative is None
-                       else "the calibration images themselves")
+        compared_on = ("representative images" if config.representative is None
+                       else "calibration images (the ones it was calibrated on)")
     else:
         compare = np.asarray(compare_images, np.uint8)
         compared_on = ("images beyond the representative set" if config.representative is None

@@ -130,7 +130,7 @@ def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
     assert PreprocessSpec.from_dict(card["preprocess"]) == PreprocessSpec(32)
     assert card["preprocess"]["photo_zooms"] == [1.0] and card["preprocess"]["photo_mirror"] is False
     assert card["export"]["mode"] == "int8" and card["export"]["worst_cosine"] <= 1.0
-    assert card["export"]["compared_on"] == "the calibration images themselves"
+    assert card["export"]["compared_on"] == "calibration images (the ones it was calibrated on)"
     assert "worst" in capsys.readouterr().out
 
     # with more field photos than calibrate, the drift is measured on the ones left out

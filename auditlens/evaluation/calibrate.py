@@ -196,7 +196,7 @@ def calibrate(
     if write and signed and signing_key is None and not drop_signature:
         raise BundleSignatureError(
             f"{bundle} is signed; re-writing its manifest needs the publisher's key to re-sign "
-            "it: pass --sign-key PRIVATE.pem (or --drop-signature to write it unsigned, which "
+            "it: pass --sign-key publisher.key (or --drop-signature to write it unsigned, which "
             "devices that require signed bundles will refuse)")
 
     # Re-signing vouches for the whole manifest: the signature there must be the same
@@ -338,7 +338,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the threshold, write nothing (neither bundle nor model card)")
     p.add_argument("--model-card", type=Path, default=None, metavar="ENCODER.json",
                    help="also store the decision in this model card, for `auditlens enroll`")
-    p.add_argument("--sign-key", type=Path, default=None, metavar="PRIVATE.pem",
+    p.add_argument("--sign-key", type=Path, default=None, metavar="publisher.key",
                    help="re-sign the manifest with this Ed25519 private key")
     p.add_argument("--drop-signature", action="store_true",
                    help="write a signed bundle back unsigned (devices requiring signatures refuse it)")
