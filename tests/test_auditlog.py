@@ -420,7 +420,7 @@ def test_export_photos_gives_labelled_photos_the_other_commands_read(tmp_path, c
     table = list(csv.DictReader(open(out / "photos.csv", newline="", encoding="utf-8")))
     assert {r["decision"] for r in table} <= {"match", "no_match", "retake"} and table[0]["auditor"] == "field"
     assert cli_main(["calibrate", "--bundle", str(REPO / "models" / "sample_bundle"), "--photos",
-                     str(out / "photos.csv"), "--dry-run", "--no-progress"]) == 0
+                     str(out / "photos.csv"), "--target-far", "0.05", "--dry-run", "--no-progress"]) == 0
     assert cli_main(["enroll", str(sample / "catalog.csv"), "--references", str(out / "photos.csv"),
                      "--out", str(tmp_path / "b"), "--no-progress"]) == 0
 

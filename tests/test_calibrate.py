@@ -14,7 +14,7 @@ from auditlens.errors import BundleSignatureError
 from auditlens.evaluation.calibrate import calibrate, decide, far_curve, write_model_card
 from auditlens.evaluation.protocol import embed_photos, make_pairs, product_groups
 
-from .conftest import REPO, SAMPLE
+from .conftest import REPO, SAMPLE, write_csv
 
 
 @pytest.fixture
@@ -264,3 +264,25 @@ def test_no_impostor_pairs_says_why(tmp_path, sample_photos):
     bundle = enroll(open_catalog(SAMPLE / "originals"), tmp_path / "b", model=REPO / "models" / "encoder.tflite")
     with pytest.raises(CatalogError, match="--impostors 0 draws none, and no product shares a group"):
         calibrate(bundle, sample_photos, 0.1, n_impostors=0, write=False, progress=False)
+
+
+def test_photos_too_few_to_measure_the_target_rate_are_refused_unless_allowed(tmp_path, bundle_copy,
+                                                                             sample_photos, capsys):
+    """One photo gives nine impostor pairs: a '1% FAR' threshold from them keeps out those
+    nine and nothing more, and the bundle would claim 1%."""
+    from auditlens.errors import CatalogError
+
+    before = (bundle_copy / "manifest.json").read_bytes()
+    with pytest.raises(CatalogError, match="1 usable photo.s. give 9 distinct impostor pairs, too few to "
+                       "measure a false-accept rate of 0.01 .that needs at least 100."):
+        calibrate(bundle_copy, sample_photos[:1], 0.01, progress=False)
+    assert (bundle_copy / "manifest.json").read_bytes() == before
+    # a rate the pairs can measure passes, as does the whole sample at 1%
+    assert calibrate(bundle_copy, sample_photos[:1], 0.2, write=False, progress=False)["target_far"] == 0.2
+    assert calibrate(bundle_copy, sample_photos, 0.01, write=False, progress=False)["target_far"] == 0.01
+    write_csv(tmp_path / "one.csv", ["photo", "product_id"], [[sample_photos[0].photo, sample_photos[0].product_id]])
+    assert main(["calibrate", "-b", str(bundle_copy), "--photos", str(tmp_path / "one.csv"), "--no-progress"]) == 2
+    assert "--allow-few-photos" in capsys.readouterr().err
+    assert main(["calibrate", "-b", str(bundle_copy), "--photos", str(tmp_path / "one.csv"), "--no-progress",
+                 "--allow-few-photos"]) == 0
+    assert "only" in json.loads((bundle_copy / "manifest.json").read_text())["decision"]["warnings"][0]

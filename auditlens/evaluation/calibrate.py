@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -165,8 +166,14 @@ def calibrate(
     threads: int = 1,
     progress: bool = True,
     model_card: str | os.PathLike | None = None,
+    allow_few_photos: bool = False,
 ) -> dict:
     """Calibrate the bundle at ``bundle`` for ``target_far`` and return the decision.
+
+    Photos too few to measure ``target_far`` at all (fewer distinct impostor pairs, over
+    every draw, than one false accept at that rate needs) are refused with a
+    :class:`CatalogError` unless ``allow_few_photos``: the threshold would only keep out
+    the handful of impostors seen, and the bundle would say "calibrated for 1%".
 
     The bundle is re-written in place, or to ``out`` (a folder, or a path ending in
     ``.zip``); nothing is written when ``write`` is false. ``model_card``: the decision
@@ -228,6 +235,14 @@ def calibrate(
         raise CatalogError("calibration needs impostor pairs: " + (
             "the bundle holds a single product" if len(b.products) < 2 else
             f"--impostors {n_impostors} draws none, and no product shares a group with another"))
+    distinct = len({pair for d in draws for pair in zip(d.photo[d.impostor].tolist(), d.product[d.impostor].tolist())})
+    if target_far * distinct < 1 and not allow_few_photos:
+        raise CatalogError(
+            f"{source or 'labelled photos'}: {len(embedded.photos)} usable photo(s) give {distinct} distinct "
+            f"impostor pairs, too few to measure a false-accept rate of {target_far:g} (that needs at "
+            f"least {math.ceil(1 / target_far)}): calibrate on more labelled photos, or a higher "
+            "--target-far, or pass --allow-few-photos to store a threshold that only keeps out the "
+            "impostors seen")
     decision = decide(genuine, impostor, target_far, hard=pairs.score[pairs.kind == HARD])  # the same in every draw
     counts = pairs.counts()
     decision["calibrated_on"] = (
@@ -340,6 +355,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also store the decision in this model card, for `auditlens enroll`")
     p.add_argument("--sign-key", type=Path, default=None, metavar="publisher.key",
                    help="re-sign the manifest with this Ed25519 private key")
+    p.add_argument("--allow-few-photos", action="store_true",
+                   help="store a threshold even when the photos give fewer distinct impostor pairs "
+                   "than the target FAR can be measured on (1/FAR); refused otherwise")
     p.add_argument("--drop-signature", action="store_true",
                    help="write a signed bundle back unsigned (devices requiring signatures refuse it)")
     p.add_argument("--catalog", default=None, help="catalogue to take group/kind from when the bundle lacks them")
@@ -360,7 +378,8 @@ def run(args) -> int:
         d = calibrate(args.bundle, args.photos, args.target_far, out=args.out, write=not args.dry_run,
                       catalog=catalog, seed=args.seed, n_impostors=args.impostors, signing_key=key,
                       drop_signature=args.drop_signature, threads=args.threads,
-                      progress=not args.no_progress, model_card=args.model_card)
+                      progress=not args.no_progress, model_card=args.model_card,
+                      allow_few_photos=args.allow_few_photos)
     except ValueError as exc:
         raise CatalogError(str(exc)) from exc
     print(f"threshold {d['threshold']:.6f} for target FAR {d['target_far']:.2%}: measured FAR "
