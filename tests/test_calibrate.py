@@ -286,3 +286,15 @@ def test_photos_too_few_to_measure_the_target_rate_are_refused_unless_allowed(tm
     assert main(["calibrate", "-b", str(bundle_copy), "--photos", str(tmp_path / "one.csv"), "--no-progress",
                  "--allow-few-photos"]) == 0
     assert "only" in json.loads((bundle_copy / "manifest.json").read_text())["decision"]["warnings"][0]
+
+
+def test_a_catalogue_without_groups_is_warned_that_look_alikes_are_not_measured(tmp_path, sample_photos,
+                                                                               bundle_copy):
+    from auditlens.catalog import open_catalog
+    from auditlens.export.enroll import enroll
+
+    folder = enroll(open_catalog(SAMPLE / "originals"), tmp_path / "b", model=REPO / "models" / "encoder.tflite")
+    d = calibrate(folder, sample_photos, 0.1, write=False, progress=False)
+    assert d["pairs"]["hard"] == 0 and any("no look-alike impostor pairs" in w for w in d["warnings"])
+    grouped = calibrate(bundle_copy, sample_photos, 0.1, write=False, progress=False)  # milk brands share a group
+    assert grouped["pairs"]["hard"] > 0 and not any("look-alike" in w for w in grouped["warnings"])

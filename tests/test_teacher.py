@@ -166,6 +166,18 @@ def test_a_keras_application_teacher_loads_its_weights_from_disk(tiny_data, tmp_
                                rtol=1e-4, atol=1e-5)
 
 
+def test_a_teacher_weights_file_that_is_not_there_is_named(tiny_data, tmp_path, capsys):  # noqa: F811
+    from auditlens.cli import main
+
+    missing = tmp_path / "mobilenet_v2.h5"
+    for model in ("keras:MobileNetV2", "torchvision:mobilenet_v2"):
+        assert main(["teacher-features", str(tiny_data["catalog"]), "--model", model, "--weights", str(missing),
+                     "--out", str(tmp_path / "t.npz"), "--quiet"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"auditlens teacher-features: --weights {missing}: no such file")
+    assert not (tmp_path / "t.npz").exists()
+
+
 def test_distill_loss_against_hand_computed_values():
     import tensorflow as tf
 

@@ -239,6 +239,9 @@ def run(args) -> int:
     sources: list[str | bytes] = [p.image for p in catalog]
     for csv_path in args.photos:
         sources += [p.photo for p in read_labelled_photos(csv_path)]
+    if args.weights and args.weights != "imagenet" and not Path(args.weights).is_file():
+        print(f"auditlens teacher-features: --weights {args.weights}: no such file", file=sys.stderr)
+        return 2
     try:
         if args.model.startswith("torchvision:"):
             embed = torchvision_teacher(args.model.split(":", 1)[1], args.weights)

@@ -270,6 +270,11 @@ def calibrate(
         decision["warnings"].append(
             f"no threshold reaches a FAR of {target_far:g}: {decision['measured_far']:.2%} of the "
             "impostor pairs score as high as the same image (products enrolled from one image?)")
+    if not counts[HARD]:
+        decision["warnings"].append(
+            "no look-alike impostor pairs (no product shares its catalogue group with another): "
+            "the rate ignores products that look alike, such as two brands of milk; give the "
+            "catalogue a group column (or pass --catalog with one)")
     if embedded.not_enrolled:
         decision["warnings"].append(f"{len(embedded.not_enrolled)} photos show products not in the bundle; skipped")
     if embedded.failed:
