@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from auditlens.cli import non_negative_int
-from auditlens.device_app.interpreter import l2_normalize
+from auditlens.device_app.interpreter import l2_normalize, model_id_of
 from auditlens.device_app.preprocess import PreprocessSpec, stack_inputs
 from auditlens.errors import AuditlensError, CatalogError, ModelError
 from auditlens.files import atomic_write
@@ -521,6 +521,7 @@ def run_export(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     card = {
+        "model_id": model_id_of(out.read_bytes()),  # the card's own model, wherever it is copied
         "preprocess": spec.to_dict(),
         "export": report.to_dict(),
         "source_model": str(args.model),  # as given on the command line, not resolved

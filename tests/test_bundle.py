@@ -384,3 +384,28 @@ def test_enrolment_warns_of_products_that_share_one_original(tmp_path, shipped_m
     notes.clear()
     enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "c", model=shipped_model, warn=notes.append)
     assert not [n for n in notes if "same original image" in n]
+
+
+def test_a_model_card_copied_away_from_its_model_is_refused(tmp_path, shipped_model):
+    """export writes the model's id into its card: a card beside another model (a model
+    retrained and converted by hand, the old card left in place) or named to calibrate
+    --model-card for another model is refused instead of lending its views and threshold."""
+    from auditlens.cli import main
+
+    other = bytearray(shipped_model.read_bytes())
+    other[len(other) // 3] ^= 0x10  # another model
+    model = tmp_path / "encoder.tflite"
+    model.write_bytes(bytes(other))
+    shutil.copy(shipped_model.with_suffix(".json"), model.with_suffix(".json"))
+    with pytest.raises(ModelError, match="is for model 326b365f1f98e6ba, not this model"):
+        enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "b", model=model)
+    assert not (tmp_path / "b").exists()
+
+    bundle = enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "own", model=shipped_model)
+    elsewhere = tmp_path / "cards" / "encoder.json"
+    elsewhere.parent.mkdir()
+    card = json.loads(shipped_model.with_suffix(".json").read_text())
+    elsewhere.write_text(json.dumps({**card, "model_id": "0123456789abcdef"}))
+    assert main(["calibrate", "-b", str(bundle), "--photos", str(SAMPLE / "photos.csv"), "--target-far", "0.1",
+                 "--model-card", str(elsewhere), "--no-progress"]) == 2
+    assert json.loads(elsewhere.read_text())["model_id"] == "0123456789abcdef"

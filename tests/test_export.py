@@ -131,6 +131,9 @@ def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
     assert card["preprocess"]["photo_zooms"] == [1.0] and card["preprocess"]["photo_mirror"] is False
     assert card["export"]["mode"] == "int8" and card["export"]["worst_cosine"] <= 1.0
     assert card["export"]["compared_on"] == "calibration images (the ones it was calibrated on)"
+    from auditlens.device_app.interpreter import model_id_of
+
+    assert card["model_id"] == model_id_of(out.read_bytes())  # the card names its model
     assert "worst" in capsys.readouterr().out
 
     # with more field photos than calibrate, the drift is measured on the ones left out

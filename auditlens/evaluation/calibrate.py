@@ -305,6 +305,9 @@ def read_model_card(card_path: str | os.PathLike, model_id: str) -> dict:
         raise CatalogError(f"{card_path}: the model beside it ({model.name}, {beside}) is not the "
                            f"calibrated model {model_id}")
     card = load_model_card(card_path)
+    if card.get("model_id") not in (None, model_id):  # a card copied away from its model
+        raise CatalogError(f"{card_path}: the card is for model {card['model_id']}, not the calibrated "
+                           f"model {model_id}")
     if not isinstance(card.get("preprocess"), dict):
         raise CatalogError(f"{card_path}: not a model card (no 'preprocess' object)")
     return card
