@@ -256,6 +256,15 @@ def far_share(far: float) -> str | None:
     return "< 0.01%" if far < 0.0001 else f"{far:.2%}"
 
 
+def score_against_threshold(score: float, threshold: float, relation: str, *, word: str = "score") -> str:
+    """"score 0.612 >= threshold 0.572", with as many decimals (3 to 6) as it takes for the
+    two numbers not to print alike ("score 0.9996 < threshold 1.0000", not 1.000 < 1.000)."""
+    digits = 3
+    while digits < 6 and f"{score:.{digits}f}" == f"{threshold:.{digits}f}":
+        digits += 1
+    return f"{word} {score:.{digits}f} {relation} threshold {threshold:.{digits}f}"
+
+
 def hamming(a: str, b: str) -> int:
     return (int(a, 16) ^ int(b, 16)).bit_count()
 
@@ -433,10 +442,10 @@ class Verifier:
             reasons.extend(quality.issues)
         elif score >= self.threshold:
             decision = MATCH
-            reasons.append(f"score {score:.3f} >= threshold {self.threshold:.3f}")
+            reasons.append(score_against_threshold(score, self.threshold, ">="))
         else:
             decision = NO_MATCH
-            reasons.append(f"score {score:.3f} < threshold {self.threshold:.3f}")
+            reasons.append(score_against_threshold(score, self.threshold, "<"))
 
         suggestions: tuple[Candidate, ...] = ()
         if decision == NO_MATCH and self.options.suggestions:

@@ -198,3 +198,15 @@ def test_a_photo_from_a_raw_pipe_is_read_whole(sample_bundle):
 
     assert verdict.photo_sha256 == hashlib.sha256(photo).hexdigest()
     assert verdict.decision == "match"
+
+
+def test_a_score_and_threshold_never_print_alike_in_a_comparison(verifier, sample_photos):
+    from auditlens.device_app.verifier import score_against_threshold
+
+    assert score_against_threshold(0.61234, 0.572, ">=") == "score 0.612 >= threshold 0.572"
+    assert score_against_threshold(0.99961, 1.0, "<") == "score 0.9996 < threshold 1.0000"
+    assert score_against_threshold(0.5720004, 0.572, ">=", word="Score") == "Score 0.572000 >= threshold 0.572000"
+    strict = Verifier(verifier.bundle, VerifierOptions(threshold=1.0))
+    reason = strict.verify(sample_photos[0].photo, sample_photos[0].product_id).reasons[0]
+    score, threshold = (float(w) for w in reason.split()[1::3])
+    assert score < threshold and reason.split()[1] != reason.split()[4]

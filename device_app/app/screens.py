@@ -43,7 +43,7 @@ from auditlens.device_app.app.widgets import (
     WrapLabel,
     pil_to_texture,
 )
-from auditlens.device_app.verifier import far_share
+from auditlens.device_app.verifier import far_share, score_against_threshold
 
 DECISION_STYLE = {
     "match": ("MATCH", GREEN, TEXT),
@@ -455,7 +455,7 @@ class VerdictScreen(Screen):
                 d.add_widget(WrapLabel(text=f"- {reason}", font_size=FONT))
         else:
             cmp = ">=" if v.decision == "match" else "<"
-            d.add_widget(WrapLabel(text=f"Score {v.score:.3f} {cmp} threshold {v.threshold:.3f}",
+            d.add_widget(WrapLabel(text=score_against_threshold(v.score, v.threshold, cmp, word="Score"),
                                    font_size=FONT_BIG, bold=True))
             bar = ScoreBar(size_hint_y=None, height=dp(16))
             bar.set(v.score, v.threshold, colour)
