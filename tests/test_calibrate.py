@@ -298,3 +298,24 @@ def test_a_catalogue_without_groups_is_warned_that_look_alikes_are_not_measured(
     assert d["pairs"]["hard"] == 0 and any("no look-alike impostor pairs" in w for w in d["warnings"])
     grouped = calibrate(bundle_copy, sample_photos, 0.1, write=False, progress=False)  # milk brands share a group
     assert grouped["pairs"]["hard"] > 0 and not any("look-alike" in w for w in grouped["warnings"])
+
+
+def test_repeated_rows_count_once_and_evaluating_on_the_calibration_photos_is_flagged(tmp_path, bundle_copy,
+                                                                                      sample_photos, capsys):
+    from auditlens.evaluation.evaluate import describe, evaluate
+
+    rows = [[p.photo, p.product_id] for p in sample_photos]
+    write_csv(tmp_path / "calib.csv", ["photo", "product_id"], rows + rows[:5])
+    d = calibrate(bundle_copy, tmp_path / "calib.csv", 0.1, progress=False)
+    once = calibrate(bundle_copy, SAMPLE / "photos.csv", 0.1, write=False, progress=False)
+    assert d["pairs"]["photos"] == 16 and d["pairs"]["photo_rows_repeated"] == 5
+    assert d["pairs"]["impostor"] == once["pairs"]["impostor"] and d["threshold"] == once["threshold"]
+    assert any("5 photo rows repeat an earlier row" in w for w in d["warnings"])
+
+    report = evaluate(bundle_copy, tmp_path / "calib.csv", tmp_path / "r", progress=False, plots=False)
+    text = describe(report)
+    assert "5 repeated rows (counted once)" in text
+    assert "calibrated on calib.csv too" in text
+    write_csv(tmp_path / "test.csv", ["photo", "product_id"], rows)
+    assert "calibrated on" not in describe(evaluate(bundle_copy, tmp_path / "test.csv", tmp_path / "r2",
+                                                    progress=False, plots=False))

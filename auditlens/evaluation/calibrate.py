@@ -252,7 +252,8 @@ def calibrate(
     decision["pairs"] = {"photos": len(embedded.photos), "genuine": counts["genuine"],
                          "impostor": counts["impostor"] + counts[HARD], "hard": counts[HARD],
                          "photos_unreadable": len(embedded.failed),
-                         "photos_not_enrolled": len(embedded.not_enrolled)}
+                         "photos_not_enrolled": len(embedded.not_enrolled),
+                         "photo_rows_repeated": len(embedded.repeated)}
     decision["photos_source"] = Path(source).name if source else ""
     decision["protocol"] = {k: v for k, v in protocol_description(seed, n_impostors).items()
                             if k in ("version", "seed", "random_impostors_per_photo")}
@@ -275,6 +276,9 @@ def calibrate(
             "no look-alike impostor pairs (no product shares its catalogue group with another): "
             "the rate ignores products that look alike, such as two brands of milk; give the "
             "catalogue a group column (or pass --catalog with one)")
+    if embedded.repeated:
+        decision["warnings"].append(f"{len(embedded.repeated)} photo rows repeat an earlier row (the same "
+                                    "file and product); each photo counted once")
     if embedded.not_enrolled:
         decision["warnings"].append(f"{len(embedded.not_enrolled)} photos show products not in the bundle; skipped")
     if embedded.failed:

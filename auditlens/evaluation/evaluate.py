@@ -507,6 +507,7 @@ def evaluate(
         "counts": {"photos_given": len(photos), "photos_scored": len(embedded.photos),
                    "photos_unreadable": len(embedded.failed),
                    "photos_of_products_not_enrolled": len(embedded.not_enrolled),
+                   "photo_rows_repeated": len(embedded.repeated),
                    "products": len(b.products), "references": int(len(b.references)),
                    "pairs": pairs.counts()},
         "unreadable_photos": [{"photo": p, "error": e} for p, e in embedded.failed[:50]],
@@ -632,12 +633,17 @@ def describe(report: dict) -> str:
         f"{c['photos_scored']} photos scored"
         + (f", {c['photos_unreadable']} unreadable" if c["photos_unreadable"] else "")
         + (f", {c['photos_of_products_not_enrolled']} of products not in the bundle (skipped)"
-           if c["photos_of_products_not_enrolled"] else ""),
+           if c["photos_of_products_not_enrolled"] else "")
+        + (f", {c['photo_rows_repeated']} repeated rows (counted once)" if c.get("photo_rows_repeated") else ""),
         f"pairs: {c['pairs'][GENUINE]} genuine, {c['pairs']['impostor']} random impostor, "
         f"{c['pairs'][HARD]} hard impostor (seed {report['protocol']['seed']})",
         "",
         format_table(report),
     ]
+    calibrated_on = report["decision"].get("photos_source")
+    if calibrated_on and report["photos_source"] and Path(report["photos_source"]).name == calibrated_on:
+        lines[1:1] = [f"warning: the bundle's threshold was calibrated on {calibrated_on} too: if these are "
+                      "the same photos, the rates at the threshold are optimistic; evaluate on others"]
     spread = _spread_lines(report)
     if spread:
         lines += [""] + spread

@@ -58,6 +58,8 @@ class Embedded:
     """(photo, reason) of photos that could not be decoded."""
     not_enrolled: list[LabelledPhoto] = field(default_factory=list)
     """Photos whose product is not in the bundle (cannot be scored)."""
+    repeated: list[LabelledPhoto] = field(default_factory=list)
+    """Rows naming a file and product an earlier row named: counted once."""
 
 
 @dataclass
@@ -95,15 +97,23 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
     """Decode (in threads) and embed (in batches) each photo once with the verifier's model.
 
     Photos that cannot be decoded are listed in ``failed``, photos of products the
-    bundle does not hold in ``not_enrolled``; neither stops the run.
+    bundle does not hold in ``not_enrolled``, rows repeating an earlier row's file and
+    product in ``repeated`` (each photo counts once); none stops the run.
     """
     from tqdm import tqdm
 
     bundle = verifier.bundle
     usable: list[LabelledPhoto] = []
     not_enrolled: list[LabelledPhoto] = []
+    repeated: list[LabelledPhoto] = []
     known = {p.product_id for p in bundle.products}
+    seen: set[tuple[str, str]] = set()
     for photo in photos:
+        key = (os.path.realpath(photo.photo), photo.product_id)
+        if key in seen:
+            repeated.append(photo)
+            continue
+        seen.add(key)
         (usable if photo.product_id in known else not_enrolled).append(photo)
 
     def load(photo: LabelledPhoto):
@@ -138,7 +148,7 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
     lat = np.concatenate(latents) if latents else np.zeros((0, dim), np.float32)
     truth = np.array([bundle.index(p.product_id) for p in kept], dtype=np.int64)
     scores = best_reference_scores(lat, bundle.references, bundle.reference_owner, len(bundle.products))
-    return Embedded(kept, lat, truth, scores, failed, not_enrolled)
+    return Embedded(kept, lat, truth, scores, failed, not_enrolled, repeated)
 
 
 def _photo_rng(seed: int, photo: LabelledPhoto) -> np.random.Generator:
