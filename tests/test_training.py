@@ -293,6 +293,15 @@ def test_learning_rate_warms_up_then_decays_to_its_floor_by_epochs_or_budget(tmp
     assert scheduled_learning_rate(budgeted, 300, 1.0) == scheduled_learning_rate(config, 300, 1.0)
 
 
+def test_an_encoder_at_chance_is_warned_about():
+    from auditlens.training.train import collapse_warning
+
+    assert "does not tell the validation products apart (AUC 0.50" in collapse_warning(
+        {"seen": {"n": 40, "auc": 0.501, "eer": 0.5}})
+    assert collapse_warning({"seen": {"n": 40, "auc": 0.93}}) is None
+    assert collapse_warning({"seen": {"n": 0}}) is None and collapse_warning({}) is None
+
+
 # -- slow ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_train_writes_every_output(trained):

@@ -36,6 +36,9 @@ from auditlens.files import check_output_dir
 from auditlens.training.config import TrainConfig, TrainResult
 
 EVAL_BATCH = 128
+COLLAPSED_AUC = 0.6
+"""Below this validation AUC on trained products, ``auditlens train`` warns that the encoder
+has not learnt to tell products apart (0.5: every latent alike)."""
 
 
 # -- product folds ------------------------------------------------------------------------
@@ -979,7 +982,21 @@ def run_train(args: argparse.Namespace) -> int:
         if s and s.get("n") and (subset == "seen" or "unseen" in m):
             print(f"val {subset:6s}: n={s['n']} top1={s['top1']:.3f} EER={s['eer']:.3f} AUC={s['auc']:.3f}")
     print(f"report: {result.report_path}")
+    warning = collapse_warning(m)
+    if warning:
+        print(f"auditlens train: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def collapse_warning(metrics: dict) -> str | None:
+    """What to tell an engineer whose encoder scores its trained products' validation
+    photos near chance (AUC below :data:`COLLAPSED_AUC`), else None."""
+    seen = metrics.get("seen") or {}
+    if not seen.get("n") or seen.get("auc", 1.0) >= COLLAPSED_AUC:
+        return None
+    return (f"the encoder does not tell the validation products apart (AUC {seen['auc']:.2f}, 0.5 is "
+            "chance): train longer (--epochs, --steps-per-epoch) or check the photos' labels before "
+            "exporting it")
 
 
 def main(argv: list[str] | None = None) -> int:
