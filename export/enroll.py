@@ -8,6 +8,7 @@ TensorFlow.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -138,8 +139,6 @@ def _same_inputs(catalog: Catalog, loaded: Sequence[_Loaded | None]) -> list[str
     """A note for each set of products whose originals reach the encoder as the same
     pixels (a placeholder picture, one image filed under two ids): they get the same
     reference, so a photo of any of them matches them all."""
-    import hashlib
-
     by_input: dict[str, list[str]] = {}
     for product, item in zip(catalog, loaded):
         if item is not None:
