@@ -21,6 +21,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
@@ -101,15 +102,25 @@ def read_product_ids(path: str | os.PathLike) -> set[str]:
 
 
 def _f(x) -> float | None:
-    return None if x is None else round(float(x), 6)
+    """A rate or score for the report, to 6 decimals; None for a missing or non-finite one
+    (JSON has no Infinity)."""
+    return None if x is None or not math.isfinite(float(x)) else round(float(x), 6)
+
+
+def _t(x) -> float | None:
+    """A threshold for the report, exactly: rounding 0.56781334 to 0.567813 would accept
+    the impostor it was chosen to keep out."""
+    return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
 def summarize(pairs: Pairs, ranks: np.ndarray, photo_mask: np.ndarray,
-              threshold: float | None = None) -> dict:
+              threshold: float | None = None, n_products: int | None = None) -> dict:
     """Every metric over the pairs of the photos in ``photo_mask``.
 
     ``ranks`` are the identification ranks of all photos. Metrics that need a set that
-    is empty here (e.g. no hard impostors) are ``None``.
+    is empty here (e.g. no hard impostors) are ``None``; so are top-k with ``n_products``
+    at most k (every photo would be in the top k), and TAR at a FAR the impostor pairs
+    cannot resolve (fewer than 1/FAR of them: it would be the TAR at FAR 0).
     """
     sub = pairs.subset(photo_mask[pairs.photo])
     g = sub.score[sub.genuine]
@@ -118,17 +129,19 @@ def summarize(pairs: Pairs, ranks: np.ndarray, photo_mask: np.ndarray,
     counts = sub.counts()
     out: dict = {"photos": int(photo_mask.sum()), "pairs": counts}
     r = ranks[photo_mask]
-    out["top1"] = _f((r <= 1).mean()) if r.size else None
-    out["top5"] = _f((r <= 5).mean()) if r.size else None
+    for k in (1, 5):
+        trivial = n_products is not None and n_products <= k
+        out[f"top{k}"] = _f((r <= k).mean()) if r.size and not trivial else None
     if g.size and imp.size:
         e = metrics.eer(g, imp)
         out["auc"] = _f(metrics.roc_auc(g, imp))
         out["eer"] = _f(e.eer)
-        out["eer_threshold"] = _f(e.threshold)
+        out["eer_threshold"] = _t(e.threshold)
         for far in FARS:
             tar, measured, t = metrics.tar_at_far(g, imp, far)
-            out[f"tar_at_far_{far:.0%}"] = _f(tar)
-            out[f"threshold_at_far_{far:.0%}"] = _f(t)
+            resolved = far * imp.size >= 1
+            out[f"tar_at_far_{far:.0%}"] = _f(tar) if resolved else None
+            out[f"threshold_at_far_{far:.0%}"] = _t(t) if resolved else None
     else:
         out.update({"auc": None, "eer": None, "eer_threshold": None})
         for far in FARS:
@@ -142,23 +155,24 @@ def summarize(pairs: Pairs, ranks: np.ndarray, photo_mask: np.ndarray,
     if threshold is not None and g.size and imp.size:
         far, frr = metrics.far_frr_at(g, imp, threshold)
         out["at_bundle_threshold"] = {
-            "threshold": _f(threshold), "far": _f(far), "frr": _f(frr),
+            "threshold": _t(threshold), "far": _f(far), "frr": _f(frr),
             "far_hard": _f((hard >= threshold).mean()) if hard.size else None,
         }
     return out
 
 
 def _block(pairs: Pairs, ranks: np.ndarray, photo_mask: np.ndarray, kinds_of_photo: np.ndarray,
-           threshold: float | None) -> dict:
+           threshold: float | None, n_products: int | None = None) -> dict:
     """Overall, hard-impostor-only and per-kind metrics for the photos in ``photo_mask``."""
-    block = {"all": summarize(pairs, ranks, photo_mask, threshold)}
+    block = {"all": summarize(pairs, ranks, photo_mask, threshold, n_products)}
     hard_pairs = pairs.subset(pairs.kind != "impostor")  # genuine + hard
     block["hard impostors"] = summarize(hard_pairs, ranks, photo_mask, threshold)
     # identification does not depend on the pairs: it is reported once, under "all"
     block["hard impostors"]["top1"] = block["hard impostors"]["top5"] = None
     block["by_kind"] = {}
     for kind in sorted(set(kinds_of_photo[photo_mask].tolist())):
-        block["by_kind"][kind] = summarize(pairs, ranks, photo_mask & (kinds_of_photo == kind), threshold)
+        block["by_kind"][kind] = summarize(pairs, ranks, photo_mask & (kinds_of_photo == kind), threshold,
+                                           n_products)
     return block
 
 
@@ -176,7 +190,8 @@ def draw_spread(draws: Sequence[Pairs], masks: dict[str, np.ndarray], seed: int)
             g, imp = sub.score[sub.genuine], sub.score[sub.impostor]
             if g.size and imp.size:
                 values[name]["eer"].append(metrics.eer(g, imp).eer)
-                values[name]["tar_at_far_1%"].append(metrics.tar_at_far(g, imp, 0.01)[0])
+                if 0.01 * imp.size >= 1:  # as summarize: fewer pairs cannot resolve 1%
+                    values[name]["tar_at_far_1%"].append(metrics.tar_at_far(g, imp, 0.01)[0])
                 values[name]["auc"].append(metrics.roc_auc(g, imp))
     out: dict = {"draws": len(draws), "seeds": [seed, seed + len(draws) - 1]}
     for name, by_metric in values.items():
@@ -345,8 +360,9 @@ def plot_scores(pairs: Pairs, thresholds: dict[str, float], out_dir: Path, title
     return ["scores.png"]
 
 
-def worst_false_accepts(embedded: Embedded, pairs: Pairs, n: int) -> list[dict]:
-    """The highest-scoring impostor pair of each photo, worst ``n`` photos first."""
+def worst_false_accepts(embedded: Embedded, pairs: Pairs, n: int, threshold: float | None = None) -> list[dict]:
+    """The highest-scoring impostor pair of each photo, worst ``n`` photos first; each says
+    whether ``threshold`` accepts it (a good model's worst impostors are still rejected)."""
     if n <= 0:
         return []
     imp = np.nonzero(pairs.impostor)[0]
@@ -362,23 +378,28 @@ def worst_false_accepts(embedded: Embedded, pairs: Pairs, n: int) -> list[dict]:
                     "true_product": embedded.photos[photo].product_id,
                     "true_score": _f(embedded.scores[photo, embedded.truth[photo]]),
                     "matched_product_index": int(pairs.product[k]), "score": _f(pairs.score[k]),
-                    "pair": str(pairs.kind[k])})
+                    "pair": str(pairs.kind[k]),
+                    "accepted": None if threshold is None else bool(pairs.score[k] >= threshold)})
         if len(out) == n:
             break
     return out
 
 
-def worst_false_rejects(embedded: Embedded, pairs: Pairs, n: int) -> list[dict]:
+def worst_false_rejects(embedded: Embedded, pairs: Pairs, n: int, threshold: float | None = None) -> list[dict]:
+    """The ``n`` lowest-scoring genuine pairs, each saying whether ``threshold`` rejects it."""
     gen = np.nonzero(pairs.genuine)[0]
     order = gen[np.argsort(pairs.score[gen], kind="stable")][:n]
     return [{"photo": embedded.photos[int(pairs.photo[k])].photo,
              "product": embedded.photos[int(pairs.photo[k])].product_id,
-             "score": _f(pairs.score[k])} for k in order]
+             "score": _f(pairs.score[k]),
+             "rejected": None if threshold is None else bool(pairs.score[k] < threshold)} for k in order]
 
 
-def plot_confusions(mistakes: list[dict], bundle, spec, out_dir: Path, title: str) -> list[str]:
-    """A sheet of the worst false accepts: the photo, the original it was wrongly
-    matched to (bundle thumbnail), and its true original."""
+def plot_confusions(mistakes: list[dict], bundle, spec, out_dir: Path, title: str,
+                    threshold: float | None = None) -> list[str]:
+    """A sheet of the highest-scoring impostors (:func:`worst_false_accepts`): the photo,
+    the other product's original (bundle thumbnail), and its true original; the ones the
+    bundle threshold accepts in red."""
     if not mistakes:
         return []
     from PIL import Image
@@ -410,15 +431,18 @@ def plot_confusions(mistakes: list[dict], bundle, spec, out_dir: Path, title: st
             true_img = bundle.thumbnail(m["true_product"])
         except (KeyError, OSError, AuditlensError):
             true_img = blank
+        verdict = {True: "ACCEPTED", False: "rejected", None: ""}[m.get("accepted")]
         cells = [(photo, f"photo of\n{m['true_product'][:24]}"),
-                 (wrong_img, f"matched {wrong.product_id[:22]}\n{m['score']:.3f} ({m['pair']})"),
+                 (wrong_img, f"{wrong.product_id[:24]}\n{m['score']:.3f} ({m['pair']}) {verdict}"),
                  (true_img, f"true original\n{m['true_score']:.3f}")]
         for j, (img, caption) in enumerate(cells):
             ax = axes[r, c * per_col + j]
             ax.imshow(np.asarray(img))
-            ax.set_title(caption, fontsize=7, color="darkred" if j == 1 else "black")
-    fig.suptitle(f"Worst false accepts (photo | wrongly matched original | true original)\n{title}",
-                 fontsize=9)
+            ax.set_title(caption, fontsize=7,
+                         color="darkred" if j == 1 and m.get("accepted") is not False else "black")
+    at = f"; red: accepted at the bundle threshold {threshold:.3f}" if threshold is not None else ""
+    fig.suptitle("The highest-scoring impostor of each photo, worst first (photo | other product's "
+                 f"original | true original){at}\n{title}", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, dpi=90)
@@ -511,7 +535,7 @@ def evaluate(
                    "products": len(b.products), "references": int(len(b.references)),
                    "pairs": pairs.counts()},
         "unreadable_photos": [{"photo": p, "error": e} for p, e in embedded.failed[:50]],
-        "overall": _block(pairs, ranks, everyone, photo_kind, threshold),
+        "overall": _block(pairs, ranks, everyone, photo_kind, threshold, len(b.products)),
     }
     if unseen_products is not None:
         unseen = set(unseen_products)
@@ -522,8 +546,8 @@ def evaluate(
                            "unseen_not_in_bundle": missing,
                            "photos_seen": int((~is_unseen).sum()), "photos_unseen": int(is_unseen.sum())}
         if is_unseen.any() and (~is_unseen).any():
-            report["seen"] = _block(pairs, ranks, ~is_unseen, photo_kind, threshold)
-            report["unseen"] = _block(pairs, ranks, is_unseen, photo_kind, threshold)
+            report["seen"] = _block(pairs, ranks, ~is_unseen, photo_kind, threshold, len(b.products))
+            report["unseen"] = _block(pairs, ranks, is_unseen, photo_kind, threshold, len(b.products))
         else:
             report["split"]["note"] = ("no seen/unseen breakdown: "
                                        + ("no photo shows an unseen product" if not is_unseen.any()
@@ -536,11 +560,11 @@ def evaluate(
     report["impostor_draws"] = draw_spread(draws, masks, seed)
     report["goals"] = _goals(report)
 
-    fa = worst_false_accepts(embedded, pairs, worst)
+    fa = worst_false_accepts(embedded, pairs, worst, threshold)
     for m in fa:
         m["matched_product"] = b.products[m["matched_product_index"]].product_id
     report["worst_false_accepts"] = [{k: v for k, v in m.items() if k != "matched_product_index"} for m in fa]
-    report["worst_false_rejects"] = worst_false_rejects(embedded, pairs, worst)
+    report["worst_false_rejects"] = worst_false_rejects(embedded, pairs, worst, threshold)
     misidentified = np.nonzero(ranks > 1)[0]
     top_wrong = embedded.scores.copy()
     top_wrong[np.arange(len(top_wrong)), embedded.truth] = -np.inf
@@ -570,7 +594,7 @@ def evaluate(
                                          "EER threshold": overall.get("eer_threshold"),
                                          "FAR 1% threshold": overall.get("threshold_at_far_1%")},
                                  out, title)
-            files += plot_confusions(fa, b, b.spec, out, title)
+            files += plot_confusions(fa, b, b.spec, out, title, threshold)
         files.append("summary.md")
         report["files"] = files
         for stale in set(PLOT_FILES) - set(files):  # an earlier run's plots would describe other data
@@ -584,12 +608,21 @@ def evaluate(
     return report
 
 
+def _left_out(counts: dict) -> str:
+    """", 2 unreadable (skipped), 1 of products not in the bundle (skipped)", or nothing."""
+    return "".join(f", {counts[key]} {what}" for key, what in (
+        ("photos_unreadable", "unreadable (skipped)"),
+        ("photos_of_products_not_enrolled", "of products not in the bundle (skipped)"),
+        ("photo_rows_repeated", "repeated rows (counted once)")) if counts.get(key))
+
+
 def summary_markdown(report: dict) -> str:
     """The headline table and the goals, as Markdown (for READMEs)."""
     c = report["counts"]
     lines = [
         f"Model `{report['model_id']}`, bundle of {c['products']} products, "
-        f"{c['photos_scored']} photos ({Path(report['photos_source']).name or 'labelled photos'}); "
+        f"{c['photos_scored']} photos ({Path(report['photos_source']).name or 'labelled photos'}"
+        f"{_left_out(c)}); "
         f"{c['pairs'][GENUINE]} genuine, {c['pairs']['impostor']} random-impostor and "
         f"{c['pairs'][HARD]} hard-impostor pairs (protocol v{report['protocol']['version']}, "
         f"seed {report['protocol']['seed']}).",
@@ -617,12 +650,12 @@ def _spread_lines(report: dict) -> list[str]:
         m = d.get(name)
         if not m or "eer" not in m:
             continue
-        e, t = m["eer"], m["tar_at_far_1%"]
+        e, t = m["eer"], m.get("tar_at_far_1%")
         lines.append(
             f"over {d['draws']} impostor draws (seeds {d['seeds'][0]}-{d['seeds'][1]}), "
             f"{'photos' if name == 'all' else name + ' products'}: EER {e['min']:.1%}-{e['max']:.1%} "
-            f"(median {e['median']:.1%}), TAR at FAR 1% {t['min']:.1%}-{t['max']:.1%} "
-            f"(median {t['median']:.1%})")
+            f"(median {e['median']:.1%})"
+            + (f", TAR at FAR 1% {t['min']:.1%}-{t['max']:.1%} (median {t['median']:.1%})" if t else ""))
     return lines
 
 
@@ -630,11 +663,7 @@ def describe(report: dict) -> str:
     c = report["counts"]
     lines = [
         f"bundle {report['bundle']} (model {report['model_id']}, {c['products']} products), "
-        f"{c['photos_scored']} photos scored"
-        + (f", {c['photos_unreadable']} unreadable" if c["photos_unreadable"] else "")
-        + (f", {c['photos_of_products_not_enrolled']} of products not in the bundle (skipped)"
-           if c["photos_of_products_not_enrolled"] else "")
-        + (f", {c['photo_rows_repeated']} repeated rows (counted once)" if c.get("photo_rows_repeated") else ""),
+        f"{c['photos_scored']} photos scored{_left_out(c)}",
         f"pairs: {c['pairs'][GENUINE]} genuine, {c['pairs']['impostor']} random impostor, "
         f"{c['pairs'][HARD]} hard impostor (seed {report['protocol']['seed']})",
         "",
