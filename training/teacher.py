@@ -128,6 +128,13 @@ KERAS_APPLICATIONS = {
 }
 
 
+def _check_weights_file(weights: str | None) -> None:
+    """A ``--weights`` file that is not there is named as such (Keras would say the
+    argument should be None, 'imagenet' or a path)."""
+    if weights and weights != "imagenet" and not Path(weights).is_file():
+        raise ValueError(f"--weights {weights}: no such file")
+
+
 def keras_teacher(model: str, weights: str | None, input_size: int):
     """An embedding function from a Keras model.
 
@@ -145,10 +152,12 @@ def keras_teacher(model: str, weights: str | None, input_size: int):
             raise ValueError(f"unknown keras application {name!r}; one of {', '.join(KERAS_APPLICATIONS)}")
         if not weights:
             raise ValueError(f"{model} needs --weights: a weights file on disk (or 'imagenet' to download it)")
+        _check_weights_file(weights)
         net = getattr(keras.applications, name)(
             include_top=False, weights=weights, pooling="avg", input_shape=(input_size, input_size, 3))
         prepare = getattr(keras.applications, KERAS_APPLICATIONS[name]).preprocess_input
     else:
+        _check_weights_file(weights)
         net = keras.saving.load_model(model, compile=False)
         if weights:
             net.load_weights(weights)
@@ -172,6 +181,7 @@ def torchvision_teacher(name: str, weights: str | None):
 
     if not weights:
         raise ValueError(f"torchvision:{name} needs --weights: the network's .pth state_dict on disk")
+    _check_weights_file(weights)
     net = torchvision.models.get_model(name)
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     for head in ("classifier", "fc", "heads"):
@@ -239,9 +249,6 @@ def run(args) -> int:
     sources: list[str | bytes] = [p.image for p in catalog]
     for csv_path in args.photos:
         sources += [p.photo for p in read_labelled_photos(csv_path)]
-    if args.weights and args.weights != "imagenet" and not Path(args.weights).is_file():
-        print(f"auditlens teacher-features: --weights {args.weights}: no such file", file=sys.stderr)
-        return 2
     try:
         if args.model.startswith("torchvision:"):
             embed = torchvision_teacher(args.model.split(":", 1)[1], args.weights)

@@ -148,8 +148,9 @@ def test_valid_decisions_still_load_and_verify(bundle_copy):
     """No far_curve, an empty one, a one-point one, and the extreme thresholds are fine."""
     for far_curve in (None, [], [[0.5, 0.0]], [[-0.2, 1.0], [0.3, 0.5], [0.9, 0.0]]):
         for threshold in (-1, 1.0, 0.5):
+            # without the products it was measured on, a curve is taken as this bundle's own
             edit_manifest(bundle_copy, lambda m, t=threshold, c=far_curve:
-                          m["decision"].update(threshold=t, far_curve=c))
+                          m["decision"].update(threshold=t, far_curve=c, products=None))
             b = ReferenceBundle.load(bundle_copy)
             assert b.threshold == threshold
     v = Verifier(b)
