@@ -22,7 +22,7 @@ import csv
 import re
 import sqlite3
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -265,6 +265,9 @@ class LabelledPhoto:
 
     photo: str
     product_id: str
+    given: str = field(default="", compare=False)
+    """The photo as the CSV wrote it (``photo`` is resolved against the CSV's folder), for
+    outputs that are joined back to their input."""
 
 
 def read_labelled_photos(path: str | Path) -> list[LabelledPhoto]:
@@ -282,5 +285,5 @@ def read_labelled_photos(path: str | Path) -> list[LabelledPhoto]:
         if not photo or not pid:
             raise CatalogError(f"{path}:{line}: empty photo or product_id")
         p = Path(photo)
-        out.append(LabelledPhoto(str(p if p.is_absolute() else path.parent / p), pid))
+        out.append(LabelledPhoto(str(p if p.is_absolute() else path.parent / p), pid, photo))
     return out

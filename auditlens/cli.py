@@ -7,10 +7,12 @@ an input auditlens could not use (the message says which and why).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
 import json
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -233,18 +235,64 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _run_score(args) -> int:
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While inside, SIGTERM stops the command as Ctrl-C does (KeyboardInterrupt), so a long
+    command keeps its partial results; the handler before is restored after. Only in the
+    main thread, where Python allows signal handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _score_pairs(pairs, verifier, rows: list[list[str]], progress: bool) -> tuple[int, int]:
+    """Score each pair into ``rows`` (the photo as the pairs file wrote it, so the rows join
+    back to it); each photo is decoded and embedded once. Returns (photos, errors)."""
     from tqdm import tqdm
 
+    captures: dict[str, object] = {}
+    errors = 0
+    for pair in tqdm(pairs, desc="scoring", unit="pair", disable=not progress):
+        try:
+            capture = captures.get(pair.photo)
+            if capture is None:
+                try:
+                    capture = verifier.prepare(pair.photo, keep_image=False)
+                    verifier.embed(capture)
+                    capture.release_pixels()  # memory stays flat over 10k photos
+                except AuditlensError as exc:
+                    capture = exc  # remembered: a bad photo is decoded once too
+                captures[pair.photo] = capture
+            if isinstance(capture, AuditlensError):
+                raise capture
+            v = verifier.verify(capture, pair.product_id)
+            rows.append([pair.given or pair.photo, pair.product_id, f"{v.score:.5f}", v.decision, ""])
+        except AuditlensError as exc:
+            errors += 1
+            rows.append([pair.given or pair.photo, pair.product_id, "", "error", str(exc)])
+    return len(captures), errors
+
+
+def _run_score(args) -> int:
     from auditlens.catalog import read_labelled_photos
     from auditlens.files import atomic_write, check_output_file
 
-    check_output_file(args.out)
+    check_output_file(args.out, inputs=(args.pairs,))
     verifier = _verifier(args)
     pairs = read_labelled_photos(args.pairs)
-    captures: dict[str, object] = {}  # each photo decoded and embedded once
     rows: list[list[str]] = []
-    errors = 0
 
     def write(path: Path) -> None:
         with atomic_write(path, newline="") as fh:
@@ -253,24 +301,8 @@ def _run_score(args) -> int:
             writer.writerows(rows)
 
     try:
-        for pair in tqdm(pairs, desc="scoring", unit="pair", disable=args.no_progress):
-            try:
-                capture = captures.get(pair.photo)
-                if capture is None:
-                    try:
-                        capture = verifier.prepare(pair.photo, keep_image=False)
-                        verifier.embed(capture)
-                        capture.release_pixels()  # memory stays flat over 10k photos
-                    except AuditlensError as exc:
-                        capture = exc  # remembered: a bad photo is decoded once too
-                    captures[pair.photo] = capture
-                if isinstance(capture, AuditlensError):
-                    raise capture
-                v = verifier.verify(capture, pair.product_id)
-                rows.append([pair.photo, pair.product_id, f"{v.score:.5f}", v.decision, ""])
-            except AuditlensError as exc:
-                errors += 1
-                rows.append([pair.photo, pair.product_id, "", "error", str(exc)])
+        with _sigterm_interrupts():  # `timeout`, systemd and CI cancel with SIGTERM, not Ctrl-C
+            photos, errors = _score_pairs(pairs, verifier, rows, not args.no_progress)
     except BaseException:  # interrupted, or a fault: keep what was scored, apart from OUT
         partial = args.out.with_name(f"{args.out.stem}.partial{args.out.suffix}")
         write(partial)
@@ -278,13 +310,15 @@ def _run_score(args) -> int:
               file=sys.stderr)
         raise
     write(args.out)
-    print(f"scored {len(pairs)} pairs ({len(captures)} photos, {errors} errors) into {args.out}")
+    print(f"scored {len(pairs)} pairs ({photos} photos, {errors} errors) into {args.out}")
     return EXIT_OK if not errors else EXIT_ERROR
 
 
 # -- info ----------------------------------------------------------------------------
 def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", type=Path, nargs="?", default=None, help="bundle folder or .zip (default: the sample)")
+    p.add_argument("--bundle", "-b", dest="bundle_option", type=Path, default=None, metavar="BUNDLE",
+                   help="the same, as the other commands take it")
     p.add_argument("--public-key", type=Path, default=None, metavar="KEY",
                    help="check the signature with this Ed25519 public key file")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -295,11 +329,18 @@ def _run_info(args) -> int:
     from auditlens.device_app.verifier import Verifier
 
     key = args.public_key.read_bytes() if args.public_key else None
-    b = ReferenceBundle.load(args.bundle or default_bundle(), public_key=key)
+    if args.bundle and args.bundle_option and args.bundle != args.bundle_option:
+        from auditlens.errors import BundleError
+
+        raise BundleError(f"two bundles given ({args.bundle}, {args.bundle_option}); give one")
+    b = ReferenceBundle.load(args.bundle or args.bundle_option or default_bundle(), public_key=key)
     Verifier(b)  # runs the model on the bundle's probe: a model and references that differ are refused here too
     m = b.manifest
     if args.json:
-        print(json.dumps({k: v for k, v in m.items() if k != "probe"}, indent=1))
+        shown = {k: v for k, v in m.items() if k != "probe"}
+        # not part of the manifest: what this command found about its signature
+        shown["signature"] = {"present": b.has_signature, "checked_by": b.signed_by}
+        print(json.dumps(shown, indent=1))
         return EXIT_OK
     d = m["decision"]
     size = len(b.model_content)
@@ -364,9 +405,13 @@ def _run_demo(args) -> int:
     n = len(photos)
     far = verifier.bundle.decision.get("target_far")
     print(f"\ngenuine photos accepted: {accepted}/{n}; photos of another product rejected: {rejected}/{n}"
-          + (f"\n(the threshold is calibrated for a {far:.0%} false-accept rate: strict on purpose, "
-             "a wrong product passing an audit costs more than a retake)" if far else ""))
-    print(f"\nVerify your own photo with:\n  auditlens verify --product {ids[0]} PHOTO.jpg")
+          + (f"\n(the threshold is calibrated for a {far:.0%} false-accept rate"
+             + ("" if verifier.bundle.far_measured else
+                f" on the {verifier.bundle.decision['products'].get('count', '?')} products of the model's "
+                "calibration; on these it is not measured")
+             + ": strict on purpose, a wrong product passing an audit costs more than a retake)" if far else ""))
+    named = f" --bundle {shlex.quote(str(args.bundle))}" if args.bundle else ""
+    print(f"\nVerify your own photo with:\n  auditlens verify{named} --product {ids[0]} PHOTO.jpg")
     return EXIT_OK
 
 
@@ -485,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     except AuditlensError as exc:
         print(f"auditlens: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # `auditlens demo | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+        return 128 + 13  # as a shell reports a process ended by SIGPIPE
     except OSError as exc:  # a file named on the command line is missing or unreadable
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"auditlens: error: {where}{exc.strerror or exc}", file=sys.stderr)

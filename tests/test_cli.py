@@ -2,8 +2,10 @@
 
 import csv
 import json
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -360,3 +362,71 @@ def test_a_damaged_tiff_is_one_line_without_pillows_warning(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         line for line in proc.stderr.strip().splitlines() if line.startswith("auditlens: error:")]
     assert "cut.tif" in proc.stderr and "Warning" not in proc.stderr
+
+
+def test_score_rows_join_back_to_the_pairs_file_and_never_replace_it(tmp_path, sample_photos):
+    """The photo column is the pairs file's own text (it was the path resolved against the
+    CSV's folder, different for every working folder), so the output can be scored again;
+    an --out that is the --pairs file is refused instead of replacing it."""
+    import shutil
+
+    shutil.copytree(SAMPLE / "photos", tmp_path / "photos")
+    given = [f"photos/{Path(p.photo).name}" for p in sample_photos[:3]]
+    pairs = write_csv(tmp_path / "pairs.csv", ["photo", "product_id"],
+                      [[g, p.product_id] for g, p in zip(given, sample_photos)])
+    out = tmp_path / "scores.csv"
+    run("score", "--pairs", pairs, "--out", out, "--no-progress", check_rc=0)
+    assert [r["photo"] for r in csv.DictReader(out.open())] == given
+    run("score", "--pairs", out, "--out", tmp_path / "again.csv", "--no-progress", check_rc=0)  # scored again
+    before = pairs.read_bytes()
+    same = run("score", "--pairs", pairs, "--out", pairs, "--no-progress", check_rc=2)
+    assert "is the input" in same.stderr and pairs.read_bytes() == before
+
+
+def test_score_stopped_by_sigterm_keeps_the_rows_it_scored(tmp_path, sample_photos):
+    """`timeout`, systemd and CI stop a command with SIGTERM: the scored rows are kept as
+    after Ctrl-C (they were lost)."""
+    import shutil
+    import signal
+
+    rows = []
+    for copy in range(40):  # 640 distinct photo files: each is decoded and embedded
+        for p in sample_photos:
+            name = tmp_path / f"{copy}_{Path(p.photo).name}"
+            shutil.copy(p.photo, name)
+            rows.append([str(name), p.product_id])
+    pairs = write_csv(tmp_path / "pairs.csv", ["photo", "product_id"], rows)
+    out = tmp_path / "scores.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "auditlens.cli", "score", "--pairs", str(pairs),
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while b"scoring" not in seen:  # the progress bar has started: the handler is in place
+        char = proc.stderr.read(1)
+        assert char, "score ended before scoring"
+        seen += char
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and b"stopped after" in err and not out.exists()
+    kept = list(csv.DictReader((tmp_path / "scores.partial.csv").open()))
+    assert len(kept) < len(rows) and all(r["verdict"] in ("match", "no_match", "retake") for r in kept)
+
+
+def test_info_takes_the_bundle_as_the_other_commands_do_and_says_if_it_is_signed(tmp_path):
+    from auditlens.device_app.signing import generate_keypair
+
+    as_option = json.loads(run("info", "--bundle", SAMPLE.parent / "sample_bundle", "--json", check_rc=0).stdout)
+    positional = json.loads(run("info", SAMPLE.parent / "sample_bundle", "--json", check_rc=0).stdout)
+    assert as_option == positional and positional["signature"] == {"present": False, "checked_by": None}
+    private, public = generate_keypair(tmp_path / "keys")
+    run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "b", "--sign-key", private, "--no-progress", check_rc=0)
+    unchecked = json.loads(run("info", "-b", tmp_path / "b", "--json", check_rc=0).stdout)["signature"]
+    checked = json.loads(run("info", "-b", tmp_path / "b", "--public-key", public, "--json", check_rc=0).stdout)
+    assert unchecked == {"present": True, "checked_by": None}
+    assert checked["signature"]["present"] and checked["signature"]["checked_by"].startswith("ed25519:")
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} -m auditlens.cli demo | head -1", shell=True,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.stdout.startswith("auditlens demo:") and "Broken pipe" not in proc.stderr
+    assert proc.stderr == ""
