@@ -216,13 +216,24 @@ def _add_identify(p: argparse.ArgumentParser) -> None:
 
 
 def _run_identify(args) -> int:
-    candidates = _verifier(args).identify(args.photo, args.top)
+    """The closest products, each saying whether it clears the threshold; a photo that
+    cannot be judged as the best of them (too dark, blurred, a copy of its original) is
+    said so and exits 3, as verify's RETAKE does."""
+    verifier = _verifier(args)
+    capture = verifier.prepare(args.photo)
+    candidates = verifier.identify(capture, args.top)
+    retake = verifier.retake_reasons(capture, candidates[0].product_id)
     if args.json:
-        print(json.dumps([c.__dict__ for c in candidates], indent=1))
+        print(json.dumps([{**c.__dict__, "passes_threshold": c.score >= verifier.threshold,
+                           "threshold": verifier.threshold, "retake": retake} for c in candidates], indent=1))
     else:
+        print(f"threshold {verifier.threshold:.3f} (* clears it)")
         for rank, c in enumerate(candidates, 1):
-            print(f"{rank:2d}. {c.score:6.3f}  {c.product_id}  ({c.name})")
-    return EXIT_OK
+            mark = "*" if c.score >= verifier.threshold else " "
+            print(f"{rank:2d}. {c.score:6.3f}{mark} {c.product_id}  ({c.name})")
+        for reason in retake:
+            print(f"RETAKE: {reason}")
+    return EXIT_RETAKE if retake else EXIT_OK
 
 
 # -- score ---------------------------------------------------------------------------

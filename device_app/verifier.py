@@ -422,24 +422,34 @@ class Verifier:
         scores, fars = self._far_curve[:, 0], self._far_curve[:, 1]
         return float(np.interp(score, scores, fars))
 
+    def copies_original(self, capture: Capture, product_id: str) -> bool:
+        """Whether the photo reproduces the product's catalogue original (its dHash within
+        ``near_duplicate_bits``) instead of showing the product."""
+        record = self.bundle.product(product_id)
+        return bool(record.dhash) and hamming(capture.dhash, record.dhash) <= self.options.near_duplicate_bits
+
+    def retake_reasons(self, capture: Capture, product_id: str) -> list[str]:
+        """Why the photo cannot be judged as ``product_id`` (a copy of its original, or a
+        capture too dark, blurred, ... when quality is checked); empty when it can."""
+        if self.copies_original(capture, product_id):
+            return ["the photo reproduces the catalogue original instead of showing the product: "
+                    "photograph the product itself"]
+        return list(capture.quality.issues) if self.options.check_quality and not capture.quality.ok else []
+
     # -- the public verbs -----------------------------------------------------------
     def verify(self, photo: ImageSource | np.ndarray | Capture, product_id: str) -> Verdict:
         """Decide whether ``photo`` shows ``product_id``."""
-        record = self.bundle.product(product_id)  # unknown ids fail before any decoding
+        self.bundle.product(product_id)  # unknown ids fail before any decoding
         capture = photo if isinstance(photo, Capture) else self.prepare(photo)
         latent = self.embed(capture)
         score = self.score(latent, product_id)
         reasons: list[str] = []
         quality = capture.quality
-        near_duplicate = bool(record.dhash) and hamming(capture.dhash, record.dhash) <= self.options.near_duplicate_bits
-
-        if near_duplicate:
+        near_duplicate = self.copies_original(capture, product_id)
+        retake = self.retake_reasons(capture, product_id)
+        if retake:
             decision = RETAKE
-            reasons.append("the photo reproduces the catalogue original instead of showing the "
-                           "product: photograph the product itself")
-        elif self.options.check_quality and not quality.ok:
-            decision = RETAKE
-            reasons.extend(quality.issues)
+            reasons.extend(retake)
         elif score >= self.threshold:
             decision = MATCH
             reasons.append(score_against_threshold(score, self.threshold, ">="))

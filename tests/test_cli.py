@@ -142,7 +142,25 @@ def test_enroll_then_info_and_identify(tmp_path, sample_photos):
     info = run("info", tmp_path / "b", check_rc=0).stdout
     assert "every sha256 verified" in info and "products   10" in info
     ident = run("identify", "--bundle", tmp_path / "b", "--top", "3", sample_photos[0].photo, check_rc=0)
-    assert len(ident.stdout.strip().splitlines()) == 3
+    lines = ident.stdout.strip().splitlines()
+    assert lines[0].startswith("threshold 0.5") and len(lines) == 4
+
+
+def test_identify_says_which_products_clear_the_threshold_and_when_to_retake(tmp_path, sample_photos):
+    """identify ranked a black frame and the catalogue original itself with exit 0 and no
+    word of the threshold (found in review); verify called both RETAKE."""
+    from PIL import Image
+
+    photo = sample_photos[0]
+    ranked = json.loads(run("identify", "--json", "--top", "3", photo.photo, check_rc=0).stdout)
+    threshold = ranked[0]["threshold"]
+    assert [c["passes_threshold"] for c in ranked] == [c["score"] >= threshold for c in ranked]
+    assert ranked[0]["product_id"] == photo.product_id and ranked[0]["retake"] == []
+    Image.new("RGB", (640, 480), (3, 3, 3)).save(tmp_path / "black.jpg")
+    dark = run("identify", tmp_path / "black.jpg", check_rc=3).stdout
+    assert "RETAKE:" in dark and "dark" in dark
+    copy = run("identify", SAMPLE / "originals" / "Banana.jpg", check_rc=3).stdout
+    assert "RETAKE: the photo reproduces the catalogue original" in copy
 
 
 def test_enroll_with_reference_photos_needs_its_own_calibration(tmp_path, sample_photos):
