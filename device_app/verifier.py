@@ -443,19 +443,15 @@ class Verifier:
         capture = photo if isinstance(photo, Capture) else self.prepare(photo)
         latent = self.embed(capture)
         score = self.score(latent, product_id)
-        reasons: list[str] = []
-        quality = capture.quality
-        near_duplicate = self.copies_original(capture, product_id)
-        retake = self.retake_reasons(capture, product_id)
-        if retake:
+        reasons = self.retake_reasons(capture, product_id)
+        if reasons:
             decision = RETAKE
-            reasons.extend(retake)
         elif score >= self.threshold:
             decision = MATCH
-            reasons.append(score_against_threshold(score, self.threshold, ">="))
+            reasons = [score_against_threshold(score, self.threshold, ">=")]
         else:
             decision = NO_MATCH
-            reasons.append(score_against_threshold(score, self.threshold, "<"))
+            reasons = [score_against_threshold(score, self.threshold, "<")]
 
         suggestions: tuple[Candidate, ...] = ()
         if decision == NO_MATCH and self.options.suggestions:
@@ -464,8 +460,8 @@ class Verifier:
         return Verdict(
             decision=decision, product_id=product_id, score=score, threshold=self.threshold,
             estimated_far=self.estimated_far(score), reasons=tuple(reasons),
-            model_id=self.bundle.model_id, photo_sha256=capture.sha256, quality=quality,
-            near_duplicate=near_duplicate, suggestions=suggestions,
+            model_id=self.bundle.model_id, photo_sha256=capture.sha256, quality=capture.quality,
+            near_duplicate=self.copies_original(capture, product_id), suggestions=suggestions,
             target_far=self.bundle.decision.get("target_far"), judged_utc=utc_now(),
         )
 
