@@ -39,6 +39,7 @@ import os
 import random
 import re
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from auditlens.errors import AuditChainError, AuditLogError, AuditRecordError
+from auditlens.errors import AuditChainError, AuditlensError, AuditLogError, AuditRecordError
 from auditlens.files import atomic_write
 
 LOG_FORMAT = "auditlens-audit-log"
@@ -885,7 +886,15 @@ def add_arguments(p) -> None:
                    help="a head this log reported earlier (printed as 'head', kept when the log "
                         "was uploaded): the record ID must still carry HASH, which catches records "
                         "removed or rewritten and re-hashed since then; may be repeated")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--json", action="store_true",
+                   help='print the report as JSON, with "ok"; on a failure {"ok": false, "error", '
+                        '"record_id"} (exit status 4 for a broken chain, 2 for any other error)')
+
+
+EXIT_CHAIN_BROKEN = 4
+"""`auditlens verify-log`'s exit status when the log reads but its chain is broken (a record
+edited, removed or reordered, or a kept head no longer matched); 2 is any other error (no
+such file, not an audit log, a bad argument), 0 an intact chain."""
 
 
 def _anchor(text: str) -> tuple[int, str]:
@@ -901,6 +910,21 @@ def _anchor(text: str) -> tuple[int, str]:
 
 
 def run(args) -> int:
+    """Check the log (and export it); a broken chain exits with :data:`EXIT_CHAIN_BROKEN`, so a
+    script tells tampering from a log it could not read."""
+    try:
+        return _check_and_export(args)
+    except AuditlensError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc), "record_id": getattr(exc, "record_id", None)},
+                             indent=2))
+        if not isinstance(exc, AuditChainError):
+            raise  # one line on stderr and exit 2, as every command
+        print(f"auditlens: error: {exc}", file=sys.stderr)
+        return EXIT_CHAIN_BROKEN
+
+
+def _check_and_export(args) -> int:
     if args.photos and not args.export_json:
         raise AuditLogError("--photos adds the photos to --export-json; give --export-json F")
     with AuditLog(args.log, create=False) as log:
@@ -917,7 +941,7 @@ def run(args) -> int:
         if args.export_photos:
             log.export_photos(args.export_photos)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({"ok": True, **report.to_dict()}, indent=2))
     else:
         print(f"{report.path}: OK, {report.records} records, hash chain intact")
         print(f"  log id     {report.log_id}")

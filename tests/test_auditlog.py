@@ -204,7 +204,7 @@ def test_hand_edit_breaks_the_chain_and_verify_log_names_the_record(log_path, sq
     with AuditLog(log_path) as log, pytest.raises(AuditChainError, match=f"record {bad_id}:") as exc:
         log.verify_chain()
     assert exc.value.record_id == bad_id
-    assert cli_main(["verify-log", str(log_path)]) == 2
+    assert cli_main(["verify-log", str(log_path)]) == 4  # a broken chain, not an unreadable log
     err = capsys.readouterr().err
     assert f"record {bad_id}:" in err
 
@@ -217,8 +217,18 @@ def test_verify_log_cli_subprocess_names_the_edited_record(log_path):
     _edit_by_hand(log_path, "UPDATE records SET product_id = 'product-x' WHERE id = 2;")
     proc = subprocess.run([sys.executable, "-m", "auditlens.cli", "verify-log", str(log_path)],
                           capture_output=True, text=True)
-    assert proc.returncode == 2
+    assert proc.returncode == 4
     assert "record 2:" in proc.stderr and "edited" in proc.stderr
+    # a script tells tampering (4) from a log it could not read (2), and --json says which record
+    as_json = subprocess.run([sys.executable, "-m", "auditlens.cli", "verify-log", str(log_path), "--json"],
+                             capture_output=True, text=True)
+    failure = json.loads(as_json.stdout)
+    assert as_json.returncode == 4 and failure["ok"] is False and failure["record_id"] == 2
+    missing = subprocess.run([sys.executable, "-m", "auditlens.cli", "verify-log", str(log_path) + ".gone",
+                              "--json"], capture_output=True, text=True)
+    assert missing.returncode == 2 and json.loads(missing.stdout) == {
+        "ok": False, "error": json.loads(missing.stdout)["error"], "record_id": None}
+    assert "auditlens: error:" in missing.stderr
 
 
 def test_truncating_the_newest_records_changes_the_head_hash(log_path):
@@ -266,7 +276,7 @@ def test_a_kept_head_catches_a_rewrite_that_recomputed_every_hash(log_path, caps
         with pytest.raises(AuditChainError, match="record 3: its hash is not the one kept") as exc:
             log.verify_chain(anchors=[(3, uploaded.split(":")[1])])
     assert exc.value.record_id == 3
-    assert cli_main(["verify-log", str(log_path), "--expect-head", uploaded]) == 2
+    assert cli_main(["verify-log", str(log_path), "--expect-head", uploaded]) == 4
     assert "rewritten and re-hashed" in capsys.readouterr().err
 
 
@@ -278,7 +288,7 @@ def test_a_kept_head_catches_removed_newest_records(log_path, capsys):
     assert cli_main(["verify-log", str(log_path), "--expect-head", head]) == 0
     assert "record 3 still carries the hash kept for it" in capsys.readouterr().out
     _edit_by_hand(log_path, "DELETE FROM records WHERE id = 3;")
-    assert cli_main(["verify-log", str(log_path), "--expect-head", head]) == 2
+    assert cli_main(["verify-log", str(log_path), "--expect-head", head]) == 4
     assert "record 3, whose hash was kept, is gone" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # not ID:HASH
         cli_main(["verify-log", str(log_path), "--expect-head", "3"])
@@ -824,7 +834,7 @@ def test_dropped_table_is_reported_as_tampering(log_path, table, message, capsys
         for i in range(3):
             log.append(make_verdict(i), photo=jpeg(), auditor="a")
     _edit_by_hand(log_path, f"DROP TABLE {table};")
-    assert cli_main(["verify-log", str(log_path)]) == 2
+    assert cli_main(["verify-log", str(log_path)]) == 4
     captured = capsys.readouterr()
     assert message in captured.err and "OK" not in captured.out
     for create in (False, True):  # nor does opening to append start a new, empty chain
