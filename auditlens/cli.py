@@ -150,7 +150,8 @@ def _run_enroll(args) -> int:
                  options=EnrollOptions(threshold=args.threshold, progress=not args.no_progress,
                                        photo_zooms=args.photo_zooms, photo_mirror=args.photo_mirror),
                  signing_key=args.sign_key.read_bytes() if args.sign_key else None,
-                 drop_signature=args.drop_signature, warn=lambda message: print(f"auditlens: warning: {message}", file=sys.stderr))
+                 drop_signature=args.drop_signature,
+                 warn=lambda message: print(f"auditlens: warning: {message}", file=sys.stderr))
     print(f"enrolled {len(catalog)} products ({len(extras)} extra reference photos) into {out}")
     return EXIT_OK
 

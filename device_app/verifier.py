@@ -431,7 +431,10 @@ class Verifier:
     def retake_reasons(self, capture: Capture, product_id: str) -> list[str]:
         """Why the photo cannot be judged as ``product_id`` (a copy of its original, or a
         capture too dark, blurred, ... when quality is checked); empty when it can."""
-        if self.copies_original(capture, product_id):
+        return self._retake_reasons(capture, self.copies_original(capture, product_id))
+
+    def _retake_reasons(self, capture: Capture, copies_original: bool) -> list[str]:
+        if copies_original:
             return ["the photo reproduces the catalogue original instead of showing the product: "
                     "photograph the product itself"]
         return list(capture.quality.issues) if self.options.check_quality and not capture.quality.ok else []
@@ -443,7 +446,8 @@ class Verifier:
         capture = photo if isinstance(photo, Capture) else self.prepare(photo)
         latent = self.embed(capture)
         score = self.score(latent, product_id)
-        reasons = self.retake_reasons(capture, product_id)
+        near_duplicate = self.copies_original(capture, product_id)
+        reasons = self._retake_reasons(capture, near_duplicate)
         if reasons:
             decision = RETAKE
         elif score >= self.threshold:
@@ -461,7 +465,7 @@ class Verifier:
             decision=decision, product_id=product_id, score=score, threshold=self.threshold,
             estimated_far=self.estimated_far(score), reasons=tuple(reasons),
             model_id=self.bundle.model_id, photo_sha256=capture.sha256, quality=capture.quality,
-            near_duplicate=self.copies_original(capture, product_id), suggestions=suggestions,
+            near_duplicate=near_duplicate, suggestions=suggestions,
             target_far=self.bundle.decision.get("target_far"), judged_utc=utc_now(),
         )
 

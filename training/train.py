@@ -406,16 +406,10 @@ def load_validation(config: TrainConfig, data: TrainingData, spec: PreprocessSpe
     else:
         import tensorflow as tf
 
-        from auditlens.training.augment import (
-            AugmentSwitches,
-            CaptureAugmenter,
-            cache_size,
-            object_mask,
-        )
+        from auditlens.training.augment import AugmentSwitches, CaptureAugmenter, object_mask
 
         val_aug = CaptureAugmenter(config.input_size, backgrounds, AugmentSwitches(), seed=config.seed + 999)
-        csize = cache_size(config.input_size, config.cache_scale)
-        all_big = _load_stack([p.image for p in data.catalog], spec, csize, "original")
+        all_big = _load_stack([p.image for p in data.catalog], spec, data.originals_big.shape[1], "original")
         all_masks = np.stack([object_mask(img) for img in all_big])[..., None]
         reps, chunk = 4, 64  # augmented in chunks: one batch of every view would take GBs
         rep_big, rep_masks = np.repeat(all_big, reps, 0), np.repeat(all_masks, reps, 0)
@@ -490,7 +484,7 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, a
     optimizers and the weight average. Returns the loss terms."""
     import tensorflow as tf
 
-    from auditlens.training.augment import cache_size, variant_images
+    from auditlens.training.augment import variant_images
     from auditlens.training.losses import (
         cosface_loss,
         distill_loss,
@@ -500,13 +494,13 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, a
 
     encoder, decoder, head, projection = nets.encoder, nets.decoder, nets.head, nets.projection
     n_train = len(data.train_ids)
-    csize = cache_size(config.input_size, config.cache_scale)
+    side = data.originals_big.shape[1]  # the cache size
     orig_big_t = tf.constant(data.originals_big)
     masks_t = tf.constant(data.masks)
     clean_t = tf.constant(data.originals_clean)
     recon_t = tf.image.resize(tf.cast(clean_t, tf.float32) / 255.0, [config.recon_size] * 2, antialias=True)
     has_photos = len(data.photo_images) > 0
-    photos_t = tf.constant(data.photo_images if has_photos else np.zeros((1, csize, csize, 3), np.uint8))
+    photos_t = tf.constant(data.photo_images if has_photos else np.zeros((1, side, side, 3), np.uint8))
     photo_labels_t = tf.constant(data.photo_labels.astype(np.int32) if has_photos else np.zeros(1, np.int32))
     if teacher_targets is not None:
         teacher, t_orig, t_photo = teacher_targets

@@ -235,7 +235,9 @@ def calibrate(
         raise CatalogError("calibration needs impostor pairs: " + (
             "the bundle holds a single product" if len(b.products) < 2 else
             f"--impostors {n_impostors} draws none, and no product shares a group with another"))
-    distinct = len({pair for d in draws for pair in zip(d.photo[d.impostor].tolist(), d.product[d.impostor].tolist())})
+    n_products = len(b.products)
+    distinct = np.unique(np.concatenate([d.photo[d.impostor] * n_products + d.product[d.impostor]
+                                         for d in draws])).size
     if target_far * distinct < 1 and not allow_few_photos:
         raise CatalogError(
             f"{source or 'labelled photos'}: {len(embedded.photos)} usable photo(s) give {distinct} distinct "
