@@ -171,9 +171,8 @@ def _read_csv(path: Path) -> Catalog:
         image = (row.get("image") or "").strip()
         if not image:
             raise CatalogError(f"{path}:{line}: product {pid!r} has no image")
-        image_path = Path(image) if Path(image).is_absolute() else path.parent / image
         products.append(Product(
-            pid, (row.get("name") or pid).strip(), str(image_path),
+            pid, (row.get("name") or pid).strip(), _csv_file(row.get("image"), path.parent),
             (row.get("group") or "").strip(), (row.get("kind") or "").strip(),
             (row.get("code") or "").strip(),
         ))
@@ -284,6 +283,17 @@ def read_labelled_photos(path: str | Path) -> list[LabelledPhoto]:
         pid = (row["product_id"] or "").strip()
         if not photo or not pid:
             raise CatalogError(f"{path}:{line}: empty photo or product_id")
-        p = Path(photo)
-        out.append(LabelledPhoto(str(p if p.is_absolute() else path.parent / p), pid, photo))
+        out.append(LabelledPhoto(_csv_file(row["photo"], path.parent), pid, photo))
     return out
+
+
+def _csv_file(cell: str, folder: Path) -> str:
+    """A file named in a CSV cell, resolved against the CSV's folder. Spaces around the name
+    (``photo, product_id`` typed with a space after the comma) are dropped, unless the file's
+    own name has them and only the name as written exists."""
+    def resolve(name: str) -> Path:
+        return Path(name) if Path(name).is_absolute() else folder / name
+    stripped = resolve(cell.strip())
+    if cell != cell.strip() and not stripped.exists() and resolve(cell).exists():
+        return str(resolve(cell))
+    return str(stripped)

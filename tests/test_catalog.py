@@ -207,3 +207,14 @@ def test_a_catalogue_folder_skips_hidden_files_and_names_subfolders_it_does_not_
         product_image(2).save(nested / sub / "item.png")
     with pytest.raises(CatalogError, match=r"no images .* subfolders \(dairy/, fruit/\) are not read"):
         open_catalog(nested)
+
+
+def test_spaces_around_a_csv_file_name_are_dropped_unless_the_file_is_named_with_them(tmp_path):
+    product_image(1).save(tmp_path / "a.png")
+    product_image(2).save(tmp_path / "b.png ", format="PNG")  # its own name ends in a space
+    (tmp_path / "photos.csv").write_text("photo,product_id\n a.png ,A\nb.png ,B\n", encoding="utf-8")
+    assert [p.photo for p in read_labelled_photos(tmp_path / "photos.csv")] == [
+        str(tmp_path / "a.png"), str(tmp_path / "b.png ")]
+    (tmp_path / "catalog.csv").write_text("product_id,image\nA, a.png\nB,b.png \n", encoding="utf-8")
+    cat = open_catalog(tmp_path / "catalog.csv")
+    assert [cat.get(pid).open().size for pid in ("A", "B")] == [(160, 160)] * 2
