@@ -26,6 +26,7 @@ import argparse
 import binascii
 import hashlib
 import os
+import shlex
 from pathlib import Path
 
 from auditlens.errors import AuditlensError, BundleSignatureError
@@ -186,25 +187,51 @@ def generate_keypair(directory: str | os.PathLike, *, force: bool = False) -> tu
     mode 0600) and ``publisher.pub`` (SubjectPublicKeyInfo PEM). Existing keys are kept
     unless ``force``. Returns (private path, public path)."""
     ed25519, serialization, _ = _crypto()
+    private_path, public_path = _key_paths(directory)
+    if not force:
+        for p in (private_path, public_path):
+            if p.exists() or p.is_symlink():
+                lost = "" if public_path.exists() else (
+                    f"; if only {PUBLIC_KEY_FILE} was lost, --restore-public writes it again")
+                raise KeyFileError(f"{p} exists already; keep it, or pass --force to replace the "
+                                   "key pair (bundles signed with the old key will then be refused)"
+                                   + lost)
+    key = ed25519.Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    _write_private(private_path, private_pem)
+    _write_atomic(public_path, _public_pem(private_pem), 0o644)
+    return private_path, public_path
+
+
+def restore_public_key(directory: str | os.PathLike) -> Path:
+    """Write ``publisher.pub`` again from the ``publisher.key`` beside it (a public key
+    lost or deleted; the key pair, and so every signed bundle, stays valid)."""
+    private_path, public_path = Path(directory) / PRIVATE_KEY_FILE, Path(directory) / PUBLIC_KEY_FILE
+    if public_path.exists() or public_path.is_symlink():
+        raise KeyFileError(f"{public_path} exists already; nothing to restore")
+    try:
+        private_pem = private_path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"{private_path}: cannot read the private key to restore its public "
+                           f"key from: {exc}") from exc
+    _write_atomic(public_path, _public_pem(private_pem), 0o644)
+    return public_path
+
+
+def _public_pem(private_key: bytes) -> bytes:
+    _, serialization, _ = _crypto()
+    return load_private_key(private_key).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _key_paths(directory: str | os.PathLike) -> tuple[Path, Path]:
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise KeyFileError(f"{directory}: cannot create the key folder: {exc}") from exc
-    private_path, public_path = directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
-    if not force:
-        for p in (private_path, public_path):
-            if p.exists() or p.is_symlink():
-                raise KeyFileError(f"{p} exists already; keep it, or pass --force to replace the "
-                                   "key pair (bundles signed with the old key will then be refused)")
-    key = ed25519.Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_private(private_path, private_pem)
-    _write_atomic(public_path, public_pem, 0o644)
-    return private_path, public_path
+    return directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
@@ -236,13 +263,21 @@ def _write_private(path: Path, data: bytes) -> None:
 def add_keygen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", type=Path, required=True,
                    help=f"folder for {PRIVATE_KEY_FILE} (private, mode 0600) and {PUBLIC_KEY_FILE}")
-    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--force", action="store_true", help="replace an existing key pair")
+    what.add_argument("--restore-public", action="store_true",
+                      help=f"write {PUBLIC_KEY_FILE} again from the {PRIVATE_KEY_FILE} in --out "
+                           "(a lost public key; the pair stays the same)")
 
 
 def run_keygen(args) -> int:
-    private_path, public_path = generate_keypair(args.out, force=args.force)
-    print(f"private key  {private_path}  (mode 0600: keep it with the publisher; sign with "
-          f"`auditlens enroll --sign-key {private_path}`)")
+    if args.restore_public:
+        private_path, public_path = args.out / PRIVATE_KEY_FILE, restore_public_key(args.out)
+        print(f"public key   {public_path} written again from {private_path}")
+    else:
+        private_path, public_path = generate_keypair(args.out, force=args.force)
+        print(f"private key  {private_path}  (mode 0600: keep it with the publisher; sign with "
+              f"`auditlens enroll --sign-key {shlex.quote(str(private_path))}`)")
     print(f"public key   {public_path}  ({fingerprint(public_path.read_bytes())}; install it on "
-          f"devices: `auditlens verify --public-key {public_path}`)")
+          f"devices: `auditlens verify --public-key {shlex.quote(str(public_path))}`)")
     return 0

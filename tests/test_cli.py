@@ -448,3 +448,21 @@ def test_a_reader_that_stops_early_is_not_an_error():
                           capture_output=True, text=True, timeout=300)
     assert proc.stdout.startswith("auditlens demo:") and "Broken pipe" not in proc.stderr
     assert proc.stderr == ""
+
+
+def test_keygen_quotes_its_paths_and_restores_a_lost_public_key(tmp_path):
+    keys = tmp_path / "publisher keys"  # a folder with a space: the printed commands must run as shown
+    made = run("keygen", "--out", keys, check_rc=0).stdout
+    sign = next(line for line in made.splitlines() if "--sign-key" in line)
+    command = shlex.split(sign[sign.index("`") + 1:sign.rindex("`")])
+    assert command[:2] == ["auditlens", "enroll"] and command[-1] == str(keys / "publisher.key")
+    original = (keys / "publisher.pub").read_bytes()
+    (keys / "publisher.pub").unlink()
+    refused = run("keygen", "--out", keys, check_rc=2)
+    assert "--restore-public writes it again" in refused.stderr
+    restored = run("keygen", "--out", keys, "--restore-public", check_rc=0).stdout
+    assert (keys / "publisher.pub").read_bytes() == original and "written again" in restored
+    again = run("keygen", "--out", keys, "--restore-public", check_rc=2)
+    assert "exists already; nothing to restore" in again.stderr
+    lost = run("keygen", "--out", tmp_path / "empty", "--restore-public", check_rc=2)
+    assert "cannot read the private key" in lost.stderr and not (tmp_path / "empty").exists()
