@@ -313,6 +313,7 @@ def test_train_writes_every_output(trained):
     assert report["config"]["holdout_fold"] == "1/3"
     assert len(report["history"]) == 2
     assert report["data"]["held_out_products"] and report["data"]["val_unseen"] > 0
+    assert report["data"]["val_photos_also_trained"] == 0
     # val photos are embedded as the device embeds them (the default spec: the plain input)
     assert report["data"]["val_views"] == 1 and report["config"]["ema_decay"] > 0
     for subset in ("all", "seen", "unseen"):
@@ -413,6 +414,20 @@ def test_stop_epoch_ships_that_epoch_of_a_longer_schedule(tiny_data, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").glob("encoder_epoch_*")) == ["encoder_epoch_001.keras"]
     assert (run / "notes.txt").read_text() == "mine"
     assert len(json.loads((run / "report.json").read_text())["history"]) == 1
+
+
+@pytest.mark.slow
+def test_validating_on_the_training_photos_is_warned_about(tiny_data, tmp_path, capsys):
+    from auditlens.training.train import main
+
+    assert main([str(tiny_data["catalog"]), "--photos", str(tiny_data["train"]), "--val-photos",
+                 str(tiny_data["train"]), "--out", str(tmp_path / "run"), "--input-size", "32",
+                 "--latent-dim", "16", "--width", "8", "--epochs", "1", "--steps-per-epoch", "1",
+                 "--products-per-batch", "4", "--views-per-product", "3", "--quiet"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["data"]["val_photos_also_trained"] == report["data"]["val_queries"] == 2 * N_PRODUCTS
+    assert (f"warning: {2 * N_PRODUCTS} of the {2 * N_PRODUCTS} validation photos are training photos "
+            "too (is --val-photos the --photos file?)") in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -311,6 +312,8 @@ class ValidationSet:
     seen: np.ndarray
     """Whether each query's product was trained on."""
     source: str
+    also_trained: int = 0
+    """Validation photos that are training photos too (the same file): their figures read high."""
 
 
 def _choose_products(config: TrainConfig, catalog: Catalog) -> tuple[set[str], list[str], np.ndarray]:
@@ -403,6 +406,10 @@ def load_validation(config: TrainConfig, data: TrainingData, spec: PreprocessSpe
         images = _load_stack([p.photo for p in val], spec, None, "validation photo", views=True)
         labels = np.array([ref_index[p.product_id] for p in val], np.int64)
         views, source = spec.num_views, config.val_photos
+        trained = {os.path.realpath(p.photo) for p in data.photos}
+        also_trained = sum(os.path.realpath(p.photo) in trained for p in val)
+        if also_trained:
+            log(f"warning: {overlap_warning(also_trained, len(val))}")
     else:
         import tensorflow as tf
 
@@ -417,9 +424,16 @@ def load_validation(config: TrainConfig, data: TrainingData, spec: PreprocessSpe
             val_aug.originals(tf.constant(rep_big[i:i + chunk]), tf.constant(rep_masks[i:i + chunk]))
             .numpy().astype(np.uint8) for i in range(0, len(rep_big), chunk)])
         labels = np.repeat(np.arange(len(data.ids)), reps)
-        views, source = 1, "augmented originals (no --val-photos)"
+        views, source, also_trained = 1, "augmented originals (no --val-photos)", 0
     seen = np.array([data.ids[c] not in data.held_out for c in labels], bool)
-    return ValidationSet(images, views, labels, seen, source)
+    return ValidationSet(images, views, labels, seen, source, also_trained)
+
+
+def overlap_warning(also_trained: int, val_photos: int) -> str:
+    """What to tell an engineer whose validation photos are training photos too."""
+    return (f"{also_trained} of the {val_photos} validation photos are training photos too (is "
+            "--val-photos the --photos file?): the validation figures and the epoch chosen on them "
+            "read too well; validate on photos kept out of training")
 
 
 # -- the networks and one optimizer step ------------------------------------------------------
@@ -788,6 +802,7 @@ def train(config: TrainConfig) -> TrainResult:
             "train_classes": n_classes,
             "val_queries": int(len(val.labels)), "val_views": val.views, "val_source": val.source,
             "val_seen": int(val.seen.sum()), "val_unseen": int((~val.seen).sum()),
+            "val_photos_also_trained": val.also_trained,
             "teacher": ({"features": teacher.source, "dim": teacher.dim} if teacher is not None else None),
         },
         "timings": {
@@ -976,8 +991,11 @@ def run_train(args: argparse.Namespace) -> int:
         if s and s.get("n") and (subset == "seen" or "unseen" in m):
             print(f"val {subset:6s}: n={s['n']} top1={s['top1']:.3f} EER={s['eer']:.3f} AUC={s['auc']:.3f}")
     print(f"report: {result.report_path}")
-    warning = collapse_warning(m)
-    if warning:
+    data = json.loads(Path(result.report_path).read_text())["data"]
+    notes = [collapse_warning(m)]
+    if data["val_photos_also_trained"]:
+        notes.append(overlap_warning(data["val_photos_also_trained"], data["val_queries"]))
+    for warning in filter(None, notes):
         print(f"auditlens train: warning: {warning}", file=sys.stderr)
     return 0
 
