@@ -428,15 +428,20 @@ def _run_demo(args) -> int:
 
 
 def _add_import_grocery(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", type=Path, help="folder of the Grocery Store Dataset (with classes.csv)")
-    p.add_argument("--out", "-o", type=Path, required=True, help="folder for catalog.csv, train.csv, val.csv")
+    p.add_argument("root", type=Path, help="folder of the Grocery Store Dataset (the one holding "
+                   "classes.csv, train.txt, val.txt and optionally test.txt)")
+    p.add_argument("--out", "-o", type=Path, required=True,
+                   help="folder for catalog.csv, train.csv, val.csv and test.csv (when the dataset has "
+                        "test.txt); a test.csv of an earlier import is removed when this dataset has none")
+    p.add_argument("--absolute-paths", action="store_true",
+                   help="write absolute image and photo paths (default: relative to the --out folder, "
+                        "so the dataset and the CSVs can move together)")
 
 
 def _run_import_grocery(args) -> int:
     from auditlens.datasets import import_grocery
 
-    for name, path in import_grocery(args.root, args.out).items():
-        print(f"{name:8s} {path}")
+    import_grocery(args.root, args.out, absolute_paths=args.absolute_paths, verbose=True)
     return EXIT_OK
 
 
