@@ -20,6 +20,7 @@ TensorFlow is imported here only (the device side never imports it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -32,11 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from auditlens.cli import non_negative_int
+from auditlens.cli import cosine_threshold, non_negative_int
 from auditlens.device_app.interpreter import l2_normalize, model_id_of
 from auditlens.device_app.preprocess import PreprocessSpec, stack_inputs
 from auditlens.errors import AuditlensError, CatalogError, ModelError
-from auditlens.files import atomic_write
+from auditlens.export.enroll import DEFAULT_THRESHOLD
+from auditlens.files import atomic_write, check_output_file
 
 INT8_MIN_WORST_COSINE = 0.90
 """Int8 export fails if any representative image's latent is less similar than this to
@@ -53,6 +55,9 @@ MAX_COMPARE_IMAGES = 1000
 """Images the drift check compares at most (its pairwise check grows with the square)."""
 COMPARE_PHOTOS = 200
 """Field photos, outside the calibration set, the CLI's drift check uses at most."""
+MIN_COMPARE_PHOTOS = 50
+"""Spare field photos the drift check needs to rest on them; with fewer it uses the
+calibration images (a check on one or two photos would say nothing)."""
 MAX_CALIBRATION_IMAGES = 500
 """Calibration images used at most (more adds conversion time, not accuracy)."""
 
@@ -131,12 +136,12 @@ class ExportReport:
     """Lowest cosine over the compared images."""
     min_worst_cosine: float
     """Threshold the worst cosine had to meet."""
-    similarity_mae: float
+    similarity_mae: float | None
     """Mean |TFLite - Keras| of the cosine between two *different* images: the error the
     device's decision score itself sees (a latent's own cosine can stay high while the
     small differences between products are quantized away)."""
-    similarity_max_error: float
-    """Largest such error over all image pairs."""
+    similarity_max_error: float | None
+    """Largest such error over all image pairs (None for both with fewer than two images)."""
     input_dtype: str
     output_dtype: str
     input_shape: list[int]
@@ -153,6 +158,22 @@ class ExportReport:
     compared_on: str = "representative images"
     """Which images the drift was measured on: field photos kept out of the int8
     calibration when there are spare ones, else the calibration images themselves."""
+    references: int = 0
+    """Catalogue originals checked as the device's references (0: none given)."""
+    reference_mean_cosine: float | None = None
+    reference_worst_cosine: float | None = None
+    """The originals' TFLite-vs-Keras cosine: studio shots on white drift differently
+    from field photos, and every verdict scores a photo against one of them."""
+    score_error_mean: float | None = None
+    score_error_p99: float | None = None
+    score_error_max: float | None = None
+    """|TFLite - Keras| of the photo-vs-original cosine, the verdict's score, over every
+    compared image x original pair."""
+    decisions_flipped: int | None = None
+    decision_pairs: int | None = None
+    """Of those pairs, how many land on the other side of ``flip_threshold`` than Keras put them."""
+    flip_threshold: float = 0.5
+    """The uncalibrated default threshold of a bundle (the calibrated one comes later)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +188,20 @@ def _tf():
     import tensorflow as tf
 
     return tf
+
+
+def calibration_images(rep: np.ndarray, originals: int) -> np.ndarray:
+    """At most MAX_CALIBRATION_IMAGES of ``rep`` (its first ``originals`` images the
+    catalogue's originals, then field photos), evenly spread within each kind and half of
+    each where both have enough: a large catalogue must not crowd out the field photos the
+    device mostly embeds."""
+    photos = len(rep) - originals
+    if len(rep) <= MAX_CALIBRATION_IMAGES:
+        return rep
+    take_photos = min(photos, max(MAX_CALIBRATION_IMAGES // 2, MAX_CALIBRATION_IMAGES - originals))
+    take_originals = MAX_CALIBRATION_IMAGES - take_photos
+    return np.concatenate([rep[:originals][spread_indices(originals, take_originals)],
+                           rep[originals:][spread_indices(photos, take_photos)] if take_photos else rep[:0]])
 
 
 def _calibration_dataset(rep: np.ndarray) -> Callable:
@@ -225,12 +260,48 @@ def convert(model, config: QuantizationConfig) -> bytes:
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = tf.uint8 if config.input_type == "uint8" else tf.int8
             converter.inference_output_type = tf.int8
-        return converter.convert()
+        # Keras prints the saved graph's every input and output signature (hundreds of
+        # lines around the export's own three); the converter's errors still raise
+        with contextlib.redirect_stdout(io.StringIO()):
+            return converter.convert()
     except ModelError:
         raise
     except Exception as exc:  # the converter raises many types; name the step that failed
         what = f"{config.mode}, {config.float_ops} float ops" if config.float_ops else config.mode
         raise ModelError(f"TFLite conversion ({what}) failed: {exc}") from exc
+
+
+def _both_latents(encoder, content: bytes, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Keras, TFLite) raw latents of uint8 ``images``."""
+    keras_latents = np.concatenate([
+        np.asarray(encoder(images[i : i + 64].astype(np.float32), training=False))
+        for i in range(0, len(images), 64)
+    ])
+    return keras_latents, run_tflite(content, images)
+
+
+def _reference_check(encoder, content: bytes, references: np.ndarray | None,
+                     keras_queries: np.ndarray, queries: np.ndarray) -> dict:
+    """The :class:`ExportReport` fields on the originals: their own drift, and how far the
+    score of each compared image against each of them moves from Keras's."""
+    if references is None or not len(references):
+        return {}
+    references = np.asarray(references, np.uint8)
+    if len(references) > MAX_COMPARE_IMAGES:
+        references = references[spread_indices(len(references), MAX_COMPARE_IMAGES)]
+    keras_refs, refs = _both_latents(encoder, content, references)
+    cos = cosine_rows(refs, keras_refs)
+    keras_scores = l2_normalize(keras_queries) @ l2_normalize(keras_refs).T
+    scores = l2_normalize(queries) @ l2_normalize(refs).T
+    error = np.abs(scores - keras_scores)
+    flipped = (scores >= DEFAULT_THRESHOLD) != (keras_scores >= DEFAULT_THRESHOLD)
+    return {
+        "references": len(references), "reference_mean_cosine": float(cos.mean()),
+        "reference_worst_cosine": float(cos.min()), "score_error_mean": float(error.mean()),
+        "score_error_p99": float(np.quantile(error, 0.99)), "score_error_max": float(error.max()),
+        "decisions_flipped": int(flipped.sum()), "decision_pairs": int(flipped.size),
+        "flip_threshold": DEFAULT_THRESHOLD,
+    }
 
 
 def _quant_params(detail: dict) -> tuple[float, int]:
@@ -286,7 +357,8 @@ def load_keras_encoder(model):
         try:
             model = keras.models.load_model(path, compile=False)
         except Exception as exc:
-            raise ModelError(f"{path}: cannot load the Keras model: {exc}") from exc
+            raise ModelError(f"{path}: not a Keras model auditlens can read (export the encoder.keras "
+                             f"that auditlens train wrote): {exc}") from exc
     inputs, outputs = tuple(model.input_shape), tuple(model.output_shape)
     if len(inputs) != 4 or inputs[-1] != 3 or len(outputs) != 2:
         raise ModelError(
@@ -302,6 +374,7 @@ def export_encoder(
     out_path: str | Path,
     config: QuantizationConfig | None = None,
     compare_images: np.ndarray | None = None,
+    references: np.ndarray | None = None,
 ) -> ExportReport:
     """Convert ``model`` as ``config`` says, write it to ``out_path`` and check its drift.
 
@@ -312,6 +385,9 @@ def export_encoder(
         out_path: where the ``.tflite`` goes (written only if the drift check passes).
         config: the quantization; default full int8 calibrated on the representative images.
         compare_images: compare on these instead of the representative images.
+        references: the catalogue's originals as the device embeds them: their own drift
+            is held to the same worst cosine, and the score of each compared image against
+            each of them is checked against the Keras score.
 
     Raises:
         ModelError: conversion failed, or the TFLite latents drift from the Keras ones
@@ -340,15 +416,13 @@ def export_encoder(
     content = convert(encoder, config)
     convert_seconds = time.perf_counter() - t
 
-    reference = np.concatenate([
-        np.asarray(encoder(compare[i : i + 64].astype(np.float32), training=False))
-        for i in range(0, len(compare), 64)
-    ])
-    latents = run_tflite(content, compare)
-    cos = cosine_rows(latents, reference)
-    sim_error = np.abs(_similarities(latents) - _similarities(reference))
-    off_diagonal = ~np.eye(len(compare), dtype=bool)
-    pair_errors = sim_error[off_diagonal] if len(compare) > 1 else np.zeros(1)
+    keras_latents, latents = _both_latents(encoder, content, compare)
+    cos = cosine_rows(latents, keras_latents)
+    pair_errors = None
+    if len(compare) > 1:
+        sim_error = np.abs(_similarities(latents) - _similarities(keras_latents))
+        pair_errors = sim_error[~np.eye(len(compare), dtype=bool)]
+    checked = _reference_check(encoder, content, references, keras_latents, latents)
 
     from ai_edge_litert.interpreter import Interpreter
 
@@ -359,14 +433,23 @@ def export_encoder(
         out_path=str(out_path), mode=config.mode, size_bytes=len(content), n_images=len(compare),
         mean_cosine=float(cos.mean()), worst_cosine=float(cos.min()),
         min_worst_cosine=config.min_worst_cosine,
-        similarity_mae=float(pair_errors.mean()), similarity_max_error=float(pair_errors.max()),
+        similarity_mae=None if pair_errors is None else float(pair_errors.mean()),
+        similarity_max_error=None if pair_errors is None else float(pair_errors.max()),
         input_dtype=np.dtype(inp["dtype"]).name, output_dtype=np.dtype(out["dtype"]).name,
         input_shape=[int(v) for v in inp["shape"]], latent_dim=int(out["shape"][-1]),
         input_quantization=_quant_params(inp), output_quantization=_quant_params(out),
         latency_ms_median=median_latency_ms(content, compare[0]),
         convert_seconds=round(convert_seconds, 2), float_ops=config.float_ops,
-        compared_on=compared_on,
+        compared_on=compared_on, **checked,
     )
+    if report.references and report.reference_worst_cosine < config.min_worst_cosine:
+        raise ModelError(
+            f"{config.mode} model drifts from the Keras encoder on the catalogue's originals (the "
+            f"references every photo is scored against): worst cosine {report.reference_worst_cosine:.4f} "
+            f"(need >= {config.min_worst_cosine}), mean {report.reference_mean_cosine:.4f} over "
+            f"{report.references}; scores against them move by up to {report.score_error_max:.3f}. "
+            "Keep the first ops in float (--float-ops 6), use --float16, or accept the drift with "
+            "--min-worst-cosine after measuring what it costs (auditlens evaluate on the exported model)")
     if report.worst_cosine < config.min_worst_cosine or report.mean_cosine < config.min_mean_cosine:
         raise ModelError(
             f"{config.mode} model drifts from the Keras encoder: mean cosine {report.mean_cosine:.4f} "
@@ -415,16 +498,16 @@ def _split_photos(photos: list, max_photos: int) -> tuple[list, list]:
 
 
 def comparison_photos(photos_csv: str | None, spec: PreprocessSpec, max_photos: int = 300,
-                      count: int = COMPARE_PHOTOS) -> np.ndarray | None:
+                      count: int = COMPARE_PHOTOS, least: int = MIN_COMPARE_PHOTOS) -> np.ndarray | None:
     """Up to ``count`` field photos that :func:`representative_images` leaves out of the
     calibration set (evenly spread), to measure the drift on images the int8 ranges were
-    not fitted to; None when every photo is used for calibration."""
+    not fitted to; None when fewer than ``least`` are left over."""
     from auditlens.catalog import read_labelled_photos
 
     if not photos_csv:
         return None
     spare = _split_photos(read_labelled_photos(photos_csv), max_photos)[1]
-    if not spare:
+    if len(spare) < max(least, 1):
         return None
     if len(spare) > count:
         spare = [spare[i] for i in spread_indices(len(spare), count)]
@@ -444,7 +527,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )
     parser.add_argument("model", help="Keras encoder (.keras) written by 'auditlens train'")
     parser.add_argument("--representative", required=True, metavar="CATALOG",
-                        help="catalogue whose originals calibrate and check the model")
+                        help="catalogue whose originals calibrate the model and are checked as the "
+                             "device's references")
     parser.add_argument("--photos", help="photo,product_id CSV: field photos to add to the representative set")
     parser.add_argument("--max-photos", type=non_negative_int, default=300,
                         help="photos used at most (default 300; 0: the originals alone)")
@@ -462,12 +546,14 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="preprocessing crop the model was trained with (default: the one in the "
                         "training run's report.json beside the model, else center); a crop the run's "
                         "report contradicts is refused")
-    parser.add_argument("--min-worst-cosine", type=float,
+    parser.add_argument("--min-worst-cosine", type=cosine_threshold,
                         help="fail if any image's cosine to the Keras latent is below this "
                              f"(default int8 {INT8_MIN_WORST_COSINE}, dynamic {DYNAMIC_MIN_WORST_COSINE}, "
                              f"float16 {FLOAT16_MIN_WORST_COSINE}, float32 {FLOAT32_MIN_WORST_COSINE}); "
-                             "measured on field photos kept out of the int8 calibration when --photos "
-                             "has more than --max-photos, else on the calibration images")
+                             "measured on the originals and on field photos kept out of the int8 "
+                             f"calibration when --photos has at least {MIN_COMPARE_PHOTOS} more than "
+                             "--max-photos, else on the calibration images. int8 also needs a mean "
+                             f"cosine of {INT8_MIN_MEAN_COSINE} on those photos, which this does not relax")
     return parser
 
 
@@ -493,6 +579,8 @@ def run_export(args: argparse.Namespace) -> int:
                              "(its model card is written beside it as NAME.json)")
         if args.float_ops and (args.float16 or args.dynamic or args.float32):
             raise ValueError("--float-ops applies to the int8 export only")
+        check_output_file(args.out, inputs=(args.model,))
+        check_output_file(Path(args.out).with_suffix(".json"), inputs=(args.model,))
         trained = trained_crop(args.model)
         if args.crop and trained and args.crop != trained:
             raise ModelError(f"--crop {args.crop}: the training run's report.json says this model "
@@ -502,6 +590,9 @@ def run_export(args: argparse.Namespace) -> int:
                               crop=args.crop or trained or "center")
         rep = representative_images(args.representative, spec, args.photos, args.max_photos,
                                     progress=lambda m: print(m, file=sys.stderr))
+        from auditlens.catalog import open_catalog
+
+        originals = len(open_catalog(args.representative))  # rep's first images
         if args.float16:
             config = QuantizationConfig.for_float16()
         elif args.dynamic:
@@ -509,13 +600,14 @@ def run_export(args: argparse.Namespace) -> int:
         elif args.float32:
             config = QuantizationConfig.for_float32()
         else:
-            config = QuantizationConfig.for_int8(rep, float_ops=args.float_ops)
+            config = QuantizationConfig.for_int8(calibration_images(rep, originals), float_ops=args.float_ops)
         if args.min_worst_cosine is not None:
             config = QuantizationConfig(config.mode, config.representative, config.input_type,
                                         config.output_type, args.min_worst_cosine, config.min_mean_cosine,
                                         config.float_ops)
         compare = comparison_photos(args.photos, spec, args.max_photos)
-        report = export_encoder(encoder, rep, args.out, config, compare_images=compare)
+        report = export_encoder(encoder, rep, args.out, config, compare_images=compare,
+                                references=rep[:originals])
     except (AuditlensError, ValueError) as exc:
         print(f"auditlens export: {exc}", file=sys.stderr)
         return 2
@@ -533,9 +625,16 @@ def run_export(args: argparse.Namespace) -> int:
         json.dump(card, fh, indent=2)
     print(f"wrote {out} ({report.mode}, {report.size_bytes / 1024:.1f} KiB, "
           f"{report.input_dtype} in -> {report.output_dtype} out, {report.latency_ms_median:.3f} ms/image 1 thread)")
+    pairwise = ("" if report.similarity_mae is None else
+                f"; pairwise similarity error mean {report.similarity_mae:.4f}, max {report.similarity_max_error:.4f}")
     print(f"drift vs Keras on {report.n_images} {report.compared_on}: mean cosine {report.mean_cosine:.4f}, "
-          f"worst {report.worst_cosine:.4f}; pairwise similarity error mean {report.similarity_mae:.4f}, "
-          f"max {report.similarity_max_error:.4f}")
+          f"worst {report.worst_cosine:.4f}{pairwise}")
+    if report.references:
+        print(f"drift vs Keras on the {report.references} originals (the references): mean cosine "
+              f"{report.reference_mean_cosine:.4f}, worst {report.reference_worst_cosine:.4f}; score against "
+              f"them moves by {report.score_error_mean:.4f} on average, {report.score_error_p99:.4f} at the "
+              f"99th percentile, {report.score_error_max:.4f} at most; {report.decisions_flipped} of "
+              f"{report.decision_pairs} pairs change side of the default threshold {report.flip_threshold}")
     print(f"model card: {card_path}")
     return 0
 

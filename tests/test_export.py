@@ -143,10 +143,12 @@ def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
     rows = [f"{tiny_encoder['catalog'] / f'item-{i % 5}.png'},item-{i % 5}" for i in range(9)]
     photos.write_text("photo,product_id\n" + "\n".join(rows) + "\n")
     spec = PreprocessSpec(32)
-    assert comparison_photos(str(photos), spec, max_photos=9) is None  # all calibrate
-    assert comparison_photos(str(photos), spec, max_photos=4).shape == (5, 32, 32, 3)
-    assert comparison_photos(str(photos), spec, max_photos=4, count=2).shape == (2, 32, 32, 3)
-    assert comparison_photos(str(photos), spec, max_photos=0).shape == (9, 32, 32, 3)  # none calibrate
+    assert comparison_photos(str(photos), spec, max_photos=9, least=1) is None  # all calibrate
+    assert comparison_photos(str(photos), spec, max_photos=4, least=1).shape == (5, 32, 32, 3)
+    assert comparison_photos(str(photos), spec, max_photos=4, count=2, least=1).shape == (2, 32, 32, 3)
+    assert comparison_photos(str(photos), spec, max_photos=0, least=1).shape == (9, 32, 32, 3)  # none calibrate
+    # five spare photos are too few to rest the check on: the calibration images are used
+    assert comparison_photos(str(photos), spec, max_photos=4) is None
     with pytest.raises(SystemExit):  # argparse: "must be 0 or more"
         add_export_arguments(argparse.ArgumentParser()).parse_args(
             [tiny_encoder["encoder"], "--representative", "x", "--out", "y", "--max-photos", "-1"])
@@ -155,11 +157,17 @@ def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
          "--photos", str(photos), "--max-photos", "4"])
     assert run_export(args) == 0
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["export"]["compared_on"] == "images outside the calibration set"
-    assert card["export"]["n_images"] == 5
-    # the card's representative count is the calibration set (5 originals + 4 photos), not the 5 compared
-    assert card["representative"]["n_images"] == 9
-    assert "5 images outside the calibration set" in capsys.readouterr().out
+    assert card["export"]["compared_on"] == "calibration images (the ones it was calibrated on)"
+    assert card["representative"]["n_images"] == card["export"]["n_images"] == 9  # 5 originals + 4 photos
+    # the originals are checked as the references every photo is scored against
+    export = card["export"]
+    assert export["references"] == 5 and export["decision_pairs"] == 9 * 5
+    assert 0 < export["reference_worst_cosine"] <= export["reference_mean_cosine"] <= 1.0
+    assert 0 <= export["score_error_mean"] <= export["score_error_p99"] <= export["score_error_max"]
+    assert 0 <= export["decisions_flipped"] <= 45 and export["flip_threshold"] == 0.5
+    printed = capsys.readouterr().out
+    assert "drift vs Keras on the 5 originals (the references)" in printed
+    assert "TensorSpec" not in printed  # Keras's saved-graph signatures are not the export's output
 
 
 def test_export_refuses_what_would_lose_the_model(tiny_encoder, tmp_path, capsys):
@@ -192,6 +200,58 @@ def test_export_refuses_what_would_lose_the_model(tiny_encoder, tmp_path, capsys
     err = capsys.readouterr().err
     assert "not an image encoder" in err and "export the run's encoder.keras" in err
     assert not (tmp_path / "ae.tflite").exists()
+
+
+def test_originals_drifting_are_refused_as_references(tiny_encoder, tmp_path):
+    """The originals' own drift is measured and held to the worst-cosine gate, with how far
+    the scores against them move; nothing is written when they fail it."""
+    from auditlens.errors import ModelError
+    from auditlens.export.quantize import QuantizationConfig, export_encoder
+
+    rep = images_of(tiny_encoder["catalog"])
+    out = tmp_path / "enc.tflite"
+    loose = QuantizationConfig.for_int8(rep, min_worst_cosine=0.0, min_mean_cosine=0.0)
+    report = export_encoder(tiny_encoder["encoder"], rep, out, loose, references=rep[:5])
+    assert report.references == 5 and report.decision_pairs == len(rep) * 5
+    assert report.reference_worst_cosine < 1.0 and report.score_error_max > 0
+    out.unlink()
+    gate = (report.reference_worst_cosine + 1.0) / 2  # above the originals' worst
+    strict = QuantizationConfig.for_int8(rep, min_worst_cosine=gate, min_mean_cosine=0.0)
+    with pytest.raises(ModelError, match=r"on the catalogue's originals .* worst cosine"):
+        export_encoder(tiny_encoder["encoder"], rep, out, strict, references=rep[:5])
+    assert not out.exists()
+
+
+def test_export_arguments_refused_before_converting(tiny_encoder, tmp_path, capsys):
+    import argparse
+
+    from auditlens.export.quantize import add_export_arguments, calibration_images, run_export
+
+    parser = add_export_arguments(argparse.ArgumentParser())
+    for bad in ("nan", "1.5"):  # nan compared false with every cosine: the gate was off
+        with pytest.raises(SystemExit):
+            parser.parse_args([tiny_encoder["encoder"], "--representative", "x", "--out", "y.tflite",
+                               "--min-worst-cosine", bad])
+    (tmp_path / "enc.tflite").mkdir()
+    args = parser.parse_args([tiny_encoder["encoder"], "--representative", str(tiny_encoder["catalog"]),
+                              "--out", str(tmp_path / "enc.tflite")])
+    assert run_export(args) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    (tmp_path / "not.keras").write_text("text")
+    args = parser.parse_args([str(tmp_path / "not.keras"), "--representative", str(tiny_encoder["catalog"]),
+                              "--out", str(tmp_path / "x.tflite")])
+    assert run_export(args) == 2
+    assert "not a Keras model auditlens can read" in capsys.readouterr().err
+
+    # a large catalogue leaves half of the calibration set to the field photos
+    small = np.zeros((400, 2, 2, 3), np.uint8)
+    assert calibration_images(small, originals=300) is small  # under the cap: all of them
+    kinds = calibration_images(np.concatenate([np.zeros((5000, 2, 2, 3), np.uint8),
+                                               np.ones((300, 2, 2, 3), np.uint8)]), originals=5000)
+    assert int(kinds[:, 0, 0, 0].sum()) == 250  # 250 photos (ones) beside 250 originals
+    few_photos = calibration_images(np.concatenate([np.zeros((5000, 2, 2, 3), np.uint8),
+                                                    np.ones((100, 2, 2, 3), np.uint8)]), originals=5000)
+    assert len(few_photos) == 500 and int(few_photos[:, 0, 0, 0].sum()) == 100
 
 
 def test_int8_with_the_first_ops_in_float(tiny_encoder, tmp_path):
