@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import time
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_GROCERY = REPO.parent / "shared" / "data" / "grocery-dev"
@@ -78,6 +80,10 @@ def measure_interleaved(fns: Sequence[Callable[[], object]], runs: int, *,
 
 
 # -- data -------------------------------------------------------------------------------
+class UsageError(Exception):
+    """A command-line input the bench cannot use (``python -m bench`` exits 2 with it)."""
+
+
 @dataclass
 class Dataset:
     """The catalogue and labelled field photos a run uses."""
@@ -89,27 +95,75 @@ class Dataset:
     extra_csv: Path | None = None
     """More photos (the training split), used only to enrol a larger catalogue for speed."""
     notes: list[str] = field(default_factory=list)
+    split: str | None = None
+    """Which split of the Grocery Store Dataset ``photos_csv`` is ('val', 'test', 'train');
+    None for a folder with its own photos.csv."""
 
 
-def resolve_data(data: str | None, workdir: Path) -> Dataset:
-    """``data``: a Grocery Store Dataset folder (with classes.csv), a folder with
-    ``catalog.csv`` and ``photos.csv`` (like ``models/sample``), or None for the default:
-    ``../shared/data/grocery-dev`` beside the repository when present, else the sample."""
+LAYOUTS = ("a Grocery Store Dataset folder (classes.csv; its val split is scored), "
+           "the output of `auditlens import-grocery` (catalog.csv + val.csv, val scored; "
+           "train.csv, when there, enrolled only for speed), or a folder with catalog.csv + "
+           "photos.csv (photos.csv scored)")
+
+
+def data_root(data: str | os.PathLike | None) -> Path:
+    """The absolute folder ``--data`` names (None: ``../shared/data/grocery-dev`` beside the
+    repository when present, else the sample), checked before anything is written."""
+    if data is None:
+        return DEFAULT_GROCERY if (DEFAULT_GROCERY / "classes.csv").is_file() else SAMPLE
+    root = Path(data).resolve()
+    if not root.exists():
+        raise UsageError(f"--data {data}: no such folder")
+    if not root.is_dir():
+        raise UsageError(f"--data {data}: not a folder; expected {LAYOUTS}")
+    if not (_grocery(root) or _imported(root) or _own_photos(root)):
+        raise UsageError(f"--data {data}: expected {LAYOUTS}")
+    return root
+
+
+def _grocery(root: Path) -> bool:
+    return (root / "classes.csv").is_file()
+
+
+def _imported(root: Path) -> bool:
+    return (root / "catalog.csv").is_file() and (root / "val.csv").is_file()
+
+
+def _own_photos(root: Path) -> bool:
+    return (root / "catalog.csv").is_file() and (root / "photos.csv").is_file()
+
+
+def resolve_data(root: Path, workdir: Path) -> Dataset:
+    """The :class:`Dataset` of a folder :func:`data_root` accepted: a Grocery Store Dataset
+    folder is imported into ``workdir`` first (``auditlens import-grocery``)."""
     from auditlens.datasets import import_grocery
 
-    if data is None:
-        root = DEFAULT_GROCERY if (DEFAULT_GROCERY / "classes.csv").is_file() else SAMPLE
-    else:
-        root = Path(data)
-    if (root / "classes.csv").is_file():
+    if _grocery(root):
         written = import_grocery(root, workdir / "grocery")
-        photos = written.get("val") or written.get("test") or written["train"]
-        return Dataset(f"grocery-dev ({_shown(root)}, {photos.stem} split)", written["catalog"], photos,
-                       written.get("train"))
-    if (root / "catalog.csv").is_file() and (root / "photos.csv").is_file():
-        return Dataset(f"sample ({_shown(root)})", root / "catalog.csv", root / "photos.csv")
-    raise SystemExit(f"bench: {root}: neither a Grocery Store Dataset folder (classes.csv) "
-                     "nor a folder with catalog.csv and photos.csv")
+        split = next(s for s in ("val", "test", "train") if written.get(s))
+        return Dataset(f"grocery-dev ({_shown(root)}, {split} split)", written["catalog"], written[split],
+                       written.get("train"), split=split)
+    if _imported(root):
+        train = root / "train.csv"
+        return Dataset(f"auditlens import-grocery output ({_shown(root)}, val split)", root / "catalog.csv",
+                       root / "val.csv", train if train.is_file() else None, split="val")
+    return Dataset(f"sample ({_shown(root)})", root / "catalog.csv", root / "photos.csv")
+
+
+def pixel_size(images) -> str:
+    """The size of images as the report states it: ``348x348 px`` when they all have it,
+    else the range of their longer sides (``198-348 px``)."""
+    sizes = set()
+    for image in images:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
+            sizes.add(im.size)
+    if not sizes:
+        return "no images"
+    if len(sizes) == 1:
+        w, h = next(iter(sizes))
+        return f"{w}x{h} px"
+    sides = [max(s) for s in sizes]
+    return f"{min(sides)}-{max(sides)} px"
 
 
 def rel(path) -> str:
@@ -165,9 +219,20 @@ def versions() -> dict[str, str]:
     return out
 
 
+def blas_threads() -> str:
+    """numpy's BLAS threads as the report states them (see ``bench/__init__.py``)."""
+    from . import BLAS_SINGLE_THREADED, BLAS_THREAD_VARIABLES
+
+    if BLAS_SINGLE_THREADED:
+        return "1 (" + ", ".join(f"{v}=1" for v in BLAS_THREAD_VARIABLES) + " set before numpy loaded)"
+    return ("not limited by the bench: numpy was loaded before it (" + ", ".join(
+        f"{v}={os.environ.get(v, 'unset')}" for v in BLAS_THREAD_VARIABLES) + ")")
+
+
 def conditions() -> dict:
     return {
         "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+        "blas_threads": blas_threads(),
         "load_average_1_5_15": load_average(), "versions": versions(),
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }

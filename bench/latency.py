@@ -1,6 +1,10 @@
 """Latency of auditlens on the device path: encoder inference (int8 vs float32, 1 and 2
 threads), preprocessing, decoding with and without JPEG draft (reduced) decoding, and the
-whole ``Verifier.verify`` of phone-sized JPEGs, with a per-stage breakdown."""
+whole ``Verifier.verify`` of phone-sized JPEGs, with a per-stage breakdown.
+
+Every pair of rows whose ratio the report gives is timed in alternation
+(:func:`~.common.measure_interleaved`), so a shared machine's drifting load falls on both
+alike."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from auditlens.device_app.preprocess import PreprocessSpec, to_model_input, to_p
 from auditlens.device_app.quality import assess
 from auditlens.device_app.verifier import Verifier, VerifierOptions, dhash
 
-from .common import Timing, measure
+from .common import Timing, measure, measure_interleaved
 
 PHONE_SIZES = {"1 MP": (1152, 864), "12 MP": (4032, 3024)}
 """4:3 frames as phone cameras write them."""
@@ -70,25 +74,32 @@ class LatencyRow:
 
 
 def encoder_latency(models: dict[str, Path], runs: int, log=print) -> list[LatencyRow]:
-    """Inference of one image, for each model and 1 / 2 interpreter threads."""
-    rows = []
+    """Inference of one image, for each model and 1 / 2 interpreter threads, all in
+    alternation (float32 / int8 and 1 / 2 threads are ratios of these rows)."""
+    variants = []
     for label, path in models.items():
         for threads in (1, 2):
             enc = Encoder(path, EncoderOptions(num_threads=threads))
             image = np.random.default_rng(0).integers(0, 256, (enc.input_size, enc.input_size, 3), dtype=np.uint8)
-            t = measure(lambda enc=enc, image=image: enc.raw_latents(image), runs, warmup=10)
-            size_kib = Path(path).stat().st_size / 1024
-            rows.append(LatencyRow(f"encoder {label}, {threads} thread{'s' if threads > 1 else ''}", t,
-                                   f"{enc.input_size}px -> {enc.latent_dim}-d, {enc.input_dtype} input, "
-                                   f"model {size_kib:.0f} KiB"))
-            log(f"  {rows[-1].what:40s} {t.cell(3)} ms")
+            variants.append((label, path, threads, enc, image))
+    timings = measure_interleaved([lambda enc=enc, image=image: enc.raw_latents(image)
+                                   for _, _, _, enc, image in variants], runs, warmup=10)
+    rows = []
+    for (label, path, threads, enc, _), t in zip(variants, timings):
+        size_kib = Path(path).stat().st_size / 1024
+        rows.append(LatencyRow(f"encoder {label}, {threads} thread{'s' if threads > 1 else ''}", t,
+                               f"{enc.input_size}px -> {enc.latent_dim}-d, {enc.input_dtype} input, "
+                               f"model {size_kib:.0f} KiB; in alternation"))
+        log(f"  {rows[-1].what:40s} {t.cell(3)} ms")
     return rows
 
 
 def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, phones: dict[str, Path],
                    runs: int, runs_12mp_full: int, log=print) -> tuple[list[LatencyRow], dict]:
     """Whole verify of the phone JPEGs (:func:`make_phone_jpegs` of ``photo``) with draft vs
-    full decoding, preprocessing, decoding and the per-stage breakdown of a 12 MP verify."""
+    full decoding, preprocessing, decoding and the per-stage breakdown of a 12 MP verify.
+    Draft and full decoding of a 12 MP JPEG are timed ``runs_12mp_full`` times each (a full
+    decode is slow), everything else ``runs`` times."""
     verifier = Verifier(bundle_path, VerifierOptions(num_threads=1))
     full = Verifier(verifier.bundle, VerifierOptions(num_threads=1))
     full.spec = _FullDecodeSpec(**verifier.spec.to_dict())
@@ -100,19 +111,20 @@ def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, phones
         size = PHONE_SIZES[label]
         files[label] = path
         data = path.read_bytes()
-        n_full = runs if label == "1 MP" else runs_12mp_full
+        n = runs if label == "1 MP" else runs_12mp_full
         kib = len(data) / 1024
-        t_draft = measure(lambda p=path: verifier.verify(p, product_id), runs, warmup=3)
-        t_full = measure(lambda p=path: full.verify(p, product_id), n_full, warmup=1)
+        t_draft, t_full = measure_interleaved([lambda p=path: verifier.verify(p, product_id),
+                                               lambda p=path: full.verify(p, product_id)], n, warmup=1)
         rows.append(LatencyRow(f"verify {label} JPEG, draft decode (engine)", t_draft,
                                f"{size[0]}x{size[1]}, {kib:.0f} KiB, decode+resize+infer+score+checks"))
-        rows.append(LatencyRow(f"verify {label} JPEG, full decode", t_full, "same verify, draft off"))
+        rows.append(LatencyRow(f"verify {label} JPEG, full decode", t_full,
+                               "same verify, draft off; in alternation with the row above"))
         ratios[f"verify {label}: full / draft"] = t_full.median / t_draft.median
-        d_draft = measure(lambda data=data: load_image(io.BytesIO(data), draft=spec.draft_size), runs, warmup=2)
-        d_full = measure(lambda data=data: load_image(io.BytesIO(data)), n_full, warmup=1)
+        d_draft, d_full = measure_interleaved([lambda data=data: load_image(io.BytesIO(data), draft=spec.draft_size),
+                                               lambda data=data: load_image(io.BytesIO(data))], n, warmup=1)
         rows.append(LatencyRow(f"decode {label} JPEG, draft", d_draft,
                                f"to >= {spec.draft_size[0]}px: {load_image(io.BytesIO(data), draft=spec.draft_size).size}"))
-        rows.append(LatencyRow(f"decode {label} JPEG, full", d_full, ""))
+        rows.append(LatencyRow(f"decode {label} JPEG, full", d_full, "in alternation with the row above"))
         ratios[f"decode {label}: full / draft"] = d_full.median / d_draft.median
         for r in rows[-4:]:
             log(f"  {r.what:44s} {r.timing.cell(2)} ms")

@@ -1,5 +1,6 @@
 """Peak memory (RSS) of fresh processes: ``auditlens verify``, the engine (a loaded
-``Verifier`` verifying phone photos), and each method verifying one photo.
+``Verifier`` verifying phone photos), and each method verifying the same photo 5 times
+(a data set photo, then a 12 MP phone JPEG).
 
 Each measurement is a new Python process started with this interpreter; its peak
 resident set size is the kernel's ``VmHWM`` of that process, read at exit, so imports,
@@ -15,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common import REPO
+from .common import REPO, pixel_size
 
 CLI = "import sys; from auditlens.cli import main; sys.exit(main())"
 
@@ -70,13 +71,17 @@ def measure_memory(bundle: Path, photos: dict[str, Path], product_id: str, origi
     add("engine: Verifier + 20 verifies of the 12 MP JPEG",
         _child("engine", "--bundle", str(bundle), "--photo", str(photos["12 MP"]),
                "--product", product_id, "--repeat", "20"))
-    per_method = {}
+    size = pixel_size([grocery_photo])
+    peaks: dict[str, dict[str, float]] = {"photo": {}, "12 MP": {}}
     for name in methods:
-        row = add(f"method {name}: 1 reference + 5 verifies",
-                  _child("method", name, "--bundle", str(bundle), "--original", original,
-                         "--product", product_id, "--photo", grocery_photo))
-        per_method[name] = row["peak_rss_mib"]
-    return {"rows": rows, "per_method_peak_rss_mib": per_method}
+        for label, photo, shown in (("photo", grocery_photo, f"{size} photo"),
+                                    ("12 MP", str(photos["12 MP"]), "12 MP JPEG")):
+            row = add(f"method {name}: 1 reference + the same {shown} verified 5 times",
+                      _child("method", name, "--bundle", str(bundle), "--original", original,
+                             "--product", product_id, "--photo", photo))
+            peaks[label][name] = row["peak_rss_mib"]
+    return {"rows": rows, "photo_size": size, "per_method_peak_rss_mib": peaks["photo"],
+            "per_method_peak_rss_mib_12mp": peaks["12 MP"]}
 
 
 # -- children ------------------------------------------------------------------------------

@@ -264,6 +264,12 @@ class Auditlens(Method):
 
 
 PEERS = (PHash, DHash, HSVHistogram, SSIM, ORB, SIFT)
+METHOD_NAMES = tuple(cls.name for cls in PEERS) + (Auditlens.name,)
+
+
+def unknown_methods(names: list[str]) -> list[str]:
+    """The ``names`` that are no method's name prefix (case-insensitive)."""
+    return [n for n in names if not any(m.lower().startswith(n.lower()) for m in METHOD_NAMES)]
 
 
 def make_methods(bundle_path, names: list[str] | None = None) -> list[Method]:

@@ -42,8 +42,8 @@ def roc(methods, out: Path) -> Path:
     return out
 
 
-def speed_accuracy(methods, out: Path) -> Path:
-    """Time per verification (log) against EER."""
+def speed_accuracy(methods, out: Path, photo_size: str) -> Path:
+    """Time per verification (log) of a ``photo_size`` photo against EER."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for m in methods:
@@ -51,7 +51,7 @@ def speed_accuracy(methods, out: Path) -> Path:
         ax.annotate(m.name, (m.verify.median, m.eer * 100), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("time per verification, median (ms, log)")
+    ax.set_xlabel(f"time per verification of a {photo_size} photo, median (ms, log)")
     ax.set_ylabel("EER (%)")
     ax.set_title("Speed and accuracy (lower left is better)")
     ax.grid(alpha=0.3)
@@ -62,18 +62,22 @@ def speed_accuracy(methods, out: Path) -> Path:
 
 
 def latency(rows, out: Path) -> Path:
-    """Median (bar) and p95 (whisker) of each latency row."""
+    """Median (dot) and p95 (end of the line) of each latency row, on a log axis (dots, not
+    bars: a bar's length on a log axis means nothing)."""
     plt = _pyplot()
     labels = [r.what for r in rows]
     med = np.array([r.timing.median for r in rows])
     p95 = np.array([r.timing.p95 for r in rows])
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2))
     y = np.arange(len(rows))
-    ax.barh(y, med, xerr=[np.zeros_like(med), np.maximum(p95 - med, 0)], color="tab:blue", alpha=0.8)
+    ax.hlines(y, med, np.maximum(p95, med), color="tab:blue", lw=1.2)
+    ax.plot(med, y, "o", color="tab:blue", ms=4, label="median")
+    ax.plot(p95, y, "|", color="tab:blue", ms=7, label="p95")
     ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("ms (bar: median, whisker: p95; log)")
+    ax.set_xlabel("ms (dot: median, line to p95; log)")
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_title("auditlens latency")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
@@ -97,9 +101,10 @@ def identify_scale(rows, out: Path) -> Path:
         ax.set_xlabel("enrolled products")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    a1.axhline(20, color="grey", ls=":", lw=1)
-    a2.axhline(50, color="grey", ls=":", lw=1)
-    a1.legend(fontsize=7)
+    a1.axhline(20, color="grey", ls=":", lw=1, label="goal: <= 20 ms at 100k (engine)")
+    a2.axhline(50, color="grey", ls=":", lw=1, label="goal: <= 50 MB at 100k (engine)")
+    for ax in (a1, a2):
+        ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("identify over large catalogues (random unit latents)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -1,5 +1,6 @@
 """Throughput and scale: enrolment rate, identify over 1k..1M enrolled products with
-latents stored as float32 / float16 / int8, and batch ``score`` with each photo embedded
+latents stored as float32 (the engine's ``Verifier.rank``) and as float32 / float16 / int8
+in the library's ``search.LatentIndex``, and batch ``score`` with each photo embedded
 once."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import time
 import tracemalloc
 from pathlib import Path
@@ -16,7 +18,7 @@ import numpy as np
 from auditlens.catalog import Catalog, LabelledPhoto, Product
 from auditlens.device_app.search import DTYPES, LatentIndex
 
-from .common import Timing, measure
+from .common import Timing, measure, pixel_size
 
 
 def enroll_rate(catalog: Catalog, model: Path, out: Path, repeats: int = 1, *,
@@ -34,7 +36,8 @@ def enroll_rate(catalog: Catalog, model: Path, out: Path, repeats: int = 1, *,
         times.append(time.perf_counter() - t0)
     best = float(np.median(times))
     opts = EnrollOptions()
-    return {"originals": len(catalog), "seconds_median": best, "per_second": len(catalog) / best,
+    return {"originals": len(catalog), "pixels": pixel_size(p.image for p in catalog),
+            "seconds_median": best, "per_second": len(catalog) / best,
             "runs": repeats, "workers": opts.workers, "interpreter_threads": opts.num_threads,
             "bundle": "zip" if as_zip else "folder"}
 
@@ -65,25 +68,60 @@ def _engine_today(references: np.ndarray, owner: np.ndarray, n: int):
     return run
 
 
-def identify_scale(sizes: list[int], dim: int, runs: int, seed: int = 0, log=print) -> list[dict]:
-    """Latency, memory and top-1 agreement with the exact float32 scan for each catalogue
-    size and storage type. Latents are random unit vectors; each query is a stored latent
-    plus noise (cosine ~0.9 to its product)."""
+GENUINE_COSINE = 0.6
+"""Cosine of each identify query to its own product's latent: where the shipped model puts
+a real photo of the product (genuine mean 0.62 on grocery-dev's val photos,
+models/training_report.json), just above its decision threshold (0.57,
+models/encoder.json). The runners-up (random latents) sit a few thousandths apart, so
+the top-5 overlap shows where float16 / int8 rounding changes the answer."""
+
+ENGINE = "float32, engine (Verifier.rank)"
+"""The storage ``Verifier.identify`` (and so the CLI and the app) searches."""
+LIBRARY = "search.LatentIndex (library)"
+
+
+def noise_for_cosine(cosine: float, dim: int) -> float:
+    """Standard deviation of Gaussian noise that, added to a unit latent of ``dim``
+    dimensions, leaves the result at ``cosine`` to it: the noise has a norm of about
+    ``sigma * sqrt(dim)`` and is nearly orthogonal to the latent, so the cosine is
+    ``1 / sqrt(1 + sigma**2 * dim)``."""
+    return math.sqrt((1.0 / cosine**2 - 1.0) / dim)
+
+
+def noisy_queries(latents: np.ndarray, picks: np.ndarray, rng, cosine: float = GENUINE_COSINE) -> np.ndarray:
+    """Unit queries at about ``cosine`` to the latents ``picks`` (:func:`noise_for_cosine`)."""
+    dim = latents.shape[1]
+    noise = noise_for_cosine(cosine, dim) * rng.standard_normal((len(picks), dim), dtype=np.float32)
+    queries = latents[picks] + noise
+    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+def _top5_exact(latents: np.ndarray, q: np.ndarray) -> list[int]:
+    scores = latents @ q
+    top = np.argpartition(-scores, 4)[:5]
+    return [int(i) for i in top[np.argsort(-scores[top])]]
+
+
+def identify_scale(sizes: list[int], dim: int, runs: int, seed: int = 0, n_queries: int = 32,
+                   log=print) -> list[dict]:
+    """Latency, memory and agreement with the exact float32 scan (same best product; share
+    of its top 5 found) for each catalogue size and storage type. Latents are random unit
+    vectors; each query is a stored latent plus noise, at :data:`GENUINE_COSINE` to it."""
     rng = np.random.default_rng(seed)
     rows = []
     for n in sizes:
         latents = _random_unit(rng, n, dim)
-        picks = rng.integers(0, n, 16)
-        queries = latents[picks] + 0.05 * rng.standard_normal((16, dim), dtype=np.float32)
-        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-        exact_top = [int(np.argmax(latents @ q)) for q in queries]
+        picks = rng.integers(0, n, n_queries)
+        queries = noisy_queries(latents, picks, rng)
+        exact = [_top5_exact(latents, q) for q in queries]
+        cosine = float(np.mean(np.sum(queries * latents[picks], axis=1)))
         n_runs = runs if n < 1_000_000 else max(5, runs // 5)
         variants: list[tuple[str, object, int]] = []
         owner = np.arange(n, dtype=np.int32)
-        variants.append(("float32, engine (Verifier.rank)", _engine_today(latents, owner, n), latents.nbytes))
+        variants.append((ENGINE, _engine_today(latents, owner, n), latents.nbytes))
         for dtype in DTYPES:
             index = LatentIndex(latents, dtype=dtype)
-            variants.append((f"{dtype}, search.LatentIndex", lambda q, index=index: index.top_k(q, 5)[0], index.nbytes))
+            variants.append((f"{dtype}, {LIBRARY}", lambda q, index=index: index.top_k(q, 5)[0], index.nbytes))
         for label, fn, nbytes in variants:
             def one(fn=fn, queries=queries, state={"i": 0}):  # noqa: B006 - a per-loop counter
                 fn(queries[state["i"] % len(queries)])
@@ -94,11 +132,14 @@ def identify_scale(sizes: list[int], dim: int, runs: int, seed: int = 0, log=pri
             fn(queries[0])
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-            agree = float(np.mean([int(np.asarray(fn(q))[0]) == e for q, e in zip(queries, exact_top)]))
+            found = [[int(i) for i in np.asarray(fn(q))[:5]] for q in queries]
+            agree = float(np.mean([f[0] == e[0] for f, e in zip(found, exact)]))
+            overlap = float(np.mean([len(set(f) & set(e)) / 5 for f, e in zip(found, exact)]))
             rows.append({"products": n, "storage": label, "latents_bytes": int(nbytes),
-                         "query_scratch_bytes": int(peak), "top1_agreement": agree, **t.to_dict()})
-            log(f"  identify {n:>9,d}  {label:36s} {t.cell(3)} ms  latents {nbytes / 2**20:8.1f} MiB  "
-                f"scratch {peak / 2**20:6.1f} MiB  top-1 agree {agree:.0%}")
+                         "query_scratch_bytes": int(peak), "top1_agreement": agree, "top5_overlap": overlap,
+                         "queries": len(queries), "query_cosine_mean": cosine, **t.to_dict()})
+            log(f"  identify {n:>9,d}  {label:44s} {t.cell(3)} ms  latents {nbytes / 2**20:8.1f} MiB  "
+                f"scratch {peak / 2**20:6.1f} MiB  top-1 agree {agree:.0%}, top-5 overlap {overlap:.0%}")
         del latents, variants
     return rows
 
@@ -144,5 +185,6 @@ def score_pairs(bundle_path: Path, photos: list[LabelledPhoto], product_ids: lis
     if errors:  # a pair that failed costs no inference: it would flatter the rate
         raise RuntimeError(f"auditlens score failed on {errors} of {len(pairs)} pairs; see {out}")
     n_photos = len({p for p, _ in pairs})
-    return {"pairs": len(pairs), "photos": n_photos, "seconds": seconds,
+    return {"pairs": len(pairs), "photos": n_photos, "pairs_per_photo": len(pairs) / n_photos,
+            "seconds": seconds, "photos_per_second": n_photos / seconds,
             "pairs_per_second": len(pairs) / seconds, "exit_status": rc}
