@@ -46,7 +46,8 @@ def import_grocery(root: str | Path, out_dir: str | Path, *, absolute_paths: boo
     Every listing is read and checked, and every file it names looked for, before any CSV
     is written: a line that cannot be read is a :class:`CatalogError` naming it, and leaves
     the folder as it was. Split CSVs of an earlier import that this one does not write are
-    removed (they would describe another dataset). ``verbose`` prints what was written:
+    removed (they would describe another dataset); a file of that name that is no photo
+    list as an import writes it (header ``photo,product_id``) is kept. ``verbose`` prints what was written:
     photos per split and the products without a photo in it. Returns the paths.
     """
     root = Path(root)
@@ -89,12 +90,15 @@ def import_grocery(root: str | Path, out_dir: str | Path, *, absolute_paths: boo
             writer.writerow(header)
             writer.writerows(rows)
         written[name] = out / f"{name}.csv"
-    removed = []
+    removed, kept = [], []
     for split in SPLITS:
         stale = out / f"{split}.csv"
         if split not in written and stale.is_file():
-            stale.unlink()
-            removed.append(stale)
+            if _first_line(stale) == "photo,product_id":  # as an import writes it
+                stale.unlink()
+                removed.append(stale)
+            else:
+                kept.append(stale)
     if verbose:
         names = [c.name for c in products]
         print(f"{'catalog':8s} {written['catalog']}  ({len(names)} products)")
@@ -102,6 +106,8 @@ def import_grocery(root: str | Path, out_dir: str | Path, *, absolute_paths: boo
             print(f"{split:8s} {written[split]}  ({len(rows)} photos; {_without(names, rows)})")
         for stale in removed:
             print(f"removed  {stale}: an earlier import's; {root} has no {stale.stem}.txt")
+        for other in kept:
+            print(f"kept     {other}: not a photo list as an import writes it; {root} has no {other.stem}.txt")
     return written
 
 
@@ -243,17 +249,25 @@ def _prefix(root: Path, out: Path, absolute: bool) -> str:
     absolute), symlinks kept as written, unless the path as written leads elsewhere (a
     '..' after a symlink), where the resolved paths are used."""
     written = Path(os.path.abspath(root))
-    if not os.path.samefile(written, root):
+    if not _same(written, root):
         written = root.resolve()
     if absolute:
         return str(written)
     try:
         relative = os.path.relpath(written, os.path.abspath(out))
-        if not os.path.samefile(out / relative, root):
+        if not _same(out / relative, root):  # --out reached through a symlink, say
             relative = os.path.relpath(root.resolve(), out.resolve())
     except ValueError:  # on another drive (Windows): no relative path leads there
         return str(written)
     return relative
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether ``a`` leads to ``b`` (a path that leads nowhere does not)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _join(prefix: str, path: str) -> str:
@@ -270,6 +284,14 @@ def _without(names: list[str], rows: list[tuple[int, str, str]]) -> str:
         return "photos of every product"
     more = f" and {len(none) - _SHOWN} more" if len(none) > _SHOWN else ""
     return f"no photo of {len(none)} of the {len(names)} products: {', '.join(none[:_SHOWN])}{more}"
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            return fh.readline().strip()
+    except OSError:
+        return ""
 
 
 def _lines(path: Path) -> list[str]:

@@ -21,10 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from auditlens.errors import AuditlensError
+
 from .common import (
     DEFAULT_GROCERY,
     DEFAULT_KERAS,
     DEFAULT_MODEL,
+    LAYOUTS,
     REPO,
     UsageError,
     conditions,
@@ -94,10 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI smoke run: small and fast, numbers not meaningful")
     p.add_argument("--data", default=None,
-                   help="a Grocery Store Dataset folder (classes.csv: its val split is scored), the output "
-                        "of `auditlens import-grocery` (catalog.csv + val.csv: val is scored; train.csv, "
-                        "when there, is enrolled only to time a larger catalogue), or a folder with "
-                        "catalog.csv + photos.csv (photos.csv is scored). Default: shared/data/grocery-dev "
+                   help=f"{LAYOUTS}. Default: shared/data/grocery-dev "
                         "beside the repository (REPO/../shared/data/grocery-dev, whatever the current "
                         "folder) when present, else the repository's models/sample")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
@@ -152,21 +152,22 @@ def main(argv=None) -> int:
     args.command = shlex.join(["python", "-m", "bench", *argv])  # what the report says made it
     settings = QUICK if args.quick else FULL
     sections = args.only or list(SECTIONS)
-    try:
-        check_inputs(args)
-        args.out.mkdir(parents=True, exist_ok=True)
-    except (UsageError, OSError) as exc:
-        print(f"python -m bench: {exc}", file=sys.stderr)
-        return 2
-    out: Path = args.out
-    if args.data is None and args.data_root != DEFAULT_GROCERY:
-        print(f"bench: no grocery-dev at {DEFAULT_GROCERY}: measuring the sample photos "
-              "shipped in models/sample (a handful: accuracy figures are not comparable with "
-              "bench/results; pass --data PATH for a Grocery Store Dataset copy)", file=sys.stderr)
-    started = time.perf_counter()
-    cond = conditions()
     with tempfile.TemporaryDirectory(prefix="auditlens-bench-") as tmp:
-        report = run(args, settings, sections, Path(tmp), cond)
+        try:  # every input checked, a dataset folder imported, before anything is written
+            check_inputs(args)
+            data = resolve_data(args.data_root, Path(tmp))
+            args.out.mkdir(parents=True, exist_ok=True)
+        except (UsageError, AuditlensError, OSError) as exc:
+            print(f"python -m bench: {exc}", file=sys.stderr)
+            return 2
+        out: Path = args.out
+        if args.data is None and args.data_root != DEFAULT_GROCERY:
+            print(f"bench: no grocery-dev at {DEFAULT_GROCERY}: measuring the sample photos "
+                  "shipped in models/sample (a handful: accuracy figures are not comparable with "
+                  "bench/results; pass --data PATH for a Grocery Store Dataset copy)", file=sys.stderr)
+        started = time.perf_counter()
+        cond = conditions()
+        report = run(args, settings, sections, Path(tmp), cond, data)
     report["conditions"]["load_average_at_end"] = load_average()
     report["conditions"]["wall_seconds"] = round(time.perf_counter() - started, 1)
     md = render(report)
@@ -206,7 +207,7 @@ def _spread(photos, n):
     return out
 
 
-def run(args, s: Settings, sections, work: Path, cond: dict) -> dict:
+def run(args, s: Settings, sections, work: Path, cond: dict, data) -> dict:
     from auditlens.catalog import open_catalog, read_labelled_photos
     from auditlens.device_app.interpreter import Encoder, model_id_of
     from auditlens.export.enroll import EnrollOptions, enroll
@@ -218,7 +219,6 @@ def run(args, s: Settings, sections, work: Path, cond: dict) -> dict:
     from .peers import make_methods
     from .scale import enroll_rate, identify_end_to_end, identify_scale, photo_catalog, score_pairs
 
-    data = resolve_data(args.data_root, work)
     catalog = open_catalog(data.catalog_csv)
     all_photos = [p for p in read_labelled_photos(data.photos_csv) if p.product_id in catalog]
     photos = _spread(all_photos, s.max_photos)

@@ -191,7 +191,7 @@ def generate_keypair(directory: str | os.PathLike, *, force: bool = False) -> tu
     if not force:
         for p in (private_path, public_path):
             if p.exists() or p.is_symlink():
-                lost = "" if public_path.exists() else (
+                lost = "" if public_path.exists() or public_path.is_symlink() else (
                     f"; if only {PUBLIC_KEY_FILE} was lost, --restore-public writes it again")
                 raise KeyFileError(f"{p} exists already; keep it, or pass --force to replace the "
                                    "key pair (bundles signed with the old key will then be refused)"

@@ -36,9 +36,9 @@ import numpy as np
 from auditlens.cli import cosine_threshold, non_negative_int
 from auditlens.device_app.interpreter import l2_normalize, model_id_of
 from auditlens.device_app.preprocess import PreprocessSpec, stack_inputs
-from auditlens.errors import AuditlensError, CatalogError, ModelError
+from auditlens.errors import AuditlensError, CatalogError, ModelError, OutputPathError
 from auditlens.export.enroll import DEFAULT_THRESHOLD
-from auditlens.files import atomic_write, check_output_file
+from auditlens.files import atomic_write
 
 INT8_MIN_WORST_COSINE = 0.90
 """Int8 export fails if any representative image's latent is less similar than this to
@@ -172,7 +172,7 @@ class ExportReport:
     decisions_flipped: int | None = None
     decision_pairs: int | None = None
     """Of those pairs, how many land on the other side of ``flip_threshold`` than Keras put them."""
-    flip_threshold: float = 0.5
+    flip_threshold: float = DEFAULT_THRESHOLD
     """The uncalibrated default threshold of a bundle (the calibrated one comes later)."""
 
     def to_dict(self) -> dict:
@@ -252,17 +252,15 @@ def convert(model, config: QuantizationConfig) -> bytes:
             converter.target_spec.supported_types = [tf.float16]
         return converter
 
-    try:
-        if config.float_ops:
-            return _convert_with_float_ops(tf, make_converter, dataset, config.float_ops)
-        converter = make_converter()
-        if config.mode == "int8":  # full integer: int8 kernels only, quantized input and output
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.inference_input_type = tf.uint8 if config.input_type == "uint8" else tf.int8
-            converter.inference_output_type = tf.int8
-        # Keras prints the saved graph's every input and output signature (hundreds of
-        # lines around the export's own three); the converter's errors still raise
+    try:  # Keras prints the saved graph's every signature at each conversion: hundreds of lines
         with contextlib.redirect_stdout(io.StringIO()):
+            if config.float_ops:
+                return _convert_with_float_ops(tf, make_converter, dataset, config.float_ops)
+            converter = make_converter()
+            if config.mode == "int8":  # full integer: int8 kernels only, quantized input and output
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                converter.inference_input_type = tf.uint8 if config.input_type == "uint8" else tf.int8
+                converter.inference_output_type = tf.int8
             return converter.convert()
     except ModelError:
         raise
@@ -579,8 +577,9 @@ def run_export(args: argparse.Namespace) -> int:
                              "(its model card is written beside it as NAME.json)")
         if args.float_ops and (args.float16 or args.dynamic or args.float32):
             raise ValueError("--float-ops applies to the int8 export only")
-        check_output_file(args.out, inputs=(args.model,))
-        check_output_file(Path(args.out).with_suffix(".json"), inputs=(args.model,))
+        for path in (Path(args.out), Path(args.out).with_suffix(".json")):  # its folder is made if missing
+            if path.is_dir():
+                raise OutputPathError(f"{path} is a folder; give a file name for this output")
         trained = trained_crop(args.model)
         if args.crop and trained and args.crop != trained:
             raise ModelError(f"--crop {args.crop}: the training run's report.json says this model "

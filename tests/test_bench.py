@@ -245,6 +245,13 @@ def test_bad_inputs_exit_2_before_writing_anything(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--methods", "sift", "nosuch", "--out", str(out)])
     assert exc.value.code == 2 and "'nosuch'" in capsys.readouterr().err and not out.exists()
+    # a dataset folder the import refuses (a photo missing) is refused before anything is written
+    from .test_datasets import make_dataset
+
+    dataset = make_dataset(tmp_path / "grocery")
+    (dataset / "val" / "Fruit" / "Banana" / "Banana_002.jpg").unlink()
+    assert main(["--data", str(dataset), "--out", str(out), "--quick", "--only", "memory"]) == 2
+    assert "are not there" in capsys.readouterr().err and not out.exists()
 
 
 def test_help_names_the_methods_and_sections(capsys):

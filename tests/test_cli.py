@@ -464,5 +464,8 @@ def test_keygen_quotes_its_paths_and_restores_a_lost_public_key(tmp_path):
     assert (keys / "publisher.pub").read_bytes() == original and "written again" in restored
     again = run("keygen", "--out", keys, "--restore-public", check_rc=2)
     assert "exists already; nothing to restore" in again.stderr
+    (keys / "publisher.pub").unlink()
+    (keys / "publisher.pub").symlink_to(tmp_path / "nowhere.pub")  # a link to nothing is no lost key
+    assert "--restore-public" not in run("keygen", "--out", keys, check_rc=2).stderr
     lost = run("keygen", "--out", tmp_path / "empty", "--restore-public", check_rc=2)
     assert "cannot read the private key" in lost.stderr and not (tmp_path / "empty").exists()

@@ -224,6 +224,19 @@ def test_a_test_csv_of_an_earlier_import_is_removed_and_said(tmp_path, capsys):
     assert main(["import-grocery", str(second), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["catalog.csv", "notes.csv", "train.csv", "val.csv"]
     assert f"removed  {out / 'test.csv'}: an earlier import's; {second} has no test.txt" in capsys.readouterr().out
+    (out / "test.csv").write_text("my,own\n1,2\n")  # not an import's: kept, and said
+    assert main(["import-grocery", str(second), "--out", str(out)]) == 0
+    assert (out / "test.csv").read_text() == "my,own\n1,2\n"
+    assert f"kept     {out / 'test.csv'}: not a photo list" in capsys.readouterr().out
+
+
+def test_an_out_folder_reached_through_a_symlink_gets_paths_that_resolve(tmp_path):
+    root = make_dataset(tmp_path / "project" / "grocery")
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "project" / "data").symlink_to(tmp_path / "elsewhere" / "deep")
+    written = import_grocery(root, tmp_path / "project" / "data")
+    photos = read_labelled_photos(written["val"])
+    assert len(photos) == 3 and all(Path(p.photo).is_file() for p in photos)
 
 
 def test_the_import_says_how_many_photos_each_split_has_and_which_products_have_none(tmp_path, capsys):

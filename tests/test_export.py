@@ -242,6 +242,10 @@ def test_export_arguments_refused_before_converting(tiny_encoder, tmp_path, caps
                               "--out", str(tmp_path / "x.tflite")])
     assert run_export(args) == 2
     assert "not a Keras model auditlens can read" in capsys.readouterr().err
+    # a folder of its own that does not exist yet is made, as for every other output
+    args = parser.parse_args([tiny_encoder["encoder"], "--representative", str(tiny_encoder["catalog"]),
+                              "--out", str(tmp_path / "new" / "enc.tflite")])
+    assert run_export(args) == 0 and (tmp_path / "new" / "enc.json").is_file()
 
     # a large catalogue leaves half of the calibration set to the field photos
     small = np.zeros((400, 2, 2, 3), np.uint8)
@@ -254,7 +258,7 @@ def test_export_arguments_refused_before_converting(tiny_encoder, tmp_path, caps
     assert len(few_photos) == 500 and int(few_photos[:, 0, 0, 0].sum()) == 100
 
 
-def test_int8_with_the_first_ops_in_float(tiny_encoder, tmp_path):
+def test_int8_with_the_first_ops_in_float(tiny_encoder, tmp_path, capsys):
     """--float-ops N: the graph's first N ops compute in float (their outputs are float32
     tensors, where the full int8 model has none past its input), the rest stays int8, and
     the model takes and gives float32."""
@@ -274,6 +278,7 @@ def test_int8_with_the_first_ops_in_float(tiny_encoder, tmp_path):
                            QuantizationConfig.for_int8(rep, float_ops=3))
     assert (full.input_dtype, full.float_ops) == ("uint8", 0)
     assert (mixed.input_dtype, mixed.output_dtype, mixed.float_ops) == ("float32", "float32", 3)
+    assert "TensorSpec" not in capsys.readouterr().out  # Keras's signature dump, on this path too
     assert len(float_tensors(tmp_path / "mixed.tflite")) > len(float_tensors(tmp_path / "full.tflite"))
     assert mixed.worst_cosine > 0.9
     interpreter = Interpreter(model_path=str(tmp_path / "mixed.tflite"))
