@@ -33,16 +33,18 @@ def atomic_write(path: str | os.PathLike, *, newline: str | None = None,
         raise
 
 
-def check_output_file(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
-    """Refuse, before any work, a file output whose path is a folder, has no folder, or is
-    one of the command's ``inputs`` (writing it would replace what is being read)."""
+def check_output_file(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (),
+                      make_folder: bool = False) -> Path:
+    """Refuse, before any work, a file output whose path is a folder, has no folder (unless
+    ``make_folder``: :func:`atomic_write` will make it), or is one of the command's
+    ``inputs`` (writing it would replace what is being read)."""
     path = Path(path)
     for given in inputs:
         if path.exists() and Path(given).exists() and path.samefile(given):
             raise OutputPathError(f"{path} is the input {given}; write the output to another file")
     if path.is_dir():
         raise OutputPathError(f"{path} is a folder; give a file name for this output")
-    if not path.parent.is_dir():
+    if not make_folder and not path.parent.is_dir():
         raise OutputPathError(f"{path}: the folder {path.parent} does not exist")
     return path
 

@@ -200,14 +200,15 @@ def generate_keypair(directory: str | os.PathLike, *, force: bool = False) -> tu
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
     _write_private(private_path, private_pem)
-    _write_atomic(public_path, _public_pem(private_pem), 0o644)
+    _write_atomic(public_path, _public_pem(key), 0o644)
     return private_path, public_path
 
 
-def restore_public_key(directory: str | os.PathLike) -> Path:
+def restore_public_key(directory: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``publisher.pub`` again from the ``publisher.key`` beside it (a public key
-    lost or deleted; the key pair, and so every signed bundle, stays valid)."""
-    private_path, public_path = Path(directory) / PRIVATE_KEY_FILE, Path(directory) / PUBLIC_KEY_FILE
+    lost or deleted; the key pair, and so every signed bundle, stays valid). Returns
+    (private path, public path), as :func:`generate_keypair`."""
+    private_path, public_path = _key_paths(directory, create=False)
     if public_path.exists() or public_path.is_symlink():
         raise KeyFileError(f"{public_path} exists already; nothing to restore")
     try:
@@ -215,22 +216,25 @@ def restore_public_key(directory: str | os.PathLike) -> Path:
     except OSError as exc:
         raise KeyFileError(f"{private_path}: cannot read the private key to restore its public "
                            f"key from: {exc}") from exc
-    _write_atomic(public_path, _public_pem(private_pem), 0o644)
-    return public_path
+    _write_atomic(public_path, _public_pem(load_private_key(private_pem)), 0o644)
+    return private_path, public_path
 
 
-def _public_pem(private_key: bytes) -> bytes:
+def _public_pem(private_key) -> bytes:
+    """The SubjectPublicKeyInfo PEM of an ``Ed25519PrivateKey``."""
     _, serialization, _ = _crypto()
-    return load_private_key(private_key).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _key_paths(directory: str | os.PathLike) -> tuple[Path, Path]:
+def _key_paths(directory: str | os.PathLike, *, create: bool = True) -> tuple[Path, Path]:
+    """(private, public) key paths in ``directory``, made first when ``create``."""
     directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KeyFileError(f"{directory}: cannot create the key folder: {exc}") from exc
+    if create:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KeyFileError(f"{directory}: cannot create the key folder: {exc}") from exc
     return directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
 
 
@@ -272,7 +276,7 @@ def add_keygen_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_keygen(args) -> int:
     if args.restore_public:
-        private_path, public_path = args.out / PRIVATE_KEY_FILE, restore_public_key(args.out)
+        private_path, public_path = restore_public_key(args.out)
         print(f"public key   {public_path} written again from {private_path}")
     else:
         private_path, public_path = generate_keypair(args.out, force=args.force)

@@ -36,9 +36,9 @@ import numpy as np
 from auditlens.cli import cosine_threshold, non_negative_int
 from auditlens.device_app.interpreter import l2_normalize, model_id_of
 from auditlens.device_app.preprocess import PreprocessSpec, stack_inputs
-from auditlens.errors import AuditlensError, CatalogError, ModelError, OutputPathError
+from auditlens.errors import AuditlensError, CatalogError, ModelError
 from auditlens.export.enroll import DEFAULT_THRESHOLD
-from auditlens.files import atomic_write
+from auditlens.files import atomic_write, check_output_file
 
 INT8_MIN_WORST_COSINE = 0.90
 """Int8 export fails if any representative image's latent is less similar than this to
@@ -469,9 +469,10 @@ def export_encoder(
 def representative_images(
     catalog_source: str, spec: PreprocessSpec, photos_csv: str | None = None, max_photos: int = 300,
     progress: Callable[[str], None] | None = None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, int]:
     """Originals of the catalogue plus up to ``max_photos`` evenly spread labelled photos,
-    each through ``load_image`` + ``to_model_input`` exactly as the device sees them."""
+    each through ``load_image`` + ``to_model_input`` exactly as the device sees them; and
+    how many of them (the first) are originals."""
     from auditlens.catalog import open_catalog, read_labelled_photos
 
     catalog = open_catalog(catalog_source)
@@ -481,7 +482,7 @@ def representative_images(
     if progress:
         progress(f"loading {len(sources)} representative images ...")
     try:
-        return stack_inputs(sources, spec)
+        return stack_inputs(sources, spec), len(catalog)
     except AuditlensError as exc:
         raise CatalogError(f"representative image: {exc}") from exc
 
@@ -577,9 +578,8 @@ def run_export(args: argparse.Namespace) -> int:
                              "(its model card is written beside it as NAME.json)")
         if args.float_ops and (args.float16 or args.dynamic or args.float32):
             raise ValueError("--float-ops applies to the int8 export only")
-        for path in (Path(args.out), Path(args.out).with_suffix(".json")):  # its folder is made if missing
-            if path.is_dir():
-                raise OutputPathError(f"{path} is a folder; give a file name for this output")
+        for path in (Path(args.out), Path(args.out).with_suffix(".json")):
+            check_output_file(path, inputs=(args.model,), make_folder=True)
         trained = trained_crop(args.model)
         if args.crop and trained and args.crop != trained:
             raise ModelError(f"--crop {args.crop}: the training run's report.json says this model "
@@ -587,11 +587,8 @@ def run_export(args: argparse.Namespace) -> int:
         encoder = load_keras_encoder(args.model)
         spec = PreprocessSpec(input_size=int(encoder.input_shape[1]),
                               crop=args.crop or trained or "center")
-        rep = representative_images(args.representative, spec, args.photos, args.max_photos,
-                                    progress=lambda m: print(m, file=sys.stderr))
-        from auditlens.catalog import open_catalog
-
-        originals = len(open_catalog(args.representative))  # rep's first images
+        rep, originals = representative_images(args.representative, spec, args.photos, args.max_photos,
+                                               progress=lambda m: print(m, file=sys.stderr))
         if args.float16:
             config = QuantizationConfig.for_float16()
         elif args.dynamic:

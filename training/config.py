@@ -163,3 +163,6 @@ class TrainResult:
     """Validation metrics of the kept encoder."""
     seconds: float = 0.0
     """Wall time of the whole run."""
+    warnings: list[str] = field(default_factory=list)
+    """What the engineer should know before exporting the encoder (validation photos that
+    are training photos too, ...); the CLI prints them."""

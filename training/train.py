@@ -820,8 +820,9 @@ def train(config: TrainConfig) -> TrainResult:
     report_path = out / "report.json"
     report_path.write_text(json.dumps(report, indent=2, default=float))
     plot_curves(fit.history, out / "training_curves.png")
+    warnings = [overlap_warning(val.also_trained, len(val.labels))] if val.also_trained else []
     return TrainResult(str(out), str(encoder_path), str(autoencoder_path), str(report_path),
-                       fit.best_epoch, final, seconds)
+                       fit.best_epoch, final, seconds, warnings)
 
 
 def plot_curves(history: list[dict], path: Path) -> Path | None:
@@ -991,11 +992,7 @@ def run_train(args: argparse.Namespace) -> int:
         if s and s.get("n") and (subset == "seen" or "unseen" in m):
             print(f"val {subset:6s}: n={s['n']} top1={s['top1']:.3f} EER={s['eer']:.3f} AUC={s['auc']:.3f}")
     print(f"report: {result.report_path}")
-    data = json.loads(Path(result.report_path).read_text())["data"]
-    notes = [collapse_warning(m)]
-    if data["val_photos_also_trained"]:
-        notes.append(overlap_warning(data["val_photos_also_trained"], data["val_queries"]))
-    for warning in filter(None, notes):
+    for warning in filter(None, [collapse_warning(m), *result.warnings]):
         print(f"auditlens train: warning: {warning}", file=sys.stderr)
     return 0
 
