@@ -543,7 +543,9 @@ def _scale_md(r: dict) -> list[str]:
             "dimension, one reference per product, 1 thread (numpy's BLAS included); each query is a "
             f"stored latent plus Gaussian noise, at cosine {cosine:.2f} to it: where the shipped model "
             "puts a genuine photo, near its decision threshold. *Engine* = `Verifier.rank`, what "
-            "`Verifier.identify`, the CLI and the app search; *search.LatentIndex (library)* = the "
+            "`Verifier.identify`, the CLI and the app search: the bundle's float16 latents, every row "
+            "scored up to 2,048 rows, above that an int8 index (one more byte a component) shortlists "
+            "64 products whose rows are then scored exactly; *search.LatentIndex (library)* = the "
             "library's index, which they do not use. *scratch* = peak temporary memory of one query "
             "(tracemalloc); *top-1 agree* = same best product as the exact float32 scan; *top-5 "
             "overlap* = share of the exact scan's top 5 found:",
@@ -613,7 +615,7 @@ def _identify_goals(r: dict, add) -> None:
     from .scale import ENGINE, LIBRARY
 
     at_100k = {x["storage"]: x for x in r.get("scale", {}).get("identify", []) if x["products"] == 100_000}
-    for storage, label in ((ENGINE, "engine (float32, Verifier.rank: identify, CLI, app)"),
+    for storage, label in ((ENGINE, "engine (Verifier.rank: identify, CLI, app)"),
                            (f"int8, {LIBRARY}", "search.LatentIndex (library, int8)")):
         if storage in at_100k:
             x = at_100k[storage]

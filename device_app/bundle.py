@@ -229,7 +229,8 @@ class ReferenceBundle:
     model_content: bytes
     products: list[ProductRecord]
     references: np.ndarray
-    """float32 (R, D), unit rows."""
+    """(R, D) unit rows as stored (float16 in every bundle :func:`write_bundle` makes:
+    half the memory of float32; scores convert them, see ``search.cosines``)."""
     reference_owner: np.ndarray
     """int32 (R,): index into ``products`` of each reference row."""
     thumbnails: dict[str, bytes] = field(default_factory=dict, repr=False)
@@ -387,18 +388,10 @@ class ReferenceBundle:
         if references.dtype.kind != "f":
             raise BundleFormatError(f"{path}: references.npy holds {references.dtype}, not floating-point "
                                     "latents")
-        references = references.astype(np.float32)  # once: the lengths below and the bundle use it
         if references.ndim != 2 or references.shape[1] != manifest.get("latent_dim"):
             raise BundleFormatError(f"{path}: references.npy has shape {references.shape}, "
                                     f"expected (R, {manifest.get('latent_dim')})")
-        if not np.isfinite(references).all():
-            raise BundleFormatError(f"{path}: references.npy holds NaN or infinite values")
-        norms = np.linalg.norm(references, axis=1)
-        worst = int(np.abs(norms - 1.0).argmax()) if len(norms) else 0
-        if len(norms) and abs(norms[worst] - 1.0) > UNIT_TOLERANCE:
-            raise BundleFormatError(
-                f"{path}: references.npy row {worst} has length {norms[worst]:.4g}, not 1: reference "
-                "latents must be unit vectors, or every score leaves the cosine range; re-enrol the catalogue")
+        _check_unit_rows(references, path)
         _check_probe(manifest, path)
         check_decision(manifest.get("decision"), path)
         thumbs = {n: d for n, d in contents.items() if n.startswith("thumbs/")}
@@ -474,6 +467,22 @@ def check_decision(decision, path: Path, what: str = "manifest decision") -> Non
     if (np.diff(scores) <= 0).any() or (np.diff(fars) > 0).any() or not ((0 <= fars) & (fars <= 1)).all():
         raise BundleFormatError(f"{path}: {what}.far_curve must have strictly increasing "
                                 "scores and falling false-accept rates within [0, 1]")
+
+
+def _check_unit_rows(references: np.ndarray, path: Path, block: int = 65536) -> None:
+    """Finite unit rows, checked a block at a time in float32 (a large catalogue's
+    float16 latents are never held as float32 all at once)."""
+    for start in range(0, len(references), block):
+        rows = np.asarray(references[start:start + block], dtype=np.float32)
+        if not np.isfinite(rows).all():
+            raise BundleFormatError(f"{path}: references.npy holds NaN or infinite values")
+        norms = np.linalg.norm(rows, axis=1)
+        worst = int(np.abs(norms - 1.0).argmax())
+        if abs(norms[worst] - 1.0) > UNIT_TOLERANCE:
+            raise BundleFormatError(
+                f"{path}: references.npy row {start + worst} has length {norms[worst]:.4g}, not 1: "
+                "reference latents must be unit vectors, or every score leaves the cosine range; "
+                "re-enrol the catalogue")
 
 
 def _load_npy(data: bytes, path: Path) -> np.ndarray:

@@ -10,6 +10,7 @@ product.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -31,6 +32,7 @@ from auditlens.device_app.imaging import (
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
 from auditlens.device_app.preprocess import PreprocessSpec, pool_views, to_photo_views
 from auditlens.device_app.quality import Quality, QualityThresholds, assess
+from auditlens.device_app.search import ReferenceSearch, best_reference_scores, cosines
 from auditlens.errors import (
     BundleSignatureError,
     ImageTooLargeError,
@@ -233,20 +235,6 @@ def dhash(image: Image.Image) -> str:
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 
-def best_reference_scores(latents: np.ndarray, references: np.ndarray, owner: np.ndarray,
-                          n_products: int) -> np.ndarray:
-    """Best cosine of a latent (D,) or of each of latents (N, D) against every product's
-    references (rows of ``references``, ``owner`` naming each row's product): (P,) or
-    (N, P). The verifier's rule, shared by evaluation and the bench."""
-    sims = np.asarray(latents, np.float32) @ np.asarray(references, np.float32).T
-    best = np.full((*sims.shape[:-1], n_products), -np.inf, dtype=np.float32)
-    if len(owner) == n_products and (np.bincount(owner, minlength=n_products) == 1).all():
-        best[..., owner] = sims  # one reference per product
-    else:
-        np.maximum.at(best.T, owner, sims.T)  # along the last axis, in place
-    return best
-
-
 def far_share(far: float) -> str | None:
     """An estimated false-accept rate as people read it ("0.96%", "< 0.01%"); None when
     the score is above every impostor of the calibration (an estimate of 0, not a
@@ -397,6 +385,13 @@ class Verifier:
         return pool_views(self.encoder.embed(views, batch_size=batch), v)
 
     # -- scoring --------------------------------------------------------------------
+    @functools.cached_property
+    def search(self) -> ReferenceSearch:
+        """Ranks the bundle's products (built on the first :meth:`rank`: a large
+        catalogue's int8 shortlist index is then made once)."""
+        b = self.bundle
+        return ReferenceSearch(b.references, b.reference_owner, len(b.products))
+
     def product_scores(self, latent: np.ndarray) -> np.ndarray:
         """Best cosine of ``latent`` against each product's references, shape (P,)."""
         return best_reference_scores(latent, self.bundle.references, self.bundle.reference_owner,
@@ -404,17 +399,14 @@ class Verifier:
 
     def score(self, latent: np.ndarray, product_id: str) -> float:
         rows = list(self.bundle.product(product_id).references)
-        return float((self.bundle.references[rows] @ latent).max())
+        return float(cosines(latent, self.bundle.references[rows]).max())
 
     def rank(self, latent: np.ndarray, top_k: int = 5) -> list[Candidate]:
-        scores = self.product_scores(latent)
-        if int(top_k) < 1:
-            raise ValueError(f"top_k must be at least 1, not {top_k}")
-        k = min(int(top_k), len(scores))
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
+        """The ``top_k`` products most like ``latent``, best first, with the scores
+        :meth:`score` gives them."""
+        top, scores = self.search.top_k(latent, top_k)
         return [Candidate(self.bundle.products[i].product_id, self.bundle.products[i].name,
-                          float(scores[i])) for i in top]
+                          float(s)) for i, s in zip(top, scores)]
 
     def estimated_far(self, score: float) -> float | None:
         if self._far_curve is None:

@@ -185,7 +185,7 @@ def test_identify_queries_sit_where_genuine_photos_do():
 
 
 def test_identify_goals_are_checked_on_the_engine():
-    """The engine (float32 Verifier.rank, what the CLI and app use) carries the goals; the
+    """The engine (Verifier.rank, what the CLI and app use) carries the goals; the
     library's int8 index is shown apart, labelled."""
     from bench.__main__ import _goals
     from bench.scale import ENGINE, LIBRARY
@@ -195,7 +195,7 @@ def test_identify_goals_are_checked_on_the_engine():
         {"products": 100_000, "storage": f"int8, {LIBRARY}", "median_ms": 2.8, "latents_bytes": 12_800_000},
     ]}}
     goals = {goal: met for goal, _, met in _goals(report)}
-    engine = "engine (float32, Verifier.rank: identify, CLI, app)"
+    engine = "engine (Verifier.rank: identify, CLI, app)"
     assert goals[f"identify over 100k <= 20 ms, {engine}"] == "yes"
     assert goals[f"... and <= 50 MB of latents, {engine}"] == "**no**"
     assert goals["... and <= 50 MB of latents, search.LatentIndex (library, int8)"] == "yes"

@@ -33,7 +33,8 @@ def test_round_trip_keeps_products_latents_and_thumbnails(bundle_dir):
     b = ReferenceBundle.load(bundle_dir)
     assert [p.product_id for p in b.products] == open_catalog(SAMPLE / "catalog.csv").ids
     assert b.references.shape == (10, b.manifest["latent_dim"])
-    np.testing.assert_allclose(np.linalg.norm(b.references, axis=1), 1.0, atol=2e-3)
+    assert b.references.dtype == np.float16  # held as stored: half the memory of float32
+    np.testing.assert_allclose(np.linalg.norm(b.references.astype(np.float32), axis=1), 1.0, atol=2e-3)
     assert max(b.thumbnail("Banana").size) <= 160
     assert set(b.manifest["files"]) >= {"model.tflite", "references.npy", "products.json"}
     with pytest.raises(UnknownProductError, match="not in this bundle"):
@@ -49,6 +50,24 @@ def test_zip_bundle_loads_like_the_folder(tmp_path, shipped_model):
     assert zipfile.is_zipfile(out)
     folder = enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "b", model=shipped_model)
     np.testing.assert_array_equal(ReferenceBundle.load(out).references, ReferenceBundle.load(folder).references)
+
+
+def test_reference_rows_are_checked_in_blocks_naming_the_bad_row(tmp_path):
+    """Rows past the first block are checked too, and the error names the row in the file."""
+    from auditlens.device_app.bundle import _check_unit_rows
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((10, 16)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    _check_unit_rows(rows.astype(np.float16), tmp_path, block=4)
+    long = rows.copy()
+    long[9] *= 1.5
+    with pytest.raises(BundleFormatError, match="row 9 has length 1.5"):
+        _check_unit_rows(long.astype(np.float16), tmp_path, block=4)
+    broken = rows.astype(np.float16)
+    broken[6, 3] = np.inf
+    with pytest.raises(BundleFormatError, match="NaN or infinite"):
+        _check_unit_rows(broken, tmp_path, block=4)
 
 
 @pytest.mark.parametrize("member", ["model.tflite", "references.npy", "products.json", "thumbs/0003.jpg"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from auditlens.device_app.search import DTYPES, LatentIndex
+from auditlens.device_app.search import DTYPES, LatentIndex, ReferenceSearch, cosines
 
 
 def _unit(rng, n, d):
@@ -104,3 +104,66 @@ def test_int8_scan_in_blocks_equals_one_pass(monkeypatch):
     index = LatentIndex(latents, dtype="int8")
     np.testing.assert_array_equal(index.product_scores(q), whole)
     assert index.top_k(q, 1)[0][0] == 1234
+
+
+def _catalogue(rng, products, extra, dim=128):
+    """float16 unit latents as a bundle holds them: one row per product, ``extra`` more
+    rows for random products, rows shuffled."""
+    owner = np.r_[np.arange(products), rng.integers(0, products, extra)]
+    rng.shuffle(owner)
+    return _unit(rng, len(owner), dim).astype(np.float16), owner
+
+
+def _genuine_query(rng, row, cosine=0.6):
+    """A unit query at about ``cosine`` to ``row``, where a real photo sits to its original."""
+    q = row.astype(np.float32)
+    q = q + np.sqrt((1 / cosine**2 - 1) / len(q)) * rng.standard_normal(len(q)).astype(np.float32)
+    return q / np.linalg.norm(q)
+
+
+def test_reference_search_shortlist_finds_the_full_scans_top_k():
+    """Above EXACT_SCAN_ROWS the int8 shortlist returns the top 5 of the exact scan of
+    every row, with its exact scores (the best row of each product, computed here by hand)."""
+    rng = np.random.default_rng(2)
+    refs, owner = _catalogue(rng, 6000, 3000)
+    search = ReferenceSearch(refs, owner, 6000)
+    assert search.index is not None
+    by_hand = np.full(6000, -np.inf, dtype=np.float32)
+    for _ in range(40):
+        q = _genuine_query(rng, refs[rng.integers(len(refs))])
+        by_hand[:] = -np.inf
+        np.maximum.at(by_hand, owner, refs.astype(np.float32) @ q)
+        want = np.lexsort((np.arange(6000), -by_hand))[:5]
+        ids, scores = search.top_k(q, 5)
+        np.testing.assert_array_equal(ids, want)
+        np.testing.assert_allclose(scores, by_hand[want], rtol=1e-6)
+
+
+def test_reference_search_small_catalogues_score_every_row():
+    rng = np.random.default_rng(3)
+    refs, owner = _catalogue(rng, 300, 200)
+    search = ReferenceSearch(refs, owner, 300)
+    assert search.index is None and search.nbytes == refs.nbytes
+    q = _genuine_query(rng, refs[0])
+    ids, scores = search.top_k(q, 1000)  # more than there are products: every product, best first
+    assert sorted(ids) == list(range(300)) and np.all(np.diff(scores) <= 0)
+    np.testing.assert_array_equal(scores[np.argsort(ids)], search.product_scores(q))
+    with pytest.raises(ValueError, match="at least 1"):
+        search.top_k(q, 0)
+
+
+def test_reference_search_keeps_the_references_and_adds_one_byte_a_component():
+    rng = np.random.default_rng(4)
+    refs, owner = _catalogue(rng, 3000, 0, dim=64)
+    search = ReferenceSearch(refs, owner, 3000)
+    assert search.references is refs  # the bundle's array, not a copy
+    assert search.nbytes == 3000 * 64 * (2 + 1)
+
+
+def test_cosines_of_float16_rows_are_float32_dot_products_of_the_stored_values():
+    rng = np.random.default_rng(5)
+    rows = _unit(rng, 40_000, 32).astype(np.float16)  # more than one conversion block
+    q = _unit(rng, 3, 32)
+    got = cosines(q, rows)
+    assert got.dtype == np.float32 and got.shape == (3, 40_000)
+    np.testing.assert_allclose(got, q.astype(np.float64) @ rows.astype(np.float64).T, atol=1e-6)

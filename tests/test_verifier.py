@@ -48,6 +48,15 @@ def test_genuine_photos_outscore_impostors(verifier, sample_photos):
     assert wins >= 0.75 * len(sample_photos)
 
 
+def test_rank_scores_are_the_scores_verify_gives(verifier, sample_photos):
+    """identify's candidates carry the score a verify of that product would log."""
+    latent = verifier.embed(verifier.prepare(sample_photos[0].photo))
+    ranked = verifier.rank(latent, len(verifier.bundle.products))
+    assert [c.score for c in ranked] == sorted((c.score for c in ranked), reverse=True)
+    for c in ranked:
+        assert c.score == pytest.approx(verifier.score(latent, c.product_id), abs=1e-6)
+
+
 def test_verdict_carries_what_an_audit_record_needs(verifier, sample_photos):
     photo = sample_photos[0]
     v = verifier.verify(photo.photo, photo.product_id)
