@@ -1,6 +1,6 @@
 """Throughput and scale: enrolment rate, identify over 1k..1M enrolled products with
-the engine's ``Verifier.rank`` (a bundle's float16 latents, an int8 shortlist above
-2,048 rows: ``search.ReferenceSearch``) and with latents stored as float32 / float16 /
+the engine's ``Verifier.rank`` (a bundle's float16 latents with a float32 copy up to
+16 MiB, above that an int8 shortlist: ``search.ReferenceSearch``) and with latents stored as float32 / float16 /
 int8 in the library's ``search.LatentIndex``, and batch ``score`` with each photo
 embedded once."""
 
@@ -72,7 +72,7 @@ models/training_report.json), just above its decision threshold (0.57,
 models/encoder.json). The runners-up (random latents) sit a few thousandths apart, so
 the top-5 overlap shows where float16 / int8 rounding changes the answer."""
 
-ENGINE = "float16 + int8 shortlist, engine (Verifier.rank)"
+ENGINE = "float16 + float32 / int8, engine (Verifier.rank)"
 """The storage ``Verifier.identify`` (and so the CLI and the app) searches."""
 LIBRARY = "search.LatentIndex (library)"
 

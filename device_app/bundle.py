@@ -391,6 +391,8 @@ class ReferenceBundle:
         if references.ndim != 2 or references.shape[1] != manifest.get("latent_dim"):
             raise BundleFormatError(f"{path}: references.npy has shape {references.shape}, "
                                     f"expected (R, {manifest.get('latent_dim')})")
+        # held as float16 in native byte order, whatever float type the file holds
+        references = references.astype(np.float16, copy=False)
         _check_unit_rows(references, path)
         _check_probe(manifest, path)
         check_decision(manifest.get("decision"), path)

@@ -1,12 +1,12 @@
 """Fast ``identify`` over large catalogues: compact latents and a top-k scan.
 
 A bundle keeps its reference latents as float16 (2 bytes a component, as stored);
-numpy has no half-precision BLAS, so every exact score converts rows to float32 a block
-at a time (:func:`cosines`). :class:`ReferenceSearch` is what the verifier ranks
-products with: every row scored exactly up to :data:`EXACT_SCAN_ROWS` rows; above, an
-int8 :class:`LatentIndex` shortlists :data:`SHORTLIST` products and only their rows are
-scored exactly, so a 100,000-product catalogue holds 38 MB of latents instead of 51 MB
-(float32) and is ranked in a few milliseconds instead of the float16 scan's 25.
+numpy has no half-precision BLAS, so an exact score converts rows to float32 a block at
+a time (:func:`cosines`). :class:`ReferenceSearch` is what the verifier ranks products
+with: a small catalogue is scored whole from a float32 copy; a large one is scanned in
+int8 and only a shortlist of products is scored exactly, so 100,000 products hold 38.4 MB
+of latents (float16 + int8) instead of the 51.2 MB of float32 and are ranked about as
+fast as a float32 scan would.
 
 :class:`LatentIndex` stores unit latents compactly and finds the best products with one
 scan and ``argpartition``:
@@ -224,57 +224,75 @@ class LatentIndex:
         return cls(bundle.references, bundle.reference_owner, dtype=dtype)
 
 
-EXACT_SCAN_ROWS = 2048
-"""Up to this many reference rows :class:`ReferenceSearch` scores every row exactly (under
-1 ms of float16 conversion and product on one core); above it an int8 index shortlists,
-which is the faster of the two from about this size on."""
+FLOAT32_COPY_BYTES = 16 << 20
+"""Up to this many bytes of float32 latents (32,768 rows of 128-d) :class:`ReferenceSearch`
+keeps a float32 copy of the references and scores every row with one BLAS product (as
+fast as the int8 shortlist at that size, 10x faster than it for a few thousand rows);
+above it an int8 index shortlists and only the shortlisted rows are converted and scored."""
 
 SHORTLIST = 64
-"""Products the int8 index hands to the exact scores. Its scores are within about 0.003
-of the exact ones (0.02 at worst for 128-d latents), while products ranked 5th and 64th
-by a real photo lie much further apart, so the top 5 are the full scan's."""
+"""Products the int8 scan hands to the exact scores first."""
+
+INT8_MARGIN = 0.02
+"""How far an int8 product score may be taken to lie below the exact one. The rounding of
+stored rows and query to 1/127 moves a cosine by about 0.003 (one standard deviation at
+128-d), so 0.02 is over six; a hard worst case (0.09 at 128-d) would shortlist nearly
+every product. The shortlist grows until its k-th exact score leads every product left
+out by this margin."""
 
 
 class ReferenceSearch:
     """Ranks a bundle's products for a latent with the verifier's exact scores.
 
+    A small catalogue (up to :data:`FLOAT32_COPY_BYTES` as float32) is scored whole from a
+    float32 copy. A larger one is scanned once in int8 (:class:`LatentIndex`, one more
+    byte a component); the :data:`SHORTLIST` best products by that scan are scored
+    exactly from the float16 references, and the shortlist grows (x4) while a product
+    left out could, within :data:`INT8_MARGIN`, still beat the k-th. The result is the
+    full scan's unless an int8 score is more than the margin off (not seen in the bench
+    or the tests); products with equal exact scores are listed in product order (among
+    the shortlisted, for a large catalogue).
+
     Args:
         references: (R, D) unit rows as the bundle holds them (float16), kept, not copied.
         owner: (R,) product index of each row.
         n_products: P.
-        exact_rows: up to this many rows every row is scored; above, an int8
-            :class:`LatentIndex` (R * D bytes more) shortlists ``shortlist`` products
-            and only their rows are scored.
     """
 
     def __init__(self, references: np.ndarray, owner: np.ndarray, n_products: int, *,
-                 exact_rows: int = EXACT_SCAN_ROWS, shortlist: int = SHORTLIST) -> None:
+                 float32_copy_bytes: int = FLOAT32_COPY_BYTES, shortlist: int = SHORTLIST) -> None:
         self.references = _check_rows(references)
-        self.owner = np.asarray(owner, dtype=np.int64)
+        self.owner = np.asarray(owner, dtype=np.int32)
         self.num_products = int(n_products)
         self.shortlist = max(1, int(shortlist))
-        order = np.argsort(self.owner, kind="stable")
-        bounds = np.searchsorted(self.owner[order], np.arange(self.num_products + 1))
-        self._order, self._bounds = order, bounds  # rows of product p: order[bounds[p]:bounds[p+1]]
-        self.index = (LatentIndex(self.references, self.owner, dtype="int8")
-                      if len(self.references) > exact_rows else None)
+        rows, dim = self.references.shape
+        self._float32 = self.index = None
+        if rows * dim * 4 <= float32_copy_bytes:
+            self._float32 = np.asarray(self.references, dtype=np.float32)
+        else:
+            self.index = LatentIndex(self.references, self.owner, dtype="int8")
+            order = np.argsort(self.owner, kind="stable").astype(np.int32)
+            bounds = np.searchsorted(self.owner[order], np.arange(self.num_products + 1))
+            # rows of product p: order[bounds[p]:bounds[p + 1]]
+            self._order, self._bounds = order, bounds.astype(np.int32)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of latents held: the references and, for a large catalogue, the index."""
-        return int(self.references.nbytes) + (self.index.nbytes if self.index is not None else 0)
+        """Bytes of latents held: the references and their float32 copy or int8 index."""
+        extra = self._float32 if self._float32 is not None else self.index
+        return int(self.references.nbytes) + int(extra.nbytes)
 
     def product_scores(self, latent: np.ndarray) -> np.ndarray:
         """Exact best cosine of ``latent`` against every product, float32 (P,)."""
-        return best_reference_scores(latent, self.references, self.owner, self.num_products)
+        rows = self._float32 if self._float32 is not None else self.references
+        return best_reference_scores(latent, rows, self.owner, self.num_products)
 
     def _scores_of(self, products: np.ndarray, latent: np.ndarray) -> np.ndarray:
         """Exact best cosine of ``latent`` against each of ``products``."""
-        counts = self._bounds[products + 1] - self._bounds[products]
-        rows = self._order[np.concatenate([np.arange(self._bounds[p], self._bounds[p + 1])
-                                           for p in products])]
+        starts, stops = self._bounds[products], self._bounds[products + 1]
+        rows = self._order[np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)])]
         sims = cosines(latent, self.references[rows])
-        return np.maximum.reduceat(sims, np.r_[0, np.cumsum(counts)[:-1]])
+        return np.maximum.reduceat(sims, np.r_[0, np.cumsum(stops - starts)[:-1]])
 
     def top_k(self, latent: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best products for ``latent``: (product indices, exact cosines), best
@@ -284,10 +302,21 @@ class ReferenceSearch:
         k = min(int(k), self.num_products)
         if self.index is None:
             scores = self.product_scores(latent)
-            top = np.argpartition(-scores, k - 1)[:k]
-            exact = scores[top]
+            kth = np.partition(scores, self.num_products - k)[self.num_products - k]
+            cand = np.flatnonzero(scores >= kth)  # every product tied with the k-th too
+            exact = scores[cand]
         else:
-            top, _ = self.index.top_k(latent, max(k, self.shortlist))
-            exact = self._scores_of(top, latent)
-        best = np.lexsort((top, -exact))[:k]  # by score, then product index
-        return top[best].astype(np.int64), exact[best]
+            approx = self.index.product_scores(latent)
+            n = max(k, self.shortlist)
+            while True:
+                cand = (np.argpartition(-approx, n - 1)[:n] if n < self.num_products
+                        else np.arange(self.num_products))
+                exact = self._scores_of(cand, latent)
+                if len(cand) == self.num_products:
+                    break
+                kth = np.partition(exact, len(exact) - k)[len(exact) - k]
+                if kth >= approx[cand].min() + INT8_MARGIN:
+                    break  # nothing left out scores within the margin of the k-th
+                n *= 4
+        best = np.lexsort((cand, -exact))[:k]  # by score, then product index
+        return cand[best].astype(np.int64), exact[best]

@@ -10,7 +10,6 @@ product.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import os
@@ -32,7 +31,7 @@ from auditlens.device_app.imaging import (
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
 from auditlens.device_app.preprocess import PreprocessSpec, pool_views, to_photo_views
 from auditlens.device_app.quality import Quality, QualityThresholds, assess
-from auditlens.device_app.search import ReferenceSearch, best_reference_scores, cosines
+from auditlens.device_app.search import ReferenceSearch, cosines
 from auditlens.errors import (
     BundleSignatureError,
     ImageTooLargeError,
@@ -301,6 +300,9 @@ class Verifier:
                 f"and {bundle.references.shape[1]}-d"
             )
         self._check_probe()
+        # built here, once (not on a first identify, which services make from many threads):
+        # a large catalogue's int8 index takes about 0.2 s per 100,000 products
+        self.search = ReferenceSearch(bundle.references, bundle.reference_owner, len(bundle.products))
         self.threshold = (self.options.threshold if self.options.threshold is not None
                           else bundle.threshold)
         # a rate measured on another catalogue's products is not quoted for these
@@ -385,17 +387,9 @@ class Verifier:
         return pool_views(self.encoder.embed(views, batch_size=batch), v)
 
     # -- scoring --------------------------------------------------------------------
-    @functools.cached_property
-    def search(self) -> ReferenceSearch:
-        """Ranks the bundle's products (built on the first :meth:`rank`: a large
-        catalogue's int8 shortlist index is then made once)."""
-        b = self.bundle
-        return ReferenceSearch(b.references, b.reference_owner, len(b.products))
-
     def product_scores(self, latent: np.ndarray) -> np.ndarray:
         """Best cosine of ``latent`` against each product's references, shape (P,)."""
-        return best_reference_scores(latent, self.bundle.references, self.bundle.reference_owner,
-                                     len(self.bundle.products))
+        return self.search.product_scores(latent)
 
     def score(self, latent: np.ndarray, product_id: str) -> float:
         rows = list(self.bundle.product(product_id).references)

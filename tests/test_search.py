@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from auditlens.device_app.search import DTYPES, LatentIndex, ReferenceSearch, cosines
+from auditlens.device_app.search import (
+    DTYPES,
+    FLOAT32_COPY_BYTES,
+    LatentIndex,
+    ReferenceSearch,
+    cosines,
+)
 
 
 def _unit(rng, n, d):
@@ -121,29 +127,52 @@ def _genuine_query(rng, row, cosine=0.6):
     return q / np.linalg.norm(q)
 
 
+def _by_hand(refs, owner, products, q):
+    best = np.full(products, -np.inf, dtype=np.float32)
+    np.maximum.at(best, owner, refs.astype(np.float32) @ q)
+    return best
+
+
 def test_reference_search_shortlist_finds_the_full_scans_top_k():
-    """Above EXACT_SCAN_ROWS the int8 shortlist returns the top 5 of the exact scan of
-    every row, with its exact scores (the best row of each product, computed here by hand)."""
+    """A large catalogue (int8 shortlist) gets the top 5 of the exact scan of every row,
+    with its exact scores (the best row of each product, computed here by hand)."""
     rng = np.random.default_rng(2)
     refs, owner = _catalogue(rng, 6000, 3000)
-    search = ReferenceSearch(refs, owner, 6000)
+    search = ReferenceSearch(refs, owner, 6000, float32_copy_bytes=0)
     assert search.index is not None
-    by_hand = np.full(6000, -np.inf, dtype=np.float32)
     for _ in range(40):
         q = _genuine_query(rng, refs[rng.integers(len(refs))])
-        by_hand[:] = -np.inf
-        np.maximum.at(by_hand, owner, refs.astype(np.float32) @ q)
+        by_hand = _by_hand(refs, owner, 6000, q)
         want = np.lexsort((np.arange(6000), -by_hand))[:5]
         ids, scores = search.top_k(q, 5)
         np.testing.assert_array_equal(ids, want)
         np.testing.assert_allclose(scores, by_hand[want], rtol=1e-6)
 
 
+def test_reference_search_shortlist_grows_among_look_alikes():
+    """300 near-identical products (cosine about 0.99 to each other, int8 rounding larger
+    than their differences) and a query close to one of them: the shortlist of 64 by the
+    int8 scan would miss members of the exact top 5; growing it finds all of them."""
+    rng = np.random.default_rng(6)
+    refs, owner = _catalogue(rng, 5000, 0)
+    centre = _unit(rng, 1, 128)[0]
+    family = centre + 0.012 * rng.standard_normal((300, 128)).astype(np.float32)
+    refs[:300] = (family / np.linalg.norm(family, axis=1, keepdims=True)).astype(np.float16)
+    search = ReferenceSearch(refs, owner, 5000, float32_copy_bytes=0)
+    missed = 0
+    for _ in range(30):
+        q = _genuine_query(rng, refs[rng.integers(300)], cosine=0.975)
+        by_hand = _by_hand(refs, owner, 5000, q)
+        want = np.lexsort((np.arange(5000), -by_hand))[:5]
+        missed += len(set(want) - set(search.top_k(q, 5)[0]))
+    assert missed == 0
+
+
 def test_reference_search_small_catalogues_score_every_row():
     rng = np.random.default_rng(3)
     refs, owner = _catalogue(rng, 300, 200)
     search = ReferenceSearch(refs, owner, 300)
-    assert search.index is None and search.nbytes == refs.nbytes
+    assert search.index is None and search.nbytes == refs.nbytes * 3  # float16 + float32 copy
     q = _genuine_query(rng, refs[0])
     ids, scores = search.top_k(q, 1000)  # more than there are products: every product, best first
     assert sorted(ids) == list(range(300)) and np.all(np.diff(scores) <= 0)
@@ -152,10 +181,21 @@ def test_reference_search_small_catalogues_score_every_row():
         search.top_k(q, 0)
 
 
+@pytest.mark.parametrize("copy_bytes", [FLOAT32_COPY_BYTES, 0])
+def test_reference_search_lists_equal_scores_in_product_order(copy_bytes):
+    rng = np.random.default_rng(7)
+    refs, owner = _catalogue(rng, 3000, 0, dim=64)
+    refs[2000:2100] = refs[2000]  # the products of 100 rows share one latent
+    ids, scores = ReferenceSearch(refs, owner, 3000, float32_copy_bytes=copy_bytes).top_k(
+        refs[2000].astype(np.float32), 3)
+    np.testing.assert_array_equal(ids, np.sort(owner[2000:2100])[:3])
+    assert scores[0] == scores[1] == scores[2]
+
+
 def test_reference_search_keeps_the_references_and_adds_one_byte_a_component():
     rng = np.random.default_rng(4)
     refs, owner = _catalogue(rng, 3000, 0, dim=64)
-    search = ReferenceSearch(refs, owner, 3000)
+    search = ReferenceSearch(refs, owner, 3000, float32_copy_bytes=0)
     assert search.references is refs  # the bundle's array, not a copy
     assert search.nbytes == 3000 * 64 * (2 + 1)
 

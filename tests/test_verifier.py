@@ -166,7 +166,7 @@ def test_a_photo_stream_longer_than_the_limit_is_refused_without_reading_it_all(
 
 
 def test_best_reference_scores_is_the_best_of_each_products_references():
-    from auditlens.device_app.verifier import best_reference_scores
+    from auditlens.device_app.search import best_reference_scores
 
     rng = np.random.default_rng(0)
     references = rng.standard_normal((7, 4)).astype(np.float32)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto
-from auditlens.device_app.verifier import best_reference_scores
+from auditlens.device_app.search import best_reference_scores
 from auditlens.errors import AuditlensError
 
 GENUINE, IMPOSTOR, HARD = "genuine", "impostor", "hard"
