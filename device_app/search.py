@@ -34,7 +34,8 @@ INT8_SCALE = 127.0
 """Unit-latent components in [-1, 1] are stored as round(127 * x)."""
 
 _CHUNK = 16384
-"""Rows converted at a time by the float16 scan (fits in L2 with D <= 128)."""
+"""Rows converted to float32 at a time (:func:`cosines`, index building; fits in L2 with
+D <= 128)."""
 
 _INT8_BLOCK = 131072
 """Rows per block of the int8 scan: a 256 KiB int16 accumulator and product stay cached."""
@@ -60,15 +61,20 @@ def _unit_blocks(latents: np.ndarray, order: np.ndarray | None = None):
 
 def cosines(latents: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``latents @ rows.T`` in float32, (..., R): rows of any float type (a bundle's are
-    float16) converted :data:`_CHUNK` at a time, each score the float32 dot product of
-    the row as stored (BLAS may round the last bit differently for another number of rows)."""
+    float16) converted :data:`_CHUNK` at a time into one reused buffer, each score the
+    float32 dot product of the row as stored (BLAS may round the last bit differently for
+    another number of rows)."""
+    rows = np.asarray(rows)
     q = np.asarray(latents, dtype=np.float32)
     if rows.dtype == np.float32:
         return q @ rows.T
     out = np.empty((*q.shape[:-1], len(rows)), dtype=np.float32)
+    buf = np.empty((min(_CHUNK, len(rows)), rows.shape[1]), dtype=np.float32)
     for start in range(0, len(rows), _CHUNK):
         stop = min(start + _CHUNK, len(rows))
-        out[..., start:stop] = q @ np.asarray(rows[start:stop], dtype=np.float32).T
+        block = buf[: stop - start]
+        block[...] = rows[start:stop]
+        out[..., start:stop] = q @ block.T
     return out
 
 
@@ -169,24 +175,15 @@ class LatentIndex:
 
     def _row_scores(self, q: np.ndarray) -> np.ndarray:
         """Cosine of every stored row (approximate for int8), float32, stored order."""
-        if self.dtype == "float32":
-            return self._data @ q
-        if self.dtype == "float16":
-            out = np.empty(self.rows, dtype=np.float32)
-            buf = np.empty((min(_CHUNK, self.rows), self.dim), dtype=np.float32)
-            for start in range(0, self.rows, _CHUNK):
-                stop = min(start + _CHUNK, self.rows)
-                block = buf[: stop - start]
-                block[...] = self._data[start:stop]
-                np.dot(block, q, out=out[start:stop])
-            return out
-        return self._scan_int16(q).astype(np.float32) * (1.0 / INT8_SCALE**2)
+        if self.dtype == "int8":
+            return self._scan_int16(q).astype(np.float32) * (1.0 / INT8_SCALE**2)
+        return cosines(q, self._data)
 
     def _exact_rows(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Re-score stored rows against the unquantized query."""
         if self.dtype == "int8":
             return (self._data[:, rows].T.astype(np.float32) @ q) * (1.0 / INT8_SCALE)
-        return self._data[rows].astype(np.float32) @ q
+        return cosines(q, self._data[rows])
 
     def product_scores(self, query: np.ndarray) -> np.ndarray:
         """Best cosine of ``query`` against each product's rows, float32 (P,)."""
@@ -266,9 +263,12 @@ class ReferenceSearch:
         self.num_products = int(n_products)
         self.shortlist = max(1, int(shortlist))
         rows, dim = self.references.shape
-        self._float32 = self.index = None
+        self.index = None
+        # the rows every exact score is computed from: a float32 copy (exact: float16 values
+        # convert without rounding) of a small catalogue, the float16 rows of a large one
+        self._scored = self.references
         if rows * dim * 4 <= float32_copy_bytes:
-            self._float32 = np.asarray(self.references, dtype=np.float32)
+            self._scored = np.asarray(self.references, dtype=np.float32)
         else:
             self.index = LatentIndex(self.references, self.owner, dtype="int8")
             order = np.argsort(self.owner, kind="stable").astype(np.int32)
@@ -279,19 +279,22 @@ class ReferenceSearch:
     @property
     def nbytes(self) -> int:
         """Bytes of latents held: the references and their float32 copy or int8 index."""
-        extra = self._float32 if self._float32 is not None else self.index
-        return int(self.references.nbytes) + int(extra.nbytes)
+        extra = self.index.nbytes if self.index is not None else self._scored.nbytes
+        return int(self.references.nbytes) + int(extra)
 
     def product_scores(self, latent: np.ndarray) -> np.ndarray:
         """Exact best cosine of ``latent`` against every product, float32 (P,)."""
-        rows = self._float32 if self._float32 is not None else self.references
-        return best_reference_scores(latent, rows, self.owner, self.num_products)
+        return best_reference_scores(latent, self._scored, self.owner, self.num_products)
+
+    def best_of_rows(self, latent: np.ndarray, rows) -> float:
+        """Exact best cosine of ``latent`` against reference ``rows`` (one product's)."""
+        return float(cosines(latent, self._scored[rows]).max())
 
     def _scores_of(self, products: np.ndarray, latent: np.ndarray) -> np.ndarray:
         """Exact best cosine of ``latent`` against each of ``products``."""
         starts, stops = self._bounds[products], self._bounds[products + 1]
         rows = self._order[np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)])]
-        sims = cosines(latent, self.references[rows])
+        sims = cosines(latent, self._scored[rows])
         return np.maximum.reduceat(sims, np.r_[0, np.cumsum(stops - starts)[:-1]])
 
     def top_k(self, latent: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:

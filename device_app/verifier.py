@@ -31,7 +31,7 @@ from auditlens.device_app.imaging import (
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
 from auditlens.device_app.preprocess import PreprocessSpec, pool_views, to_photo_views
 from auditlens.device_app.quality import Quality, QualityThresholds, assess
-from auditlens.device_app.search import ReferenceSearch, cosines
+from auditlens.device_app.search import ReferenceSearch
 from auditlens.errors import (
     BundleSignatureError,
     ImageTooLargeError,
@@ -392,8 +392,7 @@ class Verifier:
         return self.search.product_scores(latent)
 
     def score(self, latent: np.ndarray, product_id: str) -> float:
-        rows = list(self.bundle.product(product_id).references)
-        return float(cosines(latent, self.bundle.references[rows]).max())
+        return self.search.best_of_rows(latent, list(self.bundle.product(product_id).references))
 
     def rank(self, latent: np.ndarray, top_k: int = 5) -> list[Candidate]:
         """The ``top_k`` products most like ``latent``, best first, with the scores

@@ -12,6 +12,7 @@ from auditlens.device_app.search import (
     ReferenceSearch,
     cosines,
 )
+from bench.scale import GENUINE_COSINE, noisy_queries
 
 
 def _unit(rng, n, d):
@@ -120,17 +121,9 @@ def _catalogue(rng, products, extra, dim=128):
     return _unit(rng, len(owner), dim).astype(np.float16), owner
 
 
-def _genuine_query(rng, row, cosine=0.6):
+def _genuine_query(rng, row, cosine=GENUINE_COSINE):
     """A unit query at about ``cosine`` to ``row``, where a real photo sits to its original."""
-    q = row.astype(np.float32)
-    q = q + np.sqrt((1 / cosine**2 - 1) / len(q)) * rng.standard_normal(len(q)).astype(np.float32)
-    return q / np.linalg.norm(q)
-
-
-def _by_hand(refs, owner, products, q):
-    best = np.full(products, -np.inf, dtype=np.float32)
-    np.maximum.at(best, owner, refs.astype(np.float32) @ q)
-    return best
+    return noisy_queries(row[None].astype(np.float32), np.array([0]), rng, cosine)[0]
 
 
 def test_reference_search_shortlist_finds_the_full_scans_top_k():
@@ -142,7 +135,7 @@ def test_reference_search_shortlist_finds_the_full_scans_top_k():
     assert search.index is not None
     for _ in range(40):
         q = _genuine_query(rng, refs[rng.integers(len(refs))])
-        by_hand = _by_hand(refs, owner, 6000, q)
+        by_hand = _exact_products(refs.astype(np.float32), owner, q)
         want = np.lexsort((np.arange(6000), -by_hand))[:5]
         ids, scores = search.top_k(q, 5)
         np.testing.assert_array_equal(ids, want)
@@ -162,7 +155,7 @@ def test_reference_search_shortlist_grows_among_look_alikes():
     missed = 0
     for _ in range(30):
         q = _genuine_query(rng, refs[rng.integers(300)], cosine=0.975)
-        by_hand = _by_hand(refs, owner, 5000, q)
+        by_hand = _exact_products(refs.astype(np.float32), owner, q)
         want = np.lexsort((np.arange(5000), -by_hand))[:5]
         missed += len(set(want) - set(search.top_k(q, 5)[0]))
     assert missed == 0
