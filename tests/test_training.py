@@ -124,6 +124,17 @@ def test_photo_crops_and_pasted_backgrounds_never_reach_past_the_frame():
     assert pasted_views.mean() > 0.7 and corners[pasted_views].max() == 0
 
 
+def test_defocus_blur_leaves_a_flat_image_flat_up_to_its_edges():
+    # Zero padding would average black into a 3-6 px frame (a flat 200 fell to 56 in the
+    # corners), a mark no real capture carries; the blur reflects the edges instead.
+    from auditlens.training.augment import AugmentSwitches, CaptureAugmenter
+
+    flat = tf.fill((64, 32, 32, 3), tf.constant(200, tf.uint8))
+    only_blur = AugmentSwitches(False, False, False, True, False, False, False, False)
+    out = CaptureAugmenter(32, None, only_blur, seed=2).photos(flat).numpy()
+    assert np.abs(out - 200).max() <= 1, f"edge pixels fell to {out.min():.0f}"
+
+
 def test_mirroring_flips_about_half_the_views_and_nothing_else():
     from auditlens.training.augment import AugmentSwitches, CaptureAugmenter
 
@@ -291,6 +302,28 @@ def test_learning_rate_warms_up_then_decays_to_its_floor_by_epochs_or_budget(tmp
         budgeted.learning_rate * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert scheduled_learning_rate(budgeted, 300, 120.0) == budgeted.learning_rate * 0.01
     assert scheduled_learning_rate(budgeted, 300, 1.0) == scheduled_learning_rate(config, 300, 1.0)
+
+
+def test_the_checkpoint_metric_ignores_products_held_out_of_training():
+    # "seen" chooses the checkpoint: a held-out original that looks exactly like a trained
+    # product's photos must not count against it ("unseen" and "all" still see every original).
+    from types import SimpleNamespace
+
+    import keras
+
+    from auditlens.training.train import _evaluator
+
+    rng = np.random.default_rng(0)
+    originals = rng.normal(size=(4, 2, 2, 3)).astype(np.float32)
+    originals[3] = originals[0]  # product d (held out) is a twin of product a
+    photos = originals[[0, 1, 2, 3]] + 0.01 * rng.normal(size=(4, 2, 2, 3)).astype(np.float32)
+    catalog = [SimpleNamespace(product_id=p, group=p) for p in "abcd"]
+    data = SimpleNamespace(catalog=catalog, held_out={"d"}, originals_ref=originals)
+    val = SimpleNamespace(images=photos, views=1, labels=np.arange(4), seen=np.array([1, 1, 1, 0], bool))
+    encoder = keras.Sequential([keras.Input((2, 2, 3)), keras.layers.Flatten()])
+    metrics = _evaluator(SimpleNamespace(input_size=2, latent_dim=12), encoder, data, val)()
+    assert metrics["seen"]["n"] == 3 and metrics["seen"]["top1"] == 1.0 and metrics["seen"]["eer"] == 0.0
+    assert metrics["all"]["top1"] < 1.0  # the twins are confused when every original competes
 
 
 def test_an_encoder_at_chance_is_warned_about():

@@ -178,10 +178,18 @@ class CaptureAugmenter:
         gamma = tf.exp(self._u(n, -0.25 * strength, 0.25 * strength, (1, 1, 1)))
         return 255.0 * tf.pow(x / 255.0 + 1e-6, gamma)
 
+    @staticmethod
+    def _convolve_reflected(x, kernel):
+        """Depthwise convolution over edges reflected outwards: zero ("SAME") padding would
+        darken a frame as wide as the kernel's radius, a mark no real capture carries."""
+        ry, rx = kernel.shape[0] // 2, kernel.shape[1] // 2
+        padded = tf.pad(x, [[0, 0], [ry, ry], [rx, rx], [0, 0]], "SYMMETRIC")
+        return tf.nn.depthwise_conv2d(padded, kernel, [1, 1, 1, 1], "VALID")
+
     def _blur(self, x, p: float):
         n = tf.shape(x)[0]
-        once = tf.nn.depthwise_conv2d(x, self.blur_kernel, [1, 1, 1, 1], "SAME")
-        twice = tf.nn.depthwise_conv2d(once, self.blur_kernel, [1, 1, 1, 1], "SAME")
+        once = self._convolve_reflected(x, self.blur_kernel)
+        twice = self._convolve_reflected(once, self.blur_kernel)
         # Mixing sharp, sigma 1.2 and sigma ~1.7 gives a continuum of defocus levels.
         amount = self._bernoulli(n, p) * self._u(n, 0.0, 2.0)
         amount = tf.reshape(amount, [-1, 1, 1, 1])

@@ -594,10 +594,14 @@ def _batch_sampler(config: TrainConfig, data: TrainingData, rng: np.random.Gener
 
 def _evaluator(config: TrainConfig, encoder, data: TrainingData, val: ValidationSet):
     """A function measuring the encoder as it is now on the validation set: ``{"all", "seen"
-    [, "unseen"]}`` of :func:`verification_metrics`, against every original."""
+    [, "unseen"]}`` of :func:`verification_metrics`. "all" and "unseen" are scored against
+    every original; "seen", which chooses the checkpoint, against the trained products'
+    originals only, so that products held out of training never steer the choice."""
     import tensorflow as tf
 
     groups = np.array([p.group or p.product_id for p in data.catalog])
+    trained = np.array([p.product_id not in data.held_out for p in data.catalog])
+    trained_column = np.cumsum(trained) - 1  # a trained product's column among trained originals
 
     @tf.function(input_signature=[tf.TensorSpec([None, config.input_size, config.input_size, 3], tf.float32)])
     def embed_fn(x):
@@ -614,7 +618,8 @@ def _evaluator(config: TrainConfig, encoder, data: TrainingData, val: Validation
         q = pool_views(l2_normalize(embed(val.images)), val.views)
         result = {"all": verification_metrics(q, val.labels, refs, groups)}
         if data.held_out:
-            result["seen"] = verification_metrics(q[val.seen], val.labels[val.seen], refs, groups)
+            result["seen"] = verification_metrics(
+                q[val.seen], trained_column[val.labels[val.seen]], refs[trained], groups[trained])
             result["unseen"] = verification_metrics(q[~val.seen], val.labels[~val.seen], refs, groups)
         else:
             result["seen"] = result["all"]
