@@ -19,6 +19,7 @@ Invalid entries (duplicate ids, ids with path characters, missing images) raise
 from __future__ import annotations
 
 import csv
+import json
 import re
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -285,6 +286,36 @@ def read_labelled_photos(path: str | Path) -> list[LabelledPhoto]:
             raise CatalogError(f"{path}:{line}: empty photo or product_id")
         out.append(LabelledPhoto(_csv_file(row["photo"], path.parent), pid, photo))
     return out
+
+
+def read_product_ids(path: str | Path) -> set[str]:
+    """Product ids from a file: one per line (``#`` comments allowed), or JSON (a list,
+    or an object with ``held_out_products``, at the top or under ``data`` as in the
+    report.json that ``auditlens train`` writes)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{path}: cannot read product ids: {exc}") from exc
+    if path.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CatalogError(f"{path}: not valid JSON: {exc}") from exc
+        if isinstance(data, dict):  # a training report: held_out_products, maybe under "data"
+            nested = data.get("data") if isinstance(data.get("data"), dict) else {}
+            data = next((d[k] for d in (data, nested) for k in ("held_out_products", "unseen_products")
+                         if k in d), None)
+        if not isinstance(data, list):
+            raise CatalogError(f"{path}: expected a JSON list of product ids or an object with "
+                               "'held_out_products'")
+        return {str(x).strip() for x in data if str(x).strip()}
+    ids = set()
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            ids.add(line.split(",")[0].strip())
+    return ids
 
 
 def _csv_file(cell: str, folder: Path) -> str:

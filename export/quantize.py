@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from auditlens.catalog import open_catalog, read_labelled_photos, read_product_ids
 from auditlens.cli import cosine_threshold, non_negative_int
 from auditlens.device_app.interpreter import l2_normalize, model_id_of
 from auditlens.device_app.preprocess import PreprocessSpec, stack_inputs
@@ -468,23 +469,29 @@ def export_encoder(
 # -- representative images ----------------------------------------------------------------
 def representative_images(
     catalog_source: str, spec: PreprocessSpec, photos_csv: str | None = None, max_photos: int = 300,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, exclude: set[str] = frozenset(),
 ) -> tuple[np.ndarray, int]:
     """Originals of the catalogue plus up to ``max_photos`` evenly spread labelled photos,
     each through ``load_image`` + ``to_model_input`` exactly as the device sees them; and
-    how many of them (the first) are originals."""
-    from auditlens.catalog import open_catalog, read_labelled_photos
-
-    catalog = open_catalog(catalog_source)
-    sources: list = [p.image for p in catalog]
-    if photos_csv:
-        sources += [p.photo for p in _split_photos(read_labelled_photos(photos_csv), max_photos)[0]]
+    how many of them (the first) are originals. Products in ``exclude`` (held out of
+    training) give neither originals nor photos."""
+    originals = [p.image for p in open_catalog(catalog_source) if p.product_id not in exclude]
+    if not originals:
+        raise CatalogError(f"{catalog_source}: no original left to calibrate with once the "
+                           f"{len(exclude)} excluded products are left out")
+    sources = originals + [p.photo for p in _split_photos(_photos(photos_csv, exclude), max_photos)[0]]
     if progress:
         progress(f"loading {len(sources)} representative images ...")
     try:
-        return stack_inputs(sources, spec), len(catalog)
+        return stack_inputs(sources, spec), len(originals)
     except AuditlensError as exc:
         raise CatalogError(f"representative image: {exc}") from exc
+
+
+def _photos(photos_csv: str | None, exclude: set[str] = frozenset()) -> list:
+    if not photos_csv:
+        return []
+    return [p for p in read_labelled_photos(photos_csv) if p.product_id not in exclude]
 
 
 def _split_photos(photos: list, max_photos: int) -> tuple[list, list]:
@@ -497,15 +504,12 @@ def _split_photos(photos: list, max_photos: int) -> tuple[list, list]:
 
 
 def comparison_photos(photos_csv: str | None, spec: PreprocessSpec, max_photos: int = 300,
-                      count: int = COMPARE_PHOTOS, least: int = MIN_COMPARE_PHOTOS) -> np.ndarray | None:
+                      count: int = COMPARE_PHOTOS, least: int = MIN_COMPARE_PHOTOS,
+                      exclude: set[str] = frozenset()) -> np.ndarray | None:
     """Up to ``count`` field photos that :func:`representative_images` leaves out of the
     calibration set (evenly spread), to measure the drift on images the int8 ranges were
     not fitted to; None when fewer than ``least`` are left over."""
-    from auditlens.catalog import read_labelled_photos
-
-    if not photos_csv:
-        return None
-    spare = _split_photos(read_labelled_photos(photos_csv), max_photos)[1]
+    spare = _split_photos(_photos(photos_csv, exclude), max_photos)[1]
     if len(spare) < max(least, 1):
         return None
     if len(spare) > count:
@@ -531,6 +535,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--photos", help="photo,product_id CSV: field photos to add to the representative set")
     parser.add_argument("--max-photos", type=non_negative_int, default=300,
                         help="photos used at most (default 300; 0: the originals alone)")
+    parser.add_argument("--exclude-products", metavar="IDS",
+                        help="products held out of training, whose originals and photos must not "
+                             "calibrate the model (a measurement on them would rest on ranges fitted "
+                             "to its own test images): one id per line, a JSON list, or the training "
+                             "run's report.json")
     parser.add_argument("--out", required=True, help="output .tflite path")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--float16", action="store_true", help="float16 weights instead of full int8")
@@ -587,8 +596,9 @@ def run_export(args: argparse.Namespace) -> int:
         encoder = load_keras_encoder(args.model)
         spec = PreprocessSpec(input_size=int(encoder.input_shape[1]),
                               crop=args.crop or trained or "center")
+        exclude = read_product_ids(args.exclude_products) if args.exclude_products else set()
         rep, originals = representative_images(args.representative, spec, args.photos, args.max_photos,
-                                               progress=lambda m: print(m, file=sys.stderr))
+                                               progress=lambda m: print(m, file=sys.stderr), exclude=exclude)
         if args.float16:
             config = QuantizationConfig.for_float16()
         elif args.dynamic:
@@ -601,7 +611,7 @@ def run_export(args: argparse.Namespace) -> int:
             config = QuantizationConfig(config.mode, config.representative, config.input_type,
                                         config.output_type, args.min_worst_cosine, config.min_mean_cosine,
                                         config.float_ops)
-        compare = comparison_photos(args.photos, spec, args.max_photos)
+        compare = comparison_photos(args.photos, spec, args.max_photos, exclude=exclude)
         report = export_encoder(encoder, rep, args.out, config, compare_images=compare,
                                 references=rep[:originals])
     except (AuditlensError, ValueError) as exc:
@@ -614,7 +624,7 @@ def run_export(args: argparse.Namespace) -> int:
         "export": report.to_dict(),
         "source_model": str(args.model),  # as given on the command line, not resolved
         "representative": {"catalog": str(args.representative), "photos": args.photos,
-                           "n_images": len(rep)},  # int8 calibrates on up to MAX_CALIBRATION_IMAGES of them
+                           "excluded_products": sorted(exclude), "n_images": len(rep)},  # int8 calibrates on up to MAX_CALIBRATION_IMAGES of them
     }
     card_path = out.with_suffix(".json")
     with atomic_write(card_path) as fh:

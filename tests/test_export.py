@@ -285,3 +285,40 @@ def test_int8_with_the_first_ops_in_float(tiny_encoder, tmp_path, capsys):
     assert any(t["dtype"] == np.int8 for t in interpreter.get_tensor_details())  # the rest is int8
     with pytest.raises(ValueError, match="float_ops must be >= 0"):
         QuantizationConfig.for_int8(rep, float_ops=-1)
+
+
+def test_products_held_out_of_training_never_calibrate(tiny_encoder, tmp_path, capsys):
+    # A held-out product's figures must not rest on int8 ranges fitted to its own images.
+    import argparse
+
+    from auditlens.catalog import open_catalog
+    from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
+    from auditlens.errors import CatalogError
+    from auditlens.export.quantize import add_export_arguments, comparison_photos, representative_images, run_export
+
+    catalog = tiny_encoder["catalog"]
+    photos = tmp_path / "photos.csv"
+    photos.write_text("photo,product_id\n" + "".join(
+        f"{catalog / f'item-{i % 5}.png'},item-{i % 5}\n" for i in range(9)))
+    report = tmp_path / "report.json"  # as 'auditlens train --holdout-fold' writes it
+    report.write_text(json.dumps({"data": {"held_out_products": ["item-1", "item-3"]}}))
+    spec = PreprocessSpec(32)
+    held_out = {"item-1", "item-3"}
+
+    rep, originals = representative_images(str(catalog), spec, str(photos), exclude=held_out)
+    kept = np.stack([to_model_input(p.open(), spec) for p in open_catalog(catalog)
+                     if p.product_id not in held_out])
+    assert originals == 3 and np.array_equal(rep[:3], kept)
+    assert len(rep) == 3 + 5  # the 4 photos of items 1 and 3 are left out too
+    assert comparison_photos(str(photos), spec, max_photos=0, least=1, exclude=held_out).shape == (5, 32, 32, 3)
+    with pytest.raises(CatalogError, match="no original left"):
+        representative_images(str(catalog), spec, exclude={f"item-{i}" for i in range(5)})
+
+    out = tmp_path / "enc.tflite"
+    args = add_export_arguments(argparse.ArgumentParser()).parse_args(
+        [tiny_encoder["encoder"], "--representative", str(catalog), "--photos", str(photos),
+         "--exclude-products", str(report), "--out", str(out), "--min-worst-cosine", "0"])
+    assert run_export(args) == 0, capsys.readouterr().err
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["representative"]["excluded_products"] == ["item-1", "item-3"]
+    assert card["representative"]["n_images"] == 8 and card["export"]["references"] == 3

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos
+from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos, read_product_ids
 from auditlens.cli import non_negative_int, thread_count
 from auditlens.errors import AuditlensError, CatalogError
 from auditlens.evaluation import metrics
@@ -69,36 +69,6 @@ def _verifier(bundle, threads: int = 1):
     if not isinstance(bundle, ReferenceBundle):
         bundle = ReferenceBundle.load(bundle)
     return Verifier(bundle, VerifierOptions(num_threads=threads, check_quality=False))
-
-
-def read_product_ids(path: str | os.PathLike) -> set[str]:
-    """Product ids from a file: one per line (``#`` comments allowed), or JSON (a list,
-    or an object with ``held_out_products``, at the top or under ``data`` as in the
-    report.json that ``auditlens train`` writes)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CatalogError(f"{path}: cannot read product ids: {exc}") from exc
-    if path.suffix.lower() == ".json" or text.lstrip().startswith(("[", "{")):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CatalogError(f"{path}: not valid JSON: {exc}") from exc
-        if isinstance(data, dict):  # a training report: held_out_products, maybe under "data"
-            nested = data.get("data") if isinstance(data.get("data"), dict) else {}
-            data = next((d[k] for d in (data, nested) for k in ("held_out_products", "unseen_products")
-                         if k in d), None)
-        if not isinstance(data, list):
-            raise CatalogError(f"{path}: expected a JSON list of product ids or an object with "
-                               "'held_out_products'")
-        return {str(x).strip() for x in data if str(x).strip()}
-    ids = set()
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            ids.add(line.split(",")[0].strip())
-    return ids
 
 
 def _f(x) -> float | None:
