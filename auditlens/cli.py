@@ -1,7 +1,8 @@
 """The `auditlens` command: a thin layer over the library, one subcommand per task.
 
 Exit status: 0 success (for ``verify``: MATCH), 1 NO MATCH, 3 RETAKE, 2 bad usage or
-an input auditlens could not use (the message says which and why).
+an input auditlens could not use (the message says which and why), 4 an audit log whose
+hash chain is broken (``verify-log``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from auditlens.errors import AuditlensError, BundleError
+from auditlens.errors import AuditlensError, BundleError, UnknownProductError
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR, EXIT_RETAKE = 0, 1, 2, 3
 
@@ -504,7 +505,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="auditlens",
         description="Offline product verification for field audits: does a photo show the "
                     "product in the catalogue?",
-        epilog="Exit status: 0 success/MATCH, 1 NO MATCH, 3 RETAKE, 2 error. "
+        epilog="Exit status: 0 success/MATCH, 1 NO MATCH, 3 RETAKE, 2 error, 4 audit log "
+               "chain broken (verify-log). "
                "Run `auditlens COMMAND --help` for a command's options.",
     )
     import auditlens
@@ -545,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
             return int(run(args) or 0)
     except AuditlensError as exc:
-        print(f"auditlens: error: {exc}", file=sys.stderr)
+        shipped = isinstance(exc, UnknownProductError) and getattr(args, "bundle", False) is None
+        print(f"auditlens: error: {exc}"
+              + (" (the shipped sample bundle: no --bundle was given)" if shipped else ""), file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # `auditlens demo | head`: the reader has what it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)

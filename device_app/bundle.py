@@ -21,6 +21,7 @@ write over anything else.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -281,12 +282,17 @@ class ReferenceBundle:
             ) from None
 
     def _near_id(self, product_id) -> str | None:
-        """The one bundle id ``product_id`` equals but for case and surrounding spaces."""
+        """The one bundle id ``product_id`` equals but for case and surrounding spaces, else
+        the closest one by spelling (a plural, a dropped letter), if any is close."""
         if not isinstance(product_id, str):
             return None
         key = product_id.strip().casefold()
         near = [p.product_id for p in self.products if p.product_id.casefold() == key]
-        return near[0] if len(near) == 1 else None
+        if near:
+            return near[0] if len(near) == 1 else None
+        folded = {p.product_id.casefold(): p.product_id for p in self.products}
+        close = difflib.get_close_matches(key, folded, n=1, cutoff=0.85)
+        return folded[close[0]] if close else None
 
     def product(self, product_id: str) -> ProductRecord:
         return self.products[self.index(product_id)]

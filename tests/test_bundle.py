@@ -40,9 +40,11 @@ def test_round_trip_keeps_products_latents_and_thumbnails(bundle_dir):
     with pytest.raises(UnknownProductError, match="not in this bundle"):
         b.product("no-such-product")
     # an id typed with other case or stray spaces is refused, naming the bundle's id
-    for typed in ("banana", " Banana", "Banana\n"):
+    for typed in ("banana", " Banana", "Banana\n", "Bananas", "Bananna"):
         with pytest.raises(UnknownProductError, match="did you mean 'Banana'"):
             b.product(typed)
+    with pytest.raises(UnknownProductError, match="enrol it or update the bundle"):
+        b.product("Bandana-Print-Scarf")  # nothing close: no guess
 
 
 def test_zip_bundle_loads_like_the_folder(tmp_path, shipped_model):

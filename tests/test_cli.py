@@ -90,6 +90,10 @@ def test_far_share_wording():
 def test_errors_are_one_clear_line(tmp_path, sample_photos):
     unknown = run("verify", "--product", "nope", sample_photos[0].photo, check_rc=2)
     assert "not in this bundle" in unknown.stderr and "Traceback" not in unknown.stderr
+    # without --bundle the error says it is the sample bundle that lacks the product
+    assert "the shipped sample bundle: no --bundle was given" in unknown.stderr
+    named = run("verify", "--bundle", REPO / "models" / "sample_bundle", "--product", "nope", sample_photos[0].photo, check_rc=2)
+    assert "not in this bundle" in named.stderr and "sample bundle" not in named.stderr
     text = tmp_path / "photo.jpg"
     text.write_text("this is not a photo")
     bad = run("verify", "--product", "Banana", text, check_rc=2)

@@ -294,7 +294,12 @@ def test_products_held_out_of_training_never_calibrate(tiny_encoder, tmp_path, c
     from auditlens.catalog import open_catalog
     from auditlens.device_app.preprocess import PreprocessSpec, to_model_input
     from auditlens.errors import CatalogError
-    from auditlens.export.quantize import add_export_arguments, comparison_photos, representative_images, run_export
+    from auditlens.export.quantize import (
+        add_export_arguments,
+        comparison_photos,
+        representative_images,
+        run_export,
+    )
 
     catalog = tiny_encoder["catalog"]
     photos = tmp_path / "photos.csv"
