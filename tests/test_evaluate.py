@@ -174,11 +174,14 @@ def test_evaluate_on_grocery_val(tmp_path, grocery, shipped_model):
         assert (tmp_path / "eval" / name).is_file()
 
 
-def test_split_without_unseen_photos_is_noted(sample_bundle, sample_photos):
+def test_split_without_unseen_photos_is_noted(sample_bundle, sample_photos, capsys):
     report = evaluate(sample_bundle, sample_photos, None, unseen_products=["Not-In-Bundle"],
-                      progress=False, verbose=False, plots=False)
+                      progress=False, verbose=True, plots=False)
     assert "seen" not in report and "no photo shows an unseen product" in report["split"]["note"]
     assert report["split"]["unseen_not_in_bundle"] == ["Not-In-Bundle"]
+    err = capsys.readouterr().err  # an id not in the bundle (a typo?) is named, not dropped silently
+    assert "1 of the 1 unseen product ids are not in the bundle and are ignored: Not-In-Bundle" in err
+    assert {g["on"] for g in report["goals"]} >= {"all products (no photo of an unseen product)"}
 
 
 def test_impostor_draw_spread_brackets_the_reported_draw(report_dir):

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -188,7 +189,10 @@ def _goals(report: dict) -> list[dict]:
         check("seen", "seen products", report["seen"]["all"])
         check("unseen", "unseen products", report["unseen"]["all"])
     else:
-        check("seen", "all products (no --unseen-products given)", report["overall"]["all"])
+        why = ("no --unseen-products given" if "split" not in report else
+               "no photo of an unseen product" if not report["split"]["photos_unseen"] else
+               "every photo shows an unseen product")
+        check("seen", f"all products ({why})", report["overall"]["all"])
     check("Packages", "kind Packages, all products", report["overall"]["by_kind"].get("Packages"))
     check("hard impostors", "genuine + hard pairs, all products", report["overall"]["hard impostors"])
     return rows
@@ -515,6 +519,10 @@ def evaluate(
         report["split"] = {"unseen_products": sorted(unseen & enrolled),
                            "unseen_not_in_bundle": missing,
                            "photos_seen": int((~is_unseen).sum()), "photos_unseen": int(is_unseen.sum())}
+        if missing and verbose:  # a typo, or ids of another catalogue: not silently dropped
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            print(f"warning: {len(missing)} of the {len(unseen)} unseen product ids are not in the "
+                  f"bundle and are ignored: {shown}", file=sys.stderr)
         if is_unseen.any() and (~is_unseen).any():
             report["seen"] = _block(pairs, ranks, ~is_unseen, photo_kind, threshold, len(b.products))
             report["unseen"] = _block(pairs, ranks, is_unseen, photo_kind, threshold, len(b.products))
