@@ -205,8 +205,12 @@ def _run_verify(args) -> int:
         auditor = default_auditor() if args.auditor is None else args.auditor
         if not auditor:
             print("auditlens: warning: the log records no auditor: pass --auditor NAME", file=sys.stderr)
-        with AuditLog(args.log) as log:
-            log.append(verdict, photo=photo, auditor=auditor)
+        try:
+            with AuditLog(args.log) as log:
+                log.append(verdict, photo=photo, auditor=auditor)
+        except (AuditlensError, OSError) as exc:  # the verdict is on screen: say it is not on record
+            detail = exc if isinstance(exc, AuditlensError) else f"{args.log}: {exc.strerror or exc}"
+            raise AuditLogError(f"{detail}; this verdict was NOT logged") from exc
     return {"match": EXIT_OK, "no_match": EXIT_NO_MATCH}.get(verdict.decision, EXIT_RETAKE)
 
 

@@ -775,9 +775,16 @@ def test_cli_verify_with_log_refuses_a_catalogue_database(tmp_path, capsys):
                    str(REPO / "models" / "sample" / row["photo"]), "--log", str(catalog)])
     assert rc == 2
     captured = capsys.readouterr()
-    assert "not an auditlens audit log" in captured.err
+    assert "not an auditlens audit log" in captured.err and "this verdict was NOT logged" in captured.err
     assert row["product_id"] in captured.out and "score" in captured.out  # the verdict is not lost
     assert _sha(catalog) == before and _schema(catalog)[-1] == "delete"
+    # a log path under a file: the same one line, the verdict shown and said to be unlogged
+    rc = cli_main(["verify", "--bundle", str(bundle), "--product", row["product_id"],
+                   str(REPO / "models" / "sample" / row["photo"]), "--log", str(catalog / "audit.db")])
+    captured = capsys.readouterr()
+    assert rc == 2 and "score" in captured.out and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"auditlens: error: {catalog / 'audit.db'}")
+    assert captured.err.rstrip().endswith("this verdict was NOT logged")
 
 
 def test_verify_log_does_not_change_the_log(log_path, capsys):
