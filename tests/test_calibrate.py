@@ -164,8 +164,17 @@ def test_far_curve_and_decide_on_fixed_scores():
 def test_cli_calibrate_and_model_card(tmp_path, bundle_copy, capsys):
     card = tmp_path / "encoder.json"
     card.write_text(json.dumps({"preprocess": {"input_size": 96, "crop": "center"}}))
+    # 16 photos give 52 impostor pairs a draw, 5.2 expected false accepts at 10%: enough to
+    # store in one bundle with a warning, too few for the card every later bundle takes
+    before = card.read_bytes(), (bundle_copy / "manifest.json").read_bytes()
     rc = main(["calibrate", "--bundle", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
                "--target-far", "0.1", "--model-card", str(card), "--no-progress"])
+    assert rc == 2 and (card.read_bytes(), (bundle_copy / "manifest.json").read_bytes()) == before
+    err = capsys.readouterr().err
+    assert "only 52 impostor pairs a draw" in err and "too few for the model card" in err
+    assert "--allow-few-photos" in err
+    rc = main(["calibrate", "--bundle", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
+               "--target-far", "0.1", "--model-card", str(card), "--no-progress", "--allow-few-photos"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "threshold" in out and "measured FAR" in out
@@ -185,7 +194,8 @@ def test_model_card_takes_the_views_it_was_calibrated_with(tmp_path, capsys):
     assert main(["enroll", catalog, "--model", str(model), "--out", str(tmp_path / "views"),
                  "--photo-zooms", "1,0.7", "--photo-mirror", "--no-progress"]) == 0
     assert main(["calibrate", "-b", str(tmp_path / "views"), "--photos", str(SAMPLE / "photos.csv"),
-                 "--target-far", "0.1", "--model-card", str(tmp_path / "encoder.json"), "--no-progress"]) == 0
+                 "--target-far", "0.1", "--model-card", str(tmp_path / "encoder.json"), "--no-progress",
+                 "--allow-few-photos"]) == 0
     card = json.loads((tmp_path / "encoder.json").read_text())
     assert card["preprocess"]["photo_zooms"] == [1.0, 0.7] and card["preprocess"]["photo_mirror"] is True
     assert card["preprocess"]["input_size"] == 128  # the rest of the card is kept

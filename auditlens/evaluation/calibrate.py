@@ -173,7 +173,9 @@ def calibrate(
     Photos too few to measure ``target_far`` at all (fewer distinct impostor pairs, over
     every draw, than one false accept at that rate needs) are refused with a
     :class:`CatalogError` unless ``allow_few_photos``: the threshold would only keep out
-    the handful of impostors seen, and the bundle would say "calibrated for 1%".
+    the handful of impostors seen, and the bundle would say "calibrated for 1%". Photos
+    that give fewer than ``MIN_IMPOSTORS_PER_TARGET`` expected false accepts a draw are
+    warned about, and refused for a ``model_card`` unless ``allow_few_photos``.
 
     The bundle is re-written in place, or to ``out`` (a folder, or a path ending in
     ``.zip``); nothing is written when ``write`` is false. ``model_card``: the decision
@@ -266,9 +268,17 @@ def calibrate(
     decision["warnings"] = []
     per_draw = counts["impostor"] + counts[HARD]  # the draws repeat the hard pairs
     if target_far * per_draw < MIN_IMPOSTORS_PER_TARGET:
-        decision["warnings"].append(
-            f"only {per_draw} impostor pairs a draw: a FAR of {target_far:g} is measured from "
-            f"{target_far * per_draw:.1f} expected false accepts; use more photos")
+        few = (f"only {per_draw} impostor pairs a draw ({distinct} distinct over {len(draws)} draws): "
+               f"a FAR of {target_far:g} is measured from {target_far * per_draw:.1f} expected false "
+               "accepts a draw")
+        if model_card is not None and not allow_few_photos:
+            # a card's threshold becomes the default of every bundle enrolled with the model later
+            raise CatalogError(
+                f"{source or 'labelled photos'}: {few}, too few for the model card, whose threshold "
+                f"every later enrolment takes (at least {math.ceil(MIN_IMPOSTORS_PER_TARGET / target_far)} "
+                "a draw): calibrate on more labelled photos, leave out --model-card, or pass "
+                "--allow-few-photos")
+        decision["warnings"].append(f"{few}; use more photos")
     if decision["measured_far"] > target_far:
         decision["warnings"].append(
             f"no threshold reaches a FAR of {target_far:g}: {decision['measured_far']:.2%} of the "
@@ -371,7 +381,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="re-sign the manifest with this Ed25519 private key")
     p.add_argument("--allow-few-photos", action="store_true",
                    help="store a threshold even when the photos give fewer distinct impostor pairs "
-                   "than the target FAR can be measured on (1/FAR); refused otherwise")
+                   "than the target FAR can be measured on (1/FAR), or, with --model-card, fewer "
+                   f"than {MIN_IMPOSTORS_PER_TARGET} expected false accepts a draw (1,000 pairs at 1%%); "
+                   "refused otherwise")
     p.add_argument("--drop-signature", action="store_true",
                    help="write a signed bundle back unsigned (devices requiring signatures refuse it)")
     p.add_argument("--catalog", default=None, help="catalogue to take group/kind from when the bundle lacks them")
