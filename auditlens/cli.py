@@ -247,7 +247,8 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", required=True, type=Path, metavar="PAIRS.csv",
                    help="CSV with columns photo,product_id (photo paths relative to the CSV)")
     p.add_argument("--out", "-o", required=True, type=Path,
-                   help="CSV written with columns photo,product_id,score,verdict,error")
+                   help="CSV written with columns photo,product_id,score,verdict,error,reasons "
+                   "(reasons: why the verdict, e.g. what a RETAKE must fix; '; '-separated)")
     _add_bundle(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -295,10 +296,11 @@ def _score_pairs(pairs, verifier, rows: list[list[str]], progress: bool) -> tupl
             if isinstance(capture, AuditlensError):
                 raise capture
             v = verifier.verify(capture, pair.product_id)
-            rows.append([pair.given or pair.photo, pair.product_id, f"{v.score:.5f}", v.decision, ""])
+            rows.append([pair.given or pair.photo, pair.product_id, f"{v.score:.5f}", v.decision, "",
+                         "; ".join(v.reasons)])
         except AuditlensError as exc:
             errors += 1
-            rows.append([pair.given or pair.photo, pair.product_id, "", "error", str(exc)])
+            rows.append([pair.given or pair.photo, pair.product_id, "", "error", str(exc), ""])
     return len(captures), errors
 
 
@@ -314,7 +316,7 @@ def _run_score(args) -> int:
     def write(path: Path) -> None:
         with atomic_write(path, newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["photo", "product_id", "score", "verdict", "error"])
+            writer.writerow(["photo", "product_id", "score", "verdict", "error", "reasons"])
             writer.writerows(rows)
 
     try:

@@ -103,16 +103,20 @@ def test_errors_are_one_clear_line(tmp_path, sample_photos):
 def test_score_writes_every_pair_even_bad_photos(tmp_path, sample_photos):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
     rows = [[p.photo, p.product_id] for p in sample_photos[:4]]
-    rows += [[sample_photos[0].photo, "Carrots"], [str(tmp_path / "broken.jpg"), "Banana"]]
+    rows += [[sample_photos[0].photo, "Carrots"], [str(SAMPLE / "originals" / "Banana.jpg"), "Banana"],
+             [str(tmp_path / "broken.jpg"), "Banana"]]
     pairs = write_csv(tmp_path / "pairs.csv", ["photo", "product_id"], rows)
     out = tmp_path / "scores.csv"
     proc = run("score", "--pairs", pairs, "--out", out, "--no-progress", check_rc=2)
     assert "1 errors" in proc.stdout
     got = list(csv.DictReader(out.open()))
     assert [r["product_id"] for r in got] == [r[1] for r in rows]
-    assert got[-1]["verdict"] == "error" and got[-1]["error"]
+    assert got[-1]["verdict"] == "error" and got[-1]["error"] and not got[-1]["reasons"]
     assert all(r["verdict"] in ("match", "no_match", "retake") for r in got[:-1])
     assert -1 <= float(got[0]["score"]) <= 1
+    # a RETAKE row says what to fix (the catalogue image itself was submitted)
+    assert got[-2]["verdict"] == "retake" and "catalogue" in got[-2]["reasons"]
+    assert all(r["reasons"] for r in got[:-1])
 
 
 def test_score_interrupted_keeps_the_rows_it_scored(tmp_path, sample_photos, monkeypatch, capsys):
