@@ -268,6 +268,25 @@ class LabelledPhoto:
     given: str = field(default="", compare=False)
     """The photo as the CSV wrote it (``photo`` is resolved against the CSV's folder), for
     outputs that are joined back to their input."""
+    decision: str = field(default="", compare=False)
+    """The audit log's verdict, when the CSV is ``verify-log --export-photos``'s (its
+    ``decision`` column); its product_id is then the product *claimed*, not yet checked."""
+
+
+def unchecked_verdicts(photos: list[LabelledPhoto]) -> str | None:
+    """A warning when labelled photos from an audit-log export still hold verdicts other than
+    MATCH: such a photo may show another product (NO MATCH) or be unusable (RETAKE), and as
+    a reference or a calibration pair it would teach the bundle that. None when none do."""
+    left = {}
+    for p in photos:
+        if p.decision and p.decision != "match":
+            left[p.decision] = left.get(p.decision, 0) + 1
+    if not left:
+        return None
+    counts = ", ".join(f"{n} {d.upper().replace('_', ' ')}" for d, n in sorted(left.items()))
+    return (f"{sum(left.values())} rows are audit-log verdicts other than MATCH ({counts}): keep a "
+            "row only once someone has checked that its photo shows its product, and delete "
+            "RETAKE rows (README, \"Using the app\")")
 
 
 def read_labelled_photos(path: str | Path) -> list[LabelledPhoto]:
@@ -284,7 +303,8 @@ def read_labelled_photos(path: str | Path) -> list[LabelledPhoto]:
         pid = (row["product_id"] or "").strip()
         if not photo or not pid:
             raise CatalogError(f"{path}:{line}: empty photo or product_id")
-        out.append(LabelledPhoto(_csv_file(row["photo"], path.parent), pid, photo))
+        out.append(LabelledPhoto(_csv_file(row["photo"], path.parent), pid, photo,
+                                 (row.get("decision") or "").strip().lower()))
     return out
 
 

@@ -142,11 +142,14 @@ def _zooms(text: str) -> tuple[float, ...]:
 
 
 def _run_enroll(args) -> int:
-    from auditlens.catalog import open_catalog, read_labelled_photos
+    from auditlens.catalog import open_catalog, read_labelled_photos, unchecked_verdicts
     from auditlens.export.enroll import EnrollOptions, enroll
 
     catalog = open_catalog(args.catalog)
     extras = read_labelled_photos(args.references) if args.references else ()
+    unchecked = unchecked_verdicts(extras)
+    if unchecked:
+        print(f"auditlens: warning: --references {args.references}: {unchecked}", file=sys.stderr)
     out = enroll(catalog, args.out, model=args.model, extra_references=extras,
                  options=EnrollOptions(threshold=args.threshold, progress=not args.no_progress,
                                        photo_zooms=args.photo_zooms, photo_mirror=args.photo_mirror),

@@ -434,6 +434,25 @@ def test_export_photos_gives_labelled_photos_the_other_commands_read(tmp_path, c
     assert cli_main(["enroll", str(sample / "catalog.csv"), "--references", str(out / "photos.csv"),
                      "--out", str(tmp_path / "b"), "--no-progress"]) == 0
 
+    capsys.readouterr()
+
+    # a photo logged as NO MATCH under the product claimed for it: the unreviewed export
+    # still names that product, and both readers say so before it becomes a reference
+    other = next(r for r in csv.DictReader(open(sample / "photos.csv", newline=""))
+                 if r["product_id"] != rows[0]["product_id"])
+    assert cli_main(["verify", "--product", other["product_id"], str(sample / rows[0]["photo"]),
+                     "--log", str(log_path), "--auditor", "field"]) == 1
+    assert cli_main(["verify-log", str(log_path), "--export-photos", str(tmp_path / "unchecked")]) == 0
+    assert [p.decision for p in read_labelled_photos(tmp_path / "unchecked" / "photos.csv")][-1] == "no_match"
+    capsys.readouterr()
+    assert cli_main(["enroll", str(sample / "catalog.csv"), "--references",
+                     str(tmp_path / "unchecked" / "photos.csv"), "--out", str(tmp_path / "b2"), "--no-progress"]) == 0
+    assert "1 rows are audit-log verdicts other than MATCH (1 NO MATCH)" in capsys.readouterr().err
+    assert cli_main(["calibrate", "--bundle", str(REPO / "models" / "sample_bundle"), "--photos",
+                     str(tmp_path / "unchecked" / "photos.csv"), "--target-far", "0.05", "--dry-run",
+                     "--no-progress"]) == 0
+    assert "verdicts other than MATCH (1 NO MATCH)" in capsys.readouterr().out
+
     # an existing folder, even an empty one, is refused before anything is written
     (tmp_path / "empty").mkdir()
     for target in (out, tmp_path / "empty"):

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos
+from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos, unchecked_verdicts
 from auditlens.cli import non_negative_int, thread_count
 from auditlens.errors import AuditlensError, BundleSignatureError, CatalogError
 from auditlens.evaluation import metrics
@@ -201,6 +201,7 @@ def calibrate(
         source = str(labelled_photos)
         labelled_photos = read_labelled_photos(labelled_photos)
     photos = list(labelled_photos)
+    unchecked = unchecked_verdicts(photos)
     signed = is_signed(bundle)
     if write and signed and signing_key is None and not drop_signature:
         raise BundleSignatureError(
@@ -288,6 +289,8 @@ def calibrate(
             "no look-alike impostor pairs (no product shares its catalogue group with another): "
             "the rate ignores products that look alike, such as two brands of milk; give the "
             "catalogue a group column (or pass --catalog with one)")
+    if unchecked:
+        decision["warnings"].append(unchecked)
     if embedded.repeated:
         decision["warnings"].append(f"{len(embedded.repeated)} photo rows repeat an earlier row (the same "
                                     "file and product); each photo counted once")
