@@ -16,6 +16,7 @@ import os
 import shlex
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -156,7 +157,8 @@ def _run_enroll(args) -> int:
                  signing_key=args.sign_key.read_bytes() if args.sign_key else None,
                  drop_signature=args.drop_signature,
                  warn=lambda message: print(f"auditlens: warning: {message}", file=sys.stderr))
-    print(f"enrolled {len(catalog)} products ({len(extras)} extra reference photos) into {out}")
+    print(f"enrolled {len(catalog)} products ({len(extras)} extra reference "
+          f"photo{'' if len(extras) == 1 else 's'}) into {out}")
     return EXIT_OK
 
 
@@ -382,9 +384,7 @@ def _run_info(args) -> int:
     print(f"threshold  {d['threshold']:.4f}  ({cal})")
     for w in d.get("warnings") or ():
         print(f"           warning: {w}")
-    kinds: dict[str, int] = {}
-    for p in b.products:
-        kinds[p.kind or "?"] = kinds.get(p.kind or "?", 0) + 1
+    kinds = Counter(p.kind or "(no kind)" for p in b.products)
     print("kinds      " + ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())))
     return EXIT_OK
 
