@@ -31,6 +31,21 @@ def atomic_write(path: str | os.PathLike, *, newline: str | None = None,
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # the rename itself survives a power cut, not only the bytes
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def check_output_file(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (),

@@ -48,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from auditlens.errors import AuditChainError, AuditlensError, AuditLogError, AuditRecordError
-from auditlens.files import atomic_write
+from auditlens.files import atomic_write, fsync_dir
 
 LOG_FORMAT = "auditlens-audit-log"
 LOG_VERSION = 1
@@ -514,7 +514,7 @@ class AuditLog:
         stored, mime = prepare_photo(photo)
         verdict_json = _verdict_json(verdict_d)
         fields = {
-            "created_utc": utc_now(), "auditor": _text(auditor or ""),
+            "created_utc": "", "auditor": _text(auditor or ""),  # the time: inside the transaction
             "device": _text(self.device if device is None else device),
             "product_id": product_id, "decision": decision, "score": score,
             "threshold": threshold, "model_id": model_id,
@@ -530,6 +530,9 @@ class AuditLog:
                         "SELECT id, record_hash FROM records ORDER BY id DESC LIMIT 1").fetchone()
                     fields["id"] = (head[0] + 1) if head else 1
                     fields["prev_hash"] = head[1] if head else GENESIS_HASH
+                    # stamped once the log is locked: appends from several threads or
+                    # processes keep their times in the order of the chain
+                    fields["created_utc"] = utc_now()
                     digest = record_hash(fields)
                     self._db.execute(
                         "INSERT INTO records (id, created_utc, auditor, device, product_id, decision,"
@@ -656,7 +659,11 @@ class AuditLog:
                                        "carries the hash it had when last checked; the log was "
                                        "edited outside auditlens", start_id)
                 last = row[1]
-                first = self._db.execute("SELECT created_utc FROM records WHERE id = 1").fetchone()[0]
+                first_row = self._db.execute("SELECT created_utc FROM records WHERE id = 1").fetchone()
+                if first_row is None:  # the records checked before are no longer all there
+                    raise _chain_error(f"{self.path}: record 1 removed; the log was edited outside "
+                                       "auditlens", 1)
+                first = first_row[0]
             for rid in sorted(kept):  # each kept head must still be there, with its hash
                 row = self._db.execute("SELECT record_hash FROM records WHERE id = ?",
                                        (rid,)).fetchone()
@@ -816,9 +823,9 @@ class AuditLog:
                 os.fsync(f.fileno())
             for item in (staging, *staging.iterdir()):
                 os.chmod(item, 0o755 if item.is_dir() else 0o644)
-            _fsync_dir(staging)
+            fsync_dir(staging)
             os.replace(staging, folder)
-            _fsync_dir(folder.parent)
+            fsync_dir(folder.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -830,20 +837,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a folder's entries durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _chain_error(message: str, record_id: int | None) -> AuditChainError:

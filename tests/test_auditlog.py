@@ -325,6 +325,19 @@ def test_a_check_since_an_earlier_head_reads_only_the_new_records(log_path):
                 log.verify_chain(since=since, anchors=[(3, full.head_hash)])
 
 
+def test_a_check_since_an_earlier_head_catches_the_first_record_removed(log_path):
+    # the app checks since the head it last saw: a removed record 1 is tampering, not a crash
+    with AuditLog(log_path) as log:
+        for i in range(3):
+            log.append(make_verdict(i, "no_match"), photo=jpeg(colour=(i * 50, 0, 0)), auditor="a")
+        earlier = log.verify_chain()
+    _edit_by_hand(log_path, "DELETE FROM records WHERE id = 1;")
+    with AuditLog(log_path, create=False) as log:
+        with pytest.raises(AuditChainError, match="record 1 removed") as caught:
+            log.verify_chain(since=(earlier.records, earlier.head_hash))
+    assert caught.value.record_id == 1
+
+
 def test_photo_type_edited_by_hand_breaks_the_chain(log_path, tmp_path):
     # the photo's type is not hashed; it must still agree with the stored bytes
     with AuditLog(log_path) as log:
@@ -941,3 +954,20 @@ def test_non_finite_score_or_threshold_is_refused(log_path, field_name, value):
         assert len(log) == 0  # nothing written
         assert log.append(make_verdict(), photo=jpeg(), auditor="a") == 1
         assert log.verify_chain().records == 1
+
+
+def test_appends_from_several_threads_keep_one_chain_in_time_order(log_path):
+    # One AuditLog shared by threads (a service verifying in parallel): every verdict is
+    # recorded once, the chain verifies, and times never go backwards along it.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with AuditLog(log_path) as log:
+        def append(i):
+            return log.append(make_verdict(i, "no_match"), photo=jpeg(colour=(i % 250, 0, 0)), auditor="a")
+
+        with ThreadPoolExecutor(4) as pool:
+            ids = list(pool.map(append, range(60)))
+        assert sorted(ids) == list(range(1, 61))
+        assert log.verify_chain().records == 60
+        times = [log.record(i).created_utc for i in range(1, 61)]
+    assert times == sorted(times)
