@@ -361,6 +361,14 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
             result["held"].update(label_after=app.screens["history"].held.text,
                                   height_after=app.screens["history"].held.height,
                                   rows_after=len(app.session.history()), waiting_after=app.session.held())
+            # a held verdict the log refused as a record: set aside on disk for a person
+            app.session.held_dir.mkdir(exist_ok=True)
+            (app.session.held_dir / "00000000000000000001-damaged.refused").write_text("{}")
+            app.show_history()
+
+        @step
+        def set_aside_shown():
+            result["held"].update(label_set_aside=app.screens["history"].held.text)
     elif plan.get("mode") == "moved_on":  # History asked for, then a product picked at once
         @step
         def history_then_product():

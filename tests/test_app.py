@@ -447,6 +447,7 @@ def test_an_unreadable_held_file_is_set_aside_and_blocks_nothing(demo, tmp_path)
         outcome = session.verify(photo, plan["product"])
         assert outcome.log_error == "" and outcome.record_id == 1 and session.held() == 0
         assert [p.name for p in session.held_dir.iterdir()] == ["00000000000000000001-cut.unreadable"]
+        assert session.set_aside() == 1  # counted for History, not among the verdicts that wait
     finally:
         session.close()
 
@@ -479,6 +480,7 @@ def test_a_held_verdict_the_log_refuses_is_set_aside_and_blocks_nothing(demo, tm
         assert [(o.log_error, o.record_id) for o in outcomes] == [("", 1), ("", 2)]
         assert session.held() == 0 and session.check_log().records == 2
         assert [p.name for p in session.held_dir.iterdir()] == [held_file.with_suffix(".refused").name]
+        assert session.set_aside() == 1
     finally:
         session.close()
 
@@ -496,6 +498,9 @@ def test_history_shows_verdicts_the_log_has_not_taken_yet(demo, tmp_path):
     assert held["label"].startswith("1 verdict not yet in the audit log") and "disk is full" in held["label"]
     assert held["label_after"] == "" and held["rows_after"] == 1 and held["waiting_after"] == 0
     assert held["height"] > 10 and held["height_after"] == 0  # no notice, no empty gap above the list
+    # a held verdict the log refused stays on disk, and History says a person must look at it
+    assert held["label_set_aside"].startswith("1 held verdict could not be written to the audit log")
+    assert "a person must look at it" in held["label_set_aside"]
 
 
 @needs_kivy

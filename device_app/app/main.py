@@ -335,7 +335,7 @@ def build_app_class():
 
             def job():
                 why_held = self.session.write_held()  # verdicts the log could not take yet
-                held = (self.session.held(), why_held)
+                held = (self.session.held(), why_held, self.session.set_aside())
                 records = self.session.history()
                 try:
                     return records, self.session.check_log(), "", held
@@ -352,14 +352,16 @@ def build_app_class():
                 self._show("history")
 
         def _history_ready(self, result, asked: int):
-            records, report, error, (held, why_held) = result
+            records, report, error, (held, why_held, set_aside) = result
             names = {p.product_id: p.name for p in self.session.bundle.products}
-            self.screens["history"].show(records, report, error, names, held=held, why_held=why_held)
+            self.screens["history"].show(records, report, error, names, held=held, why_held=why_held,
+                                         set_aside=set_aside, held_dir=str(self.session.held_dir))
             self._open_history(asked)
 
         def _history_failed(self, exc, asked: int):
             self.screens["history"].show([], None, f"History could not be read: {exc}", {},
-                                         held=self.session.held())
+                                         held=self.session.held(), set_aside=self.session.set_aside(),
+                                         held_dir=str(self.session.held_dir))
             self._open_history(asked)
 
         def export(self, kind: str):

@@ -552,13 +552,23 @@ class HistoryScreen(Screen):
         root.add_widget(body)
         self.add_widget(root)
 
-    def show(self, records, report, error: str, names: dict, held: int = 0, why_held: str = "") -> None:
+    def show(self, records, report, error: str, names: dict, held: int = 0, why_held: str = "",
+             set_aside: int = 0, held_dir: str = "") -> None:
         """The log's records and chain check; ``held``: verdicts judged on this device that
-        the log has not taken yet (kept on the device and written when it works again)."""
-        self.held.text = "" if not held else (
-            f"{held} verdict{'s' if held != 1 else ''} not yet in the audit log "
-            f"(kept on this device, written when the log works again; not in exports)"
-            + (f": {why_held}" if why_held else ""))
+        the log has not taken yet (kept on the device and written when it works again);
+        ``set_aside``: held verdicts the log refused or that could not be read back, kept
+        in ``held_dir`` for a person (no later capture writes them)."""
+        lines = []
+        if held:
+            lines.append(f"{held} verdict{'s' if held != 1 else ''} not yet in the audit log "
+                         f"(kept on this device, written when the log works again; not in exports)"
+                         + (f": {why_held}" if why_held else ""))
+        if set_aside:
+            lines.append(f"{set_aside} held verdict{'s' if set_aside != 1 else ''} could not be written "
+                         f"to the audit log and {'were' if set_aside != 1 else 'was'} set aside in "
+                         f"{held_dir}: a person must look at {'them' if set_aside != 1 else 'it'} "
+                         "(not in the log or exports)")
+        self.held.text = "\n".join(lines)
         if error:  # the app's words: "AUDIT LOG TAMPERED: ..." only for a broken chain
             self.chain.bg = RED
             self.chain_label.text = error

@@ -182,6 +182,14 @@ class Session:
         files = list(self.held_dir.glob("*.json")) if self.held_dir.is_dir() else []
         return len(files) + len(self.unlogged)
 
+    def set_aside(self) -> int:
+        """How many held verdicts were set aside for a person (``*.refused``: the log would
+        not take them as records; ``*.unreadable``: their held file is damaged): they are in
+        no log and no export, and no later capture writes them."""
+        if not self.held_dir.is_dir():
+            return 0
+        return sum(1 for p in self.held_dir.iterdir() if p.suffix in (".refused", ".unreadable"))
+
     def write_held(self) -> str:
         """Try to write the held verdicts now (the app calls this on start, on History and
         when it stops); returns "" or why they still wait."""
