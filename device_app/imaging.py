@@ -29,7 +29,10 @@ from auditlens.errors import (
 ImageSource = str | os.PathLike | bytes | bytearray | BinaryIO | Image.Image | np.ndarray
 
 DEFAULT_MAX_PIXELS = 100_000_000
-"""Largest image accepted (100 MP: above any phone camera, far below a decompression bomb)."""
+"""Most pixels decoded (100 MP, far below a decompression bomb). A JPEG read with a draft
+size counts the pixels it is decoded at: a 108 MP phone photo decodes at 1/8 scale. Pillow
+refuses any image over ``2 * Image.MAX_IMAGE_PIXELS`` (179 MP) before that, so a 200 MP
+photo must be resized first."""
 
 MIN_SIDE = 16
 """Smallest width or height accepted; anything smaller cannot show a product."""
@@ -63,23 +66,37 @@ def _open(source: ImageSource) -> Image.Image:
     return Image.open(source)
 
 
+def _head(source: ImageSource) -> tuple[bytes, int]:
+    """The first 12 bytes of an encoded ``source`` and its length (b"", 0 if unreadable)."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            return bytes(source[:12]), len(source)
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as fh:
+                return fh.read(12), os.fstat(fh.fileno()).st_size
+        source.seek(0)  # Image.open reads a stream from its start as well
+        return source.read(12), source.seek(0, io.SEEK_END)
+    except (OSError, AttributeError, ValueError):
+        return b"", 0
+
+
 def _truncated_webp(source: ImageSource) -> bool:
     """Whether ``source`` is a WebP whose RIFF header declares more bytes than it holds
     (libwebp only says "could not create decoder object" for a cut-off file)."""
-    try:
-        if isinstance(source, (bytes, bytearray)):
-            head, length = bytes(source[:12]), len(source)
-        elif isinstance(source, (str, os.PathLike)):
-            with open(source, "rb") as fh:
-                head, length = fh.read(12), os.fstat(fh.fileno()).st_size
-        else:
-            source.seek(0)  # Image.open reads a stream from its start as well
-            head, length = source.read(12), source.seek(0, io.SEEK_END)
-    except (OSError, AttributeError, ValueError):
-        return False
+    head, length = _head(source)
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
         return False
     return int.from_bytes(head[4:8], "little") + 8 > length
+
+
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
+"""ISO-BMFF brands of HEIF/HEIC (iPhones' default) and AVIF files."""
+
+
+def _undecodable_heif(source: ImageSource) -> bool:
+    """Whether ``source`` is a HEIF/HEIC/AVIF file, which Pillow here could not open."""
+    head, _ = _head(source)
+    return len(head) >= 12 and head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
 
 
 def _truncated_webp_error(name: str) -> TruncatedImageError:
@@ -136,6 +153,11 @@ def load_image(
         except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
             if _truncated_webp(source):
                 raise _truncated_webp_error(name) from exc
+            if _undecodable_heif(source):
+                raise UnreadableImageError(
+                    f"{name}: a HEIC/HEIF or AVIF photo, which this installation cannot decode; "
+                    "set the camera to JPEG ('Most Compatible' on an iPhone) or convert the photo "
+                    "to JPEG") from exc
             raise UnreadableImageError(
                 f"{name}: not a readable image (expected JPEG, PNG, WebP, BMP, GIF, TIFF, "
                 "or HEIF/AVIF where Pillow decodes them)"
@@ -170,20 +192,20 @@ def _decode(image: Image.Image, name: str, max_pixels: int, draft: tuple[int, in
         raise UnreadableImageError(f"{name}: image format {image.format} is not supported")
 
     width, height = image.size
-    if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"{name}: {width}x{height} pixels is more than the {max_pixels:,} allowed; "
-            "resize the photo before uploading it"
-        )
     if min(width, height) < MIN_SIDE:
         raise ImageTooSmallError(
             f"{name}: {width}x{height} pixels is too small to show a product "
             f"(each side needs at least {MIN_SIDE})"
         )
-
     drafted = False
     if draft is not None and image.format in ("JPEG", "MPO"):
         drafted = image.draft("RGB", draft) is not None  # None: already decoded
+    # the limit is on what gets decoded: a 108 MP phone JPEG drafted to 1/8 is 1.7 MP
+    if image.size[0] * image.size[1] > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: {width}x{height} pixels is more than the {max_pixels:,} allowed; "
+            "resize the photo before uploading it"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

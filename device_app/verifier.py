@@ -349,9 +349,11 @@ class Verifier:
             elif isinstance(photo, (bytes, bytearray, memoryview)):
                 data = bytes(photo)
                 source = io.BytesIO(data)
+                source.name = f"the photo ({len(data):,} bytes)"  # a camera's capture has no file name
             elif callable(getattr(photo, "read", None)):
                 data = _read_stream(photo, self.options.max_file_bytes)
                 source = io.BytesIO(data)
+                source.name = str(getattr(photo, "name", "") or f"the photo ({len(data):,} bytes)")
             else:
                 raise UnreadableImageError(
                     f"cannot read a photo from {type(photo).__name__}; pass a path, the encoded "

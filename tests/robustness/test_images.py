@@ -350,3 +350,36 @@ def test_failed_loads_leave_no_file_open(corpus_dir):
             kept.append(exc)
     assert len(os.listdir("/proc/self/fd")) == before
     assert len(kept) == len(CORPUS)
+
+
+def test_the_pixel_limit_counts_what_a_drafted_jpeg_decodes():
+    # A 108 MP phone JPEG read with a draft size decodes at 1/8 scale: the limit is on the
+    # pixels decoded, so it passes where the same pixels as a PNG (decoded whole) do not.
+    photo = Image.new("RGB", (2000, 1500), (120, 60, 30))
+    jpeg, png = encode(photo, "JPEG"), encode(photo, "PNG")
+    limit = 1_000_000  # below the photo's 3 MP, above its 500x375 drafted decode
+    assert load_image(jpeg, max_pixels=limit, draft=(256, 256)).size == (500, 375)
+    with pytest.raises(errors.ImageTooLargeError, match="2000x1500 pixels is more than the 1,000,000"):
+        load_image(jpeg, max_pixels=limit)  # no draft: decoded whole
+    with pytest.raises(errors.ImageTooLargeError, match="2000x1500 pixels"):
+        load_image(png, max_pixels=limit, draft=(256, 256))
+
+
+def test_a_heic_photo_is_named_as_such_with_what_to_do():
+    # An iPhone's default HEIC, where no HEIF decoder is installed: not "not a readable image".
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200)
+    with pytest.raises(errors.UnreadableImageError, match="a HEIC/HEIF or AVIF photo, which this "
+                       "installation cannot decode; set the camera to JPEG"):
+        load_image(heic)
+    with pytest.raises(errors.UnreadableImageError, match="not a readable image"):
+        load_image(b"\x00\x00\x00\x18ftypisom" + bytes(200))  # an MP4 video is not a photo
+
+
+def test_a_capture_handed_over_as_bytes_is_named_in_errors(sample_bundle):
+    from auditlens.device_app.verifier import Verifier
+
+    verifier = Verifier(sample_bundle)
+    cut = (sample_bundle.parent / "sample" / "photos" / "Banana_001.jpg").read_bytes()[:300]
+    for given in (cut, io.BytesIO(cut)):
+        with pytest.raises(errors.TruncatedImageError, match=r"^the photo \(300 bytes\): the file ends"):
+            verifier.prepare(given)
