@@ -174,6 +174,10 @@ def test_cli_calibrate_and_model_card(tmp_path, bundle_copy, capsys):
     assert "only 52 impostor pairs a draw" in err and "too few for the model card" in err
     assert "--allow-few-photos" in err
     rc = main(["calibrate", "--bundle", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
+               "--target-far", "0.1", "--model-card", str(card), "--no-progress", "--dry-run"])
+    assert rc == 0 and "warning: only 52 impostor pairs a draw" in capsys.readouterr().out  # writes nothing
+    assert (card.read_bytes(), (bundle_copy / "manifest.json").read_bytes()) == before
+    rc = main(["calibrate", "--bundle", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
                "--target-far", "0.1", "--model-card", str(card), "--no-progress", "--allow-few-photos"])
     assert rc == 0
     out = capsys.readouterr().out

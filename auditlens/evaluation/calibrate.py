@@ -272,8 +272,9 @@ def calibrate(
         few = (f"only {per_draw} impostor pairs a draw ({distinct} distinct over {len(draws)} draws): "
                f"a FAR of {target_far:g} is measured from {target_far * per_draw:.1f} expected false "
                "accepts a draw")
-        if model_card is not None and not allow_few_photos:
-            # a card's threshold becomes the default of every bundle enrolled with the model later
+        if model_card is not None and write and not allow_few_photos:
+            # a card's threshold becomes the default of every bundle enrolled with the model
+            # later (a dry run writes no card: it only warns)
             raise CatalogError(
                 f"{source or 'labelled photos'}: {few}, too few for the model card, whose threshold "
                 f"every later enrolment takes (at least {math.ceil(MIN_IMPOSTORS_PER_TARGET / target_far)} "
