@@ -22,6 +22,7 @@ import csv
 import json
 import re
 import sqlite3
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,14 +278,11 @@ def unchecked_verdicts(photos: list[LabelledPhoto]) -> str | None:
     """A warning when labelled photos from an audit-log export still hold verdicts other than
     MATCH: such a photo may show another product (NO MATCH) or be unusable (RETAKE), and as
     a reference or a calibration pair it would teach the bundle that. None when none do."""
-    left = {}
-    for p in photos:
-        if p.decision and p.decision != "match":
-            left[p.decision] = left.get(p.decision, 0) + 1
+    left = Counter(p.decision for p in photos if p.decision and p.decision != "match")
     if not left:
         return None
     counts = ", ".join(f"{n} {d.upper().replace('_', ' ')}" for d, n in sorted(left.items()))
-    return (f"{sum(left.values())} rows are audit-log verdicts other than MATCH ({counts}): keep a "
+    return (f"{left.total()} rows are audit-log verdicts other than MATCH ({counts}): keep a "
             "row only once someone has checked that its photo shows its product, and delete "
             "RETAKE rows (README, \"Using the app\")")
 

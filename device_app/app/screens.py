@@ -564,10 +564,10 @@ class HistoryScreen(Screen):
                          f"(kept on this device, written when the log works again; not in exports)"
                          + (f": {why_held}" if why_held else ""))
         if set_aside:
-            lines.append(f"{set_aside} held verdict{'s' if set_aside != 1 else ''} could not be written "
-                         f"to the audit log and {'were' if set_aside != 1 else 'was'} set aside in "
-                         f"{held_dir}: a person must look at {'them' if set_aside != 1 else 'it'} "
-                         "(not in the log or exports)")
+            one = set_aside == 1
+            lines.append(f"{set_aside} held verdict{'' if one else 's'} could not be written to the "
+                         f"audit log and {'was' if one else 'were'} set aside in {held_dir}: a person "
+                         f"must look at {'it' if one else 'them'} (not in the log or exports)")
         self.held.text = "\n".join(lines)
         if error:  # the app's words: "AUDIT LOG TAMPERED: ..." only for a broken chain
             self.chain.bg = RED

@@ -28,6 +28,10 @@ _LOG_ERRORS = (AuditlensError, OSError, sqlite3.Error)
 PREVIEW_SIDE = 640
 """The capture is shown on the verdict screen at most this large."""
 
+REFUSED, UNREADABLE = ".refused", ".unreadable"
+"""Suffixes of held verdicts set aside for a person: the log refused the record, or the
+held file could not be read back."""
+
 
 @dataclass
 class Outcome:
@@ -188,7 +192,7 @@ class Session:
         no log and no export, and no later capture writes them."""
         if not self.held_dir.is_dir():
             return 0
-        return sum(1 for p in self.held_dir.iterdir() if p.suffix in (".refused", ".unreadable"))
+        return sum(1 for p in self.held_dir.iterdir() if p.suffix in (REFUSED, UNREADABLE))
 
     def write_held(self) -> str:
         """Try to write the held verdicts now (the app calls this on start, on History and
@@ -248,13 +252,13 @@ class Session:
                     verdict, auditor = held["verdict"], held["auditor"]
                     photo = base64.b64decode(held["photo"], validate=True)
                 except (OSError, ValueError, KeyError, TypeError):
-                    item.replace(item.with_suffix(".unreadable"))
+                    item.replace(item.with_suffix(UNREADABLE))
                     continue
                 try:
                     if not self.log.holds(verdict, photo):
                         self.log.append(verdict, photo=photo, auditor=auditor)
                 except AuditRecordError:
-                    item.replace(item.with_suffix(".refused"))
+                    item.replace(item.with_suffix(REFUSED))
                     continue
                 item.unlink()
             else:
