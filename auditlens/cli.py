@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import shlex
+import socket
 import sys
 import warnings
 from collections import Counter
@@ -171,6 +172,8 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", type=Path, default=None, metavar="AUDIT.db",
                    help="append the verdict to this audit log (SQLite)")
     p.add_argument("--auditor", default=None, help="auditor name for the log (default: $USER, else the login name)")
+    p.add_argument("--device", default=None,
+                   help="device name for the log (default: this machine's host name)")
 
 
 def _format_verdict(v) -> str:
@@ -212,7 +215,8 @@ def _run_verify(args) -> int:
             print("auditlens: warning: the log records no auditor: pass --auditor NAME", file=sys.stderr)
         try:
             with AuditLog(args.log) as log:
-                log.append(verdict, photo=photo, auditor=auditor)
+                log.append(verdict, photo=photo, auditor=auditor,
+                           device=socket.gethostname() if args.device is None else args.device)
         except (AuditlensError, OSError) as exc:  # the verdict is on screen: say it is not on record
             detail = exc if isinstance(exc, AuditlensError) else f"{args.log}: {exc.strerror or exc}"
             raise AuditLogError(f"{detail}; this verdict was NOT logged") from exc
@@ -368,8 +372,8 @@ def _run_info(args) -> int:
         return EXIT_OK
     d = m["decision"]
     size = len(b.model_content)
-    print(f"bundle     {b.path}  (format {m['format_version']}, made {m.get('created', '?')}, "
-          f"auditlens {m.get('auditlens_version', '?')})")
+    print(f"bundle     {b.path}  (id {b.bundle_id}, format {m['format_version']}, made "
+          f"{m.get('created', '?')}, auditlens {m.get('auditlens_version', '?')})")
     if b.signed_by:
         signature = f"; manifest signed by {b.signed_by}, signature checked"
     elif b.has_signature:

@@ -22,7 +22,13 @@ code can do it). Both are caught against a hash kept elsewhere: keep the head th
 :meth:`verify_chain` reports (``ID:HASH``; it is in every export) when a log is uploaded,
 and check the log against it next time (``verify-log --expect-head ID:HASH``,
 ``verify_chain(anchors=...)``): a record at or before a kept head can then no longer be
-changed, removed or re-hashed unnoticed.
+changed, removed or re-hashed unnoticed. Records are not signed: a record appended after
+the last kept head by someone with the file and this code verifies like any other, unless
+it contradicts itself (columns that differ from its verdict, a decision its score refutes),
+which :meth:`~AuditLog.verify_chain` reports as made outside auditlens.
+
+Every append checkpoints the WAL into the ``.db`` file, so a copy of that file alone holds
+every committed record.
 
 This module is part of the engine: numpy/Pillow/stdlib only, no TensorFlow, no Kivy.
 """
@@ -472,6 +478,8 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
+                if not self.read_only:
+                    self._checkpoint("TRUNCATE")
                 self._db.close()
                 self._db = None  # type: ignore[assignment]
 
@@ -506,10 +514,9 @@ class AuditLog:
             if not math.isfinite(value):
                 raise AuditRecordError(f"cannot log a verdict whose {name} is {value}: the log "
                                        "only stores finite numbers")
-        if (decision, score >= threshold) in (("match", False), ("no_match", True)):
-            raise AuditRecordError(f"cannot log a {decision!r} verdict whose score {score} is "
-                                   f"{'below' if decision == 'match' else 'at or above'} its "
-                                   f"threshold {threshold}: the record would contradict itself")
+        contradiction = _contradiction(decision, score, threshold)
+        if contradiction:
+            raise AuditRecordError(f"cannot log {contradiction}: the record would contradict itself")
         _check_judged_photo(photo, str(verdict_d.get("photo_sha256") or ""))
         stored, mime = prepare_photo(photo)
         verdict_json = _verdict_json(verdict_d)
@@ -550,7 +557,16 @@ class AuditLog:
                     raise
             except sqlite3.Error as exc:
                 raise AuditLogError(f"{self.path}: could not write the audit record: {exc}") from exc
+            self._checkpoint("PASSIVE")
         return int(fields["id"])
+
+    def _checkpoint(self, mode: str) -> None:
+        """Copy committed records from the ``-wal`` file into the ``.db`` file, so that a
+        copy of the ``.db`` file alone (evidence taken off a device whose app was killed)
+        holds every record. The record is committed before this; a checkpoint that cannot
+        run now (a reader holds the WAL) is done by a later one."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
 
     def holds(self, verdict, photo: bytes) -> bool:
         """Whether this verdict of this photo is already in the log (a verdict carries the
@@ -680,6 +696,7 @@ class AuditLog:
                 f"SELECT {', '.join(_LIST_COLUMNS)}, photo FROM records WHERE id > ? ORDER BY id ASC",
                 (start_id,))
             expected_prev, expected_id, count = start_hash, start_id + 1, start_id
+            backwards: list[str] = []
             for row in cursor:
                 record, blob = AuditRecord(*row[:-1]), row[-1]
                 rid = record.id
@@ -709,6 +726,14 @@ class AuditLog:
                     raise _chain_error(
                         f"{self.path}: record {rid}: the photo is stored as {record.photo_mime} "
                         "but its bytes are not; the record was edited after it was written", rid)
+                disagreement = _disagreement(record)
+                if disagreement:
+                    raise _chain_error(
+                        f"{self.path}: record {rid}: {disagreement}; auditlens never writes such "
+                        "a record, so it was made or edited outside auditlens", rid)
+                if last and record.created_utc < last:
+                    backwards.append(f"record {rid} ({record.created_utc}) was written before "
+                                     f"record {rid - 1} ({last})")
                 expected_prev, expected_id, count = record.record_hash, rid + 1, count + 1
                 first = first or record.created_utc
                 last = record.created_utc
@@ -721,6 +746,11 @@ class AuditLog:
             for when in restored)
         if not set(_TRIGGERS) <= triggers:
             warnings += ("the append-only guards are missing: the file was opened by hand",)
+        if backwards:
+            warnings += (
+                f"the records' times go backwards {len(backwards)} time(s), first: "
+                f"{backwards[0]}; the device's clock was set back, or records were written "
+                "outside auditlens",)
         return ChainReport(str(self.path), count, expected_prev, self.log_id, intact,
                            first, last, warnings)
 
@@ -839,6 +869,44 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _contradiction(decision: str, score: float, threshold: float) -> str:
+    """What is wrong with a verdict whose decision its own score and threshold refute
+    ("" when nothing is)."""
+    if (decision, score >= threshold) not in (("match", False), ("no_match", True)):
+        return ""
+    return (f"a {decision!r} verdict whose score {score} is "
+            f"{'below' if decision == 'match' else 'at or above'} its threshold {threshold}")
+
+
+_VERDICT_COLUMNS = ("product_id", "decision", "score", "threshold", "model_id")
+"""Record columns that repeat a field of the record's verdict."""
+
+
+def _disagreement(record: AuditRecord) -> str:
+    """Why a record, hashed as it is, cannot have been written by :meth:`AuditLog.append`
+    ("" when it can): its columns differ from its own verdict, or the verdict's decision
+    contradicts its score. A record made outside auditlens and hashed to fit the chain
+    would pass the hash checks; this catches one made carelessly."""
+    try:
+        verdict = json.loads(record.verdict_json)
+    except ValueError:
+        return "its verdict is not valid JSON"
+    if not isinstance(verdict, dict):
+        return "its verdict is not a JSON object"
+    for name in _VERDICT_COLUMNS:
+        column, value = getattr(record, name), verdict.get(name, "" if name == "model_id" else None)
+        try:
+            # a float32 score logged from a hand-made dict is in the JSON as its short text
+            same = (math.isclose(float(value), column, rel_tol=1e-6, abs_tol=1e-9)
+                    if isinstance(column, float) else _text(value) == column)
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            return f"its {name} ({column!r}) is not its verdict's ({value!r})"
+    contradiction = _contradiction(record.decision, record.score, record.threshold)
+    return f"it holds {contradiction}" if contradiction else ""
+
+
 def _chain_error(message: str, record_id: int | None) -> AuditChainError:
     exc = AuditChainError(message)
     exc.record_id = record_id  # type: ignore[attr-defined]
@@ -926,7 +994,7 @@ def _check_and_export(args) -> int:
                 log._check_export_path(target, suffix)
         if args.export_photos:
             log._check_photo_folder(args.export_photos)
-        report = log.verify_chain(anchors=args.expect_head)  # AuditChainError -> exit 2, record named
+        report = log.verify_chain(anchors=args.expect_head)  # AuditChainError -> exit 4, record named
         if args.export_csv:
             log.export_csv(args.export_csv)
         if args.export_json:

@@ -239,10 +239,20 @@ class ReferenceBundle:
     """Key id of the publisher whose signature was checked; None: not checked."""
     has_signature: bool = False
     """The bundle carries a manifest.sig (checked only when a public key was given)."""
+    manifest_sha256: str = ""
+    """sha256 of manifest.json as stored; the manifest holds every file's sha256, so this
+    names the bundle's whole content (see :attr:`bundle_id`)."""
 
     @property
     def model_id(self) -> str:
         return self.manifest["model"]["id"]
+
+    @property
+    def bundle_id(self) -> str:
+        """The first 16 hex digits of :attr:`manifest_sha256`: two bundles with the same
+        model (a re-enrolment, new products, a new threshold) have different ids, so an
+        audit record names the references and threshold it was judged against."""
+        return self.manifest_sha256[:16]
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -429,7 +439,8 @@ class ReferenceBundle:
 
         return cls(path, manifest, contents[MODEL_FILE], products,
                    references, owner, thumbs, signed_by,
-                   has_signature=source.exists(SIGNATURE))
+                   has_signature=source.exists(SIGNATURE),
+                   manifest_sha256=sha256_bytes(raw_manifest))
 
 
 def _is_finite_number(value) -> bool:

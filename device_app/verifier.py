@@ -125,6 +125,9 @@ class Verdict:
     judged_utc: str = ""
     """When the photo was judged (UTC, ISO 8601). An audit record also carries the time it
     was written, later when the log could not take the verdict at once."""
+    bundle_id: str = ""
+    """The reference bundle judged against (:attr:`ReferenceBundle.bundle_id`): with
+    ``model_id``, which references and threshold the verdict rests on."""
 
     @property
     def matched(self) -> bool:
@@ -454,6 +457,7 @@ class Verifier:
             model_id=self.bundle.model_id, photo_sha256=capture.sha256, quality=capture.quality,
             near_duplicate=near_duplicate, suggestions=suggestions,
             target_far=self.bundle.decision.get("target_far"), judged_utc=utc_now(),
+            bundle_id=self.bundle.bundle_id,
         )
 
     def identify(self, photo: ImageSource | np.ndarray | Capture, top_k: int = 5) -> list[Candidate]:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -30,6 +31,7 @@ from auditlens.device_app.auditlog import (
     canonical_bytes,
     record_hash,
 )
+from auditlens.device_app.bundle import ReferenceBundle
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.quality import Quality
 from auditlens.device_app.verifier import Candidate, Verdict, Verifier
@@ -244,16 +246,21 @@ def test_truncating_the_newest_records_changes_the_head_hash(log_path):
     assert not report.triggers_intact and report.warnings
 
 
-def _rewrite_and_rehash(path: Path, record_id: int, **changes) -> None:
-    """What a careful tamperer does: edit a record, then recompute its hash and the hash
-    of every record after it, so that the chain alone verifies again."""
+def _rewrite_and_rehash(path: Path, record_id: int, *, careful: bool = True, **changes) -> None:
+    """What a careful tamperer does: edit a record (its verdict too), then recompute its
+    hash and the hash of every record after it, so that the chain alone verifies again."""
     _edit_by_hand(path, "")
     db = sqlite3.connect(path)
     cols = [c[1] for c in db.execute("PRAGMA table_info(records)")]
     rows = [dict(zip(cols, r)) for r in db.execute("SELECT * FROM records ORDER BY id")]
     prev = GENESIS_HASH if record_id == 1 else rows[record_id - 2]["record_hash"]
     for row in rows[record_id - 1:]:
-        row.update(changes if row["id"] == record_id else {})
+        if row["id"] == record_id:
+            row.update(changes)
+        if row["id"] == record_id and careful:
+            verdict = json.loads(row["verdict_json"])  # and the verdict says the same
+            verdict.update({k: v for k, v in changes.items() if k in verdict})
+            row["verdict_json"] = json.dumps(verdict, sort_keys=True, separators=(",", ":"))
         row["prev_hash"] = prev
         row["record_hash"] = prev = record_hash(row)
         db.execute(f"UPDATE records SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
@@ -278,6 +285,59 @@ def test_a_kept_head_catches_a_rewrite_that_recomputed_every_hash(log_path, caps
     assert exc.value.record_id == 3
     assert cli_main(["verify-log", str(log_path), "--expect-head", uploaded]) == 4
     assert "rewritten and re-hashed" in capsys.readouterr().err
+
+
+def _forge(path: Path, record_id: int, **changes) -> None:
+    """A careless tamperer: change one record's columns but not its verdict, then re-hash."""
+    _rewrite_and_rehash(path, record_id, careful=False, **changes)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"decision": "match", "score": 0.99}, "its decision ('match') is not its verdict's ('no_match')"),
+    ({"product_id": "another-product"}, "its product_id ('another-product') is not its verdict's"),
+    ({"threshold": 0.1}, "its threshold (0.1) is not its verdict's (0.62)"),
+    ({"verdict_json": json.dumps({**make_verdict(1, "no_match").to_dict(), "decision": "match"},
+                                 sort_keys=True)}, "its decision ('no_match') is not its verdict's"),
+    ({"decision": "match"}, "its decision ('match') is not its verdict's"),
+    ({"verdict_json": "[1, 2]"}, "its verdict is not a JSON object"),
+])
+def test_a_re_hashed_record_that_contradicts_itself_is_reported(log_path, changes, message, capsys):
+    with AuditLog(log_path) as log:
+        for i in range(3):
+            log.append(make_verdict(i, "no_match"), photo=jpeg(colour=(i * 50, 0, 0)), auditor="a")
+    _forge(log_path, 2, **changes)
+    with AuditLog(log_path, create=False) as log, pytest.raises(AuditChainError) as exc:
+        log.verify_chain()
+    assert exc.value.record_id == 2 and message in str(exc.value)
+    assert "made or edited outside auditlens" in str(exc.value)
+    assert cli_main(["verify-log", str(log_path)]) == 4
+    assert "record 2:" in capsys.readouterr().err
+
+
+def test_a_verdict_whose_score_refutes_its_decision_is_reported(log_path):
+    with AuditLog(log_path) as log:
+        log.append(make_verdict(0, "no_match"), photo=jpeg(), auditor="a")
+    verdict = {**make_verdict(0, "no_match").to_dict(), "score": 0.9}  # at/above 0.62, no match
+    _forge(log_path, 1, score=0.9, verdict_json=json.dumps(verdict, sort_keys=True))
+    with AuditLog(log_path, create=False) as log, pytest.raises(
+            AuditChainError, match="record 1: it holds a 'no_match' verdict whose score 0.9 is at "
+                                   "or above its threshold 0.62"):
+        log.verify_chain()
+
+
+def test_times_that_go_backwards_are_a_warning_not_an_error(log_path, capsys):
+    with AuditLog(log_path) as log:
+        for i in range(3):
+            log.append(make_verdict(i), photo=jpeg(), auditor="a")
+        assert log.verify_chain().warnings == ()
+    _forge(log_path, 3, created_utc="2020-01-01T00:00:00.000Z")  # e.g. a clock set back
+    with AuditLog(log_path) as log:
+        report = log.verify_chain()
+    assert report.records == 3
+    assert any("times go backwards 1 time(s), first: record 3 (2020-01-01T00:00:00.000Z) was "
+               "written before record 2" in w for w in report.warnings)
+    assert cli_main(["verify-log", str(log_path)]) == 0
+    assert "warning: the records' times go backwards" in capsys.readouterr().out
 
 
 def test_a_kept_head_catches_removed_newest_records(log_path, capsys):
@@ -545,6 +605,14 @@ def test_kill_9_during_a_burst_loses_no_committed_record(tmp_path, log_path):
         proc.stdout.close()
         proc.stderr.close()
 
+        # evidence copied as the .db file alone (no -wal beside it) holds every record
+        # committed: each append moves its record into the .db file before it returns
+        alone = tmp_path / f"copy{trial}" / "audit.db"
+        alone.parent.mkdir()
+        shutil.copyfile(log_path, alone)
+        with AuditLog(alone, create=False) as copy:
+            assert copy.verify_chain().records >= len(committed)
+
         with AuditLog(log_path) as log:
             report = log.verify_chain()  # no corruption, chain intact
             records = {r.id: r for r in log.records()}
@@ -595,6 +663,9 @@ def test_cli_verify_with_log_appends_a_record(tmp_path, capsys):
         (record,) = log.records()
         assert log.verify_chain().records == 1
     assert record.product_id == row["product_id"] and record.auditor == "cli-user"
+    assert record.device == socket.gethostname() != ""  # the machine that judged it
+    assert record.verdict["bundle_id"] == ReferenceBundle.load(bundle).bundle_id
+    assert len(record.verdict["bundle_id"]) == 16
     assert record.captured_sha256 == hashlib.sha256(photo.read_bytes()).hexdigest()
     assert "warning" not in capsys.readouterr().err
 
