@@ -16,8 +16,10 @@ def _pyplot():
     return plt
 
 
-def roc(methods, out: Path) -> Path:
-    """TAR against FAR (log) of every method on the protocol's pairs."""
+def roc(methods, out: Path, labels: dict[str, str] | None = None) -> Path:
+    """TAR against FAR (log) of every method on the protocol's pairs; ``labels`` renames
+    methods in the legend (auditlens: whether it was trained on these products)."""
+    labels = labels or {}
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for m in methods:
@@ -25,7 +27,7 @@ def roc(methods, out: Path) -> Path:
         ts = np.unique(np.concatenate([g, i]))[::-1]
         far = np.array([(i >= t).mean() for t in ts])
         tar = np.array([(g >= t).mean() for t in ts])
-        ax.plot(np.maximum(far, 1e-4), tar, label=f"{m.name} (EER {m.eer:.1%})",
+        ax.plot(np.maximum(far, 1e-4), tar, label=f"{labels.get(m.name, m.name)} (EER {m.eer:.1%})",
                 lw=2.5 if m.name == "auditlens" else 1.2)
     ax.axvline(0.01, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
@@ -42,13 +44,15 @@ def roc(methods, out: Path) -> Path:
     return out
 
 
-def speed_accuracy(methods, out: Path, photo_size: str) -> Path:
-    """Time per verification (log) of a ``photo_size`` photo against EER."""
+def speed_accuracy(methods, out: Path, photo_size: str, labels: dict[str, str] | None = None) -> Path:
+    """Time per verification (log) of a ``photo_size`` photo against EER (``labels``: as
+    for :func:`roc`)."""
+    labels = labels or {}
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for m in methods:
         ax.scatter(m.verify.median, m.eer * 100, s=60 if m.name == "auditlens" else 30)
-        ax.annotate(m.name, (m.verify.median, m.eer * 100), textcoords="offset points",
+        ax.annotate(labels.get(m.name, m.name), (m.verify.median, m.eer * 100), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel(f"time per verification of a {photo_size} photo, median (ms, log)")

@@ -114,6 +114,32 @@ def test_memory_alone_measures_the_methods_asked_for(tmp_path):
     assert "SIFT + RANSAC" in json.dumps(report["memory"]["rows"])
 
 
+def test_a_memory_child_that_crashes_is_an_error_not_a_figure():
+    from bench.memory import _run
+
+    with pytest.raises(RuntimeError, match="failed"):  # exit 1, its peak printed all the same
+        _run("raise ImportError('no module named cv2')", [])
+    assert _run("import sys; sys.exit(1)", [], ok=(0, 1, 3))[0] == 1  # `verify`: NO MATCH
+
+
+@pytest.mark.parametrize("name", ["ORB + RANSAC", "SIFT + RANSAC"])
+def test_local_features_decode_a_phone_jpeg_only_as_far_as_they_use_it(name, tmp_path):
+    """A 4032x3024 JPEG is draft-decoded at 1/8 (504x378, longer side >= the 480 px the
+    features run at), not at 1/4 as a square 480x480 draft box would need."""
+    from PIL import Image
+
+    from bench.peers import ORB, SIFT
+
+    method = {"ORB + RANSAC": ORB, "SIFT + RANSAC": SIFT}[name]()
+    phone = tmp_path / "phone.jpg"
+    Image.new("RGB", (4032, 3024), (120, 80, 40)).save(phone, quality=80)
+    assert method.load(str(phone)).size == (504, 378)
+    assert method.load(phone.read_bytes()).size == (504, 378)
+    small = tmp_path / "small.jpg"
+    Image.new("RGB", (300, 200), (120, 80, 40)).save(small)
+    assert method.load(str(small)).size == (300, 200)  # nothing to skip
+
+
 def test_reference_sizes_are_what_a_device_would_store():
     """SIFT descriptors are whole numbers 0..255 (OpenCV rounds them): one byte each; SSIM's
     grey copy is uint8."""
