@@ -194,6 +194,11 @@ class ChainReport:
     first_created_utc: str = ""
     last_created_utc: str = ""
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    judged_with: tuple[dict, ...] = field(default_factory=tuple, compare=False)
+    """Runs of consecutive records judged with the same model, bundle and threshold, oldest
+    first: ``{"first_id", "last_id", "model_id", "bundle_id", "threshold"}`` (the
+    bundle id is "" for verdicts that do not name one); over the records this check read
+    (a check ``since`` an earlier head reads only the newer ones)."""
 
     @property
     def head(self) -> str:
@@ -207,6 +212,7 @@ class ChainReport:
             "log_id": self.log_id, "triggers_intact": self.triggers_intact,
             "first_created_utc": self.first_created_utc,
             "last_created_utc": self.last_created_utc, "warnings": list(self.warnings),
+            "judged_with": [dict(run) for run in self.judged_with],
         }
 
 
@@ -697,6 +703,7 @@ class AuditLog:
                 (start_id,))
             expected_prev, expected_id, count = start_hash, start_id + 1, start_id
             backwards: list[str] = []
+            runs: list[dict] = []
             for row in cursor:
                 record, blob = AuditRecord(*row[:-1]), row[-1]
                 rid = record.id
@@ -726,11 +733,22 @@ class AuditLog:
                     raise _chain_error(
                         f"{self.path}: record {rid}: the photo is stored as {record.photo_mime} "
                         "but its bytes are not; the record was edited after it was written", rid)
-                disagreement = _disagreement(record)
+                try:
+                    verdict = json.loads(record.verdict_json)
+                except ValueError:
+                    verdict = None
+                disagreement = _disagreement(record, verdict)
                 if disagreement:
                     raise _chain_error(
                         f"{self.path}: record {rid}: {disagreement}; auditlens never writes such "
                         "a record, so it was made or edited outside auditlens", rid)
+                setting = {"model_id": record.model_id, "bundle_id": _text(verdict.get("bundle_id", "")),
+                           "threshold": record.threshold}
+                if runs and runs[-1]["last_id"] == rid - 1 and all(
+                        runs[-1][k] == v for k, v in setting.items()):
+                    runs[-1]["last_id"] = rid
+                else:
+                    runs.append({"first_id": rid, "last_id": rid, **setting})
                 if last and record.created_utc < last:
                     backwards.append(f"record {rid} ({record.created_utc}) was written before "
                                      f"record {rid - 1} ({last})")
@@ -752,7 +770,7 @@ class AuditLog:
                 f"{backwards[0]}; the device's clock was set back, or records were written "
                 "outside auditlens",)
         return ChainReport(str(self.path), count, expected_prev, self.log_id, intact,
-                           first, last, warnings)
+                           first, last, warnings, tuple(runs))
 
     # -- export --------------------------------------------------------------------
     def _check_export_path(self, path: str | os.PathLike, file_suffix: str = "") -> Path:
@@ -882,15 +900,11 @@ _VERDICT_COLUMNS = ("product_id", "decision", "score", "threshold", "model_id")
 """Record columns that repeat a field of the record's verdict."""
 
 
-def _disagreement(record: AuditRecord) -> str:
-    """Why a record, hashed as it is, cannot have been written by :meth:`AuditLog.append`
-    ("" when it can): its columns differ from its own verdict, or the verdict's decision
-    contradicts its score. A record made outside auditlens and hashed to fit the chain
-    would pass the hash checks; this catches one made carelessly."""
-    try:
-        verdict = json.loads(record.verdict_json)
-    except ValueError:
-        return "its verdict is not valid JSON"
+def _disagreement(record: AuditRecord, verdict) -> str:
+    """Why a record with this (parsed) verdict, hashed as it is, cannot have been written
+    by :meth:`AuditLog.append` ("" when it can): its columns differ from its own verdict,
+    or the verdict's decision contradicts its score. A record made outside auditlens and
+    hashed to fit the chain would pass the hash checks; this catches one made carelessly."""
     if not isinstance(verdict, dict):
         return "its verdict is not a JSON object"
     for name in _VERDICT_COLUMNS:
@@ -958,6 +972,22 @@ edited, removed or reordered, or a kept head no longer matched); 2 is any other 
 such file, not an audit log, a bad argument), 0 an intact chain."""
 
 
+JUDGED_WITH_SHOWN = 12
+"""Runs of model, bundle and threshold ``verify-log`` lists (the newest; ``--json``: all)."""
+
+
+def _print_judged_with(runs: Sequence[dict]) -> None:
+    """Which model, bundle and threshold judged which records."""
+    if len(runs) > JUDGED_WITH_SHOWN:
+        print(f"  ... {len(runs) - JUDGED_WITH_SHOWN} earlier changes of model, bundle or "
+              "threshold (--json lists them all)")
+    for run in runs[-JUDGED_WITH_SHOWN:]:
+        ids = (f"record {run['first_id']}" if run["first_id"] == run["last_id"]
+               else f"records {run['first_id']}-{run['last_id']}")
+        print(f"  {ids} judged with model {run['model_id'] or '(none)'}, bundle "
+              f"{run['bundle_id'] or '(not named)'}, threshold {run['threshold']:.4f}")
+
+
 def _anchor(text: str) -> tuple[int, str]:
     import argparse
 
@@ -1011,6 +1041,7 @@ def _check_and_export(args) -> int:
             print(f"  record {rid} still carries the hash kept for it")
         if report.records:
             print(f"  from {report.first_created_utc} to {report.last_created_utc}")
+        _print_judged_with(report.judged_with)
         for w in report.warnings:
             print(f"  warning: {w}")
         for what, p in (("CSV", args.export_csv), ("JSON", args.export_json),

@@ -340,6 +340,29 @@ def test_times_that_go_backwards_are_a_warning_not_an_error(log_path, capsys):
     assert "warning: the records' times go backwards" in capsys.readouterr().out
 
 
+def test_verify_log_says_which_model_bundle_and_threshold_judged_which_records(log_path, capsys):
+    def verdict(model_id, bundle_id, threshold=0.62):
+        return {**make_verdict().to_dict(), "model_id": model_id, "bundle_id": bundle_id,
+                "threshold": threshold}
+
+    with AuditLog(log_path) as log:
+        for v in (verdict("m1", "b1"), verdict("m1", "b1"), verdict("m1", "b2"),  # re-enrolled
+                  verdict("m1", "b2", 0.65), verdict("m2", "b3"), verdict("m2", "b3")):
+            log.append(v, photo=jpeg(), auditor="a")
+        log.append(make_verdict(), photo=jpeg(), auditor="a")  # a verdict naming no bundle
+        runs = log.verify_chain().judged_with
+    assert [(r["first_id"], r["last_id"], r["model_id"], r["bundle_id"], r["threshold"]) for r in runs] == [
+        (1, 2, "m1", "b1", 0.62), (3, 3, "m1", "b2", 0.62), (4, 4, "m1", "b2", 0.65),
+        (5, 6, "m2", "b3", 0.62), (7, 7, "0123456789abcdef", "", 0.62)]
+    assert cli_main(["verify-log", str(log_path)]) == 0
+    out = capsys.readouterr().out
+    assert "records 1-2 judged with model m1, bundle b1, threshold 0.6200" in out
+    assert "record 4 judged with model m1, bundle b2, threshold 0.6500" in out
+    assert "record 7 judged with model 0123456789abcdef, bundle (not named)" in out
+    assert cli_main(["verify-log", str(log_path), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["judged_with"]) == 5
+
+
 def test_a_kept_head_catches_removed_newest_records(log_path, capsys):
     with AuditLog(log_path) as log:
         for i in range(3):
