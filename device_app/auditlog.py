@@ -701,60 +701,9 @@ class AuditLog:
             cursor = self._db.execute(
                 f"SELECT {', '.join(_LIST_COLUMNS)}, photo FROM records WHERE id > ? ORDER BY id ASC",
                 (start_id,))
-            expected_prev, expected_id, count = start_hash, start_id + 1, start_id
-            backwards: list[str] = []
-            runs: list[dict] = []
+            walk = _ChainWalk(str(self.path), start_id, start_hash, first, last)
             for row in cursor:
-                record, blob = AuditRecord(*row[:-1]), row[-1]
-                rid = record.id
-                if rid != expected_id:
-                    missing = f"record {expected_id}" if rid == expected_id + 1 else \
-                        f"records {expected_id}..{rid - 1}"
-                    raise _chain_error(
-                        f"{self.path}: record {rid}: the chain is broken before it ({missing} "
-                        "removed); the log was edited outside auditlens", rid)
-                if record.prev_hash != expected_prev:
-                    raise _chain_error(
-                        f"{self.path}: record {rid}: its prev_hash does not match record "
-                        f"{rid - 1}; a record was edited, removed or reordered", rid)
-                try:
-                    recomputed = record_hash(record.hashed_fields())
-                except (TypeError, ValueError) as exc:
-                    raise _chain_error(f"{self.path}: record {rid}: unreadable fields ({exc})", rid) from exc
-                if recomputed != record.record_hash:
-                    raise _chain_error(
-                        f"{self.path}: record {rid}: its contents do not match its hash; the "
-                        "record was edited after it was written", rid)
-                if blob is None or hashlib.sha256(bytes(blob)).hexdigest() != record.photo_sha256:
-                    raise _chain_error(
-                        f"{self.path}: record {rid}: the stored photo does not match the photo's "
-                        "sha256; the photo was replaced after it was written", rid)
-                if record.photo_mime in _PHOTO_SUFFIX and _sniffed_mime(bytes(blob)) != record.photo_mime:
-                    raise _chain_error(
-                        f"{self.path}: record {rid}: the photo is stored as {record.photo_mime} "
-                        "but its bytes are not; the record was edited after it was written", rid)
-                try:
-                    verdict = json.loads(record.verdict_json)
-                except ValueError:
-                    verdict = None
-                disagreement = _disagreement(record, verdict)
-                if disagreement:
-                    raise _chain_error(
-                        f"{self.path}: record {rid}: {disagreement}; auditlens never writes such "
-                        "a record, so it was made or edited outside auditlens", rid)
-                setting = {"model_id": record.model_id, "bundle_id": _text(verdict.get("bundle_id", "")),
-                           "threshold": record.threshold}
-                if runs and runs[-1]["last_id"] == rid - 1 and all(
-                        runs[-1][k] == v for k, v in setting.items()):
-                    runs[-1]["last_id"] = rid
-                else:
-                    runs.append({"first_id": rid, "last_id": rid, **setting})
-                if last and record.created_utc < last:
-                    backwards.append(f"record {rid} ({record.created_utc}) was written before "
-                                     f"record {rid - 1} ({last})")
-                expected_prev, expected_id, count = record.record_hash, rid + 1, count + 1
-                first = first or record.created_utc
-                last = record.created_utc
+                walk.add(AuditRecord(*row[:-1]), row[-1])
             restored = [k.split(":", 1)[1] for (k,) in self._db.execute(
                 "SELECT key FROM meta WHERE key LIKE 'guards_restored:%' ORDER BY key")]
         intact = set(_TRIGGERS) <= triggers and not restored
@@ -764,13 +713,7 @@ class AuditLog:
             for when in restored)
         if not set(_TRIGGERS) <= triggers:
             warnings += ("the append-only guards are missing: the file was opened by hand",)
-        if backwards:
-            warnings += (
-                f"the records' times go backwards {len(backwards)} time(s), first: "
-                f"{backwards[0]}; the device's clock was set back, or records were written "
-                "outside auditlens",)
-        return ChainReport(str(self.path), count, expected_prev, self.log_id, intact,
-                           first, last, warnings, tuple(runs))
+        return walk.report(self.log_id, intact, warnings)
 
     # -- export --------------------------------------------------------------------
     def _check_export_path(self, path: str | os.PathLike, file_suffix: str = "") -> Path:
@@ -822,6 +765,7 @@ class AuditLog:
                     f'"log": {json.dumps(report.to_dict())}, "records": [\n')
             for i, r in enumerate(self.iter_records()):
                 d = r.to_dict()
+                d["verdict_json"] = r.verdict_json  # the hashed text, for verify_export
                 if photos:
                     d["photo_base64"] = base64.b64encode(self.photo(r.id)).decode("ascii")
                 f.write(("" if i == 0 else ",\n") + json.dumps(d, ensure_ascii=False))
@@ -887,6 +831,151 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]] = ()) -> ChainReport:
+    """Check a JSON export (``verify-log --export-json``) as :meth:`AuditLog.verify_chain`
+    checks a log: the chain of its records, each record's hash, its photo when the export
+    carries photos (``--photos``), and the head its header names; ``anchors`` as for
+    :meth:`~AuditLog.verify_chain`. An auditor given an upload checks it without the
+    device's database. The whole file is read into memory."""
+    import base64
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise AuditLogError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise AuditLogError(f"{path}: not an audit log export (not valid JSON: {exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != LOG_FORMAT:
+        raise AuditLogError(f"{path}: not an auditlens audit log export")
+    if data.get("version") != LOG_VERSION:
+        raise AuditLogError(f"{path}: audit log export version {data.get('version')}, this "
+                            f"auditlens reads version {LOG_VERSION}")
+    header, records = data.get("log"), data.get("records")
+    if not isinstance(header, dict) or not isinstance(records, list):
+        raise AuditLogError(f"{path}: not an auditlens audit log export (no log header or records)")
+    kept = {int(rid): str(digest).lower() for rid, digest in anchors if int(rid) > 0}
+    walk = _ChainWalk(str(path))
+    hashes: dict[int, str] = {}
+    # an export made with --photos carries every record's photo: each one is checked
+    with_photos = bool(records) and isinstance(records[0], dict) and "photo_base64" in records[0]
+    for n, d in enumerate(records, 1):
+        try:
+            verdict_json = d["verdict_json"] if "verdict_json" in d else _verdict_json(d["verdict"])
+            record = AuditRecord(**{k: d[k] for k in _LIST_COLUMNS if k != "verdict_json"},
+                                 verdict_json=verdict_json)
+            photo = base64.b64decode(d["photo_base64"], validate=True) if with_photos else None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _chain_error(f"{path}: record {n} of the export is incomplete or unreadable "
+                               f"({exc!r}); the export was edited", n) from exc
+        walk.add(record, photo, photo_kept=with_photos)
+        if record.id in kept:
+            hashes[record.id] = record.record_hash
+    claimed = header.get("head")
+    if claimed != f"{walk.count}:{walk.head_hash}":
+        raise _chain_error(f"{path}: the export's header names the head {claimed}, but its "
+                           f"records end at {walk.count}:{walk.head_hash}; records were removed "
+                           "from or added to the export", walk.count)
+    for rid in sorted(kept):
+        if rid not in hashes:
+            raise _chain_error(f"{path}: record {rid}, whose hash was kept, is not in the "
+                               "export; the newest records were removed", rid)
+        if hashes[rid] != kept[rid]:
+            raise _chain_error(f"{path}: record {rid}: its hash is not the one kept for it "
+                               f"({kept[rid][:12]}...); records up to it were rewritten and "
+                               "re-hashed after that hash was kept", rid)
+    warnings = tuple(str(w) for w in header.get("warnings") or ())
+    if records and not with_photos:
+        warnings += ("the export carries no photos (made without --photos): the records' "
+                     "photo hashes were not checked against any photo",)
+    return walk.report(str(header.get("log_id", "")), bool(header.get("triggers_intact", True)),
+                       warnings)
+
+
+def _is_export(path: Path) -> bool:
+    """Whether ``path`` is a JSON export rather than a SQLite log (by its first bytes)."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(64)
+    except OSError:
+        return False
+    return not start.startswith(b"SQLite format 3") and start.lstrip()[:1] == b"{"
+
+
+class _ChainWalk:
+    """The checks each record of a chain must pass, record after record, oldest first:
+    its id and ``prev_hash`` follow the record before, its hash covers its fields, its
+    photo (when there) matches its sha256, and it agrees with its own verdict. Used on a
+    log (:meth:`AuditLog.verify_chain`) and on a JSON export (:func:`verify_export`)."""
+
+    def __init__(self, where: str, start_id: int = 0, start_hash: str = GENESIS_HASH,
+                 first_utc: str = "", last_utc: str = "") -> None:
+        self.where = where
+        self.head_hash, self.count = start_hash, start_id
+        self.first_utc, self.last_utc = first_utc, last_utc
+        self.backwards: list[str] = []
+        self.runs: list[dict] = []
+
+    def _fail(self, rid: int, why: str) -> AuditChainError:
+        return _chain_error(f"{self.where}: record {rid}: {why}", rid)
+
+    def add(self, record: AuditRecord, photo: bytes | None, *, photo_kept: bool = True) -> None:
+        """Check ``record`` (and ``photo``, the stored bytes; ``photo_kept=False``: a copy
+        without photos, nothing to compare) as the next record of the chain."""
+        rid, expected = record.id, self.count + 1
+        if rid != expected:
+            missing = f"record {expected}" if rid == expected + 1 else f"records {expected}..{rid - 1}"
+            raise self._fail(rid, f"the chain is broken before it ({missing} removed); the log "
+                                  "was edited outside auditlens")
+        if record.prev_hash != self.head_hash:
+            raise self._fail(rid, f"its prev_hash does not match record {rid - 1}; a record was "
+                                  "edited, removed or reordered")
+        try:
+            recomputed = record_hash(record.hashed_fields())
+        except (TypeError, ValueError) as exc:
+            raise self._fail(rid, f"unreadable fields ({exc})") from exc
+        if recomputed != record.record_hash:
+            raise self._fail(rid, "its contents do not match its hash; the record was edited "
+                                  "after it was written")
+        if photo_kept:
+            if photo is None or hashlib.sha256(bytes(photo)).hexdigest() != record.photo_sha256:
+                raise self._fail(rid, "the stored photo does not match the photo's sha256; the "
+                                      "photo was replaced after it was written")
+            if record.photo_mime in _PHOTO_SUFFIX and _sniffed_mime(bytes(photo)) != record.photo_mime:
+                raise self._fail(rid, f"the photo is stored as {record.photo_mime} but its bytes "
+                                      "are not; the record was edited after it was written")
+        try:
+            verdict = json.loads(record.verdict_json)
+        except ValueError:
+            verdict = None
+        disagreement = _disagreement(record, verdict)
+        if disagreement:
+            raise self._fail(rid, f"{disagreement}; auditlens never writes such a record, so it "
+                                  "was made or edited outside auditlens")
+        setting = {"model_id": record.model_id, "bundle_id": _text(verdict.get("bundle_id", "")),
+                   "threshold": record.threshold}
+        if self.runs and self.runs[-1]["last_id"] == rid - 1 and all(
+                self.runs[-1][k] == v for k, v in setting.items()):
+            self.runs[-1]["last_id"] = rid
+        else:
+            self.runs.append({"first_id": rid, "last_id": rid, **setting})
+        if self.last_utc and record.created_utc < self.last_utc:
+            self.backwards.append(f"record {rid} ({record.created_utc}) was written before "
+                                  f"record {rid - 1} ({self.last_utc})")
+        self.head_hash, self.count = record.record_hash, rid
+        self.first_utc = self.first_utc or record.created_utc
+        self.last_utc = record.created_utc
+
+    def report(self, log_id: str, triggers_intact: bool, warnings: tuple[str, ...]) -> ChainReport:
+        if self.backwards:
+            warnings += (
+                f"the records' times go backwards {len(self.backwards)} time(s), first: "
+                f"{self.backwards[0]}; the device's clock was set back, or records were written "
+                "outside auditlens",)
+        return ChainReport(self.where, self.count, self.head_hash, log_id, triggers_intact,
+                           self.first_utc, self.last_utc, warnings, tuple(self.runs))
+
+
 def _contradiction(decision: str, score: float, threshold: float) -> str:
     """What is wrong with a verdict whose decision its own score and threshold refute
     ("" when nothing is)."""
@@ -948,7 +1037,8 @@ def _write_atomically(path: Path, write, newline: str | None = None) -> Path:
 
 # -- `auditlens verify-log` ---------------------------------------------------------
 def add_arguments(p) -> None:
-    p.add_argument("log", type=Path, metavar="AUDIT.db", help="the audit log to check")
+    p.add_argument("log", type=Path, metavar="AUDIT.db",
+                   help="the audit log to check, or a JSON export of one (--export-json)")
     p.add_argument("--export-csv", type=Path, metavar="F", help="also write the records as CSV")
     p.add_argument("--export-json", type=Path, metavar="F",
                    help="also write the records and verdicts as JSON (with the chain's head hash)")
@@ -1018,6 +1108,13 @@ def run(args) -> int:
 def _check_and_export(args) -> int:
     if args.photos and not args.export_json:
         raise AuditLogError("--photos adds the photos to --export-json; give --export-json F")
+    if _is_export(args.log):
+        if args.export_csv or args.export_json or args.export_photos:
+            raise AuditLogError(f"{args.log} is a JSON export: exports are made from the log "
+                                "itself (the .db file)")
+        report = verify_export(args.log, anchors=args.expect_head)
+        _print_report(args, report)
+        return 0
     with AuditLog(args.log, create=False) as log:
         for target, suffix in ((args.export_csv, ".csv"), (args.export_json, ".json")):
             if target:  # before anything is written
@@ -1031,6 +1128,16 @@ def _check_and_export(args) -> int:
             log.export_json(args.export_json, photos=args.photos)
         if args.export_photos:
             log.export_photos(args.export_photos)
+    _print_report(args, report)
+    if not args.json:
+        for what, p in (("CSV", args.export_csv), ("JSON", args.export_json),
+                        ("photos and photos.csv", args.export_photos)):
+            if p:
+                print(f"  exported {what} to {p}")
+    return 0
+
+
+def _print_report(args, report: ChainReport) -> None:
     if args.json:
         print(json.dumps({"ok": True, **report.to_dict()}, indent=2))
     else:
@@ -1044,8 +1151,3 @@ def _check_and_export(args) -> int:
         _print_judged_with(report.judged_with)
         for w in report.warnings:
             print(f"  warning: {w}")
-        for what, p in (("CSV", args.export_csv), ("JSON", args.export_json),
-                        ("photos and photos.csv", args.export_photos)):
-            if p:
-                print(f"  exported {what} to {p}")
-    return 0

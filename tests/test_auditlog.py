@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import dataclasses
 import hashlib
@@ -494,6 +495,59 @@ def test_exports(log_path, tmp_path, capsys):
                      "--export-json", str(tmp_path / "j.json")]) == 0
     assert (tmp_path / "c.csv").read_text(encoding="utf-8") == (tmp_path / "out.csv").read_text(encoding="utf-8")
     assert json.loads((tmp_path / "j.json").read_text())["log"]["records"] == 3
+
+
+def _exported(log_path: Path, tmp_path: Path, photos: bool = True) -> tuple[Path, dict, str]:
+    with AuditLog(log_path) as log:
+        for i, decision in enumerate(("match", "no_match", "match")):
+            log.append(make_verdict(i, decision), photo=jpeg(colour=(i * 60, 90, 0)), auditor="a")
+        path = log.export_json(tmp_path / f"upload{int(photos)}.json", photos=photos)
+        head = log.verify_chain().head
+    return path, json.loads(path.read_text(encoding="utf-8")), head
+
+
+def _verify_edited(tmp_path: Path, data: dict, *args: str) -> int:
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data), encoding="utf-8")
+    return cli_main(["verify-log", str(edited), *args])
+
+
+def test_verify_log_checks_a_json_export_without_the_database(log_path, tmp_path, capsys):
+    path, data, head = _exported(log_path, tmp_path)
+    log_path.unlink()  # the auditor has the upload only
+    assert cli_main(["verify-log", str(path), "--expect-head", head]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: OK, 3 records, hash chain intact" in out and f"head       {head}" in out
+    assert "records 1-3 judged with model 0123456789abcdef" in out and "warning" not in out
+    older = {**data, "records": [{k: v for k, v in r.items() if k != "verdict_json"}
+                                 for r in data["records"]]}  # an export made before verdict_json
+    assert _verify_edited(tmp_path, older) == 0
+    capsys.readouterr()
+
+    def edited(n: int, **changes) -> dict:
+        records = [dict(r) for r in data["records"]]
+        records[n].update(changes)
+        return {**data, "records": records}
+
+    swapped = base64.b64encode(jpeg(colour=(1, 2, 3))).decode()
+    for bad, why in ((edited(1, score=0.99), "record 2: its contents do not match its hash"),
+                     (edited(2, photo_base64=swapped), "record 3: the stored photo does not match"),
+                     ({**data, "records": data["records"][:2]}, "the export's header names the head 3:"),
+                     ({**data, "records": data["records"][1:]}, "record 2: the chain is broken before it"),
+                     (edited(0, verdict_json="{}"), "record 1: its contents do not match its hash")):
+        assert _verify_edited(tmp_path, bad) == 4, why
+        assert why in capsys.readouterr().err
+    assert _verify_edited(tmp_path, data, "--expect-head", "2:" + "a" * 64) == 4
+    assert "record 2: its hash is not the one kept for it" in capsys.readouterr().err
+
+    no_photos, _, _ = _exported(tmp_path / "other.db", tmp_path, photos=False)
+    assert cli_main(["verify-log", str(no_photos)]) == 0
+    assert "warning: the export carries no photos" in capsys.readouterr().out
+    assert cli_main(["verify-log", str(path), "--export-csv", str(tmp_path / "x.csv")]) == 2
+    assert "is a JSON export: exports are made from the log itself" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text('{"format": "auditlens-audit-log", "records": [', encoding="utf-8")
+    assert cli_main(["verify-log", str(tmp_path / "broken.json")]) == 2
+    assert "not an audit log export (not valid JSON" in capsys.readouterr().err
 
 
 def test_photos_without_a_json_export_is_refused(log_path, tmp_path, capsys):
