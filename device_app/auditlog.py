@@ -27,8 +27,9 @@ the last kept head by someone with the file and this code verifies like any othe
 it contradicts itself (columns that differ from its verdict, a decision its score refutes),
 which :meth:`~AuditLog.verify_chain` reports as made outside auditlens.
 
-Every append checkpoints the WAL into the ``.db`` file, so a copy of that file alone holds
-every committed record.
+Every append checkpoints the WAL into the ``.db`` file, so a copy of that file alone
+normally holds every committed record (not when another connection was reading at that
+moment, or the app was killed between commit and checkpoint: copy the ``-wal`` beside it).
 
 This module is part of the engine: numpy/Pillow/stdlib only, no TensorFlow, no Kivy.
 """
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -69,6 +71,9 @@ HASHED_FIELDS = (
     "threshold", "model_id", "photo_sha256", "captured_sha256", "verdict_json", "prev_hash",
 )
 """The fields a record's hash covers, in this order (the photo through its sha256)."""
+
+_VERDICT_COLUMNS = ("product_id", "decision", "score", "threshold", "model_id")
+"""Record columns that repeat a field of the record's verdict."""
 
 CSV_COLUMNS = (
     "id", "created_utc", "auditor", "device", "product_id", "decision", "score", "threshold",
@@ -322,11 +327,24 @@ def _verdict_json(verdict_d: dict) -> str:
 
 
 def _verdict_dict(verdict) -> dict:
+    """The verdict as the log stores it: a dict whose fields that a record repeats as
+    columns (:data:`_VERDICT_COLUMNS`) hold what the columns hold (text, floats), so that
+    a record and its verdict always agree (a float16 score, an id that is not text)."""
     if isinstance(verdict, dict):
-        return dict(verdict)
-    if hasattr(verdict, "to_dict"):
-        return verdict.to_dict()
-    raise AuditRecordError(f"cannot log a {type(verdict).__name__}: expected a Verdict")
+        d = dict(verdict)
+    elif hasattr(verdict, "to_dict"):
+        d = verdict.to_dict()
+    else:
+        raise AuditRecordError(f"cannot log a {type(verdict).__name__}: expected a Verdict")
+    try:
+        for name in _VERDICT_COLUMNS:
+            if name in ("score", "threshold"):
+                d[name] = float(d[name])
+            elif name in d or name != "model_id":  # a verdict may name no model
+                d[name] = _text(d[name])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AuditRecordError(f"the verdict lacks a field the log needs: {exc!r}") from exc
+    return d
 
 
 class AuditLog:
@@ -360,6 +378,8 @@ class AuditLog:
         self.read_only = not create  # opened to verify: the file is never changed
         self._lock = threading.RLock()
         self._db = None
+        self._writable = False
+        """Opened as a log to append to (not read-only, schema checked and in place)."""
         # Two processes opening a new log at once: switching it to WAL can meet the other's
         # lock without SQLite waiting for it ("database is locked"); try again until timeout.
         deadline = time.monotonic() + timeout
@@ -392,6 +412,7 @@ class AuditLog:
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._init_schema()
+            self._writable = True
 
     # -- lifecycle -----------------------------------------------------------------
     def _connect_read_only(self, timeout: float) -> sqlite3.Connection:
@@ -484,8 +505,8 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
-                if not self.read_only:
-                    self._checkpoint("TRUNCATE")
+                if self._writable:  # never a database refused on opening
+                    self._checkpoint("PASSIVE")
                 self._db.close()
                 self._db = None  # type: ignore[assignment]
 
@@ -508,14 +529,9 @@ class AuditLog:
             raise AuditRecordError("the photo must be given as bytes")
         photo = bytes(photo)
         verdict_d = _verdict_dict(verdict)
-        try:
-            product_id = _text(verdict_d["product_id"])
-            decision = _text(verdict_d["decision"])
-            score = float(verdict_d["score"])
-            threshold = float(verdict_d["threshold"])
-            model_id = _text(verdict_d.get("model_id", ""))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AuditRecordError(f"the verdict lacks a field the log needs: {exc!r}") from exc
+        product_id, decision = verdict_d["product_id"], verdict_d["decision"]
+        score, threshold = verdict_d["score"], verdict_d["threshold"]
+        model_id = verdict_d.get("model_id", "")
         for name, value in (("score", score), ("threshold", threshold)):
             if not math.isfinite(value):
                 raise AuditRecordError(f"cannot log a verdict whose {name} is {value}: the log "
@@ -569,8 +585,9 @@ class AuditLog:
     def _checkpoint(self, mode: str) -> None:
         """Copy committed records from the ``-wal`` file into the ``.db`` file, so that a
         copy of the ``.db`` file alone (evidence taken off a device whose app was killed)
-        holds every record. The record is committed before this; a checkpoint that cannot
-        run now (a reader holds the WAL) is done by a later one."""
+        normally holds every record. The record is committed before this; a checkpoint
+        that cannot finish now (another connection is reading an older snapshot, or the
+        app is killed first) is finished by a later one, so copy the ``-wal`` file too."""
         with contextlib.suppress(sqlite3.Error):
             self._db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
 
@@ -864,11 +881,17 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
             verdict_json = d["verdict_json"] if "verdict_json" in d else _verdict_json(d["verdict"])
             record = AuditRecord(**{k: d[k] for k in _LIST_COLUMNS if k != "verdict_json"},
                                  verdict_json=verdict_json)
+            if ("photo_base64" in d) != with_photos:
+                raise ValueError("some records carry their photo and others do not")
             photo = base64.b64decode(d["photo_base64"], validate=True) if with_photos else None
         except (KeyError, TypeError, ValueError) as exc:
             raise _chain_error(f"{path}: record {n} of the export is incomplete or unreadable "
-                               f"({exc!r}); the export was edited", n) from exc
+                               f"({exc}); the export was edited", n) from exc
         walk.add(record, photo, photo_kept=with_photos)
+        # what a reader of the export sees is the verdict object: it must be the hashed text's
+        if "verdict" in d and _verdict_json(d["verdict"]) != _verdict_json(record.verdict):
+            raise _chain_error(f"{path}: record {n}: its verdict is not the verdict its hash "
+                               "covers; the export was edited", n)
         if record.id in kept:
             hashes[record.id] = record.record_hash
     claimed = header.get("head")
@@ -899,7 +922,19 @@ def _is_export(path: Path) -> bool:
             start = f.read(64)
     except OSError:
         return False
-    return not start.startswith(b"SQLite format 3") and start.lstrip()[:1] == b"{"
+    return not start.startswith(b"SQLite format 3") and start.removeprefix(
+        b"\xef\xbb\xbf").lstrip()[:1] == b"{"  # a UTF-8 BOM, if an editor added one
+
+
+def _wrong_types(record: AuditRecord) -> str:
+    """What in ``record`` is not of the type its column holds ("" when nothing is): a
+    string score would compare as text, an id "3" would pass for 3."""
+    for name in (f.name for f in dataclasses.fields(record)):
+        value = getattr(record, name)
+        want = int if name == "id" else float if name in ("score", "threshold") else str
+        if isinstance(value, bool) or not isinstance(value, (int, float) if want is float else want):
+            return f"its {name} is {type(value).__name__} {value!r}, not {want.__name__}"
+    return ""
 
 
 class _ChainWalk:
@@ -923,6 +958,10 @@ class _ChainWalk:
         """Check ``record`` (and ``photo``, the stored bytes; ``photo_kept=False``: a copy
         without photos, nothing to compare) as the next record of the chain."""
         rid, expected = record.id, self.count + 1
+        wrong = _wrong_types(record)
+        if wrong:
+            raise self._fail(expected, f"{wrong}; auditlens never writes such a record, so it "
+                                       "was made or edited outside auditlens")
         if rid != expected:
             missing = f"record {expected}" if rid == expected + 1 else f"records {expected}..{rid - 1}"
             raise self._fail(rid, f"the chain is broken before it ({missing} removed); the log "
@@ -983,10 +1022,6 @@ def _contradiction(decision: str, score: float, threshold: float) -> str:
         return ""
     return (f"a {decision!r} verdict whose score {score} is "
             f"{'below' if decision == 'match' else 'at or above'} its threshold {threshold}")
-
-
-_VERDICT_COLUMNS = ("product_id", "decision", "score", "threshold", "model_id")
-"""Record columns that repeat a field of the record's verdict."""
 
 
 def _disagreement(record: AuditRecord, verdict) -> str:
@@ -1075,7 +1110,16 @@ def _print_judged_with(runs: Sequence[dict]) -> None:
         ids = (f"record {run['first_id']}" if run["first_id"] == run["last_id"]
                else f"records {run['first_id']}-{run['last_id']}")
         print(f"  {ids} judged with model {run['model_id'] or '(none)'}, bundle "
-              f"{run['bundle_id'] or '(not named)'}, threshold {run['threshold']:.4f}")
+              f"{run['bundle_id'] or '(not named)'}, threshold {_exact(run['threshold'])}")
+
+
+def _exact(value: float) -> str:
+    """``value`` with 4 decimals, or as many more as it takes to be exactly it (two runs
+    whose thresholds differ must not print alike)."""
+    for digits in range(4, 18):
+        if float(text := f"{value:.{digits}f}") == value:
+            return text
+    return repr(value)
 
 
 def _anchor(text: str) -> tuple[int, str]:

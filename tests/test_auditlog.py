@@ -537,6 +537,19 @@ def test_verify_log_checks_a_json_export_without_the_database(log_path, tmp_path
                      (edited(0, verdict_json="{}"), "record 1: its contents do not match its hash")):
         assert _verify_edited(tmp_path, bad) == 4, why
         assert why in capsys.readouterr().err
+    forged_score = edited(0, score="1e-05", threshold="0.5", decision="match")
+    forged_score["records"][0]["verdict"] = {**data["records"][0]["verdict"], "score": "1e-05",
+                                              "threshold": "0.5", "decision": "match"}
+    for bad, why in ((edited(0, id="1"), "record 1: its id is str '1', not int"),
+                     (forged_score, "record 1: its score is str '1e-05', not float"),
+                     (edited(1, verdict={**data["records"][1]["verdict"], "product_id": "EVIL"}),
+                      "record 2: its verdict is not the verdict its hash covers"),
+                     (edited(0, photo_base64=None) | {"records": [
+                         {k: v for k, v in data["records"][0].items() if k != "photo_base64"},
+                         *data["records"][1:]]},
+                      "record 2 of the export is incomplete or unreadable (some records carry")):
+        assert _verify_edited(tmp_path, bad) == 4, why
+        assert why in capsys.readouterr().err
     assert _verify_edited(tmp_path, data, "--expect-head", "2:" + "a" * 64) == 4
     assert "record 2: its hash is not the one kept for it" in capsys.readouterr().err
 
@@ -929,6 +942,63 @@ def test_verify_log_refuses_a_foreign_database_and_leaves_it_alone(tmp_path, cap
     assert _sha(foreign) == before and _schema(foreign) == schema
     assert schema[-1] == "delete"  # not switched to WAL
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.db"]
+
+
+def test_a_foreign_wal_database_refused_on_opening_is_not_checkpointed(tmp_path):
+    """Refusing another application's WAL database must not move its -wal into it."""
+    foreign = tmp_path / "app.db"
+    db = sqlite3.connect(foreign)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA wal_autocheckpoint = 0")
+    db.execute("CREATE TABLE products (id TEXT PRIMARY KEY, name TEXT)")
+    db.executemany("INSERT INTO products VALUES (?, ?)", [(f"p{i}", "x" * 100) for i in range(50)])
+    db.commit()  # left open: the rows stay in app.db-wal
+    wal = foreign.with_name("app.db-wal")
+    before = (_sha(foreign), _sha(wal))
+    with pytest.raises(AuditLogError, match="not an auditlens audit log"):
+        AuditLog(foreign)
+    assert (_sha(foreign), _sha(wal)) == before
+    db.close()
+
+
+def test_closing_does_not_wait_for_a_reader(log_path):
+    """The checkpoint on close is the kind that gives way to a reader: closing must not sit
+    out the busy timeout (30 s) while another connection reads an older snapshot."""
+    with AuditLog(log_path) as log:
+        log.append(make_verdict(0), photo=jpeg(), auditor="a")
+    reader = sqlite3.connect(log_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM records").fetchone()
+    log = AuditLog(log_path)
+    log.append(make_verdict(1), photo=jpeg(), auditor="a")
+    started = time.monotonic()
+    log.close()
+    assert time.monotonic() - started < 10  # a TRUNCATE checkpoint waited the whole 30 s
+    reader.execute("COMMIT")
+    reader.close()
+    with AuditLog(log_path, create=False) as log:
+        assert log.verify_chain().records == 2
+
+
+def test_verdicts_with_odd_types_are_logged_as_their_columns_read(log_path, capsys):
+    """A float16 or float32 score, a threshold from numpy, an id that is not text: the
+    record's verdict holds what its columns hold, so the log verifies."""
+    odd = [{**make_verdict(0).to_dict(), "score": np.float16(0.7), "threshold": np.float32(0.62)},
+           {**make_verdict(1).to_dict(), "product_id": ("a", "b")},
+           {**make_verdict(2).to_dict(), "score": np.float64(0.8), "threshold": 0.62}]
+    with AuditLog(log_path) as log:
+        for v in odd:
+            log.append(v, photo=jpeg(), auditor="a")
+        report = log.verify_chain()
+        assert log.record(1).verdict["score"] == log.record(1).score == float(np.float16(0.7))
+        assert log.record(2).product_id == log.record(2).verdict["product_id"] == "('a', 'b')"
+        assert log.holds(odd[1], jpeg())  # the held-verdict check sees it as logged
+    assert report.records == 3
+    # thresholds 0.62 as float32 and as float64 differ: they must not print alike
+    assert [r["threshold"] for r in report.judged_with] == [float(np.float32(0.62)), 0.62]
+    assert cli_main(["verify-log", str(log_path)]) == 0
+    out = capsys.readouterr().out
+    assert "threshold 0.6200000047683716" in out and "threshold 0.6200\n" in out
 
 
 def test_empty_database_is_no_log_to_verify_but_can_become_one(tmp_path):
