@@ -100,7 +100,19 @@ def _verifier(args, **overrides):
     if verifier.bundle.has_signature and not verifier.bundle.signed_by:
         print("auditlens: warning: the bundle is signed but its signature was not checked: pass "
               "--public-key KEY to refuse a bundle someone else changed", file=sys.stderr)
+    elif not verifier.bundle.signed_by and not _is_shipped_sample(verifier.bundle.path):
+        print("auditlens: warning: the bundle is not signed: its files match its manifest, but "
+              "nothing shows the manifest (threshold, hashes) is the publisher's; sign bundles "
+              "(enroll --sign-key) and pass --public-key KEY", file=sys.stderr)
     return verifier
+
+
+def _is_shipped_sample(path: Path) -> bool:
+    """Whether ``path`` is the sample bundle shipped with auditlens (unsigned: a demo)."""
+    try:
+        return Path(path).resolve() == default_bundle().resolve()
+    except OSError:
+        return False
 
 
 # -- enroll --------------------------------------------------------------------------

@@ -175,9 +175,16 @@ class _ZipSource:
         total = sum(i.file_size for i in infos)
         if total > MAX_BUNDLE_BYTES:
             raise BundleFormatError(f"{path}: unpacks to {total:,} bytes, more than a bundle may")
+        packed = max(path.stat().st_size, 1)
+        if total > 2**24 and total > MAX_COMPRESSION_RATIO * packed:  # many small bombs
+            raise BundleFormatError(
+                f"{path}: {packed:,} bytes unpack to {total:,} (more than "
+                f"{MAX_COMPRESSION_RATIO}x): refused as a zip bomb")
         self.members = {}
         for info in infos:
             name = info.filename
+            if name in self.members:  # zipfile would read the last; another tool the first
+                raise BundleFormatError(f"{path}: member {name!r} appears twice in the zip")
             if name.startswith("/") or ".." in PurePosixPath(name).parts or "\\" in name:
                 raise BundleFormatError(f"{path}: member {name!r} points outside the bundle")
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
@@ -428,6 +435,10 @@ class ReferenceBundle:
                     raise BundleFormatError(f"{path}: product {record.product_id!r} names an "
                                             f"invalid reference row {row}")
                 owner[row] = i
+        unused = sorted(set(thumbs) - {p.thumbnail for p in products})
+        if unused:
+            raise BundleFormatError(f"{path}: the manifest lists {len(unused)} thumbnails no product "
+                                    f"shows ({unused[0]}, ...)")
         if (owner < 0).any():
             raise BundleFormatError(f"{path}: {(owner < 0).sum()} reference rows belong to no product")
         if len({p.product_id for p in products}) != len(products):

@@ -206,6 +206,12 @@ def enroll(
         photo_mirror=card_spec.photo_mirror if options.photo_mirror is None else options.photo_mirror,
     )
 
+    if warn and not card:
+        warn(f"no model card beside {model_path} (the {model_path.with_suffix('.json').name} "
+             f"that `auditlens export` writes): the preprocessing is assumed ({spec.input_size} px, "
+             f"{spec.crop} crop, photo views {', '.join(f'{z:g}' for z in spec.photo_zooms)}); a "
+             "model trained otherwise scores badly with it: put the card beside the model")
+
     extras: dict[str, list[LabelledPhoto]] = {}
     for photo in extra_references:
         if photo.product_id not in catalog:

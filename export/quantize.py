@@ -62,6 +62,15 @@ calibration images (a check on one or two photos would say nothing)."""
 MAX_CALIBRATION_IMAGES = 500
 """Calibration images used at most (more adds conversion time, not accuracy)."""
 
+MAX_REPRESENTATIVE_ORIGINALS = MAX_COMPARE_IMAGES
+"""Originals a large catalogue lends export, evenly spread: calibration and both drift
+checks take at most this many, so no more are decoded (100k originals at 128 px would
+be 4.9 GB)."""
+
+FEW_CALIBRATION_IMAGES = 100
+"""Below this many calibration images export warns: int8 ranges fitted to a handful of
+images may clip on the field photos a device sees."""
+
 
 @dataclass(frozen=True)
 class QuantizationConfig:
@@ -479,6 +488,8 @@ def representative_images(
     if not originals:
         raise CatalogError(f"{catalog_source}: no original left to calibrate with once the "
                            f"{len(exclude)} excluded products are left out")
+    if len(originals) > MAX_REPRESENTATIVE_ORIGINALS:  # never more are used: decode only those
+        originals = [originals[i] for i in spread_indices(len(originals), MAX_REPRESENTATIVE_ORIGINALS)]
     sources = originals + [p.photo for p in _split_photos(_photos(photos_csv, exclude), max_photos)[0]]
     if progress:
         progress(f"loading {len(sources)} representative images ...")
@@ -486,6 +497,24 @@ def representative_images(
         return stack_inputs(sources, spec), len(originals)
     except AuditlensError as exc:
         raise CatalogError(f"representative image: {exc}") from exc
+
+
+def _calibration_warnings(calibrating: int, originals: int, compare) -> list[str]:
+    """What makes an int8 export's calibration or drift check weak, in words."""
+    notes = []
+    if calibrating < FEW_CALIBRATION_IMAGES:
+        notes.append(f"int8 is calibrated on only {calibrating} images ({originals} originals"
+                     f"{'' if calibrating > originals else ', no field photos'}): ranges fitted to so "
+                     f"few may clip on field photos; give --photos with at least "
+                     f"{FEW_CALIBRATION_IMAGES} field photos")
+    elif calibrating == originals:
+        notes.append("int8 is calibrated on the studio originals alone (no --photos): the device "
+                     "mostly embeds field photos; give --photos")
+    if compare is None:
+        notes.append("the drift check runs on the images int8 was calibrated on, its most lenient "
+                     f"case: give --photos with at least {MIN_COMPARE_PHOTOS} more field photos "
+                     "than --max-photos calibrates on, so it runs on images int8 was not fitted to")
+    return notes
 
 
 def _photos(photos_csv: str | None, exclude: set[str] = frozenset()) -> list:
@@ -612,6 +641,9 @@ def run_export(args: argparse.Namespace) -> int:
                                         config.output_type, args.min_worst_cosine, config.min_mean_cosine,
                                         config.float_ops)
         compare = comparison_photos(args.photos, spec, args.max_photos, exclude=exclude)
+        if config.representative is not None:
+            for note in _calibration_warnings(len(config.representative), originals, compare):
+                print(f"auditlens export: warning: {note}", file=sys.stderr)
         report = export_encoder(encoder, rep, args.out, config, compare_images=compare,
                                 references=rep[:originals])
     except (AuditlensError, ValueError) as exc:
@@ -624,7 +656,11 @@ def run_export(args: argparse.Namespace) -> int:
         "export": report.to_dict(),
         "source_model": str(args.model),  # as given on the command line, not resolved
         "representative": {"catalog": str(args.representative), "photos": args.photos,
-                           "excluded_products": sorted(exclude), "n_images": len(rep)},  # int8 calibrates on up to MAX_CALIBRATION_IMAGES of them
+                           "excluded_products": sorted(exclude), "n_images": len(rep),
+                           "originals": originals,  # at most MAX_REPRESENTATIVE_ORIGINALS
+                           # int8 calibrates on up to MAX_CALIBRATION_IMAGES of the n_images
+                           "calibration_images": (None if config.representative is None
+                                                  else len(config.representative))},
     }
     card_path = out.with_suffix(".json")
     with atomic_write(card_path) as fh:

@@ -3,6 +3,7 @@
 import csv
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +206,17 @@ def test_enroll_with_reference_photos_needs_its_own_calibration(tmp_path, sample
     assert card.read_bytes() == (REPO / "models" / "encoder.json").read_bytes()
 
 
+def test_enroll_says_when_a_model_has_no_card_beside_it(tmp_path):
+    alone = tmp_path / "model" / "encoder.tflite"
+    alone.parent.mkdir()
+    shutil.copy(REPO / "models" / "encoder.tflite", alone)
+    said = run("enroll", SAMPLE / "catalog.csv", "--model", alone, "--out", tmp_path / "b",
+               "--no-progress", check_rc=0).stderr
+    assert f"no model card beside {alone}" in said and "the preprocessing is assumed (128 px, center crop, photo views 1)" in said
+    with_card = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "c", "--no-progress", check_rc=0)
+    assert "no model card" not in with_card.stderr
+
+
 def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_photos):
     from auditlens.device_app.bundle import ReferenceBundle
     from auditlens.export.enroll import DEFAULT_THRESHOLD
@@ -247,6 +259,16 @@ def test_info_says_whether_the_signature_was_checked(tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     plain = run("info", tmp_path / "plain", check_rc=0).stdout
     assert "made ?" in plain and "not signed" in plain
+
+    # an unsigned bundle (or a signed one whose manifest.sig was removed) is said to be one
+    for unsigned in (tmp_path / "plain", tmp_path / "stripped"):
+        if unsigned.name == "stripped":
+            shutil.copytree(tmp_path / "signed", unsigned)
+            (unsigned / "manifest.sig").unlink()
+        said = run("identify", "--bundle", unsigned, photo, check_rc=0).stderr
+        assert "warning: the bundle is not signed" in said and "--public-key KEY" in said
+    # the shipped sample is a demo: unsigned, and not warned about
+    assert "not signed" not in run("identify", photo, check_rc=0).stderr
 
 
 def test_an_unexpected_error_exits_2_not_1_which_means_no_match(tmp_path, monkeypatch, capsys):

@@ -134,7 +134,12 @@ def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
     from auditlens.device_app.interpreter import model_id_of
 
     assert card["model_id"] == model_id_of(out.read_bytes())  # the card names its model
-    assert "worst" in capsys.readouterr().out
+    assert card["representative"]["originals"] == card["representative"]["calibration_images"] == 5
+    said = capsys.readouterr()
+    assert "worst" in said.out
+    # five studio originals, nothing else: a weak calibration and the most lenient check, said
+    assert "int8 is calibrated on only 5 images (5 originals, no field photos)" in said.err
+    assert "the drift check runs on the images int8 was calibrated on" in said.err
 
     # with more field photos than calibrate, the drift is measured on the ones left out
     from auditlens.export.quantize import comparison_photos
@@ -287,7 +292,7 @@ def test_int8_with_the_first_ops_in_float(tiny_encoder, tmp_path, capsys):
         QuantizationConfig.for_int8(rep, float_ops=-1)
 
 
-def test_products_held_out_of_training_never_calibrate(tiny_encoder, tmp_path, capsys):
+def test_products_held_out_of_training_never_calibrate(tiny_encoder, tmp_path, capsys, monkeypatch):
     # A held-out product's figures must not rest on int8 ranges fitted to its own images.
     import argparse
 
@@ -318,6 +323,14 @@ def test_products_held_out_of_training_never_calibrate(tiny_encoder, tmp_path, c
     assert comparison_photos(str(photos), spec, max_photos=0, least=1, exclude=held_out).shape == (5, 32, 32, 3)
     with pytest.raises(CatalogError, match="no original left"):
         representative_images(str(catalog), spec, exclude={f"item-{i}" for i in range(5)})
+    # a large catalogue lends only as many originals as export uses, evenly spread
+    import auditlens.export.quantize as quantize
+
+    monkeypatch.setattr(quantize, "MAX_REPRESENTATIVE_ORIGINALS", 2)
+    few, originals = representative_images(str(catalog), spec)
+    everything = np.stack([to_model_input(p.open(), spec) for p in open_catalog(catalog)])
+    assert originals == 2 and np.array_equal(few, everything[[0, 4]])
+    monkeypatch.undo()
 
     out = tmp_path / "enc.tflite"
     args = add_export_arguments(argparse.ArgumentParser()).parse_args(

@@ -269,6 +269,47 @@ def test_zip_bomb_ratio(bundle_dir, tmp_path):
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 32
 
 
+def test_many_small_bombs_are_refused_by_the_whole_zips_ratio(bundle_dir, tmp_path):
+    """300 thumbnails of 1 MiB of zeros each (at the per-member limit, listed in the
+    manifest with their hashes): 300 MiB from a 1 MB zip, refused from the directory."""
+    import resource
+
+    members = {p.relative_to(bundle_dir).as_posix(): p.read_bytes() for p in sorted(bundle_dir.rglob("*")) if p.is_file()}
+    manifest = json.loads(members["manifest.json"])
+    zeros = bytes(2**20)
+    for i in range(300):
+        members[f"thumbs/{9000 + i}.jpg"] = zeros
+        manifest["files"][f"thumbs/{9000 + i}.jpg"] = hashlib.sha256(zeros).hexdigest()
+    members["manifest.json"] = json.dumps(manifest).encode()
+    path = write_zip(tmp_path / "bombs.zip", members, zipfile.ZIP_DEFLATED)
+    del members
+    assert path.stat().st_size < 2 * 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(BundleFormatError, match=r"bytes unpack to 31\d,\d{3},\d{3} .*zip bomb"):
+        load(path)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 32
+
+
+def test_a_thumbnail_no_product_shows_is_refused(bundle_dir, tmp_path):
+    """Every file a manifest lists is read: one that nothing uses is refused."""
+    copy = shutil.copytree(bundle_dir, tmp_path / "copy")
+    shutil.copy(copy / "thumbs" / "0000.jpg", copy / "thumbs" / "9999.jpg")
+    rehash(copy, "thumbs/9999.jpg")
+    with pytest.raises(BundleFormatError, match=r"lists 1 thumbnails no product shows \(thumbs/9999.jpg"):
+        load(copy)
+
+
+def test_a_zip_naming_a_member_twice_is_refused(bundle_dir, tmp_path):
+    """Two manifest.json entries: zipfile reads the last, other tools the first."""
+    path = _zip_of(bundle_dir, tmp_path / "b.zip")
+    manifest = json.loads(zip_members(path)["manifest.json"])
+    manifest["decision"]["threshold"] = -1.0
+    with zipfile.ZipFile(path, "a") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        zf.writestr("manifest.json", json.dumps(manifest))
+    with pytest.raises(BundleFormatError, match="member 'manifest.json' appears twice"):
+        load(path)
+
+
 def test_not_a_zip(tmp_path):
     path = tmp_path / "bundle.zip"
     path.write_bytes(b"PK\x03\x04 this is not a zip")
