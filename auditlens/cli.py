@@ -192,7 +192,7 @@ def _format_verdict(v) -> str:
     from auditlens.device_app.verifier import far_share
 
     line = f"{v.decision.upper().replace('_', ' '):8s} {v.product_id}  score {v.score:.3f} (threshold {v.threshold:.3f}"
-    if v.estimated_far is not None:
+    if v.estimated_far is not None and v.decision != "retake":  # a RETAKE was not judged
         share = far_share(v.estimated_far)
         line += (", above every calibration impostor" if share is None  # not a certainty
                  else f", est. false-accept {share}")

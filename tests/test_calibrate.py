@@ -161,6 +161,20 @@ def test_far_curve_and_decide_on_fixed_scores():
     assert d["threshold"] == pytest.approx(0.8 + 1e-3, abs=1e-6)
 
 
+def test_the_rate_quoted_at_the_threshold_is_the_rate_measured_there():
+    """A device interpolates the stored curve: a verdict scored right at the threshold must
+    be quoted the FAR measured there (at most the target), not a straight line drawn
+    across the gap between two kept points."""
+    rng = np.random.default_rng(0)
+    for trial in range(100):
+        impostor = rng.normal(0.2, 0.15, rng.integers(2_000, 20_000))
+        d = decide(rng.normal(0.7, 0.1, 300), impostor, 0.01)
+        curve = np.asarray(d["far_curve"])
+        assert np.all(np.diff(curve[:, 0]) > 0) and np.all(np.diff(curve[:, 1]) <= 0)
+        quoted = float(np.interp(d["threshold"], curve[:, 0], curve[:, 1]))
+        assert quoted <= d["target_far"] and quoted == pytest.approx(d["measured_far"], abs=2e-6), trial
+
+
 def test_cli_calibrate_and_model_card(tmp_path, bundle_copy, capsys):
     card = tmp_path / "encoder.json"
     card.write_text(json.dumps({"preprocess": {"input_size": 96, "crop": "center"}}))
@@ -175,7 +189,10 @@ def test_cli_calibrate_and_model_card(tmp_path, bundle_copy, capsys):
     assert "--allow-few-photos" in err
     rc = main(["calibrate", "--bundle", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
                "--target-far", "0.1", "--model-card", str(card), "--no-progress", "--dry-run"])
-    assert rc == 0 and "warning: only 52 impostor pairs a draw" in capsys.readouterr().out  # writes nothing
+    out = capsys.readouterr().out
+    assert rc == 0 and "warning: only 52 impostor pairs a draw" in out  # writes nothing
+    # the sample's 16 photos show 8 of its 10 products: the other 2 are not measured
+    assert "warning: 2 of the bundle's 10 products have no calibration photo" in out
     assert (card.read_bytes(), (bundle_copy / "manifest.json").read_bytes()) == before
     rc = main(["calibrate", "--bundle", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
                "--target-far", "0.1", "--model-card", str(card), "--no-progress", "--allow-few-photos"])

@@ -78,6 +78,11 @@ def test_verdict_states_the_calibrated_false_accept_rate(sample_photos, tmp_path
         assert (f"est. false-accept {far_share(verdict.estimated_far)}" in line) == (not above)
         seen.add(above)
     assert seen == {True, False}  # the sample photos show both cases
+    # a RETAKE was not judged: no rate is quoted for its score
+    import dataclasses
+
+    retake = dataclasses.replace(verdict, decision="retake", reasons=("the photo is too dark",))
+    assert "false-accept" not in _format_verdict(retake) and "impostor" not in _format_verdict(retake)
 
 
 def test_far_share_wording():

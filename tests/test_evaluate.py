@@ -184,6 +184,43 @@ def test_split_without_unseen_photos_is_noted(sample_bundle, sample_photos, caps
     assert {g["on"] for g in report["goals"]} >= {"all products (no photo of an unseen product)"}
 
 
+def test_every_photo_of_an_unseen_product_is_held_to_the_unseen_goals(sample_bundle, sample_photos):
+    every = sorted({p.product_id for p in sample_photos})
+    report = evaluate(sample_bundle, sample_photos, None, unseen_products=every,
+                      progress=False, verbose=False, plots=False)
+    assert report["split"]["photos_seen"] == 0
+    on = {g["goal"].split(":")[0]: g["on"] for g in report["goals"]}
+    assert on.get("unseen") == "all products (every photo shows an unseen product)" and "seen" not in on
+
+
+def test_photos_that_made_the_bundle_or_are_only_claimed_are_warned_about(tmp_path, sample_photos,
+                                                                            sample_bundle, shipped_model,
+                                                                            capsys):
+    """Photos enrolled as references score about 1.0 against themselves, and rows exported
+    from an audit log with NO MATCH or RETAKE only claim their product: both are said, in
+    the report and its summary."""
+    from auditlens.catalog import open_catalog
+    from auditlens.export.enroll import enroll
+
+    from .conftest import SAMPLE, write_csv
+
+    used = sample_photos[:3]
+    enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "b", model=shipped_model,
+           extra_references=used)
+    bundle = tmp_path / "b"
+    rows = [[p.photo, p.product_id, "match"] for p in sample_photos[:6]]
+    rows[5][2] = "no_match"  # as verify-log --export-photos writes them
+    write_csv(tmp_path / "p.csv", ["photo", "product_id", "decision"], rows)
+    report = evaluate(bundle, tmp_path / "p.csv", tmp_path / "r", progress=False, plots=False)
+    text = " ".join(report["warnings"])
+    assert "3 photo(s) score 0.999 or more against their own product" in text
+    assert "no_match" in text or "NO MATCH" in text
+    assert "**warning:** 3 photo(s) score 0.999" in (tmp_path / "r" / "summary.md").read_text()
+    assert "warning: 3 photo(s) score 0.999" in capsys.readouterr().out
+    clean = evaluate(sample_bundle, sample_photos[3:], None, progress=False, plots=False, verbose=False)
+    assert clean["warnings"] == []
+
+
 def test_impostor_draw_spread_brackets_the_reported_draw(report_dir):
     report = json.loads((report_dir / "report.json").read_text())
     draws = report["impostor_draws"]

@@ -129,8 +129,18 @@ def decide(genuine, impostor, target_far: float, *, hard=None) -> dict:
     }
     if hard is not None and np.size(hard):
         out["measured_far_hard"] = float((np.asarray(hard) >= threshold).mean())
-    out["far_curve"] = far_curve(impostor)
+    out["far_curve"] = _with_point(far_curve(impostor), threshold, far)
     return out
+
+
+def _with_point(curve: list[list[float]], score: float, far: float) -> list[list[float]]:
+    """``curve`` with the measured point (``score``, ``far``) in it, FAR kept non-increasing:
+    a device interpolates between points, and a gap around the threshold would quote a
+    verdict scored right at it a rate above the one measured there (1.0012% for 0.907%)."""
+    point = [round(score, 6), round(far, 6)]
+    merged = sorted([p for p in curve if p[0] != point[0]] + [point])
+    fars = np.minimum.accumulate([f for _, f in merged])  # non-increasing as scores grow
+    return [[s, float(f)] for (s, _), f in zip(merged, fars)]
 
 
 def rewrite_bundle(bundle, out: str | os.PathLike, decision: dict, *,
@@ -258,7 +268,8 @@ def calibrate(
                          "impostor": counts["impostor"] + counts[HARD], "hard": counts[HARD],
                          "photos_unreadable": len(embedded.failed),
                          "photos_not_enrolled": len(embedded.not_enrolled),
-                         "photo_rows_repeated": len(embedded.repeated)}
+                         "photo_rows_repeated": len(embedded.repeated),
+                         "products_with_photos": len(set(embedded.truth.tolist()))}
     decision["photos_source"] = Path(source).name if source else ""
     decision["protocol"] = {k: v for k, v in protocol_description(seed, n_impostors).items()
                             if k in ("version", "seed", "random_impostors_per_photo")}
@@ -290,6 +301,13 @@ def calibrate(
             "no look-alike impostor pairs (no product shares its catalogue group with another): "
             "the rate ignores products that look alike, such as two brands of milk; give the "
             "catalogue a group column (or pass --catalog with one)")
+    uncovered = len(b.products) - decision["pairs"]["products_with_photos"]
+    if uncovered:
+        decision["warnings"].append(
+            f"{uncovered} of the bundle's {len(b.products)} products have no calibration photo: the "
+            "rate is measured on the others' photos, and products the model was not trained on "
+            "are often falsely accepted more than that; add photos of every product, of newly "
+            "added ones above all")
     if unchecked:
         decision["warnings"].append(unchecked)
     if embedded.repeated:
