@@ -350,3 +350,21 @@ def test_repeated_rows_count_once_and_evaluating_on_the_calibration_photos_is_fl
     write_csv(tmp_path / "test.csv", ["photo", "product_id"], rows)
     assert "calibrated on" not in describe(evaluate(bundle_copy, tmp_path / "test.csv", tmp_path / "r2",
                                                     progress=False, plots=False))
+
+    # the same image under another name (an audit-log export names every verification's
+    # photo anew) is a repeat too; the same image labelled with another product is left out
+    import shutil
+
+    shutil.copy(rows[0][0], tmp_path / "000017.jpg")
+    shutil.copy(rows[1][0], tmp_path / "000018.jpg")
+    other = next(r[1] for r in rows if r[1] != rows[1][1])
+    write_csv(tmp_path / "renamed.csv", ["photo", "product_id"],
+              rows + [[tmp_path / "000017.jpg", rows[0][1]], [tmp_path / "000018.jpg", other]])
+    d = calibrate(bundle_copy, tmp_path / "renamed.csv", 0.1, write=False, progress=False)
+    assert d["pairs"]["photo_rows_repeated"] == 1 and d["pairs"]["photo_rows_contradictory"] == 2
+    assert d["pairs"]["photos"] == 15  # 16, less the image labelled twice
+    assert any("2 photo rows show an image that another row labels with another product" in w
+               for w in d["warnings"])
+    report = evaluate(bundle_copy, tmp_path / "renamed.csv", None, progress=False, plots=False, verbose=False)
+    assert report["counts"]["photo_rows_contradictory"] == 2 and report["counts"]["photos_scored"] == 15
+    assert "2 labelled with two products (left out)" in describe(report)

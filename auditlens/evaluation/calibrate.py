@@ -51,6 +51,7 @@ from auditlens.evaluation.protocol import (
     HARD,
     IMPOSTOR_DRAWS,
     N_IMPOSTORS,
+    contradictory_note,
     embed_photos,
     product_groups,
     protocol_description,
@@ -269,6 +270,7 @@ def calibrate(
                          "photos_unreadable": len(embedded.failed),
                          "photos_not_enrolled": len(embedded.not_enrolled),
                          "photo_rows_repeated": len(embedded.repeated),
+                         "photo_rows_contradictory": len(embedded.contradictory),
                          "products_with_photos": len(set(embedded.truth.tolist()))}
     decision["photos_source"] = Path(source).name if source else ""
     decision["protocol"] = {k: v for k, v in protocol_description(seed, n_impostors).items()
@@ -312,7 +314,9 @@ def calibrate(
         decision["warnings"].append(unchecked)
     if embedded.repeated:
         decision["warnings"].append(f"{len(embedded.repeated)} photo rows repeat an earlier row (the same "
-                                    "file and product); each photo counted once")
+                                    "image and product); each photo counted once")
+    if embedded.contradictory:
+        decision["warnings"].append(contradictory_note(embedded.contradictory))
     if embedded.not_enrolled:
         decision["warnings"].append(f"{len(embedded.not_enrolled)} photos show products not in the bundle; skipped")
     if embedded.failed:

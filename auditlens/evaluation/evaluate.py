@@ -47,6 +47,7 @@ from auditlens.evaluation.protocol import (
     N_IMPOSTORS,
     Embedded,
     Pairs,
+    contradictory_note,
     embed_photos,
     impostor_draws,
     product_groups,
@@ -188,6 +189,8 @@ def _warnings(report: dict, photos: list[LabelledPhoto], embedded) -> list[str]:
     unchecked = unchecked_verdicts(photos)
     if unchecked:
         notes.append(unchecked)
+    if embedded.contradictory:
+        notes.append(contradictory_note(embedded.contradictory))
     calibrated_on = report["decision"].get("photos_source")
     if calibrated_on and report["photos_source"] and Path(report["photos_source"]).name == calibrated_on:
         notes.append(f"the bundle's threshold was calibrated on {calibrated_on} too: if these are the "
@@ -539,6 +542,7 @@ def evaluate(
                    "photos_unreadable": len(embedded.failed),
                    "photos_of_products_not_enrolled": len(embedded.not_enrolled),
                    "photo_rows_repeated": len(embedded.repeated),
+                   "photo_rows_contradictory": len(embedded.contradictory),
                    "products": len(b.products), "references": int(len(b.references)),
                    "pairs": pairs.counts()},
         "unreadable_photos": [{"photo": p, "error": e} for p, e in embedded.failed[:50]],
@@ -625,7 +629,8 @@ def _left_out(counts: dict) -> str:
     return "".join(f", {counts[key]} {what}" for key, what in (
         ("photos_unreadable", "unreadable (skipped)"),
         ("photos_of_products_not_enrolled", "of products not in the bundle (skipped)"),
-        ("photo_rows_repeated", "repeated rows (counted once)")) if counts.get(key))
+        ("photo_rows_repeated", "repeated rows (counted once)"),
+        ("photo_rows_contradictory", "labelled with two products (left out)")) if counts.get(key))
 
 
 def summary_markdown(report: dict) -> str:

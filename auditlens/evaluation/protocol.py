@@ -59,7 +59,10 @@ class Embedded:
     not_enrolled: list[LabelledPhoto] = field(default_factory=list)
     """Photos whose product is not in the bundle (cannot be scored)."""
     repeated: list[LabelledPhoto] = field(default_factory=list)
-    """Rows naming a file and product an earlier row named: counted once."""
+    """Rows showing the image (same bytes) and product an earlier row did: counted once."""
+    contradictory: list[LabelledPhoto] = field(default_factory=list)
+    """Rows whose image (same bytes) other rows label with another product: all left out,
+    since one of the labels is wrong and the image would count as its own impostor."""
 
 
 @dataclass
@@ -97,8 +100,11 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
     """Decode (in threads) and embed (in batches) each photo once with the verifier's model.
 
     Photos that cannot be decoded are listed in ``failed``, photos of products the
-    bundle does not hold in ``not_enrolled``, rows repeating an earlier row's file and
-    product in ``repeated`` (each photo counts once); none stops the run.
+    bundle does not hold in ``not_enrolled``, rows repeating an earlier row's image (the
+    same bytes, under any name: an audit-log export names each verification's photo
+    anew) and product in ``repeated`` (each photo counts once), and rows whose image other
+    rows label with another of the bundle's products in ``contradictory`` (left out);
+    none stops the run.
     """
     from tqdm import tqdm
 
@@ -107,13 +113,20 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
     not_enrolled: list[LabelledPhoto] = []
     repeated: list[LabelledPhoto] = []
     known = {p.product_id for p in bundle.products}
+    keys = [_content_key(photo) for photo in photos]
+    labels: dict[str, set[str]] = {}  # the bundle's products each image is labelled with
+    for photo, key in zip(photos, keys):
+        if photo.product_id in known:
+            labels.setdefault(key, set()).add(photo.product_id)
+    contradictory = [p for p, key in zip(photos, keys) if len(labels.get(key, ())) > 1]
     seen: set[tuple[str, str]] = set()
-    for photo in photos:
-        key = (os.path.realpath(photo.photo), photo.product_id)
-        if key in seen:
+    for photo, key in zip(photos, keys):
+        if len(labels.get(key, ())) > 1:
+            continue
+        if (key, photo.product_id) in seen:
             repeated.append(photo)
             continue
-        seen.add(key)
+        seen.add((key, photo.product_id))
         (usable if photo.product_id in known else not_enrolled).append(photo)
 
     def load(photo: LabelledPhoto):
@@ -148,7 +161,28 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
     lat = np.concatenate(latents) if latents else np.zeros((0, dim), np.float32)
     truth = np.array([bundle.index(p.product_id) for p in kept], dtype=np.int64)
     scores = best_reference_scores(lat, bundle.references, bundle.reference_owner, len(bundle.products))
-    return Embedded(kept, lat, truth, scores, failed, not_enrolled, repeated)
+    return Embedded(kept, lat, truth, scores, failed, not_enrolled, repeated, contradictory)
+
+
+def contradictory_note(rows: Sequence[LabelledPhoto]) -> str:
+    """A warning naming rows whose image is labelled with two products (left out)."""
+    names = sorted({os.path.basename(str(p.photo)) for p in rows})
+    return (f"{len(rows)} photo rows show an image that another row labels with another product "
+            f"(the same bytes; e.g. {', '.join(names[:3])}): one label is wrong, so all of them "
+            "were left out; correct the labels")
+
+
+def _content_key(photo: LabelledPhoto) -> str:
+    """What identifies a photo's image: the sha256 of its bytes, else (a file that cannot
+    be read now: its decoding reports that) its real path."""
+    try:
+        digest = hashlib.sha256()
+        with open(photo.photo, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return "sha256:" + digest.hexdigest()
+    except (OSError, TypeError, ValueError):
+        return "path:" + os.path.realpath(photo.photo)
 
 
 def _photo_rng(seed: int, photo: LabelledPhoto) -> np.random.Generator:
