@@ -161,6 +161,18 @@ def test_far_curve_and_decide_on_fixed_scores():
     assert d["threshold"] == pytest.approx(0.8 + 1e-3, abs=1e-6)
 
 
+def test_the_measured_rate_carries_an_upper_bound(sample_bundle):
+    from auditlens.evaluation.calibrate import far_upper_bound
+
+    z2 = 1.645 ** 2
+    assert far_upper_bound(0.0, 1000) == pytest.approx(z2 / (1000 + z2))  # Wilson at 0 accepts
+    assert far_upper_bound(0.01, 100) > far_upper_bound(0.01, 1000) > far_upper_bound(0.01, 10000) > 0.01
+    assert far_upper_bound(0.3, 0) == 1.0
+    d = calibrate(sample_bundle, SAMPLE / "photos.csv", 0.1, write=False, progress=False)
+    assert d["measured_far"] < d["measured_far_upper95"] == pytest.approx(
+        far_upper_bound(d["measured_far"], d["pairs"]["impostor"]))
+
+
 def test_the_rate_quoted_at_the_threshold_is_the_rate_measured_there():
     """A device interpolates the stored curve: a verdict scored right at the threshold must
     be quoted the FAR measured there (at most the target), not a straight line drawn
@@ -198,7 +210,7 @@ def test_cli_calibrate_and_model_card(tmp_path, bundle_copy, capsys):
                "--target-far", "0.1", "--model-card", str(card), "--no-progress", "--allow-few-photos"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "threshold" in out and "measured FAR" in out
+    assert "threshold" in out and "measured FAR" in out and "(95% upper bound" in out
     saved = json.loads(card.read_text())
     assert saved["preprocess"]["input_size"] == 96  # the rest of the card is kept
     assert saved["decision"]["threshold"] == ReferenceBundle.load(bundle_copy).threshold

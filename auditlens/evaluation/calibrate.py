@@ -14,6 +14,9 @@ The bundle's ``decision`` then holds::
     threshold      the decision threshold (cosine)
     target_far     the false-accept rate asked for
     measured_far   FAR at the threshold on the calibration pairs (<= target_far)
+    measured_far_upper95  a one-sided 95% upper bound on that rate (Wilson score, over
+                   one draw's impostor pairs: the threshold was chosen on these same pairs,
+                   so the measured rate itself is the optimistic end)
     measured_tar   share of genuine pairs accepted at the threshold
     calibrated_on  what data: photos file, photos, genuine / impostor pairs
     far_curve      [[score, far], ...] by increasing score: the measured FAR of a
@@ -132,6 +135,19 @@ def decide(genuine, impostor, target_far: float, *, hard=None) -> dict:
         out["measured_far_hard"] = float((np.asarray(hard) >= threshold).mean())
     out["far_curve"] = _with_point(far_curve(impostor), threshold, far)
     return out
+
+
+def far_upper_bound(far: float, pairs: int, z: float = 1.645) -> float:
+    """One-sided upper confidence bound (95% for the default ``z``) on a false-accept rate
+    measured as ``far`` over ``pairs`` impostor pairs (Wilson score interval: sound at 0
+    false accepts, where it is about 2.7/pairs). Pairs that share photos are not
+    independent, so the true uncertainty is somewhat larger still."""
+    if pairs <= 0:
+        return 1.0
+    n, z2 = float(pairs), z * z
+    centre = far + z2 / (2 * n)
+    spread = z * math.sqrt(far * (1 - far) / n + z2 / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z2 / n))
 
 
 def _with_point(curve: list[list[float]], score: float, far: float) -> list[list[float]]:
@@ -281,6 +297,7 @@ def calibrate(
     decision["calibrated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     decision["warnings"] = []
     per_draw = counts["impostor"] + counts[HARD]  # the draws repeat the hard pairs
+    decision["measured_far_upper95"] = far_upper_bound(decision["measured_far"], per_draw)
     if target_far * per_draw < MIN_IMPOSTORS_PER_TARGET:
         few = (f"only {per_draw} impostor pairs a draw ({distinct} distinct over {len(draws)} draws): "
                f"a FAR of {target_far:g} is measured from {target_far * per_draw:.1f} expected false "
@@ -435,7 +452,8 @@ def run(args) -> int:
     except ValueError as exc:
         raise CatalogError(str(exc)) from exc
     print(f"threshold {d['threshold']:.6f} for target FAR {d['target_far']:.2%}: measured FAR "
-          f"{d['measured_far']:.2%}, TAR {d['measured_tar']:.2%}"
+          f"{d['measured_far']:.2%} (95% upper bound {d['measured_far_upper95']:.2%} on "
+          f"{d['pairs']['impostor']} impostor pairs), TAR {d['measured_tar']:.2%}"
           + (f", FAR on hard impostors {d['measured_far_hard']:.2%}" if "measured_far_hard" in d else ""))
     print(f"calibrated on {d['calibrated_on']}; far_curve of {len(d['far_curve'])} points")
     for w in d["warnings"]:
