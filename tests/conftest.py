@@ -4,6 +4,7 @@ grocery-dev data when it sits beside the repository."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
+
+needs_signing = pytest.mark.skipif(
+    importlib.util.find_spec("cryptography") is None,
+    reason="signing needs the [sign] extra (cryptography), which is not installed")
+"""For tests that make keys or sign bundles: they skip, with that reason, without it."""
 MODELS = REPO / "models"
 SAMPLE = MODELS / "sample"
 GROCERY = REPO.parent / "shared" / "data" / "grocery-dev"

@@ -12,7 +12,6 @@ from auditlens.device_app.verifier import Verifier
 from auditlens.errors import (
     BundleError,
     BundleFormatError,
-    BundleIntegrityError,
     CatalogError,
     ModelError,
     ModelMismatchError,
@@ -20,7 +19,7 @@ from auditlens.errors import (
 )
 from auditlens.export.enroll import enroll
 
-from .conftest import SAMPLE
+from .conftest import SAMPLE, needs_signing
 
 
 @pytest.fixture
@@ -70,16 +69,6 @@ def test_reference_rows_are_checked_in_blocks_naming_the_bad_row(tmp_path):
     broken[6, 3] = np.inf
     with pytest.raises(BundleFormatError, match="NaN or infinite"):
         _check_unit_rows(broken, tmp_path, block=4)
-
-
-@pytest.mark.parametrize("member", ["model.tflite", "references.npy", "products.json", "thumbs/0003.jpg"])
-def test_a_flipped_byte_is_refused(bundle_dir, member):
-    path = bundle_dir / member
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-    with pytest.raises(BundleIntegrityError, match=member.replace(".", r"\.")):
-        ReferenceBundle.load(bundle_dir)
 
 
 def test_edited_manifest_is_refused(bundle_dir):
@@ -327,6 +316,7 @@ def test_enrol_reports_every_unusable_reference_photo(tmp_path, shipped_model):
     assert not (tmp_path / "b").exists()
 
 
+@needs_signing
 def test_bundles_are_written_where_os_has_no_sync_or_fchmod(tmp_path, monkeypatch, shipped_model,
                                                            generated_catalog):
     """Windows Python has neither os.sync nor os.fchmod: the staged files are fsynced one by
@@ -418,7 +408,10 @@ def test_a_model_card_copied_away_from_its_model_is_refused(tmp_path, shipped_mo
     model = tmp_path / "encoder.tflite"
     model.write_bytes(bytes(other))
     shutil.copy(shipped_model.with_suffix(".json"), model.with_suffix(".json"))
-    with pytest.raises(ModelError, match="is for model 326b365f1f98e6ba, not this model"):
+    from auditlens.device_app.interpreter import model_id_of
+
+    with pytest.raises(ModelError, match=f"is for model {model_id_of(shipped_model.read_bytes())}, "
+                                         f"not this model {model_id_of(bytes(other))}"):
         enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "b", model=model)
     assert not (tmp_path / "b").exists()
 

@@ -12,7 +12,7 @@ import pytest
 
 from auditlens.cli import COMMANDS
 
-from .conftest import REPO, SAMPLE, write_csv
+from .conftest import REPO, SAMPLE, needs_signing, write_csv
 
 
 def run(*args, check_rc=None):
@@ -157,7 +157,11 @@ def test_enroll_then_info_and_identify(tmp_path, sample_photos):
     assert "every sha256 verified" in info and "products   10" in info
     ident = run("identify", "--bundle", tmp_path / "b", "--top", "3", sample_photos[0].photo, check_rc=0)
     lines = ident.stdout.strip().splitlines()
-    assert lines[0].startswith("threshold 0.5") and len(lines) == 4
+    from auditlens.device_app.bundle import ReferenceBundle
+
+    threshold = ReferenceBundle.load(tmp_path / "b").threshold
+    assert lines[0] == f"threshold {threshold:.3f} (* clears it)" and len(lines) == 4
+    assert all(line.split()[0] == f"{rank}." for rank, line in enumerate(lines[1:], 1))
 
 
 def test_identify_says_which_products_clear_the_threshold_and_when_to_retake(tmp_path, sample_photos):
@@ -241,6 +245,7 @@ def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_ph
     assert "photo_zooms must be one or more zooms within 0.3..1.0" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@needs_signing
 def test_info_says_whether_the_signature_was_checked(tmp_path):
     from auditlens.device_app.signing import generate_keypair
 
@@ -465,6 +470,7 @@ def test_score_stopped_by_sigterm_keeps_the_rows_it_scored(tmp_path, sample_phot
     assert len(kept) < len(rows) and all(r["verdict"] in ("match", "no_match", "retake") for r in kept)
 
 
+@needs_signing
 def test_info_takes_the_bundle_as_the_other_commands_do_and_says_if_it_is_signed(tmp_path):
     from auditlens.device_app.signing import generate_keypair
 
@@ -486,6 +492,7 @@ def test_a_reader_that_stops_early_is_not_an_error():
     assert proc.stderr == ""
 
 
+@needs_signing
 def test_keygen_quotes_its_paths_and_restores_a_lost_public_key(tmp_path):
     keys = tmp_path / "publisher keys"  # a folder with a space: the printed commands must run as shown
     made = run("keygen", "--out", keys, check_rc=0).stdout

@@ -18,7 +18,7 @@ from PIL import Image
 from auditlens import ReferenceBundle, Verifier, enroll, open_catalog
 from auditlens.device_app.verifier import VerifierOptions
 from auditlens.errors import BundleSignatureError, ModelMismatchError, UnreadableImageError
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, needs_signing
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def big_photo(sample_photos) -> tuple[bytes, str]:
     return out.getvalue(), photo.product_id
 
 
+@needs_signing
 def test_a_preloaded_bundle_is_held_to_the_publisher_key(tmp_path, shipped_model):
     """A service loads the bundle once and hands the object over: the key it passes must
     still refuse a bundle that was not checked against it."""

@@ -104,8 +104,13 @@ def test_unknown_product_id(verifier, sample_photos):
 
 def test_identify_ranks_all_products(verifier, sample_photos):
     ranked = verifier.identify(sample_photos[0].photo, top_k=20)
-    assert len(ranked) == 10
-    assert ranked[0].score >= ranked[-1].score
+    assert len(ranked) == 10  # top_k beyond the catalogue: every product, once
+    assert {c.product_id for c in ranked} == {p.product_id for p in verifier.bundle.products}
+    scores = [c.score for c in ranked]
+    assert scores == sorted(scores, reverse=True)
+    latent = verifier.embed(verifier.prepare(sample_photos[0].photo))
+    for c in ranked:  # each score is the photo's score against that product
+        assert c.score == pytest.approx(verifier.score(latent, c.product_id), abs=1e-6)
 
 
 def test_capture_checks_read_the_luminance_as_the_colour_image_would(verifier, sample_photos):

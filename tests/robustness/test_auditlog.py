@@ -19,10 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from auditlens.errors import AuditChainError, AuditLogError
-
-auditlog = pytest.importorskip("auditlens.device_app.auditlog")
-AuditLog = auditlog.AuditLog
+from auditlens.device_app.auditlog import AuditLog
+from auditlens.errors import AuditLogError
 
 FULL = os.environ.get("AUDITLENS_ROBUST_FULL") == "1"
 KILL_TRIALS = 40 if FULL else 4
@@ -76,6 +74,8 @@ def _check(path: Path, committed: list[tuple[int, str]]) -> int:
     return report.records
 
 
+@pytest.mark.skipif(not FULL, reason="its quick form is tests/test_auditlog.py's kill -9 test; "
+                    "AUDITLENS_ROBUST_FULL=1 runs 40 trials here")
 def test_kill_9_during_burst(tmp_path):
     """A writer appending as fast as it can is killed with SIGKILL at a random moment,
     KILL_TRIALS times on the same log; after each kill the chain verifies and every
@@ -101,6 +101,8 @@ def test_kill_9_during_burst(tmp_path):
           f"{records} in the log, 0 lost, chain verifies")
 
 
+@pytest.mark.skipif(not FULL, reason="its quick form is tests/test_auditlog.py's two-process test; "
+                    "AUDITLENS_ROBUST_FULL=1 runs 500 appends each here")
 def test_two_processes_append_concurrently(tmp_path):
     path = tmp_path / "audit.db"
     AuditLog(path).close()  # created once, so both writers race on appends only
@@ -200,19 +202,3 @@ def test_corrupted_file_is_an_audit_log_error(tmp_path):
     (tmp_path / "junk.db").write_bytes(b"definitely not sqlite" * 100)
     with pytest.raises(AuditLogError):
         AuditLog(tmp_path / "junk.db")
-
-
-def test_edit_by_hand_breaks_the_chain(tmp_path):
-    import sqlite3
-
-    path = tmp_path / "audit.db"
-    with AuditLog(path) as log:
-        for i in range(5):
-            log.append(_verdict(i), photo=b"p%d" % i, auditor="x")
-    con = sqlite3.connect(path)
-    con.execute("DROP TRIGGER records_append_only_update")
-    con.execute("UPDATE records SET decision = 'match', score = 0.99 WHERE id = 3")
-    con.commit()
-    con.close()
-    with AuditLog(path) as log, pytest.raises(AuditChainError, match="record 3"):
-        log.verify_chain()
