@@ -310,7 +310,10 @@ def calibrate(
                 f"every later enrolment takes (at least {math.ceil(MIN_IMPOSTORS_PER_TARGET / target_far)} "
                 "a draw): calibrate on more labelled photos, leave out --model-card, or pass "
                 "--allow-few-photos")
-        decision["warnings"].append(f"{few}; use more photos")
+        decision["warnings"].append(
+            f"{few}; use more photos" + ("" if target_far * per_draw >= 1 else
+                                         ": with under one a draw, the threshold is little more "
+                                         "than the highest impostor score"))
     if decision["measured_far"] > target_far:
         decision["warnings"].append(
             f"no threshold reaches a FAR of {target_far:g}: {decision['measured_far']:.2%} of the "
@@ -323,7 +326,7 @@ def calibrate(
     uncovered = len(b.products) - decision["pairs"]["products_with_photos"]
     if uncovered:
         decision["warnings"].append(
-            f"{uncovered} of the bundle's {len(b.products)} products have no calibration photo: the "
+            f"calibrated with {len(b.products)} products, {uncovered} of them without a photo: the "
             "rate is measured on the others' photos, and products the model was not trained on "
             "are often falsely accepted more than that; add photos of every product, of newly "
             "added ones above all")
@@ -452,8 +455,9 @@ def run(args) -> int:
     except ValueError as exc:
         raise CatalogError(str(exc)) from exc
     print(f"threshold {d['threshold']:.6f} for target FAR {d['target_far']:.2%}: measured FAR "
-          f"{d['measured_far']:.2%} (95% upper bound {d['measured_far_upper95']:.2%} on "
-          f"{d['pairs']['impostor']} impostor pairs), TAR {d['measured_tar']:.2%}"
+          f"{d['measured_far']:.2%} over {d['protocol']['impostor_draws']} impostor draws of "
+          f"{d['pairs']['impostor']} pairs (95% upper bound {d['measured_far_upper95']:.2%}), "
+          f"TAR {d['measured_tar']:.2%}"
           + (f", FAR on hard impostors {d['measured_far_hard']:.2%}" if "measured_far_hard" in d else ""))
     print(f"calibrated on {d['calibrated_on']}; far_curve of {len(d['far_curve'])} points")
     for w in d["warnings"]:
