@@ -81,11 +81,12 @@ def assess(image: Image.Image, thresholds: QualityThresholds | None = None) -> Q
         issues.append("too dark: turn on more light or use the flash")
     if clipped > t.max_clipped:
         issues.append("overexposed or glare: avoid direct light on the product")
+    exposure_off = bool(issues)  # detail is not measurable in a dark or washed-out frame
     if min(grey.shape) < 3:
         issues.append(f"too narrow: a {image.width}x{image.height} photo shows no usable detail; "
                       "photograph the whole product")
-    elif sharpness < t.min_sharpness:
+    elif sharpness < t.min_sharpness and not exposure_off:
         issues.append("too blurred: hold still and let the camera focus")
-    if centre_detail < t.min_centre_detail:
+    if centre_detail < t.min_centre_detail and not exposure_off:
         issues.append("no product in the frame: fill the framing guide with the product")
     return Quality(brightness, clipped, sharpness, centre_detail, tuple(issues))

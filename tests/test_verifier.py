@@ -126,6 +126,23 @@ def test_capture_checks_read_the_luminance_as_the_colour_image_would(verifier, s
         assert capture.dhash == dhash(image)
 
 
+def test_a_dark_or_washed_out_photo_is_sent_back_for_its_light_alone():
+    """Detail cannot be measured in a frame that is too dark or overexposed: the auditor is
+    told to fix the light, not also to hold still and reframe."""
+    from PIL import ImageEnhance
+
+    from auditlens.device_app.quality import assess
+
+    photo = Image.open(SAMPLE / "photos" / "Banana_001.jpg").convert("RGB")
+    for factor, only in ((0.08, "too dark"), (6.0, "overexposed or glare")):
+        quality = assess(ImageEnhance.Brightness(photo).enhance(factor))
+        assert [i.split(":")[0] for i in quality.issues] == [only], quality.issues
+    dark_and_flat = Image.new("RGB", (400, 300), (8, 8, 8))
+    assert [i.split(":")[0] for i in assess(dark_and_flat).issues] == ["too dark"]
+    flat = Image.new("RGB", (400, 300), (128, 128, 128))  # lit, but nothing in it
+    assert [i.split(":")[0] for i in assess(flat).issues] == ["too blurred", "no product in the frame"]
+
+
 def test_dhash_is_stable_under_resizing():
     img = Image.open(SAMPLE / "originals" / "Carrots.jpg")
     assert hamming(dhash(img), dhash(img.resize((64, 64)))) <= 3
