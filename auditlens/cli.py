@@ -254,9 +254,11 @@ def _run_identify(args) -> int:
         print(json.dumps([{**c.__dict__, "passes_threshold": c.score >= verifier.threshold,
                            "threshold": verifier.threshold, "retake": retake} for c in candidates], indent=1))
     else:
-        print(f"threshold {verifier.threshold:.3f} (* clears it)")
+        # a photo that must be retaken is not judged: no product is said to clear the threshold
+        print(f"threshold {verifier.threshold:.3f} "
+              + ("(not applied: retake the photo)" if retake else "(* clears it)"))
         for rank, c in enumerate(candidates, 1):
-            mark = "*" if c.score >= verifier.threshold else " "
+            mark = "*" if c.score >= verifier.threshold and not retake else " "
             print(f"{rank:2d}. {c.score:6.3f}{mark} {c.product_id}  ({c.name})")
         for reason in retake:
             print(f"RETAKE: {reason}")
@@ -350,7 +352,8 @@ def _run_score(args) -> int:
               file=sys.stderr)
         raise
     write(args.out)
-    print(f"scored {len(pairs)} pairs ({photos} photos, {errors} errors) into {args.out}")
+    print(f"{len(pairs) - errors} of {len(pairs)} pairs scored ({photos} distinct photos"
+          + (f"; {errors} could not be: see their error column" if errors else "") + f") into {args.out}")
     return EXIT_OK if not errors else EXIT_ERROR
 
 

@@ -1073,7 +1073,8 @@ def _write_atomically(path: Path, write, newline: str | None = None) -> Path:
 # -- `auditlens verify-log` ---------------------------------------------------------
 def add_arguments(p) -> None:
     p.add_argument("log", type=Path, metavar="AUDIT.db",
-                   help="the audit log to check, or a JSON export of one (--export-json)")
+                   help="the audit log to check, or a JSON export of one (--export-json), "
+                        "checked the same way; the --export-* options need the log itself")
     p.add_argument("--export-csv", type=Path, metavar="F", help="also write the records as CSV")
     p.add_argument("--export-json", type=Path, metavar="F",
                    help="also write the records and verdicts as JSON (with the chain's head hash)")
@@ -1106,20 +1107,23 @@ def _print_judged_with(runs: Sequence[dict]) -> None:
     if len(runs) > JUDGED_WITH_SHOWN:
         print(f"  ... {len(runs) - JUDGED_WITH_SHOWN} earlier changes of model, bundle or "
               "threshold (--json lists them all)")
-    for run in runs[-JUDGED_WITH_SHOWN:]:
+    shown = runs[-JUDGED_WITH_SHOWN:]
+    digits = _distinguishing_digits([run["threshold"] for run in shown])
+    for run in shown:
         ids = (f"record {run['first_id']}" if run["first_id"] == run["last_id"]
                else f"records {run['first_id']}-{run['last_id']}")
         print(f"  {ids} judged with model {run['model_id'] or '(none)'}, bundle "
-              f"{run['bundle_id'] or '(not named)'}, threshold {_exact(run['threshold'])}")
+              f"{run['bundle_id'] or '(not named)'}, threshold {run['threshold']:.{digits}f}")
 
 
-def _exact(value: float) -> str:
-    """``value`` with 4 decimals, or as many more as it takes to be exactly it (two runs
-    whose thresholds differ must not print alike)."""
+def _distinguishing_digits(values: Sequence[float]) -> int:
+    """Decimals to print ``values`` with: 4, or as many more as it takes for different
+    values not to print alike (0.62 as float32 and as float64)."""
+    distinct = set(values)
     for digits in range(4, 18):
-        if float(text := f"{value:.{digits}f}") == value:
-            return text
-    return repr(value)
+        if len({f"{v:.{digits}f}" for v in distinct}) == len(distinct):
+            return digits
+    return 17
 
 
 def _anchor(text: str) -> tuple[int, str]:

@@ -114,7 +114,7 @@ def test_score_writes_every_pair_even_bad_photos(tmp_path, sample_photos):
     pairs = write_csv(tmp_path / "pairs.csv", ["photo", "product_id"], rows)
     out = tmp_path / "scores.csv"
     proc = run("score", "--pairs", pairs, "--out", out, "--no-progress", check_rc=2)
-    assert "1 errors" in proc.stdout
+    assert proc.stdout.startswith("6 of 7 pairs scored (") and "1 could not be: see their error column" in proc.stdout
     got = list(csv.DictReader(out.open()))
     assert [r["product_id"] for r in got] == [r[1] for r in rows]
     assert got[-1]["verdict"] == "error" and got[-1]["error"] and not got[-1]["reasons"]
@@ -179,6 +179,9 @@ def test_identify_says_which_products_clear_the_threshold_and_when_to_retake(tmp
     assert "RETAKE:" in dark and "dark" in dark
     copy = run("identify", SAMPLE / "originals" / "Banana.jpg", check_rc=3).stdout
     assert "RETAKE: the photo reproduces the catalogue original" in copy
+    # the original scores far above the threshold, yet is not judged: nothing is starred
+    assert copy.splitlines()[0].endswith("(not applied: retake the photo)") and "*" not in copy
+    assert "*" in run("identify", photo.photo, check_rc=0).stdout
 
 
 def test_enroll_with_reference_photos_needs_its_own_calibration(tmp_path, sample_photos):
