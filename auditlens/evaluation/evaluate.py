@@ -178,6 +178,9 @@ def draw_spread(draws: Sequence[Pairs], masks: dict[str, np.ndarray], seed: int)
     return out
 
 
+FEW_PHOTOS = 100
+"""Below this many scored photos the report warns that its figures say little."""
+
 COPY_SCORE = 0.999
 """A photo scoring this high against its own product is almost surely one of its
 references (an enrolled photo scores about 1.0 against itself)."""
@@ -195,6 +198,10 @@ def _warnings(report: dict, photos: list[LabelledPhoto], embedded) -> list[str]:
     if calibrated_on and report["photos_source"] and Path(report["photos_source"]).name == calibrated_on:
         notes.append(f"the bundle's threshold was calibrated on {calibrated_on} too: if these are the "
                      "same photos, the rates at the threshold are optimistic; evaluate on others")
+    scored = len(embedded.photos)
+    if scored < FEW_PHOTOS:
+        notes.append(f"only {scored} photos: one photo moves these rates by {1 / scored:.0%} or more, "
+                     "so goals met or missed on them say little; evaluate on a few hundred")
     own = embedded.scores[np.arange(len(embedded.truth)), embedded.truth]
     copies = int((own >= COPY_SCORE).sum())
     if copies:
@@ -269,13 +276,16 @@ def format_table(report: dict, markdown: bool = False) -> str:
                 value = s.get(key)
             cells.append("-" if value is None else fmt.format(value))
         lines.append(cells)
+    note = ("-: too few pairs to measure it (a rate of 1% needs 100 impostor pairs)"
+            if any("-" in c[1:] for c in lines) else "")
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(c) + " |" for c in lines]
-        return "\n".join(out)
+        return "\n".join(out + ([f"\n{note}"] if note else []))
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     fmt_row = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, lines)])
+    return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, lines)]
+                     + ([note] if note else []))
 
 
 # -- plots ----------------------------------------------------------------------------
