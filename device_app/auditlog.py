@@ -50,7 +50,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -674,7 +674,7 @@ class AuditLog:
         still carry its hash (the database-wide ``quick_check`` is skipped too). Records
         up to it are taken as checked; a full check (the default, every export) reads them
         all again."""
-        kept = {int(rid): str(digest).lower() for rid, digest in anchors if int(rid) > 0}
+        kept = _kept_hashes(anchors)
         start_id, start_hash = (0, GENESIS_HASH) if not since or int(since[0]) <= 0 else (
             int(since[0]), str(since[1]).lower())
         with self._open_db():
@@ -703,18 +703,11 @@ class AuditLog:
                     raise _chain_error(f"{self.path}: record 1 removed; the log was edited outside "
                                        "auditlens", 1)
                 first = first_row[0]
-            for rid in sorted(kept):  # each kept head must still be there, with its hash
-                row = self._db.execute("SELECT record_hash FROM records WHERE id = ?",
-                                       (rid,)).fetchone()
-                if row is None:
-                    raise _chain_error(
-                        f"{self.path}: record {rid}, whose hash was kept, is gone; the newest "
-                        "records were removed", rid)
-                if row[0] != kept[rid]:
-                    raise _chain_error(
-                        f"{self.path}: record {rid}: its hash is not the one kept for it "
-                        f"({kept[rid][:12]}...); records up to it were rewritten and re-hashed "
-                        "after that hash was kept", rid)
+            def stored_hash(rid: int) -> str | None:
+                row = self._db.execute("SELECT record_hash FROM records WHERE id = ?", (rid,)).fetchone()
+                return None if row is None else row[0]
+
+            _check_kept_heads(str(self.path), kept, stored_hash)
             cursor = self._db.execute(
                 f"SELECT {', '.join(_LIST_COLUMNS)}, photo FROM records WHERE id > ? ORDER BY id ASC",
                 (start_id,))
@@ -871,7 +864,7 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
     header, records = data.get("log"), data.get("records")
     if not isinstance(header, dict) or not isinstance(records, list):
         raise AuditLogError(f"{path}: not an auditlens audit log export (no log header or records)")
-    kept = {int(rid): str(digest).lower() for rid, digest in anchors if int(rid) > 0}
+    kept = _kept_hashes(anchors)
     walk = _ChainWalk(str(path))
     hashes: dict[int, str] = {}
     # an export made with --photos carries every record's photo: each one is checked
@@ -899,20 +892,33 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
         raise _chain_error(f"{path}: the export's header names the head {claimed}, but its "
                            f"records end at {walk.count}:{walk.head_hash}; records were removed "
                            "from or added to the export", walk.count)
-    for rid in sorted(kept):
-        if rid not in hashes:
-            raise _chain_error(f"{path}: record {rid}, whose hash was kept, is not in the "
-                               "export; the newest records were removed", rid)
-        if hashes[rid] != kept[rid]:
-            raise _chain_error(f"{path}: record {rid}: its hash is not the one kept for it "
-                               f"({kept[rid][:12]}...); records up to it were rewritten and "
-                               "re-hashed after that hash was kept", rid)
+    _check_kept_heads(str(path), kept, hashes.get)
     warnings = tuple(str(w) for w in header.get("warnings") or ())
     if records and not with_photos:
         warnings += ("the export carries no photos (made without --photos): the records' "
                      "photo hashes were not checked against any photo",)
     return walk.report(str(header.get("log_id", "")), bool(header.get("triggers_intact", True)),
                        warnings)
+
+
+def _kept_hashes(anchors: Sequence[tuple[int, str]]) -> dict[int, str]:
+    """``(record id, record hash)`` heads kept from earlier checks, as id -> lower-case hash
+    (the empty log's head, id 0, holds no record to check)."""
+    return {int(rid): str(digest).lower() for rid, digest in anchors if int(rid) > 0}
+
+
+def _check_kept_heads(where: str, kept: dict[int, str], hash_of: Callable[[int], str | None]) -> None:
+    """Each record whose hash was kept (``kept``: id -> hash) must still be there
+    (``hash_of`` its id gives its hash, None when it is gone) and carry that hash."""
+    for rid in sorted(kept):
+        digest = hash_of(rid)
+        if digest is None:
+            raise _chain_error(f"{where}: record {rid}, whose hash was kept, is gone; the newest "
+                               "records were removed", rid)
+        if digest != kept[rid]:
+            raise _chain_error(f"{where}: record {rid}: its hash is not the one kept for it "
+                               f"({kept[rid][:12]}...); records up to it were rewritten and "
+                               "re-hashed after that hash was kept", rid)
 
 
 def _is_export(path: Path) -> bool:
