@@ -1018,7 +1018,8 @@ class _ChainWalk:
                 f"{self.backwards[0]}; the device's clock was set back, or records were written "
                 "outside auditlens",)
         return ChainReport(self.where, self.count, self.head_hash, log_id, triggers_intact,
-                           self.first_utc, self.last_utc, warnings, tuple(self.runs))
+                           self.first_utc, self.last_utc, tuple(dict.fromkeys(warnings)),  # an export's
+                           tuple(self.runs))  # header may already carry what the walk found
 
 
 def _contradiction(decision: str, score: float, threshold: float) -> str:
@@ -1096,12 +1097,19 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true",
                    help='print the report as JSON, with "ok"; on a failure {"ok": false, "error", '
                         '"record_id"} (exit status 4 for a broken chain, 2 for any other error)')
+    p.add_argument("--strict", action="store_true",
+                   help=f"exit {EXIT_WARNINGS} when the chain verifies but with warnings (the "
+                        "append-only guards removed by hand, times that go backwards), for "
+                        "scripts that must not pass such a log unread")
 
 
 EXIT_CHAIN_BROKEN = 4
 """`auditlens verify-log`'s exit status when the log reads but its chain is broken (a record
 edited, removed or reordered, or a kept head no longer matched); 2 is any other error (no
 such file, not an audit log, a bad argument), 0 an intact chain."""
+
+EXIT_WARNINGS = 5
+"""`auditlens verify-log --strict`'s exit status for an intact chain that came with warnings."""
 
 
 JUDGED_WITH_SHOWN = 12
@@ -1168,7 +1176,7 @@ def _check_and_export(args) -> int:
                                 "itself (the .db file)")
         report = verify_export(args.log, anchors=args.expect_head)
         _print_report(args, report)
-        return 0
+        return _exit_status(args, report)
     with AuditLog(args.log, create=False) as log:
         for target, suffix in ((args.export_csv, ".csv"), (args.export_json, ".json")):
             if target:  # before anything is written
@@ -1188,7 +1196,11 @@ def _check_and_export(args) -> int:
                         ("photos and photos.csv", args.export_photos)):
             if p:
                 print(f"  exported {what} to {p}")
-    return 0
+    return _exit_status(args, report)
+
+
+def _exit_status(args, report: ChainReport) -> int:
+    return EXIT_WARNINGS if args.strict and report.warnings else 0
 
 
 def _print_report(args, report: ChainReport) -> None:

@@ -340,6 +340,18 @@ def test_times_that_go_backwards_are_a_warning_not_an_error(log_path, capsys):
                "written before record 2" in w for w in report.warnings)
     assert cli_main(["verify-log", str(log_path)]) == 0
     assert "warning: the records' times go backwards" in capsys.readouterr().out
+    # a script that must not pass such a log unread asks for --strict: exit 5
+    assert cli_main(["verify-log", str(log_path), "--strict"]) == 5
+    assert "warning: the records' times go backwards" in capsys.readouterr().out
+    upload = log_path.with_name("upload.json")
+    with AuditLog(log_path) as log:
+        log.export_json(upload)
+    assert cli_main(["verify-log", str(upload), "--strict"]) == 5  # the export's warnings too
+    assert capsys.readouterr().out.count("times go backwards") == 1
+    clean = log_path.with_name("clean.db")
+    with AuditLog(clean) as log:
+        log.append(make_verdict(0), photo=jpeg(), auditor="a")
+    assert cli_main(["verify-log", str(clean), "--strict"]) == 0
 
 
 def test_verify_log_says_which_model_bundle_and_threshold_judged_which_records(log_path, capsys):
