@@ -97,10 +97,11 @@ def _verifier(args, **overrides):
     key = args.public_key.read_bytes() if args.public_key else None
     verifier = Verifier(args.bundle or default_bundle(),
                         VerifierOptions(num_threads=args.threads, **overrides), public_key=key)
-    if verifier.bundle.has_signature and not verifier.bundle.signed_by:
+    signature = verifier.bundle.signature
+    if signature == "unchecked":
         print("auditlens: warning: the bundle is signed but its signature was not checked: pass "
               "--public-key KEY to refuse a bundle someone else changed", file=sys.stderr)
-    elif not verifier.bundle.signed_by and not _is_shipped_sample(verifier.bundle.path):
+    elif signature == "unsigned" and not _is_shipped_sample(verifier.bundle.path):
         print("auditlens: warning: the bundle is not signed: its files match its manifest, but "
               "nothing shows the manifest (threshold, hashes) is the publisher's; sign bundles "
               "(enroll --sign-key) and pass --public-key KEY", file=sys.stderr)
@@ -389,12 +390,11 @@ def _run_info(args) -> int:
     size = len(b.model_content)
     print(f"bundle     {b.path}  (id {b.bundle_id}, format {m['format_version']}, made "
           f"{m.get('created', '?')}, auditlens {m.get('auditlens_version', '?')})")
-    if b.signed_by:
-        signature = f"; manifest signed by {b.signed_by}, signature checked"
-    elif b.has_signature:
-        signature = "; manifest.sig present but NOT checked (pass --public-key to check it)"
-    else:
-        signature = "; not signed, so nothing protects the manifest itself (threshold, hashes)"
+    signature = {
+        "checked": f"; manifest signed by {b.signed_by}, signature checked",
+        "unchecked": "; manifest.sig present but NOT checked (pass --public-key to check it)",
+        "unsigned": "; not signed, so nothing protects the manifest itself (threshold, hashes)",
+    }[b.signature]
     print(f"integrity  {len(m['files'])} files, every sha256 verified{signature}")
     print(f"model      {b.model_id}  ({size / 1024:.0f} KiB, input {b.spec.input_size}px {b.spec.crop}, "
           f"latent {m['latent_dim']}-d; reproduces the references' probe latent)")

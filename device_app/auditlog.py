@@ -506,7 +506,7 @@ class AuditLog:
         with self._lock:
             if self._db is not None:
                 if self._writable:  # never a database refused on opening
-                    self._checkpoint("PASSIVE")
+                    self._checkpoint()
                 self._db.close()
                 self._db = None  # type: ignore[assignment]
 
@@ -579,17 +579,18 @@ class AuditLog:
                     raise
             except sqlite3.Error as exc:
                 raise AuditLogError(f"{self.path}: could not write the audit record: {exc}") from exc
-            self._checkpoint("PASSIVE")
+            self._checkpoint()
         return int(fields["id"])
 
-    def _checkpoint(self, mode: str) -> None:
-        """Copy committed records from the ``-wal`` file into the ``.db`` file, so that a
+    def _checkpoint(self) -> None:
+        """Copy committed records from the ``-wal`` file into the ``.db`` file (PASSIVE: it
+        never waits for a reader, where TRUNCATE would sit out the busy timeout), so that a
         copy of the ``.db`` file alone (evidence taken off a device whose app was killed)
         normally holds every record. The record is committed before this; a checkpoint
         that cannot finish now (another connection is reading an older snapshot, or the
         app is killed first) is finished by a later one, so copy the ``-wal`` file too."""
         with contextlib.suppress(sqlite3.Error):
-            self._db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def holds(self, verdict, photo: bytes) -> bool:
         """Whether this verdict of this photo is already in the log (a verdict carries the
@@ -1041,7 +1042,8 @@ def _disagreement(record: AuditRecord, verdict) -> str:
     for name in _VERDICT_COLUMNS:
         column, value = getattr(record, name), verdict.get(name, "" if name == "model_id" else None)
         try:
-            # a float32 score logged from a hand-made dict is in the JSON as its short text
+            # logs written before append stored the verdict's fields as the columns hold
+            # them have a float32 score's short text in the JSON
             same = (math.isclose(float(value), column, rel_tol=1e-6, abs_tol=1e-9)
                     if isinstance(column, float) else _text(value) == column)
         except (TypeError, ValueError):

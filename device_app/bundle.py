@@ -255,6 +255,12 @@ class ReferenceBundle:
         return self.manifest["model"]["id"]
 
     @property
+    def signature(self) -> str:
+        """"checked" (signed, and the signature verified with a key), "unchecked" (a
+        manifest.sig no key was given to check) or "unsigned"."""
+        return "checked" if self.signed_by else "unchecked" if self.has_signature else "unsigned"
+
+    @property
     def bundle_id(self) -> str:
         """The first 16 hex digits of :attr:`manifest_sha256`: two bundles with the same
         model (a re-enrolment, new products, a new threshold) have different ids, so an

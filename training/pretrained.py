@@ -19,7 +19,6 @@ The Keras layers below follow torchvision's layout exactly (symmetric padding of
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import zipfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from auditlens.errors import AuditlensError
+from auditlens.files import file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,12 +106,9 @@ def check_hash_in_name(path: Path) -> None:
     match = re.fullmatch(r".+-([0-9a-f]{8,64})\.pth", path.name)
     if match is None:
         return
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if not digest.hexdigest().startswith(match.group(1)):
-        raise AuditlensError(f"{path}: its sha256 begins {digest.hexdigest()[:len(match.group(1))]}, not "
+    digest = file_sha256(path)
+    if not digest.startswith(match.group(1)):
+        raise AuditlensError(f"{path}: its sha256 begins {digest[:len(match.group(1))]}, not "
                              f"{match.group(1)} as its name says: a damaged copy or another file")
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from auditlens.catalog import Catalog, LabelledPhoto
 from auditlens.device_app.search import best_reference_scores
 from auditlens.errors import AuditlensError
+from auditlens.files import file_sha256
 
 GENUINE, IMPOSTOR, HARD = "genuine", "impostor", "hard"
 PROTOCOL_VERSION = 2
@@ -176,11 +177,7 @@ def _content_key(photo: LabelledPhoto) -> str:
     """What identifies a photo's image: the sha256 of its bytes, else (a file that cannot
     be read now: its decoding reports that) its real path."""
     try:
-        digest = hashlib.sha256()
-        with open(photo.photo, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return "sha256:" + digest.hexdigest()
+        return "sha256:" + file_sha256(photo.photo)
     except (OSError, TypeError, ValueError):
         return "path:" + os.path.realpath(photo.photo)
 

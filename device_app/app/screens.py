@@ -187,8 +187,8 @@ class PickerScreen(Screen):
         decision = bundle.decision
         far = decision.get("target_far")
         calibrated = f", calibrated for {far:.1%} false accepts" if far else ""
-        signature = ("signature checked" if bundle.signed_by else
-                     "signature NOT checked" if bundle.has_signature else "not signed")
+        signature = {"checked": "signature checked", "unchecked": "signature NOT checked",
+                     "unsigned": "not signed"}[bundle.signature]
         self.info.text = (f"{len(bundle.products)} products - model {bundle.model_id[:8]} - "
                           f"threshold {bundle.threshold:.3f}{calibrated} - {signature}")
         self.auditor.text = session.auditor
