@@ -187,6 +187,10 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auditor", default=None, help="auditor name for the log (default: $USER, else the login name)")
     p.add_argument("--device", default=None,
                    help="device name for the log (default: this machine's host name)")
+    p.add_argument("--log-key", type=Path, default=None, metavar="KEY",
+                   help="sign the log's record with this device key (device.key of `auditlens "
+                        "keygen --device`; needs the [sign] extra), so `verify-log --device-key` "
+                        "can tell it was written on this device")
 
 
 def _format_verdict(v) -> str:
@@ -207,9 +211,10 @@ def _format_verdict(v) -> str:
 
 def _run_verify(args) -> int:
     verifier = _verifier(args)
-    if args.auditor is not None and not args.log:
-        print("auditlens: warning: --auditor is recorded only in an audit log; add --log AUDIT.db",
-              file=sys.stderr)
+    for given, what in ((args.auditor is not None, "--auditor is recorded"),
+                        (args.log_key is not None, "--log-key signs records")):
+        if given and not args.log:
+            print(f"auditlens: warning: {what} only in an audit log; add --log AUDIT.db", file=sys.stderr)
     verdict = verifier.verify(args.photo, args.product)
     # the verdict is shown before it is logged: a log that cannot be written (an error,
     # exit status 2) does not hide it from the auditor
@@ -227,7 +232,7 @@ def _run_verify(args) -> int:
         if not auditor:
             print("auditlens: warning: the log records no auditor: pass --auditor NAME", file=sys.stderr)
         try:
-            with AuditLog(args.log) as log:
+            with AuditLog(args.log, signing_key=args.log_key) as log:
                 log.append(verdict, photo=photo, auditor=auditor,
                            device=socket.gethostname() if args.device is None else args.device)
         except (AuditlensError, OSError) as exc:  # the verdict is on screen: say it is not on record
@@ -490,7 +495,8 @@ COMMANDS: dict[str, tuple[str, Hook]] = {
                          ("auditlens.training.teacher", "add_arguments", "run")),
     "export": ("convert a trained encoder to int8 TFLite and check its drift (needs auditlens[train])",
                ("auditlens.export.quantize", "add_export_arguments", "run_export")),
-    "keygen": ("make an Ed25519 key pair to sign reference bundles (needs the [sign] extra)",
+    "keygen": ("make an Ed25519 key pair to sign reference bundles, or with --device a device's "
+               "audit records (needs the [sign] extra)",
                ("auditlens.device_app.signing", "add_keygen_arguments", "run_keygen")),
     "import-grocery": ("write catalogue and photo CSVs for a Grocery Store Dataset copy",
                        (_add_import_grocery, _run_import_grocery)),

@@ -22,10 +22,20 @@ code can do it). Both are caught against a hash kept elsewhere: keep the head th
 :meth:`verify_chain` reports (``ID:HASH``; it is in every export) when a log is uploaded,
 and check the log against it next time (``verify-log --expect-head ID:HASH``,
 ``verify_chain(anchors=...)``): a record at or before a kept head can then no longer be
-changed, removed or re-hashed unnoticed. Records are not signed: a record appended after
-the last kept head by someone with the file and this code verifies like any other, unless
-it contradicts itself (columns that differ from its verdict, a decision its score refutes),
-which :meth:`~AuditLog.verify_chain` reports as made outside auditlens.
+changed, removed or re-hashed unnoticed.
+
+A record appended after the last kept head by someone with the file and this code verifies
+like any other, unless it contradicts itself (columns that differ from its verdict, a
+decision its score refutes), which :meth:`~AuditLog.verify_chain` reports as made outside
+auditlens, or the device signs its records: a log opened with the device's Ed25519 key
+(``AuditLog(path, signing_key=...)``, ``auditlens keygen --device``) stores beside each
+record the key's signature of its hash (the ``signatures`` table), and a check given the
+device's public key (``verify_chain(device_keys=...)``, ``verify-log --device-key``)
+refuses any record from the first signed one on that this key did not sign: a record
+written without the device's private key no longer passes. Records written before the
+device had a key stay unsigned, and the report says which; their hashes are covered by the
+first signed record's, so they cannot be changed either. The key signs whatever the device
+is made to append: it proves where a record was written, not that the photo shows the shelf.
 
 Every append checkpoints the WAL into the ``.db`` file, so a copy of that file alone
 normally holds every committed record (not when another connection was reading at that
@@ -40,6 +50,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -122,6 +133,24 @@ WHEN NEW.id IS NOT (SELECT COALESCE(MAX(id), 0) + 1 FROM records)
 BEGIN
     SELECT RAISE(ABORT, 'the audit log only accepts a record that extends its hash chain');
 END;
+CREATE TABLE IF NOT EXISTS signatures (
+    record_id       INTEGER PRIMARY KEY,
+    public_key      TEXT NOT NULL,
+    signature       TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS signatures_append_only_update BEFORE UPDATE ON signatures
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only: signatures cannot be changed');
+END;
+CREATE TRIGGER IF NOT EXISTS signatures_append_only_delete BEFORE DELETE ON signatures
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only: signatures cannot be deleted');
+END;
+CREATE TRIGGER IF NOT EXISTS signatures_of_the_newest BEFORE INSERT ON signatures
+WHEN NEW.record_id IS NOT (SELECT MAX(id) FROM records)
+BEGIN
+    SELECT RAISE(ABORT, 'a record is signed when it is written, not later');
+END;
 CREATE TRIGGER IF NOT EXISTS meta_read_only_update BEFORE UPDATE ON meta
 BEGIN
     SELECT RAISE(ABORT, 'the audit log header cannot be changed');
@@ -133,6 +162,10 @@ END;
 """
 
 _TRIGGERS = ("records_append_only_update", "records_append_only_delete", "records_extend_chain")
+_SIGNATURE_TRIGGERS = ("signatures_append_only_update", "signatures_append_only_delete",
+                       "signatures_of_the_newest")
+"""Guards of the signatures table (which logs written before it existed get on their next
+append, so their absence there is no sign of tampering)."""
 
 _LIST_COLUMNS = ("id", "created_utc", "auditor", "device", "product_id", "decision", "score",
                  "threshold", "model_id", "photo_sha256", "captured_sha256", "verdict_json",
@@ -161,6 +194,10 @@ class AuditRecord:
     prev_hash: str
     record_hash: str
     photo_mime: str = "image/jpeg"
+    signer: str = ""
+    """The public key (64 hex digits) of the device key that signed the record; "" unsigned."""
+    signature: str = ""
+    """Ed25519 signature (128 hex digits) of :func:`signed_message` of the record's hash."""
 
     @property
     def verdict(self) -> dict:
@@ -179,6 +216,8 @@ class AuditRecord:
     def to_dict(self, *, verdict: bool = True) -> dict:
         d = {name: getattr(self, name) for name in CSV_COLUMNS if name != "reasons"}
         d["photo_mime"] = self.photo_mime
+        if self.signer or self.signature:
+            d["signer"], d["signature"] = self.signer, self.signature
         if verdict:
             d["verdict"] = self.verdict
         return d
@@ -199,6 +238,12 @@ class ChainReport:
     first_created_utc: str = ""
     last_created_utc: str = ""
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    signed_by: tuple[dict, ...] = field(default_factory=tuple, compare=False)
+    """Runs of consecutive records signed by the same device key, oldest first:
+    ``{"first_id", "last_id", "key"}`` (the key's fingerprint; "" for unsigned records)."""
+    device_keys_checked: bool = False
+    """The check was given the device keys (every record from the first signed one on was
+    signed by one of them); False: signatures were only checked against the key they name."""
     judged_with: tuple[dict, ...] = field(default_factory=tuple, compare=False)
     """Runs of consecutive records judged with the same model, bundle and threshold, oldest
     first: ``{"first_id", "last_id", "model_id", "bundle_id", "threshold"}`` (the
@@ -217,6 +262,8 @@ class ChainReport:
             "log_id": self.log_id, "triggers_intact": self.triggers_intact,
             "first_created_utc": self.first_created_utc,
             "last_created_utc": self.last_created_utc, "warnings": list(self.warnings),
+            "signed_by": [dict(run) for run in self.signed_by],
+            "device_keys_checked": self.device_keys_checked,
             "judged_with": [dict(run) for run in self.judged_with],
         }
 
@@ -237,6 +284,12 @@ def canonical_bytes(fields: dict) -> bytes:
 
 def record_hash(fields: dict) -> str:
     return hashlib.sha256(canonical_bytes(fields)).hexdigest()
+
+
+def signed_message(record_hash_hex: str) -> bytes:
+    """The bytes a device key signs for a record: its hash, which covers every field and,
+    through ``prev_hash``, every record before it."""
+    return f"{LOG_FORMAT} record {record_hash_hex}".encode("ascii")
 
 
 def prepare_photo(photo: bytes, max_side: int = MAX_PHOTO_SIDE) -> tuple[bytes, str]:
@@ -362,9 +415,13 @@ class AuditLog:
     """
 
     def __init__(self, path: str | os.PathLike, *, create: bool = True, device: str = "",
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, signing_key: bytes | str | os.PathLike | None = None) -> None:
+        """``signing_key``: the device's Ed25519 private key (``device.key`` of ``auditlens
+        keygen --device``, PEM, raw or hex): every record appended is signed with it (needs
+        the [sign] extra)."""
         self.path = Path(path)
         self.device = device
+        self._signer = None if signing_key is None else _load_signing_key(signing_key)
         if not create and not self.path.is_file():
             raise AuditLogError(f"{self.path}: no audit log here")
         if create:
@@ -380,6 +437,9 @@ class AuditLog:
         self._db = None
         self._writable = False
         """Opened as a log to append to (not read-only, schema checked and in place)."""
+        self._signatures_table = False
+        """The log has its signatures table (a log written before it existed, opened read-only,
+        has none: its records are unsigned)."""
         # Two processes opening a new log at once: switching it to WAL can meet the other's
         # lock without SQLite waiting for it ("database is locked"); try again until timeout.
         deadline = time.monotonic() + timeout
@@ -413,6 +473,7 @@ class AuditLog:
             self._db.execute("PRAGMA foreign_keys = ON")
             self._init_schema()
             self._writable = True
+        self._signatures_table = self._has_signatures_table()
 
     # -- lifecycle -----------------------------------------------------------------
     def _connect_read_only(self, timeout: float) -> sqlite3.Connection:
@@ -473,7 +534,7 @@ class AuditLog:
                 meta = self._check_schema()  # again: another process may have created it
                 present = {r[0] for r in self._db.execute(
                     "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-                missing = sorted(set(_TRIGGERS) - present) if meta else []
+                missing = sorted(set(self._guards()) - present) if meta else []
                 # statements one by one: executescript() would commit on its own
                 for statement in _split_sql(_SCHEMA):
                     self._db.execute(statement)
@@ -493,6 +554,30 @@ class AuditLog:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def _has_signatures_table(self) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                "name = 'signatures'").fetchone() is not None
+
+    def _guards(self) -> tuple[str, ...]:
+        """The triggers this log must have: the signatures table's too once it has one."""
+        return _TRIGGERS + (_SIGNATURE_TRIGGERS if self._has_signatures_table() else ())
+
+    @property
+    def signer(self) -> str:
+        """Fingerprint of the device key this log signs its appends with ("" when none)."""
+        from auditlens.device_app.signing import fingerprint_hex
+
+        return fingerprint_hex(self._signer[1]) if self._signer else ""
+
+    def _columns(self) -> str:
+        """The select list of an :class:`AuditRecord` (its signature from the signatures
+        table, "" where there is none)."""
+        if not self._signatures_table:
+            return ", ".join(_LIST_COLUMNS) + ", '', ''"
+        return ", ".join(_LIST_COLUMNS) + "".join(
+            f", COALESCE((SELECT {c} FROM signatures WHERE record_id = records.id), '')"
+            for c in ("public_key", "signature"))
 
     @contextlib.contextmanager
     def _open_db(self) -> Iterator[sqlite3.Connection]:
@@ -572,6 +657,11 @@ class AuditLog:
                          product_id, decision, score, threshold, model_id, fields["photo_sha256"],
                          fields["captured_sha256"], verdict_json, fields["prev_hash"], digest,
                          mime, sqlite3.Binary(stored)))
+                    if self._signer is not None:
+                        key, public = self._signer
+                        self._db.execute(
+                            "INSERT INTO signatures (record_id, public_key, signature) VALUES (?, ?, ?)",
+                            (fields["id"], public, key.sign(signed_message(digest)).hex()))
                     self._db.execute("COMMIT")
                 except BaseException:
                     if self._db.in_transaction:
@@ -618,7 +708,7 @@ class AuditLog:
         page under the lock, so writers wait for one page, not for the whole reading."""
         if limit is not None and int(limit) < 0:
             raise ValueError(f"limit must be 0 or more, not {limit}")
-        columns = ", ".join(_LIST_COLUMNS)
+        columns = self._columns()
         with self._open_db() as db:
             last = db.execute("SELECT MAX(id) FROM records").fetchone()[0]
         if last is None:
@@ -646,7 +736,7 @@ class AuditLog:
 
     def record(self, record_id: int) -> AuditRecord:
         with self._open_db() as db:
-            row = db.execute(f"SELECT {', '.join(_LIST_COLUMNS)} FROM records WHERE id = ?",
+            row = db.execute(f"SELECT {self._columns()} FROM records WHERE id = ?",
                              (int(record_id),)).fetchone()
         if row is None:
             raise AuditLogError(f"{self.path}: no record {record_id}")
@@ -662,7 +752,8 @@ class AuditLog:
 
     # -- checking ------------------------------------------------------------------
     def verify_chain(self, *, anchors: Sequence[tuple[int, str]] = (),
-                     since: tuple[int, str] | None = None) -> ChainReport:
+                     since: tuple[int, str] | None = None,
+                     device_keys: Sequence[bytes | str | os.PathLike] = ()) -> ChainReport:
         """Check the whole log; raise :class:`AuditChainError` naming the first record
         that was edited, removed or reordered, or whose photo was swapped.
 
@@ -674,8 +765,15 @@ class AuditLog:
         before: only the records after it are read and hashed, and that head record must
         still carry its hash (the database-wide ``quick_check`` is skipped too). Records
         up to it are taken as checked; a full check (the default, every export) reads them
-        all again."""
+        all again.
+
+        ``device_keys``: the public keys of the devices that write this log (``device.pub``
+        files, PEM, raw or hex): every record from the first signed one on must carry a
+        signature by one of them, and at least one record must (a log whose records are
+        all unsigned is refused). Without them, a signature is checked against the key it
+        names (needs the [sign] extra; without it, a warning says signatures went unchecked)."""
         kept = _kept_hashes(anchors)
+        trusted = _device_keys(device_keys)
         start_id, start_hash = (0, GENESIS_HASH) if not since or int(since[0]) <= 0 else (
             int(since[0]), str(since[1]).lower())
         with self._open_db():
@@ -709,20 +807,26 @@ class AuditLog:
                 return None if row is None else row[0]
 
             _check_kept_heads(str(self.path), kept, stored_hash)
+            signed_before = None
+            if start_id and self._signatures_table:
+                signed_before = self._db.execute(
+                    "SELECT MIN(record_id) FROM signatures WHERE record_id <= ?", (start_id,)).fetchone()[0]
             cursor = self._db.execute(
-                f"SELECT {', '.join(_LIST_COLUMNS)}, photo FROM records WHERE id > ? ORDER BY id ASC",
+                f"SELECT {self._columns()}, photo FROM records WHERE id > ? ORDER BY id ASC",
                 (start_id,))
-            walk = _ChainWalk(str(self.path), start_id, start_hash, first, last)
+            walk = _ChainWalk(str(self.path), start_id, start_hash, first, last,
+                              device_keys=trusted, first_signed=signed_before)
             for row in cursor:
                 walk.add(AuditRecord(*row[:-1]), row[-1])
             restored = [k.split(":", 1)[1] for (k,) in self._db.execute(
                 "SELECT key FROM meta WHERE key LIKE 'guards_restored:%' ORDER BY key")]
-        intact = set(_TRIGGERS) <= triggers and not restored
+            guards = set(self._guards())
+        intact = guards <= triggers and not restored
         warnings = tuple(
             f"the append-only guards had been removed outside auditlens (found and restored "
             f"at {when}); the records still verify, but the file was opened by hand"
             for when in restored)
-        if not set(_TRIGGERS) <= triggers:
+        if not guards <= triggers:
             warnings += ("the append-only guards are missing: the file was opened by hand",)
         return walk.report(self.log_id, intact, warnings)
 
@@ -842,12 +946,14 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]] = ()) -> ChainReport:
+def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]] = (),
+                  device_keys: Sequence[bytes | str | os.PathLike] = ()) -> ChainReport:
     """Check a JSON export (``verify-log --export-json``) as :meth:`AuditLog.verify_chain`
-    checks a log: the chain of its records, each record's hash, its photo when the export
-    carries photos (``--photos``), and the head its header names; ``anchors`` as for
-    :meth:`~AuditLog.verify_chain`. An auditor given an upload checks it without the
-    device's database. The whole file is read into memory."""
+    checks a log: the chain of its records, each record's hash and signature, its photo
+    when the export carries photos (``--photos``), and the head its header names;
+    ``anchors`` and ``device_keys`` as for :meth:`~AuditLog.verify_chain`. An auditor
+    given an upload checks it without the device's database. The whole file is read into
+    memory."""
     import base64
 
     path = Path(path)
@@ -866,7 +972,7 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
     if not isinstance(header, dict) or not isinstance(records, list):
         raise AuditLogError(f"{path}: not an auditlens audit log export (no log header or records)")
     kept = _kept_hashes(anchors)
-    walk = _ChainWalk(str(path))
+    walk = _ChainWalk(str(path), device_keys=_device_keys(device_keys))
     hashes: dict[int, str] = {}
     # an export made with --photos carries every record's photo: each one is checked
     with_photos = bool(records) and isinstance(records[0], dict) and "photo_base64" in records[0]
@@ -874,7 +980,8 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
         try:
             verdict_json = d["verdict_json"] if "verdict_json" in d else _verdict_json(d["verdict"])
             record = AuditRecord(**{k: d[k] for k in _LIST_COLUMNS if k != "verdict_json"},
-                                 verdict_json=verdict_json)
+                                 verdict_json=verdict_json, signer=d.get("signer", ""),
+                                 signature=d.get("signature", ""))
             if ("photo_base64" in d) != with_photos:
                 raise ValueError("some records carry their photo and others do not")
             photo = base64.b64decode(d["photo_base64"], validate=True) if with_photos else None
@@ -900,6 +1007,39 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
                      "photo hashes were not checked against any photo",)
     return walk.report(str(header.get("log_id", "")), bool(header.get("triggers_intact", True)),
                        warnings)
+
+
+def _load_signing_key(key):
+    """The device's private key, and its public key as hex (raises :class:`AuditLogError`
+    for a key that cannot sign)."""
+    from auditlens.device_app.signing import load_private_key, public_hex
+    from auditlens.errors import BundleSignatureError
+
+    try:
+        private = load_private_key(key)
+    except BundleSignatureError as exc:
+        where = f"{key}: " if isinstance(key, os.PathLike) else ""
+        raise AuditLogError(f"{where}cannot sign the audit log's records with this key: {exc}") from exc
+    return private, public_hex(private.public_key())
+
+
+def _device_keys(keys: Sequence[bytes | str | os.PathLike]) -> dict[str, str] | None:
+    """The devices' public keys a check holds records to, as hex -> fingerprint; None for
+    no keys (signatures are then checked against the key they name)."""
+    if not keys:
+        return None
+    from auditlens.device_app.signing import fingerprint_hex, load_public_key, public_hex
+    from auditlens.errors import BundleSignatureError
+
+    trusted = {}
+    for key in keys:
+        try:
+            raw = public_hex(load_public_key(key))
+        except BundleSignatureError as exc:
+            where = f"{key}: " if isinstance(key, os.PathLike) else ""
+            raise AuditLogError(f"{where}not a device's public key: {exc}") from exc
+        trusted[raw] = fingerprint_hex(raw)
+    return trusted
 
 
 def _kept_hashes(anchors: Sequence[tuple[int, str]]) -> dict[int, str]:
@@ -951,12 +1091,24 @@ class _ChainWalk:
     log (:meth:`AuditLog.verify_chain`) and on a JSON export (:func:`verify_export`)."""
 
     def __init__(self, where: str, start_id: int = 0, start_hash: str = GENESIS_HASH,
-                 first_utc: str = "", last_utc: str = "") -> None:
+                 first_utc: str = "", last_utc: str = "", *,
+                 device_keys: dict[str, str] | None = None, first_signed: int | None = None) -> None:
         self.where = where
         self.head_hash, self.count = start_hash, start_id
         self.first_utc, self.last_utc = first_utc, last_utc
         self.backwards: list[str] = []
         self.runs: list[dict] = []
+        self.device_keys = device_keys
+        """hex -> fingerprint of the keys every record from the first signed one on must be
+        signed by; None: a signature is checked against the key it names."""
+        self.first_signed = first_signed
+        """Id of the first signed record so far (before ``start_id`` too)."""
+        self.signed_by: list[dict] = []
+        self.unsigned_after: list[int] = []
+        """Unsigned records after a signed one (without device keys: a warning)."""
+        self.unchecked = 0
+        """Signatures not checked: the [sign] extra is not installed (no device keys given)."""
+        self._keys: dict[str, object] = {}
 
     def _fail(self, rid: int, why: str) -> AuditChainError:
         return _chain_error(f"{self.where}: record {rid}: {why}", rid)
@@ -998,6 +1150,7 @@ class _ChainWalk:
         if disagreement:
             raise self._fail(rid, f"{disagreement}; auditlens never writes such a record, so it "
                                   "was made or edited outside auditlens")
+        self._check_signature(record)
         setting = {"model_id": record.model_id, "bundle_id": _text(verdict.get("bundle_id", "")),
                    "threshold": record.threshold}
         if self.runs and self.runs[-1]["last_id"] == rid - 1 and all(
@@ -1012,7 +1165,73 @@ class _ChainWalk:
         self.first_utc = self.first_utc or record.created_utc
         self.last_utc = record.created_utc
 
+    def _check_signature(self, record: AuditRecord) -> None:
+        """The record's signature holds for the key it names, that key is one of the
+        device keys (when given), and a record after a signed one is signed."""
+        from auditlens.device_app.signing import fingerprint_hex
+
+        rid, signer = record.id, record.signer
+        if signer or record.signature:
+            if not (re.fullmatch(r"[0-9a-f]{64}", signer) and re.fullmatch(r"[0-9a-f]{128}", record.signature)):
+                raise self._fail(rid, "its signature or the key it names is not well formed; "
+                                      "auditlens never writes such a record, so it was edited "
+                                      "outside auditlens")
+            key = fingerprint_hex(signer)
+            if self.device_keys is not None and signer not in self.device_keys:
+                raise self._fail(rid, f"it is signed by the key {key}, which is not one of the "
+                                      f"device keys given ({', '.join(self.device_keys.values())}); "
+                                      "it was written by another device or outside auditlens")
+            holds = self._signature_holds(record)
+            if holds is False:
+                raise self._fail(rid, f"its signature does not verify with the key it names ({key}); "
+                                      "the record or its signature was changed after it was written")
+            self.first_signed = self.first_signed or rid
+        else:
+            key = ""
+            if self.first_signed is not None:
+                if self.device_keys is not None:
+                    raise self._fail(rid, f"it is not signed, though record {self.first_signed} "
+                                          "before it is: it was written without the device's key, "
+                                          "or its signature was removed, outside auditlens")
+                self.unsigned_after.append(rid)
+        if self.signed_by and self.signed_by[-1]["key"] == key and self.signed_by[-1]["last_id"] == rid - 1:
+            self.signed_by[-1]["last_id"] = rid
+        else:
+            self.signed_by.append({"first_id": rid, "last_id": rid, "key": key})
+
+    def _signature_holds(self, record: AuditRecord) -> bool | None:
+        """Whether the record's signature verifies with the key it names; None when it
+        cannot be checked here (no `cryptography`, and no device keys were asked for)."""
+        from auditlens.device_app.signing import load_public_key, signature_holds
+
+        if record.signer not in self._keys:
+            if self.device_keys is None and importlib.util.find_spec("cryptography") is None:
+                self.unchecked += 1
+                return None
+            try:
+                self._keys[record.signer] = load_public_key(record.signer)
+            except AuditlensError:  # 64 hex digits that are no point of the curve
+                return False
+        return signature_holds(signed_message(record.record_hash), bytes.fromhex(record.signature),
+                               self._keys[record.signer])
+
     def report(self, log_id: str, triggers_intact: bool, warnings: tuple[str, ...]) -> ChainReport:
+        if self.device_keys is not None and self.count and self.first_signed is None:
+            raise _chain_error(f"{self.where}: no record is signed, but device keys were given "
+                               f"({', '.join(self.device_keys.values())}): the log was not "
+                               "written with a device key, or its signatures were removed", None)
+        if self.device_keys is not None and self.first_signed and self.first_signed > 1:
+            warnings += (f"{_id_range(1, self.first_signed - 1)} not signed (written before the "
+                         f"device had a key); record {self.first_signed}'s signature covers "
+                         "their hashes",)
+        if self.unsigned_after:
+            warnings += (f"{len(self.unsigned_after)} record(s) are not signed though record "
+                         f"{self.first_signed} before them is, first: record {self.unsigned_after[0]}; "
+                         "the device stopped signing, or they were written outside auditlens "
+                         "(check with --device-key)",)
+        if self.unchecked:
+            warnings += (f"{self.unchecked} record signature(s) were not checked: the [sign] "
+                         "extra (cryptography) is not installed",)
         if self.backwards:
             warnings += (
                 f"the records' times go backwards {len(self.backwards)} time(s), first: "
@@ -1020,7 +1239,8 @@ class _ChainWalk:
                 "outside auditlens",)
         return ChainReport(self.where, self.count, self.head_hash, log_id, triggers_intact,
                            self.first_utc, self.last_utc, tuple(dict.fromkeys(warnings)),  # an export's
-                           tuple(self.runs))  # header may already carry what the walk found
+                           tuple(self.signed_by), self.device_keys is not None,  # header may
+                           tuple(self.runs))  # already carry what the walk found
 
 
 def _contradiction(decision: str, score: float, threshold: float) -> str:
@@ -1096,6 +1316,11 @@ def add_arguments(p) -> None:
                    help="a head this log reported earlier (printed as 'head', kept when the log "
                         "was uploaded): the record ID must still carry HASH, which catches records "
                         "removed or rewritten and re-hashed since then; may be repeated")
+    p.add_argument("--device-key", action="append", default=[], type=Path, metavar="PUB",
+                   help="public key of a device that writes this log (device.pub of `auditlens keygen "
+                        "--device`); may be repeated: every record from the first signed one on "
+                        "must be signed by one of these keys, and an unsigned log is refused "
+                        "(needs the [sign] extra)")
     p.add_argument("--json", action="store_true",
                    help='print the report as JSON, with "ok"; on a failure {"ok": false, "error", '
                         '"record_id"} (exit status 4 for a broken chain, 2 for any other error)')
@@ -1126,10 +1351,31 @@ def _print_judged_with(runs: Sequence[dict]) -> None:
     shown = runs[-JUDGED_WITH_SHOWN:]
     digits = _distinguishing_digits([run["threshold"] for run in shown])
     for run in shown:
-        ids = (f"record {run['first_id']}" if run["first_id"] == run["last_id"]
-               else f"records {run['first_id']}-{run['last_id']}")
+        ids = _id_range(run["first_id"], run["last_id"])
         print(f"  {ids} judged with model {run['model_id'] or '(none)'}, bundle "
               f"{run['bundle_id'] or '(not named)'}, threshold {run['threshold']:.{digits}f}")
+
+
+def _print_signed_by(report: ChainReport) -> None:
+    """Which device key signed which records (nothing for a log no key ever signed)."""
+    runs = report.signed_by
+    if not any(run["key"] for run in runs):
+        return
+    if len(runs) > JUDGED_WITH_SHOWN:
+        print(f"  ... {len(runs) - JUDGED_WITH_SHOWN} earlier changes of signing key (--json lists them all)")
+    for run in runs[-JUDGED_WITH_SHOWN:]:
+        ids = _id_range(run["first_id"], run["last_id"])
+        if not run["key"]:
+            print(f"  {ids} not signed")
+        elif report.device_keys_checked:
+            print(f"  {ids} signed by device key {run['key']} (one of --device-key)")
+        else:
+            print(f"  {ids} signed by key {run['key']} (not checked against a device's key: "
+                  "pass --device-key)")
+
+
+def _id_range(first: int, last: int) -> str:
+    return f"record {first}" if first == last else f"records {first}-{last}"
 
 
 def _distinguishing_digits(values: Sequence[float]) -> int:
@@ -1176,7 +1422,7 @@ def _check_and_export(args) -> int:
         if args.export_csv or args.export_json or args.export_photos:
             raise AuditLogError(f"{args.log} is a JSON export: exports are made from the log "
                                 "itself (the .db file)")
-        report = verify_export(args.log, anchors=args.expect_head)
+        report = verify_export(args.log, anchors=args.expect_head, device_keys=args.device_key)
         _print_report(args, report)
         return _exit_status(args, report)
     with AuditLog(args.log, create=False) as log:
@@ -1185,7 +1431,8 @@ def _check_and_export(args) -> int:
                 log._check_export_path(target, suffix)
         if args.export_photos:
             log._check_photo_folder(args.export_photos)
-        report = log.verify_chain(anchors=args.expect_head)  # AuditChainError -> exit 4, record named
+        # AuditChainError -> exit 4, record named
+        report = log.verify_chain(anchors=args.expect_head, device_keys=args.device_key)
         if args.export_csv:
             log.export_csv(args.export_csv)
         if args.export_json:
@@ -1216,6 +1463,7 @@ def _print_report(args, report: ChainReport) -> None:
             print(f"  record {rid} still carries the hash kept for it")
         if report.records:
             print(f"  from {report.first_created_utc} to {report.last_created_utc}")
+        _print_signed_by(report)
         _print_judged_with(report.judged_with)
         for w in report.warnings:
             print(f"  warning: {w}")

@@ -1,4 +1,5 @@
-"""Ed25519 signatures of reference bundles.
+"""Ed25519 signatures: of reference bundles by their publisher, and of audit records by
+the device that wrote them.
 
 A publisher signs ``manifest.json`` (which holds the sha256 of every other file of the
 bundle) with its private key; the signature is stored beside it as ``manifest.sig`` (the
@@ -18,6 +19,10 @@ Keys:
 The *fingerprint* of a public key is ``ed25519:`` followed by the first 16 hex digits of
 the sha256 of its raw 32 bytes; :func:`verify_manifest_signature` returns it so that
 ``auditlens info`` can say who signed a bundle.
+
+A device key (``auditlens keygen --device``: ``device.key``, ``device.pub``) signs each
+record the device appends to its audit log (:mod:`~auditlens.device_app.auditlog`); an
+auditor holding the device's public key then knows every record was written with that key.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from auditlens.errors import AuditlensError, BundleSignatureError
 
 PRIVATE_KEY_FILE = "publisher.key"
 PUBLIC_KEY_FILE = "publisher.pub"
+DEVICE_KEY_FILES = ("device.key", "device.pub")
+"""(private, public) file names ``auditlens keygen --device`` writes."""
 SIGNATURE_SIZE = 64
 KEY_SIZE = 32
 
@@ -48,7 +55,7 @@ def _crypto():
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise BundleSignatureError(
-            "bundle signatures need the `cryptography` package: the [sign] extra (pip install "
+            "signatures need the `cryptography` package: the [sign] extra (pip install "
             f"'.[sign]' in an auditlens checkout, or pip install cryptography) ({exc})"
         ) from exc
     return ed25519, serialization, InvalidSignature
@@ -84,7 +91,10 @@ def _raw_public(public_key) -> bytes:
 
 def fingerprint(public_key: bytes | str) -> str:
     """``ed25519:`` + the first 16 hex digits of the sha256 of the raw public key."""
-    raw = _raw_public(load_public_key(public_key))
+    return _fingerprint_of(_raw_public(load_public_key(public_key)))
+
+
+def _fingerprint_of(raw: bytes) -> str:
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
 
 
@@ -95,7 +105,7 @@ def load_private_key(private_key: bytes | str | os.PathLike):
     if b"-----BEGIN" in data:
         if b"PUBLIC KEY" in data and b"PRIVATE KEY" not in data:
             raise BundleSignatureError("this is a public key; signing needs the private key "
-                                       f"({PRIVATE_KEY_FILE} from `auditlens keygen`)")
+                                       "(the .key file from `auditlens keygen`)")
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except TypeError as exc:  # encrypted PEM
@@ -121,9 +131,9 @@ def load_public_key(public_key: bytes | str | os.PathLike):
     data = _as_bytes(public_key)
     if b"-----BEGIN" in data:
         if b"PRIVATE KEY" in data:
-            raise BundleSignatureError("this is a private key; configure the device with the "
-                                       f"public key ({PUBLIC_KEY_FILE}) and keep the private one "
-                                       "with the publisher")
+            raise BundleSignatureError("this is a private key; give the public key (the .pub "
+                                       "file from `auditlens keygen`) and keep the private one "
+                                       "where it was made")
         try:
             key = serialization.load_pem_public_key(data)
         except (ValueError, binascii.Error) as exc:
@@ -146,6 +156,28 @@ def public_key_of(private_key: bytes | str | os.PathLike) -> bytes:
     """The raw 32-byte public key of ``private_key`` (raises :class:`BundleSignatureError`
     for a key that is not a usable Ed25519 private key): check a key before long work."""
     return _raw_public(load_private_key(private_key).public_key())
+
+
+def public_hex(public_key) -> str:
+    """The 64 hex digits of an ``Ed25519PublicKey`` (as audit records name their signer)."""
+    return _raw_public(public_key).hex()
+
+
+def fingerprint_hex(raw_hex: str) -> str:
+    """The fingerprint of a public key given as 64 hex digits (no `cryptography` needed)."""
+    return _fingerprint_of(bytes.fromhex(raw_hex))
+
+
+def signature_holds(message: bytes, signature: bytes, public_key) -> bool:
+    """Whether ``signature`` is ``public_key``'s (an ``Ed25519PublicKey``, or PEM, raw or
+    hex bytes) signature of ``message``."""
+    _, _, InvalidSignature = _crypto()
+    key = public_key if hasattr(public_key, "verify") else load_public_key(public_key)
+    try:
+        key.verify(bytes(signature), bytes(message))
+    except InvalidSignature:
+        return False
+    return True
 
 
 def sign_manifest(manifest_bytes: bytes, private_key: bytes | str | os.PathLike) -> bytes:
@@ -179,23 +211,27 @@ def verify_manifest_signature(
             f"{fingerprint(public_key)}: the bundle was signed by someone else or changed after "
             "signing; do not use it, reinstall it from the publisher"
         ) from None
-    return "ed25519:" + hashlib.sha256(_raw_public(key)).hexdigest()[:16]
+    return _fingerprint_of(_raw_public(key))
 
 
-def generate_keypair(directory: str | os.PathLike, *, force: bool = False) -> tuple[Path, Path]:
+def generate_keypair(directory: str | os.PathLike, *, force: bool = False,
+                     device: bool = False) -> tuple[Path, Path]:
     """Write a new Ed25519 key pair into ``directory``: ``publisher.key`` (PKCS#8 PEM,
-    mode 0600) and ``publisher.pub`` (SubjectPublicKeyInfo PEM). Existing keys are kept
-    unless ``force``. Returns (private path, public path)."""
+    mode 0600) and ``publisher.pub`` (SubjectPublicKeyInfo PEM), or ``device.key`` and
+    ``device.pub`` for a device that signs its audit records (``device``). Existing keys
+    are kept unless ``force``. Returns (private path, public path)."""
     ed25519, serialization, _ = _crypto()
-    private_path, public_path = _key_paths(directory)
+    private_path, public_path = _key_paths(directory, device=device)
     if not force:
         for p in (private_path, public_path):
             if p.exists() or p.is_symlink():
                 lost = "" if public_path.exists() or public_path.is_symlink() else (
-                    f"; if only {PUBLIC_KEY_FILE} was lost, --restore-public writes it again")
+                    f"; if only {public_path.name} was lost, --restore-public writes it again")
+                what = ("the device's audit records signed with the old key will then need the old "
+                        "public key to be checked" if device else
+                        "bundles signed with the old key will then be refused")
                 raise KeyFileError(f"{p} exists already; keep it, or pass --force to replace the "
-                                   "key pair (bundles signed with the old key will then be refused)"
-                                   + lost)
+                                   f"key pair ({what})" + lost)
     key = ed25519.Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
@@ -204,11 +240,11 @@ def generate_keypair(directory: str | os.PathLike, *, force: bool = False) -> tu
     return private_path, public_path
 
 
-def restore_public_key(directory: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``publisher.pub`` again from the ``publisher.key`` beside it (a public key
-    lost or deleted; the key pair, and so every signed bundle, stays valid). Returns
-    (private path, public path), as :func:`generate_keypair`."""
-    private_path, public_path = _key_paths(directory, create=False)
+def restore_public_key(directory: str | os.PathLike, *, device: bool = False) -> tuple[Path, Path]:
+    """Write ``publisher.pub`` (``device.pub``) again from the ``.key`` beside it (a public
+    key lost or deleted; the key pair, and so every signature made with it, stays valid).
+    Returns (private path, public path), as :func:`generate_keypair`."""
+    private_path, public_path = _key_paths(directory, create=False, device=device)
     if public_path.exists() or public_path.is_symlink():
         raise KeyFileError(f"{public_path} exists already; nothing to restore")
     try:
@@ -227,15 +263,18 @@ def _public_pem(private_key) -> bytes:
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _key_paths(directory: str | os.PathLike, *, create: bool = True) -> tuple[Path, Path]:
-    """(private, public) key paths in ``directory``, made first when ``create``."""
+def _key_paths(directory: str | os.PathLike, *, create: bool = True,
+               device: bool = False) -> tuple[Path, Path]:
+    """(private, public) key paths in ``directory`` (a device's or a publisher's), made
+    first when ``create``."""
     directory = Path(directory)
     if create:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise KeyFileError(f"{directory}: cannot create the key folder: {exc}") from exc
-    return directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
+    names = DEVICE_KEY_FILES if device else (PRIVATE_KEY_FILE, PUBLIC_KEY_FILE)
+    return directory / names[0], directory / names[1]
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
@@ -267,6 +306,10 @@ def _write_private(path: Path, data: bytes) -> None:
 def add_keygen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", type=Path, required=True,
                    help=f"folder for {PRIVATE_KEY_FILE} (private, mode 0600) and {PUBLIC_KEY_FILE}")
+    p.add_argument("--device", action="store_true",
+                   help=f"a device's key pair ({DEVICE_KEY_FILES[0]}, {DEVICE_KEY_FILES[1]}): the device "
+                        "signs each audit record it writes with it (`verify --log-key`, the app's "
+                        "--log-key), and `verify-log --device-key` checks them")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--force", action="store_true", help="replace an existing key pair")
     what.add_argument("--restore-public", action="store_true",
@@ -275,13 +318,23 @@ def add_keygen_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_keygen(args) -> int:
+    device = args.device
     if args.restore_public:
-        private_path, public_path = restore_public_key(args.out)
+        private_path, public_path = restore_public_key(args.out, device=device)
         print(f"public key   {public_path} written again from {private_path}")
     else:
-        private_path, public_path = generate_keypair(args.out, force=args.force)
-        print(f"private key  {private_path}  (mode 0600: keep it with the publisher; sign with "
-              f"`auditlens enroll --sign-key {shlex.quote(str(private_path))}`)")
-    print(f"public key   {public_path}  ({fingerprint(public_path.read_bytes())}; install it on "
-          f"devices: `auditlens verify --public-key {shlex.quote(str(public_path))}`)")
+        private_path, public_path = generate_keypair(args.out, force=args.force, device=device)
+        if device:
+            print(f"private key  {private_path}  (mode 0600: keep it on the device alone; sign its "
+                  f"audit records with `auditlens verify --log AUDIT.db --log-key "
+                  f"{shlex.quote(str(private_path))}`)")
+        else:
+            print(f"private key  {private_path}  (mode 0600: keep it with the publisher; sign with "
+                  f"`auditlens enroll --sign-key {shlex.quote(str(private_path))}`)")
+    if device:
+        print(f"public key   {public_path}  ({fingerprint(public_path.read_bytes())}; give it to the "
+              f"auditors: `auditlens verify-log AUDIT.db --device-key {shlex.quote(str(public_path))}`)")
+    else:
+        print(f"public key   {public_path}  ({fingerprint(public_path.read_bytes())}; install it on "
+              f"devices: `auditlens verify --public-key {shlex.quote(str(public_path))}`)")
     return 0

@@ -256,6 +256,37 @@ def test_app_takes_the_public_key_as_a_file(demo, tmp_path):
                 session.load()
 
 
+def test_app_signs_its_records_with_the_device_key(demo, tmp_path):
+    """--log-key: every record the app logs, held ones included, carries the device key's
+    signature, which verify-log checks against the device's public key."""
+    pytest.importorskip("cryptography")
+    import argparse
+
+    from auditlens.device_app.app.main import add_arguments
+    from auditlens.device_app.auditlog import AuditLog
+    from auditlens.device_app.signing import fingerprint, generate_keypair
+
+    root, plan = demo
+    private, public = generate_keypair(tmp_path / "keys", device=True)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--bundle", plan["bundle"], "--log-key", str(private)])
+    session = Session(Path(args.bundle), tmp_path / "audit.db", auditor="Sam", log_key=args.log_key)
+    session.load()
+    try:
+        assert session.log.signer == fingerprint(public.read_bytes())
+        photo = (Path(plan["camera_dir"]) / plan["match_photo"]).read_bytes()
+        assert session.verify(photo, plan["product"]).record_id == 1
+        session.log.close()  # the log fails: the verdict is held, and signed once written
+        assert session.verify(photo, plan["product"]).record_id is None and session.held() == 1
+        session.log = AuditLog(tmp_path / "audit.db", signing_key=args.log_key)
+        assert session.verify(photo, plan["product"]).record_id == 3 and session.held() == 0
+        report = session.log.verify_chain(device_keys=[public])
+        assert report.signed_by == ({"first_id": 1, "last_id": 3, "key": session.log.signer},)
+    finally:
+        session.close()
+
+
 # -- the real app, headless --------------------------------------------------------------
 needs_kivy = pytest.mark.skipif(not HAVE_KIVY, reason="Kivy is not installed (pip install auditlens[app])")
 

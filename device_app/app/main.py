@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=socket.gethostname(), help="device name written to the log (default: the host name, %(default)s)")
     p.add_argument("--public-key", type=Path, default=None, metavar="KEY",
                    help="publisher's Ed25519 public key file: refuse bundles not signed with it")
+    p.add_argument("--log-key", type=Path, default=None, metavar="KEY",
+                   help="this device's private key (device.key of `auditlens keygen --device`): "
+                        "every audit record is signed with it (needs the [sign] extra)")
     p.add_argument("--export-dir", type=Path, default=None,
                    help="where History exports CSV/JSON (default: beside the log)")
     p.add_argument("--size", default=None, metavar="WxH",
@@ -91,12 +94,13 @@ def build_app_class():
 
         def __init__(self, *, bundle: Path, camera_dir: Path | None = None, log: Path | None = None,
                      auditor: str = "", device: str = "", public_key: Path | bytes | None = None,
+                     log_key: Path | bytes | None = None,
                      export_dir: Path | None = None, camera_index: int = 0,
                      camera_rotation: int | str = "auto", **kw):
             super().__init__(**kw)
             log = Path(log) if log else Path(self.user_data_dir) / "audit.db"
             self.session = Session(Path(bundle), log, auditor=auditor, device=device,
-                                   public_key=public_key)
+                                   public_key=public_key, log_key=log_key)
             self.camera_dir, self.camera_index = camera_dir, camera_index
             self.camera_rotation = camera_rotation
             self.export_dir = export_dir
@@ -380,7 +384,7 @@ def run(args) -> int:
     AuditApp = build_app_class()
     app = AuditApp(bundle=args.bundle, camera_dir=args.camera_dir, log=args.log,
                    auditor=args.auditor, device=args.device, public_key=args.public_key,
-                   export_dir=args.export_dir, camera_index=args.camera_index,
+                   log_key=args.log_key, export_dir=args.export_dir, camera_index=args.camera_index,
                    camera_rotation="auto" if args.camera_rotation == "auto" else int(args.camera_rotation))
     app.run()
     if app.load_error is not None:

@@ -62,6 +62,8 @@ class Session:
     auditor: str = ""
     device: str = ""
     public_key: str | bytes | None = None
+    log_key: str | bytes | os.PathLike | None = None
+    """The device's private key: every record the session logs is signed with it."""
     options: VerifierOptions = field(default_factory=VerifierOptions)
     verifier: Verifier | None = None
     log: AuditLog | None = None
@@ -89,7 +91,7 @@ class Session:
         edited outside auditlens: the bundle is not at fault)."""
         self.verifier = Verifier(self.bundle_path, self.options, public_key=self.public_key)
         try:
-            self.log = AuditLog(self.log_path, device=self.device)
+            self.log = AuditLog(self.log_path, device=self.device, signing_key=self.log_key)
         except OSError as exc:  # e.g. its folder cannot be made
             raise AuditLogError(f"{self.log_path}: cannot open the audit log: {exc}") from exc
         self.write_held()  # verdicts held when the app last ran

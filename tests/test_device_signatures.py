@@ -1,0 +1,233 @@
+"""Audit records signed with the device's key: what a check given the device's public key
+catches that the hash chain alone cannot (a record appended or re-hashed by someone with
+the file and the code but without the key)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sqlite3
+
+import pytest
+
+from auditlens.cli import main as cli_main
+from auditlens.device_app.auditlog import AuditLog, signed_message, verify_export
+from auditlens.device_app.signing import fingerprint, generate_keypair, signature_holds
+from auditlens.errors import AuditChainError, AuditLogError
+
+from .conftest import needs_signing
+from .test_auditlog import _edit_by_hand, _rewrite_and_rehash, jpeg, make_verdict
+
+pytestmark = needs_signing
+
+SIGNATURE_GUARDS = ("signatures_append_only_update", "signatures_append_only_delete",
+                    "signatures_of_the_newest")
+
+
+@pytest.fixture
+def device(tmp_path):
+    """The device's key pair (device.key, device.pub)."""
+    return generate_keypair(tmp_path / "device keys", device=True)
+
+
+def _write(log_path, n, start=0, **kw):
+    with AuditLog(log_path, **kw) as log:
+        for i in range(start, start + n):
+            log.append(make_verdict(i, "match" if i % 2 else "no_match"),
+                       photo=jpeg(colour=(i * 30 % 256, 40, 0)), auditor="a")
+
+
+def _sql(log_path, sql):
+    """A tamperer's edit of the signatures table (its guards dropped first)."""
+    _edit_by_hand(log_path, "".join(f"DROP TRIGGER IF EXISTS {t};" for t in SIGNATURE_GUARDS) + sql)
+
+
+def test_every_record_is_signed_and_checks_against_the_device_key(tmp_path, device, capsys):
+    private, public = device
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 4, signing_key=private)
+    with AuditLog(log_path, create=False) as log:
+        records = log.records()
+        report = log.verify_chain(device_keys=[public])
+        assert log.verify_chain().device_keys_checked is False
+    key = fingerprint(public.read_bytes())
+    assert report.device_keys_checked and report.warnings == ()
+    assert report.signed_by == ({"first_id": 1, "last_id": 4, "key": key},)
+    for r in records:  # each signature is the device key's, over the record's own hash
+        assert signature_holds(signed_message(r.record_hash), bytes.fromhex(r.signature), public.read_bytes())
+        assert not signature_holds(signed_message(records[0].record_hash if r.id > 1 else records[1].record_hash),
+                                   bytes.fromhex(r.signature), public.read_bytes())
+
+    assert cli_main(["verify-log", str(log_path), "--device-key", str(public)]) == 0
+    out = capsys.readouterr().out
+    assert f"records 1-4 signed by device key {key} (one of --device-key)" in out
+    assert cli_main(["verify-log", str(log_path)]) == 0  # without the key: said, not claimed
+    assert f"records 1-4 signed by key {key} (not checked against a device's key" in capsys.readouterr().out
+
+    # the JSON upload carries the signatures and is checked the same way
+    upload = tmp_path / "upload.json"
+    assert cli_main(["verify-log", str(log_path), "--export-json", str(upload)]) == 0
+    data = json.loads(upload.read_text(encoding="utf-8"))
+    assert [d["signer"] for d in data["records"]] == [r.signer for r in records]
+    assert verify_export(upload, device_keys=[public]).signed_by == report.signed_by
+    data["records"][2]["signature"] = data["records"][1]["signature"]  # another record's
+    upload.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(AuditChainError, match="record 3: its signature does not verify"):
+        verify_export(upload)
+
+
+def test_a_record_appended_without_the_device_key_is_refused(tmp_path, device, capsys):
+    """Someone with the file and the code appends a record: the chain verifies, the key
+    does not."""
+    private, public = device
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 3, signing_key=private)
+    _write(log_path, 1, start=3)  # opened without the key: an unsigned record
+    with AuditLog(log_path, create=False) as log:
+        warned = log.verify_chain()
+        with pytest.raises(AuditChainError, match="record 4: it is not signed, though record 1 before it is") as exc:
+            log.verify_chain(device_keys=[public])
+    assert exc.value.record_id == 4
+    assert any("not signed though record 1 before them is, first: record 4" in w for w in warned.warnings)
+    assert cli_main(["verify-log", str(log_path), "--device-key", str(public)]) == 4
+    assert "record 4: it is not signed" in capsys.readouterr().err
+
+
+def test_a_record_signed_with_another_key_is_refused(tmp_path, device):
+    private, public = device
+    stranger, stranger_public = generate_keypair(tmp_path / "stranger", device=True)
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 2, signing_key=private)
+    _write(log_path, 1, start=2, signing_key=stranger)
+    with AuditLog(log_path, create=False) as log:
+        with pytest.raises(AuditChainError, match=f"record 3: it is signed by the key "
+                                                  f"{fingerprint(stranger_public.read_bytes())}, which is not"):
+            log.verify_chain(device_keys=[public])
+        report = log.verify_chain(device_keys=[public, stranger_public])  # a device re-keyed
+    assert [run["last_id"] for run in report.signed_by] == [2, 3]
+
+
+def test_a_re_hashed_record_no_longer_carries_a_valid_signature(tmp_path, device, capsys):
+    """The edit a plain chain cannot show (a record changed and every hash after it
+    recomputed) breaks the signature of the edited record, with or without device keys."""
+    private, public = device
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 3, signing_key=private)
+    _rewrite_and_rehash(log_path, 2, decision="no_match", score=0.3)
+    with AuditLog(log_path, create=False) as log:
+        assert log.record(2).decision == "no_match"
+        with pytest.raises(AuditChainError, match="record 2: its signature does not verify with the key it names"):
+            log.verify_chain()
+    assert cli_main(["verify-log", str(log_path)]) == 4
+    assert "changed after it was written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sql, message", [
+    ("UPDATE signatures SET signature = replace(signature, substr(signature, 1, 1), "
+     "CASE substr(signature, 1, 1) WHEN 'a' THEN 'b' ELSE 'a' END) WHERE record_id = 2;",
+     "record 2: its signature does not verify"),
+    ("UPDATE signatures SET signature = 'zz' WHERE record_id = 1;", "record 1: its signature or the key it names is not well formed"),
+    ("DELETE FROM signatures WHERE record_id = 3;", "record 3: it is not signed, though record 1"),
+    ("DELETE FROM signatures;", "no record is signed, but device keys were given"),
+])
+def test_signatures_edited_by_hand_are_caught(tmp_path, device, sql, message):
+    private, public = device
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 3, signing_key=private)
+    _sql(log_path, sql)
+    with AuditLog(log_path, create=False) as log, pytest.raises(AuditChainError, match=message):
+        log.verify_chain(device_keys=[public])
+
+
+def test_a_signature_cannot_be_added_or_changed_through_sqlite(tmp_path, device):
+    private, _ = device
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 2)
+    db = sqlite3.connect(log_path)
+    for sql, words in (("INSERT INTO signatures VALUES (1, 'aa', 'bb')", "signed when it is written"),
+                       ("UPDATE signatures SET signature = 'x'", None),
+                       ("DELETE FROM signatures", None)):
+        if words:
+            with pytest.raises(sqlite3.IntegrityError, match=words):
+                db.execute(sql)
+        else:
+            db.execute(sql)  # an empty table: nothing to change, so nothing refused
+    db.close()
+    _write(log_path, 1, start=2, signing_key=private)
+    db = sqlite3.connect(log_path)
+    with pytest.raises(sqlite3.IntegrityError, match="signatures cannot be changed"):
+        db.execute("UPDATE signatures SET signature = 'x'")
+    with pytest.raises(sqlite3.IntegrityError, match="signatures cannot be deleted"):
+        db.execute("DELETE FROM signatures")
+    db.close()
+
+
+def test_a_log_from_before_signatures_gets_them_without_a_false_alarm(tmp_path, device):
+    """A log written before the signatures table existed: it reads as unsigned, and the
+    first append with a key adds the table without reporting its guards as removed."""
+    private, public = device
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 2)
+    db = sqlite3.connect(log_path)
+    db.execute("DROP TABLE signatures")  # its triggers go with it: such a log as it is on disk
+    db.close()
+    with AuditLog(log_path, create=False) as log:
+        old = log.verify_chain()
+        assert [r.signer for r in log.records()] == ["", ""]
+        with pytest.raises(AuditChainError, match="no record is signed"):
+            log.verify_chain(device_keys=[public])
+    assert old.signed_by == ({"first_id": 1, "last_id": 2, "key": ""},)
+    _write(log_path, 2, start=2, signing_key=private)
+    with AuditLog(log_path, create=False) as log:
+        report = log.verify_chain(device_keys=[public])
+    assert report.triggers_intact
+    assert report.warnings == ("records 1-2 not signed (written before the device had a key); "
+                               "record 3's signature covers their hashes",)
+    # the unsigned records are still held by record 3's signature
+    _rewrite_and_rehash(log_path, 1, decision="match", score=0.95)
+    with AuditLog(log_path, create=False) as log, pytest.raises(AuditChainError, match="record 3: its signature"):
+        log.verify_chain(device_keys=[public])
+
+
+def test_an_incremental_check_remembers_the_first_signed_record(tmp_path, device):
+    private, public = device
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 2, signing_key=private)
+    with AuditLog(log_path) as log:
+        head = log.verify_chain(device_keys=[public])
+        log.append(make_verdict(9), photo=jpeg(), auditor="a")  # no key: unsigned
+        with pytest.raises(AuditChainError, match="record 3: it is not signed, though record 1"):
+            log.verify_chain(since=(head.records, head.head_hash), device_keys=[public])
+
+
+def test_keys_of_the_wrong_kind_are_clear_errors(tmp_path, device, capsys):
+    private, public = device
+    log_path = tmp_path / "audit.db"
+    with pytest.raises(AuditLogError, match="cannot sign the audit log's records with this key: this is a public key"):
+        AuditLog(log_path, signing_key=public)
+    assert not log_path.exists()  # refused before the log was made
+    _write(log_path, 1, signing_key=private)
+    assert cli_main(["verify-log", str(log_path), "--device-key", str(private)]) == 2
+    assert "not a device's public key: this is a private key" in capsys.readouterr().err
+
+
+def test_cli_verify_signs_its_record_and_keygen_says_how(tmp_path, sample_bundle, sample_photos, capsys):
+    keys = tmp_path / "device keys"  # a space: the printed commands must run as shown
+    assert cli_main(["keygen", "--device", "--out", str(keys)]) == 0
+    printed = capsys.readouterr().out
+    assert (keys / "device.key").stat().st_mode & 0o777 == 0o600
+    sign_line = next(line for line in printed.splitlines() if "--log-key" in line)
+    check_line = next(line for line in printed.splitlines() if "--device-key" in line)
+    assert shlex.split(sign_line.split("`")[1])[-1] == str(keys / "device.key")
+    assert shlex.split(check_line.split("`")[1])[-1] == str(keys / "device.pub")
+
+    photo = sample_photos[0]
+    log_path = tmp_path / "audit.db"
+    rc = cli_main(["verify", str(photo.photo), "--product", photo.product_id, "--bundle", str(sample_bundle),
+                   "--log", str(log_path), "--log-key", str(keys / "device.key"), "--auditor", "a"])
+    assert rc in (0, 1)
+    capsys.readouterr()
+    assert cli_main(["verify-log", str(log_path), "--device-key", str(keys / "device.pub"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device_keys_checked"] and report["signed_by"][0]["key"] == fingerprint(
+        (keys / "device.pub").read_bytes())
