@@ -98,6 +98,17 @@ PHOTO_CSV_COLUMNS = (
 """Columns of ``photos.csv`` written by :meth:`AuditLog.export_photos`."""
 _PHOTO_SUFFIX = {"image/jpeg": "jpg", "image/png": "png"}
 
+
+def _unchangeable(table: str, name: str, changed: str, deleted: str) -> str:
+    """Triggers ``{name}_update`` and ``{name}_delete`` that refuse to change or delete a
+    row of ``table``, with these messages."""
+    return "".join(f"""
+CREATE TRIGGER IF NOT EXISTS {name}_{op.lower()} BEFORE {op} ON {table}
+BEGIN
+    SELECT RAISE(ABORT, '{message}');
+END;""" for op, message in (("UPDATE", changed), ("DELETE", deleted)))
+
+
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
@@ -117,15 +128,8 @@ CREATE TABLE IF NOT EXISTS records (
     record_hash     TEXT NOT NULL UNIQUE,
     photo_mime      TEXT NOT NULL,
     photo           BLOB NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS records_append_only_update BEFORE UPDATE ON records
-BEGIN
-    SELECT RAISE(ABORT, 'the audit log is append-only: records cannot be changed');
-END;
-CREATE TRIGGER IF NOT EXISTS records_append_only_delete BEFORE DELETE ON records
-BEGIN
-    SELECT RAISE(ABORT, 'the audit log is append-only: records cannot be deleted');
-END;
+);{_unchangeable("records", "records_append_only", "the audit log is append-only: records cannot be changed",
+                 "the audit log is append-only: records cannot be deleted")}
 CREATE TRIGGER IF NOT EXISTS records_extend_chain BEFORE INSERT ON records
 WHEN NEW.id IS NOT (SELECT COALESCE(MAX(id), 0) + 1 FROM records)
   OR NEW.prev_hash IS NOT COALESCE((SELECT record_hash FROM records ORDER BY id DESC LIMIT 1),
@@ -137,28 +141,14 @@ CREATE TABLE IF NOT EXISTS signatures (
     record_id       INTEGER PRIMARY KEY,
     public_key      TEXT NOT NULL,
     signature       TEXT NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS signatures_append_only_update BEFORE UPDATE ON signatures
-BEGIN
-    SELECT RAISE(ABORT, 'the audit log is append-only: signatures cannot be changed');
-END;
-CREATE TRIGGER IF NOT EXISTS signatures_append_only_delete BEFORE DELETE ON signatures
-BEGIN
-    SELECT RAISE(ABORT, 'the audit log is append-only: signatures cannot be deleted');
-END;
+);{_unchangeable("signatures", "signatures_append_only", "the audit log is append-only: signatures "
+                 "cannot be changed", "the audit log is append-only: signatures cannot be deleted")}
 CREATE TRIGGER IF NOT EXISTS signatures_of_the_newest BEFORE INSERT ON signatures
 WHEN NEW.record_id IS NOT (SELECT MAX(id) FROM records)
 BEGIN
     SELECT RAISE(ABORT, 'a record is signed when it is written, not later');
-END;
-CREATE TRIGGER IF NOT EXISTS meta_read_only_update BEFORE UPDATE ON meta
-BEGIN
-    SELECT RAISE(ABORT, 'the audit log header cannot be changed');
-END;
-CREATE TRIGGER IF NOT EXISTS meta_read_only_delete BEFORE DELETE ON meta
-BEGIN
-    SELECT RAISE(ABORT, 'the audit log header cannot be changed');
-END;
+END;{_unchangeable("meta", "meta_read_only", "the audit log header cannot be changed",
+                   "the audit log header cannot be changed")}
 """
 
 _TRIGGERS = ("records_append_only_update", "records_append_only_delete", "records_extend_chain")
