@@ -15,12 +15,10 @@ tf = pytest.importorskip("tensorflow")
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory) -> dict:
+def _train_tiny(root: Path, **overrides) -> dict:
     from auditlens.training.config import TrainConfig
     from auditlens.training.train import train
 
-    root = tmp_path_factory.mktemp("export")
     originals = root / "originals"
     originals.mkdir()
     for i in range(5):
@@ -28,10 +26,15 @@ def tiny_encoder(tmp_path_factory) -> dict:
     config = TrainConfig(
         catalog=str(originals), out_dir=str(root / "run"), input_size=32, latent_dim=16, width=8,
         head_channels=32, recon_size=16, epochs=1, steps_per_epoch=3, products_per_batch=4,
-        views_per_product=3, progress=False,
+        views_per_product=3, progress=False, **overrides,
     )
     result = train(config)
     return {"root": root, "catalog": originals, "encoder": result.encoder_path}
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> dict:
+    return _train_tiny(tmp_path_factory.mktemp("export"))
 
 
 def images_of(catalog: Path, size: int = 32) -> np.ndarray:
@@ -68,6 +71,27 @@ def test_int8_latents_agree_with_keras(tiny_encoder, tmp_path):
     interpreter = Interpreter(model_path=str(out), num_threads=1)
     scale, zero = interpreter.get_input_details()[0]["quantization"]
     assert scale > 0  # the device reads the input's scale/zero point from the model
+
+
+def test_average_and_maximum_pooling_quantizes_to_int8(tmp_path):
+    """--pooling avgmax: the global maximum beside the average stays an int8 op, and the
+    int8 latents agree with the Keras model's as the average-pooled encoder's do."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from auditlens.export.quantize import QuantizationConfig, export_encoder
+
+    tiny = _train_tiny(tmp_path, pooling="avgmax")
+    rep = images_of(tiny["catalog"])
+    out = tmp_path / "encoder.tflite"
+    report = export_encoder(tiny["encoder"], rep, out, QuantizationConfig.for_int8(rep))
+    assert report.mean_cosine > 0.97 and report.worst_cosine > 0.9
+    ops = {d["op_name"] for d in Interpreter(model_path=str(out))._get_ops_details()}
+    assert {"REDUCE_MAX", "MEAN", "CONCATENATION"} <= ops
+
+    from auditlens.training.model import ModelSpec, build_encoder
+
+    with pytest.raises(ValueError, match="unknown pooling 'gem'; choose from avg, avgmax"):
+        build_encoder(ModelSpec(input_size=32, pooling="gem"))
 
 
 def test_float16_export(tiny_encoder, tmp_path):

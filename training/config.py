@@ -43,6 +43,8 @@ class TrainConfig:
     'mobilenet_v2' trunk from; None: random initialisation."""
     trunk_blocks: int = 13
     """MobileNetV2 blocks kept by the 'mobilenet_v2' backbone."""
+    pooling: str = "avg"
+    """The encoder's global pooling: 'avg', or 'avgmax' (average and maximum side by side)."""
     backbone_lr_scale: float = 0.1
     """The pretrained trunk's learning rate relative to ``learning_rate`` (the new layers
     take the full rate): fine-tuning, not relearning, the ImageNet features."""

@@ -1,7 +1,8 @@
 """The encoder/decoder pair: a tiny MobileNet-style encoder that quantizes cleanly to int8.
 
 The encoder is what ships. Its graph holds only ops that TFLite runs natively in int8
-(Conv2D, DepthwiseConv2D, folded BatchNorm, ReLU6, Add, GlobalAveragePooling, Dense), takes
+(Conv2D, DepthwiseConv2D, folded BatchNorm, ReLU6, Add, global average or max pooling,
+Concatenate, Dense), takes
 raw 0..255 pixels (so the int8 model's uint8 input is the camera pixels themselves) and
 returns the *raw* latent: L2 normalisation happens in numpy on the device, because a
 normalising op in the int8 graph would quantize the already-small latent twice.
@@ -44,9 +45,14 @@ class ModelSpec:
     whose layer names start with ``mb``."""
     trunk_blocks: int = 13
     """MobileNetV2 blocks kept by the 'mobilenet_v2' backbone (13: up to the 96-channel stage)."""
+    pooling: str = "avg"
+    """How the head's feature map becomes one vector: 'avg' (global average) or 'avgmax'
+    (global average and global maximum side by side: the strongest response of each
+    channel anywhere in the frame, as a small logo or label gives it)."""
 
 
 BACKBONES = ("scratch", "mobilenet_v2")
+POOLINGS = ("avg", "avgmax")
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, act: bool = True):
@@ -95,7 +101,13 @@ def build_encoder(spec: ModelSpec = ModelSpec(), backbone_state: dict | None = N
     else:
         raise ValueError(f"unknown backbone {spec.backbone!r}; choose from {', '.join(BACKBONES)}")
     x = _conv_bn(x, spec.head_channels, 1, 1, "head")
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    if spec.pooling == "avgmax":
+        x = layers.Concatenate(name="pool")([layers.GlobalAveragePooling2D(name="pool_avg")(x),
+                                              layers.GlobalMaxPooling2D(name="pool_max")(x)])
+    elif spec.pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="pool")(x)
+    else:
+        raise ValueError(f"unknown pooling {spec.pooling!r}; choose from {', '.join(POOLINGS)}")
     latent = layers.Dense(spec.latent_dim, name="latent")(x)
     return keras.Model(inputs, latent, name=ENCODER_NAME)
 

@@ -765,7 +765,7 @@ def train(config: TrainConfig) -> TrainResult:
     mspec = ModelSpec(
         input_size=config.input_size, latent_dim=config.latent_dim, width=config.width,
         head_channels=config.head_channels, recon_size=config.recon_size,
-        backbone=config.backbone, trunk_blocks=config.trunk_blocks,
+        backbone=config.backbone, trunk_blocks=config.trunk_blocks, pooling=config.pooling,
     )
     variants = pseudo_variants(config.pseudo_products)
     n_classes = len(data.train_ids) * len(variants)
@@ -905,6 +905,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "read without torch; never downloaded) to start the mobilenet_v2 trunk from")
     parser.add_argument("--trunk-blocks", type=int, default=d.trunk_blocks, metavar="N",
                         help=f"MobileNetV2 blocks kept, 1-17 (default {d.trunk_blocks}: up to the 96-channel stage)")
+    parser.add_argument("--pooling", choices=("avg", "avgmax"), default=d.pooling,
+                        help="global pooling of the encoder's last feature map: average, or average "
+                        f"and maximum side by side (default {d.pooling})")
     parser.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale,
                         help="learning rate of the pretrained trunk relative to --lr "
                         f"(default {d.backbone_lr_scale})")
@@ -964,7 +967,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         minutes=args.minutes, epochs=args.epochs, stop_epoch=args.stop_epoch, steps_per_epoch=args.steps_per_epoch,
         holdout_fold=args.holdout_fold, seed=args.seed, input_size=args.input_size,
         latent_dim=args.latent_dim, width=args.width, backbone=args.backbone,
-        backbone_weights=args.backbone_weights, trunk_blocks=args.trunk_blocks,
+        backbone_weights=args.backbone_weights, trunk_blocks=args.trunk_blocks, pooling=args.pooling,
         backbone_lr_scale=args.backbone_lr_scale, products_per_batch=args.products_per_batch,
         views_per_product=args.views_per_product, group_pairs=args.group_pairs,
         pseudo_products=args.pseudo_products, pseudo_kinds=tuple(args.pseudo_kinds),
