@@ -29,13 +29,16 @@ like any other, unless it contradicts itself (columns that differ from its verdi
 decision its score refutes), which :meth:`~AuditLog.verify_chain` reports as made outside
 auditlens, or the device signs its records: a log opened with the device's Ed25519 key
 (``AuditLog(path, signing_key=...)``, ``auditlens keygen --device``) stores beside each
-record the key's signature of its hash (the ``signatures`` table), and a check given the
-device's public key (``verify_chain(device_keys=...)``, ``verify-log --device-key``)
-refuses any record from the first signed one on that this key did not sign: a record
-written without the device's private key no longer passes. Records written before the
-device had a key stay unsigned, and the report says which; their hashes are covered by the
-first signed record's, so they cannot be changed either. The key signs whatever the device
-is made to append: it proves where a record was written, not that the photo shows the shelf.
+record the key's signature of the log's id and the record's hash (the ``signatures``
+table), and a check given the device's public key (``verify_chain(device_keys=...)``,
+``verify-log --device-key``) refuses any record that this key did not sign: a record
+written, or edited and re-hashed, without the device's private key no longer passes. A
+log whose first records were written before the device had a key is checked from the
+record the auditor names (``signed_from``, ``--signed-from``): the records before it are
+reported unsigned, and nothing but the auditor's knowledge of when the key was installed
+protects them (a tamperer can strip signatures and rewrite them). Once a log holds signed
+records, an append without a key is refused. The key signs whatever the device is made to
+append: it proves where a record was written, not that the photo shows the shelf.
 
 Every append checkpoints the WAL into the ``.db`` file, so a copy of that file alone
 normally holds every committed record (not when another connection was reading at that
@@ -146,7 +149,7 @@ CREATE TABLE IF NOT EXISTS signatures (
 CREATE TRIGGER IF NOT EXISTS signatures_of_the_newest BEFORE INSERT ON signatures
 WHEN NEW.record_id IS NOT (SELECT MAX(id) FROM records)
 BEGIN
-    SELECT RAISE(ABORT, 'a record is signed when it is written, not later');
+    SELECT RAISE(ABORT, 'only the newest record can be signed, as it is written');
 END;{_unchangeable("meta", "meta_read_only", "the audit log header cannot be changed",
                    "the audit log header cannot be changed")}
 """
@@ -187,7 +190,8 @@ class AuditRecord:
     signer: str = ""
     """The public key (64 hex digits) of the device key that signed the record; "" unsigned."""
     signature: str = ""
-    """Ed25519 signature (128 hex digits) of :func:`signed_message` of the record's hash."""
+    """Ed25519 signature (128 hex digits) of :func:`signed_message` of the log's id and the
+    record's hash."""
 
     @property
     def verdict(self) -> dict:
@@ -276,10 +280,11 @@ def record_hash(fields: dict) -> str:
     return hashlib.sha256(canonical_bytes(fields)).hexdigest()
 
 
-def signed_message(record_hash_hex: str) -> bytes:
-    """The bytes a device key signs for a record: its hash, which covers every field and,
-    through ``prev_hash``, every record before it."""
-    return f"{LOG_FORMAT} record {record_hash_hex}".encode("ascii")
+def signed_message(log_id: str, record_hash_hex: str) -> bytes:
+    """The bytes a device key signs for a record: the log's id (a record cannot pass for
+    one of another log) and the record's hash, which covers every field and, through
+    ``prev_hash``, every record before it."""
+    return f"{LOG_FORMAT} {log_id} record {record_hash_hex}".encode("utf-8", "surrogateescape")
 
 
 def prepare_photo(photo: bytes, max_side: int = MAX_PHOTO_SIDE) -> tuple[bytes, str]:
@@ -411,7 +416,7 @@ class AuditLog:
         the [sign] extra)."""
         self.path = Path(path)
         self.device = device
-        self._signer = None if signing_key is None else _load_signing_key(signing_key)
+        self._signer = None if signing_key is None else load_signing_key(signing_key)
         if not create and not self.path.is_file():
             raise AuditLogError(f"{self.path}: no audit log here")
         if create:
@@ -427,9 +432,6 @@ class AuditLog:
         self._db = None
         self._writable = False
         """Opened as a log to append to (not read-only, schema checked and in place)."""
-        self._signatures_table = False
-        """The log has its signatures table (a log written before it existed, opened read-only,
-        has none: its records are unsigned)."""
         # Two processes opening a new log at once: switching it to WAL can meet the other's
         # lock without SQLite waiting for it ("database is locked"); try again until timeout.
         deadline = time.monotonic() + timeout
@@ -463,7 +465,6 @@ class AuditLog:
             self._db.execute("PRAGMA foreign_keys = ON")
             self._init_schema()
             self._writable = True
-        self._signatures_table = self._has_signatures_table()
 
     # -- lifecycle -----------------------------------------------------------------
     def _connect_read_only(self, timeout: float) -> sqlite3.Connection:
@@ -546,8 +547,12 @@ class AuditLog:
                 raise
 
     def _has_signatures_table(self) -> bool:
-        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                                "name = 'signatures'").fetchone() is not None
+        """Whether the log has its signatures table (asked each time: a log written before it
+        existed gets it on its next append, perhaps by another process; read-only, it has
+        none and its records are unsigned)."""
+        with self._open_db() as db:  # a closed log says so
+            return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                              "name = 'signatures'").fetchone() is not None
 
     def _guards(self) -> tuple[str, ...]:
         """The triggers this log must have: the signatures table's too once it has one."""
@@ -563,7 +568,7 @@ class AuditLog:
     def _columns(self) -> str:
         """The select list of an :class:`AuditRecord` (its signature from the signatures
         table, "" where there is none)."""
-        if not self._signatures_table:
+        if not self._has_signatures_table():
             return ", ".join(_LIST_COLUMNS) + ", '', ''"
         return ", ".join(_LIST_COLUMNS) + "".join(
             f", COALESCE((SELECT {c} FROM signatures WHERE record_id = records.id), '')"
@@ -632,6 +637,7 @@ class AuditLog:
                 try:
                     head = self._db.execute(
                         "SELECT id, record_hash FROM records ORDER BY id DESC LIMIT 1").fetchone()
+                    self.check_can_append()
                     fields["id"] = (head[0] + 1) if head else 1
                     fields["prev_hash"] = head[1] if head else GENESIS_HASH
                     # stamped once the log is locked: appends from several threads or
@@ -651,7 +657,7 @@ class AuditLog:
                         key, public = self._signer
                         self._db.execute(
                             "INSERT INTO signatures (record_id, public_key, signature) VALUES (?, ?, ?)",
-                            (fields["id"], public, key.sign(signed_message(digest)).hex()))
+                            (fields["id"], public, key.sign(signed_message(self.log_id, digest)).hex()))
                     self._db.execute("COMMIT")
                 except BaseException:
                     if self._db.in_transaction:
@@ -661,6 +667,30 @@ class AuditLog:
                 raise AuditLogError(f"{self.path}: could not write the audit record: {exc}") from exc
             self._checkpoint()
         return int(fields["id"])
+
+    def check_can_append(self) -> None:
+        """Raise :class:`AuditLogError` when this log, opened without a key, holds a signed
+        newest record: an unsigned record after it would read as written outside auditlens
+        to every check given the device's key (the app checks this on start)."""
+        signer = "" if self._signer is not None else self.head_signer
+        if signer:
+            raise AuditLogError(
+                f"{self.path}: this log's records are signed by the device key {signer}; open "
+                "it with that key to append (--log-key device.key; AuditLog(signing_key=...)): "
+                "an unsigned record would fail every check with the device's public key")
+
+    @property
+    def head_signer(self) -> str:
+        """Fingerprint of the key that signed the newest record ("" when it is unsigned, or
+        the log is empty): a log signed so far takes records only with a key."""
+        from auditlens.device_app.signing import fingerprint_hex
+
+        if not self._has_signatures_table():
+            return ""
+        with self._open_db() as db:
+            row = db.execute("SELECT public_key FROM signatures WHERE record_id = "
+                             "(SELECT MAX(id) FROM records)").fetchone()
+        return fingerprint_hex(row[0]) if row else ""
 
     def _checkpoint(self) -> None:
         """Copy committed records from the ``-wal`` file into the ``.db`` file (PASSIVE: it
@@ -709,7 +739,7 @@ class AuditLog:
             size = self.PAGE_ROWS if left is None else min(self.PAGE_ROWS, left)
             with self._open_db() as db:
                 rows = db.execute(
-                    f"SELECT {columns} FROM records WHERE id < ? ORDER BY id DESC LIMIT ?"
+                    f"SELECT {columns} FROM records WHERE id < ? AND id > 0 ORDER BY id DESC LIMIT ?"
                     if newest_first else
                     f"SELECT {columns} FROM records WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
                     (after, size) if newest_first else (after, last, size)).fetchall()
@@ -743,7 +773,8 @@ class AuditLog:
     # -- checking ------------------------------------------------------------------
     def verify_chain(self, *, anchors: Sequence[tuple[int, str]] = (),
                      since: tuple[int, str] | None = None,
-                     device_keys: Sequence[bytes | str | os.PathLike] = ()) -> ChainReport:
+                     device_keys: Sequence[bytes | str | os.PathLike] = (),
+                     signed_from: int = 1) -> ChainReport:
         """Check the whole log; raise :class:`AuditChainError` naming the first record
         that was edited, removed or reordered, or whose photo was swapped.
 
@@ -758,10 +789,11 @@ class AuditLog:
         all again.
 
         ``device_keys``: the public keys of the devices that write this log (``device.pub``
-        files, PEM, raw or hex): every record from the first signed one on must carry a
-        signature by one of them, and at least one record must (a log whose records are
-        all unsigned is refused). Without them, a signature is checked against the key it
-        names (needs the [sign] extra; without it, a warning says signatures went unchecked)."""
+        files, PEM, raw or hex): every record must carry a signature by one of them, but for
+        those before ``signed_from`` (a device that got its key after it had written them;
+        they are then reported unsigned) that come before the first signed record. Without
+        them, a signature is checked against the key it names (needs the [sign] extra;
+        without it, a warning says signatures went unchecked)."""
         kept = _kept_hashes(anchors)
         trusted = _device_keys(device_keys)
         start_id, start_hash = (0, GENESIS_HASH) if not since or int(since[0]) <= 0 else (
@@ -798,16 +830,21 @@ class AuditLog:
 
             _check_kept_heads(str(self.path), kept, stored_hash)
             signed_before = None
-            if start_id and self._signatures_table:
+            if start_id and self._has_signatures_table():
                 signed_before = self._db.execute(
                     "SELECT MIN(record_id) FROM signatures WHERE record_id <= ?", (start_id,)).fetchone()[0]
             cursor = self._db.execute(
                 f"SELECT {self._columns()}, photo FROM records WHERE id > ? ORDER BY id ASC",
                 (start_id,))
-            walk = _ChainWalk(str(self.path), start_id, start_hash, first, last,
-                              device_keys=trusted, first_signed=signed_before)
+            walk = _ChainWalk(str(self.path), start_id, start_hash, first, last, log_id=self.log_id,
+                              device_keys=trusted, signed_from=signed_from, first_signed=signed_before)
             for row in cursor:
                 walk.add(AuditRecord(*row[:-1]), row[-1])
+            total, lowest = self._db.execute("SELECT COUNT(*), MIN(id) FROM records").fetchone()
+            if total != walk.count:  # a row outside the chain (id 0 or below) the walk never read
+                raise _chain_error(f"{self.path}: record {lowest}: it is outside the chain "
+                                   f"({total} rows, the chain runs 1..{walk.count}); it was "
+                                   "added outside auditlens", lowest)
             restored = [k.split(":", 1)[1] for (k,) in self._db.execute(
                 "SELECT key FROM meta WHERE key LIKE 'guards_restored:%' ORDER BY key")]
             guards = set(self._guards())
@@ -937,13 +974,18 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]] = (),
-                  device_keys: Sequence[bytes | str | os.PathLike] = ()) -> ChainReport:
+                  device_keys: Sequence[bytes | str | os.PathLike] = (),
+                  signed_from: int = 1) -> ChainReport:
     """Check a JSON export (``verify-log --export-json``) as :meth:`AuditLog.verify_chain`
     checks a log: the chain of its records, each record's hash and signature, its photo
     when the export carries photos (``--photos``), and the head its header names;
-    ``anchors`` and ``device_keys`` as for :meth:`~AuditLog.verify_chain`. An auditor
-    given an upload checks it without the device's database. The whole file is read into
-    memory."""
+    ``anchors``, ``device_keys`` and ``signed_from`` as for :meth:`~AuditLog.verify_chain`.
+    An auditor given an upload checks it without the device's database. The whole file is
+    read into memory.
+
+    The header's ``warnings`` (the append-only guards found removed on the device) and
+    ``triggers_intact`` are the device's word, signed by nothing: they are repeated, not
+    checked, and an edited export can leave them out. Check the ``.db`` for them."""
     import base64
 
     path = Path(path)
@@ -962,7 +1004,8 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
     if not isinstance(header, dict) or not isinstance(records, list):
         raise AuditLogError(f"{path}: not an auditlens audit log export (no log header or records)")
     kept = _kept_hashes(anchors)
-    walk = _ChainWalk(str(path), device_keys=_device_keys(device_keys))
+    walk = _ChainWalk(str(path), log_id=_text(header.get("log_id", "")),
+                      device_keys=_device_keys(device_keys), signed_from=signed_from)
     hashes: dict[int, str] = {}
     # an export made with --photos carries every record's photo: each one is checked
     with_photos = bool(records) and isinstance(records[0], dict) and "photo_base64" in records[0]
@@ -999,14 +1042,16 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
                        warnings)
 
 
-def _load_signing_key(key):
+def load_signing_key(key):
     """The device's private key, and its public key as hex (raises :class:`AuditLogError`
     for a key that cannot sign)."""
     from auditlens.device_app.signing import load_private_key, public_hex
     from auditlens.errors import BundleSignatureError
 
     try:
-        private = load_private_key(key)
+        private = load_private_key(Path(key).read_bytes() if isinstance(key, os.PathLike) else key)
+    except OSError as exc:
+        raise AuditLogError(f"{key}: cannot read the device key: {exc.strerror or exc}") from exc
     except BundleSignatureError as exc:
         where = f"{key}: " if isinstance(key, os.PathLike) else ""
         raise AuditLogError(f"{where}cannot sign the audit log's records with this key: {exc}") from exc
@@ -1018,13 +1063,23 @@ def _device_keys(keys: Sequence[bytes | str | os.PathLike]) -> dict[str, str] | 
     no keys (signatures are then checked against the key they name)."""
     if not keys:
         return None
-    from auditlens.device_app.signing import fingerprint_hex, load_public_key, public_hex
+    from auditlens.device_app.signing import (
+        fingerprint_hex,
+        load_public_key,
+        public_hex,
+        require_cryptography,
+    )
     from auditlens.errors import BundleSignatureError
 
+    require_cryptography()  # a missing [sign] extra is said as such, not as a bad key
     trusted = {}
     for key in keys:
         try:
-            raw = public_hex(load_public_key(key))
+            data = Path(key).read_bytes() if isinstance(key, os.PathLike) else key
+            raw = public_hex(load_public_key(data))
+        except OSError as exc:
+            raise AuditLogError(f"{key}: cannot read the device's public key: "
+                                f"{exc.strerror or exc}") from exc
         except BundleSignatureError as exc:
             where = f"{key}: " if isinstance(key, os.PathLike) else ""
             raise AuditLogError(f"{where}not a device's public key: {exc}") from exc
@@ -1081,16 +1136,21 @@ class _ChainWalk:
     log (:meth:`AuditLog.verify_chain`) and on a JSON export (:func:`verify_export`)."""
 
     def __init__(self, where: str, start_id: int = 0, start_hash: str = GENESIS_HASH,
-                 first_utc: str = "", last_utc: str = "", *,
-                 device_keys: dict[str, str] | None = None, first_signed: int | None = None) -> None:
+                 first_utc: str = "", last_utc: str = "", *, log_id: str = "",
+                 device_keys: dict[str, str] | None = None, signed_from: int = 1,
+                 first_signed: int | None = None) -> None:
         self.where = where
         self.head_hash, self.count = start_hash, start_id
         self.first_utc, self.last_utc = first_utc, last_utc
         self.backwards: list[str] = []
         self.runs: list[dict] = []
+        self.log_id = log_id
+        """The log's id, which each signature covers."""
         self.device_keys = device_keys
-        """hex -> fingerprint of the keys every record from the first signed one on must be
-        signed by; None: a signature is checked against the key it names."""
+        """hex -> fingerprint of the keys every record from ``signed_from`` on, and from the
+        first signed one on, must be signed by; None: a signature is checked against the key
+        it names."""
+        self.signed_from = max(1, int(signed_from))
         self.first_signed = first_signed
         """Id of the first signed record so far (before ``start_id`` too)."""
         self.signed_by: list[dict] = []
@@ -1157,7 +1217,8 @@ class _ChainWalk:
 
     def _check_signature(self, record: AuditRecord) -> None:
         """The record's signature holds for the key it names, that key is one of the
-        device keys (when given), and a record after a signed one is signed."""
+        device keys (when given), and a record from ``signed_from`` on, or after a signed
+        one, is signed."""
         from auditlens.device_app.signing import fingerprint_hex
 
         rid, signer = record.id, record.signer
@@ -1168,9 +1229,13 @@ class _ChainWalk:
                                       "outside auditlens")
             key = fingerprint_hex(signer)
             if self.device_keys is not None and signer not in self.device_keys:
-                raise self._fail(rid, f"it is signed by the key {key}, which is not one of the "
-                                      f"device keys given ({', '.join(self.device_keys.values())}); "
-                                      "it was written by another device or outside auditlens")
+                given = ", ".join(self.device_keys.values())
+                hint = "" if self.first_signed else (
+                    f" (no record before it is signed by them either: if {key} is this device's "
+                    "key, the wrong public key was given)")
+                raise self._fail(rid, f"it is signed by the key {key}, not by the device keys "
+                                      f"given ({given}); it was written by another device or "
+                                      f"outside auditlens{hint}")
             holds = self._signature_holds(record)
             if holds is False:
                 raise self._fail(rid, f"its signature does not verify with the key it names ({key}); "
@@ -1178,11 +1243,17 @@ class _ChainWalk:
             self.first_signed = self.first_signed or rid
         else:
             key = ""
+            if self.device_keys is not None and self.first_signed is not None:
+                raise self._fail(rid, f"it is not signed, though record {self.first_signed} "
+                                      "before it is: it was written without the device's key, "
+                                      "or its signature was removed, outside auditlens")
+            if self.device_keys is not None and rid >= self.signed_from:
+                raise self._fail(rid, f"it is not signed, and every record from {self.signed_from} "
+                                      "on must be signed by the device keys given: it was written "
+                                      "without the device's key, or its signature was removed; if "
+                                      "the device got its key later, say from which record on its "
+                                      "records are signed (--signed-from ID)")
             if self.first_signed is not None:
-                if self.device_keys is not None:
-                    raise self._fail(rid, f"it is not signed, though record {self.first_signed} "
-                                          "before it is: it was written without the device's key, "
-                                          "or its signature was removed, outside auditlens")
                 self.unsigned_after.append(rid)
         if self.signed_by and self.signed_by[-1]["key"] == key and self.signed_by[-1]["last_id"] == rid - 1:
             self.signed_by[-1]["last_id"] = rid
@@ -1202,18 +1273,16 @@ class _ChainWalk:
                 self._keys[record.signer] = load_public_key(record.signer)
             except AuditlensError:  # 64 hex digits that are no point of the curve
                 return False
-        return signature_holds(signed_message(record.record_hash), bytes.fromhex(record.signature),
-                               self._keys[record.signer])
+        return signature_holds(signed_message(self.log_id, record.record_hash),
+                               bytes.fromhex(record.signature), self._keys[record.signer])
 
     def report(self, log_id: str, triggers_intact: bool, warnings: tuple[str, ...]) -> ChainReport:
-        if self.device_keys is not None and self.count and self.first_signed is None:
-            raise _chain_error(f"{self.where}: no record is signed, but device keys were given "
-                               f"({', '.join(self.device_keys.values())}): the log was not "
-                               "written with a device key, or its signatures were removed", None)
-        if self.device_keys is not None and self.first_signed and self.first_signed > 1:
-            warnings += (f"{_id_range(1, self.first_signed - 1)} not signed (written before the "
-                         f"device had a key); record {self.first_signed}'s signature covers "
-                         "their hashes",)
+        unsigned_start = min(self.count + 1, self.first_signed or self.signed_from)
+        if self.device_keys is not None and unsigned_start > 1:
+            warnings += (f"{_id_range(1, unsigned_start - 1)} not signed, as --signed-from "
+                         f"{self.signed_from} allows: written before the device had a key, or "
+                         "their signatures were removed; only the records from the first signed "
+                         "one on are held to the device's key",)
         if self.unsigned_after:
             warnings += (f"{len(self.unsigned_after)} record(s) are not signed though record "
                          f"{self.first_signed} before them is, first: record {self.unsigned_after[0]}; "
@@ -1308,9 +1377,12 @@ def add_arguments(p) -> None:
                         "removed or rewritten and re-hashed since then; may be repeated")
     p.add_argument("--device-key", action="append", default=[], type=Path, metavar="PUB",
                    help="public key of a device that writes this log (device.pub of `auditlens keygen "
-                        "--device`); may be repeated: every record from the first signed one on "
-                        "must be signed by one of these keys, and an unsigned log is refused "
-                        "(needs the [sign] extra)")
+                        "--device`); may be repeated: every record must be signed by one of these "
+                        "keys (needs the [sign] extra)")
+    p.add_argument("--signed-from", type=int, default=1, metavar="ID",
+                   help="with --device-key: the device got its key when it had written records "
+                        "1..ID-1, so those may be unsigned (they are reported; default 1: every "
+                        "record must be signed)")
     p.add_argument("--json", action="store_true",
                    help='print the report as JSON, with "ok"; on a failure {"ok": false, "error", '
                         '"record_id"} (exit status 4 for a broken chain, 2 for any other error)')
@@ -1412,7 +1484,8 @@ def _check_and_export(args) -> int:
         if args.export_csv or args.export_json or args.export_photos:
             raise AuditLogError(f"{args.log} is a JSON export: exports are made from the log "
                                 "itself (the .db file)")
-        report = verify_export(args.log, anchors=args.expect_head, device_keys=args.device_key)
+        report = verify_export(args.log, anchors=args.expect_head, device_keys=args.device_key,
+                               signed_from=args.signed_from)
         _print_report(args, report)
         return _exit_status(args, report)
     with AuditLog(args.log, create=False) as log:
@@ -1422,7 +1495,8 @@ def _check_and_export(args) -> int:
         if args.export_photos:
             log._check_photo_folder(args.export_photos)
         # AuditChainError -> exit 4, record named
-        report = log.verify_chain(anchors=args.expect_head, device_keys=args.device_key)
+        report = log.verify_chain(anchors=args.expect_head, device_keys=args.device_key,
+                                  signed_from=args.signed_from)
         if args.export_csv:
             log.export_csv(args.export_csv)
         if args.export_json:

@@ -22,7 +22,8 @@ the sha256 of its raw 32 bytes; :func:`verify_manifest_signature` returns it so 
 
 A device key (``auditlens keygen --device``: ``device.key``, ``device.pub``) signs each
 record the device appends to its audit log (:mod:`~auditlens.device_app.auditlog`); an
-auditor holding the device's public key then knows every record was written with that key.
+auditor holding the device's public key then knows that every signed record was written
+by whoever holds that key, and unchanged since.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def _crypto():
             f"'.[sign]' in an auditlens checkout, or pip install cryptography) ({exc})"
         ) from exc
     return ed25519, serialization, InvalidSignature
+
+
+def require_cryptography() -> None:
+    """Raise :class:`BundleSignatureError` saying how to install it when `cryptography`
+    is missing (before a key is read, so that its absence is not taken for a bad key)."""
+    _crypto()
 
 
 def _as_bytes(key: bytes | bytearray | str | os.PathLike) -> bytes:
@@ -305,7 +312,8 @@ def _write_private(path: Path, data: bytes) -> None:
 # -- `auditlens keygen` ------------------------------------------------------------------
 def add_keygen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", type=Path, required=True,
-                   help=f"folder for {PRIVATE_KEY_FILE} (private, mode 0600) and {PUBLIC_KEY_FILE}")
+                   help=f"folder for {PRIVATE_KEY_FILE} (private, mode 0600) and {PUBLIC_KEY_FILE}; "
+                        f"with --device, {DEVICE_KEY_FILES[0]} and {DEVICE_KEY_FILES[1]}")
     p.add_argument("--device", action="store_true",
                    help=f"a device's key pair ({DEVICE_KEY_FILES[0]}, {DEVICE_KEY_FILES[1]}): the device "
                         "signs each audit record it writes with it (`verify --log-key`, the app's "
@@ -313,8 +321,8 @@ def add_keygen_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--force", action="store_true", help="replace an existing key pair")
     what.add_argument("--restore-public", action="store_true",
-                      help=f"write {PUBLIC_KEY_FILE} again from the {PRIVATE_KEY_FILE} in --out "
-                           "(a lost public key; the pair stays the same)")
+                      help=f"write {PUBLIC_KEY_FILE} ({DEVICE_KEY_FILES[1]} with --device) again from "
+                           "the private key in --out (a lost public key; the pair stays the same)")
 
 
 def run_keygen(args) -> int:

@@ -265,6 +265,7 @@ def test_app_signs_its_records_with_the_device_key(demo, tmp_path):
     from auditlens.device_app.app.main import add_arguments
     from auditlens.device_app.auditlog import AuditLog
     from auditlens.device_app.signing import fingerprint, generate_keypair
+    from auditlens.errors import AuditLogError
 
     root, plan = demo
     private, public = generate_keypair(tmp_path / "keys", device=True)
@@ -283,8 +284,26 @@ def test_app_signs_its_records_with_the_device_key(demo, tmp_path):
         assert session.verify(photo, plan["product"]).record_id == 3 and session.held() == 0
         report = session.log.verify_chain(device_keys=[public])
         assert report.signed_by == ({"first_id": 1, "last_id": 3, "key": session.log.signer},)
+
+        # a held file someone else put beside the log is set aside, never signed into it
+        import base64
+        import json
+
+        forged = {"verdict": {**session.log.record(1).verdict, "judged_utc": "2026-01-01T00:00:00Z"},
+                  "auditor": "mallory", "photo": base64.b64encode(photo).decode("ascii")}
+        held = session.held_dir / f"{1:020d}-forged.json"
+        session.held_dir.mkdir(exist_ok=True)
+        held.write_text(json.dumps(forged))
+        assert session.write_held() == "" and len(session.log) == 3
+        assert not held.exists() and held.with_suffix(".refused").exists() and session.set_aside() == 1
     finally:
         session.close()
+
+    # started without its key, the app refuses a log whose records are signed
+    unsigned = Session(Path(args.bundle), tmp_path / "audit.db", auditor="Sam")
+    with pytest.raises(AuditLogError, match="signed by the device key .*--log-key"):
+        unsigned.load()
+    assert unsigned.log is None
 
 
 # -- the real app, headless --------------------------------------------------------------

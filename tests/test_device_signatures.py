@@ -11,7 +11,13 @@ import sqlite3
 import pytest
 
 from auditlens.cli import main as cli_main
-from auditlens.device_app.auditlog import AuditLog, signed_message, verify_export
+from auditlens.device_app.auditlog import (
+    GENESIS_HASH,
+    AuditLog,
+    record_hash,
+    signed_message,
+    verify_export,
+)
 from auditlens.device_app.signing import fingerprint, generate_keypair, signature_holds
 from auditlens.errors import AuditChainError, AuditLogError
 
@@ -37,6 +43,20 @@ def _write(log_path, n, start=0, **kw):
                        photo=jpeg(colour=(i * 30 % 256, 40, 0)), auditor="a")
 
 
+def _append_by_hand(log_path, **changes):
+    """What someone with the file and the code but not the key does: a record that extends
+    the chain, inserted with the sqlite3 module (the chain's trigger lets it in)."""
+    db = sqlite3.connect(log_path)
+    db.row_factory = sqlite3.Row
+    last = dict(db.execute("SELECT * FROM records ORDER BY id DESC LIMIT 1").fetchone() or {})
+    row = {**last, "id": last.get("id", 0) + 1, "prev_hash": last.get("record_hash", GENESIS_HASH),
+           "auditor": "mallory", **changes}
+    row["record_hash"] = record_hash(row)
+    db.execute(f"INSERT INTO records ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+    db.commit()
+    db.close()
+
+
 def _sql(log_path, sql):
     """A tamperer's edit of the signatures table (its guards dropped first)."""
     _edit_by_hand(log_path, "".join(f"DROP TRIGGER IF EXISTS {t};" for t in SIGNATURE_GUARDS) + sql)
@@ -50,13 +70,16 @@ def test_every_record_is_signed_and_checks_against_the_device_key(tmp_path, devi
         records = log.records()
         report = log.verify_chain(device_keys=[public])
         assert log.verify_chain().device_keys_checked is False
+        log_id = log.log_id
     key = fingerprint(public.read_bytes())
     assert report.device_keys_checked and report.warnings == ()
     assert report.signed_by == ({"first_id": 1, "last_id": 4, "key": key},)
-    for r in records:  # each signature is the device key's, over the record's own hash
-        assert signature_holds(signed_message(r.record_hash), bytes.fromhex(r.signature), public.read_bytes())
-        assert not signature_holds(signed_message(records[0].record_hash if r.id > 1 else records[1].record_hash),
-                                   bytes.fromhex(r.signature), public.read_bytes())
+    for r in records:  # each signature is the device key's, over this log's id and the record's hash
+        sig = bytes.fromhex(r.signature)
+        assert signature_holds(signed_message(log_id, r.record_hash), sig, public.read_bytes())
+        other = records[0] if r.id > 1 else records[1]
+        assert not signature_holds(signed_message(log_id, other.record_hash), sig, public.read_bytes())
+        assert not signature_holds(signed_message("0" * 32, r.record_hash), sig, public.read_bytes())
 
     assert cli_main(["verify-log", str(log_path), "--device-key", str(public)]) == 0
     out = capsys.readouterr().out
@@ -82,7 +105,7 @@ def test_a_record_appended_without_the_device_key_is_refused(tmp_path, device, c
     private, public = device
     log_path = tmp_path / "audit.db"
     _write(log_path, 3, signing_key=private)
-    _write(log_path, 1, start=3)  # opened without the key: an unsigned record
+    _append_by_hand(log_path)  # consistent with itself: the last verdict again, by "mallory"
     with AuditLog(log_path, create=False) as log:
         warned = log.verify_chain()
         with pytest.raises(AuditChainError, match="record 4: it is not signed, though record 1 before it is") as exc:
@@ -93,6 +116,22 @@ def test_a_record_appended_without_the_device_key_is_refused(tmp_path, device, c
     assert "record 4: it is not signed" in capsys.readouterr().err
 
 
+def test_a_signed_log_takes_no_unsigned_append(tmp_path, device):
+    """Opened without the key (a script, the app started without --log-key), a signed log
+    refuses to append, before anything is written: one unsigned record would fail every
+    later check with the device's key."""
+    private, public = device
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 2, signing_key=private)
+    with AuditLog(log_path) as log:
+        with pytest.raises(AuditLogError, match="signed by the device key ed25519:.*open it with that key"):
+            log.append(make_verdict(5), photo=jpeg(), auditor="a")
+        assert len(log) == 2
+    _write(log_path, 1, start=2, signing_key=private)  # with the key, the log goes on
+    with AuditLog(log_path, create=False) as log:
+        assert log.verify_chain(device_keys=[public]).records == 3
+
+
 def test_a_record_signed_with_another_key_is_refused(tmp_path, device):
     private, public = device
     stranger, stranger_public = generate_keypair(tmp_path / "stranger", device=True)
@@ -101,7 +140,7 @@ def test_a_record_signed_with_another_key_is_refused(tmp_path, device):
     _write(log_path, 1, start=2, signing_key=stranger)
     with AuditLog(log_path, create=False) as log:
         with pytest.raises(AuditChainError, match=f"record 3: it is signed by the key "
-                                                  f"{fingerprint(stranger_public.read_bytes())}, which is not"):
+                                                  f"{fingerprint(stranger_public.read_bytes())}, not by"):
             log.verify_chain(device_keys=[public])
         report = log.verify_chain(device_keys=[public, stranger_public])  # a device re-keyed
     assert [run["last_id"] for run in report.signed_by] == [2, 3]
@@ -128,7 +167,7 @@ def test_a_re_hashed_record_no_longer_carries_a_valid_signature(tmp_path, device
      "record 2: its signature does not verify"),
     ("UPDATE signatures SET signature = 'zz' WHERE record_id = 1;", "record 1: its signature or the key it names is not well formed"),
     ("DELETE FROM signatures WHERE record_id = 3;", "record 3: it is not signed, though record 1"),
-    ("DELETE FROM signatures;", "no record is signed, but device keys were given"),
+    ("DELETE FROM signatures;", "record 1: it is not signed, and every record from 1 on must be signed"),
 ])
 def test_signatures_edited_by_hand_are_caught(tmp_path, device, sql, message):
     private, public = device
@@ -144,7 +183,7 @@ def test_a_signature_cannot_be_added_or_changed_through_sqlite(tmp_path, device)
     log_path = tmp_path / "audit.db"
     _write(log_path, 2)
     db = sqlite3.connect(log_path)
-    for sql, words in (("INSERT INTO signatures VALUES (1, 'aa', 'bb')", "signed when it is written"),
+    for sql, words in (("INSERT INTO signatures VALUES (1, 'aa', 'bb')", "only the newest record can be signed"),
                        ("UPDATE signatures SET signature = 'x'", None),
                        ("DELETE FROM signatures", None)):
         if words:
@@ -164,7 +203,9 @@ def test_a_signature_cannot_be_added_or_changed_through_sqlite(tmp_path, device)
 
 def test_a_log_from_before_signatures_gets_them_without_a_false_alarm(tmp_path, device):
     """A log written before the signatures table existed: it reads as unsigned, and the
-    first append with a key adds the table without reporting its guards as removed."""
+    first append with a key adds the table without reporting its guards as removed. Its
+    unsigned records pass a check with the device's key only when the auditor says the key
+    came later (--signed-from)."""
     private, public = device
     log_path = tmp_path / "audit.db"
     _write(log_path, 2)
@@ -174,19 +215,20 @@ def test_a_log_from_before_signatures_gets_them_without_a_false_alarm(tmp_path, 
     with AuditLog(log_path, create=False) as log:
         old = log.verify_chain()
         assert [r.signer for r in log.records()] == ["", ""]
-        with pytest.raises(AuditChainError, match="no record is signed"):
+        with pytest.raises(AuditChainError, match="record 1: it is not signed, and every record from 1 on"):
             log.verify_chain(device_keys=[public])
     assert old.signed_by == ({"first_id": 1, "last_id": 2, "key": ""},)
     _write(log_path, 2, start=2, signing_key=private)
     with AuditLog(log_path, create=False) as log:
-        report = log.verify_chain(device_keys=[public])
+        with pytest.raises(AuditChainError, match="record 1: it is not signed.*--signed-from ID"):
+            log.verify_chain(device_keys=[public])
+        with pytest.raises(AuditChainError, match="record 2: it is not signed, and every record from 2 on"):
+            log.verify_chain(device_keys=[public], signed_from=2)
+        report = log.verify_chain(device_keys=[public], signed_from=3)
     assert report.triggers_intact
-    assert report.warnings == ("records 1-2 not signed (written before the device had a key); "
-                               "record 3's signature covers their hashes",)
-    # the unsigned records are still held by record 3's signature
-    _rewrite_and_rehash(log_path, 1, decision="match", score=0.95)
-    with AuditLog(log_path, create=False) as log, pytest.raises(AuditChainError, match="record 3: its signature"):
-        log.verify_chain(device_keys=[public])
+    assert report.warnings == ("records 1-2 not signed, as --signed-from 3 allows: written before the "
+                               "device had a key, or their signatures were removed; only the records "
+                               "from the first signed one on are held to the device's key",)
 
 
 def test_an_incremental_check_remembers_the_first_signed_record(tmp_path, device):
@@ -195,7 +237,7 @@ def test_an_incremental_check_remembers_the_first_signed_record(tmp_path, device
     _write(log_path, 2, signing_key=private)
     with AuditLog(log_path) as log:
         head = log.verify_chain(device_keys=[public])
-        log.append(make_verdict(9), photo=jpeg(), auditor="a")  # no key: unsigned
+        _append_by_hand(log_path)
         with pytest.raises(AuditChainError, match="record 3: it is not signed, though record 1"):
             log.verify_chain(since=(head.records, head.head_hash), device_keys=[public])
 
@@ -231,3 +273,53 @@ def test_cli_verify_signs_its_record_and_keygen_says_how(tmp_path, sample_bundle
     report = json.loads(capsys.readouterr().out)
     assert report["device_keys_checked"] and report["signed_by"][0]["key"] == fingerprint(
         (keys / "device.pub").read_bytes())
+
+
+def test_a_rewritten_history_the_device_signed_on_top_of_is_refused(tmp_path, device):
+    """A tamperer rewrites record 2, re-hashes, wipes the signatures, rebuilds the guards;
+    the device, none the wiser, signs its next record onto that history. Every record must
+    be signed (unless the auditor says the key came later), so the check refuses it."""
+    private, public = device
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 3, signing_key=private)
+    _rewrite_and_rehash(log_path, 2, decision="match", score=0.99)
+    _sql(log_path, "DROP TABLE signatures;")
+    _write(log_path, 1, start=3, signing_key=private)  # the device's next, genuine record
+    with AuditLog(log_path, create=False) as log:
+        assert log.record(2).decision == "match" and log.record(4).signer
+        with pytest.raises(AuditChainError, match="record 1: it is not signed, and every record from 1 on"):
+            log.verify_chain(device_keys=[public])
+
+
+def test_a_row_outside_the_chain_is_caught(tmp_path, device):
+    """A row given id 0 (guards dropped, then put back) is never part of the walk from
+    record 1: the check counts the rows, and History does not list it."""
+    private, public = device
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 2, signing_key=private)
+    _edit_by_hand(log_path, "INSERT INTO records SELECT 0, created_utc, 'mallory', device, product_id, decision, "
+                            "score, threshold, model_id, photo_sha256, captured_sha256, verdict_json, "
+                            "prev_hash, 'x' || record_hash, photo_mime, photo FROM records WHERE id = 1;")
+    with AuditLog(log_path) as log:  # reopened to append: the guards are back
+        assert [r.id for r in log.records(newest_first=True)] == [2, 1]
+        with pytest.raises(AuditChainError, match=r"record 0: it is outside the chain \(3 rows, the chain runs 1..2\)"):
+            log.verify_chain()
+
+
+def test_signatures_are_bound_to_the_log(tmp_path, device):
+    """Each signature covers the log's id: another log of the same device cannot pass for
+    this one by taking its id, in the database or in an export's header."""
+    private, public = device
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 2, signing_key=private)
+    upload = tmp_path / "upload.json"
+    with AuditLog(log_path, create=False) as log:
+        log.export_json(upload)
+    data = json.loads(upload.read_text(encoding="utf-8"))
+    data["log"]["log_id"] = "f" * 32
+    upload.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(AuditChainError, match="record 1: its signature does not verify"):
+        verify_export(upload, device_keys=[public])
+    _edit_by_hand(log_path, "DROP TRIGGER meta_read_only_update; UPDATE meta SET value = 'ffff' WHERE key = 'log_id';")
+    with AuditLog(log_path, create=False) as log, pytest.raises(AuditChainError, match="record 1: its signature"):
+        log.verify_chain()

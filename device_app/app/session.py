@@ -73,6 +73,9 @@ class Session:
         self.log_path = Path(self.log_path)
         self._lock = threading.RLock()
         self._checked: tuple[int, str] | None = None  # the head of the last chain check
+        self._held_key = None
+        """The device key (private, public hex) that signs held files, with ``log_key``: a
+        file put in :attr:`held_dir` by anyone else is set aside, never signed into the log."""
         self.unlogged: list[tuple[int, Verdict, bytes, str]] = []
         """Judged captures the log could not take and that could not be written to
         :attr:`held_dir` either (time held in ns, verdict, photo, auditor), oldest first:
@@ -94,6 +97,12 @@ class Session:
             self.log = AuditLog(self.log_path, device=self.device, signing_key=self.log_key)
         except OSError as exc:  # e.g. its folder cannot be made
             raise AuditLogError(f"{self.log_path}: cannot open the audit log: {exc}") from exc
+        try:
+            self.log.check_can_append()  # a signed log, and the app started without its key
+        except AuditLogError:
+            self.log.close()
+            self.log = None
+            raise
         self.write_held()  # verdicts held when the app last ran
         return self.verifier.bundle
 
@@ -220,9 +229,12 @@ class Session:
         try:
             self.held_dir.mkdir(exist_ok=True)
             name = f"{held_ns:020d}-{verdict.photo_sha256[:12]}.json"
+            held = {"verdict": verdict.to_dict(), "auditor": auditor,
+                    "photo": base64.b64encode(photo).decode("ascii")}
+            if self._held_signer() is not None:
+                held["signature"] = self._held_signer()[0].sign(_held_message(held["verdict"], auditor, photo)).hex()
             with atomic_write(self.held_dir / name) as f:
-                json.dump({"verdict": verdict.to_dict(), "auditor": auditor,
-                           "photo": base64.b64encode(photo).decode("ascii")}, f)
+                json.dump(held, f)
             return ""
         except Exception as exc:  # noqa: BLE001 - full disk or worse: keep it in memory
             self.unlogged.append((held_ns, verdict, photo, auditor))
@@ -235,9 +247,10 @@ class Session:
         in the log (the app was killed between writing it and removing its file) is not
         written twice. A held file that cannot be read is renamed ``*.unreadable``, and one
         the log refuses as a record (:class:`AuditRecordError`: its photo is not the one
-        judged, a field is missing) ``*.refused``: both stay on disk for a person to look
-        at and are skipped, so they cannot block the ones after them; a refused verdict
-        held in memory stays there and is skipped the same way."""
+        judged, a field is missing) ``*.refused``, as is one the device's key did not sign
+        when the session signs its records: all stay on disk for a person to look at and
+        are skipped, so they cannot block the ones after them; a refused verdict held in
+        memory stays there and is skipped the same way."""
         import base64
         import json
 
@@ -256,6 +269,9 @@ class Session:
                 except (OSError, ValueError, KeyError, TypeError):
                     item.replace(item.with_suffix(UNREADABLE))
                     continue
+                if not self._signed_by_this_device(held, photo):
+                    item.replace(item.with_suffix(REFUSED))
+                    continue
                 try:
                     if not self.log.holds(verdict, photo):
                         self.log.append(verdict, photo=photo, auditor=auditor)
@@ -270,6 +286,30 @@ class Session:
                 except AuditRecordError:
                     continue
                 self.unlogged.remove(item)
+
+    def _held_signer(self):
+        """The device key (private, public hex) held files are signed with; None without
+        ``log_key``."""
+        if self.log_key is not None and self._held_key is None:
+            from auditlens.device_app.auditlog import load_signing_key
+
+            self._held_key = load_signing_key(self.log_key)
+        return self._held_key
+
+    def _signed_by_this_device(self, held: dict, photo: bytes) -> bool:
+        """Whether a held file may be written to the log: always without a device key;
+        with one, only when that key signed it as it was held."""
+        if self._held_signer() is None:
+            return True
+        from auditlens.device_app.signing import load_public_key, signature_holds
+
+        signature = held.get("signature")
+        try:
+            return isinstance(signature, str) and signature_holds(
+                _held_message(held["verdict"], held["auditor"], photo), bytes.fromhex(signature),
+                load_public_key(self._held_signer()[1]))
+        except (ValueError, TypeError):
+            return False
 
     # -- history ---------------------------------------------------------------------
     def history(self, limit: int = 200) -> list[AuditRecord]:
@@ -304,3 +344,13 @@ def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
     out = io.BytesIO()
     image.convert("RGB").save(out, "JPEG", quality=quality)
     return out.getvalue()
+
+
+def _held_message(verdict: dict, auditor: str, photo: bytes) -> bytes:
+    """What the device key signs of a held verdict: the verdict, the auditor and the photo's
+    sha256 (ASCII JSON, keys sorted)."""
+    import hashlib
+    import json
+
+    body = {"verdict": verdict, "auditor": auditor, "photo_sha256": hashlib.sha256(photo).hexdigest()}
+    return b"auditlens held verdict " + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
