@@ -603,8 +603,11 @@ class AuditLog:
         return row[0] if row else ""
 
     # -- writing -------------------------------------------------------------------
-    def append(self, verdict, *, photo: bytes, auditor: str, device: str | None = None) -> int:
-        """Write one verification; returns its record id once it is durably committed."""
+    def append(self, verdict, *, photo: bytes, auditor: str, device: str | None = None,
+               sign: bool = True) -> int:
+        """Write one verification; returns its record id once it is durably committed.
+        ``sign=False`` writes it unsigned though the log has a key (a verdict held before the
+        device had one), which only a log whose newest record is unsigned accepts."""
         if not isinstance(photo, (bytes, bytearray, memoryview)):
             raise AuditRecordError("the photo must be given as bytes")
         photo = bytes(photo)
@@ -637,7 +640,8 @@ class AuditLog:
                 try:
                     head = self._db.execute(
                         "SELECT id, record_hash FROM records ORDER BY id DESC LIMIT 1").fetchone()
-                    self.check_can_append()
+                    signer = self._signer if sign else None
+                    self.check_can_append(signed=signer is not None)
                     fields["id"] = (head[0] + 1) if head else 1
                     fields["prev_hash"] = head[1] if head else GENESIS_HASH
                     # stamped once the log is locked: appends from several threads or
@@ -653,8 +657,8 @@ class AuditLog:
                          product_id, decision, score, threshold, model_id, fields["photo_sha256"],
                          fields["captured_sha256"], verdict_json, fields["prev_hash"], digest,
                          mime, sqlite3.Binary(stored)))
-                    if self._signer is not None:
-                        key, public = self._signer
+                    if signer is not None:
+                        key, public = signer
                         self._db.execute(
                             "INSERT INTO signatures (record_id, public_key, signature) VALUES (?, ?, ?)",
                             (fields["id"], public, key.sign(signed_message(self.log_id, digest)).hex()))
@@ -668,16 +672,34 @@ class AuditLog:
             self._checkpoint()
         return int(fields["id"])
 
-    def check_can_append(self) -> None:
-        """Raise :class:`AuditLogError` when this log, opened without a key, holds a signed
-        newest record: an unsigned record after it would read as written outside auditlens
-        to every check given the device's key (the app checks this on start)."""
-        signer = "" if self._signer is not None else self.head_signer
+    def check_can_append(self, *, signed: bool | None = None) -> None:
+        """Raise :class:`AuditLogError` when an unsigned record (``signed`` False; default:
+        unsigned when the log was opened without a key) cannot follow this log's newest
+        record, which is signed: it would read as written outside auditlens to every check
+        given the device's key (the app checks this on start)."""
+        signer = "" if (self._signer is not None if signed is None else signed) else self.head_signer
         if signer:
             raise AuditLogError(
-                f"{self.path}: this log's records are signed by the device key {signer}; open "
-                "it with that key to append (--log-key device.key; AuditLog(signing_key=...)): "
+                f"{self.path}: this log's newest record is signed with the key {signer}; open it "
+                "with that device key to append (--log-key device.key; AuditLog(signing_key=...)): "
                 "an unsigned record would fail every check with the device's public key")
+
+    def first_signed_by(self, public_hex: str) -> int | None:
+        """Id of the first record the key (64 hex digits) signed; None when it signed none."""
+        if not self._has_signatures_table():
+            return None
+        with self._open_db() as db:
+            return db.execute("SELECT MIN(record_id) FROM signatures WHERE public_key = ?",
+                              (public_hex,)).fetchone()[0]
+
+    @property
+    def has_signed_records(self) -> bool:
+        """Whether any record of this log is signed (verdicts held before the device had a
+        key may then no longer join it unsigned)."""
+        if not self._has_signatures_table():
+            return False
+        with self._open_db() as db:
+            return db.execute("SELECT 1 FROM signatures LIMIT 1").fetchone() is not None
 
     @property
     def head_signer(self) -> str:
@@ -831,8 +853,11 @@ class AuditLog:
             _check_kept_heads(str(self.path), kept, stored_hash)
             signed_before = None
             if start_id and self._has_signatures_table():
+                keys = list(trusted) if trusted is not None else None
                 signed_before = self._db.execute(
-                    "SELECT MIN(record_id) FROM signatures WHERE record_id <= ?", (start_id,)).fetchone()[0]
+                    "SELECT MIN(record_id) FROM signatures WHERE record_id <= ?" + (
+                        "" if keys is None else f" AND public_key IN ({', '.join('?' * len(keys))})"),
+                    (start_id, *(keys or ()))).fetchone()[0]
             cursor = self._db.execute(
                 f"SELECT {self._columns()}, photo FROM records WHERE id > ? ORDER BY id ASC",
                 (start_id,))
@@ -840,7 +865,8 @@ class AuditLog:
                               device_keys=trusted, signed_from=signed_from, first_signed=signed_before)
             for row in cursor:
                 walk.add(AuditRecord(*row[:-1]), row[-1])
-            total, lowest = self._db.execute("SELECT COUNT(*), MIN(id) FROM records").fetchone()
+            total, lowest = self._db.execute(  # the rows the walk could see (appends go past it)
+                "SELECT COUNT(*), MIN(id) FROM records WHERE id <= ?", (walk.count,)).fetchone()
             if total != walk.count:  # a row outside the chain (id 0 or below) the walk never read
                 raise _chain_error(f"{self.path}: record {lowest}: it is outside the chain "
                                    f"({total} rows, the chain runs 1..{walk.count}); it was "
@@ -1228,7 +1254,9 @@ class _ChainWalk:
                                       "auditlens never writes such a record, so it was edited "
                                       "outside auditlens")
             key = fingerprint_hex(signer)
-            if self.device_keys is not None and signer not in self.device_keys:
+            held_to_keys = self.device_keys is not None and (
+                rid >= self.signed_from or self.first_signed is not None)
+            if held_to_keys and signer not in self.device_keys:
                 given = ", ".join(self.device_keys.values())
                 hint = "" if self.first_signed else (
                     f" (no record before it is signed by them either: if {key} is this device's "
@@ -1240,7 +1268,8 @@ class _ChainWalk:
             if holds is False:
                 raise self._fail(rid, f"its signature does not verify with the key it names ({key}); "
                                       "the record or its signature was changed after it was written")
-            self.first_signed = self.first_signed or rid
+            if self.device_keys is None or signer in self.device_keys:
+                self.first_signed = self.first_signed or rid
         else:
             key = ""
             if self.device_keys is not None and self.first_signed is not None:
@@ -1250,9 +1279,9 @@ class _ChainWalk:
             if self.device_keys is not None and rid >= self.signed_from:
                 raise self._fail(rid, f"it is not signed, and every record from {self.signed_from} "
                                       "on must be signed by the device keys given: it was written "
-                                      "without the device's key, or its signature was removed; if "
-                                      "the device got its key later, say from which record on its "
-                                      "records are signed (--signed-from ID)")
+                                      "without the device's key, or its signature was removed (if "
+                                      "your own records say the device got its key at a later "
+                                      "record, pass that record's id as --signed-from ID)")
             if self.first_signed is not None:
                 self.unsigned_after.append(rid)
         if self.signed_by and self.signed_by[-1]["key"] == key and self.signed_by[-1]["last_id"] == rid - 1:
@@ -1279,10 +1308,10 @@ class _ChainWalk:
     def report(self, log_id: str, triggers_intact: bool, warnings: tuple[str, ...]) -> ChainReport:
         unsigned_start = min(self.count + 1, self.first_signed or self.signed_from)
         if self.device_keys is not None and unsigned_start > 1:
-            warnings += (f"{_id_range(1, unsigned_start - 1)} not signed, as --signed-from "
-                         f"{self.signed_from} allows: written before the device had a key, or "
-                         "their signatures were removed; only the records from the first signed "
-                         "one on are held to the device's key",)
+            warnings += (f"{_id_range(1, unsigned_start - 1)} not held to the device keys, as "
+                         f"--signed-from {self.signed_from} allows: written before the device had "
+                         "its key, or their signatures were removed or replaced; only the records "
+                         "from the first one the device keys signed on are held to them",)
         if self.unsigned_after:
             warnings += (f"{len(self.unsigned_after)} record(s) are not signed though record "
                          f"{self.first_signed} before them is, first: record {self.unsigned_after[0]}; "
@@ -1379,7 +1408,7 @@ def add_arguments(p) -> None:
                    help="public key of a device that writes this log (device.pub of `auditlens keygen "
                         "--device`); may be repeated: every record must be signed by one of these "
                         "keys (needs the [sign] extra)")
-    p.add_argument("--signed-from", type=int, default=1, metavar="ID",
+    p.add_argument("--signed-from", type=_record_id, default=1, metavar="ID",
                    help="with --device-key: the device got its key when it had written records "
                         "1..ID-1, so those may be unsigned (they are reported; default 1: every "
                         "record must be signed)")
@@ -1450,6 +1479,14 @@ def _distinguishing_digits(values: Sequence[float]) -> int:
     return 17
 
 
+def _record_id(text: str) -> int:
+    import argparse
+
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a record id, 1 or more")
+    return int(text)
+
+
 def _anchor(text: str) -> tuple[int, str]:
     import argparse
 
@@ -1478,6 +1515,9 @@ def run(args) -> int:
 
 
 def _check_and_export(args) -> int:
+    if args.signed_from != 1 and not args.device_key:
+        raise AuditLogError("--signed-from says from which record on the device keys must have "
+                            "signed; give them with --device-key PUB")
     if args.photos and not args.export_json:
         raise AuditLogError("--photos adds the photos to --export-json; give --export-json F")
     if _is_export(args.log):

@@ -296,12 +296,36 @@ def test_app_signs_its_records_with_the_device_key(demo, tmp_path):
         held.write_text(json.dumps(forged))
         assert session.write_held() == "" and len(session.log) == 3
         assert not held.exists() and held.with_suffix(".refused").exists() and session.set_aside() == 1
+
+        # a genuine held file, copied to wait for another log (or kept to be replayed), is not signed in
+        session.log.close()
+        session.verify(photo, plan["product"])  # held, signed for this log at this time
+        (genuine,) = session.held_dir.glob("*.json")
+        other_log = tmp_path / "other" / "audit.db"
+        other = Session(Path(args.bundle), other_log, auditor="Sam", log_key=args.log_key)
+        other.load()
+        try:
+            other.held_dir.mkdir(exist_ok=True)
+            (other.held_dir / genuine.name).write_bytes(genuine.read_bytes())
+            assert other.write_held() == "" and len(other.log) == 0 and other.set_aside() == 1
+        finally:
+            other.close()
+        # and History holds the log to this device's key: a record signed by another key turns it red
+        session.log = AuditLog(tmp_path / "audit.db", signing_key=args.log_key)
+        assert session.write_held() == "" and session.check_log().records == 4
+        stranger, _ = generate_keypair(tmp_path / "stranger", device=True)
+        with AuditLog(tmp_path / "audit.db", signing_key=stranger) as foreign:
+            foreign.append(session.log.record(4).verdict, photo=photo, auditor="mallory")
+        from auditlens.errors import AuditChainError
+
+        with pytest.raises(AuditChainError, match="record 5: it is signed by the key"):
+            session.check_log()
     finally:
         session.close()
 
     # started without its key, the app refuses a log whose records are signed
     unsigned = Session(Path(args.bundle), tmp_path / "audit.db", auditor="Sam")
-    with pytest.raises(AuditLogError, match="signed by the device key .*--log-key"):
+    with pytest.raises(AuditLogError, match="newest record is signed with the key .*--log-key"):
         unsigned.load()
     assert unsigned.log is None
 

@@ -124,7 +124,7 @@ def test_a_signed_log_takes_no_unsigned_append(tmp_path, device):
     log_path = tmp_path / "audit.db"
     _write(log_path, 2, signing_key=private)
     with AuditLog(log_path) as log:
-        with pytest.raises(AuditLogError, match="signed by the device key ed25519:.*open it with that key"):
+        with pytest.raises(AuditLogError, match="newest record is signed with the key ed25519:.*open it with that device key"):
             log.append(make_verdict(5), photo=jpeg(), auditor="a")
         assert len(log) == 2
     _write(log_path, 1, start=2, signing_key=private)  # with the key, the log goes on
@@ -220,15 +220,16 @@ def test_a_log_from_before_signatures_gets_them_without_a_false_alarm(tmp_path, 
     assert old.signed_by == ({"first_id": 1, "last_id": 2, "key": ""},)
     _write(log_path, 2, start=2, signing_key=private)
     with AuditLog(log_path, create=False) as log:
-        with pytest.raises(AuditChainError, match="record 1: it is not signed.*--signed-from ID"):
+        with pytest.raises(AuditChainError, match="record 1: it is not signed.*pass that record's id as --signed-from ID"):
             log.verify_chain(device_keys=[public])
         with pytest.raises(AuditChainError, match="record 2: it is not signed, and every record from 2 on"):
             log.verify_chain(device_keys=[public], signed_from=2)
         report = log.verify_chain(device_keys=[public], signed_from=3)
     assert report.triggers_intact
-    assert report.warnings == ("records 1-2 not signed, as --signed-from 3 allows: written before the "
-                               "device had a key, or their signatures were removed; only the records "
-                               "from the first signed one on are held to the device's key",)
+    assert report.warnings == ("records 1-2 not held to the device keys, as --signed-from 3 allows: "
+                               "written before the device had its key, or their signatures were "
+                               "removed or replaced; only the records from the first one the device "
+                               "keys signed on are held to them",)
 
 
 def test_an_incremental_check_remembers_the_first_signed_record(tmp_path, device):
@@ -323,3 +324,37 @@ def test_signatures_are_bound_to_the_log(tmp_path, device):
     _edit_by_hand(log_path, "DROP TRIGGER meta_read_only_update; UPDATE meta SET value = 'ffff' WHERE key = 'log_id';")
     with AuditLog(log_path, create=False) as log, pytest.raises(AuditChainError, match="record 1: its signature"):
         log.verify_chain()
+
+
+def test_a_record_appended_while_the_log_is_checked_is_no_tampering(tmp_path, monkeypatch):
+    """Another process appends while verify_chain walks the log (the app writing while an
+    auditor checks): the new record is not part of that check, not a row outside the chain."""
+    from auditlens.device_app import auditlog
+
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 3)
+    walked = auditlog._ChainWalk.add
+    other = AuditLog(log_path)
+
+    def add_then_another_appends(self, record, photo, **kw):
+        walked(self, record, photo, **kw)
+        if record.id == 3:
+            other.append(make_verdict(7), photo=jpeg(colour=(1, 2, 3)), auditor="b")
+
+    monkeypatch.setattr(auditlog._ChainWalk, "add", add_then_another_appends)
+    with AuditLog(log_path, create=False) as log:
+        assert log.verify_chain().records == 3
+    other.close()
+    monkeypatch.undo()
+    with AuditLog(log_path, create=False) as log:
+        assert log.verify_chain().records == 4
+
+
+def test_signed_from_is_refused_without_device_keys(tmp_path, capsys):
+    log_path = tmp_path / "audit.db"
+    _write(log_path, 1)
+    assert cli_main(["verify-log", str(log_path), "--signed-from", "2"]) == 2
+    assert "give them with --device-key" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["verify-log", str(log_path), "--signed-from", "0"])
+    assert "expected a record id, 1 or more" in capsys.readouterr().err

@@ -74,6 +74,7 @@ class Session:
         self._lock = threading.RLock()
         self._checked: tuple[int, str] | None = None  # the head of the last chain check
         self._held_key = None
+        self._log_id: str | None = None
         """The device key (private, public hex) that signs held files, with ``log_key``: a
         file put in :attr:`held_dir` by anyone else is set aside, never signed into the log."""
         self.unlogged: list[tuple[int, Verdict, bytes, str]] = []
@@ -103,6 +104,8 @@ class Session:
             self.log.close()
             self.log = None
             raise
+        self._held_signer()  # the key read once, now: holding a verdict later needs no file
+        self._log_id = self.log.log_id
         self.write_held()  # verdicts held when the app last ran
         return self.verifier.bundle
 
@@ -232,7 +235,8 @@ class Session:
             held = {"verdict": verdict.to_dict(), "auditor": auditor,
                     "photo": base64.b64encode(photo).decode("ascii")}
             if self._held_signer() is not None:
-                held["signature"] = self._held_signer()[0].sign(_held_message(held["verdict"], auditor, photo)).hex()
+                message = _held_message(held["verdict"], auditor, photo, self._held_log_id(), held_ns)
+                held["signature"] = self._held_signer()[0].sign(message).hex()
             with atomic_write(self.held_dir / name) as f:
                 json.dump(held, f)
             return ""
@@ -248,9 +252,11 @@ class Session:
         written twice. A held file that cannot be read is renamed ``*.unreadable``, and one
         the log refuses as a record (:class:`AuditRecordError`: its photo is not the one
         judged, a field is missing) ``*.refused``, as is one the device's key did not sign
-        when the session signs its records: all stay on disk for a person to look at and
-        are skipped, so they cannot block the ones after them; a refused verdict held in
-        memory stays there and is skipped the same way."""
+        for this log at the time its name gives, when the session signs its records (an
+        unsigned one, held before the device had its key, joins the log unsigned while no
+        record of it is signed): all stay on disk for a person to look at and are skipped,
+        so they cannot block the ones after them; a refused verdict held in memory stays
+        there and is skipped the same way."""
         import base64
         import json
 
@@ -269,12 +275,13 @@ class Session:
                 except (OSError, ValueError, KeyError, TypeError):
                     item.replace(item.with_suffix(UNREADABLE))
                     continue
-                if not self._signed_by_this_device(held, photo):
+                signed = self._signed_by_this_device(held, photo, held_at(item))
+                if signed is False:
                     item.replace(item.with_suffix(REFUSED))
                     continue
                 try:
                     if not self.log.holds(verdict, photo):
-                        self.log.append(verdict, photo=photo, auditor=auditor)
+                        self.log.append(verdict, photo=photo, auditor=auditor, sign=signed is not None)
                 except AuditRecordError:
                     item.replace(item.with_suffix(REFUSED))
                     continue
@@ -296,18 +303,29 @@ class Session:
             self._held_key = load_signing_key(self.log_key)
         return self._held_key
 
-    def _signed_by_this_device(self, held: dict, photo: bytes) -> bool:
-        """Whether a held file may be written to the log: always without a device key;
-        with one, only when that key signed it as it was held."""
+    def _held_log_id(self) -> str:
+        """The id of the log held verdicts wait for, read when the log opened (a verdict is
+        held when the log cannot be read)."""
+        if self._log_id is None and self.log is not None:
+            self._log_id = self.log.log_id
+        return self._log_id or ""
+
+    def _signed_by_this_device(self, held: dict, photo: bytes, held_ns: int) -> bool | None:
+        """Whether a held file may join the log signed (True), unsigned (None: the session
+        has no key, or the file was held before the device had one and no record of the log
+        is signed yet), or not at all (False: with a key, only a file that key signed for
+        this log at the time its name gives is signed into it)."""
         if self._held_signer() is None:
-            return True
+            return None
+        signature = held.get("signature")
+        if signature is None and not self.log.has_signed_records:
+            return None
         from auditlens.device_app.signing import load_public_key, signature_holds
 
-        signature = held.get("signature")
         try:
             return isinstance(signature, str) and signature_holds(
-                _held_message(held["verdict"], held["auditor"], photo), bytes.fromhex(signature),
-                load_public_key(self._held_signer()[1]))
+                _held_message(held["verdict"], held["auditor"], photo, self._held_log_id(), held_ns),
+                bytes.fromhex(signature), load_public_key(self._held_signer()[1]))
         except (ValueError, TypeError):
             return False
 
@@ -322,9 +340,16 @@ class Session:
         """The log's chain: checked in full the first time, then only the records added
         since (History would otherwise re-hash every stored photo on each visit)."""
         assert self.log is not None
-        report = self.log.verify_chain(since=self._checked)
+        report = self.log.verify_chain(since=self._checked, **self._own_key_check())
         self._checked = (report.records, report.head_hash)
         return report
+
+    def _own_key_check(self) -> dict:
+        """With a device key: every record from the first one this key signed on must be
+        signed by it (a record signed with another key, or unsigned, turns History red)."""
+        signer = self._held_signer()
+        first = self.log.first_signed_by(signer[1]) if signer is not None else None
+        return {} if first is None else {"device_keys": [signer[1]], "signed_from": first}
 
     def export(self, kind: str, folder: str | os.PathLike | None = None) -> Path:
         """Write the log as ``kind`` ('csv' or 'json') into ``folder`` (default: beside
@@ -346,11 +371,14 @@ def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
     return out.getvalue()
 
 
-def _held_message(verdict: dict, auditor: str, photo: bytes) -> bytes:
-    """What the device key signs of a held verdict: the verdict, the auditor and the photo's
-    sha256 (ASCII JSON, keys sorted)."""
+def _held_message(verdict: dict, auditor: str, photo: bytes, log_id: str, held_ns: int) -> bytes:
+    """What the device key signs of a held verdict: the verdict, the auditor, the photo's
+    sha256, the log it waits for and the time it was held (its file name's), as ASCII JSON
+    with sorted keys: a held file copied into another log's folder, or kept to be dropped
+    back later, is not signed in."""
     import hashlib
     import json
 
-    body = {"verdict": verdict, "auditor": auditor, "photo_sha256": hashlib.sha256(photo).hexdigest()}
+    body = {"verdict": verdict, "auditor": auditor, "photo_sha256": hashlib.sha256(photo).hexdigest(),
+            "log_id": log_id, "held_ns": int(held_ns)}
     return b"auditlens held verdict " + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
