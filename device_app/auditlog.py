@@ -92,7 +92,10 @@ _VERDICT_COLUMNS = ("product_id", "decision", "score", "threshold", "model_id")
 CSV_COLUMNS = (
     "id", "created_utc", "auditor", "device", "product_id", "decision", "score", "threshold",
     "model_id", "photo_sha256", "captured_sha256", "reasons", "prev_hash", "record_hash",
+    "signed_by",
 )
+_CSV_ONLY = ("reasons", "signed_by")
+"""CSV columns made for people from other fields (the reasons joined, the signer's fingerprint)."""
 
 PHOTO_CSV_COLUMNS = (
     "photo", "product_id", "decision", "score", "threshold", "record_id", "created_utc",
@@ -208,7 +211,7 @@ class AuditRecord:
         return {name: getattr(self, name) for name in HASHED_FIELDS}
 
     def to_dict(self, *, verdict: bool = True) -> dict:
-        d = {name: getattr(self, name) for name in CSV_COLUMNS if name != "reasons"}
+        d = {name: getattr(self, name) for name in CSV_COLUMNS if name not in _CSV_ONLY}
         d["photo_mime"] = self.photo_mime
         if self.signer or self.signature:
             d["signer"], d["signature"] = self.signer, self.signature
@@ -904,8 +907,11 @@ class AuditLog:
         return path
 
     def export_csv(self, path: str | os.PathLike) -> Path:
-        """One row per record (no photo bytes; the photo's sha256 identifies it). The
-        whole chain is checked first, as for the other exports."""
+        """One row per record (no photo bytes; the photo's sha256 identifies it; the
+        fingerprint of the key that signed it, if one did). The whole chain is checked
+        first, as for the other exports."""
+        from auditlens.device_app.signing import fingerprint_hex
+
         path = self._check_export_path(path, ".csv")
         self.verify_chain()
 
@@ -915,6 +921,7 @@ class AuditLog:
             for r in self.iter_records():
                 row = r.to_dict(verdict=False)
                 row["reasons"] = " | ".join(r.reasons)
+                row["signed_by"] = fingerprint_hex(r.signer) if r.signer else ""
                 row["score"] = f"{r.score:.6f}"
                 row["threshold"] = f"{r.threshold:.6f}"
                 writer.writerow([row[c] for c in CSV_COLUMNS])

@@ -4,6 +4,7 @@ the file and the code but without the key)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shlex
 import sqlite3
@@ -86,6 +87,12 @@ def test_every_record_is_signed_and_checks_against_the_device_key(tmp_path, devi
     assert f"records 1-4 signed by device key {key} (one of --device-key)" in out
     assert cli_main(["verify-log", str(log_path)]) == 0  # without the key: said, not claimed
     assert f"records 1-4 signed by key {key} (not checked against a device's key" in capsys.readouterr().out
+
+    # the CSV names the signing key of each record, for people reading it in a spreadsheet
+    table = tmp_path / "audit.csv"
+    assert cli_main(["verify-log", str(log_path), "--export-csv", str(table)]) == 0
+    capsys.readouterr()
+    assert [row["signed_by"] for row in csv.DictReader(table.open(encoding="utf-8"))] == [key] * 4
 
     # the JSON upload carries the signatures and is checked the same way
     upload = tmp_path / "upload.json"

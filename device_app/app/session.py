@@ -74,9 +74,9 @@ class Session:
         self._lock = threading.RLock()
         self._checked: tuple[int, str] | None = None  # the head of the last chain check
         self._held_key = None
-        self._log_id: str | None = None
         """The device key (private, public hex) that signs held files, with ``log_key``: a
         file put in :attr:`held_dir` by anyone else is set aside, never signed into the log."""
+        self._log_id: str | None = None
         self.unlogged: list[tuple[int, Verdict, bytes, str]] = []
         """Judged captures the log could not take and that could not be written to
         :attr:`held_dir` either (time held in ns, verdict, photo, auditor), oldest first:
