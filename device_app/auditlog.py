@@ -1079,15 +1079,9 @@ def load_signing_key(key):
     """The device's private key, and its public key as hex (raises :class:`AuditLogError`
     for a key that cannot sign)."""
     from auditlens.device_app.signing import load_private_key, public_hex
-    from auditlens.errors import BundleSignatureError
 
-    try:
-        private = load_private_key(Path(key).read_bytes() if isinstance(key, os.PathLike) else key)
-    except OSError as exc:
-        raise AuditLogError(f"{key}: cannot read the device key: {exc.strerror or exc}") from exc
-    except BundleSignatureError as exc:
-        where = f"{key}: " if isinstance(key, os.PathLike) else ""
-        raise AuditLogError(f"{where}cannot sign the audit log's records with this key: {exc}") from exc
+    private = _read_key(key, load_private_key, "the device key",
+                        "cannot sign the audit log's records with this key")
     return private, public_hex(private.public_key())
 
 
@@ -1102,22 +1096,26 @@ def _device_keys(keys: Sequence[bytes | str | os.PathLike]) -> dict[str, str] | 
         public_hex,
         require_cryptography,
     )
-    from auditlens.errors import BundleSignatureError
 
     require_cryptography()  # a missing [sign] extra is said as such, not as a bad key
-    trusted = {}
-    for key in keys:
-        try:
-            data = Path(key).read_bytes() if isinstance(key, os.PathLike) else key
-            raw = public_hex(load_public_key(data))
-        except OSError as exc:
-            raise AuditLogError(f"{key}: cannot read the device's public key: "
-                                f"{exc.strerror or exc}") from exc
-        except BundleSignatureError as exc:
-            where = f"{key}: " if isinstance(key, os.PathLike) else ""
-            raise AuditLogError(f"{where}not a device's public key: {exc}") from exc
-        trusted[raw] = fingerprint_hex(raw)
-    return trusted
+    raws = [public_hex(_read_key(key, load_public_key, "the device's public key",
+                                 "not a device's public key")) for key in keys]
+    return {raw: fingerprint_hex(raw) for raw in raws}
+
+
+def _read_key(key, loader, what: str, unusable: str):
+    """``loader`` of ``key`` (a path's bytes, or the key itself); :class:`AuditLogError`
+    naming the file once for a file that cannot be read (``what`` it should hold) or a key
+    that is not of this kind (``unusable``)."""
+    from auditlens.errors import BundleSignatureError
+
+    is_path = isinstance(key, os.PathLike)
+    try:
+        return loader(Path(key).read_bytes() if is_path else key)
+    except OSError as exc:
+        raise AuditLogError(f"{key}: cannot read {what}: {exc.strerror or exc}") from exc
+    except BundleSignatureError as exc:
+        raise AuditLogError(f"{f'{key}: ' if is_path else ''}{unusable}: {exc}") from exc
 
 
 def _kept_hashes(anchors: Sequence[tuple[int, str]]) -> dict[int, str]:

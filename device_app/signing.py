@@ -332,17 +332,13 @@ def run_keygen(args) -> int:
         print(f"public key   {public_path} written again from {private_path}")
     else:
         private_path, public_path = generate_keypair(args.out, force=args.force, device=device)
-        if device:
-            print(f"private key  {private_path}  (mode 0600: keep it on the device alone; sign its "
-                  f"audit records with `auditlens verify --log AUDIT.db --log-key "
-                  f"{shlex.quote(str(private_path))}`)")
-        else:
-            print(f"private key  {private_path}  (mode 0600: keep it with the publisher; sign with "
-                  f"`auditlens enroll --sign-key {shlex.quote(str(private_path))}`)")
-    if device:
-        print(f"public key   {public_path}  ({fingerprint(public_path.read_bytes())}; give it to the "
-              f"auditors: `auditlens verify-log AUDIT.db --device-key {shlex.quote(str(public_path))}`)")
-    else:
-        print(f"public key   {public_path}  ({fingerprint(public_path.read_bytes())}; install it on "
-              f"devices: `auditlens verify --public-key {shlex.quote(str(public_path))}`)")
+        key = shlex.quote(str(private_path))
+        use = (f"keep it on the device alone; sign its audit records with `auditlens verify --log "
+               f"AUDIT.db --log-key {key}`" if device else
+               f"keep it with the publisher; sign with `auditlens enroll --sign-key {key}`")
+        print(f"private key  {private_path}  (mode 0600: {use})")
+    pub = shlex.quote(str(public_path))
+    share = (f"give it to the auditors: `auditlens verify-log AUDIT.db --device-key {pub}`" if device
+             else f"install it on devices: `auditlens verify --public-key {pub}`")
+    print(f"public key   {public_path}  ({fingerprint(public_path.read_bytes())}; {share})")
     return 0

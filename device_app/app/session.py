@@ -104,8 +104,8 @@ class Session:
             self.log.close()
             self.log = None
             raise
-        self._held_signer()  # the key read once, now: holding a verdict later needs no file
-        self._log_id = self.log.log_id
+        self._held_signer()  # the key and the log's id read once, now: a verdict is held
+        self._held_log_id()  # when the log, or the key's file, cannot be read
         self.write_held()  # verdicts held when the app last ran
         return self.verifier.bundle
 
@@ -320,12 +320,12 @@ class Session:
         signature = held.get("signature")
         if signature is None and not self.log.has_signed_records:
             return None
-        from auditlens.device_app.signing import load_public_key, signature_holds
+        from auditlens.device_app.signing import signature_holds
 
         try:
             return isinstance(signature, str) and signature_holds(
                 _held_message(held["verdict"], held["auditor"], photo, self._held_log_id(), held_ns),
-                bytes.fromhex(signature), load_public_key(self._held_signer()[1]))
+                bytes.fromhex(signature), self._held_signer()[0].public_key())
         except (ValueError, TypeError):
             return False
 
