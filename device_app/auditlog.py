@@ -40,6 +40,12 @@ protects them (a tamperer can strip signatures and rewrite them). Once a log hol
 records, an append without a key is refused. The key signs whatever the device is made to
 append: it proves where a record was written, not that the photo shows the shelf.
 
+A JSON export made with the key (the app's, ``verify-log --export-json --log-key``) carries
+the key's signature of its header (:func:`export_signed_message`: the log's id, its head,
+the guards' state and warnings, whether photos are in it, and when it was made), so that
+the device vouches for where the upload ends: records removed from its end, or warnings
+left out, no longer pass :func:`verify_export`.
+
 Every append checkpoints the WAL into the ``.db`` file, so a copy of that file alone
 normally holds every committed record (not when another connection was reading at that
 moment, or the app was killed between commit and checkpoint: copy the ``-wal`` beside it).
@@ -246,6 +252,11 @@ class ChainReport:
     first: ``{"first_id", "last_id", "model_id", "bundle_id", "threshold"}`` (the
     bundle id is "" for verdicts that do not name one); over the records this check read
     (a check ``since`` an earlier head reads only the newer ones)."""
+    head_signed_by: str = ""
+    """A JSON export whose header a device key signed: that key's fingerprint (its head,
+    warnings and guards' state are then the device's word); "" otherwise."""
+    exported_utc: str = ""
+    """When the device made that signed export ("" for an unsigned one, or a log)."""
 
     @property
     def head(self) -> str:
@@ -262,6 +273,7 @@ class ChainReport:
             "signed_by": [dict(run) for run in self.signed_by],
             "device_keys_checked": self.device_keys_checked,
             "judged_with": [dict(run) for run in self.judged_with],
+            "head_signed_by": self.head_signed_by, "exported_utc": self.exported_utc,
         }
 
 
@@ -288,6 +300,17 @@ def signed_message(log_id: str, record_hash_hex: str) -> bytes:
     one of another log) and the record's hash, which covers every field and, through
     ``prev_hash``, every record before it."""
     return f"{LOG_FORMAT} {log_id} record {record_hash_hex}".encode("utf-8", "surrogateescape")
+
+
+def export_signed_message(header: dict, *, photos: bool, exported_utc: str) -> bytes:
+    """The bytes a device key signs for a JSON export: what its header says about the log
+    (its id, its head, whether the append-only guards were intact, its warnings), whether
+    the export carries the photos, and when it was made, as canonical JSON."""
+    body = {"log_id": header.get("log_id"), "head": header.get("head"),
+            "triggers_intact": header.get("triggers_intact"), "warnings": header.get("warnings"),
+            "photos": photos, "exported_utc": exported_utc}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return f"{LOG_FORMAT} export {text}".encode("utf-8", "surrogateescape")
 
 
 def prepare_photo(photo: bytes, max_side: int = MAX_PHOTO_SIDE) -> tuple[bytes, str]:
@@ -929,15 +952,23 @@ class AuditLog:
 
     def export_json(self, path: str | os.PathLike, *, photos: bool = False) -> Path:
         """The records with their verdicts (and the photos, base64, if ``photos``), plus
-        the chain's head hash, for upload."""
+        the chain's head hash, for upload. A log opened with the device's key signs the
+        export's header (``"attestation"``: :func:`export_signed_message`)."""
         import base64
 
         path = self._check_export_path(path, ".json")
-        report = self.verify_chain()
+        header = self.verify_chain().to_dict()
+        attestation = ""
+        if self._signer is not None:
+            key, public = self._signer
+            when = utc_now()
+            signature = key.sign(export_signed_message(header, photos=photos, exported_utc=when))
+            attestation = json.dumps({"signer": public, "signature": signature.hex(), "exported_utc": when})
+            attestation = f'"attestation": {attestation}, '
 
         def write(f):
             f.write(f'{{"format": {json.dumps(LOG_FORMAT)}, "version": {LOG_VERSION}, '
-                    f'"log": {json.dumps(report.to_dict())}, "records": [\n')
+                    f'"log": {json.dumps(header)}, {attestation}"records": [\n')
             for i, r in enumerate(self.iter_records()):
                 d = r.to_dict()
                 d["verdict_json"] = r.verdict_json  # the hashed text, for verify_export
@@ -1017,8 +1048,12 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
     read into memory.
 
     The header's ``warnings`` (the append-only guards found removed on the device) and
-    ``triggers_intact`` are the device's word, signed by nothing: they are repeated, not
-    checked, and an edited export can leave them out. Check the ``.db`` for them."""
+    ``triggers_intact`` are the device's word: repeated, not checked. An export made with
+    the device's key carries its signature of them and of the head (``attestation``), which
+    must then verify, with one of ``device_keys`` when they are given: records removed from
+    its end, or warnings left out, are refused (:class:`AuditChainError`). An export
+    without one whose records are signed gets a warning: its end, and its warnings, could
+    have been cut unnoticed (check the ``.db``, or against a kept head)."""
     import base64
 
     path = Path(path)
@@ -1071,8 +1106,59 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
     if records and not with_photos:
         warnings += ("the export carries no photos (made without --photos): the records' "
                      "photo hashes were not checked against any photo",)
-    return walk.report(str(header.get("log_id", "")), bool(header.get("triggers_intact", True)),
-                       warnings)
+    signed_by, when, more = _check_attestation(str(path), data.get("attestation"), header,
+                                               with_photos, walk)
+    report = walk.report(str(header.get("log_id", "")), bool(header.get("triggers_intact", True)),
+                         warnings + more)
+    return dataclasses.replace(report, head_signed_by=signed_by, exported_utc=when)
+
+
+def _check_attestation(where: str, attestation, header: dict, photos: bool,
+                       walk: _ChainWalk) -> tuple[str, str, tuple[str, ...]]:
+    """The fingerprint of the key that signed an export's header, when it was made, and
+    the warnings about it; :class:`AuditChainError` for a signature that does not hold, or
+    (with device keys) one no device key made."""
+    from auditlens.device_app.signing import fingerprint_hex, load_public_key, signature_holds
+
+    if attestation is None:
+        if walk.first_signed is None:
+            return "", "", ()
+        return "", "", ("the export's header is not signed (it was exported without the device's "
+                        "key): records removed from its end, or warnings left out of it, would "
+                        "go unnoticed; check its head against one kept earlier (--expect-head), "
+                        "or export on the device",)
+    fail = walk.count  # the chain reads; what is wrong is the end the header names
+    try:
+        signer, signature, when = (attestation[k] for k in ("signer", "signature", "exported_utc"))
+        if not (isinstance(when, str) and re.fullmatch(r"[0-9a-f]{64}", signer)
+                and re.fullmatch(r"[0-9a-f]{128}", signature)):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise _chain_error(f"{where}: the export's attestation is not well formed; auditlens "
+                           "never writes such an export, so it was edited", fail) from None
+    key = fingerprint_hex(signer)
+    if walk.device_keys is not None and signer not in walk.device_keys:
+        raise _chain_error(f"{where}: the export's header is signed by the key {key}, not by the "
+                           f"device keys given ({', '.join(walk.device_keys.values())}); it was "
+                           "made by another device or outside auditlens", fail)
+    if walk.device_keys is None and importlib.util.find_spec("cryptography") is None:
+        return "", "", ("the export's header signature was not checked: the [sign] extra "
+                        "(cryptography) is not installed",)
+    message = export_signed_message(header, photos=photos, exported_utc=when)
+    try:
+        holds = signature_holds(message, bytes.fromhex(signature), load_public_key(signer))
+    except AuditlensError:  # 64 hex digits that are no point of the curve
+        holds = False
+    if not holds:
+        raise _chain_error(f"{where}: the export's header does not match the device's signature "
+                           f"of it (key {key}): records were removed from or added to its end, "
+                           "its warnings were changed, or its photos removed, after the device "
+                           "made it", fail)
+    signers = {run["key"] for run in walk.signed_by}
+    warnings = () if walk.device_keys is not None or key in signers else (
+        f"the export's header is signed by the key {key}, which signed none of its records "
+        "(check with --device-key)",)
+    return key, when, warnings
 
 
 def load_signing_key(key):
@@ -1413,6 +1499,10 @@ def add_arguments(p) -> None:
                    help="public key of a device that writes this log (device.pub of `auditlens keygen "
                         "--device`); may be repeated: every record must be signed by one of these "
                         "keys (needs the [sign] extra)")
+    p.add_argument("--log-key", type=Path, default=None, metavar="KEY",
+                   help="with --export-json: sign the export's header (its head, its warnings) "
+                        "with this device key (device.key), as the app does, so that records cut "
+                        "from its end are caught (needs the [sign] extra)")
     p.add_argument("--signed-from", type=_record_id, default=1, metavar="ID",
                    help="with --device-key: the device got its key when it had written records "
                         "1..ID-1, so those may be unsigned (they are reported; default 1: every "
@@ -1523,8 +1613,10 @@ def _check_and_export(args) -> int:
     if args.signed_from != 1 and not args.device_key:
         raise AuditLogError("--signed-from says from which record on the device keys must have "
                             "signed; give them with --device-key PUB")
-    if args.photos and not args.export_json:
-        raise AuditLogError("--photos adds the photos to --export-json; give --export-json F")
+    for given, what in ((args.photos, "--photos adds the photos to"),
+                        (args.log_key is not None, "--log-key signs the header of")):
+        if given and not args.export_json:
+            raise AuditLogError(f"{what} --export-json; give --export-json F")
     if _is_export(args.log):
         if args.export_csv or args.export_json or args.export_photos:
             raise AuditLogError(f"{args.log} is a JSON export: exports are made from the log "
@@ -1533,7 +1625,7 @@ def _check_and_export(args) -> int:
                                signed_from=args.signed_from)
         _print_report(args, report)
         return _exit_status(args, report)
-    with AuditLog(args.log, create=False) as log:
+    with AuditLog(args.log, create=False, signing_key=args.log_key) as log:
         for target, suffix in ((args.export_csv, ".csv"), (args.export_json, ".json")):
             if target:  # before anything is written
                 log._check_export_path(target, suffix)
@@ -1572,6 +1664,11 @@ def _print_report(args, report: ChainReport) -> None:
             print(f"  record {rid} still carries the hash kept for it")
         if report.records:
             print(f"  from {report.first_created_utc} to {report.last_created_utc}")
+        if report.head_signed_by:
+            checked = (" (one of --device-key)" if report.device_keys_checked
+                       else " (not checked against a device's key: pass --device-key)")
+            print(f"  exported   {report.exported_utc}; its head and warnings signed by device key "
+                  f"{report.head_signed_by}{checked}")
         _print_signed_by(report)
         _print_judged_with(report.judged_with)
         for w in report.warnings:

@@ -284,6 +284,11 @@ def test_app_signs_its_records_with_the_device_key(demo, tmp_path):
         assert session.verify(photo, plan["product"]).record_id == 3 and session.held() == 0
         report = session.log.verify_chain(device_keys=[public])
         assert report.signed_by == ({"first_id": 1, "last_id": 3, "key": session.log.signer},)
+        # the app's upload carries the device's signature of its head
+        from auditlens.device_app.auditlog import verify_export
+
+        upload = verify_export(session.export("json", tmp_path), device_keys=[public])
+        assert upload.head == report.head and upload.head_signed_by == session.log.signer
 
         # a held file someone else put beside the log is set aside, never signed into it
         import base64

@@ -365,3 +365,104 @@ def test_signed_from_is_refused_without_device_keys(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["verify-log", str(log_path), "--signed-from", "0"])
     assert "expected a record id, 1 or more" in capsys.readouterr().err
+
+
+def _signed_upload(tmp_path, device, capsys, n=4):
+    """A signed log of ``n`` records and its JSON export made with the device key, as
+    `verify-log --export-json --log-key` (and the app) makes it."""
+    private, _ = device
+    log_path, upload = tmp_path / "audit.db", tmp_path / "upload.json"
+    _write(log_path, n, signing_key=private)
+    assert cli_main(["verify-log", str(log_path), "--export-json", str(upload), "--photos",
+                     "--log-key", str(private)]) == 0
+    capsys.readouterr()
+    return log_path, upload
+
+
+def _edit_upload(upload, edit):
+    data = json.loads(upload.read_text(encoding="utf-8"))
+    edit(data)
+    upload.write_text(json.dumps(data), encoding="utf-8")
+
+
+def _cut_newest(data):
+    """What someone with the upload and the code does to hide the newest verdict: the last
+    record dropped and the header's head set to the record before it."""
+    data["records"].pop()
+    last = data["records"][-1]
+    data["log"].update(head=f"{last['id']}:{last['record_hash']}", head_hash=last["record_hash"],
+                       records=last["id"])
+
+
+def test_a_signed_export_vouches_for_its_end(tmp_path, device, capsys):
+    """The device signs the export's header: its head is the device's word, so records cut
+    from the end of the upload are caught without a head kept from an earlier upload."""
+    _, public = device
+    _, upload = _signed_upload(tmp_path, device, capsys)
+    key = fingerprint(public.read_bytes())
+    report = verify_export(upload, device_keys=[public])
+    assert report.head_signed_by == key and report.exported_utc and report.warnings == ()
+    assert cli_main(["verify-log", str(upload), "--device-key", str(public)]) == 0
+    assert (f"its head and warnings signed by device key {key} (one of --device-key)"
+            in capsys.readouterr().out)
+
+    cut = tmp_path / "cut.json"
+    cut.write_bytes(upload.read_bytes())
+    _edit_upload(cut, _cut_newest)
+    for keys in ([public], []):  # with the device's key, and against the key it names
+        with pytest.raises(AuditChainError, match="header does not match the device's signature") as exc:
+            verify_export(cut, device_keys=keys)
+        assert exc.value.record_id == 3
+    assert cli_main(["verify-log", str(cut), "--device-key", str(public)]) == 4
+
+    # the guards' state and warnings are signed too, and whether the photos are in it
+    for edit in (lambda d: d["log"].update(triggers_intact=False),
+                 lambda d: d["log"].update(warnings=["the clock was set back"]),
+                 lambda d: [r.pop("photo_base64") for r in d["records"]]):
+        edited = tmp_path / "edited.json"
+        edited.write_bytes(upload.read_bytes())
+        _edit_upload(edited, edit)
+        with pytest.raises(AuditChainError, match="its warnings were changed, or its photos removed"):
+            verify_export(edited, device_keys=[public])
+
+
+def test_an_unsigned_or_foreign_export_header_is_said(tmp_path, device, capsys):
+    """Stripping the attestation leaves a warning (and --strict fails); one made with another
+    key is refused against the device's key and said without it."""
+    _, public = device
+    log_path, upload = _signed_upload(tmp_path, device, capsys)
+    stripped = tmp_path / "stripped.json"
+    stripped.write_bytes(upload.read_bytes())
+    _edit_upload(stripped, lambda d: d.pop("attestation"))
+    _edit_upload(stripped, _cut_newest)  # now unnoticed but for the warning
+    report = verify_export(stripped, device_keys=[public])
+    assert report.head_signed_by == "" and report.records == 3
+    assert any("the export's header is not signed" in w for w in report.warnings)
+    assert cli_main(["verify-log", str(stripped), "--device-key", str(public), "--strict"]) == 5
+    capsys.readouterr()
+
+    other_private, other_public = generate_keypair(tmp_path / "other", device=True)
+    foreign = tmp_path / "foreign.json"
+    assert cli_main(["verify-log", str(log_path), "--export-json", str(foreign),
+                     "--log-key", str(other_private)]) == 0
+    with pytest.raises(AuditChainError, match="header is signed by the key .* not by the device keys"):
+        verify_export(foreign, device_keys=[public])
+    other = fingerprint(other_public.read_bytes())
+    assert any(f"signed by the key {other}, which signed none of its records" in w
+               for w in verify_export(foreign).warnings)
+
+    # a log nobody signed exports without an attestation and without a warning about it
+    plain = tmp_path / "plain.db"
+    _write(plain, 2)
+    assert cli_main(["verify-log", str(plain), "--export-json", str(tmp_path / "plain.json")]) == 0
+    assert not any("header" in w for w in verify_export(tmp_path / "plain.json").warnings)
+    assert cli_main(["verify-log", str(plain), "--log-key", str(other_private)]) == 2
+    assert "--log-key signs the header of --export-json" in capsys.readouterr().err
+
+
+def test_a_malformed_attestation_is_an_edit(tmp_path, device, capsys):
+    _, public = device
+    _, upload = _signed_upload(tmp_path, device, capsys)
+    _edit_upload(upload, lambda d: d["attestation"].update(signature="zz"))
+    with pytest.raises(AuditChainError, match="attestation is not well formed"):
+        verify_export(upload, device_keys=[public])
