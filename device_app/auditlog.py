@@ -309,8 +309,8 @@ def export_signed_message(header: dict, *, photos: bool, exported_utc: str) -> b
     body = {"log_id": header.get("log_id"), "head": header.get("head"),
             "triggers_intact": header.get("triggers_intact"), "warnings": header.get("warnings"),
             "photos": photos, "exported_utc": exported_utc}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return f"{LOG_FORMAT} export {text}".encode("utf-8", "surrogateescape")
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))  # ASCII: any text encodes
+    return f"{LOG_FORMAT} export {text}".encode("ascii")
 
 
 def prepare_photo(photo: bytes, max_side: int = MAX_PHOTO_SIDE) -> tuple[bytes, str]:
@@ -959,6 +959,8 @@ class AuditLog:
         path = self._check_export_path(path, ".json")
         header = self.verify_chain().to_dict()
         attestation = ""
+        # the records the header's head covers: one appended since is in the next export
+        newest = header["records"]
         if self._signer is not None:
             key, public = self._signer
             when = utc_now()
@@ -968,8 +970,9 @@ class AuditLog:
 
         def write(f):
             f.write(f'{{"format": {json.dumps(LOG_FORMAT)}, "version": {LOG_VERSION}, '
-                    f'"log": {json.dumps(header)}, {attestation}"records": [\n')
-            for i, r in enumerate(self.iter_records()):
+                    f'"log": {json.dumps(header)}, "photos": {json.dumps(photos)}, '
+                    f'{attestation}"records": [\n')
+            for i, r in enumerate(self.iter_records(limit=newest)):
                 d = r.to_dict()
                 d["verdict_json"] = r.verdict_json  # the hashed text, for verify_export
                 if photos:
@@ -1058,25 +1061,31 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
 
     path = Path(path)
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(path.read_bytes(), object_pairs_hook=_refuse_repeated_keys)
     except OSError as exc:
         raise AuditLogError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
     except ValueError as exc:
         raise AuditLogError(f"{path}: not an audit log export (not valid JSON: {exc})") from exc
     if not isinstance(data, dict) or data.get("format") != LOG_FORMAT:
         raise AuditLogError(f"{path}: not an auditlens audit log export")
-    if data.get("version") != LOG_VERSION:
+    if type(data.get("version")) is not int or data["version"] != LOG_VERSION:  # not true
         raise AuditLogError(f"{path}: audit log export version {data.get('version')}, this "
                             f"auditlens reads version {LOG_VERSION}")
     header, records = data.get("log"), data.get("records")
     if not isinstance(header, dict) or not isinstance(records, list):
         raise AuditLogError(f"{path}: not an auditlens audit log export (no log header or records)")
+    wrong = _malformed_header(header, data)
+    if wrong:
+        raise _chain_error(f"{path}: the export's header is not well formed ({wrong}); auditlens "
+                           "never writes such an export, so it was edited", None)
     kept = _kept_hashes(anchors)
     walk = _ChainWalk(str(path), log_id=_text(header.get("log_id", "")),
                       device_keys=_device_keys(device_keys), signed_from=signed_from)
     hashes: dict[int, str] = {}
-    # an export made with --photos carries every record's photo: each one is checked
-    with_photos = bool(records) and isinstance(records[0], dict) and "photo_base64" in records[0]
+    # an export made with --photos carries every record's photo: each one is checked (an
+    # export from before the "photos" flag says so by its first record)
+    with_photos = data.get("photos", bool(records) and isinstance(records[0], dict)
+                           and "photo_base64" in records[0])
     for n, d in enumerate(records, 1):
         try:
             verdict_json = d["verdict_json"] if "verdict_json" in d else _verdict_json(d["verdict"])
@@ -1084,7 +1093,8 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
                                  verdict_json=verdict_json, signer=d.get("signer", ""),
                                  signature=d.get("signature", ""))
             if ("photo_base64" in d) != with_photos:
-                raise ValueError("some records carry their photo and others do not")
+                raise ValueError("its photo is " + ("missing from an export made with its photos"
+                                                    if with_photos else "in an export made without them"))
             photo = base64.b64decode(d["photo_base64"], validate=True) if with_photos else None
         except (KeyError, TypeError, ValueError) as exc:
             raise _chain_error(f"{path}: record {n} of the export is incomplete or unreadable "
@@ -1101,6 +1111,7 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
         raise _chain_error(f"{path}: the export's header names the head {claimed}, but its "
                            f"records end at {walk.count}:{walk.head_hash}; records were removed "
                            "from or added to the export", walk.count)
+    _check_header_agrees(str(path), header, walk)
     _check_kept_heads(str(path), kept, hashes.get)
     warnings = tuple(str(w) for w in header.get("warnings") or ())
     if records and not with_photos:
@@ -1113,6 +1124,49 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
     return dataclasses.replace(report, head_signed_by=signed_by, exported_utc=when)
 
 
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are unique: a reader that keeps the first of two "records"
+    must not see another export than the one checked, which keeps the last."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {twice!r} appears twice in one object")
+    return out
+
+
+def _malformed_header(header: dict, data: dict) -> str:
+    """What is wrong with the types of an export's header ("" when nothing is)."""
+    for name in ("log_id", "head", "head_hash", "first_created_utc", "last_created_utc"):
+        if name in header and not isinstance(header[name], str):
+            return f"its {name} is {type(header[name]).__name__}, not text"
+    warnings = header.get("warnings", [])
+    if not (isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)):
+        return "its warnings are not a list of text"
+    for name, where in (("triggers_intact", header), ("photos", data)):
+        if name in where and not isinstance(where[name], bool):
+            return f"its {name} is {type(where[name]).__name__}, not true or false"
+    if "records" in header and type(header["records"]) is not int:
+        return f"its records is {type(header['records']).__name__}, not a whole number"
+    return ""
+
+
+def _check_header_agrees(where: str, header: dict, walk: _ChainWalk) -> None:
+    """The header's summary of the records (their count, head hash, times, signers and
+    settings) is what the records themselves give: a reader of the header alone must not
+    be told another story than the one checked."""
+    found = walk.report("", True, ())
+    for name, value in (("records", found.records), ("head_hash", found.head_hash),
+                        ("first_created_utc", found.first_created_utc),
+                        ("last_created_utc", found.last_created_utc),
+                        ("signed_by", [dict(run) for run in found.signed_by]),
+                        ("judged_with", [dict(run) for run in found.judged_with])):
+        if name in header and header[name] != value:
+            raise _chain_error(f"{where}: the export's header gives its {name} as "
+                               f"{json.dumps(header[name])[:120]}, but its records give "
+                               f"{json.dumps(value)[:120]}; the header was edited", walk.count)
+
+
 def _check_attestation(where: str, attestation, header: dict, photos: bool,
                        walk: _ChainWalk) -> tuple[str, str, tuple[str, ...]]:
     """The fingerprint of the key that signed an export's header, when it was made, and
@@ -1121,7 +1175,7 @@ def _check_attestation(where: str, attestation, header: dict, photos: bool,
     from auditlens.device_app.signing import fingerprint_hex, load_public_key, signature_holds
 
     if attestation is None:
-        if walk.first_signed is None:
+        if walk.first_signed is None and walk.device_keys is None:
             return "", "", ()
         return "", "", ("the export's header is not signed (it was exported without the device's "
                         "key): records removed from its end, or warnings left out of it, would "
@@ -1153,7 +1207,7 @@ def _check_attestation(where: str, attestation, header: dict, photos: bool,
         raise _chain_error(f"{where}: the export's header does not match the device's signature "
                            f"of it (key {key}): records were removed from or added to its end, "
                            "its warnings were changed, or its photos removed, after the device "
-                           "made it", fail)
+                           "made it, or the signature was taken from another export", fail)
     signers = {run["key"] for run in walk.signed_by}
     warnings = () if walk.device_keys is not None or key in signers else (
         f"the export's header is signed by the key {key}, which signed none of its records "

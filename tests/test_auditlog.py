@@ -560,7 +560,8 @@ def test_verify_log_checks_a_json_export_without_the_database(log_path, tmp_path
                      (edited(0, photo_base64=None) | {"records": [
                          {k: v for k, v in data["records"][0].items() if k != "photo_base64"},
                          *data["records"][1:]]},
-                      "record 2 of the export is incomplete or unreadable (some records carry")):
+                      "record 1 of the export is incomplete or unreadable (its photo is missing "
+                      "from an export made with its photos)")):
         assert _verify_edited(tmp_path, bad) == 4, why
         assert why in capsys.readouterr().err
     assert _verify_edited(tmp_path, data, "--expect-head", "2:" + "a" * 64) == 4

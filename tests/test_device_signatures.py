@@ -391,7 +391,11 @@ def _cut_newest(data):
     data["records"].pop()
     last = data["records"][-1]
     data["log"].update(head=f"{last['id']}:{last['record_hash']}", head_hash=last["record_hash"],
-                       records=last["id"])
+                       records=last["id"], last_created_utc=last["created_utc"])
+    for runs in (data["log"]["signed_by"], data["log"]["judged_with"]):
+        if runs[-1]["first_id"] > last["id"]:
+            runs.pop()
+        runs[-1]["last_id"] = last["id"]
 
 
 def test_a_signed_export_vouches_for_its_end(tmp_path, device, capsys):
@@ -418,7 +422,7 @@ def test_a_signed_export_vouches_for_its_end(tmp_path, device, capsys):
     # the guards' state and warnings are signed too, and whether the photos are in it
     for edit in (lambda d: d["log"].update(triggers_intact=False),
                  lambda d: d["log"].update(warnings=["the clock was set back"]),
-                 lambda d: [r.pop("photo_base64") for r in d["records"]]):
+                 lambda d: [d.update(photos=False)] + [r.pop("photo_base64") for r in d["records"]]):
         edited = tmp_path / "edited.json"
         edited.write_bytes(upload.read_bytes())
         _edit_upload(edited, edit)
@@ -466,3 +470,64 @@ def test_a_malformed_attestation_is_an_edit(tmp_path, device, capsys):
     _edit_upload(upload, lambda d: d["attestation"].update(signature="zz"))
     with pytest.raises(AuditChainError, match="attestation is not well formed"):
         verify_export(upload, device_keys=[public])
+
+
+def test_an_export_says_what_it_holds_and_its_header_must_agree(tmp_path, device, capsys, monkeypatch):
+    """The header's summary, the photos flag and the JSON itself are checked before anything
+    is believed: a reader of the header must not be told another story than the one checked."""
+    private, public = device
+    log_path, upload = _signed_upload(tmp_path, device, capsys)
+    cases = [
+        (lambda d: d["log"].update(records=99), "header gives its records as 99, but its records give 4"),
+        (lambda d: d["log"].update(head_hash="0" * 64), "header gives its head_hash"),
+        (lambda d: d["log"]["judged_with"].clear(), "header gives its judged_with as"),
+        (lambda d: d["log"].update(warnings=5), "not well formed \\(its warnings are not a list of text\\)"),
+        (lambda d: d["log"].update(warnings=["\ud800"]), "does not match the device's signature"),
+        (lambda d: d.update(photos="yes"), "its photos is str, not true or false"),
+        (lambda d: d["records"][0].pop("photo_base64"), "record 1 .*its photo is missing from an export made with"),
+    ]
+    for edit, message in cases:
+        edited = tmp_path / "edited.json"
+        edited.write_bytes(upload.read_bytes())
+        _edit_upload(edited, edit)
+        with pytest.raises(AuditChainError, match=message):
+            verify_export(edited, device_keys=[public])
+    # a second "records" before the checked one: a reader keeping the first would see 3
+    text = upload.read_text(encoding="utf-8")
+    doubled = tmp_path / "doubled.json"
+    doubled.write_text(text.replace('"records": [', '"records": [], "records": [', 1), encoding="utf-8")
+    with pytest.raises(AuditLogError, match="the key 'records' appears twice"):
+        verify_export(doubled)
+    doubled.write_bytes(upload.read_bytes())
+    _edit_upload(doubled, lambda d: d.update(version=True))  # equal to 1 in Python, not in JSON
+    with pytest.raises(AuditLogError, match="audit log export version True"):
+        verify_export(doubled)
+
+    # honest edge cases: an empty signed log exported with --photos verifies
+    empty = tmp_path / "empty.db"
+    with AuditLog(empty, signing_key=private) as log:
+        log.export_json(tmp_path / "empty.json", photos=True)
+    report = verify_export(tmp_path / "empty.json", device_keys=[public])
+    assert report.records == 0 and report.head_signed_by == fingerprint(public.read_bytes())
+    # ... and an unsigned export held to device keys is said to be, even with no signed record
+    with AuditLog(empty) as log:
+        log.export_json(tmp_path / "unsigned.json")
+    assert any("header is not signed" in w for w in verify_export(tmp_path / "unsigned.json",
+                                                                   device_keys=[public]).warnings)
+
+    # a record appended while the export is made goes to the next export, not past the head
+    original = AuditLog.verify_chain
+
+    def appended_meanwhile(self, *args, **kwargs):
+        report = original(self, *args, **kwargs)
+        with AuditLog(log_path, signing_key=private) as other:
+            other.append(make_verdict(9, "match"), photo=jpeg(), auditor="b")
+        return report
+
+    monkeypatch.setattr(AuditLog, "verify_chain", appended_meanwhile)
+    with AuditLog(log_path, signing_key=private) as log:
+        log.export_json(tmp_path / "raced.json", photos=True)
+    monkeypatch.undo()
+    assert verify_export(tmp_path / "raced.json", device_keys=[public]).records == 4
+    with AuditLog(log_path, create=False) as log:
+        assert len(log) == 5
