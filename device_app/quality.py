@@ -59,15 +59,23 @@ def _laplacian_variance(grey: np.ndarray) -> float:
     return float(lap.var())
 
 
-def assess(image: Image.Image, thresholds: QualityThresholds | None = None) -> Quality:
+def analysis_copy(image: Image.Image) -> Image.Image:
+    """The small grey copy of a capture that :func:`assess` measures (at most
+    :data:`ANALYSIS_SIDE` pixels a side); the near-copy dHash is taken from it too."""
+    small = image.convert("L")  # a copy even of an "L" image: thumbnail works in place
+    small.thumbnail((ANALYSIS_SIDE, ANALYSIS_SIDE), Image.Resampling.BILINEAR)
+    return small
+
+
+def assess(image: Image.Image, thresholds: QualityThresholds | None = None, *,
+           analysed: Image.Image | None = None) -> Quality:
     """Measure a capture (RGB, or its luminance "L" copy) and list what would make its
-    verdict unreliable.
+    verdict unreliable; ``analysed``: its :func:`analysis_copy`, when the caller has it.
 
     A capture so thin that its analysis copy is under 3 pixels high or wide (e.g. 20000x16)
     has no measurable detail: its sharpness is 0 and it is sent back as too narrow."""
     t = thresholds or QualityThresholds()
-    small = image.convert("L")
-    small.thumbnail((ANALYSIS_SIDE, ANALYSIS_SIDE), Image.Resampling.BILINEAR)
+    small = analysed if analysed is not None else analysis_copy(image)
     grey = np.asarray(small, dtype=np.float32)
     brightness = float(grey.mean())
     clipped = float((grey >= 250).mean())

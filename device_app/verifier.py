@@ -30,7 +30,7 @@ from auditlens.device_app.imaging import (
 )
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
 from auditlens.device_app.preprocess import PreprocessSpec, pool_views, to_photo_views
-from auditlens.device_app.quality import Quality, QualityThresholds, assess
+from auditlens.device_app.quality import Quality, QualityThresholds, analysis_copy, assess
 from auditlens.device_app.search import ReferenceSearch
 from auditlens.errors import (
     BundleSignatureError,
@@ -363,9 +363,9 @@ class Verifier:
                     "bytes, a binary file object, a PIL image or a pixel array")
             image = load_image(source, max_pixels=self.options.max_pixels, draft=draft)
             digest = hashlib.sha256(data).hexdigest()
-        grey = image.convert("L")  # once for both checks: each would convert the image itself
+        small = analysis_copy(image)  # one small grey copy for both checks
         return Capture(to_photo_views(image, self.spec), digest,
-                       assess(grey, self.options.quality), dhash(grey),
+                       assess(image, self.options.quality, analysed=small), dhash(small),
                        image if keep_image else None, spec=self.spec)
 
     def embed(self, capture: Capture) -> np.ndarray:
