@@ -257,6 +257,9 @@ class ChainReport:
     warnings and guards' state are then the device's word); "" otherwise."""
     exported_utc: str = ""
     """When the device made that signed export ("" for an unsigned one, or a log)."""
+    photos_checked: bool = True
+    """False for a JSON export made without its photos: the records' photo hashes were
+    checked against nothing (not a warning: the hashes still bind each record's photo)."""
 
     @property
     def head(self) -> str:
@@ -274,6 +277,7 @@ class ChainReport:
             "device_keys_checked": self.device_keys_checked,
             "judged_with": [dict(run) for run in self.judged_with],
             "head_signed_by": self.head_signed_by, "exported_utc": self.exported_utc,
+            "photos_checked": self.photos_checked,
         }
 
 
@@ -1114,14 +1118,12 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
     _check_header_agrees(str(path), header, walk)
     _check_kept_heads(str(path), kept, hashes.get)
     warnings = tuple(str(w) for w in header.get("warnings") or ())
-    if records and not with_photos:
-        warnings += ("the export carries no photos (made without --photos): the records' "
-                     "photo hashes were not checked against any photo",)
     signed_by, when, more = _check_attestation(str(path), data.get("attestation"), header,
                                                with_photos, walk)
     report = walk.report(str(header.get("log_id", "")), bool(header.get("triggers_intact", True)),
                          warnings + more)
-    return dataclasses.replace(report, head_signed_by=signed_by, exported_utc=when)
+    return dataclasses.replace(report, head_signed_by=signed_by, exported_utc=when,
+                               photos_checked=with_photos or not records)
 
 
 def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -1718,6 +1720,9 @@ def _print_report(args, report: ChainReport) -> None:
             print(f"  record {rid} still carries the hash kept for it")
         if report.records:
             print(f"  from {report.first_created_utc} to {report.last_created_utc}")
+        if not report.photos_checked:
+            print("  photos     not in this export (made without --photos): the records' photo "
+                  "hashes were checked against no photo")
         if report.head_signed_by:
             checked = (" (one of --device-key)" if report.device_keys_checked
                        else " (not checked against a device's key: pass --device-key)")

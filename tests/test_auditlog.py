@@ -31,6 +31,7 @@ from auditlens.device_app.auditlog import (
     AuditLog,
     canonical_bytes,
     record_hash,
+    verify_export,
 )
 from auditlens.device_app.bundle import ReferenceBundle
 from auditlens.device_app.imaging import load_image
@@ -569,7 +570,9 @@ def test_verify_log_checks_a_json_export_without_the_database(log_path, tmp_path
 
     no_photos, _, _ = _exported(tmp_path / "other.db", tmp_path, photos=False)
     assert cli_main(["verify-log", str(no_photos)]) == 0
-    assert "warning: the export carries no photos" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "photos     not in this export (made without --photos)" in out and "warning" not in out
+    assert verify_export(no_photos).photos_checked is False
     assert cli_main(["verify-log", str(path), "--export-csv", str(tmp_path / "x.csv")]) == 2
     assert "is a JSON export: exports are made from the log itself" in capsys.readouterr().err
     (tmp_path / "broken.json").write_text('{"format": "auditlens-audit-log", "records": [', encoding="utf-8")
