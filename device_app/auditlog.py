@@ -1059,8 +1059,10 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
     the device's key carries its signature of them and of the head (``attestation``), which
     must then verify, with one of ``device_keys`` when they are given: records removed from
     its end, or warnings left out, are refused (:class:`AuditChainError`). An export
-    without one whose records are signed gets a warning: its end, and its warnings, could
-    have been cut unnoticed (check the ``.db``, or against a kept head)."""
+    without one gets a warning when its records are signed or ``device_keys`` are given:
+    its end, and its warnings, could have been cut unnoticed (check the ``.db``, or against
+    a kept head). The header's summary of the records (count, head hash, times, signers,
+    settings) must be what the records give, and a JSON key written twice is refused."""
     import base64
 
     path = Path(path)
