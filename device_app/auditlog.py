@@ -1117,14 +1117,14 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
         raise _chain_error(f"{path}: the export's header names the head {claimed}, but its "
                            f"records end at {walk.count}:{walk.head_hash}; records were removed "
                            "from or added to the export", walk.count)
-    _check_header_agrees(str(path), header, walk)
+    report = walk.report(str(header.get("log_id", "")), bool(header.get("triggers_intact", True)),
+                         tuple(str(w) for w in header.get("warnings") or ()))
+    _check_header_agrees(str(path), header, report)
     _check_kept_heads(str(path), kept, hashes.get)
-    warnings = tuple(str(w) for w in header.get("warnings") or ())
     signed_by, when, more = _check_attestation(str(path), data.get("attestation"), header,
                                                with_photos, walk)
-    report = walk.report(str(header.get("log_id", "")), bool(header.get("triggers_intact", True)),
-                         warnings + more)
-    return dataclasses.replace(report, head_signed_by=signed_by, exported_utc=when,
+    return dataclasses.replace(report, warnings=tuple(dict.fromkeys(report.warnings + more)),
+                               head_signed_by=signed_by, exported_utc=when,
                                photos_checked=with_photos or not records)
 
 
@@ -1155,11 +1155,10 @@ def _malformed_header(header: dict, data: dict) -> str:
     return ""
 
 
-def _check_header_agrees(where: str, header: dict, walk: _ChainWalk) -> None:
+def _check_header_agrees(where: str, header: dict, found: ChainReport) -> None:
     """The header's summary of the records (their count, head hash, times, signers and
-    settings) is what the records themselves give: a reader of the header alone must not
-    be told another story than the one checked."""
-    found = walk.report("", True, ())
+    settings) is what the records themselves give (``found``): a reader of the header
+    alone must not be told another story than the one checked."""
     for name, value in (("records", found.records), ("head_hash", found.head_hash),
                         ("first_created_utc", found.first_created_utc),
                         ("last_created_utc", found.last_created_utc),
@@ -1168,7 +1167,13 @@ def _check_header_agrees(where: str, header: dict, walk: _ChainWalk) -> None:
         if name in header and header[name] != value:
             raise _chain_error(f"{where}: the export's header gives its {name} as "
                                f"{json.dumps(header[name])[:120]}, but its records give "
-                               f"{json.dumps(value)[:120]}; the header was edited", walk.count)
+                               f"{json.dumps(value)[:120]}; the header was edited", found.records)
+
+
+def _well_formed_signature(signer, signature) -> bool:
+    """A device key (64 hex digits) and an Ed25519 signature (128), as auditlens writes them."""
+    return (isinstance(signer, str) and isinstance(signature, str)
+            and bool(re.fullmatch(r"[0-9a-f]{64}", signer) and re.fullmatch(r"[0-9a-f]{128}", signature)))
 
 
 def _check_attestation(where: str, attestation, header: dict, photos: bool,
@@ -1176,7 +1181,7 @@ def _check_attestation(where: str, attestation, header: dict, photos: bool,
     """The fingerprint of the key that signed an export's header, when it was made, and
     the warnings about it; :class:`AuditChainError` for a signature that does not hold, or
     (with device keys) one no device key made."""
-    from auditlens.device_app.signing import fingerprint_hex, load_public_key, signature_holds
+    from auditlens.device_app.signing import fingerprint_hex
 
     if attestation is None:
         if walk.first_signed is None and walk.device_keys is None:
@@ -1188,8 +1193,7 @@ def _check_attestation(where: str, attestation, header: dict, photos: bool,
     fail = walk.count  # the chain reads; what is wrong is the end the header names
     try:
         signer, signature, when = (attestation[k] for k in ("signer", "signature", "exported_utc"))
-        if not (isinstance(when, str) and re.fullmatch(r"[0-9a-f]{64}", signer)
-                and re.fullmatch(r"[0-9a-f]{128}", signature)):
+        if not (isinstance(when, str) and _well_formed_signature(signer, signature)):
             raise ValueError
     except (KeyError, TypeError, ValueError):
         raise _chain_error(f"{where}: the export's attestation is not well formed; auditlens "
@@ -1199,14 +1203,10 @@ def _check_attestation(where: str, attestation, header: dict, photos: bool,
         raise _chain_error(f"{where}: the export's header is signed by the key {key}, not by the "
                            f"device keys given ({', '.join(walk.device_keys.values())}); it was "
                            "made by another device or outside auditlens", fail)
-    if walk.device_keys is None and importlib.util.find_spec("cryptography") is None:
+    holds = walk.holds(export_signed_message(header, photos=photos, exported_utc=when), signature, signer)
+    if holds is None:
         return "", "", ("the export's header signature was not checked: the [sign] extra "
                         "(cryptography) is not installed",)
-    message = export_signed_message(header, photos=photos, exported_utc=when)
-    try:
-        holds = signature_holds(message, bytes.fromhex(signature), load_public_key(signer))
-    except AuditlensError:  # 64 hex digits that are no point of the curve
-        holds = False
     if not holds:
         raise _chain_error(f"{where}: the export's header does not match the device's signature "
                            f"of it (key {key}): records were removed from or added to its end, "
@@ -1398,7 +1398,7 @@ class _ChainWalk:
 
         rid, signer = record.id, record.signer
         if signer or record.signature:
-            if not (re.fullmatch(r"[0-9a-f]{64}", signer) and re.fullmatch(r"[0-9a-f]{128}", record.signature)):
+            if not _well_formed_signature(signer, record.signature):
                 raise self._fail(rid, "its signature or the key it names is not well formed; "
                                       "auditlens never writes such a record, so it was edited "
                                       "outside auditlens")
@@ -1439,20 +1439,26 @@ class _ChainWalk:
             self.signed_by.append({"first_id": rid, "last_id": rid, "key": key})
 
     def _signature_holds(self, record: AuditRecord) -> bool | None:
-        """Whether the record's signature verifies with the key it names; None when it
-        cannot be checked here (no `cryptography`, and no device keys were asked for)."""
+        """Whether the record's signature verifies with the key it names (None: not checked)."""
+        holds = self.holds(signed_message(self.log_id, record.record_hash), record.signature,
+                           record.signer)
+        self.unchecked += holds is None
+        return holds
+
+    def holds(self, message: bytes, signature_hex: str, signer_hex: str) -> bool | None:
+        """Whether ``signature_hex`` of ``message`` verifies with the key ``signer_hex``
+        (both well formed); None when it cannot be checked here (no `cryptography`, and no
+        device keys were asked for)."""
         from auditlens.device_app.signing import load_public_key, signature_holds
 
-        if record.signer not in self._keys:
+        if signer_hex not in self._keys:
             if self.device_keys is None and importlib.util.find_spec("cryptography") is None:
-                self.unchecked += 1
                 return None
             try:
-                self._keys[record.signer] = load_public_key(record.signer)
+                self._keys[signer_hex] = load_public_key(signer_hex)
             except AuditlensError:  # 64 hex digits that are no point of the curve
                 return False
-        return signature_holds(signed_message(self.log_id, record.record_hash),
-                               bytes.fromhex(record.signature), self._keys[record.signer])
+        return signature_holds(message, bytes.fromhex(signature_hex), self._keys[signer_hex])
 
     def report(self, log_id: str, triggers_intact: bool, warnings: tuple[str, ...]) -> ChainReport:
         unsigned_start = min(self.count + 1, self.first_signed or self.signed_from)

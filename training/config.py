@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+BACKBONES = ("scratch", "mobilenet_v2")
+"""Encoder bodies ``train --backbone`` builds (:mod:`auditlens.training.model`)."""
+POOLINGS = ("avg", "avgmax")
+"""Global poolings of the encoder's last feature map (``train --pooling``)."""
+
 
 @dataclass
 class TrainConfig:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
+from auditlens.training.config import BACKBONES, POOLINGS
+
 ENCODER_NAME = "auditlens_encoder"
 DECODER_NAME = "auditlens_decoder"
 
@@ -50,9 +52,6 @@ class ModelSpec:
     (global average and global maximum side by side: the strongest response of each
     channel anywhere in the frame, as a small logo or label gives it)."""
 
-
-BACKBONES = ("scratch", "mobilenet_v2")
-POOLINGS = ("avg", "avgmax")
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, act: bool = True):

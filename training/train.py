@@ -34,7 +34,7 @@ from auditlens.device_app.interpreter import l2_normalize
 from auditlens.device_app.preprocess import PreprocessSpec, pool_views, stack_inputs
 from auditlens.errors import AuditlensError, CatalogError, OutputPathError
 from auditlens.files import check_output_dir
-from auditlens.training.config import TrainConfig, TrainResult
+from auditlens.training.config import BACKBONES, POOLINGS, TrainConfig, TrainResult
 
 EVAL_BATCH = 128
 COLLAPSED_AUC = 0.6
@@ -248,7 +248,6 @@ def _check_config(config: TrainConfig) -> None:
 
 def _read_backbone(config: TrainConfig, log) -> dict | None:
     """The pretrained trunk's weights (``--backbone-weights``), read or refused before any image."""
-    from auditlens.training.model import BACKBONES
     from auditlens.training.pretrained import read_torch_state_dict
 
     if config.backbone not in BACKBONES:
@@ -897,7 +896,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--input-size", type=int, default=d.input_size, help=f"encoder input side (default {d.input_size})")
     parser.add_argument("--latent-dim", type=int, default=d.latent_dim, help=f"latent length (default {d.latent_dim})")
     parser.add_argument("--width", type=int, default=d.width, help=f"encoder stem channels (default {d.width})")
-    parser.add_argument("--backbone", choices=("scratch", "mobilenet_v2"), default=d.backbone,
+    parser.add_argument("--backbone", choices=BACKBONES, default=d.backbone,
                         help="encoder body: the small network trained from scratch, or the first "
                         f"--trunk-blocks blocks of MobileNetV2 (default {d.backbone})")
     parser.add_argument("--backbone-weights", metavar="PTH",
@@ -905,7 +904,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "read without torch; never downloaded) to start the mobilenet_v2 trunk from")
     parser.add_argument("--trunk-blocks", type=int, default=d.trunk_blocks, metavar="N",
                         help=f"MobileNetV2 blocks kept, 1-17 (default {d.trunk_blocks}: up to the 96-channel stage)")
-    parser.add_argument("--pooling", choices=("avg", "avgmax"), default=d.pooling,
+    parser.add_argument("--pooling", choices=POOLINGS, default=d.pooling,
                         help="global pooling of the encoder's last feature map: average, or average "
                         f"and maximum side by side (default {d.pooling}; avgmax measured on three "
                         "folds: better on new cartons, level overall, see docs/ablation.md)")
