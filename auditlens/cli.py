@@ -511,7 +511,7 @@ COMMANDS: dict[str, tuple[str, Hook]] = {
     "app": ("run the field app (Kivy): pick, capture, verify, keep the audit log (needs auditlens[app])",
             ("auditlens.device_app.app.main", "add_arguments", "run")),
     "verify-log": ("check an audit log's hash chain; export it as CSV/JSON",
-                   ("auditlens.device_app.auditlog", "add_arguments", "run")),
+                   ("auditlens.device_app.verify_log", "add_arguments", "run")),
 }
 
 

@@ -290,7 +290,7 @@ def test_an_unexpected_error_exits_2_not_1_which_means_no_match(tmp_path, monkey
     def broken(args):
         raise RuntimeError("disk controller on fire")
 
-    monkeypatch.setattr("auditlens.device_app.auditlog.run", broken)
+    monkeypatch.setattr("auditlens.device_app.verify_log.run", broken)
     assert main(["verify-log", str(tmp_path / "a.db")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["auditlens: internal error: RuntimeError: disk controller on fire "
