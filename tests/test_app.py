@@ -5,8 +5,10 @@ checks the verdicts against the engine, the audit records and the export."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
+import importlib
 import importlib.util
 import io
 import json
@@ -65,7 +67,13 @@ def demo(tmp_path_factory):
 # -- engine-side pieces, no Kivy -------------------------------------------------------
 def test_cli_has_app_and_verify_log():
     assert COMMANDS["app"][1] == ("auditlens.device_app.app.main", "add_arguments", "run")
-    assert COMMANDS["verify-log"][1] == ("auditlens.device_app.auditlog", "add_arguments", "run")
+    module, add_arguments, run = COMMANDS["verify-log"][1]
+    front_end = importlib.import_module(module)  # engine only: no Kivy
+    parser = argparse.ArgumentParser()
+    getattr(front_end, add_arguments)(parser)
+    args = parser.parse_args(["audit.db", "--expect-head", "0:" + "0" * 64, "--strict"])
+    assert args.log == Path("audit.db") and args.strict and args.expect_head == [(0, "0" * 64)]
+    assert callable(getattr(front_end, run))
 
 
 def test_app_help(capsys):
