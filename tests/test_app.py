@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import importlib
 import importlib.util
 import io
 import json
