@@ -216,7 +216,7 @@ def _run_verify(args) -> int:
         if given and not args.log:
             print(f"auditlens: warning: {what} only in an audit log; add --log AUDIT.db", file=sys.stderr)
     if args.log and args.log_key is not None:
-        from auditlens.device_app.auditlog import load_signing_key
+        from auditlens.device_app.auditchain import load_signing_key
 
         load_signing_key(args.log_key)  # a key that cannot sign is said before the photo is judged
     verdict = verifier.verify(args.photo, args.product)

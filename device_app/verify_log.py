@@ -16,14 +16,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from auditlens.device_app.auditlog import (
+from auditlens.device_app.auditchain import (
     GENESIS_HASH,
-    AuditLog,
     ChainReport,
     id_range,
     is_export,
     verify_export,
 )
+from auditlens.device_app.auditlog import AuditLog
 from auditlens.errors import AuditChainError, AuditlensError, AuditLogError
 
 

@@ -292,7 +292,7 @@ def test_app_signs_its_records_with_the_device_key(demo, tmp_path):
         report = session.log.verify_chain(device_keys=[public])
         assert report.signed_by == ({"first_id": 1, "last_id": 3, "key": session.log.signer},)
         # the app's upload carries the device's signature of its head
-        from auditlens.device_app.auditlog import verify_export
+        from auditlens.device_app.auditchain import verify_export
 
         upload = verify_export(session.export("json", tmp_path), device_keys=[public])
         assert upload.head == report.head and upload.head_signed_by == session.log.signer

@@ -25,14 +25,13 @@ import pytest
 from PIL import Image
 
 from auditlens.cli import main as cli_main
-from auditlens.device_app.auditlog import (
+from auditlens.device_app.auditchain import (
     GENESIS_HASH,
-    MAX_PHOTO_SIDE,
-    AuditLog,
     canonical_bytes,
     record_hash,
     verify_export,
 )
+from auditlens.device_app.auditlog import MAX_PHOTO_SIDE, AuditLog
 from auditlens.device_app.bundle import ReferenceBundle
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.quality import Quality

@@ -12,13 +12,8 @@ import sqlite3
 import pytest
 
 from auditlens.cli import main as cli_main
-from auditlens.device_app.auditlog import (
-    GENESIS_HASH,
-    AuditLog,
-    record_hash,
-    signed_message,
-    verify_export,
-)
+from auditlens.device_app.auditchain import GENESIS_HASH, record_hash, signed_message, verify_export
+from auditlens.device_app.auditlog import AuditLog
 from auditlens.device_app.signing import fingerprint, generate_keypair, signature_holds
 from auditlens.errors import AuditChainError, AuditLogError
 
@@ -336,11 +331,11 @@ def test_signatures_are_bound_to_the_log(tmp_path, device):
 def test_a_record_appended_while_the_log_is_checked_is_no_tampering(tmp_path, monkeypatch):
     """Another process appends while verify_chain walks the log (the app writing while an
     auditor checks): the new record is not part of that check, not a row outside the chain."""
-    from auditlens.device_app import auditlog
+    from auditlens.device_app import auditchain
 
     log_path = tmp_path / "audit.db"
     _write(log_path, 3)
-    walked = auditlog._ChainWalk.add
+    walked = auditchain.ChainWalk.add
     other = AuditLog(log_path)
 
     def add_then_another_appends(self, record, photo, **kw):
@@ -348,7 +343,7 @@ def test_a_record_appended_while_the_log_is_checked_is_no_tampering(tmp_path, mo
         if record.id == 3:
             other.append(make_verdict(7), photo=jpeg(colour=(1, 2, 3)), auditor="b")
 
-    monkeypatch.setattr(auditlog._ChainWalk, "add", add_then_another_appends)
+    monkeypatch.setattr(auditchain.ChainWalk, "add", add_then_another_appends)
     with AuditLog(log_path, create=False) as log:
         assert log.verify_chain().records == 3
     other.close()

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from auditlens.device_app.auditlog import AuditLog, AuditRecord, ChainReport
+from auditlens.device_app.auditchain import AuditRecord, ChainReport
+from auditlens.device_app.auditlog import AuditLog
 from auditlens.device_app.bundle import ProductRecord, ReferenceBundle
 from auditlens.device_app.verifier import Verdict, Verifier, VerifierOptions
 from auditlens.errors import AuditlensError, AuditLogError, AuditRecordError
@@ -298,7 +299,7 @@ class Session:
         """The device key (private, public hex) held files are signed with; None without
         ``log_key``."""
         if self.log_key is not None and self._held_key is None:
-            from auditlens.device_app.auditlog import load_signing_key
+            from auditlens.device_app.auditchain import load_signing_key
 
             self._held_key = load_signing_key(self.log_key)
         return self._held_key
