@@ -2,7 +2,8 @@
 
 Exit status: 0 success (for ``verify``: MATCH), 1 NO MATCH, 3 RETAKE, 2 bad usage or
 an input auditlens could not use (the message says which and why), 4 an audit log whose
-hash chain is broken (``verify-log``).
+hash chain is broken (``verify-log``), 5 a log that verifies but with warnings
+(``verify-log --strict``).
 """
 
 from __future__ import annotations
@@ -105,6 +106,11 @@ def _verifier(args, **overrides):
         print("auditlens: warning: the bundle is not signed: its files match its manifest, but "
               "nothing shows the manifest (threshold, hashes) is the publisher's; sign bundles "
               "(enroll --sign-key) and pass --public-key KEY", file=sys.stderr)
+    if verifier.bundle.decision.get("target_far") is None:
+        print(f"auditlens: warning: the bundle's threshold {verifier.threshold:.3f} is not "
+              "calibrated, so no false-accept rate is known for it: run 'auditlens calibrate "
+              "--bundle BUNDLE --photos LABELLED.csv' on labelled photos of its products",
+              file=sys.stderr)
     return verifier
 
 
@@ -237,6 +243,11 @@ def _run_verify(args) -> int:
             print("auditlens: warning: the log records no auditor: pass --auditor NAME", file=sys.stderr)
         try:
             with AuditLog(args.log, signing_key=args.log_key) as log:
+                if log.guards_restored:
+                    print(f"auditlens: warning: {args.log}: the log's append-only guards had been "
+                          f"removed outside auditlens ({', '.join(log.guards_restored)}); they are "
+                          "back, and the log keeps a note of it: check its records with "
+                          f"'auditlens verify-log {shlex.quote(str(args.log))}'", file=sys.stderr)
                 log.append(verdict, photo=photo, auditor=auditor,
                            device=socket.gethostname() if args.device is None else args.device)
         except (AuditlensError, OSError) as exc:  # the verdict is on screen: say it is not on record
@@ -544,7 +555,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Offline product verification for field audits: does a photo show the "
                     "product in the catalogue?",
         epilog="Exit status: 0 success/MATCH, 1 NO MATCH, 3 RETAKE, 2 error, 4 audit log "
-               "chain broken (verify-log). "
+               "chain broken (verify-log), 5 warnings (verify-log --strict). "
                "Run `auditlens COMMAND --help` for a command's options.",
     )
     import auditlens

@@ -291,6 +291,9 @@ class AuditLog:
         self._lock = threading.RLock()
         self._db = None
         self._writable = False
+        self.guards_restored: tuple[str, ...] = ()
+        """The append-only guards this opening found removed and put back (a permanent note
+        of it stays in the log, and :meth:`verify_chain` warns of it): tell the user now."""
         """Opened as a log to append to (not read-only, schema checked and in place)."""
         # Two processes opening a new log at once: switching it to WAL can meet the other's
         # lock without SQLite waiting for it ("database is locked"); try again until timeout.
@@ -402,6 +405,7 @@ class AuditLog:
                     self._db.execute("INSERT INTO meta(key, value) VALUES (?, ?)",
                                      (f"guards_restored:{utc_now()}", ",".join(missing)))
                 self._db.execute("COMMIT")
+                self.guards_restored = tuple(missing)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

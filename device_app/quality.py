@@ -2,8 +2,11 @@
 verdict into a RETAKE the auditor can act on.
 
 The checks are cheap image statistics on a small grey copy of the capture: brightness,
-clipped highlights, sharpness (variance of the Laplacian) and detail inside the framing
-guide (a nearly uniform centre means the product is missing or far too small).
+clipped highlights, sharpness (variance of the Laplacian), detail inside the framing
+guide (a nearly uniform centre means the product is missing or far too small) and a
+frame with no detail at all (blank); and on a few thousand of its pixels, its colour: a
+greyscale photo (a camera's mono filter, an image converted to grey) loses what tells most
+products apart, and the encoder judges it as poorly as a blurred one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ class QualityThresholds:
     """Variance of the Laplacian below which the capture is too blurred."""
     min_centre_detail: float = 4.0
     """Standard deviation of luminance in the framing guide below which no product shows."""
+    min_frame_detail: float = 1.0
+    """Standard deviation of luminance over the whole frame below which the capture is
+    blank (one flat colour: a covered lens, an empty or fully transparent image)."""
+    min_colour: float = 3.0
+    """Mean chroma (the largest minus the smallest of R, G and B, 0-255) below which the
+    capture has no colour; every one of the 2,271 grocery-dev field photos measures 19 or
+    more, a greyscale photo 0."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,8 @@ class Quality:
     sharpness: float
     centre_detail: float
     issues: tuple[str, ...]
+    colour: float = 0.0
+    """Mean chroma of the capture (0-255; 0 for a greyscale one)."""
 
     @property
     def ok(self) -> bool:
@@ -59,6 +71,21 @@ def _laplacian_variance(grey: np.ndarray) -> float:
     return float(lap.var())
 
 
+COLOUR_SAMPLES = 48
+"""The colour check reads a COLOUR_SAMPLES x COLOUR_SAMPLES grid of the capture's pixels."""
+
+
+def colourfulness(image: Image.Image) -> float:
+    """Mean chroma (max - min of R, G, B) over a grid of the image's pixels: 0 for a
+    greyscale image, whatever its mode. Sampling (nearest pixels, no filtering) keeps it
+    cheap on a 12 MP capture."""
+    grid = image.convert("RGB") if image.mode != "RGB" else image
+    grid = grid.resize((min(COLOUR_SAMPLES, image.width), min(COLOUR_SAMPLES, image.height)),
+                       Image.Resampling.NEAREST)
+    pixels = np.asarray(grid, dtype=np.int16)
+    return float((pixels.max(axis=2) - pixels.min(axis=2)).mean())
+
+
 def analysis_copy(image: Image.Image) -> Image.Image:
     """The small grey copy of a capture that :func:`assess` measures (at most
     :data:`ANALYSIS_SIDE` pixels a side); the near-copy dHash is taken from it too."""
@@ -69,7 +96,8 @@ def analysis_copy(image: Image.Image) -> Image.Image:
 
 def assess(image: Image.Image, thresholds: QualityThresholds | None = None, *,
            analysed: Image.Image | None = None) -> Quality:
-    """Measure a capture (RGB, or its luminance "L" copy) and list what would make its
+    """Measure a capture (RGB; an image of another mode is measured as it would load, so a
+    greyscale "L" one is sent back for its lack of colour) and list what would make its
     verdict unreliable; ``analysed``: its :func:`analysis_copy`, when the caller has it.
 
     A capture so thin that its analysis copy is under 3 pixels high or wide (e.g. 20000x16)
@@ -83,10 +111,15 @@ def assess(image: Image.Image, thresholds: QualityThresholds | None = None, *,
     h, w = grey.shape
     centre = grey[h // 4: h - h // 4, w // 4: w - w // 4]
     centre_detail = float(centre.std())
+    colour = colourfulness(image)
 
     issues = []
     if brightness < t.min_brightness:
         issues.append("too dark: turn on more light or use the flash")
+    elif float(grey.std()) < t.min_frame_detail:  # lit, and nothing in it but one colour
+        return Quality(brightness, clipped, sharpness, centre_detail, (
+            "blank: the photo is one flat colour with nothing in it (a covered lens, an empty "
+            "or fully transparent image); photograph the product",), colour)
     if clipped > t.max_clipped:
         issues.append("overexposed or glare: avoid direct light on the product")
     exposure_off = bool(issues)  # detail is not measurable in a dark or washed-out frame
@@ -97,4 +130,7 @@ def assess(image: Image.Image, thresholds: QualityThresholds | None = None, *,
         issues.append("too blurred: hold still and let the camera focus")
     if centre_detail < t.min_centre_detail and not exposure_off:
         issues.append("no product in the frame: fill the framing guide with the product")
-    return Quality(brightness, clipped, sharpness, centre_detail, tuple(issues))
+    if colour < t.min_colour and not exposure_off:
+        issues.append("no colour: the photo is greyscale; turn off the camera's mono or black "
+                      "and white filter and photograph the product in colour")
+    return Quality(brightness, clipped, sharpness, centre_detail, tuple(issues), colour)

@@ -781,6 +781,20 @@ def test_cli_verify_with_log_appends_a_record(tmp_path, capsys):
     assert rc in (0, 1, 3)
     assert "--auditor is recorded only in an audit log; add --log" in capsys.readouterr().err
 
+    # a log whose guards were dropped by hand gets them back on the next append, and the
+    # auditor writing that record is told at once, not only by a later verify-log
+    _edit_by_hand(log_path, "")
+    for attempt in range(2):
+        rc = cli_main(["verify", "--bundle", str(bundle), "--product", row["product_id"], str(photo),
+                       "--log", str(log_path), "--auditor", "cli-user"])
+        said = capsys.readouterr().err
+        assert rc in (0, 1, 3)
+        assert ("the log's append-only guards had been removed outside auditlens (records_append_only_delete, "
+                "records_append_only_update, records_extend_chain); they are back" in said) == (attempt == 0), said
+    with AuditLog(log_path) as log:
+        report = log.verify_chain()
+    assert report.records == 3 and report.triggers_intact is False
+
 
 # -- exports never overwrite the log -------------------------------------------------------
 def _sha(path: Path) -> str:

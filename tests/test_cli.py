@@ -184,6 +184,22 @@ def test_identify_says_which_products_clear_the_threshold_and_when_to_retake(tmp
     assert "*" in run("identify", photo.photo, check_rc=0).stdout
 
 
+def test_a_greyscale_or_blank_photo_is_a_retake_not_a_verdict(tmp_path, sample_photos):
+    """The greyscale copy of a milk's photo scored as a MATCH for another milk, and a fully
+    transparent PNG was called overexposed (found in review)."""
+    from PIL import Image
+
+    photo = next(p for p in sample_photos if p.product_id == "Arla-Standard-Milk")
+    Image.open(photo.photo).convert("L").save(tmp_path / "grey.jpg")
+    for claimed in ("Arla-Standard-Milk", "Oatly-Oat-Milk"):
+        verdict = json.loads(run("verify", "--json", "-p", claimed, tmp_path / "grey.jpg", check_rc=3).stdout)
+        assert verdict["decision"] == "retake" and verdict["reasons"][0].startswith("no colour: the photo is greyscale")
+    Image.new("RGBA", (400, 300), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    out = run("verify", "-p", "Banana", tmp_path / "clear.png", check_rc=3).stdout
+    assert "blank: the photo is one flat colour" in out and "overexposed" not in out
+    assert run("verify", "-p", "Arla-Standard-Milk", photo.photo).returncode in (0, 1)  # judged
+
+
 def test_enroll_with_reference_photos_needs_its_own_calibration(tmp_path, sample_photos):
     from auditlens.device_app.bundle import ReferenceBundle
 
@@ -282,6 +298,14 @@ def test_info_says_whether_the_signature_was_checked(tmp_path):
         assert "warning: the bundle is not signed" in said and "--public-key KEY" in said
     # the shipped sample is a demo: unsigned, and not warned about
     assert "not signed" not in run("identify", photo, check_rc=0).stderr
+    # a --public-key that is no key is said so, whether the bundle is signed or not
+    for bundle, rest in ((tmp_path / "plain", "not signed"), (tmp_path / "signed", None)):
+        said = run("verify", "-p", "Banana", "--bundle", bundle, "--public-key", REPO / "README.md",
+                   photo, check_rc=2).stderr
+        assert "neither PEM, 32 raw bytes nor 64 hex digits" in said and (rest is None or rest not in said)
+    said = run("verify", "-p", "Banana", "--bundle", tmp_path / "plain", "--public-key", public,
+               photo, check_rc=2).stderr
+    assert "the bundle is not signed, and this device only accepts bundles signed" in said
 
 
 def test_an_unexpected_error_exits_2_not_1_which_means_no_match(tmp_path, monkeypatch, capsys):
@@ -351,6 +375,8 @@ def test_output_paths_that_cannot_work_are_refused_before_any_work(tmp_path, sam
 @pytest.mark.parametrize("blocked, args, extra", [
     ("matplotlib", ["evaluate", "--photos", SAMPLE / "photos.csv"], "[eval]"),
     ("tensorflow", ["train", SAMPLE / "catalog.csv", "--epochs", "1", "--steps-per-epoch", "1"], "[train]"),
+    ("keras", ["teacher-features", SAMPLE / "catalog.csv", "--model", "keras:MobileNetV2",
+               "--weights", SAMPLE / "catalog.csv"], "[train]"),
 ])
 def test_a_missing_extra_is_named_before_any_work(tmp_path, blocked, args, extra):
     """Without the extra a command needs, it says which to install (exit 2, not an
@@ -363,6 +389,22 @@ def test_a_missing_extra_is_named_before_any_work(tmp_path, blocked, args, extra
     assert proc.returncode == 2, proc.stderr
     assert f"needs {blocked}" in proc.stderr and extra in proc.stderr and "internal error" not in proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_verdicts_of_an_uncalibrated_bundle_say_so(tmp_path, sample_photos):
+    """A model without its card enrols with the default threshold: enroll and info said
+    'not calibrated', verify, identify and score did not (found in review)."""
+    model = tmp_path / "encoder.tflite"  # no encoder.json beside it
+    model.write_bytes((REPO / "models" / "encoder.tflite").read_bytes())
+    run("enroll", SAMPLE / "catalog.csv", "--model", model, "--out", tmp_path / "b", "--no-progress", check_rc=0)
+    photo = sample_photos[0]
+    pairs = write_csv(tmp_path / "pairs.csv", ["photo", "product_id"], [[photo.photo, photo.product_id]])
+    for args in (["verify", "-p", photo.product_id, photo.photo], ["identify", photo.photo],
+                 ["score", "--pairs", pairs, "--out", tmp_path / "s.csv", "--no-progress"]):
+        proc = run(*args, "--bundle", tmp_path / "b")
+        assert proc.returncode in (0, 1), proc.stderr
+        assert "threshold 0.500 is not calibrated" in proc.stderr and "auditlens calibrate" in proc.stderr
+    assert "not calibrated" not in run("verify", "-p", photo.product_id, photo.photo).stderr
 
 
 def test_a_card_calibrated_on_another_catalogue_lends_its_threshold_with_a_warning(tmp_path):

@@ -143,8 +143,30 @@ def test_a_dark_or_washed_out_photo_is_sent_back_for_its_light_alone():
         assert [i.split(":")[0] for i in quality.issues] == [only], quality.issues
     dark_and_flat = Image.new("RGB", (400, 300), (8, 8, 8))
     assert [i.split(":")[0] for i in assess(dark_and_flat).issues] == ["too dark"]
-    flat = Image.new("RGB", (400, 300), (128, 128, 128))  # lit, but nothing in it
-    assert [i.split(":")[0] for i in assess(flat).issues] == ["too blurred", "no product in the frame"]
+    for colour in ((128, 128, 128), (255, 255, 255)):  # lit, but nothing in it (white: a
+        flat = Image.new("RGB", (400, 300), colour)  # fully transparent PNG, as it loads)
+        assert [i.split(":")[0] for i in assess(flat).issues] == ["blank"]
+
+
+def test_a_greyscale_photo_is_sent_back_for_its_colour(sample_photos):
+    """A greyscale capture (a mono filter, a converted file) lost what tells products apart:
+    on the shipped model it was judged, a genuine photo as NO MATCH and another milk's photo
+    as a MATCH (found in review), so it is a RETAKE, whatever the mode it comes in."""
+    import io
+
+    from auditlens.device_app.imaging import load_image
+    from auditlens.device_app.quality import QualityThresholds, assess
+
+    limit = QualityThresholds().min_colour
+    for photo in sample_photos:
+        colour = load_image(photo.photo)
+        assert assess(colour).colour > 5 * limit and not any(
+            i.startswith("no colour") for i in assess(colour).issues), photo.product_id
+        for mode, fmt in (("L", "JPEG"), ("LA", "PNG")):
+            data = io.BytesIO()
+            colour.convert(mode).save(data, fmt)
+            grey = assess(load_image(data.getvalue()))
+            assert grey.colour < limit and [i.split(":")[0] for i in grey.issues] == ["no colour"]
 
 
 def test_dhash_is_stable_under_resizing():

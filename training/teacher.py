@@ -255,8 +255,11 @@ def run(args) -> int:
         else:
             embed = keras_teacher(args.model, args.weights, args.input_size)
     except ImportError as exc:
-        print(f"auditlens teacher-features: {args.model} needs a package that is not installed: {exc}",
-              file=sys.stderr)
+        if (exc.name or "").split(".")[0] in ("keras", "tensorflow"):
+            raise  # the command line names the extra that installs them, [train]
+        print(f"auditlens teacher-features: {args.model} needs a package that is not installed "
+              f"({exc}); torchvision teachers need torch and torchvision (pip install torch "
+              "torchvision), which no auditlens extra installs", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:
         print(f"auditlens teacher-features: {exc}", file=sys.stderr)
