@@ -73,24 +73,29 @@ def test_int8_latents_agree_with_keras(tiny_encoder, tmp_path):
     assert scale > 0  # the device reads the input's scale/zero point from the model
 
 
-def test_average_and_maximum_pooling_quantizes_to_int8(tmp_path):
-    """--pooling avgmax: the global maximum beside the average stays an int8 op, and the
-    int8 latents agree with the Keras model's as the average-pooled encoder's do."""
+@pytest.mark.parametrize("pooling, pooling_ops", [
+    ("avgmax", {"REDUCE_MAX", "MEAN", "CONCATENATION"}),
+    ("attention", {"LOGISTIC", "MUL", "MEAN"}),
+])
+def test_other_poolings_quantize_to_int8(tmp_path, pooling, pooling_ops):
+    """--pooling avgmax (the global maximum beside the average) and attention (an average
+    weighted by a learnt 0..1 map) stay int8 ops, and the int8 latents agree with the Keras
+    model's as the average-pooled encoder's do."""
     from ai_edge_litert.interpreter import Interpreter
 
     from auditlens.export.quantize import QuantizationConfig, export_encoder
 
-    tiny = _train_tiny(tmp_path, pooling="avgmax")
+    tiny = _train_tiny(tmp_path, pooling=pooling)
     rep = images_of(tiny["catalog"])
     out = tmp_path / "encoder.tflite"
     report = export_encoder(tiny["encoder"], rep, out, QuantizationConfig.for_int8(rep))
     assert report.mean_cosine > 0.97 and report.worst_cosine > 0.9
     ops = {d["op_name"] for d in Interpreter(model_path=str(out))._get_ops_details()}
-    assert {"REDUCE_MAX", "MEAN", "CONCATENATION"} <= ops
+    assert pooling_ops <= ops and "DEQUANTIZE" not in ops  # no float island in the graph
 
     from auditlens.training.model import ModelSpec, build_encoder
 
-    with pytest.raises(ValueError, match="unknown pooling 'gem'; choose from avg, avgmax"):
+    with pytest.raises(ValueError, match="unknown pooling 'gem'; choose from avg, avgmax, attention"):
         build_encoder(ModelSpec(input_size=32, pooling="gem"))
 
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 BACKBONES = ("scratch", "mobilenet_v2")
 """Encoder bodies ``train --backbone`` builds (:mod:`auditlens.training.model`)."""
-POOLINGS = ("avg", "avgmax")
+POOLINGS = ("avg", "avgmax", "attention")
 """Global poolings of the encoder's last feature map (``train --pooling``)."""
 
 
@@ -49,7 +49,9 @@ class TrainConfig:
     trunk_blocks: int = 13
     """MobileNetV2 blocks kept by the 'mobilenet_v2' backbone."""
     pooling: str = "avg"
-    """The encoder's global pooling: 'avg', or 'avgmax' (average and maximum side by side)."""
+    """The encoder's global pooling: 'avg', 'avgmax' (average and maximum side by side), or
+    'attention' (the average of the feature map weighted by a learnt 0..1 map of where the
+    product is)."""
     backbone_lr_scale: float = 0.1
     """The pretrained trunk's learning rate relative to ``learning_rate`` (the new layers
     take the full rate): fine-tuning, not relearning, the ImageNet features."""

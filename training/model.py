@@ -105,6 +105,11 @@ def build_encoder(spec: ModelSpec = ModelSpec(), backbone_state: dict | None = N
                                               layers.GlobalMaxPooling2D(name="pool_max")(x)])
     elif spec.pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="pool")(x)
+    elif spec.pooling == "attention":
+        # a 1x1 convolution scores each position 0..1: the shelf, price tags and neighbours
+        # around the product can be weighted down (it starts near 0.5 everywhere: averaging)
+        where = layers.Conv2D(1, 1, activation="sigmoid", name="pool_attention")(x)
+        x = layers.GlobalAveragePooling2D(name="pool")(layers.Multiply(name="pool_weighted")([x, where]))
     else:
         raise ValueError(f"unknown pooling {spec.pooling!r}; choose from {', '.join(POOLINGS)}")
     latent = layers.Dense(spec.latent_dim, name="latent")(x)

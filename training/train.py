@@ -905,9 +905,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--trunk-blocks", type=int, default=d.trunk_blocks, metavar="N",
                         help=f"MobileNetV2 blocks kept, 1-17 (default {d.trunk_blocks}: up to the 96-channel stage)")
     parser.add_argument("--pooling", choices=POOLINGS, default=d.pooling,
-                        help="global pooling of the encoder's last feature map: average, or average "
-                        f"and maximum side by side (default {d.pooling}; avgmax measured on three "
-                        "folds: better on new cartons, level overall, see docs/ablation.md)")
+                        help="global pooling of the encoder's last feature map: average, average "
+                        "and maximum side by side, or an average weighted by a learnt map of where "
+                        f"the product is (default {d.pooling}; avgmax measured on three folds: better "
+                        "on new cartons, level overall, see docs/ablation.md)")
     parser.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale,
                         help="learning rate of the pretrained trunk relative to --lr "
                         f"(default {d.backbone_lr_scale})")
