@@ -145,8 +145,34 @@ def test_session_search_verify_and_log(demo, tmp_path):
         assert session.check_log().records == 1
         path = session.export("csv", tmp_path)
         assert path.suffix == ".csv" and path.read_text().count("\n") == 2
+        summary = session.summary()
+        assert summary.startswith(f"{len(bundle.products)} products - model {bundle.model_id[:8]} - "
+                                  f"threshold {bundle.threshold:.3f}")
+        assert ("NOT calibrated" in summary) == (bundle.decision.get("target_far") is None)
+        assert "WARNING" not in summary
     finally:
         session.close()
+
+
+def test_the_app_says_when_opening_the_log_put_back_its_guards(demo, tmp_path):
+    """Guards dropped by hand are put back when the app opens the log; the auditor is told
+    on the first screen, not only by a later verify-log."""
+    from .test_auditlog import _edit_by_hand
+
+    root, plan = demo
+    log_path = tmp_path / "audit.db"
+    AuditLog(log_path).close()
+    _edit_by_hand(log_path, "")
+    for attempt in range(2):
+        session = Session(Path(plan["bundle"]), log_path, auditor="Sam", device="t")
+        session.load()
+        try:
+            said = "WARNING: the audit log's append-only guards had been removed" in session.summary()
+            assert said == (attempt == 0)
+        finally:
+            session.close()
+    with AuditLog(log_path, create=False) as log:
+        assert not log.verify_chain().triggers_intact  # the log keeps its note of it
 
 
 def test_a_verdict_the_log_cannot_take_is_held_and_written_later(demo, tmp_path):

@@ -183,16 +183,7 @@ class PickerScreen(Screen):
         self.add_widget(root)
 
     def setup(self, session, scanner: bool) -> None:
-        bundle = session.bundle
-        decision = bundle.decision
-        far = decision.get("target_far")
-        calibrated = f", calibrated for {far:.1%} false accepts" if far else ""
-        signature = {"checked": "signature checked", "unchecked": "signature NOT checked",
-                     "unsigned": "not signed"}[bundle.signature]
-        signer = session.log.signer if session.log is not None else ""
-        records = f" - records signed by {signer}" if signer else " - records not signed"
-        self.info.text = (f"{len(bundle.products)} products - model {bundle.model_id[:8]} - "
-                          f"threshold {bundle.threshold:.3f}{calibrated} - {signature}{records}")
+        self.info.text = session.summary()
         self.auditor.text = session.auditor
         if not scanner:
             self.scan.disabled = True

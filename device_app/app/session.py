@@ -117,6 +117,24 @@ class Session:
                 self.log.close()
                 self.log = None
 
+    def summary(self) -> str:
+        """One line on what the session judges with, for the product picker's header: the
+        bundle, its threshold and whether it is calibrated and signed, whether records are
+        signed, and a warning when opening the log found its guards removed."""
+        bundle = self.bundle
+        far = bundle.decision.get("target_far")
+        calibrated = f", calibrated for {far:.1%} false accepts" if far else ", NOT calibrated"
+        signature = {"checked": "signature checked", "unchecked": "signature NOT checked",
+                     "unsigned": "not signed"}[bundle.signature]
+        signer = self.log.signer if self.log is not None else ""
+        records = f" - records signed by {signer}" if signer else " - records not signed"
+        line = (f"{len(bundle.products)} products - model {bundle.model_id[:8]} - "
+                f"threshold {bundle.threshold:.3f}{calibrated} - {signature}{records}")
+        if self.log is not None and self.log.guards_restored:
+            line += (" - WARNING: the audit log's append-only guards had been removed outside "
+                     "the app and were put back: have the log checked (auditlens verify-log)")
+        return line
+
     @property
     def bundle(self) -> ReferenceBundle:
         assert self.verifier is not None, "Session.load() first"
