@@ -291,10 +291,10 @@ class AuditLog:
         self._lock = threading.RLock()
         self._db = None
         self._writable = False
+        """Opened as a log to append to (not read-only, schema checked and in place)."""
         self.guards_restored: tuple[str, ...] = ()
         """The append-only guards this opening found removed and put back (a permanent note
         of it stays in the log, and :meth:`verify_chain` warns of it): tell the user now."""
-        """Opened as a log to append to (not read-only, schema checked and in place)."""
         # Two processes opening a new log at once: switching it to WAL can meet the other's
         # lock without SQLite waiting for it ("database is locked"); try again until timeout.
         deadline = time.monotonic() + timeout
