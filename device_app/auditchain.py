@@ -61,7 +61,8 @@ RECORD_COLUMNS = ("id", "created_utc", "auditor", "device", "product_id", "decis
 
 @dataclass(frozen=True)
 class AuditRecord:
-    """One verification as the log keeps it (the photo itself: :meth:`AuditLog.photo`)."""
+    """One verification as the log keeps it (the photo itself:
+    :meth:`~auditlens.device_app.auditlog.AuditLog.photo`)."""
 
     id: int
     created_utc: str
@@ -76,7 +77,8 @@ class AuditRecord:
     """sha256 of the photo bytes stored in the log."""
     captured_sha256: str
     """sha256 of the photo bytes as captured (differs from ``photo_sha256`` only when the
-    capture was larger than :data:`~auditlens.device_app.auditlog.MAX_PHOTO_SIDE` and was downscaled for storage)."""
+    capture was larger than :data:`~auditlens.device_app.auditlog.MAX_PHOTO_SIDE` and was
+    downscaled for storage)."""
     verdict_json: str
     prev_hash: str
     record_hash: str
@@ -113,7 +115,7 @@ class AuditRecord:
 
 @dataclass(frozen=True)
 class ChainReport:
-    """What :meth:`AuditLog.verify_chain` checked."""
+    """What :meth:`~auditlens.device_app.auditlog.AuditLog.verify_chain` checked."""
 
     path: str
     records: int
@@ -230,10 +232,11 @@ def verdict_text(verdict_d: dict) -> str:
 def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]] = (),
                   device_keys: Sequence[bytes | str | os.PathLike] = (),
                   signed_from: int = 1) -> ChainReport:
-    """Check a JSON export (``verify-log --export-json``) as :meth:`AuditLog.verify_chain`
-    checks a log: the chain of its records, each record's hash and signature, its photo
-    when the export carries photos (``--photos``), and the head its header names;
-    ``anchors``, ``device_keys`` and ``signed_from`` as for :meth:`~AuditLog.verify_chain`.
+    """Check a JSON export (``verify-log --export-json``) as
+    :meth:`~auditlens.device_app.auditlog.AuditLog.verify_chain` checks a log: the chain of
+    its records, each record's hash and signature, its photo when the export carries photos
+    (``--photos``), and the head its header names; ``anchors``, ``device_keys`` and
+    ``signed_from`` as for :meth:`~auditlens.device_app.auditlog.AuditLog.verify_chain`.
     An auditor given an upload checks it without the device's database. The whole file is
     read into memory.
 
@@ -491,7 +494,8 @@ class ChainWalk:
     """The checks each record of a chain must pass, record after record, oldest first:
     its id and ``prev_hash`` follow the record before, its hash covers its fields, its
     photo (when there) matches its sha256, and it agrees with its own verdict. Used on a
-    log (:meth:`AuditLog.verify_chain`) and on a JSON export (:func:`verify_export`)."""
+    log (:meth:`~auditlens.device_app.auditlog.AuditLog.verify_chain`) and on a JSON export
+    (:func:`verify_export`)."""
 
     def __init__(self, where: str, start_id: int = 0, start_hash: str = GENESIS_HASH,
                  first_utc: str = "", last_utc: str = "", *, log_id: str = "",
@@ -680,8 +684,8 @@ def verdict_contradiction(decision: str, score: float, threshold: float) -> str:
 
 def _disagreement(record: AuditRecord, verdict) -> str:
     """Why a record with this (parsed) verdict, hashed as it is, cannot have been written
-    by :meth:`AuditLog.append` ("" when it can): its columns differ from its own verdict,
-    or the verdict's decision contradicts its score. A record made outside auditlens and
+    by :meth:`~auditlens.device_app.auditlog.AuditLog.append` ("" when it can): its columns
+    differ from its own verdict, or the verdict's decision contradicts its score. A record made outside auditlens and
     hashed to fit the chain would pass the hash checks; this catches one made carelessly."""
     if not isinstance(verdict, dict):
         return "its verdict is not a JSON object"

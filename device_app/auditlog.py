@@ -41,10 +41,11 @@ records, an append without a key is refused. The key signs whatever the device i
 append: it proves where a record was written, not that the photo shows the shelf.
 
 A JSON export made with the key (the app's, ``verify-log --export-json --log-key``) carries
-the key's signature of its header (:func:`export_signed_message`: the log's id, its head,
-the guards' state and warnings, whether photos are in it, and when it was made), so that
-the device vouches for where the upload ends: records removed from its end, or warnings
-left out, no longer pass :func:`verify_export`.
+the key's signature of its header
+(:func:`~auditlens.device_app.auditchain.export_signed_message`: the log's id, its head, the
+guards' state and warnings, whether photos are in it, and when it was made), so that the
+device vouches for where the upload ends: records removed from its end, or warnings left
+out, no longer pass :func:`~auditlens.device_app.auditchain.verify_export`.
 
 Every append checkpoints the WAL into the ``.db`` file, so a copy of that file alone
 normally holds every committed record (not when another connection was reading at that

@@ -96,13 +96,18 @@ def analysis_copy(image: Image.Image) -> Image.Image:
 
 def assess(image: Image.Image, thresholds: QualityThresholds | None = None, *,
            analysed: Image.Image | None = None) -> Quality:
-    """Measure a capture (RGB; an image of another mode is measured as it would load, so a
-    greyscale "L" one is sent back for its lack of colour) and list what would make its
-    verdict unreliable; ``analysed``: its :func:`analysis_copy`, when the caller has it.
+    """Measure a capture (RGB; an image of another mode is converted as the loader converts
+    it, :func:`~auditlens.device_app.imaging.to_rgb`, so a greyscale "L" one is sent back
+    for its lack of colour) and list what would make its verdict unreliable;
+    ``analysed``: its :func:`analysis_copy`, when the caller has it.
 
     A capture so thin that its analysis copy is under 3 pixels high or wide (e.g. 20000x16)
     has no measurable detail: its sharpness is 0 and it is sent back as too narrow."""
     t = thresholds or QualityThresholds()
+    if image.mode != "RGB":
+        from auditlens.device_app.imaging import to_rgb
+
+        image = to_rgb(image)  # transparency on white, 16-bit scaled: what a verify sees
     small = analysed if analysed is not None else analysis_copy(image)
     grey = np.asarray(small, dtype=np.float32)
     brightness = float(grey.mean())

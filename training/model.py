@@ -2,7 +2,7 @@
 
 The encoder is what ships. Its graph holds only ops that TFLite runs natively in int8
 (Conv2D, DepthwiseConv2D, folded BatchNorm, ReLU6, Add, global average or max pooling,
-Concatenate, Dense), takes
+Concatenate, Dense; attention pooling adds a sigmoid and a Mul), takes
 raw 0..255 pixels (so the int8 model's uint8 input is the camera pixels themselves) and
 returns the *raw* latent: L2 normalisation happens in numpy on the device, because a
 normalising op in the int8 graph would quantize the already-small latent twice.

@@ -257,9 +257,10 @@ def run(args) -> int:
     except ImportError as exc:
         if (exc.name or "").split(".")[0] in ("keras", "tensorflow"):
             raise  # the command line names the extra that installs them, [train]
+        hint = ("; torchvision teachers need torch and torchvision (pip install torch torchvision), "
+                "which no auditlens extra installs" if args.model.startswith("torchvision:") else "")
         print(f"auditlens teacher-features: {args.model} needs a package that is not installed "
-              f"({exc}); torchvision teachers need torch and torchvision (pip install torch "
-              "torchvision), which no auditlens extra installs", file=sys.stderr)
+              f"({exc}){hint}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:
         print(f"auditlens teacher-features: {exc}", file=sys.stderr)

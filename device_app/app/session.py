@@ -123,7 +123,7 @@ class Session:
         signed, and a warning when opening the log found its guards removed."""
         bundle = self.bundle
         far = bundle.decision.get("target_far")
-        calibrated = f", calibrated for {far:.1%} false accepts" if far else ", NOT calibrated"
+        calibrated = f", calibrated for {far:.1%} false accepts" if far is not None else ", NOT calibrated"
         signature = {"checked": "signature checked", "unchecked": "signature NOT checked",
                      "unsigned": "not signed"}[bundle.signature]
         signer = self.log.signer if self.log is not None else ""
