@@ -106,7 +106,7 @@ def _verifier(args, **overrides):
         print("auditlens: warning: the bundle is not signed: its files match its manifest, but "
               "nothing shows the manifest (threshold, hashes) is the publisher's; sign bundles "
               "(enroll --sign-key) and pass --public-key KEY", file=sys.stderr)
-    if verifier.bundle.decision.get("target_far") is None:
+    if verifier.bundle.target_far is None:
         print(f"auditlens: warning: the bundle's threshold {verifier.threshold:.3f} is not "
               "calibrated, so no false-accept rate is known for it: run 'auditlens calibrate "
               "--bundle BUNDLE --photos LABELLED.csv' on labelled photos of its products",
@@ -419,7 +419,7 @@ def _run_info(args) -> int:
     print(f"model      {b.model_id}  ({size / 1024:.0f} KiB, input {b.spec.input_size}px {b.spec.crop}, "
           f"latent {m['latent_dim']}-d; reproduces the references' probe latent)")
     print(f"products   {len(b.products)}  ({len(b.references)} reference images)")
-    cal = f"calibrated for false-accept rate {d['target_far']:.2%} on {d.get('calibrated_on')}" if d.get("target_far") else "not calibrated"
+    cal = f"calibrated for false-accept rate {d['target_far']:.2%} on {d.get('calibrated_on')}" if b.target_far is not None else "not calibrated"
     print(f"threshold  {d['threshold']:.4f}  ({cal})")
     for w in d.get("warnings") or ():
         print(f"           warning: {w}")
@@ -464,7 +464,7 @@ def _run_demo(args) -> int:
             print(f"{Path(photo.photo).name:{wp}s} {claimed:{wc}s} {'same' if same else 'other':6s} "
                   f"{v.decision.upper().replace('_', ' '):9s} {v.score:6.3f}{'' if ok else '  (wrong)'}")
     n = len(photos)
-    far = verifier.bundle.decision.get("target_far")
+    far = verifier.bundle.target_far
     print(f"\ngenuine photos accepted: {accepted}/{n}; photos of another product rejected: {rejected}/{n}"
           + (f"\n(the threshold is calibrated for a {far:.0%} false-accept rate"
              + ("" if verifier.bundle.far_measured else

@@ -279,6 +279,12 @@ class ReferenceBundle:
         return self.manifest["decision"]
 
     @property
+    def target_far(self) -> float | None:
+        """The false-accept rate the threshold was calibrated for; None: never calibrated
+        (``auditlens calibrate``), the default threshold or one given by hand."""
+        return self.decision.get("target_far")
+
+    @property
     def far_measured(self) -> bool:
         """Whether the decision's false-accept rates were measured on this bundle's products.
         A threshold lent by a model card calibrated on another catalogue carries over; the

@@ -79,10 +79,9 @@ def colourfulness(image: Image.Image) -> float:
     """Mean chroma (max - min of R, G, B) over a grid of the image's pixels: 0 for a
     greyscale image, whatever its mode. Sampling (nearest pixels, no filtering) keeps it
     cheap on a 12 MP capture."""
-    grid = image.convert("RGB") if image.mode != "RGB" else image
-    grid = grid.resize((min(COLOUR_SAMPLES, image.width), min(COLOUR_SAMPLES, image.height)),
-                       Image.Resampling.NEAREST)
-    pixels = np.asarray(grid, dtype=np.int16)
+    grid = image.resize((min(COLOUR_SAMPLES, image.width), min(COLOUR_SAMPLES, image.height)),
+                        Image.Resampling.NEAREST)  # sampled first: only the grid is converted
+    pixels = np.asarray(grid if grid.mode == "RGB" else grid.convert("RGB"), dtype=np.int16)
     return float((pixels.max(axis=2) - pixels.min(axis=2)).mean())
 
 

@@ -456,7 +456,7 @@ class Verifier:
             estimated_far=self.estimated_far(score), reasons=tuple(reasons),
             model_id=self.bundle.model_id, photo_sha256=capture.sha256, quality=capture.quality,
             near_duplicate=near_duplicate, suggestions=suggestions,
-            target_far=self.bundle.decision.get("target_far"), judged_utc=utc_now(),
+            target_far=self.bundle.target_far, judged_utc=utc_now(),
             bundle_id=self.bundle.bundle_id,
         )
 

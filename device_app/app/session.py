@@ -122,7 +122,7 @@ class Session:
         bundle, its threshold and whether it is calibrated and signed, whether records are
         signed, and a warning when opening the log found its guards removed."""
         bundle = self.bundle
-        far = bundle.decision.get("target_far")
+        far = bundle.target_far
         calibrated = f", calibrated for {far:.1%} false accepts" if far is not None else ", NOT calibrated"
         signature = {"checked": "signature checked", "unchecked": "signature NOT checked",
                      "unsigned": "not signed"}[bundle.signature]
