@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import product_image
 
@@ -23,11 +24,12 @@ def _train_tiny(root: Path, **overrides) -> dict:
     originals.mkdir()
     for i in range(5):
         product_image(i, 80).save(originals / f"item-{i}.png")
-    config = TrainConfig(
+    values = dict(
         catalog=str(originals), out_dir=str(root / "run"), input_size=32, latent_dim=16, width=8,
         head_channels=32, recon_size=16, epochs=1, steps_per_epoch=3, products_per_batch=4,
-        views_per_product=3, progress=False, **overrides,
+        views_per_product=3, progress=False,
     )
+    config = TrainConfig(**{**values, **overrides})
     result = train(config)
     return {"root": root, "catalog": originals, "encoder": result.encoder_path}
 
@@ -73,11 +75,11 @@ def test_int8_latents_agree_with_keras(tiny_encoder, tmp_path):
     assert scale > 0  # the device reads the input's scale/zero point from the model
 
 
-@pytest.mark.parametrize("pooling, pooling_ops", [
-    ("avgmax", {"REDUCE_MAX", "MEAN", "CONCATENATION"}),
-    ("attention", {"LOGISTIC", "MUL", "MEAN"}),
+@pytest.mark.parametrize("pooling, pooling_ops, side", [
+    ("avgmax", {"REDUCE_MAX", "MEAN", "CONCATENATION"}, 32),
+    ("attention", {"LOGISTIC", "MUL", "MEAN"}, 64),  # 64 px: a 2 x 2 map, not one weight
 ])
-def test_other_poolings_quantize_to_int8(tmp_path, pooling, pooling_ops):
+def test_other_poolings_quantize_to_int8(tmp_path, pooling, pooling_ops, side):
     """--pooling avgmax (the global maximum beside the average) and attention (an average
     weighted by a learnt 0..1 map) stay int8 ops, and the int8 latents agree with the Keras
     model's as the average-pooled encoder's do."""
@@ -85,13 +87,31 @@ def test_other_poolings_quantize_to_int8(tmp_path, pooling, pooling_ops):
 
     from auditlens.export.quantize import QuantizationConfig, export_encoder
 
-    tiny = _train_tiny(tmp_path, pooling=pooling)
-    rep = images_of(tiny["catalog"])
+    tiny = _train_tiny(tmp_path, pooling=pooling, input_size=side)
+    rep = images_of(tiny["catalog"], side)
     out = tmp_path / "encoder.tflite"
     report = export_encoder(tiny["encoder"], rep, out, QuantizationConfig.for_int8(rep))
     assert report.mean_cosine > 0.97 and report.worst_cosine > 0.9
     ops = {d["op_name"] for d in Interpreter(model_path=str(out))._get_ops_details()}
     assert pooling_ops <= ops and "DEQUANTIZE" not in ops  # no float island in the graph
+
+    # the run's latent_preview.png: input, reconstruction and (attention only) where it looks
+    import keras
+
+    from auditlens.training.preview import attention_maps
+
+    panels = 3 if pooling == "attention" else 2
+    with Image.open(tiny["root"] / "run" / "latent_preview.png") as preview:
+        # 4 originals, then 6 of the augmented originals that stand in for val photos: 5 rows
+        assert preview.size == (2 * panels * side, 5 * side)
+        grid = np.asarray(preview.convert("RGB"))
+    maps = attention_maps(keras.models.load_model(tiny["encoder"], compile=False), rep)
+    if pooling == "attention":
+        assert maps.shape == (len(rep), 2, 2) and (maps > 0).all() and (maps < 1).all()
+        shown, lit = grid[:side, :side].astype(int), grid[:side, 2 * side:3 * side].astype(int)
+        assert (lit <= shown).all() and (lit >= shown // 5 - 1).all() and (lit < shown).any()
+    else:
+        assert maps is None
 
     from auditlens.training.model import ModelSpec, build_encoder
 

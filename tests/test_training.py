@@ -271,6 +271,20 @@ def test_made_up_variants_are_shared_within_a_group():
     assert (draws[:, 0] == draws[:, 1]).all()
 
 
+def test_the_attention_panel_keeps_the_most_weighted_pixels_and_a_fifth_of_the_least():
+    from auditlens.training.preview import light_by
+
+    image = np.full((32, 32, 3), 200, np.uint8)
+    weights = np.zeros((2, 2), np.float32)
+    weights[0, 0] = 0.5  # relative to the largest weight: 0.5 lights fully
+    lit = light_by(image, weights)
+    assert lit.shape == image.shape and lit.dtype == np.uint8
+    assert lit[0, 0].tolist() == [200, 200, 200]  # the most weighted corner
+    assert lit[-1, -1].tolist() == [40, 40, 40]  # a fifth where the weight is 0
+    assert (lit <= image).all() and (lit >= 40).all()
+    assert lit[0, 0, 0] > lit[8, 8, 0] > lit[-1, -1, 0]  # fades in between
+
+
 def test_eer_and_auc_of_known_distributions():
     from auditlens.training.train import eer_auc
 
@@ -340,8 +354,12 @@ def test_an_encoder_at_chance_is_warned_about():
 def test_train_writes_every_output(trained):
     out = Path(trained.out_dir)
     for name in ("encoder.keras", "autoencoder.keras", "report.json", "augment_grid.png",
-                 "training_curves.png"):
+                 "training_curves.png", "latent_preview.png"):
         assert (out / name).is_file(), name
+    # 4 trained originals, then 3 val photos of trained and 2 of held-out products (all
+    # there are), two samples a row of input and reconstruction panels, 32 px each
+    with Image.open(out / "latent_preview.png") as preview:
+        assert preview.size == (2 * 2 * 32, 5 * 32)
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["holdout_fold"] == "1/3"
     assert len(report["history"]) == 2
@@ -367,6 +385,27 @@ def test_train_writes_every_output(trained):
     x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(best.predict(x, verbose=0), encoder.predict(x, verbose=0), atol=1e-5)
     assert not np.allclose(other.predict(x, verbose=0), encoder.predict(x, verbose=0), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_latent_preview_panels_are_the_input_and_the_decoders_redrawing(trained, tiny_data):
+    import keras
+
+    from auditlens.device_app.preprocess import PreprocessSpec, stack_inputs
+    from auditlens.training.preview import attention_maps, preview_panels
+
+    autoencoder = keras.models.load_model(Path(trained.autoencoder_path), compile=False)
+    encoder = autoencoder.get_layer("auditlens_encoder")
+    decoder = autoencoder.get_layer("auditlens_decoder")
+    images = stack_inputs(sorted(tiny_data["catalog"].glob("*.png"))[:3], PreprocessSpec(input_size=32))
+    panels = preview_panels(encoder, decoder, images)
+    assert panels.shape == (3, 2, 32, 32, 3)  # average pooling: no attention panel
+    assert attention_maps(encoder, images) is None
+    np.testing.assert_array_equal(panels[:, 0], images)
+    redrawn = autoencoder.predict(images.astype(np.float32), verbose=0)  # 16 px, 0..1
+    assert redrawn.shape == (3, 16, 16, 3)
+    shrunk = np.stack([np.asarray(Image.fromarray(p).resize((16, 16), Image.Resampling.BOX)) for p in panels[:, 1]])
+    assert np.abs(shrunk / 255.0 - redrawn).mean() < 0.03
 
 
 @pytest.mark.slow

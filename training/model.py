@@ -50,7 +50,8 @@ class ModelSpec:
     pooling: str = "avg"
     """How the head's feature map becomes one vector: 'avg' (global average) or 'avgmax'
     (global average and global maximum side by side: the strongest response of each
-    channel anywhere in the frame, as a small logo or label gives it)."""
+    channel anywhere in the frame, as a small logo or label gives it) or 'attention' (the
+    average weighted by a learnt 0..1 map of where the product is)."""
 
 
 

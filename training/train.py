@@ -197,7 +197,7 @@ def _configure_tf(config: TrainConfig):
 
 
 RUN_FILES = ("encoder.keras", "autoencoder.keras", "report.json", "augment_grid.png",
-             "training_curves.png")
+             "training_curves.png", "latent_preview.png")
 """What a run writes into its folder, besides ``checkpoints/``."""
 
 
@@ -745,6 +745,7 @@ def train(config: TrainConfig) -> TrainResult:
     )
     from auditlens.training.averaging import WeightAverage
     from auditlens.training.model import ModelSpec
+    from auditlens.training.preview import save_latent_preview
 
     out = Path(config.out_dir)
     spec = PreprocessSpec(input_size=config.input_size, crop=config.crop)
@@ -793,6 +794,8 @@ def train(config: TrainConfig) -> TrainResult:
     autoencoder_path = out / "autoencoder.keras"
     nets.encoder.save(encoder_path)
     nets.autoencoder.save(autoencoder_path)
+    save_latent_preview(nets.encoder, nets.decoder, preview_samples(data, val, preview),
+                        out / "latent_preview.png")
     final = evaluate()
     seconds = time.perf_counter() - t_start
     report = {
@@ -827,6 +830,17 @@ def train(config: TrainConfig) -> TrainResult:
     warnings = [overlap_warning(val.also_trained, len(val.labels))] if val.also_trained else []
     return TrainResult(str(out), str(encoder_path), str(autoencoder_path), str(report_path),
                        fit.best_epoch, final, seconds, warnings)
+
+
+def preview_samples(data: TrainingData, val: ValidationSet, originals: np.ndarray) -> np.ndarray:
+    """The inputs ``latent_preview.png`` shows: four of the ``originals`` (indices into the
+    trained products), then six validation queries' first views, evenly spread, half of
+    them of held-out products when there are any."""
+    first_views = val.images[:: val.views]
+    groups = [np.flatnonzero(val.seen), np.flatnonzero(~val.seen)]
+    groups = [g for g in groups if len(g)]
+    picked = [g[np.linspace(0, len(g) - 1, min(len(g), 6 // len(groups))).astype(int)] for g in groups]
+    return np.concatenate([data.originals_clean[originals[:4]], first_views[np.concatenate(picked)]])
 
 
 def plot_curves(history: list[dict], path: Path) -> Path | None:
@@ -869,8 +883,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     d = TrainConfig()
     parser.description = (
         "Train the image encoder on a catalogue of originals, optionally with labelled field "
-        "photos. Writes encoder.keras, autoencoder.keras, report.json, augment_grid.png and "
-        "training_curves.png to --out; export the encoder with 'auditlens export'."
+        "photos. Writes encoder.keras, autoencoder.keras, report.json, augment_grid.png, "
+        "training_curves.png and latent_preview.png to --out; export the encoder with 'auditlens export'."
     )
     parser.add_argument("catalog", help="catalogue of originals: folder of images, CSV or sqlite:///db")
     parser.add_argument("--photos", help="photo,product_id CSV of labelled field photos to train on")
