@@ -4,7 +4,7 @@ Each sample (a few trained originals, then validation photos) is one row of squa
 the encoder's input; the decoder's redrawing of its latent (what the latent keeps of the
 product: colours, layout, not the fine print); and, for an attention-pooled encoder
 (``--pooling attention``), the input lit by the pooling weights (dark where the encoder
-looks away: shelf, price tags, hands).
+looks away: the studio background, shelf edges, price tags).
 """
 
 from __future__ import annotations

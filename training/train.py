@@ -840,7 +840,7 @@ def preview_samples(data: TrainingData, val: ValidationSet, originals: np.ndarra
     groups = [np.flatnonzero(val.seen), np.flatnonzero(~val.seen)]
     groups = [g for g in groups if len(g)]
     picked = [g[np.linspace(0, len(g) - 1, min(len(g), 6 // len(groups))).astype(int)] for g in groups]
-    return np.concatenate([data.originals_clean[originals[:4]], first_views[np.concatenate(picked)]])
+    return np.concatenate([data.originals_clean[originals[:4]], *(first_views[p] for p in picked)])
 
 
 def plot_curves(history: list[dict], path: Path) -> Path | None:
