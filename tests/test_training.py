@@ -285,6 +285,31 @@ def test_the_attention_panel_keeps_the_most_weighted_pixels_and_a_fifth_of_the_l
     assert lit[0, 0, 0] > lit[8, 8, 0] > lit[-1, -1, 0]  # fades in between
 
 
+@pytest.mark.parametrize("trained, seen, unseen, views, shown", [
+    (6, 5, 4, 1, [0, 2, 4, 5, 6, 8]),  # 3 of trained products' photos, 3 of held-out ones'
+    (6, 5, 1, 2, [0, 2, 4, 5]),  # one held-out photo: it alone; each photo's first view
+    (2, 7, 0, 1, [0, 1, 2, 3, 4, 6]),  # nothing held out: six of trained products'; 2 originals
+    (3, 0, 0, 1, []),  # no queries: the originals alone
+])
+def test_preview_samples_are_originals_then_spread_photos_of_both_kinds(trained, seen, unseen, views, shown):
+    from types import SimpleNamespace
+
+    from auditlens.training.train import ValidationSet, preview_samples
+
+    originals = np.arange(trained, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    queries = seen + unseen
+    # query q's view v is filled with 100 + 10 q + v
+    images = (100 + 10 * np.arange(queries)[:, None] + np.arange(views)[None, :]).reshape(-1).astype(np.uint8)
+    val = ValidationSet(images[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8), views,
+                        labels=np.zeros(queries, int), seen=np.arange(queries) < seen, source="photos")
+    order = np.arange(trained)[::-1]  # the indices train draws at random
+    picked = preview_samples(SimpleNamespace(originals_clean=originals), val, order)
+    n_orig = min(4, trained)
+    assert picked.dtype == np.uint8 and picked.shape == (n_orig + len(shown), 4, 4, 3)
+    assert picked[:n_orig, 0, 0, 0].tolist() == order[:n_orig].tolist()
+    assert picked[n_orig:, 0, 0, 0].tolist() == [100 + 10 * q for q in shown]
+
+
 def test_eer_and_auc_of_known_distributions():
     from auditlens.training.train import eer_auc
 

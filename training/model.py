@@ -23,6 +23,8 @@ from auditlens.training.config import BACKBONES, POOLINGS
 
 ENCODER_NAME = "auditlens_encoder"
 DECODER_NAME = "auditlens_decoder"
+ATTENTION_LAYER = "pool_attention"
+"""The 1x1 convolution whose sigmoid weighs each position under ``pooling='attention'``."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ class ModelSpec:
     """How the head's feature map becomes one vector: 'avg' (global average) or 'avgmax'
     (global average and global maximum side by side: the strongest response of each
     channel anywhere in the frame, as a small logo or label gives it) or 'attention' (the
-    average weighted by a learnt 0..1 map of where the product is)."""
+    feature map multiplied by a learnt 0..1 map of where the product is, then averaged
+    over every position)."""
 
 
 
@@ -109,7 +112,7 @@ def build_encoder(spec: ModelSpec = ModelSpec(), backbone_state: dict | None = N
     elif spec.pooling == "attention":
         # a 1x1 convolution scores each position 0..1: the shelf, price tags and neighbours
         # around the product can be weighted down (it starts near 0.5 everywhere: averaging)
-        where = layers.Conv2D(1, 1, activation="sigmoid", name="pool_attention")(x)
+        where = layers.Conv2D(1, 1, activation="sigmoid", name=ATTENTION_LAYER)(x)
         x = layers.GlobalAveragePooling2D(name="pool")(layers.Multiply(name="pool_weighted")([x, where]))
     else:
         raise ValueError(f"unknown pooling {spec.pooling!r}; choose from {', '.join(POOLINGS)}")

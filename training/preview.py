@@ -1,10 +1,11 @@
 """What a trained encoder keeps and where it looks: ``latent_preview.png`` of a run.
 
-Each sample (a few trained originals, then validation photos) is one row of square panels:
-the encoder's input; the decoder's redrawing of its latent (what the latent keeps of the
-product: colours, layout, not the fine print); and, for an attention-pooled encoder
-(``--pooling attention``), the input lit by the pooling weights (dark where the encoder
-looks away: the studio background, shelf edges, price tags).
+Each sample (a few trained originals, then validation photos) is a strip of square panels,
+two strips to a row: the encoder's input; the decoder's redrawing of its latent (what the
+latent keeps of the product: colours, layout, not the fine print); and, for an
+attention-pooled encoder (``--pooling attention``), the input lit by the pooling weights
+relative to that sample's largest (dark where the encoder looks away, such as the white
+studio background of an original).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ATTENTION_LAYER = "pool_attention"
 SAMPLE_COLUMNS = 2
 """Samples side by side in the PNG; each takes two or three panels."""
 
@@ -23,6 +23,8 @@ def attention_maps(encoder, images: np.ndarray) -> np.ndarray | None:
     """The pooling weights (N, h, w) of an attention-pooled encoder on uint8 ``images``,
     0..1; None for an encoder pooled another way."""
     import keras
+
+    from auditlens.training.model import ATTENTION_LAYER
 
     try:
         layer = encoder.get_layer(ATTENTION_LAYER)

@@ -794,8 +794,6 @@ def train(config: TrainConfig) -> TrainResult:
     autoencoder_path = out / "autoencoder.keras"
     nets.encoder.save(encoder_path)
     nets.autoencoder.save(autoencoder_path)
-    save_latent_preview(nets.encoder, nets.decoder, preview_samples(data, val, preview),
-                        out / "latent_preview.png")
     final = evaluate()
     seconds = time.perf_counter() - t_start
     report = {
@@ -827,15 +825,18 @@ def train(config: TrainConfig) -> TrainResult:
     report_path = out / "report.json"
     report_path.write_text(json.dumps(report, indent=2, default=float))
     plot_curves(fit.history, out / "training_curves.png")
+    save_latent_preview(nets.encoder, nets.decoder, preview_samples(data, val, preview),
+                        out / "latent_preview.png")
     warnings = [overlap_warning(val.also_trained, len(val.labels))] if val.also_trained else []
     return TrainResult(str(out), str(encoder_path), str(autoencoder_path), str(report_path),
                        fit.best_epoch, final, seconds, warnings)
 
 
 def preview_samples(data: TrainingData, val: ValidationSet, originals: np.ndarray) -> np.ndarray:
-    """The inputs ``latent_preview.png`` shows: four of the ``originals`` (indices into the
-    trained products), then six validation queries' first views, evenly spread, half of
-    them of held-out products when there are any."""
+    """The inputs ``latent_preview.png`` shows: up to four of the ``originals`` (indices
+    into the trained products), then up to six validation queries' first views (the plain
+    view training validates on, not the device's photo zoom), evenly spread: up to three
+    of trained and up to three of held-out products (up to six when only one kind has any)."""
     first_views = val.images[:: val.views]
     groups = [np.flatnonzero(val.seen), np.flatnonzero(~val.seen)]
     groups = [g for g in groups if len(g)]
