@@ -419,7 +419,7 @@ def _run_info(args) -> int:
     print(f"model      {b.model_id}  ({size / 1024:.0f} KiB, input {b.spec.input_size}px {b.spec.crop}, "
           f"latent {m['latent_dim']}-d; reproduces the references' probe latent)")
     print(f"products   {len(b.products)}  ({len(b.references)} reference images)")
-    cal = f"calibrated for false-accept rate {d['target_far']:.2%} on {d.get('calibrated_on')}" if b.target_far is not None else "not calibrated"
+    cal = f"calibrated for false-accept rate {b.target_far:.2%} on {d.get('calibrated_on')}" if b.target_far is not None else "not calibrated"
     print(f"threshold  {d['threshold']:.4f}  ({cal})")
     for w in d.get("warnings") or ():
         print(f"           warning: {w}")
