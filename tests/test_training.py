@@ -135,6 +135,22 @@ def test_defocus_blur_leaves_a_flat_image_flat_up_to_its_edges():
     assert np.abs(out - 200).max() <= 1, f"edge pixels fell to {out.min():.0f}"
 
 
+def test_an_empty_batch_of_photos_augments_to_an_empty_batch():
+    # Training from originals alone hands the photo augmenter no photos. On some CPUs
+    # TensorFlow's depthwise convolution returns an empty batch at its padded size, which
+    # the blur's mix could not add to its input; every family must pass it through, in a
+    # traced step as in eager code, and a batch of photos after it is still augmented.
+    from auditlens.training.augment import AugmentSwitches, CaptureAugmenter
+
+    empty = tf.zeros((0, 40, 40, 3), tf.uint8)
+    batch = tf.fill((4, 40, 40, 3), tf.constant(120, tf.uint8))
+    aug = CaptureAugmenter(32, None, AugmentSwitches(), seed=4)
+    assert aug.photos(empty).shape == (0, 32, 32, 3)
+    assert tf.function(aug.photos)(empty).shape == (0, 32, 32, 3)
+    out = aug.photos(batch).numpy()
+    assert out.shape == (4, 32, 32, 3) and np.ptp(out) > 0  # a flat grey, changed by the capture
+
+
 def test_mirroring_flips_about_half_the_views_and_nothing_else():
     from auditlens.training.augment import AugmentSwitches, CaptureAugmenter
 

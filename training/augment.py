@@ -187,6 +187,12 @@ class CaptureAugmenter:
         return tf.nn.depthwise_conv2d(padded, kernel, [1, 1, 1, 1], "VALID")
 
     def _blur(self, x, p: float):
+        # TensorFlow's CPU depthwise convolution hands an empty batch back at its padded
+        # size on some processors (AVX-512 oneDNN kernels), which the mix below cannot
+        # add to x; an empty batch (training from originals alone) has nothing to blur.
+        return tf.cond(tf.shape(x)[0] > 0, lambda: self._blur_batch(x, p), lambda: x)
+
+    def _blur_batch(self, x, p: float):
         n = tf.shape(x)[0]
         once = self._convolve_reflected(x, self.blur_kernel)
         twice = self._convolve_reflected(once, self.blur_kernel)
