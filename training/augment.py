@@ -181,18 +181,20 @@ class CaptureAugmenter:
     @staticmethod
     def _convolve_reflected(x, kernel):
         """Depthwise convolution over edges reflected outwards: zero ("SAME") padding would
-        darken a frame as wide as the kernel's radius, a mark no real capture carries."""
+        darken a frame as wide as the kernel's radius, a mark no real capture carries.
+
+        An empty batch (training from originals alone) comes back as it went in: on some
+        processors (AVX-512 oneDNN kernels) TensorFlow's CPU depthwise convolution returns
+        it at its padded size instead."""
         ry, rx = kernel.shape[0] // 2, kernel.shape[1] // 2
-        padded = tf.pad(x, [[0, 0], [ry, ry], [rx, rx], [0, 0]], "SYMMETRIC")
-        return tf.nn.depthwise_conv2d(padded, kernel, [1, 1, 1, 1], "VALID")
+
+        def convolve():
+            padded = tf.pad(x, [[0, 0], [ry, ry], [rx, rx], [0, 0]], "SYMMETRIC")
+            return tf.nn.depthwise_conv2d(padded, kernel, [1, 1, 1, 1], "VALID")
+
+        return tf.cond(tf.shape(x)[0] > 0, convolve, lambda: x)
 
     def _blur(self, x, p: float):
-        # TensorFlow's CPU depthwise convolution hands an empty batch back at its padded
-        # size on some processors (AVX-512 oneDNN kernels), which the mix below cannot
-        # add to x; an empty batch (training from originals alone) has nothing to blur.
-        return tf.cond(tf.shape(x)[0] > 0, lambda: self._blur_batch(x, p), lambda: x)
-
-    def _blur_batch(self, x, p: float):
         n = tf.shape(x)[0]
         once = self._convolve_reflected(x, self.blur_kernel)
         twice = self._convolve_reflected(once, self.blur_kernel)
