@@ -211,6 +211,34 @@ def test_supcon_prefers_clustered_latents():
     assert float(cosface_loss(cos_right, labels)) < float(cosface_loss(1 - cos_right, labels))
 
 
+def test_arcface_loss_matches_hand_computed_values():
+    """Row 1: true cosine 0.8, the margin added to its angle; row 2: true cosine -0.99, an
+    angle within the margin of pi, where the loss takes the fallback logit instead."""
+    from auditlens.training.losses import arcface_loss, cosface_loss
+
+    def cross_entropy(logits, true):
+        logits = np.asarray(logits, np.float64)
+        return float(np.log(np.exp(logits).sum()) - logits[true])
+
+    cosines = tf.constant([[0.8, 0.1, -0.2], [0.3, 0.95, -0.99]], tf.float32)
+    labels = tf.constant([0, 2])
+    s, m = 20.0, 0.3
+    row1 = [s * math.cos(math.acos(0.8) + m), s * 0.1, s * -0.2]
+    assert math.acos(-0.99) + m > math.pi
+    row2 = [s * 0.3, s * 0.95, s * (-0.99 - m * math.sin(m))]
+    expected = (cross_entropy(row1, 0) + cross_entropy(row2, 2)) / 2
+    assert float(arcface_loss(cosines, labels, s, m)) == pytest.approx(expected, rel=1e-5)
+    # a vanishing angular margin is CosFace without margin; a margin costs more on the same cosines
+    assert float(arcface_loss(cosines, labels, s, 1e-9)) == pytest.approx(
+        float(cosface_loss(cosines, labels, s, 0.0)), rel=1e-5)
+    assert float(arcface_loss(cosines, labels, s, m)) > float(arcface_loss(cosines, labels, s, 0.1))
+    # finite gradients at cosines of exactly 1 and -1 (sqrt(1 - cos^2) is clipped away from 0)
+    edge = tf.Variable([[1.0, -1.0], [-1.0, 1.0]])
+    with tf.GradientTape() as tape:
+        loss = arcface_loss(edge, tf.constant([0, 0]), s, m)
+    assert np.all(np.isfinite(tape.gradient(loss, edge).numpy()))
+
+
 def test_holdout_folds_partition_the_products():
     from auditlens.training.train import holdout_products, parse_fold
 
@@ -465,6 +493,23 @@ def test_train_from_originals_alone(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_arcface_margin_replaces_the_cosface_term_in_training(tiny_data, tmp_path):
+    """The same run (seed, data, steps) with ``arcface_margin`` trains on a different class
+    term; the report records the margin."""
+    from auditlens.training.train import train
+
+    losses = {}
+    for name, margin in (("cosface", 0.0), ("arcface", 0.3)):
+        config = tiny_config(tmp_path / name, tiny_data["catalog"], photos=str(tiny_data["train"]),
+                             epochs=1, steps_per_epoch=2, arcface_margin=margin)
+        report = json.loads(Path(train(config).report_path).read_text())
+        assert report["config"]["arcface_margin"] == margin
+        losses[name] = report["history"][-1]["loss"]
+    assert all(np.isfinite(v) for loss in losses.values() for v in loss.values())
+    assert losses["arcface"]["cosface"] != pytest.approx(losses["cosface"]["cosface"], rel=1e-3)
+
+
+@pytest.mark.slow
 def test_train_with_made_up_products(tiny_data, tmp_path):
     """Every product of the catalogue and its photos also train as 11 made-up products."""
     from auditlens.training.train import train
@@ -555,9 +600,10 @@ def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
                               "--no-mirror", "--ema-decay", "0", "--weight-decay", "0.05",
                               "--keep-epochs", "--pseudo-products", "5", "--pseudo-kinds", "Packages", "Bottles",
                               "--epochs", "25", "--stop-epoch", "10", "--temperature", "0.2",
-                              "--cosface-scale", "30", "--cosface-margin", "0.35"])
+                              "--cosface-scale", "30", "--cosface-margin", "0.35", "--arcface-margin", "0.3"])
     config = config_from_args(args)
     assert (config.temperature, config.cosface_scale, config.cosface_margin) == (0.2, 30.0, 0.35)
+    assert config.arcface_margin == 0.3
     assert config.minutes == 2 and config.holdout_fold == "2/4"
     assert not config.paste_background and config.recon_weight == 0
     assert not config.mirror and config.ema_decay == 0
@@ -596,6 +642,8 @@ def test_settings_and_splits_that_cannot_train_are_refused_before_training(tiny_
         train(tiny_config(tmp_path / "t0", tiny_data["catalog"], temperature=0.0))
     with pytest.raises(ValueError, match="--cosface-margin 1.0 is not a cosine margin within 0..1"):
         train(tiny_config(tmp_path / "cm", tiny_data["catalog"], cosface_margin=1.0))
+    with pytest.raises(ValueError, match="--arcface-margin 2.0 is not an angle within 0..pi/2"):
+        train(tiny_config(tmp_path / "am", tiny_data["catalog"], arcface_margin=2.0))
     with pytest.raises(ValueError, match="--minutes 0 must be more than 0"):
         train(tiny_config(tmp_path / "m0", tiny_data["catalog"], minutes=0))
     with pytest.raises(ValueError, match="outside MobileNetV2's blocks 1 to 17"):

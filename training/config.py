@@ -110,6 +110,9 @@ class TrainConfig:
     """Scale s of the CosFace logits."""
     cosface_margin: float = 0.25
     """Margin m subtracted from the true class's cosine."""
+    arcface_margin: float = 0.0
+    """When above 0, the head's loss is ArcFace instead: this angle (radians) is added to the
+    true class's angle, and ``cosface_margin`` is not used."""
     teacher_features: str | None = None
     """Optional ``.npz`` of a pretrained model's features of every training image
     (:mod:`auditlens.training.teacher`): distil them into the latent."""

@@ -242,6 +242,8 @@ def _check_config(config: TrainConfig) -> None:
                          "must both be more than 0")
     if not 0.0 <= config.cosface_margin < 1.0:
         raise ValueError(f"--cosface-margin {config.cosface_margin} is not a cosine margin within 0..1")
+    if not 0.0 <= config.arcface_margin < math.pi / 2:
+        raise ValueError(f"--arcface-margin {config.arcface_margin} is not an angle within 0..pi/2 (radians)")
     if config.minutes is not None and not config.minutes > 0:
         raise ValueError(f"--minutes {config.minutes} must be more than 0 (leave it out for no budget)")
 
@@ -499,6 +501,7 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, a
 
     from auditlens.training.augment import variant_images
     from auditlens.training.losses import (
+        arcface_loss,
         cosface_loss,
         distill_loss,
         reconstruction_loss,
@@ -536,7 +539,9 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, a
         with tf.GradientTape() as tape:
             latents = encoder(images, training=True)
             l_metric = supcon_loss(latents, labels, config.temperature)
-            l_class = cosface_loss(head(latents), labels, config.cosface_scale, config.cosface_margin)
+            l_class = (arcface_loss(head(latents), labels, config.cosface_scale, config.arcface_margin)
+                       if config.arcface_margin > 0 else
+                       cosface_loss(head(latents), labels, config.cosface_scale, config.cosface_margin))
             recon = decoder(latents, training=True)
             l_recon = reconstruction_loss(recon, target)
             total = weights[0] * l_metric + weights[1] * l_class + weights[2] * l_recon
@@ -945,13 +950,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay,
                         help=f"AdamW decoupled weight decay (default {d.weight_decay})")
-    for field, what, note in (  # the losses' settings: --metric-weight ... --cosface-margin
+    for field, what, note in (  # the losses' settings: --metric-weight ... --arcface-margin
             ("metric_weight", "supervised contrastive loss weight", "; 0 disables"),
             ("class_weight", "CosFace loss weight", "; 0 disables"),
             ("recon_weight", "reconstruction loss weight", "; 0 disables"),
             ("temperature", "supervised contrastive temperature", ""),
-            ("cosface_scale", "scale of the CosFace logits", ""),
-            ("cosface_margin", "CosFace margin subtracted from the true product's cosine", "")):
+            ("cosface_scale", "scale of the CosFace (or ArcFace) logits", ""),
+            ("cosface_margin", "CosFace margin subtracted from the true product's cosine", ""),
+            ("arcface_margin", "ArcFace margin in radians added to the true product's angle",
+             "; above 0 replaces the CosFace margin, e.g. 0.3")):
         default = getattr(d, field)
         parser.add_argument("--" + field.replace("_", "-"), type=float, default=default,
                             help=f"{what} (default {default}{note})")
@@ -990,7 +997,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         learning_rate=args.lr,
         weight_decay=args.weight_decay, metric_weight=args.metric_weight, class_weight=args.class_weight,
         recon_weight=args.recon_weight, temperature=args.temperature, cosface_scale=args.cosface_scale,
-        cosface_margin=args.cosface_margin, teacher_features=args.teacher_features,
+        cosface_margin=args.cosface_margin, arcface_margin=args.arcface_margin, teacher_features=args.teacher_features,
         distill_weight=args.distill_weight, augment=not args.no_augment,
         paste_background=not args.no_paste_background, mirror=not args.no_mirror,
         ema_decay=args.ema_decay, keep_epochs=args.keep_epochs, threads=args.threads,
