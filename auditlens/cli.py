@@ -576,6 +576,31 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_TENSORFLOW_COMMANDS = {"train", "teacher-features", "export"}
+
+
+def _is_tensorflow_notice(line: bytes) -> bool:
+    """TensorFlow's start-up lines: absl's note that logging is not set up yet, the INFO
+    lines printed meanwhile (oneDNN, CPU instructions; "I0000 ...") and the CPU line's
+    continuation."""
+    return line.startswith((b"WARNING: All log messages before absl::InitializeLog()",
+                            b"I0000 ", b"To enable the following instructions:"))
+
+
+def _quiet_tensorflow() -> None:
+    """Import TensorFlow without its start-up notices, and keep its C++ INFO and WARNING
+    lines (the graph optimiser's cost model logs "Error in PredictCost()" for ops it cannot
+    cost, harmless) from landing above a training's progress bar. A TF_CPP_MIN_LOG_LEVEL
+    of the user's own is left alone, and so is all of it with AUDITLENS_DEBUG set."""
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    from auditlens.device_app.interpreter import without_stderr_lines
+
+    with contextlib.suppress(ImportError), without_stderr_lines(_is_tensorflow_notice):
+        import tensorflow  # noqa: F401  (a missing extra is reported by the command itself)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -584,10 +609,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_missing", None):
         print(f"auditlens: error: {args._missing}", file=sys.stderr)
         return EXIT_ERROR
-    _, run = _resolve(COMMANDS[args._command][1])
     from auditlens.device_app.interpreter import drop_runtime_notice
 
     drop_runtime_notice()  # this process is ours: the runtime's notice is not a verdict's
+    if args._command in _TENSORFLOW_COMMANDS and not os.environ.get("AUDITLENS_DEBUG"):
+        _quiet_tensorflow()
+    _, run = _resolve(COMMANDS[args._command][1])
     try:
         with warnings.catch_warnings():
             if not os.environ.get("AUDITLENS_DEBUG"):

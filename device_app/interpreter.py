@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,15 +38,21 @@ def drop_runtime_notice(enabled: bool = True) -> None:
     _drop_notice = bool(enabled)
 
 
-@contextlib.contextmanager
-def without_delegate_notice():
-    """Drop LiteRT's "Created ... XNNPACK delegate" line from the process's stderr.
+def runtime_notices_dropped() -> bool:
+    """Whether :func:`drop_runtime_notice` turned the filtering on (this process is the
+    caller's own: the command line, the field app)."""
+    return _drop_notice
 
-    The runtime prints it from C++ when the first interpreter allocates its tensors, and
-    no Python setting silences it; in ``auditlens verify`` it reads like part of the
-    verdict. File descriptor 2 is pointed at a temporary file for the duration, and
-    every other byte written there meanwhile (by any thread) is passed on afterwards.
-    Where the descriptor cannot be swapped, nothing is filtered."""
+
+@contextlib.contextmanager
+def without_stderr_lines(drop: Callable[[bytes], bool]):
+    """Drop the lines for which ``drop`` is true from what the process writes to its
+    stderr meanwhile, from C++ as well as from Python.
+
+    Runtimes print notices from C++ that no Python setting silences, and on a command
+    line they read like part of the result. File descriptor 2 is pointed at a temporary
+    file for the duration, and every other line written there meanwhile (by any thread)
+    is passed on afterwards. Where the descriptor cannot be swapped, nothing is filtered."""
     with _STDERR_LOCK:
         try:
             sys.stderr.flush()
@@ -60,13 +67,20 @@ def without_delegate_notice():
                 os.dup2(captured.fileno(), 2)
                 yield
             finally:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    sys.stderr.flush()  # Python's buffered lines belong to the window too
                 os.dup2(saved, 2)
                 os.close(saved)
                 captured.seek(0)
-                kept = [line for line in captured.read().splitlines(keepends=True)
-                        if not line.startswith(_DELEGATE_NOTICE)]
+                kept = [line for line in captured.read().splitlines(keepends=True) if not drop(line)]
                 if kept:
                     os.write(2, b"".join(kept))
+
+
+def without_delegate_notice():
+    """Drop LiteRT's "Created ... XNNPACK delegate" line, which the runtime prints when
+    the first interpreter allocates its tensors (:func:`without_stderr_lines`)."""
+    return without_stderr_lines(lambda line: line.startswith(_DELEGATE_NOTICE))
 
 
 def load_interpreter(model_content: bytes, num_threads: int = 1):

@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,12 @@ import numpy as np
 
 from auditlens.catalog import open_catalog, read_labelled_photos, read_product_ids
 from auditlens.cli import cosine_threshold, non_negative_int
-from auditlens.device_app.interpreter import l2_normalize, model_id_of
+from auditlens.device_app.interpreter import (
+    l2_normalize,
+    model_id_of,
+    runtime_notices_dropped,
+    without_stderr_lines,
+)
 from auditlens.device_app.preprocess import PreprocessSpec, stack_inputs
 from auditlens.errors import AuditlensError, CatalogError, ModelError
 from auditlens.export.enroll import DEFAULT_THRESHOLD
@@ -263,7 +269,7 @@ def convert(model, config: QuantizationConfig) -> bytes:
         return converter
 
     try:  # Keras prints the saved graph's every signature at each conversion: hundreds of lines
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _without_converter_notices():
             if config.float_ops:
                 return _convert_with_float_ops(tf, make_converter, dataset, config.float_ops)
             converter = make_converter()
@@ -277,6 +283,18 @@ def convert(model, config: QuantizationConfig) -> bytes:
     except Exception as exc:  # the converter raises many types; name the step that failed
         what = f"{config.mode}, {config.float_ops} float ops" if config.float_ops else config.mode
         raise ModelError(f"TFLite conversion ({what}) failed: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _without_converter_notices():
+    """The converter's warning that a uint8 input has no given statistics (int8 calibration
+    sets them), and, where this process is the caller's own (the command line), the
+    quantizer's C++ line of settings ("fully_quantize: 0, inference_type: 6, ...")."""
+    quiet = runtime_notices_dropped()
+    with (without_stderr_lines(lambda line: line.startswith(b"fully_quantize:")) if quiet
+          else contextlib.nullcontext()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+        yield
 
 
 def _both_latents(encoder, content: bytes, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

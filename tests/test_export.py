@@ -229,6 +229,29 @@ def test_export_cli_writes_model_card(tiny_encoder, tmp_path, capsys):
     assert "TensorSpec" not in printed  # Keras's saved-graph signatures are not the export's output
 
 
+def test_export_command_prints_no_runtime_notices(tiny_encoder, tmp_path):
+    """`auditlens export` as a user runs it: TensorFlow's start-up notices, the converter's
+    settings line and its input-statistics warning stay out of stderr, the command's own
+    warnings stay in. A TF_CPP_MIN_LOG_LEVEL of the user's own leaves TensorFlow's lines be."""
+    import os
+    import subprocess
+    import sys
+
+    notices = ("absl::InitializeLog()", "I0000 ", "fully_quantize:", "Statistics for quantized inputs")
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "AUDITLENS_DEBUG")}
+    errs = {}
+    for name, extra in (("default", {}), ("user level", {"TF_CPP_MIN_LOG_LEVEL": "0"})):
+        out = tmp_path / f"{name.replace(' ', '_')}.tflite"
+        proc = subprocess.run([sys.executable, "-m", "auditlens.cli", "export", str(tiny_encoder["encoder"]),
+                               "--representative", str(tiny_encoder["catalog"]), "--out", str(out)],
+                              capture_output=True, text=True, timeout=300, env={**env, **extra})
+        assert proc.returncode == 0 and out.is_file(), proc.stderr
+        assert "int8 is calibrated on only 5 images" in proc.stderr  # the command's own warning
+        errs[name] = proc.stderr
+    assert not [line for line in errs["default"].splitlines() if any(n in line for n in notices)]
+    assert "I0000 " in errs["user level"]  # TensorFlow's own lines, shown at the user's level
+
+
 def test_export_refuses_what_would_lose_the_model(tiny_encoder, tmp_path, capsys):
     """`--out enc.json` would be overwritten by its own model card; the run's
     autoencoder.keras is not an encoder: both refused before any conversion."""
