@@ -359,7 +359,7 @@ def _run_score(args) -> int:
 
     def write(path: Path) -> None:
         with atomic_write(path, newline="") as fh:
-            writer = csv.writer(fh)
+            writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(["photo", "product_id", "score", "verdict", "error", "reasons"])
             writer.writerows(rows)
 

@@ -86,7 +86,7 @@ def import_grocery(root: str | Path, out_dir: str | Path, *, absolute_paths: boo
     written = {}
     for name, (header, rows) in tables.items():
         with atomic_write(out / f"{name}.csv", newline="") as fo:
-            writer = csv.writer(fo)
+            writer = csv.writer(fo, lineterminator="\n")
             writer.writerow(header)
             writer.writerows(rows)
         written[name] = out / f"{name}.csv"

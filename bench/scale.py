@@ -165,7 +165,7 @@ def score_pairs(bundle_path: Path, photos: list[LabelledPhoto], product_ids: lis
     pairs = pairs[:n_pairs]
     pairs_csv = workdir / "score_pairs.csv"
     with pairs_csv.open("w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(["photo", "product_id"])
         w.writerows(pairs)
     out = workdir / "scored.csv"

@@ -778,7 +778,7 @@ class AuditLog:
         self.verify_chain()
 
         def write(f):
-            writer = csv.writer(f)
+            writer = csv.writer(f, lineterminator="\n")
             writer.writerow(CSV_COLUMNS)
             for r in self.iter_records():
                 row = r.to_dict(verdict=False)
@@ -850,7 +850,7 @@ class AuditLog:
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             with (staging / "photos.csv").open("w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
+                writer = csv.writer(f, lineterminator="\n")
                 writer.writerow(PHOTO_CSV_COLUMNS)
                 for r in self.iter_records():
                     photo = self.photo(r.id)

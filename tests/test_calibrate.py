@@ -289,6 +289,8 @@ def test_calibration_on_grocery_photos(tmp_path, grocery, shipped_model):
     from auditlens.export.enroll import EnrollOptions, enroll
 
     csvs = import_grocery(grocery, tmp_path / "csv")
+    # one "\n" a line, as shell tools (cut, sed) read them: no "\r" left on the last field
+    assert all(b"\r" not in csvs[name].read_bytes() for name in ("catalog", "train", "val"))
     bundle = enroll(open_catalog(csvs["catalog"]), tmp_path / "bundle", model=shipped_model,
                     options=EnrollOptions(progress=False))
     d = calibrate(bundle, csvs["val"], 0.01, progress=False)

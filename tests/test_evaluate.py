@@ -141,6 +141,10 @@ def test_cli_evaluate(tmp_path, sample_bundle, capsys):
     text = capsys.readouterr().out
     for word in ("EER", "TAR@1%", "top-1", "Packages", "hard impostors", "unseen: all"):
         assert word in text
+    # identification does not apply to a set of pairs: said so, not mistaken for too few pairs
+    hard_row = next(line for line in text.splitlines() if line.startswith("hard impostors"))
+    assert hard_row.split()[-2:] == ["n/a", "n/a"]
+    assert "n/a: top-1/top-5 rank each photo against the whole catalogue" in text
     assert (out / "report.json").is_file() and (out / "roc.png").is_file()
     # the bundle's threshold, read apart for trained and new products, as in report.json
     unseen = json.loads((out / "report.json").read_text())["unseen"]["all"]["at_bundle_threshold"]

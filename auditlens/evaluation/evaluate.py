@@ -274,10 +274,17 @@ def format_table(report: dict, markdown: bool = False) -> str:
                 value = s["pairs"]["impostor"] + s["pairs"][HARD]
             else:
                 value = s.get(key)
-            cells.append("-" if value is None else fmt.format(value))
+            if value is None and name.endswith("hard impostors") and key in ("top1", "top5"):
+                cells.append("n/a")  # identification ranks the whole catalogue, not pairs
+            else:
+                cells.append("-" if value is None else fmt.format(value))
         lines.append(cells)
-    note = ("-: too few pairs to measure it (a rate of 1% needs 100 impostor pairs)"
-            if any("-" in c[1:] for c in lines) else "")
+    notes = []
+    if any("-" in c[1:] for c in lines):
+        notes.append("-: too few pairs to measure it (a rate of 1% needs 100 impostor pairs)")
+    if any("n/a" in c[1:] for c in lines):
+        notes.append("n/a: top-1/top-5 rank each photo against the whole catalogue; a pair set has none")
+    note = "\n".join(notes)
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(c) + " |" for c in lines]
@@ -476,7 +483,7 @@ def plot_confusions(mistakes: list[dict], bundle, spec, out_dir: Path, title: st
 
 def _write_pairs_csv(path: Path, embedded: Embedded, pairs: Pairs, bundle) -> None:
     with atomic_write(path, newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(["photo", "photo_product", "product", "pair", "score"])
         for n, p, k, s in zip(pairs.photo, pairs.product, pairs.kind, pairs.score):
             photo = embedded.photos[int(n)]
