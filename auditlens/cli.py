@@ -508,6 +508,8 @@ COMMANDS: dict[str, tuple[str, Hook]] = {
     "teacher-features": ("a pretrained model's features of the training images, to distil "
                          "into the encoder (needs auditlens[train])",
                          ("auditlens.training.teacher", "add_arguments", "run")),
+    "soup": ("average the weights of encoders trained from the same --seed into one (needs auditlens[train])",
+             ("auditlens.training.soup", "add_arguments", "run")),
     "export": ("convert a trained encoder to int8 TFLite and check its drift (needs auditlens[train])",
                ("auditlens.export.quantize", "add_export_arguments", "run_export")),
     "keygen": ("make an Ed25519 key pair to sign reference bundles, or with --device a device's "
@@ -576,7 +578,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-_TENSORFLOW_COMMANDS = {"train", "teacher-features", "export"}
+_TENSORFLOW_COMMANDS = {"train", "teacher-features", "soup", "export"}
 
 
 def _is_tensorflow_notice(line: bytes) -> bool:

@@ -667,3 +667,75 @@ def test_settings_and_splits_that_cannot_train_are_refused_before_training(tiny_
     with pytest.raises(CatalogError, match="no validation photo shows a trained product"):
         train(tiny_config(tmp_path / "r3", tiny_data["catalog"], holdout_fold="1/3",
                           val_photos=str(unseen_val)))
+
+
+@pytest.fixture(scope="module")
+def soup_runs(tiny_data, trained, tmp_path_factory):
+    """Runs beside ``trained`` (seed 1, fold 1/3): the same start without background
+    pasting, another seed (and latent size), and the same seed holding out another fold."""
+    from auditlens.training.train import train
+
+    root = tmp_path_factory.mktemp("soup_runs")
+    common = dict(photos=str(tiny_data["train"]), val_photos=str(tiny_data["val"]), epochs=1)
+    runs = {"same start": train(tiny_config(root / "b", tiny_data["catalog"], holdout_fold="1/3",
+                                            paste_background=False, **common)),
+            "other seed": train(tiny_config(root / "c", tiny_data["catalog"], holdout_fold="1/3",
+                                            seed=2, latent_dim=8, **common)),
+            "other fold": train(tiny_config(root / "d", tiny_data["catalog"], holdout_fold="2/3", **common))}
+    return {name: Path(r.encoder_path) for name, r in runs.items()}
+
+
+@pytest.mark.slow
+def test_a_soup_averages_runs_from_one_start_and_exports_like_a_run(trained, soup_runs, tmp_path, capsys):
+    import keras
+
+    from auditlens.catalog import read_product_ids
+    from auditlens.cli import main
+    from auditlens.export.quantize import trained_crop
+
+    first, second = Path(trained.encoder_path), soup_runs["same start"]
+    out = tmp_path / "soup"
+    assert main(["soup", str(first.parent), str(second), "--out", str(out)]) == 0
+    assert "soup of 2 encoders" in capsys.readouterr().out
+    soup, a, b = (keras.models.load_model(p, compile=False) for p in (out / "encoder.keras", first, second))
+    differ = 0
+    for ws, wa, wb in zip(soup.weights, a.weights, b.weights):
+        np.testing.assert_allclose(ws.numpy(), (wa.numpy() + wb.numpy()) / 2, rtol=1e-6, atol=1e-7)
+        differ += not np.array_equal(wa.numpy(), wb.numpy())
+    assert differ > 10  # the two runs trained apart: the average is a third model
+    report = json.loads((out / "report.json").read_text())
+    assert [i["config"]["paste_background"] for i in report["soup"]["ingredients"]] == [True, False]
+    # what export and evaluate read from a run's report: its crop and its held-out products
+    assert trained_crop(out / "encoder.keras") == "center"
+    held = json.loads(Path(trained.report_path).read_text())["data"]["held_out_products"]
+    assert held and read_product_ids(out / "report.json") == set(held)
+    # an existing soup is not overwritten
+    assert main(["soup", str(first), str(second), "--out", str(out)]) == 2
+    assert "exists; give a new --out folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_soup_of_runs_that_cannot_be_averaged_is_refused(trained, soup_runs, tmp_path, capsys):
+    import shutil
+
+    from auditlens.cli import main
+
+    first = Path(trained.encoder_path)
+    for others, message in (
+            ([soup_runs["other seed"]], "the runs differ in seed"),
+            ([soup_runs["other fold"]], "the runs held out different products"),
+            ([first], "the same encoder is given twice"),
+            ([], "a soup needs at least two encoders"),
+            ([tmp_path / "none.keras"], "no such encoder")):
+        out = tmp_path / f"refused{len(message)}"
+        assert main(["soup", str(first), *map(str, others), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    # without their reports nothing tells the seeds apart: the weights' shapes still do
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(first, bare / "a.keras")
+    shutil.copy(soup_runs["other seed"], bare / "b.keras")
+    assert main(["soup", str(bare / "a.keras"), str(bare / "b.keras"), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "no training report beside" in err and "different architectures" in err
