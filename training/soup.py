@@ -128,7 +128,7 @@ def make_soup(sources: Sequence[str | Path], out_dir: str | Path, log=print) -> 
         "ingredient_reports": reports,
     }
     with atomic_write(out / "report.json") as fh:
-        json.dump(report, fh, indent=1)
+        json.dump(report, fh, indent=2)
     log(f"soup of {len(models)} encoders: {target} (report: {out / 'report.json'})")
     return target
 
