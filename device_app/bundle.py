@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import zipfile
 import zlib
@@ -39,12 +40,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from auditlens.catalog import check_product_id
 from auditlens.device_app.interpreter import model_id_of
 from auditlens.device_app.preprocess import PreprocessSpec
 from auditlens.errors import (
     BundleError,
     BundleFormatError,
     BundleIntegrityError,
+    CatalogError,
     ModelMismatchError,
     UnknownProductError,
 )
@@ -100,12 +103,26 @@ class ProductRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ProductRecord:
-        return cls(
-            str(d["product_id"]), str(d.get("name", d["product_id"])), str(d.get("group", "")),
-            str(d.get("kind", "")), str(d.get("code", "")),
-            tuple(int(i) for i in d.get("references", ())), str(d.get("dhash", "")),
-            str(d.get("thumbnail", "")),
-        )
+        """Read a products.json entry as :meth:`to_dict` writes it; a field of another type
+        (a null name, a reference row written as a string) is refused, not converted."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a product entry is {type(d).__name__}, not an object")
+        product_id = d.get("product_id")
+        try:
+            check_product_id(product_id)
+        except CatalogError as exc:
+            raise ValueError(str(exc)) from None
+        texts = {}
+        for key in ("name", "group", "kind", "code", "dhash", "thumbnail"):
+            value = d.get(key, product_id if key == "name" else "")
+            if not isinstance(value, str):
+                raise ValueError(f"product {product_id!r}: {key} is {value!r}, not text")
+            texts[key] = value
+        rows = d.get("references", [])
+        if not isinstance(rows, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in rows):
+            raise ValueError(f"product {product_id!r}: references {rows!r} is not a list of row numbers")
+        return cls(product_id, texts["name"], texts["group"], texts["kind"], texts["code"],
+                   tuple(rows), texts["dhash"], texts["thumbnail"])
 
 
 def products_fingerprint(product_ids) -> dict:
@@ -147,7 +164,10 @@ class _FolderSource:
         if self.real_root not in resolved.parents:
             raise BundleFormatError(f"{self.root}: {name} points outside the bundle")
         try:
-            if path.is_file() and path.stat().st_size > MAX_BUNDLE_BYTES:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read for ever
+                raise BundleFormatError(f"{self.root}: {name} is not a regular file")
+            if st.st_size > MAX_BUNDLE_BYTES:
                 raise BundleFormatError(f"{self.root}: {name} is larger than a bundle may be")
             return path.read_bytes()
         except FileNotFoundError:
@@ -361,6 +381,8 @@ class ReferenceBundle:
             manifest = json.loads(raw_manifest)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleIntegrityError(f"{path}: manifest.json is not valid JSON: {exc}") from exc
+        except RecursionError:  # '[[[[...' nested deeper than the decoder recurses
+            raise BundleIntegrityError(f"{path}: manifest.json nests too deep to be a manifest") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise BundleFormatError(f"{path}: not an auditlens bundle (manifest format is "
                                     f"{manifest.get('format') if isinstance(manifest, dict) else '?'!r})")
@@ -416,6 +438,8 @@ class ReferenceBundle:
         except (KeyError, TypeError, ValueError, AttributeError, EOFError, OSError,
                 json.JSONDecodeError) as exc:
             raise BundleFormatError(f"{path}: malformed bundle contents: {exc!r}") from exc
+        except RecursionError:
+            raise BundleFormatError(f"{path}: malformed bundle contents: products.json nests too deep") from None
 
         if references.dtype.kind != "f":
             raise BundleFormatError(f"{path}: references.npy holds {references.dtype}, not floating-point "
@@ -463,6 +487,9 @@ class ReferenceBundle:
                    manifest_sha256=sha256_bytes(raw_manifest))
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -478,8 +505,13 @@ def _check_probe(manifest: dict, path: Path) -> None:
     if len(latent) != manifest.get("latent_dim"):
         raise BundleFormatError(f"{path}: manifest probe.latent has {len(latent)} values, expected "
                                 f"latent_dim {manifest.get('latent_dim')}")
-    if not all(_is_finite_number(v) for v in latent):
-        raise BundleFormatError(f"{path}: manifest probe.latent holds values that are not finite numbers")
+    if not all(_is_finite_number(v) and abs(v) <= _FLOAT32_MAX for v in latent):
+        raise BundleFormatError(f"{path}: manifest probe.latent holds values that are not finite "
+                                "float32 numbers")
+    norm = math.sqrt(math.fsum(float(v) * float(v) for v in latent))
+    if not abs(norm - 1.0) <= 0.01:  # enrol writes the model's unit latent of the probe image
+        raise BundleFormatError(f"{path}: manifest probe.latent has length {norm:.4g}, not the unit "
+                                "latent the model gives its probe image")
 
 
 def check_decision(decision, path: Path, what: str = "manifest decision") -> None:

@@ -14,6 +14,9 @@ from PIL import Image
 
 from auditlens.device_app.imaging import ImageSource, load_image
 
+MAX_PHOTO_ZOOMS = 8
+"""Photo views a spec may ask for; each is one more encoder run of every verification."""
+
 
 @dataclass(frozen=True)
 class PreprocessSpec:
@@ -46,6 +49,9 @@ class PreprocessSpec:
         zooms = tuple(float(z) for z in self.photo_zooms)
         if not zooms or not all(0.3 <= z <= 1.0 for z in zooms):
             raise ValueError(f"photo_zooms must be one or more zooms within 0.3..1.0, not {zooms}")
+        if len(zooms) > MAX_PHOTO_ZOOMS:
+            raise ValueError(f"photo_zooms holds {len(zooms)} zooms, more than {MAX_PHOTO_ZOOMS}: each "
+                             "costs one more encoder run of every verification")
         object.__setattr__(self, "photo_zooms", zooms)
 
     @property
@@ -61,11 +67,18 @@ class PreprocessSpec:
     def from_dict(cls, data: dict) -> PreprocessSpec:
         """Read a manifest's or model card's spec; one written before photo views existed
         embeds a photo as its plain input alone, as it did then."""
-        return cls(
-            input_size=int(data["input_size"]), crop=str(data.get("crop", "center")),
-            photo_zooms=tuple(data.get("photo_zooms", (1.0,))),
-            photo_mirror=bool(data.get("photo_mirror", False)),
-        )
+        size, crop = data["input_size"], data.get("crop", "center")
+        zooms, mirror = data.get("photo_zooms", [1.0]), data.get("photo_mirror", False)
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise ValueError(f"input_size {size!r} is not a whole number of pixels")
+        if not isinstance(crop, str):
+            raise ValueError(f"crop {crop!r} is not text")
+        if not isinstance(zooms, (list, tuple)) or not all(
+                isinstance(z, (int, float)) and not isinstance(z, bool) for z in zooms):
+            raise ValueError(f"photo_zooms {zooms!r} is not a list of numbers")
+        if not isinstance(mirror, bool):  # "false" would read as true
+            raise ValueError(f"photo_mirror {mirror!r} is not true or false")
+        return cls(input_size=size, crop=crop, photo_zooms=tuple(zooms), photo_mirror=mirror)
 
     @classmethod
     def single_view(cls, input_size: int = 96, crop: str = "center") -> PreprocessSpec:

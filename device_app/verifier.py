@@ -89,6 +89,11 @@ class VerifierOptions:
                 raise ValueError(f"VerifierOptions.threshold must be a cosine within -1..1 (or None for "
                                  f"the bundle's calibrated one), not {t!r}")
             object.__setattr__(self, "threshold", float(t))
+        if not isinstance(self.check_quality, (bool, np.bool_)):  # "no" would read as true
+            raise ValueError(f"VerifierOptions.check_quality must be True or False, not {self.check_quality!r}")
+        object.__setattr__(self, "check_quality", bool(self.check_quality))
+        if not isinstance(self.quality, QualityThresholds):
+            raise ValueError(f"VerifierOptions.quality must be QualityThresholds, not {self.quality!r}")
 
 
 @dataclass(frozen=True)
@@ -316,7 +321,7 @@ class Verifier:
         expected = np.asarray(self.bundle.manifest["probe"]["latent"], dtype=np.float32)
         got = self.encoder.embed(probe_image(self.spec.input_size))[0]
         cosine = float(got @ expected / max(np.linalg.norm(expected), 1e-12))
-        if cosine < PROBE_MIN_COSINE:
+        if not cosine >= PROBE_MIN_COSINE:  # NaN (a probe that overflows float32) fails too
             raise ModelMismatchError(
                 f"{self.bundle.path}: the model does not reproduce the latents the references were "
                 f"made with (probe cosine {cosine:.3f} < {PROBE_MIN_COSINE}); the model and the "

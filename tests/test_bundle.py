@@ -282,7 +282,8 @@ def test_enrol_refuses_an_unreadable_model_card_and_ignores_another_models_decis
 
 
 @pytest.mark.parametrize("edit, why", [
-    (lambda c: c["preprocess"].update(input_size="x"), "invalid literal"),
+    (lambda c: c["preprocess"].update(input_size="x"), "input_size .x. is not a whole number"),
+    (lambda c: c["preprocess"].update(photo_mirror="false"), "photo_mirror .false. is not true or false"),
     (lambda c: c.update(preprocess={}), "input_size"),
     (lambda c: c["decision"].update(threshold=2), "its decision.threshold 2 is not a cosine"),
     (lambda c: c["decision"].update(far_curve=[[0.1, 0.5], [0.2, 0.9]]), "falling false-accept rates"),
@@ -423,3 +424,78 @@ def test_a_model_card_copied_away_from_its_model_is_refused(tmp_path, shipped_mo
     assert main(["calibrate", "-b", str(bundle), "--photos", str(SAMPLE / "photos.csv"), "--target-far", "0.1",
                  "--model-card", str(elsewhere), "--no-progress"]) == 2
     assert json.loads(elsewhere.read_text())["model_id"] == "0123456789abcdef"
+
+
+def _rehashed(bundle: Path, name: str, data: bytes) -> None:
+    """Replace one file of an unsigned bundle and its sha256 in the manifest, as a hand
+    edit that knows the format would."""
+    from auditlens.device_app.bundle import sha256_bytes
+
+    (bundle / name).write_bytes(data)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][name] = sha256_bytes(data)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda p: p[0].update(references="10"), "references '10' is not a list of row numbers"),
+    (lambda p: p[0].update(references=[0.5]), "is not a list of row numbers"),
+    (lambda p: p[0].update(references=[True]), "is not a list of row numbers"),
+    (lambda p: p[0].update(product_id=None), "invalid product id None"),
+    (lambda p: p[0].update(product_id="../x"), "invalid product id '../x'"),
+    (lambda p: p[0].update(name=None), "name is None, not text"),
+    (lambda p: p.__setitem__(0, "Banana"), "a product entry is str, not an object"),
+])
+def test_products_of_the_wrong_type_are_refused_not_converted(tmp_path, bundle_dir, edit, why):
+    """products.json re-hashed into the manifest: a row written as a string, a null id or
+    name used to be read as rows "1" and "0", the id "None", ..."""
+    products = json.loads((bundle_dir / "products.json").read_text())
+    edit(products)
+    _rehashed(bundle_dir, "products.json", json.dumps(products).encode())
+    with pytest.raises(BundleFormatError, match=why):
+        ReferenceBundle.load(bundle_dir)
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda m: m["preprocess"].update(photo_mirror="false"), "photo_mirror 'false' is not true or false"),
+    (lambda m: m["preprocess"].update(photo_zooms=[0.7] * 5000), "5000 zooms, more than 8"),
+    (lambda m: m["preprocess"].update(photo_zooms="0.7"), "photo_zooms '0.7' is not a list of numbers"),
+    (lambda m: m["probe"]["latent"].__setitem__(0, 1e39), "not finite float32 numbers"),
+    (lambda m: m["probe"].update(latent=[3e38] * len(m["probe"]["latent"])), "not the unit latent"),
+])
+def test_manifest_values_of_the_wrong_type_are_refused(bundle_dir, edit, why):
+    """An unsigned manifest edited by hand: mirroring switched on by the string "false",
+    5,000 photo views (5,000 encoder runs a verification), a probe latent that overflows
+    float32 (its cosine would be NaN, which no threshold test fails)."""
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    edit(manifest)
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleFormatError, match=why):
+        ReferenceBundle.load(bundle_dir)
+
+
+def test_a_fifo_or_deep_json_in_a_bundle_is_refused_without_hanging(tmp_path, bundle_dir):
+    import os
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this system")
+    fifo = tmp_path / "fifo"
+    shutil.copytree(bundle_dir, fifo)
+    thumb = sorted((fifo / "thumbs").iterdir())[0]
+    thumb.unlink()
+    os.mkfifo(thumb)  # reading it would block until a writer came: for ever
+    with pytest.raises(BundleFormatError, match=f"{thumb.name} is not a regular file"):
+        ReferenceBundle.load(fifo)
+    (fifo / "manifest.json").unlink()
+    os.mkfifo(fifo / "manifest.json")
+    with pytest.raises(BundleFormatError, match="manifest.json is not a regular file"):
+        ReferenceBundle.load(fifo)
+
+    deep = tmp_path / "deep"
+    shutil.copytree(bundle_dir, deep)
+    _rehashed(deep, "products.json", b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(BundleFormatError, match="products.json nests too deep"):
+        ReferenceBundle.load(deep)
+    (deep / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleError, match="manifest.json nests too deep"):
+        ReferenceBundle.load(deep)

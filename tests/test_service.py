@@ -151,6 +151,9 @@ def test_a_capture_made_for_one_bundle_is_embedded_again_by_another(tmp_path, ve
     ("near_duplicate_bits", 65, "near_duplicate_bits must be a whole number 0 to 64"),
     ("max_pixels", 0, "max_pixels"),
     ("max_file_bytes", "100", "max_file_bytes"),
+    ("check_quality", "no", "check_quality must be True or False, not 'no'"),
+    ("check_quality", 0, "check_quality must be True or False"),
+    ("quality", None, "quality must be QualityThresholds, not None"),
 ])
 def test_verifier_options_that_cannot_work_are_refused_when_made(setting, value, why):
     with pytest.raises(ValueError, match=why):
