@@ -32,6 +32,8 @@ from auditlens.errors import AuditChainError, AuditlensError, AuditLogError
 LOG_FORMAT = "auditlens-audit-log"
 LOG_VERSION = 1
 GENESIS_HASH = "0" * 64
+MAX_RECORD_ID = 2**63 - 1
+"""The largest id a record can have (SQLite's largest integer); a larger one names no record."""
 """``prev_hash`` of the first record."""
 
 HASHED_FIELDS = (
@@ -261,7 +263,7 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
     if not isinstance(data, dict) or data.get("format") != LOG_FORMAT:
         raise AuditLogError(f"{path}: not an auditlens audit log export")
     if type(data.get("version")) is not int or data["version"] != LOG_VERSION:  # not true
-        raise AuditLogError(f"{path}: audit log export version {data.get('version')}, this "
+        raise AuditLogError(f"{path}: audit log export version {data.get('version')!r}, this "
                             f"auditlens reads version {LOG_VERSION}")
     header, records = data.get("log"), data.get("records")
     if not isinstance(header, dict) or not isinstance(records, list):

@@ -79,6 +79,7 @@ from auditlens.device_app.auditchain import (
     GENESIS_HASH,
     LOG_FORMAT,
     LOG_VERSION,
+    MAX_RECORD_ID,
     PHOTO_SUFFIX,
     RECORD_COLUMNS,
     VERDICT_COLUMNS,
@@ -642,17 +643,21 @@ class AuditLog:
         return list(self.iter_records(newest_first=newest_first, limit=limit))
 
     def record(self, record_id: int) -> AuditRecord:
-        with self._open_db() as db:
-            row = db.execute(f"SELECT {self._columns()} FROM records WHERE id = ?",
-                             (int(record_id),)).fetchone()
+        row = None
+        if 0 < int(record_id) <= MAX_RECORD_ID:
+            with self._open_db() as db:
+                row = db.execute(f"SELECT {self._columns()} FROM records WHERE id = ?",
+                                 (int(record_id),)).fetchone()
         if row is None:
             raise AuditLogError(f"{self.path}: no record {record_id}")
         return AuditRecord(*row)
 
     def photo(self, record_id: int) -> bytes:
         """The stored photo of a record."""
-        with self._open_db() as db:
-            row = db.execute("SELECT photo FROM records WHERE id = ?", (int(record_id),)).fetchone()
+        row = None
+        if 0 < int(record_id) <= MAX_RECORD_ID:
+            with self._open_db() as db:
+                row = db.execute("SELECT photo FROM records WHERE id = ?", (int(record_id),)).fetchone()
         if row is None:
             raise AuditLogError(f"{self.path}: no record {record_id}")
         return bytes(row[0])
@@ -700,7 +705,7 @@ class AuditLog:
             first = last = ""
             if start_id:
                 row = self._db.execute("SELECT record_hash, created_utc FROM records WHERE id = ?",
-                                       (start_id,)).fetchone()
+                                       (start_id,)).fetchone() if start_id <= MAX_RECORD_ID else None
                 if row is None or row[0] != start_hash:
                     raise chain_error(f"{self.path}: record {start_id}: it is gone or no longer "
                                        "carries the hash it had when last checked; the log was "
@@ -712,6 +717,8 @@ class AuditLog:
                                        "auditlens", 1)
                 first = first_row[0]
             def stored_hash(rid: int) -> str | None:
+                if rid > MAX_RECORD_ID:  # no record has it
+                    return None
                 row = self._db.execute("SELECT record_hash FROM records WHERE id = ?", (rid,)).fetchone()
                 return None if row is None else row[0]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from auditlens.device_app.auditchain import (
     GENESIS_HASH,
+    MAX_RECORD_ID,
     ChainReport,
     id_range,
     is_export,
@@ -131,6 +132,9 @@ def _anchor(text: str) -> tuple[int, str]:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected ID:HASH, a record id and its 64-hex-digit record hash "
             "(the 'head' line of an earlier verify-log)")
+    if int(rid) > MAX_RECORD_ID:
+        raise argparse.ArgumentTypeError(f"{text!r}: record id {rid} is larger than any log's "
+                                         f"(at most {MAX_RECORD_ID})")
     return int(rid), digest.lower()
 
 

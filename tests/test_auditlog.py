@@ -396,6 +396,20 @@ def test_a_kept_head_catches_removed_newest_records(log_path, capsys):
     assert first_head == f"0:{GENESIS_HASH}"
     assert cli_main(["verify-log", str(empty), "--expect-head", first_head]) == 0
 
+    # an id beyond SQLite's integers names no record: said so, no internal error
+    huge = 2**70
+    with pytest.raises(SystemExit):
+        cli_main(["verify-log", str(log_path), "--expect-head", f"{huge}:{'a' * 64}"])
+    assert f"record id {huge} is larger than any log's" in capsys.readouterr().err
+    with AuditLog(log_path) as log:
+        for lookup in (log.record, log.photo):
+            with pytest.raises(AuditLogError, match=f"no record {huge}"):
+                lookup(huge)
+        with pytest.raises(AuditChainError, match=f"record {huge}, whose hash was kept, is gone"):
+            log.verify_chain(anchors=[(huge, "a" * 64)])
+        with pytest.raises(AuditChainError, match=f"record {huge}: it is gone"):
+            log.verify_chain(since=(huge, "a" * 64))
+
 
 def test_a_check_since_an_earlier_head_reads_only_the_new_records(log_path):
     with AuditLog(log_path) as log:
