@@ -240,6 +240,19 @@ def test_transparency_composited_on_white(name):
     assert (np.abs(a[:, 36:] - [255, 0, 0]) <= 3).all()  # opaque half: red
 
 
+@pytest.mark.parametrize("mode", ["La", "RGBa"])
+def test_premultiplied_alpha_images_are_composited_on_white(mode):
+    """Pillow images with premultiplied alpha (a caller's own decoding): half transparent,
+    half opaque grey (or red); Pillow converts "La" to "LA" only, not to RGBA directly."""
+    straight = Image.new("LA" if mode == "La" else "RGBA", (64, 48), 0)
+    ink = (128, 255) if mode == "La" else (255, 0, 0, 255)
+    straight.paste(ink, (32, 0, 64, 48))
+    a = np.asarray(load_image(straight.convert(mode))).astype(int)
+    assert (a[:, :28] >= 250).all()  # transparent half: white
+    expected = [128, 128, 128] if mode == "La" else [255, 0, 0]
+    assert (np.abs(a[:, 36:] - expected) <= 3).all()
+
+
 def test_animated_gif_first_frame():
     a = np.asarray(load_image(_by_name("anim.gif"))).astype(int)
     assert (np.abs(a[20, 20] - [255, 0, 0]) <= 8).all()
