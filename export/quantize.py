@@ -612,17 +612,25 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def trained_crop(model_path: str | os.PathLike) -> str | None:
-    """The preprocessing crop in the report.json of the training run that saved
-    ``model_path`` (``RUN/encoder.keras`` or ``RUN/checkpoints/encoder_epoch_NNN.keras``)."""
+def training_report(model_path: str | os.PathLike) -> dict | None:
+    """The report.json of the training run (or soup) that saved ``model_path``
+    (``RUN/encoder.keras`` or ``RUN/checkpoints/encoder_epoch_NNN.keras``); None when there
+    is none to read."""
     model_path = Path(model_path)
-    for report in (model_path.parent / "report.json", model_path.parent.parent / "report.json"):
+    for path in (model_path.parent / "report.json", model_path.parent.parent / "report.json"):
         try:
-            crop = json.loads(report.read_text(encoding="utf-8"))["preprocess"]["crop"]
-        except (OSError, ValueError, KeyError, TypeError):
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             continue
-        return str(crop)
+        if isinstance(report, dict) and isinstance(report.get("preprocess"), dict):
+            return report
     return None
+
+
+def trained_crop(model_path: str | os.PathLike) -> str | None:
+    """The preprocessing crop in the report of the run that saved ``model_path``."""
+    crop = (training_report(model_path) or {}).get("preprocess", {}).get("crop")
+    return None if crop is None else str(crop)
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -709,6 +709,10 @@ def test_a_soup_averages_runs_from_one_start_and_exports_like_a_run(trained, sou
     assert trained_crop(out / "encoder.keras") == "center"
     held = json.loads(Path(trained.report_path).read_text())["data"]["held_out_products"]
     assert held and read_product_ids(out / "report.json") == set(held)
+    # the soup names what its ingredients share, so it can be an ingredient itself
+    assert report["config"]["seed"] == 1 and report["config"]["latent_dim"] == 16
+    assert main(["soup", str(out), str(second), "--out", str(tmp_path / "again")]) == 0
+    capsys.readouterr()
     # an existing soup is not overwritten
     assert main(["soup", str(first), str(second), "--out", str(out)]) == 2
     assert "exists; give a new --out folder" in capsys.readouterr().err

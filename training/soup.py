@@ -39,16 +39,12 @@ def encoder_path(source: str | Path) -> Path:
 
 
 def run_report(model: Path) -> dict | None:
-    """The training report of the run that saved ``model`` (``RUN/encoder.keras`` or
-    ``RUN/checkpoints/encoder_epoch_NNN.keras``); None when there is none to read."""
-    for path in (model.parent / "report.json", model.parent.parent / "report.json"):
-        try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(report, dict) and isinstance(report.get("config"), dict):
-            return report
-    return None
+    """The training report of the run (or soup) that saved ``model``, when it has the
+    settings the ingredients must share; None otherwise."""
+    from auditlens.export.quantize import training_report
+
+    report = training_report(model)
+    return report if report is not None and isinstance(report.get("config"), dict) else None
 
 
 def check_ingredients(models: Sequence[Path], reports: Sequence[dict | None]) -> list[str]:
@@ -118,6 +114,8 @@ def make_soup(sources: Sequence[str | Path], out_dir: str | Path, log=print) -> 
     encoders[0].save(target)
     known = next((r for r in reports if r is not None), {})
     report = {
+        # what every ingredient shares (a soup can then be an ingredient itself)
+        "config": {key: (known.get("config") or {}).get(key) for key in SAME_IN_EVERY_INGREDIENT},
         "soup": {
             "method": "uniform average of the encoders' float weights (model soup)",
             "ingredients": [{"model": str(m), "sha256": file_sha256(m),
