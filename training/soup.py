@@ -3,8 +3,9 @@ from the same start (Wortsman et al. 2022, "Model soups").
 
 Two runs of ``auditlens train`` with the same ``--seed`` start from the same weights (the
 pretrained trunk, and the same random draw for every new layer) and, trained with
-different settings, end in the same basin of the loss, where the average of their
-weights is a better model than either (docs/ablation.md, "A model soup"). It costs one
+different settings, stay close enough that the average of their weights is a better
+model than either: measured with and without background pasting (docs/ablation.md,
+"A model soup"). It costs one
 more training run and nothing on the device: the soup has the ingredients' size and speed.
 Runs started from different seeds are refused: their new layers began from different
 random weights, and their average is worse than either run.
