@@ -642,22 +642,23 @@ class AuditLog:
         """The records (without photo bytes), oldest first unless ``newest_first``."""
         return list(self.iter_records(newest_first=newest_first, limit=limit))
 
+    def _fetch_record(self, columns: str, record_id: int) -> tuple | None:
+        """``columns`` of record ``record_id``; None when no record has that id (one past
+        SQLite's integers included)."""
+        if not 0 < int(record_id) <= MAX_RECORD_ID:
+            return None
+        with self._open_db() as db:
+            return db.execute(f"SELECT {columns} FROM records WHERE id = ?", (int(record_id),)).fetchone()
+
     def record(self, record_id: int) -> AuditRecord:
-        row = None
-        if 0 < int(record_id) <= MAX_RECORD_ID:
-            with self._open_db() as db:
-                row = db.execute(f"SELECT {self._columns()} FROM records WHERE id = ?",
-                                 (int(record_id),)).fetchone()
+        row = self._fetch_record(self._columns(), record_id)
         if row is None:
             raise AuditLogError(f"{self.path}: no record {record_id}")
         return AuditRecord(*row)
 
     def photo(self, record_id: int) -> bytes:
         """The stored photo of a record."""
-        row = None
-        if 0 < int(record_id) <= MAX_RECORD_ID:
-            with self._open_db() as db:
-                row = db.execute("SELECT photo FROM records WHERE id = ?", (int(record_id),)).fetchone()
+        row = self._fetch_record("photo", record_id)
         if row is None:
             raise AuditLogError(f"{self.path}: no record {record_id}")
         return bytes(row[0])

@@ -67,11 +67,17 @@ class CosFaceHead(keras.layers.Layer):
         return tf.matmul(l2_normalize(latents), tf.math.l2_normalize(self.centres, axis=0))
 
 
+def _margin_softmax_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float, true_logit) -> tf.Tensor:
+    """Cross-entropy on ``scale * cos``, the true product's cosine replaced by
+    ``true_logit(cos)`` (the margin)."""
+    onehot = tf.one_hot(tf.reshape(labels, [-1]), tf.shape(cosines)[1])
+    logits = scale * tf.where(onehot > 0, true_logit(cosines), cosines)
+    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
+
+
 def cosface_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float = 20.0, margin: float = 0.25) -> tf.Tensor:
     """Large-margin cosine loss: cross-entropy on ``scale * (cos - margin * onehot)``."""
-    onehot = tf.one_hot(tf.reshape(labels, [-1]), tf.shape(cosines)[1])
-    logits = scale * (cosines - margin * onehot)
-    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
+    return _margin_softmax_loss(cosines, labels, scale, lambda cos: cos - margin)
 
 
 def arcface_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float = 20.0, margin: float = 0.3) -> tf.Tensor:
@@ -80,13 +86,13 @@ def arcface_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float = 20.0, mar
     pi (a latent nearly opposite its centre), ``cos(theta + margin)`` stops falling as theta
     grows, so the true logit becomes ``cos(theta) - margin * sin(margin)`` there: the usual
     fallback, which keeps it falling (within 0.05 of the curve at the switch, margin 0.3)."""
-    onehot = tf.one_hot(tf.reshape(labels, [-1]), tf.shape(cosines)[1])
-    cos = tf.clip_by_value(cosines, -1.0 + 1e-6, 1.0 - 1e-6)  # sqrt's gradient at 1 is infinite
-    sin = tf.sqrt(1.0 - cos * cos)
-    shifted = cos * math.cos(margin) - sin * math.sin(margin)
-    shifted = tf.where(cos > math.cos(math.pi - margin), shifted, cos - margin * math.sin(margin))
-    logits = scale * tf.where(onehot > 0, shifted, cos)
-    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
+    def shifted(cos):
+        cos = tf.clip_by_value(cos, -1.0 + 1e-6, 1.0 - 1e-6)  # sqrt's gradient at 1 is infinite
+        sin = tf.sqrt(1.0 - cos * cos)
+        added = cos * math.cos(margin) - sin * math.sin(margin)
+        return tf.where(cos > math.cos(math.pi - margin), added, cos - margin * math.sin(margin))
+
+    return _margin_softmax_loss(cosines, labels, scale, shifted)
 
 
 def reconstruction_loss(reconstruction: tf.Tensor, target: tf.Tensor) -> tf.Tensor:

@@ -48,15 +48,16 @@ def run_report(model: Path) -> dict | None:
     return report if report is not None and isinstance(report.get("config"), dict) else None
 
 
-def check_ingredients(models: Sequence[Path], reports: Sequence[dict | None]) -> list[str]:
-    """Refuse ingredients that cannot make a soup; return warnings about what could not be
-    checked."""
+def check_ingredients(models: Sequence[Path], reports: Sequence[dict | None]) -> tuple[list[str], list[str]]:
+    """Refuse ingredients that cannot make a soup; return the encoders' sha256 digests and
+    warnings about what could not be checked."""
     if len(models) < 2:
         raise ModelError("a soup needs at least two encoders")
     for model in models:
         if not model.is_file():
             raise ModelError(f"{model}: no such encoder (give a training run's folder or a .keras file)")
-    if len({file_sha256(m) for m in models}) < len(models):
+    digests = [file_sha256(m) for m in models]
+    if len(set(digests)) < len(models):
         raise ModelError("the same encoder is given twice; a soup averages different runs")
     warnings = []
     missing = [str(m) for m, r in zip(models, reports) if r is None]
@@ -78,7 +79,7 @@ def check_ingredients(models: Sequence[Path], reports: Sequence[dict | None]) ->
     crops = {json.dumps((r.get("preprocess") or {}).get("crop")) for _, r in known}
     if len(crops) > 1:
         raise ModelError("the runs' preprocessing crops differ; the soup's photos would be cut for one of them")
-    return warnings
+    return digests, warnings
 
 
 def average_weights(encoders: Sequence) -> None:
@@ -103,7 +104,8 @@ def make_soup(sources: Sequence[str | Path], out_dir: str | Path, log=print) -> 
     out = check_output_dir(out_dir)
     models = [encoder_path(s) for s in sources]
     reports = [run_report(m) for m in models]
-    for warning in check_ingredients(models, reports):
+    digests, warnings = check_ingredients(models, reports)
+    for warning in warnings:
         log(f"auditlens soup: warning: {warning}")
     target = out / "encoder.keras"
     for path in (target, out / "report.json"):
@@ -119,8 +121,8 @@ def make_soup(sources: Sequence[str | Path], out_dir: str | Path, log=print) -> 
         "config": {key: (known.get("config") or {}).get(key) for key in SAME_IN_EVERY_INGREDIENT},
         "soup": {
             "method": "uniform average of the encoders' float weights (model soup)",
-            "ingredients": [{"model": str(m), "sha256": file_sha256(m),
-                             "config": (r or {}).get("config")} for m, r in zip(models, reports)],
+            "ingredients": [{"model": str(m), "sha256": d, "config": (r or {}).get("config")}
+                            for m, d, r in zip(models, digests, reports)],
         },
         "preprocess": known.get("preprocess"),
         "data": {"held_out_products": (known.get("data") or {}).get("held_out_products")},

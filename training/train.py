@@ -526,6 +526,12 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, a
     params = nets.trainable + nets.trunk
     as_variant = variant_images(variants)
     idx_spec = tf.TensorSpec([None], tf.int32)
+    if config.arcface_margin > 0:
+        def class_loss(cosines, labels):
+            return arcface_loss(cosines, labels, config.cosface_scale, config.arcface_margin)
+    else:
+        def class_loss(cosines, labels):
+            return cosface_loss(cosines, labels, config.cosface_scale, config.cosface_margin)
 
     @tf.function(input_signature=[idx_spec, idx_spec, idx_spec, idx_spec])
     def train_step(clean_idx, aug_idx, photo_idx, variant):
@@ -539,9 +545,7 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, a
         with tf.GradientTape() as tape:
             latents = encoder(images, training=True)
             l_metric = supcon_loss(latents, labels, config.temperature)
-            l_class = (arcface_loss(head(latents), labels, config.cosface_scale, config.arcface_margin)
-                       if config.arcface_margin > 0 else
-                       cosface_loss(head(latents), labels, config.cosface_scale, config.cosface_margin))
+            l_class = class_loss(head(latents), labels)
             recon = decoder(latents, training=True)
             l_recon = reconstruction_loss(recon, target)
             total = weights[0] * l_metric + weights[1] * l_class + weights[2] * l_recon
