@@ -88,3 +88,8 @@ class AuditRecordError(AuditLogError):
 
 class AuditChainError(AuditLogError):
     """The audit log's hash chain is broken: a record was edited, removed or reordered."""
+
+
+# -- training -----------------------------------------------------------------------
+class TrainingDivergedError(AuditlensError):
+    """Training stopped because its loss stopped being a number (a learning rate too high)."""

@@ -561,17 +561,37 @@ def test_stop_epoch_ships_that_epoch_of_a_longer_schedule(tiny_data, tmp_path):
 
     # the same folder again: refused, as the new run would overwrite the old one file by
     # file; with overwrite, the earlier run's files go first (epoch 2 does not linger)
-    from auditlens.errors import OutputPathError
+    from auditlens.errors import CatalogError, OutputPathError
 
     run = tmp_path / "run"
     with pytest.raises(OutputPathError, match="holds an earlier training run .*--overwrite"):
         train(tiny_config(run, tiny_data["catalog"], epochs=1, steps_per_epoch=1))
+    # --overwrite with an input that cannot be read: refused before the earlier run is touched
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(CatalogError, match="missing.csv"):
+        train(tiny_config(run, tiny_data["catalog"], photos=str(tmp_path / "missing.csv"), overwrite=True))
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     (run / "notes.txt").write_text("mine")
     train(tiny_config(run, tiny_data["catalog"], epochs=1, steps_per_epoch=1, keep_epochs=True,
                       overwrite=True))
     assert sorted(p.name for p in (run / "checkpoints").glob("encoder_epoch_*")) == ["encoder_epoch_001.keras"]
     assert (run / "notes.txt").read_text() == "mine"
     assert len(json.loads((run / "report.json").read_text())["history"]) == 1
+
+
+@pytest.mark.slow
+def test_a_diverging_run_says_so_and_leaves_nothing_in_the_way(tiny_data, tmp_path):
+    """A loss that stops being a number is a clear error, not an internal one, and the run
+    that failed before its first checkpoint leaves no folder that would refuse the rerun."""
+    from auditlens.errors import TrainingDivergedError
+    from auditlens.training.train import train
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError, match=r"training diverged: the loss became (nan|inf) at step \d+; lower --lr"):
+        train(tiny_config(run, tiny_data["catalog"], learning_rate=1e30, epochs=1, steps_per_epoch=5))
+    assert not run.exists()
+    train(tiny_config(run, tiny_data["catalog"], epochs=1, steps_per_epoch=1))  # no --overwrite needed
+    assert (run / "encoder.keras").is_file()
 
 
 @pytest.mark.slow
@@ -648,6 +668,23 @@ def test_settings_and_splits_that_cannot_train_are_refused_before_training(tiny_
         train(tiny_config(tmp_path / "m0", tiny_data["catalog"], minutes=0))
     with pytest.raises(ValueError, match="outside MobileNetV2's blocks 1 to 17"):
         train(tiny_config(tmp_path / "tb", tiny_data["catalog"], backbone="mobilenet_v2", trunk_blocks=18))
+    # settings that used to crash TensorFlow natively (threads), train into nonsense (a
+    # negative rate), or fail with a message that did not name the flag
+    for name, overrides, message in (
+            ("th", {"threads": -1}, "--threads -1 is outside 0"),
+            ("lr", {"learning_rate": -1.0}, "--lr -1.0 must be a number more than 0"),
+            ("ln", {"learning_rate": math.nan}, "--lr nan must be a number more than 0"),
+            ("wd", {"weight_decay": -0.1}, "--weight-decay -0.1 must be a number of at least 0"),
+            ("rw", {"recon_weight": math.inf}, "--recon-weight inf must be a number of at least 0"),
+            ("ld", {"latent_dim": 0}, "--latent-dim must be at least 1, not 0"),
+            ("wi", {"width": 0}, "--width must be at least 1, not 0"),
+            ("is", {"input_size": 8}, "--input-size must be at least 16, not 8"),
+            ("sd", {"seed": -1}, r"--seed -1 is outside 0 to 2\*\*32 - 1"),
+            ("ed", {"ema_decay": 1.5}, "--ema-decay 1.5 is not a decay within 0..1"),
+            ("pk", {"pseudo_kinds": ("Packages",)}, "--pseudo-kinds .* needs --pseudo-products")):
+        with pytest.raises(ValueError, match=message):
+            train(tiny_config(tmp_path / name, tiny_data["catalog"], **overrides))
+        assert not (tmp_path / name).exists()  # refused before anything was written
 
     one = tmp_path / "one"
     one.mkdir()

@@ -18,6 +18,7 @@ seen-product EER is kept.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -32,11 +33,14 @@ import numpy as np
 from auditlens.catalog import Catalog, LabelledPhoto, open_catalog, read_labelled_photos
 from auditlens.device_app.interpreter import l2_normalize
 from auditlens.device_app.preprocess import PreprocessSpec, pool_views, stack_inputs
-from auditlens.errors import AuditlensError, CatalogError, OutputPathError
+from auditlens.errors import AuditlensError, CatalogError, OutputPathError, TrainingDivergedError
 from auditlens.files import check_output_dir
 from auditlens.training.config import BACKBONES, POOLINGS, TrainConfig, TrainResult
 
 EVAL_BATCH = 128
+MAX_TRAIN_THREADS = 256
+"""Most TensorFlow threads ``--threads`` accepts (0: TensorFlow's choice)."""
+
 COLLAPSED_AUC = 0.6
 """Below this validation AUC on trained products, ``auditlens train`` warns that the encoder
 has not learnt to tell products apart (0.5: every latent alike)."""
@@ -201,10 +205,11 @@ RUN_FILES = ("encoder.keras", "autoencoder.keras", "report.json", "augment_grid.
 """What a run writes into its folder, besides ``checkpoints/``."""
 
 
-def prepare_run_folder(out: Path, *, overwrite: bool = False) -> None:
-    """Refuse a folder that holds an earlier run, whose files the new one would overwrite
-    one by one (a run stopped part way would leave a mix of both), unless ``overwrite``:
-    then the earlier run's files are removed first. Other files in the folder are kept."""
+def earlier_run_files(out: Path, *, overwrite: bool = False) -> list[Path]:
+    """The files of an earlier run in ``out``, which the new one would overwrite one by one
+    (a run stopped part way would leave a mix of both). Refused unless ``overwrite``; then
+    :func:`clear_run_folder` removes them once the new run's inputs have loaded, so a
+    mistyped input loses nothing. Other files in the folder are kept."""
     check_output_dir(out)
     checkpoints = out / "checkpoints"
     earlier = [out / name for name in RUN_FILES if (out / name).exists()]
@@ -216,9 +221,29 @@ def prepare_run_folder(out: Path, *, overwrite: bool = False) -> None:
             f"--out {out} holds an earlier training run ({', '.join(p.name for p in earlier[:3])}"
             f"{', ...' if len(earlier) > 3 else ''}); choose another --out, or pass --overwrite to "
             "replace it")
+    return earlier
+
+
+def clear_run_folder(out: Path, earlier: list[Path]) -> None:
+    """Remove an earlier run's files (:func:`earlier_run_files`) and make ``checkpoints/``."""
     for path in earlier:
-        path.unlink()
-    checkpoints.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+
+def discard_unfinished_run(out: Path, *, made_folder: bool) -> None:
+    """After a run failed before its first checkpoint: remove what it wrote (its augmentation
+    grid, the empty ``checkpoints/``, ``out`` itself if the run made it and nothing else is in
+    it), so that the same command can run again without ``--overwrite``. A run that saved a
+    checkpoint is kept: its epochs can still be exported."""
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        return
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for folder in (checkpoints, out) if made_folder else (checkpoints,):
+        with contextlib.suppress(OSError):  # not empty: someone else's files stay
+            folder.rmdir()
 
 
 def _check_config(config: TrainConfig) -> None:
@@ -246,6 +271,27 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"--arcface-margin {config.arcface_margin} is not an angle within 0..pi/2 (radians)")
     if config.minutes is not None and not config.minutes > 0:
         raise ValueError(f"--minutes {config.minutes} must be more than 0 (leave it out for no budget)")
+    for flag, value, least in (("--input-size", config.input_size, 16), ("--latent-dim", config.latent_dim, 1),
+                               ("--width", config.width, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}, not {value}")
+    if config.input_size > 1024:
+        raise ValueError(f"--input-size {config.input_size} is more than 1024 pixels")
+    if not 0 <= config.seed < 2**32:
+        raise ValueError(f"--seed {config.seed} is outside 0 to 2**32 - 1")
+    if not 0 <= config.threads <= MAX_TRAIN_THREADS:
+        raise ValueError(f"--threads {config.threads} is outside 0 (TensorFlow's choice) to {MAX_TRAIN_THREADS}")
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        raise ValueError(f"--lr {config.learning_rate} must be a number more than 0")
+    for flag, value in (("--weight-decay", config.weight_decay), ("--backbone-lr-scale", config.backbone_lr_scale),
+                        ("--metric-weight", config.metric_weight), ("--class-weight", config.class_weight),
+                        ("--recon-weight", config.recon_weight), ("--distill-weight", config.distill_weight)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag} {value} must be a number of at least 0")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay {config.ema_decay} is not a decay within 0..1 (1 excluded; 0: raw weights)")
+    if config.pseudo_kinds and not config.pseudo_products:
+        raise ValueError("--pseudo-kinds picks which products get made-up variants: it needs --pseudo-products")
 
 
 def _read_backbone(config: TrainConfig, log) -> dict | None:
@@ -694,7 +740,8 @@ def _fit(config: TrainConfig, nets: _Networks, train_step, sample_batch, evaluat
             nets.set_learning_rate(lr, config.backbone_lr_scale)
             losses = [float(v) for v in train_step(*(tf.constant(a) for a in sample_batch()))]
             if not np.isfinite(losses[0]):
-                raise FloatingPointError(f"loss became {losses[0]} at step {step}; lower --lr")
+                raise TrainingDivergedError(f"training diverged: the loss became {losses[0]} at step {step}; "
+                                            "lower --lr")
             sums += losses
             n += 1
             step += 1
@@ -745,7 +792,9 @@ def train(config: TrainConfig) -> TrainResult:
     _check_config(config)
     t_start = time.perf_counter()
     _configure_tf(config)  # a missing [train] extra is named before anything is written
-    prepare_run_folder(Path(config.out_dir), overwrite=config.overwrite)
+    out = Path(config.out_dir)
+    made_folder = not out.exists()
+    earlier = earlier_run_files(out, overwrite=config.overwrite)
     from auditlens.training.augment import (
         AugmentSwitches,
         CaptureAugmenter,
@@ -756,7 +805,6 @@ def train(config: TrainConfig) -> TrainResult:
     from auditlens.training.model import ModelSpec
     from auditlens.training.preview import save_latent_preview
 
-    out = Path(config.out_dir)
     spec = PreprocessSpec(input_size=config.input_size, crop=config.crop)
     rng = np.random.default_rng(config.seed)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if config.progress else (lambda msg: None)
@@ -770,75 +818,79 @@ def train(config: TrainConfig) -> TrainResult:
                                  seed=config.seed)
     val = load_validation(config, data, spec, backgrounds, log)
     t_data = time.perf_counter() - t_start
+    clear_run_folder(out, earlier)  # only now: every input has loaded
+    try:
+        mspec = ModelSpec(
+            input_size=config.input_size, latent_dim=config.latent_dim, width=config.width,
+            head_channels=config.head_channels, recon_size=config.recon_size,
+            backbone=config.backbone, trunk_blocks=config.trunk_blocks, pooling=config.pooling,
+        )
+        variants = pseudo_variants(config.pseudo_products)
+        n_classes = len(data.train_ids) * len(variants)
+        nets = _build_networks(config, mspec, backbone_state, n_classes, teacher.dim if teacher else None)
+        # Validation, checkpoints and the shipped encoder use the weights' moving average.
+        average = WeightAverage(nets.encoder.weights, config.ema_decay)
+        train_step = _make_train_step(config, nets, data, augmenter, variants, teacher_targets, average)
+        evaluate = _evaluator(config, nets.encoder, data, val)
+        sample_batch = _batch_sampler(config, data, rng)
 
-    mspec = ModelSpec(
-        input_size=config.input_size, latent_dim=config.latent_dim, width=config.width,
-        head_channels=config.head_channels, recon_size=config.recon_size,
-        backbone=config.backbone, trunk_blocks=config.trunk_blocks, pooling=config.pooling,
-    )
-    variants = pseudo_variants(config.pseudo_products)
-    n_classes = len(data.train_ids) * len(variants)
-    nets = _build_networks(config, mspec, backbone_state, n_classes, teacher.dim if teacher else None)
-    # Validation, checkpoints and the shipped encoder use the weights' moving average.
-    average = WeightAverage(nets.encoder.weights, config.ema_decay)
-    train_step = _make_train_step(config, nets, data, augmenter, variants, teacher_targets, average)
-    evaluate = _evaluator(config, nets.encoder, data, val)
-    sample_batch = _batch_sampler(config, data, rng)
+        preview = rng.choice(len(data.train_ids), size=min(6, len(data.train_ids)), replace=False)
+        save_augment_grid(
+            augmenter, data.originals_big[preview], data.masks[preview], out / "augment_grid.png",
+            clean=data.originals_clean[preview],
+            photos=data.photo_images[: 16] if len(data.photo_images) else None,
+        )
+        log(f"training on {len(data.train_ids)} products ({len(data.held_out)} held out)"
+            + (f" x {len(variants)} variants" + (f" ({', '.join(config.pseudo_kinds)} only)" if config.pseudo_kinds else "")
+               if len(variants) > 1 else "") + f", {len(data.photos)} photos; "
+            f"budget {f'{config.minutes:.1f} min' if config.minutes else f'{config.epochs} epochs'}")
+        fit = _fit(config, nets, train_step, sample_batch, evaluate, average, out, log, teacher is not None)
 
-    preview = rng.choice(len(data.train_ids), size=min(6, len(data.train_ids)), replace=False)
-    save_augment_grid(
-        augmenter, data.originals_big[preview], data.masks[preview], out / "augment_grid.png",
-        clean=data.originals_clean[preview],
-        photos=data.photo_images[: 16] if len(data.photo_images) else None,
-    )
-    log(f"training on {len(data.train_ids)} products ({len(data.held_out)} held out)"
-        + (f" x {len(variants)} variants" + (f" ({', '.join(config.pseudo_kinds)} only)" if config.pseudo_kinds else "")
-           if len(variants) > 1 else "") + f", {len(data.photos)} photos; "
-        f"budget {f'{config.minutes:.1f} min' if config.minutes else f'{config.epochs} epochs'}")
-    fit = _fit(config, nets, train_step, sample_batch, evaluate, average, out, log, teacher is not None)
-
-    # ---- outputs: the best encoder, alone and with its decoder
-    nets.autoencoder.load_weights(fit.best_path)
-    encoder_path = out / "encoder.keras"
-    autoencoder_path = out / "autoencoder.keras"
-    nets.encoder.save(encoder_path)
-    nets.autoencoder.save(autoencoder_path)
-    final = evaluate()
-    seconds = time.perf_counter() - t_start
-    report = {
-        "config": config.to_dict(),
-        "model": asdict(mspec),
-        "preprocess": spec.to_dict(),
-        "encoder_params": int(nets.encoder.count_params()),
-        "data": {
-            "products": len(data.ids), "train_products": len(data.train_ids),
-            "held_out_products": sorted(data.held_out), "train_photos": len(data.photos),
-            "train_classes": n_classes,
-            "val_queries": int(len(val.labels)), "val_views": val.views, "val_source": val.source,
-            "val_seen": int(val.seen.sum()), "val_unseen": int((~val.seen).sum()),
-            "val_photos_also_trained": val.also_trained,
-            "teacher": ({"features": teacher.source, "dim": teacher.dim} if teacher is not None else None),
-        },
-        "timings": {
-            "total_seconds": round(seconds, 1), "data_seconds": round(t_data, 1),
-            "train_loop_seconds": round(fit.train_wall, 1), "eval_seconds": round(fit.eval_seconds, 1),
-            "steps": fit.steps,
-            "seconds_per_step": round((fit.train_wall - fit.eval_seconds) / max(fit.steps, 1), 4),
-        },
-        "best_epoch": fit.best_epoch,
-        "checkpoint_choice": ("last epoch run (--stop-epoch)" if config.stop_epoch
-                              else "lowest val EER on trained products"),
-        "metrics": final,
-        "history": fit.history,
-    }
-    report_path = out / "report.json"
-    report_path.write_text(json.dumps(report, indent=2, default=float))
-    plot_curves(fit.history, out / "training_curves.png")
-    save_latent_preview(nets.encoder, nets.decoder, preview_samples(data, val, preview),
-                        out / "latent_preview.png")
-    warnings = [overlap_warning(val.also_trained, len(val.labels))] if val.also_trained else []
-    return TrainResult(str(out), str(encoder_path), str(autoencoder_path), str(report_path),
-                       fit.best_epoch, final, seconds, warnings)
+        # ---- outputs: the best encoder, alone and with its decoder
+        nets.autoencoder.load_weights(fit.best_path)
+        encoder_path = out / "encoder.keras"
+        autoencoder_path = out / "autoencoder.keras"
+        nets.encoder.save(encoder_path)
+        nets.autoencoder.save(autoencoder_path)
+        final = evaluate()
+        seconds = time.perf_counter() - t_start
+        report = {
+            "config": config.to_dict(),
+            "model": asdict(mspec),
+            "preprocess": spec.to_dict(),
+            "encoder_params": int(nets.encoder.count_params()),
+            "data": {
+                "products": len(data.ids), "train_products": len(data.train_ids),
+                "held_out_products": sorted(data.held_out), "train_photos": len(data.photos),
+                "train_classes": n_classes,
+                "val_queries": int(len(val.labels)), "val_views": val.views, "val_source": val.source,
+                "val_seen": int(val.seen.sum()), "val_unseen": int((~val.seen).sum()),
+                "val_photos_also_trained": val.also_trained,
+                "teacher": ({"features": teacher.source, "dim": teacher.dim} if teacher is not None else None),
+            },
+            "timings": {
+                "total_seconds": round(seconds, 1), "data_seconds": round(t_data, 1),
+                "train_loop_seconds": round(fit.train_wall, 1), "eval_seconds": round(fit.eval_seconds, 1),
+                "steps": fit.steps,
+                "seconds_per_step": round((fit.train_wall - fit.eval_seconds) / max(fit.steps, 1), 4),
+            },
+            "best_epoch": fit.best_epoch,
+            "checkpoint_choice": ("last epoch run (--stop-epoch)" if config.stop_epoch
+                                  else "lowest val EER on trained products"),
+            "metrics": final,
+            "history": fit.history,
+        }
+        report_path = out / "report.json"
+        report_path.write_text(json.dumps(report, indent=2, default=float))
+        plot_curves(fit.history, out / "training_curves.png")
+        save_latent_preview(nets.encoder, nets.decoder, preview_samples(data, val, preview),
+                            out / "latent_preview.png")
+        warnings = [overlap_warning(val.also_trained, len(val.labels))] if val.also_trained else []
+        return TrainResult(str(out), str(encoder_path), str(autoencoder_path), str(report_path),
+                           fit.best_epoch, final, seconds, warnings)
+    except BaseException:  # an error, or Ctrl-C, before the first checkpoint
+        discard_unfinished_run(out, made_folder=made_folder)
+        raise
 
 
 def preview_samples(data: TrainingData, val: ValidationSet, originals: np.ndarray) -> np.ndarray:
