@@ -322,14 +322,14 @@ class ReferenceBundle:
         try:
             return self._index[product_id]
         except (KeyError, TypeError):
-            near = self._near_id(product_id)
+            near = self.near_id(product_id)
             raise UnknownProductError(
                 f"product {product_id!r} is not in this bundle ({len(self.products)} products, "
                 f"made {self.manifest.get('created', '?')}); "
                 + (f"did you mean {near!r}?" if near else "enrol it or update the bundle")
             ) from None
 
-    def _near_id(self, product_id) -> str | None:
+    def near_id(self, product_id) -> str | None:
         """The one bundle id ``product_id`` equals but for case and surrounding spaces, else
         the closest one by spelling (a plural, a dropped letter), if any is close."""
         if not isinstance(product_id, str):

@@ -111,13 +111,17 @@ def test_unreadable_photos_and_unknown_products_are_counted(tmp_path, sample_bun
     bad.write_bytes(b"\xff\xd8 not a jpeg")
     rows = [[p.photo, p.product_id] for p in sample_photos[:6]]
     rows += [[str(bad), sample_photos[0].product_id], [sample_photos[1].photo, "Not-Enrolled"]]
+    rows += [[sample_photos[2].photo, "banana"], [sample_photos[3].photo, "banana"]]  # a lower-case typo
     csv_path = tmp_path / "photos.csv"
     with csv_path.open("w", newline="") as fh:
         csv.writer(fh).writerows([["photo", "product_id"], *rows])
     report = evaluate(sample_bundle, csv_path, None, progress=False, verbose=False)
     c = report["counts"]
-    assert (c["photos_scored"], c["photos_unreadable"], c["photos_of_products_not_enrolled"]) == (6, 1, 1)
+    assert (c["photos_scored"], c["photos_unreadable"], c["photos_of_products_not_enrolled"]) == (6, 1, 3)
     assert report["unreadable_photos"][0]["photo"] == str(bad)
+    # the skipped products are named, with the bundle's id a typo most likely meant
+    assert ("3 photos of products not in the bundle were skipped: 'banana' (2 photos; did you mean "
+            "'Banana'?), 'Not-Enrolled' (1 photo)") in report["warnings"]
 
 
 def test_read_product_ids(tmp_path):
@@ -279,6 +283,34 @@ def test_worst_zero_and_a_rerun_without_plots(tmp_path, sample_bundle):
     with pytest.raises(SystemExit):
         main(["evaluate", "--bundle", str(sample_bundle), "--photos", str(SAMPLE / "photos.csv"),
               "--out", str(out), "--worst", "-3"])
+
+
+def test_an_output_folder_of_other_files_is_refused_and_left_as_it_was(tmp_path, sample_bundle):
+    """evaluate rewrites report.json, summary.md, pairs.csv and its plots, and removes plots
+    an earlier evaluation left: in a folder whose such files it did not write, or in a
+    bundle's folder, it refuses before any photo is embedded. Other files never matter."""
+    from auditlens.errors import OutputPathError
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "summary.md").write_text("my notes")
+    (mine / "roc.png").write_bytes(b"my plot")
+    args = ["evaluate", "--photos", str(SAMPLE / "photos.csv"), "--no-progress", "--no-plots"]
+    with pytest.raises(OutputPathError, match="holds summary.md, roc.png, not written by an evaluation"):
+        evaluate(sample_bundle, SAMPLE / "photos.csv", mine, progress=False, verbose=False)
+    assert main([*args, "--bundle", str(sample_bundle), "--out", str(mine)]) == 2
+    assert (mine / "summary.md").read_text() == "my notes" and (mine / "roc.png").read_bytes() == b"my plot"
+    assert sorted(p.name for p in mine.iterdir()) == ["roc.png", "summary.md"]
+    before = sorted(p.name for p in sample_bundle.iterdir())
+    assert main([*args, "--bundle", str(sample_bundle), "--out", str(sample_bundle)]) == 2
+    assert sorted(p.name for p in sample_bundle.iterdir()) == before
+    # a folder of other files, and an earlier evaluation's folder, are written to
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "readme.txt").write_text("kept")
+    assert main([*args, "--bundle", str(sample_bundle), "--out", str(other)]) == 0
+    assert main([*args, "--bundle", str(sample_bundle), "--out", str(other)]) == 0
+    assert (other / "readme.txt").read_text() == "kept" and (other / "report.json").is_file()
 
 
 def _pairs(genuine, impostor, hard=()) -> Pairs:

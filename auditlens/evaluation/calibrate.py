@@ -56,6 +56,7 @@ from auditlens.evaluation.protocol import (
     N_IMPOSTORS,
     contradictory_note,
     embed_photos,
+    not_enrolled_note,
     product_groups,
     protocol_description,
 )
@@ -338,7 +339,7 @@ def calibrate(
     if embedded.contradictory:
         decision["warnings"].append(contradictory_note(embedded.contradictory))
     if embedded.not_enrolled:
-        decision["warnings"].append(f"{len(embedded.not_enrolled)} photos show products not in the bundle; skipped")
+        decision["warnings"].append(not_enrolled_note(embedded.not_enrolled, b))
     if embedded.failed:
         decision["warnings"].append(f"{len(embedded.failed)} photos could not be read; skipped")
 

@@ -38,7 +38,7 @@ from auditlens.catalog import (
     unchecked_verdicts,
 )
 from auditlens.cli import non_negative_int, thread_count
-from auditlens.errors import AuditlensError, CatalogError
+from auditlens.errors import AuditlensError, CatalogError, OutputPathError
 from auditlens.evaluation import metrics
 from auditlens.evaluation.protocol import (
     DEFAULT_SEED,
@@ -50,6 +50,7 @@ from auditlens.evaluation.protocol import (
     contradictory_note,
     embed_photos,
     impostor_draws,
+    not_enrolled_note,
     product_groups,
     protocol_description,
 )
@@ -186,7 +187,7 @@ COPY_SCORE = 0.999
 references (an enrolled photo scores about 1.0 against itself)."""
 
 
-def _warnings(report: dict, photos: list[LabelledPhoto], embedded) -> list[str]:
+def _warnings(report: dict, photos: list[LabelledPhoto], embedded, bundle) -> list[str]:
     """What makes these figures optimistic or their labels doubtful, in words."""
     notes = []
     unchecked = unchecked_verdicts(photos)
@@ -194,6 +195,8 @@ def _warnings(report: dict, photos: list[LabelledPhoto], embedded) -> list[str]:
         notes.append(unchecked)
     if embedded.contradictory:
         notes.append(contradictory_note(embedded.contradictory))
+    if embedded.not_enrolled:
+        notes.append(not_enrolled_note(embedded.not_enrolled, bundle))
     calibrated_on = report["decision"].get("photos_source")
     if calibrated_on and report["photos_source"] and Path(report["photos_source"]).name == calibrated_on:
         notes.append(f"the bundle's threshold was calibrated on {calibrated_on} too: if these are the "
@@ -298,6 +301,33 @@ def format_table(report: dict, markdown: bool = False) -> str:
 # -- plots ----------------------------------------------------------------------------
 PLOT_FILES = ("roc.png", "det.png", "scores.png", "confusions.png")
 """Every plot `evaluate` may write into its folder."""
+
+
+EVALUATION_FILES = ("report.json", "summary.md", "pairs.csv", *PLOT_FILES)
+"""Every file `evaluate` may write into, or remove from, its folder."""
+
+
+def check_evaluation_dir(out_dir: str | os.PathLike) -> Path:
+    """Refuse, before any photo is embedded, an output folder whose files an evaluation would
+    overwrite or remove but did not write: a bundle's folder, or one holding a report.json,
+    summary.md, pairs.csv or plot of something else. A folder of an earlier evaluation is
+    rewritten; files of other names are never touched."""
+    out = check_output_dir(out_dir)
+    if (out / "manifest.json").is_file():
+        raise OutputPathError(f"{out} is a bundle's folder; write the evaluation to another folder")
+    taken = [name for name in EVALUATION_FILES if (out / name).exists()]
+    if taken and not _is_evaluation_report(out / "report.json"):
+        raise OutputPathError(f"{out} holds {', '.join(taken)}, not written by an evaluation; evaluate would "
+                              "overwrite or remove them: choose a new or empty folder")
+    return out
+
+
+def _is_evaluation_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and {"protocol", "counts", "overall", "model_id"} <= report.keys()
 
 
 def _pyplot():
@@ -523,7 +553,7 @@ def evaluate(
         seed: the protocol's seed for the random impostors.
     """
     if out_dir is not None:
-        check_output_dir(out_dir)
+        check_evaluation_dir(out_dir)
         if plots:  # a missing matplotlib fails here, before any photo is embedded
             import matplotlib  # noqa: F401
     source = ""
@@ -591,7 +621,7 @@ def evaluate(
         masks.update(seen=~is_unseen, unseen=is_unseen)
     report["impostor_draws"] = draw_spread(draws, masks, seed)
     report["goals"] = _goals(report)
-    report["warnings"] = _warnings(report, photos, embedded)
+    report["warnings"] = _warnings(report, photos, embedded, b)
 
     fa = worst_false_accepts(embedded, pairs, worst, threshold)
     for m in fa:

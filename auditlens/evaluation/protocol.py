@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -171,6 +172,20 @@ def contradictory_note(rows: Sequence[LabelledPhoto]) -> str:
     return (f"{len(rows)} photo rows show an image that another row labels with another product "
             f"(the same bytes; e.g. {', '.join(names[:3])}): one label is wrong, so all of them "
             "were left out; correct the labels")
+
+
+def not_enrolled_note(rows: Sequence[LabelledPhoto], bundle) -> str:
+    """A warning naming the products of photos the bundle does not hold (skipped), with the
+    bundle's id each is most likely a misspelling of (case, a plural)."""
+    counts = Counter(str(p.product_id) for p in rows)
+    named = []
+    for product_id, n in counts.most_common(5):
+        near = bundle.near_id(product_id)
+        named.append(f"{product_id!r} ({n} photo{'s' if n != 1 else ''}"
+                     + (f"; did you mean {near!r}?)" if near else ")"))
+    more = f" and {len(counts) - 5} more" if len(counts) > 5 else ""
+    return (f"{len(rows)} photo{'s' if len(rows) != 1 else ''} of products not in the bundle were "
+            f"skipped: {', '.join(named)}{more}")
 
 
 def _content_key(photo: LabelledPhoto) -> str:
