@@ -307,9 +307,10 @@ def read_labelled_photos(path: str | Path) -> list[LabelledPhoto]:
 
 
 def read_product_ids(path: str | Path) -> set[str]:
-    """Product ids from a file: one per line (``#`` comments allowed), or JSON (a list,
-    or an object with ``held_out_products``, at the top or under ``data`` as in the
-    report.json that ``auditlens train`` writes)."""
+    """Product ids from a file: one per line (``#`` comments allowed; a CSV's first column,
+    under a ``product_id`` or ``id`` header), or JSON (a list, or an object with
+    ``held_out_products``, at the top or under ``data`` as in the report.json that
+    ``auditlens train`` writes)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -328,12 +329,10 @@ def read_product_ids(path: str | Path) -> set[str]:
             raise CatalogError(f"{path}: expected a JSON list of product ids or an object with "
                                "'held_out_products'")
         return {str(x).strip() for x in data if str(x).strip()}
-    ids = set()
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            ids.add(line.split(",")[0].strip())
-    return ids
+    lines = [cell for cell in (line.split("#", 1)[0].split(",")[0].strip() for line in text.splitlines()) if cell]
+    if lines and lines[0].casefold() in ("product_id", "id"):  # a CSV's header (e.g. a catalogue)
+        lines = lines[1:]
+    return set(lines)
 
 
 def _csv_file(cell: str, folder: Path) -> str:

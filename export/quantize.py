@@ -652,6 +652,13 @@ def run_export(args: argparse.Namespace) -> int:
         spec = PreprocessSpec(input_size=int(encoder.input_shape[1]),
                               crop=args.crop or trained or "center")
         exclude = read_product_ids(args.exclude_products) if args.exclude_products else set()
+        if exclude:  # a typo would silently calibrate on the product it meant to leave out
+            unknown = sorted(exclude - {p.product_id for p in open_catalog(args.representative)})
+            if unknown:
+                print(f"auditlens export: warning: --exclude-products names {len(unknown)} id(s) the "
+                      f"catalogue does not hold, which exclude nothing: {', '.join(map(repr, unknown[:5]))}"
+                      + (" ..." if len(unknown) > 5 else ""), file=sys.stderr)
+                exclude -= set(unknown)
         rep, originals = representative_images(args.representative, spec, args.photos, args.max_photos,
                                                progress=lambda m: print(m, file=sys.stderr), exclude=exclude)
         if args.float16:

@@ -128,6 +128,9 @@ def test_read_product_ids(tmp_path):
     txt = tmp_path / "held.txt"
     txt.write_text("# held out\nBanana\n\nCarrots  # comment\n")
     assert read_product_ids(txt) == {"Banana", "Carrots"}
+    listed = tmp_path / "catalog.csv"  # a catalogue's first column; its header is no id
+    listed.write_text("product_id,image\nBanana,b.jpg\nCarrots,c.jpg\n")
+    assert read_product_ids(listed) == {"Banana", "Carrots"}
     js = tmp_path / "report.json"
     js.write_text(json.dumps({"held_out_products": ["Banana"]}))
     assert read_product_ids(js) == {"Banana"}

@@ -388,7 +388,7 @@ def test_products_held_out_of_training_never_calibrate(tiny_encoder, tmp_path, c
     photos.write_text("photo,product_id\n" + "".join(
         f"{catalog / f'item-{i % 5}.png'},item-{i % 5}\n" for i in range(9)))
     report = tmp_path / "report.json"  # as 'auditlens train --holdout-fold' writes it
-    report.write_text(json.dumps({"data": {"held_out_products": ["item-1", "item-3"]}}))
+    report.write_text(json.dumps({"data": {"held_out_products": ["item-1", "item-3", "Item-9"]}}))
     spec = PreprocessSpec(32)
     held_out = {"item-1", "item-3"}
 
@@ -415,5 +415,8 @@ def test_products_held_out_of_training_never_calibrate(tiny_encoder, tmp_path, c
          "--exclude-products", str(report), "--out", str(out), "--min-worst-cosine", "0"])
     assert run_export(args) == 0, capsys.readouterr().err
     card = json.loads(out.with_suffix(".json").read_text())
+    # an id the catalogue does not hold excludes nothing: said, and not recorded as excluded
+    assert ("--exclude-products names 1 id(s) the catalogue does not hold, which exclude nothing: "
+            "'Item-9'") in capsys.readouterr().err
     assert card["representative"]["excluded_products"] == ["item-1", "item-3"]
     assert card["representative"]["n_images"] == 8 and card["export"]["references"] == 3
