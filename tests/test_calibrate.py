@@ -231,6 +231,9 @@ def test_model_card_takes_the_views_it_was_calibrated_with(tmp_path, capsys):
                  "--allow-few-photos"]) == 0
     card = json.loads((tmp_path / "encoder.json").read_text())
     assert card["preprocess"]["photo_zooms"] == [1.0, 0.7] and card["preprocess"]["photo_mirror"] is True
+    out = capsys.readouterr().out  # the card's views changed: said, as every enrolment follows them
+    assert "and the calibrated bundle's photo_zooms: (0.7,) -> (1.0, 0.7) (bundles enrolled" in out
+    assert "and the calibrated bundle's photo_mirror: False -> True" in out
     assert card["preprocess"]["input_size"] == 128  # the rest of the card is kept
 
     assert main(["enroll", catalog, "--model", str(model), "--out", str(tmp_path / "again"), "--no-progress"]) == 0

@@ -47,6 +47,7 @@ import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos, unchecked_verdicts
 from auditlens.cli import non_negative_int, thread_count
+from auditlens.device_app.preprocess import PreprocessSpec
 from auditlens.errors import AuditlensError, BundleSignatureError, CatalogError
 from auditlens.evaluation import metrics
 from auditlens.evaluation.protocol import (
@@ -377,7 +378,7 @@ def read_model_card(card_path: str | os.PathLike, model_id: str) -> dict:
 
 
 def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str,
-                     views: dict | None = None) -> Path:
+                     views: dict | None = None) -> dict:
     """Store ``decision`` in a model card (``models/encoder.json``) under ``"decision"``,
     so that `auditlens enroll` writes it into every bundle made with that model.
 
@@ -385,17 +386,23 @@ def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str
     holds only for photos embedded as the calibration embedded them, and `enroll` applies
     the card's decision only to bundles with the card's views, so the card takes them too.
 
-    Refuses what `read_model_card` refuses.
+    Refuses what `read_model_card` refuses. Returns the views it changed, as
+    ``{name: (before, after)}``, for the caller to tell the engineer.
     """
     card_path = Path(card_path)
     card = read_model_card(card_path, model_id)
     card["decision"] = {k: v for k, v in decision.items() if not k.startswith("_")}
+    changed = {}
     if views is not None:
+        before = PreprocessSpec.from_dict(card["preprocess"])
         card["preprocess"].update(views)
+        after = PreprocessSpec.from_dict(card["preprocess"])
+        changed = {name: (getattr(before, name), getattr(after, name)) for name in views
+                   if getattr(before, name) != getattr(after, name)}
     with atomic_write(card_path) as fh:
         json.dump(card, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
-    return card_path
+    return changed
 
 
 # -- CLI --------------------------------------------------------------------------------
@@ -474,8 +481,11 @@ def run(args) -> int:
         print(f"dry run: model card {args.model_card} left as it is")
     elif args.model_card:
         try:  # checked again at write time: the card may have changed during the calibration
-            write_model_card(args.model_card, d, d["model_id"], views=d["_views"])
+            changed = write_model_card(args.model_card, d, d["model_id"], views=d["_views"])
         except OSError as exc:
             raise AuditlensError(f"{args.model_card}: cannot update the model card: {exc}") from exc
         print(f"stored the decision in model card {args.model_card}")
+        for name, (before, after) in changed.items():  # every later enrolment embeds photos so
+            print(f"  and the calibrated bundle's {name}: {before} -> {after} (bundles enrolled "
+                  "with this card now embed photos this way)")
     return 0
