@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from auditlens.catalog import check_product_id
-from auditlens.errors import CatalogError
+from auditlens.errors import CatalogError, OutputPathError
 from auditlens.files import atomic_write, check_output_dir
 
 SPLITS = ("train", "val", "test")
 """The photo listings of the dataset, in the order they are read; each becomes SPLIT.csv."""
 REQUIRED_SPLITS = ("train", "val")
+CATALOG_HEADER = ["product_id", "image", "name", "group", "kind"]
+PHOTOS_HEADER = ["photo", "product_id"]
 _WHOLE = re.compile(r"[0-9]+")
 _SHOWN = 5
 """How many product names a summary lists before "and N more" (paths: 3, they are long)."""
@@ -47,7 +49,10 @@ def import_grocery(root: str | Path, out_dir: str | Path, *, absolute_paths: boo
     is written: a line that cannot be read is a :class:`CatalogError` naming it, and leaves
     the folder as it was. Split CSVs of an earlier import that this one does not write are
     removed (they would describe another dataset); a file of that name that is no photo
-    list as an import writes it (header ``photo,product_id``) is kept. ``verbose`` prints what was written:
+    list as an import writes it (header ``photo,product_id``) is kept; a catalog.csv or split
+    CSV the import would replace that it did not write (another header) is refused, and a
+    photo listed in two splits (one of them train), under two products or twice in a split,
+    or a train or val listing of no photo, is a :class:`CatalogError`. ``verbose`` prints what was written:
     photos per split and the products without a photo in it. Returns the paths.
     """
     root = Path(root)
@@ -72,29 +77,35 @@ def import_grocery(root: str | Path, out_dir: str | Path, *, absolute_paths: boo
             continue
         listings[split] = listing
         photos[split] = _read_split(listing, by_id)
+    _check_splits(listings, photos)
     _check_files(root, [(f"{classes.name}, line {c.line}", c.iconic) for c in products]
                  + [(f"{listings[split].name}, line {line}", path)
                     for split, rows in photos.items() for line, path, _ in rows])
 
+    headers = {"catalog": CATALOG_HEADER, **{split: PHOTOS_HEADER for split in photos}}
+    foreign = [out / f"{name}.csv" for name, header in headers.items()
+               if (out / f"{name}.csv").exists() and _first_line(out / f"{name}.csv") != ",".join(header)]
+    if foreign:  # e.g. a catalogue edited by hand, with columns an import does not write
+        raise OutputPathError(f"{', '.join(map(str, foreign))}: not written by an import (another header); "
+                              "the import would replace it: move it away or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     prefix = _prefix(root, out, absolute_paths)
-    tables = {"catalog": (["product_id", "image", "name", "group", "kind"],
-                          [[c.name, _join(prefix, c.iconic), c.name.replace("-", " "), c.group, c.kind]
-                           for c in products])}
+    tables = {"catalog": [[c.name, _join(prefix, c.iconic), c.name.replace("-", " "), c.group, c.kind]
+                          for c in products]}
     for split, rows in photos.items():
-        tables[split] = (["photo", "product_id"], [[_join(prefix, path), pid] for _, path, pid in rows])
+        tables[split] = [[_join(prefix, path), pid] for _, path, pid in rows]
     written = {}
-    for name, (header, rows) in tables.items():
+    for name, rows in tables.items():
         with atomic_write(out / f"{name}.csv", newline="") as fo:
             writer = csv.writer(fo, lineterminator="\n")
-            writer.writerow(header)
+            writer.writerow(headers[name])
             writer.writerows(rows)
         written[name] = out / f"{name}.csv"
     removed, kept = [], []
     for split in SPLITS:
         stale = out / f"{split}.csv"
         if split not in written and stale.is_file():
-            if _first_line(stale) == "photo,product_id":  # as an import writes it
+            if _first_line(stale) == ",".join(PHOTOS_HEADER):  # as an import writes it
                 stale.unlink()
                 removed.append(stale)
             else:
@@ -180,6 +191,32 @@ def _read_split(listing: Path, by_id: dict[int, str]) -> list[tuple[int, str, st
                                "dataset folder; listings name photos inside it")
         rows.append((line, path, by_id[int(parts[1])]))
     return rows
+
+
+def _check_splits(listings: dict[str, Path], photos: dict[str, list[tuple[int, str, str]]]) -> None:
+    """Refuse a split listing no photo, and a photo listed twice: in the train split and
+    another (it would be validated on what it was trained on), under two products, or twice
+    in one split."""
+    for split, rows in photos.items():
+        if not rows and split in REQUIRED_SPLITS:
+            raise CatalogError(f"{listings[split]}: lists no photo")
+    first: dict[str, tuple[str, int, str]] = {}
+    for split, rows in photos.items():
+        for line, path, pid in rows:
+            if path not in first:
+                first[path] = (split, line, pid)
+                continue
+            split0, line0, pid0 = first[path]
+            if pid0 != pid:
+                why = f"as {pid0} and as {pid}: one label is wrong"
+            elif split0 == split:
+                why = "twice: it would count double"
+            elif "train" in (split0, split):
+                why = f"in the {split0} and the {split} split: it would be validated on a photo it trained on"
+            else:  # in val and test: both only evaluate
+                continue
+            where = f"{listings[split0].name}, line {line0}, and {listings[split].name}, line {line}"
+            raise CatalogError(f"{path} is listed {why} ({where}); correct the listings")
 
 
 def _dataset_path(text: str) -> str | None:

@@ -230,6 +230,39 @@ def test_a_test_csv_of_an_earlier_import_is_removed_and_said(tmp_path, capsys):
     assert f"kept     {out / 'test.csv'}: not a photo list" in capsys.readouterr().out
 
 
+def test_a_csv_an_import_did_not_write_is_refused_not_replaced(tmp_path, capsys):
+    """A catalogue edited by hand (a code column added) in --out: the import would replace
+    it, so it refuses before writing any CSV."""
+    root = make_dataset(tmp_path / "ds")
+    out = tmp_path / "out"
+    import_grocery(root, out)
+    edited = "product_id,image,name,group,kind,code\nMilk,m.jpg,Milk,Milk,Packages,4006\n"
+    (out / "catalog.csv").write_text(edited)
+    train_before = (out / "train.csv").read_bytes()
+    assert main(["import-grocery", str(root), "--out", str(out)]) == 2
+    assert (f"{out / 'catalog.csv'}: not written by an import (another header); the import would "
+            "replace it") in capsys.readouterr().err
+    assert (out / "catalog.csv").read_text() == edited and (out / "train.csv").read_bytes() == train_before
+
+
+@pytest.mark.parametrize("listings, why", [
+    ({"val": [*VAL, TRAIN[0]]}, r"train/Packages/Milk/Milk_001\.jpg is listed in the train and the val "
+                                r"split: .*\(train\.txt, line 1, and val\.txt, line 4\)"),
+    ({"train": [*TRAIN, TRAIN[1]]}, r"Milk_002\.jpg is listed twice: it would count double \(train\.txt, "
+                                    r"line 2, and train\.txt, line 5\)"),
+    ({"train": [*TRAIN, "train/Packages/Milk/Milk_001.jpg, 2, 1"]},
+     r"Milk_001\.jpg is listed as Milk and as Oat-Milk: one label is wrong"),
+    ({"train": []}, r"train\.txt: lists no photo"),
+])
+def test_a_photo_listed_twice_or_an_empty_split_is_refused(tmp_path, listings, why):
+    """A photo in two splits would be validated on what the model trained on; one under
+    two products has a wrong label; an empty training split trains nothing."""
+    root = make_dataset(tmp_path / "ds", **listings)
+    with pytest.raises(CatalogError, match=why):
+        import_grocery(root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_out_folder_reached_through_a_symlink_gets_paths_that_resolve(tmp_path):
     root = make_dataset(tmp_path / "project" / "grocery")
     (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
