@@ -697,6 +697,12 @@ def test_settings_and_splits_that_cannot_train_are_refused_before_training(tiny_
     with pytest.raises(CatalogError, match=r"--holdout-fold 7/10 holds out none of the 6 products"):
         train(tiny_config(tmp_path / "r2", tiny_data["catalog"], holdout_fold="7/10"))
 
+    contradictory = write_csv(tmp_path / "contra.csv", ["photo", "product_id"],
+                              [[str(tiny_data["root"] / "photos" / "p0_0.jpg"), "product-0"],
+                               [str(tiny_data["root"] / "photos" / "p0_0.jpg"), "product-1"]])
+    with pytest.raises(CatalogError, match=r"contra.csv: .*p0_0.jpg is labelled both product-0 and product-1"):
+        train(tiny_config(tmp_path / "ct", tiny_data["catalog"], photos=str(contradictory)))
+
     held = holdout_products(ids, "1/3")
     unseen_val = write_csv(tmp_path / "unseen_val.csv", ["photo", "product_id"],
                            [[str(tiny_data["root"] / "photos" / f"p{p.split('-')[1]}_2.jpg"), p]

@@ -178,9 +178,17 @@ def _load_stack(sources, spec: PreprocessSpec, size: int | None, what: str, view
 
 
 def _filter_photos(photos: list[LabelledPhoto], catalog: Catalog, source: str) -> list[LabelledPhoto]:
+    """``photos`` once each is checked: every product in the catalogue, no file labelled
+    with two products (one label is wrong, and the photo would be its own negative)."""
     unknown = sorted({p.product_id for p in photos} - set(catalog.ids))
     if unknown:
         raise CatalogError(f"{source}: product id(s) not in the catalogue: {', '.join(unknown[:5])}")
+    labels: dict[str, str] = {}
+    for p in photos:
+        key = os.path.realpath(p.photo)
+        if labels.setdefault(key, p.product_id) != p.product_id:
+            raise CatalogError(f"{source}: {p.photo} is labelled both {labels[key]} and {p.product_id}; "
+                               "one label is wrong: correct it")
     return photos
 
 
