@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -175,6 +176,7 @@ def _check_and_export(args) -> int:
                 log.check_export_path(target, suffix)
         if args.export_photos:
             log.check_photo_folder(args.export_photos)
+        _check_exports_apart(args)
         # AuditChainError -> exit 4, record named
         report = log.verify_chain(anchors=args.expect_head, device_keys=args.device_key,
                                   signed_from=args.signed_from)
@@ -191,6 +193,21 @@ def _check_and_export(args) -> int:
             if p:
                 print(f"  exported {what} to {p}")
     return _exit_status(args, report)
+
+
+def _check_exports_apart(args) -> None:
+    """Refuse exports that would land on each other: the CSV and the JSON as one file (the
+    second would replace the first), or either inside the photo export's new folder."""
+    files = [(flag, Path(os.path.abspath(p))) for flag, p in (("--export-csv", args.export_csv),
+                                                             ("--export-json", args.export_json)) if p]
+    if len(files) == 2 and files[0][1] == files[1][1]:
+        raise AuditLogError(f"--export-csv and --export-json both name {args.export_csv}; give each its own file")
+    if args.export_photos:
+        folder = Path(os.path.abspath(args.export_photos))
+        for flag, path in files:
+            if path.is_relative_to(folder):
+                raise AuditLogError(f"{flag} {path} lies inside --export-photos {args.export_photos}, which "
+                                    "must be a new folder; write it elsewhere")
 
 
 def _exit_status(args, report: ChainReport) -> int:

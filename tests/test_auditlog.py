@@ -646,6 +646,15 @@ def test_export_photos_gives_labelled_photos_the_other_commands_read(tmp_path, c
                      "--no-progress"]) == 0
     assert "verdicts other than MATCH (1 NO MATCH)" in capsys.readouterr().out
 
+    # exports that would land on each other: refused before any of them is written
+    same = tmp_path / "same.out"
+    assert cli_main(["verify-log", str(log_path), "--export-csv", str(same), "--export-json", str(same)]) == 2
+    assert "--export-csv and --export-json both name" in capsys.readouterr().err and not same.exists()
+    inside = tmp_path / "ph3"
+    assert cli_main(["verify-log", str(log_path), "--export-csv", str(inside / "a.csv"),
+                     "--export-photos", str(inside)]) == 2
+    assert "lies inside --export-photos" in capsys.readouterr().err and not inside.exists()
+
     # an existing folder, even an empty one, is refused before anything is written
     (tmp_path / "empty").mkdir()
     for target in (out, tmp_path / "empty"):
