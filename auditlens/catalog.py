@@ -257,6 +257,9 @@ def open_catalog(source: str | Path) -> Catalog:
         return _read_csv(path)
     if path.is_file() and path.suffix.lower() in (".db", ".sqlite", ".sqlite3"):
         return _read_sqlite(f"sqlite:///{path}")
+    if not path.exists():
+        raise CatalogError(f"{source}: no such file or folder (a catalogue is a folder of images, "
+                           "a .csv file or sqlite:///path.db)")
     raise CatalogError(f"{source}: not a folder of images, a .csv file or sqlite:///path.db")
 
 

@@ -177,7 +177,7 @@ def _run_enroll(args) -> int:
                  signing_key=args.sign_key.read_bytes() if args.sign_key else None,
                  drop_signature=args.drop_signature,
                  warn=lambda message: print(f"auditlens: warning: {message}", file=sys.stderr))
-    print(f"enrolled {len(catalog)} products ({len(extras)} extra reference "
+    print(f"enrolled {len(catalog)} product{'' if len(catalog) == 1 else 's'} ({len(extras)} extra reference "
           f"photo{'' if len(extras) == 1 else 's'}) into {out}")
     return EXIT_OK
 

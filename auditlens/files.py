@@ -62,15 +62,29 @@ def check_output_file(path: str | os.PathLike, *, inputs: tuple[str | os.PathLik
         raise OutputPathError(f"{path} is a folder; give a file name for this output")
     if not make_folder and not path.parent.is_dir():
         raise OutputPathError(f"{path}: the folder {path.parent} does not exist")
+    check_not_under_a_file(path)
     return path
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
-    """Refuse, before any work, a folder output whose path is an existing file."""
+    """Refuse, before any work, a folder output whose path is an existing file or lies
+    under one."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{path} is a file; give a folder for this output")
+    check_not_under_a_file(path)
     return path
+
+
+def check_not_under_a_file(path: str | os.PathLike) -> None:
+    """Refuse an output path whose nearest existing parent is a file (``notes.txt/out``):
+    no folder can be made there, and the error would otherwise come after all the work."""
+    for parent in Path(os.path.abspath(path)).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(f"{path}: {parent} is a file, so no folder can be made there; "
+                                      "choose another path")
+            return
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -51,6 +51,7 @@ from auditlens.errors import (
     ModelMismatchError,
     UnknownProductError,
 )
+from auditlens.files import check_not_under_a_file
 
 FORMAT = "auditlens-bundle"
 FORMAT_VERSION = 1
@@ -651,6 +652,7 @@ def check_replaceable(out: str | os.PathLike) -> None:
     any other file there must survive. Cheap: call it before costly work."""
     out = Path(out)
     if not out.exists():
+        check_not_under_a_file(out)
         return
     try:
         why = _not_a_bundle(out)

@@ -60,7 +60,8 @@ def _open(source: ImageSource) -> Image.Image:
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise UnreadableImageError(f"{path}: no such image file")
+            raise UnreadableImageError(f"{path}: " + ("a folder, not an image file" if path.is_dir()
+                                                      else "no such image file"))
         if path.stat().st_size == 0:
             raise UnreadableImageError(f"{path}: the file is empty (0 bytes)")
     return Image.open(source)

@@ -83,7 +83,7 @@ def without_delegate_notice():
     return without_stderr_lines(lambda line: line.startswith(_DELEGATE_NOTICE))
 
 
-def load_interpreter(model_content: bytes, num_threads: int = 1):
+def load_interpreter(model_content: bytes, num_threads: int = 1, source: str | os.PathLike | None = None):
     """Create a TFLite interpreter from the model bytes with the best runtime available:
     ``ai_edge_litert`` (LiteRT), then ``tflite_runtime``, then TensorFlow's own."""
     errors = []
@@ -100,7 +100,7 @@ def load_interpreter(model_content: bytes, num_threads: int = 1):
         try:
             return cls(model_content=model_content, num_threads=num_threads)
         except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"the model file is not a valid TFLite model: {exc}") from exc
+            raise ModelError(f"{source or 'the model file'}: not a valid TFLite model: {exc}") from exc
     raise ModelError(
         "no TFLite interpreter is installed; `pip install ai-edge-litert` "
         "(tried: " + "; ".join(errors) + ")"
@@ -133,7 +133,9 @@ class Encoder:
     Safe to share between threads: one interpreter runs one batch at a time (callers
     queue on a lock); for parallel inference, give each thread its own Encoder."""
 
-    def __init__(self, model: str | os.PathLike | bytes, options: EncoderOptions | None = None):
+    def __init__(self, model: str | os.PathLike | bytes, options: EncoderOptions | None = None, *,
+                 source: str | os.PathLike | None = None):
+        """``source``: the file ``model``'s bytes came from, for messages (a path names itself)."""
         self.options = options or EncoderOptions()
         if isinstance(model, (bytes, bytearray)):
             content = bytes(model)
@@ -145,8 +147,13 @@ class Encoder:
             except OSError as exc:
                 raise ModelError(f"{self.path}: cannot read the model file: {exc}") from exc
         self.model_id = model_id_of(content)
+        source = self.path or source
+        if content[:2] == b"PK":  # a zip: a Keras model, not TFLite
+            raise ModelError(f"{source or 'the model'} is a Keras model (a .keras zip), not TFLite: export "
+                             "it first (auditlens export MODEL.keras --representative CATALOG --out "
+                             "encoder.tflite) and give the .tflite")
         with without_delegate_notice() if _drop_notice else contextlib.nullcontext():
-            self._interpreter = load_interpreter(content, self.options.num_threads)
+            self._interpreter = load_interpreter(content, self.options.num_threads, source=source)
             self._interpreter.allocate_tensors()
         self._lock = threading.Lock()
         self._batch = 1

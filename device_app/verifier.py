@@ -200,7 +200,8 @@ def _read_photo_file(path: Path, max_bytes: int) -> bytes:
     try:
         size = path.stat().st_size
         if not path.is_file():
-            raise UnreadableImageError(f"{path}: not a regular file")
+            raise UnreadableImageError(f"{path}: " + ("a folder, not an image file" if path.is_dir()
+                                                      else "not a regular file"))
         if size == 0:
             raise UnreadableImageError(f"{path}: the file is empty (0 bytes)")
         if size > max_bytes:
@@ -299,7 +300,8 @@ class Verifier:
                     f"(its latents were computed with model {bundle.model_id}); "
                     "install the bundle made for this model"
                 )
-        self.encoder = Encoder(content, EncoderOptions(num_threads=self.options.num_threads))
+        self.encoder = Encoder(content, EncoderOptions(num_threads=self.options.num_threads),
+                               source=None if model is None or isinstance(model, (bytes, bytearray)) else model)
         self.spec = bundle.spec
         if self.encoder.input_size != self.spec.input_size or self.encoder.latent_dim != bundle.references.shape[1]:
             raise ModelMismatchError(

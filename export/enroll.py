@@ -187,7 +187,7 @@ def enroll(
     except OSError as exc:
         raise ModelError(f"{model_path}: cannot read the model file: {exc.strerror or exc}") from exc
     card = model_card(model_path)
-    encoder = Encoder(content, EncoderOptions(num_threads=options.num_threads))
+    encoder = Encoder(content, EncoderOptions(num_threads=options.num_threads), source=model_path)
     if card.get("model_id") not in (None, encoder.model_id):
         raise ModelError(f"the model card beside {model_path} is for model {card['model_id']}, not this "
                          f"model {encoder.model_id}: export the model again (export writes its card), or "

@@ -593,7 +593,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     mode.add_argument("--dynamic", action="store_true", help="dynamic-range int8 weights, float activations")
     mode.add_argument("--float32", action="store_true",
                       help="no quantization: the Keras model as TFLite, to evaluate what int8 costs")
-    parser.add_argument("--float-ops", type=int, default=0, metavar="N",
+    parser.add_argument("--float-ops", type=non_negative_int, default=0, metavar="N",
                         help="int8: keep the graph's first N ops in float, float32 in and out "
                              "(6: input normalisation, stem and block 1 of the mobilenet_v2 trunk; "
                              "docs/ablation.md) (default 0: full int8)")

@@ -338,10 +338,18 @@ def test_an_unexpected_error_exits_2_not_1_which_means_no_match(tmp_path, monkey
     (["enroll", "CATALOG", "--out", "OUT", "--model", "MISSING"], "MISSING: cannot read the model file: No such file"),
     (["export", "MISSING", "--representative", "CATALOG", "--out", "m.tflite", "--float16", "--float-ops", "2"],
      "--float-ops applies to the int8 export only"),
+    (["export", "MISSING", "--representative", "CATALOG", "--out", "m.tflite", "--float-ops", "-3"],
+     "--float-ops: must be 0 or more, not -3"),
+    (["enroll", "MISSING", "--out", "OUT"], "nothing-here: no such file or folder (a catalogue is"),
+    (["enroll", "CATALOG", "--out", "OUT", "--model", "KERAS"], "default.keras is a Keras model (a .keras "
+     "zip), not TFLite: export it first"),
+    (["enroll", "CATALOG", "--out", "OUT", "--model", "CATALOG"], "catalog.csv: not a valid TFLite model"),
+    (["verify", "--product", "Banana", "FOLDER"], "a folder, not an image file"),
 ])
 def test_bad_arguments_and_missing_files_are_one_clear_line(tmp_path, sample_photos, args, message):
     names = {"PHOTO": sample_photos[0].photo, "CATALOG": SAMPLE / "catalog.csv",
-             "OUT": tmp_path / "b", "MISSING": tmp_path / "nothing-here"}
+             "OUT": tmp_path / "b", "MISSING": tmp_path / "nothing-here",
+             "KERAS": REPO / "models" / "default.keras", "FOLDER": SAMPLE}
     proc = run(*[names.get(a, a) for a in args], check_rc=2)
     assert message.replace("MISSING", str(tmp_path / "nothing-here")) in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -370,6 +378,11 @@ def test_output_paths_that_cannot_work_are_refused_before_any_work(tmp_path, sam
     proc = run("evaluate", "--photos", pairs, "--out", tmp_path / "a-file", "--no-progress", check_rc=2)
     assert f"{tmp_path / 'a-file'} is a file; give a folder" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "a-file").read_text() == "keep me"
+    # a path under a file: refused up front, not after every photo is embedded
+    for command in (("evaluate", "--photos", pairs), ("enroll", SAMPLE / "catalog.csv")):
+        proc = run(*command, "--out", tmp_path / "a-file" / "sub", "--no-progress", check_rc=2)
+        assert f"{tmp_path / 'a-file'} is a file, so no folder can be made there" in proc.stderr
+        assert "Traceback" not in proc.stderr and "embedding" not in proc.stderr
 
 
 @pytest.mark.parametrize("blocked, args, extra", [
