@@ -241,6 +241,7 @@ def _run_verify(args) -> int:
         auditor = default_auditor() if args.auditor is None else args.auditor
         if not auditor:
             print("auditlens: warning: the log records no auditor: pass --auditor NAME", file=sys.stderr)
+        new_log = not args.log.exists()
         try:
             with AuditLog(args.log, signing_key=args.log_key) as log:
                 if log.guards_restored:
@@ -253,6 +254,8 @@ def _run_verify(args) -> int:
         except (AuditlensError, OSError) as exc:  # the verdict is on screen: say it is not on record
             detail = exc if isinstance(exc, AuditlensError) else f"{args.log}: {exc.strerror or exc}"
             raise AuditLogError(f"{detail}; this verdict was NOT logged") from exc
+        if new_log:  # a mistyped --log would start a second chain: said, not silent
+            print(f"auditlens: started a new audit log {args.log} with this verdict", file=sys.stderr)
     return {"match": EXIT_OK, "no_match": EXIT_NO_MATCH}.get(verdict.decision, EXIT_RETAKE)
 
 

@@ -796,7 +796,14 @@ def test_cli_verify_with_log_appends_a_record(tmp_path, capsys):
     assert record.verdict["bundle_id"] == ReferenceBundle.load(bundle).bundle_id
     assert len(record.verdict["bundle_id"]) == 16
     assert record.captured_sha256 == hashlib.sha256(photo.read_bytes()).hexdigest()
-    assert "warning" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning" not in err  # a new log is said once (a mistyped --log starts a second chain)
+    assert f"started a new audit log {log_path} with this verdict" in err
+    assert cli_main(["verify", "--bundle", str(bundle), "--product", row["product_id"], str(photo),
+                     "--log", str(log_path), "--auditor", "cli-user"]) == rc
+    assert "started a new audit log" not in capsys.readouterr().err
+    with AuditLog(log_path) as log:
+        assert log.verify_chain().records == 2
 
     # without --log there is nowhere to record the auditor: say so, still verify
     rc = cli_main(["verify", "--bundle", str(bundle), "--product", row["product_id"], str(photo),
