@@ -823,7 +823,7 @@ def test_cli_verify_with_log_appends_a_record(tmp_path, capsys):
                 "records_append_only_update, records_extend_chain); they are back" in said) == (attempt == 0), said
     with AuditLog(log_path) as log:
         report = log.verify_chain()
-    assert report.records == 3 and report.triggers_intact is False
+    assert report.records == 4 and report.triggers_intact is False
 
 
 # -- exports never overwrite the log -------------------------------------------------------
