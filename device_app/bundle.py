@@ -645,7 +645,7 @@ def is_signed(path: str | os.PathLike) -> bool:
         return False
 
 
-def check_replaceable(out: str | os.PathLike) -> None:
+def check_replaceable(out: str | os.PathLike, *, advice: str = "choose another --out or remove it") -> None:
     """Raise :class:`BundleError` unless writing a bundle to ``out`` would replace nothing
     but a bundle: ``out`` does not exist, is an empty folder, or is a bundle folder or zip
     holding only bundle files. Writing deletes what is at ``out``; a folder of originals or
@@ -660,7 +660,7 @@ def check_replaceable(out: str | os.PathLike) -> None:
         why = f"cannot read it: {exc}"
     if why:
         raise BundleError(f"{out} exists and is not an auditlens bundle ({why}); writing the bundle "
-                          "would delete it: choose another --out or remove it")
+                          f"would delete it: {advice}")
 
 
 def _is_bundle_file(name: str) -> bool:

@@ -272,6 +272,21 @@ def test_model_card_is_checked_before_the_bundle_is_rewritten(tmp_path, bundle_c
     assert not (tmp_path / "missing.json").exists()
 
 
+def test_a_bundle_holding_other_files_is_not_calibrated_in_place(tmp_path, bundle_copy, capsys):
+    """Calibrating in place rewrites the bundle's folder: a file of someone else's in it is
+    refused with advice that fits (the old message said "choose another --out", which was not
+    given), and nothing changes."""
+    manifest = (bundle_copy / "manifest.json").read_bytes()
+    (bundle_copy / "notes.txt").write_text("mine")
+    rc = main(["calibrate", "-b", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
+               "--allow-few-photos", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "it holds notes.txt, which is not a bundle file" in captured.err
+    assert "move what is not the bundle's out of it, or write the calibrated bundle elsewhere with --out" in captured.err
+    assert (bundle_copy / "manifest.json").read_bytes() == manifest
+    assert (bundle_copy / "notes.txt").read_text() == "mine"
+
+
 def test_dry_run_writes_nothing(tmp_path, bundle_copy, capsys):
     manifest = (bundle_copy / "manifest.json").read_bytes()
     card = tmp_path / "encoder.json"

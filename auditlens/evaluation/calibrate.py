@@ -223,8 +223,12 @@ def calibrate(
 
     if not 0.0 < target_far < 1.0:
         raise CatalogError(f"target false-accept rate must be within (0, 1), not {target_far}")
-    if write and out is not None:
-        check_replaceable(out)  # before the photos are embedded, not after
+    if write:  # before the photos are embedded, not after
+        if out is not None:
+            check_replaceable(out)
+        elif isinstance(bundle, (str, os.PathLike)):  # in place: the bundle's own folder or zip
+            check_replaceable(bundle, advice="move what is not the bundle's out of it, or write the "
+                              "calibrated bundle elsewhere with --out")
     source = ""
     if isinstance(labelled_photos, (str, os.PathLike)):
         source = str(labelled_photos)
