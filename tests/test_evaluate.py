@@ -373,3 +373,18 @@ def test_the_summary_names_the_photos_left_out(tmp_path, sample_bundle, sample_p
     write_csv(tmp_path / "p.csv", ["photo", "product_id"], rows)
     evaluate(sample_bundle, tmp_path / "p.csv", tmp_path / "r", progress=False, plots=False)
     assert "6 photos (p.csv, 1 of products not in the bundle (skipped))" in (tmp_path / "r" / "summary.md").read_text()
+
+
+def test_a_one_product_bundle_is_evaluated_with_a_warning_not_empty_figures(tmp_path, sample_photos):
+    """With one product no photo has an impostor: the report says so instead of drawing
+    empty curves in silence."""
+    from .conftest import write_csv
+
+    banana = [p for p in sample_photos if p.product_id == "Banana"]
+    catalog = write_csv(tmp_path / "catalog.csv", ["product_id", "image"],
+                        [["Banana", SAMPLE / "originals" / "Banana.jpg"]])
+    assert main(["enroll", str(catalog), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    photos = write_csv(tmp_path / "p.csv", ["photo", "product_id"], [[p.photo, p.product_id] for p in banana])
+    report = evaluate(tmp_path / "b", photos, tmp_path / "r", progress=False, verbose=False, plots=False)
+    assert report["counts"]["pairs"]["impostor"] == 0
+    assert any(w.startswith("the bundle holds 1 product: no photo has an impostor") for w in report["warnings"])

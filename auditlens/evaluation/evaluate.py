@@ -201,6 +201,9 @@ def _warnings(report: dict, photos: list[LabelledPhoto], embedded, bundle) -> li
     if calibrated_on and report["photos_source"] and Path(report["photos_source"]).name == calibrated_on:
         notes.append(f"the bundle's threshold was calibrated on {calibrated_on} too: if these are the "
                      "same photos, the rates at the threshold are optimistic; evaluate on others")
+    if len(bundle.products) < 2:
+        notes.append(f"the bundle holds {len(bundle.products)} product: no photo has an impostor, so there "
+                     "is no EER, FAR or TAR and the curves are empty; evaluate a bundle of the catalogue")
     scored = len(embedded.photos)
     if scored < FEW_PHOTOS:
         notes.append(f"only {scored} photos: one photo moves these rates by {1 / scored:.0%} or more, "
