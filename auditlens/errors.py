@@ -86,6 +86,11 @@ class AuditRecordError(AuditLogError):
     it again will not help, whatever the state of the log."""
 
 
+class AuditLogKeyError(AuditLogError):
+    """The log's records are signed and it was opened to append without the device key that
+    signs them: the key must be installed; a new log would split the device's record."""
+
+
 class AuditChainError(AuditLogError):
     """The audit log's hash chain is broken: a record was edited, removed or reordered."""
 

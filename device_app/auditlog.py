@@ -99,7 +99,7 @@ from auditlens.device_app.auditchain import (
     verdict_contradiction,
     verdict_text,
 )
-from auditlens.errors import AuditLogError, AuditRecordError
+from auditlens.errors import AuditLogError, AuditLogKeyError, AuditRecordError
 from auditlens.files import atomic_write, fsync_dir
 
 MAX_PHOTO_SIDE = 1600
@@ -539,13 +539,13 @@ class AuditLog:
         return int(fields["id"])
 
     def check_can_append(self, *, signed: bool | None = None) -> None:
-        """Raise :class:`AuditLogError` when an unsigned record (``signed`` False; default:
+        """Raise :class:`AuditLogKeyError` when an unsigned record (``signed`` False; default:
         unsigned when the log was opened without a key) cannot follow this log's newest
         record, which is signed: it would read as written outside auditlens to every check
         given the device's key (the app checks this on start)."""
         signer = "" if (self._signer is not None if signed is None else signed) else self.head_signer
         if signer:
-            raise AuditLogError(
+            raise AuditLogKeyError(
                 f"{self.path}: this log's newest record is signed with the key {signer}; open it "
                 "with that device key to append (--log-key device.key; AuditLog(signing_key=...)): "
                 "an unsigned record would fail every check with the device's public key")

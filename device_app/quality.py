@@ -119,7 +119,7 @@ def assess(image: Image.Image, thresholds: QualityThresholds | None = None, *,
 
     issues = []
     if brightness < t.min_brightness:
-        issues.append("too dark: turn on more light or use the flash")
+        issues.append("too dark: turn on more light or move the product to a brighter spot")
     elif float(grey.std()) < t.min_frame_detail:  # lit, and nothing in it but one colour
         return Quality(brightness, clipped, sharpness, centre_detail, (
             "blank: the photo is one flat colour with nothing in it (a covered lens, an empty "

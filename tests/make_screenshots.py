@@ -272,6 +272,8 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
     from kivy.clock import Clock
     from kivy.core.window import Window
 
+    from auditlens.device_app.app.widgets import ACCENT
+
     AuditApp = build_app_class()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,7 +293,10 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
     def verdict_of():
         o = app.last_outcome
         v = o.verdict
-        return {"decision": v.decision if v else None, "score": v.score if v else None,
+        screen = app.screens["verdict"]
+        return {"primary": "next" if list(screen.next_button.background_color) == list(ACCENT) else "retake",
+                "texts": [w.text for w in screen.details.children[::-1] if hasattr(w, "text")],
+                "decision": v.decision if v else None, "score": v.score if v else None,
                 "threshold": v.threshold if v else None, "record_id": o.record_id,
                 "suggestions": [c.product_id for c in v.suggestions] if v else [],
                 "reasons": list(v.reasons) if v else [o.error], "product_id": o.product_id,
@@ -468,6 +473,8 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
         result["export_csv"] = str(app.last_export)
         shot("6-history")
         result["history_rows"] = len(app.screens["history"].grid.children)
+        result["history_texts"] = [[label.text for label in row.children[0].children[::-1]]
+                                   for row in app.screens["history"].grid.children[::-1]]
         result["chain_label"] = app.screens["history"].chain_label.text
 
     def tick(_dt):

@@ -298,7 +298,6 @@ def test_app_signs_its_records_with_the_device_key(demo, tmp_path):
     from auditlens.device_app.app.main import add_arguments
     from auditlens.device_app.auditlog import AuditLog
     from auditlens.device_app.signing import fingerprint, generate_keypair
-    from auditlens.errors import AuditLogError
 
     root, plan = demo
     private, public = generate_keypair(tmp_path / "keys", device=True)
@@ -363,7 +362,9 @@ def test_app_signs_its_records_with_the_device_key(demo, tmp_path):
 
     # started without its key, the app refuses a log whose records are signed
     unsigned = Session(Path(args.bundle), tmp_path / "audit.db", auditor="Sam")
-    with pytest.raises(AuditLogError, match="newest record is signed with the key .*--log-key"):
+    from auditlens.errors import AuditLogKeyError
+
+    with pytest.raises(AuditLogKeyError, match="newest record is signed with the key .*--log-key"):
         unsigned.load()
     assert unsigned.log is None
 
@@ -421,6 +422,11 @@ def test_app_end_to_end(demo, tmp_path, size):
     assert no_match["suggestions"], "a NO MATCH lists look-alikes"
     assert plan["product"] not in no_match["suggestions"]
     assert any("dark" in r for r in retake["reasons"])
+    # after a MATCH the highlighted next step is the next product; after the others, a retake
+    assert [v["primary"] for v in (match, no_match, retake)] == ["next", "retake", "retake"]
+    from auditlens.device_app.app.session import NO_MATCH_ADVICE
+
+    assert NO_MATCH_ADVICE in no_match["texts"] and NO_MATCH_ADVICE not in match["texts"]
     camera = Path(plan["camera_dir"])
     for v in (match, no_match, retake):
         expect = verifier.verify((camera / v["photo"]).read_bytes(), plan["product"])
@@ -451,6 +457,11 @@ def test_app_end_to_end(demo, tmp_path, size):
     assert all(r["product_id"] == plan["product"] for r in rows)
     assert rows[-1]["record_hash"] == report.head_hash
     assert result["history_rows"] == 3 and "intact" in result["chain_label"]
+    # History: a judged row shows its score against the threshold; a RETAKE row (not judged)
+    # its reason, as its score would read like a pass or a fail
+    newest_first = result["history_texts"]
+    assert "not judged: too dark" in newest_first[0][1] and "score" not in newest_first[0][1]
+    assert f"score {no_match['score']:.3f}/{plan['threshold']:.3f}" in newest_first[1][1]
 
 
 @needs_kivy
@@ -467,6 +478,25 @@ def test_app_refuses_a_tampered_bundle(demo, tmp_path):
     assert result["load_error"].startswith("BundleIntegrityError")
     assert "integrity" in result["refusal_title"]
     assert not (tmp_path / "audit.db").exists(), "nothing is logged with a refused bundle"
+
+
+@needs_kivy
+def test_app_started_without_the_device_key_of_a_signed_log_says_so(demo, tmp_path):
+    """The refusal names the missing key and says not to start a new log (it used to advise
+    freeing storage, which does not help)."""
+    pytest.importorskip("cryptography")
+    from auditlens.device_app.signing import generate_keypair
+
+    root, plan = demo
+    key, _ = generate_keypair(tmp_path / "keys", device=True)
+    photo = (Path(plan["camera_dir"]) / plan["match_photo"]).read_bytes()
+    with AuditLog(tmp_path / "audit.db", signing_key=key) as log:
+        log.append(Verifier(plan["bundle"]).verify(photo, plan["product"]), photo=photo, auditor="Sam")
+    result = run_plan(tmp_path, dict(plan, expect_refusal=True))
+    assert result["load_error"].startswith("AuditLogKeyError")
+    assert result["refusal_title"] == "This device's signing key is missing."
+    with AuditLog(tmp_path / "audit.db", create=False) as log:
+        assert len(log) == 1  # nothing appended
 
 
 def test_darkened_photo_is_dark():

@@ -282,8 +282,8 @@ def build_app_class():
                 return
             if Clock.get_time() < self._notice_until:  # let a notice (scanned code) be read
                 return
-            screen.hint.text = (f"Check: {quality.issues[0].split(':')[0]}" if quality.issues
-                                else "Fill the frame with the product")
+            screen.hint.text = (f"Check: {quality.issues[0]}" if quality.issues
+                                else "Fill the framing guide with the product")
 
         # -- capture and verdict ---------------------------------------------------------
         def capture(self):

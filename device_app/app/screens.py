@@ -20,6 +20,7 @@ from kivy.uix.scrollview import ScrollView
 from kivy.uix.textinput import TextInput
 from kivy.uix.widget import Widget
 
+from auditlens.device_app.app.session import NO_MATCH_ADVICE, history_judgement
 from auditlens.device_app.app.widgets import (
     ACCENT,
     AMBER,
@@ -129,15 +130,19 @@ class RefusalScreen(Screen):
     def show_log(self, kind: str, message: str, log_path: str) -> None:
         """The bundle is fine; the audit log cannot be opened (full disk, another file at
         its path, or a log edited outside auditlens)."""
-        tampered = kind == "AuditChainError"
+        tampered, keyless = kind == "AuditChainError", kind == "AuditLogKeyError"
         self.bar.title_label.text = "AUDIT LOG TAMPERED" if tampered else "Audit log unavailable"
         self.title.text = ("The audit log was edited outside auditlens." if tampered
+                           else "This device's signing key is missing." if keyless
                            else "The audit log could not be opened.")
         self.message.text = message
         self.advice.text = (
             "No verification is possible without a log to keep it in. "
             + ("Do not delete the file: hand the device to your supervisor, who can check it "
                "with `auditlens verify-log`." if tampered else
+               "The log's records are signed by this device's key, and the app was started "
+               "without it. Do not delete the log or start a new one: ask your administrator to "
+               "install the device key, then start the app again." if keyless else
                "Free some storage or move the file that is in the way, then start the app "
                "again.") + f"\n\nAudit log: {log_path}")
 
@@ -240,6 +245,9 @@ class CameraScreen(Screen):
             Color(0, 0, 0, 0.55)
             self._hint_bg = Rectangle()
         self.hint.bind(pos=self._sync_hint, size=self._sync_hint)
+        # a hint says what to do too ("too dark: turn on more light ..."): it wraps and grows
+        self.hint.bind(width=lambda w, *_: setattr(w, "text_size", (w.width - dp(16), None)),
+                       texture_size=lambda w, ts: setattr(w, "height", max(dp(44), ts[1] + dp(12))))
         self.body.add_widget(self.stage)
 
         self.panel = BoxLayout(orientation="vertical", spacing=dp(8))
@@ -312,7 +320,7 @@ class CameraScreen(Screen):
             self.original.texture = pil_to_texture(thumbnail) if thumbnail is not None else None
             self.capture.disabled = False
             self.capture.text = "CAPTURE"
-        self.hint.text = "Fill the frame with the product"
+        self.hint.text = "Fill the framing guide with the product"
 
     def show_unavailable(self, message: str) -> None:
         """No camera: say so where the preview would be, and offer no capture."""
@@ -403,9 +411,9 @@ class VerdictScreen(Screen):
         root.add_widget(self.body)
 
         buttons = BoxLayout(size_hint_y=None, height=dp(64), spacing=dp(8), padding=(dp(10), dp(4)))
-        retake = Btn("Retake", bg=ACCENT, height=dp(56))
+        retake = self.retake_button = Btn("Retake", bg=ACCENT, height=dp(56))
         retake.bind(on_release=lambda *_: app().go_camera())
-        nxt = Btn("Next product", bg=CARD, height=dp(56))
+        nxt = self.next_button = Btn("Next product", bg=CARD, height=dp(56))
         nxt.bind(on_release=lambda *_: app().go_picker())
         hist = Btn("History", bg=CARD, height=dp(56))
         hist.bind(on_release=lambda *_: app().show_history())
@@ -442,6 +450,14 @@ class VerdictScreen(Screen):
         self.subject.text = f"{record.name}  ({record.product_id})"
         self.original.texture = pil_to_texture(original) if original is not None else None
         self.photo.texture = pil_to_texture(outcome.capture) if outcome.capture is not None else None
+        # after a MATCH the next step is the next product; otherwise, most often, a retake
+        self.next_button.set_bg(ACCENT if v.decision == "match" else CARD)
+        self.retake_button.set_bg(CARD if v.decision == "match" else ACCENT)
+        if outcome.log_error:  # first, where it cannot be missed under the verdict
+            d.add_widget(WrapLabel(
+                text=f"NOT LOGGED YET: {outcome.log_error}. The verdict is held on this device "
+                     "and written to the log as soon as it works again (next capture, History, or "
+                     "the next start).", font_size=FONT, bold=True, color=AMBER))
 
         if v.decision == "retake":
             d.add_widget(WrapLabel(text="Not judged: take the photo again.", font_size=FONT_BIG,
@@ -461,6 +477,8 @@ class VerdictScreen(Screen):
                         if share is None else
                         f"A different product scores this high in {share} of calibration photos.")
                 d.add_widget(WrapLabel(text=text, font_size=FONT_SMALL, color=MUTED))
+            if v.decision == "no_match":
+                d.add_widget(WrapLabel(text=NO_MATCH_ADVICE, font_size=FONT))
         if v.suggestions:
             heading = ("The photo looks more like:" if v.outscored
                        else "Closest other products (none scores higher):")
@@ -478,12 +496,7 @@ class VerdictScreen(Screen):
         d.add_widget(WrapLabel(
             text=f"Capture: brightness {q.brightness:.0f}, sharpness {q.sharpness:.0f}, "
                  f"detail {q.centre_detail:.0f}", font_size=FONT_SMALL, color=MUTED))
-        if outcome.log_error:
-            d.add_widget(WrapLabel(
-                text=f"NOT LOGGED YET: {outcome.log_error}. The verdict is held on this device "
-                     "and written to the log as soon as it works again (next capture, History, or "
-                     "the next start).", font_size=FONT_SMALL, color=(1, 0.45, 0.4, 1)))
-        else:
+        if not outcome.log_error:
             d.add_widget(WrapLabel(
                 text=f"Logged as record #{outcome.record_id} - verified in "
                      f"{outcome.seconds * 1000:.0f} ms - model {v.model_id[:8]}",
@@ -507,8 +520,7 @@ class HistoryRow(BgBox):
             stamp = record.created_utc
         top = Label(text=f"#{record.id}  {name}", font_size=FONT, bold=True, color=TEXT,
                     shorten=True, shorten_from="right")
-        bottom = Label(text=f"{stamp} - score {record.score:.3f}/{record.threshold:.3f}"
-                            f" - {record.auditor or 'no auditor'}",
+        bottom = Label(text=f"{stamp} - {history_judgement(record)} - {record.auditor or 'no auditor'}",
                        font_size=FONT_SMALL, color=MUTED, shorten=True, shorten_from="right")
         for lab in (top, bottom):
             lab.halign, lab.valign = "left", "middle"

@@ -401,3 +401,18 @@ def _held_message(verdict: dict, auditor: str, photo: bytes, log_id: str, held_n
     body = {"verdict": verdict, "auditor": auditor, "photo_sha256": hashlib.sha256(photo).hexdigest(),
             "log_id": log_id, "held_ns": int(held_ns)}
     return b"auditlens held verdict " + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+NO_MATCH_ADVICE = ("Check that the product you picked is the one in front of you. If it is, "
+                   "retake once, closer and straight on; if it is still NO MATCH, report the product.")
+"""What the auditor does after a NO MATCH (a genuine product is sometimes refused)."""
+
+
+def history_judgement(record) -> str:
+    """What a History row says of the judgement: the score against the threshold, or for a
+    RETAKE (not judged) its first reason: its score would read like a pass or a fail."""
+    if record.decision == "retake":
+        reasons = record.verdict.get("reasons") if isinstance(record.verdict, dict) else None
+        reason = str(reasons[0]).split(":")[0] if reasons else "the photo could not be judged"
+        return f"not judged: {reason}"
+    return f"score {record.score:.3f}/{record.threshold:.3f}"

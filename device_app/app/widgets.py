@@ -23,7 +23,7 @@ CARD = (0.18, 0.21, 0.24, 1)
 TEXT = (0.95, 0.96, 0.97, 1)
 MUTED = (0.70, 0.74, 0.78, 1)
 ACCENT = (0.16, 0.50, 0.85, 1)
-GREEN = (0.13, 0.58, 0.30, 1)
+GREEN = (0.08, 0.45, 0.22, 1)  # white text on it: contrast about 7:1 (WCAG AA needs 4.5:1)
 RED = (0.78, 0.18, 0.15, 1)
 AMBER = (0.93, 0.66, 0.05, 1)
 DARK_TEXT = (0.08, 0.08, 0.08, 1)
@@ -106,6 +106,11 @@ class Btn(Button):
         self.bind(state=lambda *_: setattr(
             self, "background_color", [c * (0.75 if self.state == "down" else 1) for c in self._bg[:3]] + [1]))
         self.bind(disabled=lambda *_: setattr(self, "opacity", 0.45 if self.disabled else 1))
+
+    def set_bg(self, bg) -> None:
+        """Recolour the button (e.g. which of a screen's buttons is the primary one)."""
+        self._bg = bg
+        self.background_color = bg
 
 
 class Thumb(KImage):
