@@ -383,6 +383,23 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
         @step
         def where():
             result["moved_on"] = {"screen": app.sm.current}
+    elif plan.get("mode") == "no_auditor":  # capture before a name is typed, then after
+        @step
+        def nameless():
+            app.set_auditor("")
+            app.select_product(product)
+            app.camera.select(plan["match_photo"])
+            result["no_auditor"] = {"capture_returned": app.capture(),
+                                    "hint": app.screens["camera"].hint.text}
+            app.screens["picker"].auditor.text = "Sam Field"  # typed, then the box loses focus
+            app.screens["picker"].auditor.focus = False
+            app.set_auditor("Sam Field", remember=True)
+            result["no_auditor"]["capture_after"] = app.capture()
+
+        @step
+        def named():
+            result["no_auditor"].update(records=len(app.session.history()),
+                                        auditor=app.session.history()[0].auditor)
     elif plan.get("mode") == "guide":  # where the framing guide sits over the photo
         @step
         def pick():

@@ -655,6 +655,20 @@ def test_history_does_not_take_over_a_screen_the_auditor_moved_to(demo, tmp_path
 
 
 @needs_kivy
+def test_no_capture_before_the_auditor_is_named_and_the_name_is_kept(demo, tmp_path):
+    """Every record names its auditor: with the name box empty, capture asks for it and logs
+    nothing; the name typed is kept beside the log for the next start."""
+    root, plan = demo
+    result = run_plan(tmp_path, dict(plan, mode="no_auditor"))["no_auditor"]
+    assert result["capture_returned"] is False
+    assert result["hint"] == "Enter your name on the product screen first"
+    assert result["capture_after"] is True and result["records"] == 1 and result["auditor"] == "Sam Field"
+    assert Session(Path(plan["bundle"]), tmp_path / "audit.db").auditor == "Sam Field"  # next start
+    assert Session(Path(plan["bundle"]), tmp_path / "audit.db", auditor="Alex").auditor == "Alex"
+    assert Session(Path(plan["bundle"]), tmp_path / "elsewhere" / "audit.db").auditor == ""
+
+
+@needs_kivy
 @pytest.mark.parametrize("crop", ["center", "full"])
 def test_framing_guide_brackets_what_the_encoder_sees(demo, tmp_path, crop):
     """On a 4:3 photo the guide brackets the centred square for a 'center' bundle and the

@@ -181,8 +181,11 @@ def build_app_class():
             self._moves += 1
             self.sm.current = screen
 
-        def set_auditor(self, name: str) -> None:
-            self.session.auditor = name.strip()
+        def set_auditor(self, name: str, *, remember: bool = False) -> None:
+            if remember:  # typing done (the box lost focus): kept for the next start
+                self.session.remember_auditor(name)
+            else:
+                self.session.auditor = name.strip()
 
         def go_picker(self):
             if self._verifying:  # the verdict on its way must be seen before anything else
@@ -290,6 +293,10 @@ def build_app_class():
             if self.product_id is None or self.camera is None or self.sm.current != "camera":
                 return False
             if self._verifying:
+                return False
+            if not self.session.auditor:  # every record names who took it
+                self.screens["camera"].hint.text = "Enter your name on the product screen first"
+                self._notice_until = Clock.get_time() + 8.0
                 return False
             try:
                 photo = self.camera.capture()

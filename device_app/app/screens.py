@@ -166,7 +166,8 @@ class PickerScreen(Screen):
                              width=dp(90)))
         self.auditor = TextInput(multiline=False, font_size=FONT, hint_text="your name",
                                  padding=(dp(10), dp(12)))
-        self.auditor.bind(text=lambda _w, text: app().set_auditor(text))
+        self.auditor.bind(text=lambda _w, text: app().set_auditor(text),
+                          focus=lambda w, focused: focused or app().set_auditor(w.text, remember=True))
         who.add_widget(self.auditor)
         body.add_widget(who)
 

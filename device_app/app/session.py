@@ -22,6 +22,7 @@ from auditlens.device_app.auditlog import AuditLog
 from auditlens.device_app.bundle import ProductRecord, ReferenceBundle
 from auditlens.device_app.verifier import Verdict, Verifier, VerifierOptions
 from auditlens.errors import AuditlensError, AuditLogError, AuditRecordError
+from auditlens.files import atomic_write
 
 _LOG_ERRORS = (AuditlensError, OSError, sqlite3.Error)
 """What writing to the log may raise: the verdict then waits."""
@@ -74,6 +75,7 @@ class Session:
         self.log_path = Path(self.log_path)
         self._lock = threading.RLock()
         self._checked: tuple[int, str] | None = None  # the head of the last chain check
+        self.auditor = self.auditor or self.saved_auditor()
         self._held_key = None
         """The device key (private, public hex) that signs held files, with ``log_key``: a
         file put in :attr:`held_dir` by anyone else is set aside, never signed into the log."""
@@ -82,6 +84,31 @@ class Session:
         """Judged captures the log could not take and that could not be written to
         :attr:`held_dir` either (time held in ns, verdict, photo, auditor), oldest first:
         lost if the app closes before the log takes them."""
+
+    @property
+    def auditor_file(self) -> Path:
+        """The name the auditor last typed, beside the log: the next start fills it in."""
+        return self.log_path.with_name(f".{self.log_path.name}.auditor")
+
+    def saved_auditor(self) -> str:
+        """The name :meth:`remember_auditor` kept, or "" (none yet, or unreadable)."""
+        try:
+            return self.auditor_file.read_text(encoding="utf-8").strip()[:200]
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def remember_auditor(self, name: str) -> None:
+        """Use ``name`` for the records from now on and keep it for the next start (a
+        failure to keep it costs only the retyping, so it is not an error)."""
+        self.auditor = name.strip()
+        if not self.auditor or self.auditor == self.saved_auditor():
+            return
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(self.auditor_file) as fh:
+                fh.write(self.auditor + "\n")
+        except OSError:
+            pass
 
     @property
     def held_dir(self) -> Path:
