@@ -588,8 +588,10 @@ class HistoryScreen(Screen):
             return self._rows(records, names)
         else:
             self.chain.bg = (0.10, 0.30, 0.18, 1)
-            self.chain_label.text = (f"Hash chain intact: {report.records} records\n"
-                                     f"head {report.head_hash[:16]}...  log {report.log_id[:8]}")
+            self.chain_label.text = (f"Hash chain intact: {report.records} records"
+                                     + (f" (the newest {len(records)} listed; all are in the exports)"
+                                        if len(records) < report.records else "")
+                                     + f"\nhead {report.head_hash[:16]}...  log {report.log_id[:8]}")
         self.chain_label.color = TEXT
         self._rows(records, names)
 
