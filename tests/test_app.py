@@ -150,6 +150,8 @@ def test_session_search_verify_and_log(demo, tmp_path):
                                   f"threshold {bundle.threshold:.3f}")
         assert ("NOT calibrated" in summary) == (bundle.decision.get("target_far") is None)
         assert "WARNING" not in summary
+        # the demo bundle is unsigned: the picker shows its line as a warning, not muted
+        assert bundle.signature == "unsigned" and "not signed" in summary and session.needs_attention()
     finally:
         session.close()
 
@@ -169,6 +171,7 @@ def test_the_app_says_when_opening_the_log_put_back_its_guards(demo, tmp_path):
         try:
             said = "WARNING: the audit log's append-only guards had been removed" in session.summary()
             assert said == (attempt == 0)
+            assert session.needs_attention()  # always: the guards, and an unsigned demo bundle
         finally:
             session.close()
     with AuditLog(log_path, create=False) as log:
@@ -283,6 +286,8 @@ def test_app_takes_the_public_key_as_a_file(demo, tmp_path):
         session = Session(args.bundle, tmp_path / "audit.db", public_key=args.public_key)
         if ok:
             assert session.load().signed_by
+            # signed and checked: no warning on the picker, unless the bundle is uncalibrated
+            assert session.needs_attention() == (bundle.target_far is None)
             session.close()
         else:
             with pytest.raises(BundleSignatureError):

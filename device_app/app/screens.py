@@ -190,6 +190,8 @@ class PickerScreen(Screen):
 
     def setup(self, session, scanner: bool) -> None:
         self.info.text = session.summary()
+        if session.needs_attention():  # unsigned or uncalibrated: said so, not in muted grey
+            self.info.color, self.info.bold = AMBER, True
         self.auditor.text = session.auditor
         if not scanner:
             self.scan.disabled = True

@@ -162,6 +162,14 @@ class Session:
                      "the app and were put back: have the log checked (auditlens verify-log)")
         return line
 
+    def needs_attention(self) -> bool:
+        """Whether :meth:`summary` carries a warning the picker must show as one: a bundle
+        whose signature was not checked or that is not calibrated, or a log whose guards
+        were removed."""
+        bundle = self.bundle
+        return (bundle.signature != "checked" or bundle.target_far is None
+                or bool(self.log is not None and self.log.guards_restored))
+
     @property
     def bundle(self) -> ReferenceBundle:
         assert self.verifier is not None, "Session.load() first"
