@@ -374,6 +374,13 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
         @step
         def set_aside_shown():
             result["held"].update(label_set_aside=app.screens["history"].held.text)
+    elif plan.get("mode") == "back_key":  # Android's Back key from each screen
+        @step
+        def back_from_camera():
+            app.select_product(product)
+            result["back"] = {"from_camera": (app.sm.current, app.on_back_key(None, 27), app.sm.current)}
+            result["back"]["other_key"] = app.on_back_key(None, 13)
+            result["back"]["from_picker"] = (app.sm.current, app.on_back_key(None, 27), app.sm.current)
     elif plan.get("mode") == "moved_on":  # History asked for, then a product picked at once
         @step
         def history_then_product():

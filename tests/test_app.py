@@ -651,6 +651,17 @@ def test_history_shows_verdicts_the_log_has_not_taken_yet(demo, tmp_path):
 
 
 @needs_kivy
+def test_the_back_key_returns_to_the_product_picker(demo, tmp_path):
+    """Android's Back key used to do nothing; from the camera it goes back to the picker,
+    and on the picker it is consumed (a stray press does not close the app)."""
+    root, plan = demo
+    back = run_plan(tmp_path, dict(plan, mode="back_key"))["back"]
+    assert back["from_camera"] == ["camera", True, "picker"]
+    assert back["from_picker"] == ["picker", True, "picker"]
+    assert back["other_key"] is False
+
+
+@needs_kivy
 def test_history_does_not_take_over_a_screen_the_auditor_moved_to(demo, tmp_path):
     """History is read on the worker; an auditor who picks a product before it is ready
     stays on the camera screen."""

@@ -120,6 +120,7 @@ def build_app_class():
         # -- lifecycle ---------------------------------------------------------------
         def build(self):
             Window.clearcolor = BG
+            Window.bind(on_keyboard=self.on_back_key)
             self.worker = Worker()
             self.sm = ScreenManager(transition=NoTransition())
             self.screens = {
@@ -180,6 +181,16 @@ def build_app_class():
             """Switch to ``screen``: one move of the auditor's (what show_history counts)."""
             self._moves += 1
             self.sm.current = screen
+
+        def on_back_key(self, _window, key, *_args) -> bool:
+            """Android's Back key (Escape on a desktop): from the camera, a verdict or History
+            back to the product picker; on the picker it does nothing (the app is not closed by
+            a stray press). Ignored while a verdict is on its way."""
+            if key != 27:
+                return False
+            if self.loaded and self.sm.current in ("camera", "verdict", "history"):
+                self.go_picker()
+            return True
 
         def set_auditor(self, name: str, *, remember: bool = False) -> None:
             if remember:  # typing done (the box lost focus): kept for the next start
