@@ -499,6 +499,20 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
         result["history_rows"] = len(app.screens["history"].grid.children)
         result["history_texts"] = [[label.text for label in row.children[0].children[::-1]]
                                    for row in app.screens["history"].grid.children[::-1]]
+        app.show_record(2)  # a tap on the NO MATCH row
+
+    @step_unless_refusal
+    def record():
+        screen = app.screens["record"]
+        result["record"] = {"screen": app.sm.current, "title": screen.bar.title_label.text,
+                            "texts": [w.text for w in screen.details.children[::-1] if hasattr(w, "text")],
+                            "photo_shown": screen.photo.texture is not None}
+        shot("7-record")
+        result["record"]["back"] = app.on_back_key(None, 27)
+
+    @step_unless_refusal
+    def back_to_history():
+        result["record"]["after_back"] = app.sm.current
         result["chain_label"] = app.screens["history"].chain_label.text
 
     def tick(_dt):

@@ -400,7 +400,7 @@ def test_app_end_to_end(demo, tmp_path, size):
     w, h = (int(v) for v in size.split("x"))
     expected = {"1-picker": "picker", "1b-picker-search": "picker", "2-camera": "camera",
                 "3-match": "verdict", "4-no-match": "verdict", "5-retake": "verdict",
-                "6-history": "history"}
+                "6-history": "history", "7-record": "record"}
     assert {k: v["screen"] for k, v in result["screens"].items()} == expected
     for info in result["screens"].values():
         im = Image.open(info["file"])
@@ -467,6 +467,12 @@ def test_app_end_to_end(demo, tmp_path, size):
     newest_first = result["history_texts"]
     assert "not judged: too dark" in newest_first[0][1] and "score" not in newest_first[0][1]
     assert f"score {no_match['score']:.3f}/{plan['threshold']:.3f}" in newest_first[1][1]
+    # a tap on a row shows that record with its stored photo; Back returns to History
+    record = result["record"]
+    assert record["screen"] == "record" and record["title"] == "Record #2: NO MATCH"
+    assert record["photo_shown"] and any(plan["product"] in t for t in record["texts"])
+    assert any(f"auditor Test Auditor - device test-device" in t for t in record["texts"])
+    assert record["after_back"] == "history"
 
 
 @needs_kivy

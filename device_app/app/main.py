@@ -78,6 +78,7 @@ def build_app_class():
         HistoryScreen,
         LoadingScreen,
         PickerScreen,
+        RecordScreen,
         RefusalScreen,
         VerdictScreen,
     )
@@ -125,7 +126,7 @@ def build_app_class():
             self.sm = ScreenManager(transition=NoTransition())
             self.screens = {
                 s.name: s for s in (LoadingScreen(), RefusalScreen(), PickerScreen(),
-                                    CameraScreen(), VerdictScreen(), HistoryScreen())
+                                    CameraScreen(), VerdictScreen(), HistoryScreen(), RecordScreen())
             }
             for s in self.screens.values():
                 self.sm.add_widget(s)
@@ -184,11 +185,13 @@ def build_app_class():
 
         def on_back_key(self, _window, key, *_args) -> bool:
             """Android's Back key (Escape on a desktop): from the camera, a verdict or History
-            back to the product picker; on the picker it does nothing (the app is not closed by
+            back to the product picker, from a record back to History; on the picker it does nothing (the app is not closed by
             a stray press). Ignored while a verdict is on its way."""
             if key != 27:
                 return False
-            if self.loaded and self.sm.current in ("camera", "verdict", "history"):
+            if self.loaded and self.sm.current == "record":
+                self.show_history()
+            elif self.loaded and self.sm.current in ("camera", "verdict", "history"):
                 self.go_picker()
             return True
 
@@ -368,6 +371,24 @@ def build_app_class():
 
             self.worker.submit(job, lambda result: self._history_ready(result, asked),
                                lambda exc: self._history_failed(exc, asked))
+
+        def show_record(self, record_id: int) -> None:
+            """History's record view: the record and its stored photo, read on the worker."""
+            asked = self._moves
+
+            def job():
+                record, photo = self.session.record_detail(record_id)
+                return record, photo, self.session.thumbnail(record.product_id)
+
+            def ready(result):
+                record, photo, original = result
+                names = {p.product_id: p.name for p in self.session.bundle.products}
+                self.screens["record"].show(record, photo, original, names.get(record.product_id, record.product_id))
+                if asked == self._moves:
+                    self._show("record")
+
+            self.worker.submit(job, ready, lambda exc: setattr(
+                self.screens["history"].status, "text", f"Record {record_id} could not be read: {exc}"))
 
         def _open_history(self, asked: int) -> None:
             if asked == self._moves:

@@ -11,6 +11,7 @@ from datetime import datetime
 from kivy.app import App
 from kivy.graphics import Color, Line, Rectangle
 from kivy.metrics import dp
+from kivy.uix.behaviors import ButtonBehavior
 from kivy.uix.boxlayout import BoxLayout
 from kivy.uix.floatlayout import FloatLayout
 from kivy.uix.gridlayout import GridLayout
@@ -507,10 +508,14 @@ class VerdictScreen(Screen):
 
 
 # -- history ----------------------------------------------------------------------------------
-class HistoryRow(BgBox):
+class HistoryRow(ButtonBehavior, BgBox):
+    """One record in History; tap it to see the record with its photo."""
+
     def __init__(self, record, name: str, **kw):
         super().__init__(orientation="horizontal", size_hint_y=None, height=dp(70),
                          padding=dp(8), spacing=dp(10), bg=CARD, **kw)
+        self.record_id = record.id
+        self.bind(on_release=lambda *_: app().show_record(self.record_id))
         word, colour, ink = DECISION_STYLE.get(record.decision, (record.decision, CARD, TEXT))
         chip = BgBox(size_hint_x=None, width=dp(112), bg=colour)
         chip.add_widget(Label(text=word, bold=True, font_size=FONT_SMALL, color=ink))
@@ -615,3 +620,53 @@ __all__ = [
     "BG", "CameraScreen", "HistoryScreen", "LoadingScreen", "PickerScreen", "RefusalScreen",
     "VerdictScreen",
 ]
+
+
+class RecordScreen(Screen):
+    """One audit record as the log keeps it: the stored photo beside the catalogue
+    original, the verdict, and who, where, when and with which model and bundle."""
+
+    def __init__(self, **kw):
+        super().__init__(name="record", **kw)
+        root = BgBox(orientation="vertical", spacing=dp(8))
+        back = Btn("< History", bg=CARD)
+        back.bind(on_release=lambda *_: app().show_history())
+        self.bar = header("Record", left=back)
+        root.add_widget(self.bar)
+        self.body = ResponsiveBox(spacing=dp(10), padding=dp(10))
+        pics = BoxLayout(orientation="horizontal", spacing=dp(8))
+        self.original, self.photo = Thumb(), Thumb()
+        for caption, image in (("Catalogue original", self.original), ("Photo on record", self.photo)):
+            col = BgBox(orientation="vertical", bg=CARD, padding=dp(6), spacing=dp(4))
+            col.add_widget(image)
+            col.add_widget(Label(text=caption, font_size=FONT_SMALL, color=MUTED, size_hint_y=None,
+                                 height=dp(26)))
+            pics.add_widget(col)
+        self.body.add_widget(pics)
+        view, self.details = scroll_list(spacing=8)
+        self.body.add_widget(view)
+        root.add_widget(self.body)
+        self.add_widget(root)
+
+    def show(self, record, photo, original, name: str) -> None:
+        word = DECISION_STYLE.get(record.decision, (record.decision,))[0]
+        self.bar.title_label.text = f"Record #{record.id}: {word}"
+        self.original.texture = pil_to_texture(original) if original is not None else None
+        self.photo.texture = pil_to_texture(photo) if photo is not None else None
+        d = self.details
+        d.clear_widgets()
+        d.add_widget(WrapLabel(text=f"{name}  ({record.product_id})", font_size=FONT_BIG, bold=True))
+        d.add_widget(WrapLabel(text=f"{word} - {history_judgement(record)}", font_size=FONT, bold=True))
+        reasons = record.verdict.get("reasons") if isinstance(record.verdict, dict) else None
+        for reason in (reasons or ()) if record.decision == "retake" else ():  # why not judged, in full
+            d.add_widget(WrapLabel(text=f"- {reason}", font_size=FONT))
+        for line in (f"{record.created_utc} - auditor {record.auditor or '(none)'} - device "
+                     f"{record.device or '(none)'}",
+                     f"model {record.model_id[:16]} - bundle {str(record.verdict.get('bundle_id', '?'))[:16]}",
+                     f"photo sha256 {record.photo_sha256[:16]}... - record hash {record.record_hash[:16]}..."
+                     + (f" - signed by {record.signer}" if record.signer else "")):
+            d.add_widget(WrapLabel(text=line, font_size=FONT_SMALL, color=MUTED))
+        if photo is None:
+            d.add_widget(WrapLabel(text="The stored photo cannot be shown (its bytes are kept as they "
+                                        "came; verify-log --export-photos exports them).",
+                                   font_size=FONT_SMALL, color=AMBER))

@@ -384,6 +384,19 @@ class Session:
             return False
 
     # -- history ---------------------------------------------------------------------
+    def record_detail(self, record_id: int) -> tuple[AuditRecord, Image.Image | None]:
+        """One record and its stored photo, for History's record view (the photo None when
+        its bytes do not decode: a record of a capture that could not be judged)."""
+        assert self.log is not None
+        with self._lock:
+            record, photo = self.log.record(record_id), self.log.photo(record_id)
+        try:
+            image = Image.open(io.BytesIO(photo))
+            image.draft("RGB", (640, 640))  # a screen's worth, not the stored 1600 px
+            return record, image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return record, None
+
     def history(self, limit: int = 200) -> list[AuditRecord]:
         """The newest ``limit`` records of the log (verdicts still held are not among
         them: :meth:`write_held` first, :meth:`held` counts what still waits)."""
