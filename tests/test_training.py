@@ -593,6 +593,33 @@ def test_a_diverging_run_says_so_and_leaves_nothing_in_the_way(tiny_data, tmp_pa
     train(tiny_config(run, tiny_data["catalog"], epochs=1, steps_per_epoch=1))  # no --overwrite needed
     assert (run / "encoder.keras").is_file()
 
+    # --overwrite, and the new run diverges before its first checkpoint: the earlier run is
+    # put back as it was, not lost
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(TrainingDivergedError):
+        train(tiny_config(run, tiny_data["catalog"], learning_rate=1e30, epochs=1, steps_per_epoch=5,
+                          overwrite=True))
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # and a run that finishes replaces it, keeping nothing of it aside
+    train(tiny_config(run, tiny_data["catalog"], epochs=1, steps_per_epoch=1, overwrite=True))
+    assert not (run / ".replaced-run").exists()
+    assert (run / "encoder.keras").read_bytes() != before[Path("encoder.keras")]
+
+
+def test_a_folder_of_another_commands_files_is_not_taken_for_a_run(tiny_data, tmp_path):
+    """A report.json that no run wrote (an evaluation's) is neither called an earlier run
+    nor removed by --overwrite."""
+    from auditlens.errors import OutputPathError
+    from auditlens.training.train import train
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "report.json").write_text('{"protocol": {}, "overall": {}}')
+    for overwrite in (False, True):
+        with pytest.raises(OutputPathError, match="holds report.json, not written by a training run"):
+            train(tiny_config(out, tiny_data["catalog"], overwrite=overwrite))
+    assert (out / "report.json").read_text() == '{"protocol": {}, "overall": {}}'
+
 
 @pytest.mark.slow
 def test_validating_on_the_training_photos_is_warned_about(tiny_data, tmp_path, capsys):

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from auditlens.catalog import Catalog, LabelledPhoto, open_catalog, read_labelle
 from auditlens.device_app.interpreter import l2_normalize
 from auditlens.device_app.preprocess import PreprocessSpec, pool_views, stack_inputs
 from auditlens.errors import AuditlensError, CatalogError, OutputPathError, TrainingDivergedError
+from auditlens.evaluation.protocol import content_key
 from auditlens.files import check_output_dir
 from auditlens.training.config import BACKBONES, POOLINGS, TrainConfig, TrainResult
 
@@ -185,7 +187,7 @@ def _filter_photos(photos: list[LabelledPhoto], catalog: Catalog, source: str) -
         raise CatalogError(f"{source}: product id(s) not in the catalogue: {', '.join(unknown[:5])}")
     labels: dict[str, str] = {}
     for p in photos:
-        key = os.path.realpath(p.photo)
+        key = content_key(p)  # the same bytes under two names count as one photo
         if labels.setdefault(key, p.product_id) != p.product_id:
             raise CatalogError(f"{source}: {p.photo} is labelled both {labels[key]} and {p.product_id}; "
                                "one label is wrong: correct it")
@@ -213,45 +215,83 @@ RUN_FILES = ("encoder.keras", "autoencoder.keras", "report.json", "augment_grid.
 """What a run writes into its folder, besides ``checkpoints/``."""
 
 
+REPLACED_RUN = ".replaced-run"
+"""Where ``--overwrite`` keeps the earlier run's files until the new run has a checkpoint."""
+
+
 def earlier_run_files(out: Path, *, overwrite: bool = False) -> list[Path]:
     """The files of an earlier run in ``out``, which the new one would overwrite one by one
     (a run stopped part way would leave a mix of both). Refused unless ``overwrite``; then
-    :func:`clear_run_folder` removes them once the new run's inputs have loaded, so a
-    mistyped input loses nothing. Other files in the folder are kept."""
+    :func:`clear_run_folder` moves them aside once the new run's inputs have loaded. A
+    folder holding files of a run's names that no run wrote (another command's
+    report.json) is refused either way. Other files in the folder are kept."""
     check_output_dir(out)
     checkpoints = out / "checkpoints"
     earlier = [out / name for name in RUN_FILES if (out / name).exists()]
     if checkpoints.is_dir():
         earlier += sorted(p for p in checkpoints.iterdir()
                           if p.suffix == ".keras" or p.name.endswith(".weights.h5"))
-    if earlier and not overwrite:
-        raise OutputPathError(
-            f"--out {out} holds an earlier training run ({', '.join(p.name for p in earlier[:3])}"
-            f"{', ...' if len(earlier) > 3 else ''}); choose another --out, or pass --overwrite to "
-            "replace it")
+    if not earlier:
+        return []
+    names = f"{', '.join(p.name for p in earlier[:3])}{', ...' if len(earlier) > 3 else ''}"
+    if not _is_training_run(out):
+        raise OutputPathError(f"--out {out} holds {names}, not written by a training run; choose "
+                              "another --out")
+    if not overwrite:
+        raise OutputPathError(f"--out {out} holds an earlier training run ({names}); choose another "
+                              "--out, or pass --overwrite to replace it")
     return earlier
 
 
-def clear_run_folder(out: Path, earlier: list[Path]) -> None:
-    """Remove an earlier run's files (:func:`earlier_run_files`) and make ``checkpoints/``."""
-    for path in earlier:
-        path.unlink(missing_ok=True)
+def _is_training_run(out: Path) -> bool:
+    """Whether ``out`` holds a run's report or a run's own checkpoint files."""
+    if any((out / "checkpoints" / name).is_file() for name in ("last.weights.h5", "best.weights.h5")):
+        return True
+    try:
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and {"config", "history"} <= report.keys()
+
+
+def clear_run_folder(out: Path, earlier: list[Path]) -> Path | None:
+    """Move an earlier run's files (:func:`earlier_run_files`) into ``out/.replaced-run``
+    (replacing one kept there before), make ``checkpoints/``, and return where they went:
+    :func:`discard_unfinished_run` puts them back when the new run fails before its first
+    checkpoint; a finished run deletes them."""
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if not earlier:
+        return None
+    kept = out / REPLACED_RUN
+    shutil.rmtree(kept, ignore_errors=True)
+    for path in earlier:
+        target = kept / path.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+    return kept
 
 
-def discard_unfinished_run(out: Path, *, made_folder: bool) -> None:
+def discard_unfinished_run(out: Path, *, made_folder: bool, kept: Path | None = None) -> None:
     """After a run failed before its first checkpoint: remove what it wrote (its augmentation
     grid, the empty ``checkpoints/``, ``out`` itself if the run made it and nothing else is in
-    it), so that the same command can run again without ``--overwrite``. A run that saved a
-    checkpoint is kept: its epochs can still be exported."""
+    it) and put back the earlier run ``--overwrite`` moved to ``kept``, so that nothing is
+    lost and the same command can run again. A run that saved a checkpoint is kept (its
+    epochs can still be exported), and so is ``kept``. Cleaning up never hides the error."""
     checkpoints = out / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        return
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for folder in (checkpoints, out) if made_folder else (checkpoints,):
-        with contextlib.suppress(OSError):  # not empty: someone else's files stay
-            folder.rmdir()
+    with contextlib.suppress(OSError):
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            return
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        if kept is not None and kept.is_dir():
+            for path in sorted(p for p in kept.rglob("*") if p.is_file()):
+                target = out / path.relative_to(kept)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                path.replace(target)
+            shutil.rmtree(kept)
+        for folder in (checkpoints, out) if made_folder else (checkpoints,):
+            with contextlib.suppress(OSError):  # not empty: someone else's files stay
+                folder.rmdir()
 
 
 def _check_config(config: TrainConfig) -> None:
@@ -826,7 +866,7 @@ def train(config: TrainConfig) -> TrainResult:
                                  seed=config.seed)
     val = load_validation(config, data, spec, backgrounds, log)
     t_data = time.perf_counter() - t_start
-    clear_run_folder(out, earlier)  # only now: every input has loaded
+    kept = clear_run_folder(out, earlier)  # only now: every input has loaded
     try:
         mspec = ModelSpec(
             input_size=config.input_size, latent_dim=config.latent_dim, width=config.width,
@@ -894,10 +934,12 @@ def train(config: TrainConfig) -> TrainResult:
         save_latent_preview(nets.encoder, nets.decoder, preview_samples(data, val, preview),
                             out / "latent_preview.png")
         warnings = [overlap_warning(val.also_trained, len(val.labels))] if val.also_trained else []
+        if kept is not None:  # the new run is whole: the earlier one it replaces goes
+            shutil.rmtree(kept, ignore_errors=True)
         return TrainResult(str(out), str(encoder_path), str(autoencoder_path), str(report_path),
                            fit.best_epoch, final, seconds, warnings)
     except BaseException:  # an error, or Ctrl-C, before the first checkpoint
-        discard_unfinished_run(out, made_folder=made_folder)
+        discard_unfinished_run(out, made_folder=made_folder, kept=kept)
         raise
 
 

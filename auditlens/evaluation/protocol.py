@@ -115,7 +115,7 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
     not_enrolled: list[LabelledPhoto] = []
     repeated: list[LabelledPhoto] = []
     known = {p.product_id for p in bundle.products}
-    keys = [_content_key(photo) for photo in photos]
+    keys = [content_key(photo) for photo in photos]
     labels: dict[str, set[str]] = {}  # the bundle's products each image is labelled with
     for photo, key in zip(photos, keys):
         if photo.product_id in known:
@@ -188,7 +188,7 @@ def not_enrolled_note(rows: Sequence[LabelledPhoto], bundle) -> str:
             f"skipped: {', '.join(named)}{more}")
 
 
-def _content_key(photo: LabelledPhoto) -> str:
+def content_key(photo: LabelledPhoto) -> str:
     """What identifies a photo's image: the sha256 of its bytes, else (a file that cannot
     be read now: its decoding reports that) its real path."""
     try:
