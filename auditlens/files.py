@@ -60,9 +60,9 @@ def check_output_file(path: str | os.PathLike, *, inputs: tuple[str | os.PathLik
             raise OutputPathError(f"{path} is the input {given}; write the output to another file")
     if path.is_dir():
         raise OutputPathError(f"{path} is a folder; give a file name for this output")
+    check_not_under_a_file(path)
     if not make_folder and not path.parent.is_dir():
         raise OutputPathError(f"{path}: the folder {path.parent} does not exist")
-    check_not_under_a_file(path)
     return path
 
 

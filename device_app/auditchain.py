@@ -95,12 +95,18 @@ class AuditRecord:
     def verdict(self) -> dict:
         return json.loads(self.verdict_json)
 
+    def verdict_value(self, key: str, default=None):
+        """One field of the stored verdict, or ``default`` when the verdict does not parse
+        (a log edited by hand must still be listed, not crash what lists it)."""
+        try:
+            return self.verdict.get(key, default)
+        except (ValueError, AttributeError, RecursionError):
+            return default
+
     @property
     def reasons(self) -> list[str]:
-        try:
-            return list(self.verdict.get("reasons", []))
-        except (ValueError, AttributeError):
-            return []
+        reasons = self.verdict_value("reasons", [])
+        return [str(r) for r in reasons] if isinstance(reasons, list) else []
 
     def hashed_fields(self) -> dict:
         return {name: getattr(self, name) for name in HASHED_FIELDS}

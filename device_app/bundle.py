@@ -646,7 +646,8 @@ def is_signed(path: str | os.PathLike) -> bool:
 
 
 def check_replaceable(out: str | os.PathLike, *, advice: str = "choose another --out or remove it") -> None:
-    """Raise :class:`BundleError` unless writing a bundle to ``out`` would replace nothing
+    """Raise :class:`BundleError` (an ``OutputPathError`` when ``out`` lies under a plain
+    file) unless writing a bundle to ``out`` would replace nothing
     but a bundle: ``out`` does not exist, is an empty folder, or is a bundle folder or zip
     holding only bundle files. Writing deletes what is at ``out``; a folder of originals or
     any other file there must survive. Cheap: call it before costly work."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import sys
 import tempfile
@@ -127,6 +128,17 @@ class EncoderOptions:
     """CPU threads for the interpreter; 1 keeps the UI thread and the camera responsive."""
 
 
+def _is_keras_zip(content: bytes) -> bool:
+    """Whether zip bytes are a Keras 3 ``.keras`` model (its config.json and weights)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as zf:
+            return {"config.json", "model.weights.h5"} <= set(zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
 class Encoder:
     """Runs a TFLite image encoder: uint8 images (N, S, S, 3) in, unit latents (N, D) out.
 
@@ -148,10 +160,11 @@ class Encoder:
                 raise ModelError(f"{self.path}: cannot read the model file: {exc}") from exc
         self.model_id = model_id_of(content)
         source = self.path or source
-        if content[:2] == b"PK":  # a zip: a Keras model, not TFLite
-            raise ModelError(f"{source or 'the model'} is a Keras model (a .keras zip), not TFLite: export "
-                             "it first (auditlens export MODEL.keras --representative CATALOG --out "
-                             "encoder.tflite) and give the .tflite")
+        if content[:4] == b"PK\x03\x04":  # a zip: a Keras model, or a bundle, not TFLite
+            raise ModelError(f"{source or 'the model'} is a zip archive, not a TFLite model"
+                             + (": a Keras model; export it first (auditlens export MODEL.keras "
+                                "--representative CATALOG --out encoder.tflite) and give the .tflite"
+                                if _is_keras_zip(content) else ""))
         with without_delegate_notice() if _drop_notice else contextlib.nullcontext():
             self._interpreter = load_interpreter(content, self.options.num_threads, source=source)
             self._interpreter.allocate_tensors()

@@ -198,12 +198,12 @@ def _check_and_export(args) -> int:
 def _check_exports_apart(args) -> None:
     """Refuse exports that would land on each other: the CSV and the JSON as one file (the
     second would replace the first), or either inside the photo export's new folder."""
-    files = [(flag, Path(os.path.abspath(p))) for flag, p in (("--export-csv", args.export_csv),
+    files = [(flag, Path(os.path.realpath(p))) for flag, p in (("--export-csv", args.export_csv),
                                                              ("--export-json", args.export_json)) if p]
     if len(files) == 2 and files[0][1] == files[1][1]:
         raise AuditLogError(f"--export-csv and --export-json both name {args.export_csv}; give each its own file")
     if args.export_photos:
-        folder = Path(os.path.abspath(args.export_photos))
+        folder = Path(os.path.realpath(args.export_photos))
         for flag, path in files:
             if path.is_relative_to(folder):
                 raise AuditLogError(f"{flag} {path} lies inside --export-photos {args.export_photos}, which "

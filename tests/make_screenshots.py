@@ -398,9 +398,10 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
             app.camera.select(plan["match_photo"])
             result["no_auditor"] = {"capture_returned": app.capture(),
                                     "hint": app.screens["camera"].hint.text}
-            app.screens["picker"].auditor.text = "Sam Field"  # typed, then the box loses focus
-            app.screens["picker"].auditor.focus = False
-            app.set_auditor("Sam Field", remember=True)
+            box = app.screens["picker"].auditor
+            box.focus = True  # typed into the name box, which then loses focus
+            box.text = "Sam Field"
+            box.focus = False
             result["no_auditor"]["capture_after"] = app.capture()
 
         @step
@@ -431,6 +432,7 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
         def refused():
             result["load_error"] = f"{type(app.load_error).__name__}: {app.load_error}"
             result["refusal_title"] = app.screens["refusal"].title.text
+            result["back_closes"] = not app.on_back_key(None, 27)  # Back may leave a refused app
             shot("0-refused")
     else:
         @step

@@ -471,7 +471,7 @@ def test_app_end_to_end(demo, tmp_path, size):
     record = result["record"]
     assert record["screen"] == "record" and record["title"] == "Record #2: NO MATCH"
     assert record["photo_shown"] and any(plan["product"] in t for t in record["texts"])
-    assert any(f"auditor Test Auditor - device test-device" in t for t in record["texts"])
+    assert any("auditor Test Auditor - device test-device" in t for t in record["texts"])
     assert record["after_back"] == "history"
 
 
@@ -488,6 +488,7 @@ def test_app_refuses_a_tampered_bundle(demo, tmp_path):
     assert result["screens"]["0-refused"]["screen"] == "refusal"
     assert result["load_error"].startswith("BundleIntegrityError")
     assert "integrity" in result["refusal_title"]
+    assert result["back_closes"]  # Back is not swallowed on a refusal: the app can be left
     assert not (tmp_path / "audit.db").exists(), "nothing is logged with a refused bundle"
 
 
@@ -688,6 +689,28 @@ def test_no_capture_before_the_auditor_is_named_and_the_name_is_kept(demo, tmp_p
     assert Session(Path(plan["bundle"]), tmp_path / "audit.db").auditor == "Sam Field"  # next start
     assert Session(Path(plan["bundle"]), tmp_path / "audit.db", auditor="Alex").auditor == "Alex"
     assert Session(Path(plan["bundle"]), tmp_path / "elsewhere" / "audit.db").auditor == ""
+    cleared = Session(Path(plan["bundle"]), tmp_path / "audit.db")
+    cleared.remember_auditor("")  # the name box emptied: the next start asks again
+    assert cleared.auditor == "" and Session(Path(plan["bundle"]), tmp_path / "audit.db").auditor == ""
+
+
+def test_a_record_whose_verdict_was_damaged_is_still_listed():
+    """History lists logs whose chain is broken too: a record whose stored verdict no longer
+    parses reads as not judged, with no reasons, instead of crashing the screen."""
+    import dataclasses
+
+    from auditlens.device_app.app.session import history_judgement
+    from auditlens.device_app.auditchain import AuditRecord
+
+    fields = {f.name: "" for f in dataclasses.fields(AuditRecord)}
+    fields.update(id=3, decision="retake", score=0.4, threshold=0.6, verdict_json="{truncated")
+    record = AuditRecord(**fields)
+    assert record.reasons == [] and record.verdict_value("bundle_id", "?") == "?"
+    assert history_judgement(record) == "not judged: the photo could not be judged"
+    fields.update(verdict_json='{"reasons": ["too dark: turn on more light"]}')
+    assert history_judgement(AuditRecord(**fields)) == "not judged: too dark"
+    fields.update(decision="match", score=0.9)
+    assert history_judgement(AuditRecord(**fields)) == "score 0.900/0.600"
 
 
 @needs_kivy

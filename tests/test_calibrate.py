@@ -262,8 +262,10 @@ def test_model_card_is_checked_before_the_bundle_is_rewritten(tmp_path, bundle_c
     shutil.copy(REPO / "models" / "encoder.json", other / "encoder.json")
     (other / "encoder.tflite").write_bytes(b"another model")
     (tmp_path / "notes.json").write_text(json.dumps({"threshold": 0.5}))
+    (tmp_path / "odd.json").write_text(json.dumps({"preprocess": {"input_size": "wide"}}))
     for card, message in ((tmp_path / "missing.json", "no such model card"),
                           (tmp_path / "notes.json", "not a model card"),
+                          (tmp_path / "odd.json", "its 'preprocess' cannot be read"),
                           (other / "encoder.json", "not the calibrated model")):
         rc = main(["calibrate", "-b", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
                    "--model-card", str(card), "--no-progress"])

@@ -341,15 +341,18 @@ def test_an_unexpected_error_exits_2_not_1_which_means_no_match(tmp_path, monkey
     (["export", "MISSING", "--representative", "CATALOG", "--out", "m.tflite", "--float-ops", "-3"],
      "--float-ops: must be 0 or more, not -3"),
     (["enroll", "MISSING", "--out", "OUT"], "nothing-here: no such file or folder (a catalogue is"),
-    (["enroll", "CATALOG", "--out", "OUT", "--model", "KERAS"], "default.keras is a Keras model (a .keras "
-     "zip), not TFLite: export it first"),
+    (["enroll", "CATALOG", "--out", "OUT", "--model", "KERAS"], "default.keras is a zip archive, not a "
+     "TFLite model: a Keras model; export it first"),
+    (["enroll", "CATALOG", "--out", "OUT", "--model", "ZIP"], "bundle.zip is a zip archive, not a TFLite model"),
     (["enroll", "CATALOG", "--out", "OUT", "--model", "CATALOG"], "catalog.csv: not a valid TFLite model"),
     (["verify", "--product", "Banana", "FOLDER"], "a folder, not an image file"),
 ])
 def test_bad_arguments_and_missing_files_are_one_clear_line(tmp_path, sample_photos, args, message):
     names = {"PHOTO": sample_photos[0].photo, "CATALOG": SAMPLE / "catalog.csv",
              "OUT": tmp_path / "b", "MISSING": tmp_path / "nothing-here",
-             "KERAS": REPO / "models" / "default.keras", "FOLDER": SAMPLE}
+             "KERAS": REPO / "models" / "default.keras", "FOLDER": SAMPLE, "ZIP": tmp_path / "bundle.zip"}
+    if "ZIP" in args:  # a bundle zip given as the model
+        shutil.make_archive(str(tmp_path / "bundle"), "zip", REPO / "models" / "sample_bundle")
     proc = run(*[names.get(a, a) for a in args], check_rc=2)
     assert message.replace("MISSING", str(tmp_path / "nothing-here")) in proc.stderr
     assert "Traceback" not in proc.stderr

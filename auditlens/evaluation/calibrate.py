@@ -378,6 +378,10 @@ def read_model_card(card_path: str | os.PathLike, model_id: str) -> dict:
                            f"model {model_id}")
     if not isinstance(card.get("preprocess"), dict):
         raise CatalogError(f"{card_path}: not a model card (no 'preprocess' object)")
+    try:
+        PreprocessSpec.from_dict(card["preprocess"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CatalogError(f"{card_path}: its 'preprocess' cannot be read: {exc}") from exc
     return card
 
 

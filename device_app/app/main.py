@@ -187,11 +187,11 @@ def build_app_class():
             """Android's Back key (Escape on a desktop): from the camera, a verdict or History
             back to the product picker, from a record back to History; on the picker it does nothing (the app is not closed by
             a stray press). Ignored while a verdict is on its way."""
-            if key != 27:
+            if key != 27 or not self.loaded:  # loading or refused: Back closes the app
                 return False
-            if self.loaded and self.sm.current == "record":
+            if self.sm.current == "record":
                 self.show_history()
-            elif self.loaded and self.sm.current in ("camera", "verdict", "history"):
+            elif self.sm.current in ("camera", "verdict", "history"):
                 self.go_picker()
             return True
 

@@ -191,8 +191,8 @@ class PickerScreen(Screen):
 
     def setup(self, session, scanner: bool) -> None:
         self.info.text = session.summary()
-        if session.needs_attention():  # unsigned or uncalibrated: said so, not in muted grey
-            self.info.color, self.info.bold = AMBER, True
+        attention = session.needs_attention()  # unsigned or uncalibrated: said so, not in muted grey
+        self.info.color, self.info.bold = (AMBER, True) if attention else (MUTED, False)
         self.auditor.text = session.auditor
         if not scanner:
             self.scan.disabled = True
@@ -617,8 +617,8 @@ class HistoryScreen(Screen):
 
 
 __all__ = [
-    "BG", "CameraScreen", "HistoryScreen", "LoadingScreen", "PickerScreen", "RefusalScreen",
-    "VerdictScreen",
+    "BG", "CameraScreen", "HistoryScreen", "LoadingScreen", "PickerScreen", "RecordScreen",
+    "RefusalScreen", "VerdictScreen",
 ]
 
 
@@ -657,12 +657,11 @@ class RecordScreen(Screen):
         d.clear_widgets()
         d.add_widget(WrapLabel(text=f"{name}  ({record.product_id})", font_size=FONT_BIG, bold=True))
         d.add_widget(WrapLabel(text=f"{word} - {history_judgement(record)}", font_size=FONT, bold=True))
-        reasons = record.verdict.get("reasons") if isinstance(record.verdict, dict) else None
-        for reason in (reasons or ()) if record.decision == "retake" else ():  # why not judged, in full
+        for reason in record.reasons if record.decision == "retake" else ():  # why not judged, in full
             d.add_widget(WrapLabel(text=f"- {reason}", font_size=FONT))
         for line in (f"{record.created_utc} - auditor {record.auditor or '(none)'} - device "
                      f"{record.device or '(none)'}",
-                     f"model {record.model_id[:16]} - bundle {str(record.verdict.get('bundle_id', '?'))[:16]}",
+                     f"model {record.model_id[:16]} - bundle {str(record.verdict_value('bundle_id', '?'))[:16]}",
                      f"photo sha256 {record.photo_sha256[:16]}... - record hash {record.record_hash[:16]}..."
                      + (f" - signed by {record.signer}" if record.signer else "")):
             d.add_widget(WrapLabel(text=line, font_size=FONT_SMALL, color=MUTED))

@@ -101,9 +101,12 @@ class Session:
         """Use ``name`` for the records from now on and keep it for the next start (a
         failure to keep it costs only the retyping, so it is not an error)."""
         self.auditor = name.strip()
-        if not self.auditor or self.auditor == self.saved_auditor():
+        if self.auditor == self.saved_auditor():
             return
         try:
+            if not self.auditor:  # cleared: the next start must ask again
+                self.auditor_file.unlink(missing_ok=True)
+                return
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(self.auditor_file) as fh:
                 fh.write(self.auditor + "\n")
@@ -460,7 +463,7 @@ def history_judgement(record) -> str:
     """What a History row says of the judgement: the score against the threshold, or for a
     RETAKE (not judged) its first reason: its score would read like a pass or a fail."""
     if record.decision == "retake":
-        reasons = record.verdict.get("reasons") if isinstance(record.verdict, dict) else None
-        reason = str(reasons[0]).split(":")[0] if reasons else "the photo could not be judged"
+        reasons = record.reasons
+        reason = reasons[0].split(":")[0] if reasons else "the photo could not be judged"
         return f"not judged: {reason}"
     return f"score {record.score:.3f}/{record.threshold:.3f}"
