@@ -77,6 +77,20 @@ def header(title: str, *, left: Btn | None = None, right: Btn | None = None, bg=
     return bar
 
 
+def side_by_side(photo_caption: str) -> tuple[BoxLayout, Thumb, Thumb]:
+    """The catalogue original and a photo side by side, captioned: the row and its two
+    pictures (their textures set when shown)."""
+    pics = BoxLayout(orientation="horizontal", spacing=dp(8))
+    original, photo = Thumb(), Thumb()
+    for caption, image in (("Catalogue original", original), (photo_caption, photo)):
+        col = BgBox(orientation="vertical", bg=CARD, padding=dp(6), spacing=dp(4))
+        col.add_widget(image)
+        col.add_widget(Label(text=caption, font_size=FONT_SMALL, color=MUTED, size_hint_y=None,
+                             height=dp(26)))
+        pics.add_widget(col)
+    return pics, original, photo
+
+
 def scroll_list(spacing: float = 6) -> tuple[ScrollView, GridLayout]:
     grid = GridLayout(cols=1, size_hint_y=None, spacing=dp(spacing), padding=(0, dp(2)))
     grid.bind(minimum_height=grid.setter("height"))
@@ -396,15 +410,7 @@ class VerdictScreen(Screen):
         root.add_widget(self.banner)
 
         self.body = ResponsiveBox(spacing=dp(10), padding=dp(10))
-        pics = BoxLayout(orientation="horizontal", spacing=dp(8))
-        self.original, self.photo = Thumb(), Thumb()
-        for caption, image in (("Catalogue original", self.original), ("Your photo", self.photo)):
-            col = BgBox(orientation="vertical", bg=CARD, padding=dp(6), spacing=dp(4))
-            col.add_widget(image)
-            lab = Label(text=caption, font_size=FONT_SMALL, color=MUTED, size_hint_y=None,
-                        height=dp(26))
-            col.add_widget(lab)
-            pics.add_widget(col)
+        pics, self.original, self.photo = side_by_side("Your photo")
         self.pics = pics
         self.body.add_widget(pics)
 
@@ -634,14 +640,7 @@ class RecordScreen(Screen):
         self.bar = header("Record", left=back)
         root.add_widget(self.bar)
         self.body = ResponsiveBox(spacing=dp(10), padding=dp(10))
-        pics = BoxLayout(orientation="horizontal", spacing=dp(8))
-        self.original, self.photo = Thumb(), Thumb()
-        for caption, image in (("Catalogue original", self.original), ("Photo on record", self.photo)):
-            col = BgBox(orientation="vertical", bg=CARD, padding=dp(6), spacing=dp(4))
-            col.add_widget(image)
-            col.add_widget(Label(text=caption, font_size=FONT_SMALL, color=MUTED, size_hint_y=None,
-                                 height=dp(26)))
-            pics.add_widget(col)
+        pics, self.original, self.photo = side_by_side("Photo on record")
         self.body.add_widget(pics)
         view, self.details = scroll_list(spacing=8)
         self.body.add_widget(view)
