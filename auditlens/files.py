@@ -94,3 +94,15 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_json_object_with(path: str | os.PathLike, keys: set[str]) -> bool:
+    """Whether ``path`` holds a JSON object with every one of ``keys`` (how a command tells
+    its own report.json from another's); False when it cannot be read or parsed."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and keys <= data.keys()

@@ -54,14 +54,19 @@ def _describe(source: ImageSource) -> str:
     return getattr(source, "name", "<stream>")
 
 
+def not_a_file(path: Path) -> str:
+    """Why a photo path that is not a regular file cannot be read, in words."""
+    return ("a folder, not an image file" if path.is_dir() else
+            "not a regular file" if path.exists() else "no such image file")
+
+
 def _open(source: ImageSource) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise UnreadableImageError(f"{path}: " + ("a folder, not an image file" if path.is_dir()
-                                                      else "no such image file"))
+            raise UnreadableImageError(f"{path}: {not_a_file(path)}")
         if path.stat().st_size == 0:
             raise UnreadableImageError(f"{path}: the file is empty (0 bytes)")
     return Image.open(source)

@@ -26,6 +26,7 @@ from auditlens.device_app.imaging import (
     ImageSource,
     image_from_array,
     load_image,
+    not_a_file,
     reduce_like_draft,
 )
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
@@ -200,8 +201,7 @@ def _read_photo_file(path: Path, max_bytes: int) -> bytes:
     try:
         size = path.stat().st_size
         if not path.is_file():
-            raise UnreadableImageError(f"{path}: " + ("a folder, not an image file" if path.is_dir()
-                                                      else "not a regular file"))
+            raise UnreadableImageError(f"{path}: {not_a_file(path)}")
         if size == 0:
             raise UnreadableImageError(f"{path}: the file is empty (0 bytes)")
         if size > max_bytes:

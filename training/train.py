@@ -36,7 +36,7 @@ from auditlens.device_app.interpreter import l2_normalize
 from auditlens.device_app.preprocess import PreprocessSpec, pool_views, stack_inputs
 from auditlens.errors import AuditlensError, CatalogError, OutputPathError, TrainingDivergedError
 from auditlens.evaluation.protocol import content_key
-from auditlens.files import check_output_dir
+from auditlens.files import check_output_dir, is_json_object_with
 from auditlens.training.config import BACKBONES, POOLINGS, TrainConfig, TrainResult
 
 EVAL_BATCH = 128
@@ -245,13 +245,8 @@ def earlier_run_files(out: Path, *, overwrite: bool = False) -> list[Path]:
 
 def _is_training_run(out: Path) -> bool:
     """Whether ``out`` holds a run's report or a run's own checkpoint files."""
-    if any((out / "checkpoints" / name).is_file() for name in ("last.weights.h5", "best.weights.h5")):
-        return True
-    try:
-        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(report, dict) and {"config", "history"} <= report.keys()
+    return (any((out / "checkpoints" / name).is_file() for name in ("last.weights.h5", "best.weights.h5"))
+            or is_json_object_with(out / "report.json", {"config", "history"}))
 
 
 def clear_run_folder(out: Path, earlier: list[Path]) -> Path | None:

@@ -54,7 +54,7 @@ from auditlens.evaluation.protocol import (
     product_groups,
     protocol_description,
 )
-from auditlens.files import atomic_write, check_output_dir
+from auditlens.files import atomic_write, check_output_dir, is_json_object_with
 
 FARS = (0.01, 0.05)
 """False-accept rates TAR is reported at."""
@@ -319,18 +319,10 @@ def check_evaluation_dir(out_dir: str | os.PathLike) -> Path:
     if (out / "manifest.json").is_file():
         raise OutputPathError(f"{out} is a bundle's folder; write the evaluation to another folder")
     taken = [name for name in EVALUATION_FILES if (out / name).exists()]
-    if taken and not _is_evaluation_report(out / "report.json"):
+    if taken and not is_json_object_with(out / "report.json", {"protocol", "counts", "overall", "model_id"}):
         raise OutputPathError(f"{out} holds {', '.join(taken)}, not written by an evaluation; evaluate would "
                               "overwrite or remove them: choose a new or empty folder")
     return out
-
-
-def _is_evaluation_report(path: Path) -> bool:
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(report, dict) and {"protocol", "counts", "overall", "model_id"} <= report.keys()
 
 
 def _pyplot():
