@@ -647,10 +647,11 @@ def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
                               "--no-mirror", "--ema-decay", "0", "--weight-decay", "0.05",
                               "--keep-epochs", "--pseudo-products", "5", "--pseudo-kinds", "Packages", "Bottles",
                               "--epochs", "25", "--stop-epoch", "10", "--temperature", "0.2",
-                              "--cosface-scale", "30", "--cosface-margin", "0.35", "--arcface-margin", "0.3"])
+                              "--cosface-scale", "30", "--cosface-margin", "0.35", "--arcface-margin", "0.3",
+                              "--seed", "3", "--data-seed", "4"])
     config = config_from_args(args)
     assert (config.temperature, config.cosface_scale, config.cosface_margin) == (0.2, 30.0, 0.35)
-    assert config.arcface_margin == 0.3
+    assert config.arcface_margin == 0.3 and (config.seed, config.data_seed) == (3, 4)
     assert config.minutes == 2 and config.holdout_fold == "2/4"
     assert not config.paste_background and config.recon_weight == 0
     assert not config.mirror and config.ema_decay == 0
@@ -707,6 +708,7 @@ def test_settings_and_splits_that_cannot_train_are_refused_before_training(tiny_
             ("wi", {"width": 0}, "--width must be at least 1, not 0"),
             ("is", {"input_size": 8}, "--input-size must be at least 16, not 8"),
             ("sd", {"seed": -1}, r"--seed -1 is outside 0 to 2\*\*32 - 1"),
+            ("ds", {"data_seed": 2**32}, r"--data-seed 4294967296 is outside 0 to 2\*\*32 - 1"),
             ("ed", {"ema_decay": 1.5}, "--ema-decay 1.5 is not a decay within 0..1"),
             ("pk", {"pseudo_kinds": ("Packages",)}, "--pseudo-kinds .* needs --pseudo-products")):
         with pytest.raises(ValueError, match=message):
@@ -813,3 +815,32 @@ def test_a_soup_of_runs_that_cannot_be_averaged_is_refused(trained, soup_runs, t
     assert main(["soup", str(bare / "a.keras"), str(bare / "b.keras"), "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "no training report beside" in err and "different architectures" in err
+
+
+@pytest.mark.slow
+def test_another_data_seed_starts_from_the_same_weights_on_other_batches(tiny_data, tmp_path, capsys):
+    """``--data-seed`` changes the batches and augmentation, not the starting weights: at a
+    learning rate of almost nothing the trained weights stay at their start, so two data
+    seeds end level while another ``--seed`` does not, and the runs soup."""
+    import keras
+
+    from auditlens.cli import main
+    from auditlens.training.train import train
+
+    common = dict(photos=str(tiny_data["train"]), val_photos=str(tiny_data["val"]), epochs=1,
+                  learning_rate=1e-9)
+    runs = {name: train(tiny_config(tmp_path / name, tiny_data["catalog"], **common, **extra))
+            for name, extra in (("a", {}), ("b", {"data_seed": 2}), ("c", {"seed": 2}))}
+    models = {name: keras.models.load_model(r.encoder_path, compile=False) for name, r in runs.items()}
+    reports = {name: json.loads(Path(r.report_path).read_text()) for name, r in runs.items()}
+    assert reports["b"]["config"]["data_seed"] == 2 and reports["a"]["config"]["data_seed"] is None
+
+    def gap(x, y):
+        return max(float(np.abs(wx.numpy() - wy.numpy()).max())
+                   for wx, wy in zip(models[x].trainable_weights, models[y].trainable_weights))
+
+    assert gap("a", "b") < 1e-5 < 1e-2 < gap("a", "c")
+    # ... on other batches: the losses of the first epoch differ
+    assert reports["a"]["history"][0]["loss"]["total"] != reports["b"]["history"][0]["loss"]["total"]
+    assert main(["soup", runs["a"].encoder_path, runs["b"].encoder_path, "--out", str(tmp_path / "s")]) == 0
+    assert "soup of 2 encoders" in capsys.readouterr().out

@@ -26,6 +26,9 @@ class TrainConfig:
 
     seed: int = 0
     """Seed of numpy, TensorFlow and Keras randomness (same seed, same batches)."""
+    data_seed: int | None = None
+    """Seed of the batches and the augmentation alone (default: ``seed``). Runs with one
+    ``seed`` and different data seeds start from the same weights, so they can be souped."""
     input_size: int = 128
     """Side of the encoder's square input (the PreprocessSpec's input_size)."""
     crop: str = "center"

@@ -5,7 +5,8 @@ Two runs of ``auditlens train`` with the same ``--seed`` start from the same wei
 pretrained trunk, and the same random draw for every new layer) and, trained with
 different settings, stay close enough that the average of their weights is a better
 model than either: measured with and without background pasting (docs/ablation.md,
-"A model soup"). It costs one
+"A model soup"). ``--data-seed`` varies the batches and augmentation of a run while
+keeping its start, for more ingredients of one recipe. It costs one
 more training run and nothing on the device: the soup has the ingredients' size and speed.
 Runs started from different seeds are refused: their new layers began from different
 random weights, and their average is worse than either run.
@@ -137,7 +138,8 @@ def make_soup(sources: Sequence[str | Path], out_dir: str | Path, log=print) -> 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = (
         "Average the weights of encoders trained from the same start (auditlens train runs with "
-        "the same --seed and different settings, e.g. with and without --no-paste-background) into "
+        "the same --seed and different settings, e.g. with and without --no-paste-background, or "
+        "another --data-seed) into "
         "one encoder: a model soup, as large and as fast as each of them. Writes OUT/encoder.keras "
         "and OUT/report.json; export OUT/encoder.keras as a run's encoder."
     )

@@ -320,8 +320,9 @@ def _check_config(config: TrainConfig) -> None:
             raise ValueError(f"{flag} must be at least {least}, not {value}")
     if config.input_size > 1024:
         raise ValueError(f"--input-size {config.input_size} is more than 1024 pixels")
-    if not 0 <= config.seed < 2**32:
-        raise ValueError(f"--seed {config.seed} is outside 0 to 2**32 - 1")
+    for flag, value in (("--seed", config.seed), ("--data-seed", config.data_seed)):
+        if value is not None and not 0 <= value < 2**32:
+            raise ValueError(f"{flag} {value} is outside 0 to 2**32 - 1")
     if not 0 <= config.threads <= MAX_TRAIN_THREADS:
         raise ValueError(f"--threads {config.threads} is outside 0 (TensorFlow's choice) to {MAX_TRAIN_THREADS}")
     if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
@@ -849,7 +850,8 @@ def train(config: TrainConfig) -> TrainResult:
     from auditlens.training.preview import save_latent_preview
 
     spec = PreprocessSpec(input_size=config.input_size, crop=config.crop)
-    rng = np.random.default_rng(config.seed)
+    data_seed = config.seed if config.data_seed is None else config.data_seed
+    rng = np.random.default_rng(data_seed)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if config.progress else (lambda msg: None)
 
     backbone_state = _read_backbone(config, log)
@@ -858,7 +860,7 @@ def train(config: TrainConfig) -> TrainResult:
     teacher = teacher_targets[0] if teacher_targets is not None else None
     backgrounds = data.photo_images if len(data.photo_images) else data.originals_big
     augmenter = CaptureAugmenter(config.input_size, backgrounds, AugmentSwitches.from_config(config),
-                                 seed=config.seed)
+                                 seed=data_seed)
     val = load_validation(config, data, spec, backgrounds, log)
     t_data = time.perf_counter() - t_start
     kept = clear_run_folder(out, earlier)  # only now: every input has loaded
@@ -1014,6 +1016,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--holdout-fold", metavar="k/K",
                         help="hold out fold k of K (deterministic by product id) to measure unseen products")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    parser.add_argument("--data-seed", type=int, default=d.data_seed,
+                        help="seed of the batches and augmentation alone (default: --seed); runs "
+                             "with one --seed and other data seeds start from the same weights, "
+                             "so 'auditlens soup' can average them")
     parser.add_argument("--input-size", type=int, default=d.input_size, help=f"encoder input side (default {d.input_size})")
     parser.add_argument("--latent-dim", type=int, default=d.latent_dim, help=f"latent length (default {d.latent_dim})")
     parser.add_argument("--width", type=int, default=d.width, help=f"encoder stem channels (default {d.width})")
@@ -1089,7 +1095,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         catalog=str(args.catalog), photos=args.photos, val_photos=args.val_photos, out_dir=args.out,
         minutes=args.minutes, epochs=args.epochs, stop_epoch=args.stop_epoch, steps_per_epoch=args.steps_per_epoch,
-        holdout_fold=args.holdout_fold, seed=args.seed, input_size=args.input_size,
+        holdout_fold=args.holdout_fold, seed=args.seed, data_seed=args.data_seed, input_size=args.input_size,
         latent_dim=args.latent_dim, width=args.width, backbone=args.backbone,
         backbone_weights=args.backbone_weights, trunk_blocks=args.trunk_blocks, pooling=args.pooling,
         backbone_lr_scale=args.backbone_lr_scale, products_per_batch=args.products_per_batch,
