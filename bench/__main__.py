@@ -53,7 +53,8 @@ SECTIONS = {
     "memory": "peak RSS of fresh processes: `auditlens verify`, the engine, each method",
 }
 
-HELD_OUT = ("held-out EER 15.7-23.0%, TAR at FAR 1% 2.3-11.5% over three product folds")
+HELD_OUT = ("held-out EER 15.2-22.3%, TAR at FAR 1% 10.4-14.7%, top-1 28.8-42.1% over three "
+            "product folds")
 """What README.md ("Products never seen in training") and docs/ablation.md report for
 products held out of training; quoted, not measured by the bench."""
 

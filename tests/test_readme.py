@@ -46,3 +46,17 @@ def test_checkout_resolves_the_design_card_folders_under_auditlens():
     expected = ["device_app/verifier.py", "training/model.py", "export/quantize.py",
                 "models/__init__.py", "auditlens/evaluation/__init__.py"]
     assert origins == [REPO / e for e in expected]
+
+
+def test_the_bench_quotes_the_readmes_held_out_figures():
+    """The bench's note on products never seen in training quotes the README's fold table;
+    the two must not drift apart when a model or its card changes."""
+    from bench.__main__ import HELD_OUT
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("Products **never seen in training**"):]
+    rows = re.findall(r"^\| [123]/3 \| [^|]+\| ([\d.]+)% \| ([\d.]+)% \| [\d.]+% \| ([\d.]+)% \|", table, flags=re.M)
+    assert len(rows) == 3, "the README's table of the three product folds was not found"
+    quoted = [tuple(map(float, pair)) for pair in re.findall(r"([\d.]+)-([\d.]+)%", HELD_OUT)]
+    for column, (low, high) in zip(zip(*rows), quoted, strict=True):
+        assert (min(map(float, column)), max(map(float, column))) == (low, high)
