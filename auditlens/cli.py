@@ -422,6 +422,7 @@ def _run_info(args) -> int:
     print(f"model      {b.model_id}  ({size / 1024:.0f} KiB, input {b.spec.input_size}px {b.spec.crop}, "
           f"latent {m['latent_dim']}-d; reproduces the references' probe latent)")
     print(f"products   {len(b.products)}  ({len(b.references)} reference images)")
+    print(f"photos     {_describe_views(b.spec)}")
     cal = f"calibrated for false-accept rate {b.target_far:.2%} on {d.get('calibrated_on')}" if b.target_far is not None else "not calibrated"
     print(f"threshold  {d['threshold']:.4f}  ({cal})")
     for w in d.get("warnings") or ():
@@ -429,6 +430,16 @@ def _run_info(args) -> int:
     kinds = Counter(p.kind or "(no kind)" for p in b.products)
     print("kinds      " + ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())))
     return EXIT_OK
+
+
+def _describe_views(spec) -> str:
+    """How a field photo is embedded: its views (one encoder run each), averaged."""
+    frame = "centred square" if spec.crop == "center" else "whole image"
+    zooms = ", ".join(f"the whole {frame}" if z == 1.0 else f"the middle {z:.0%} of the {frame}"
+                      for z in spec.photo_zooms)
+    n = spec.num_views
+    return (f"each embedded as {n} view{'s, averaged' if n != 1 else ''}: {zooms}"
+            + (", each with its mirror image" if spec.photo_mirror else ""))
 
 
 # -- demo ----------------------------------------------------------------------------

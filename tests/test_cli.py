@@ -260,6 +260,11 @@ def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_ph
     assert other.spec.photo_zooms == (1.0, 0.6) and other.spec.num_views == 4
     assert card.decision["calibrated_on"] and card.spec != other.spec
     assert other.decision["calibrated_on"] is None and other.threshold == DEFAULT_THRESHOLD
+    # info says how each bundle embeds a photo
+    assert ("photos     each embedded as 2 views, averaged: the middle 70% of the centred square, "
+            "each with its mirror image") in run("info", tmp_path / "card", check_rc=0).stdout
+    assert ("photos     each embedded as 4 views, averaged: the whole centred square, the middle 60% "
+            "of the centred square, each with its mirror image") in run("info", tmp_path / "other", check_rc=0).stdout
     bad = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "bad", "--photo-zooms", "0.8,0.2", check_rc=2)
     assert "photo_zooms must be one or more zooms within 0.3..1.0" in bad.stderr and "Traceback" not in bad.stderr
 
