@@ -433,13 +433,16 @@ def _run_info(args) -> int:
 
 
 def _describe_views(spec) -> str:
-    """How a field photo is embedded: its views (one encoder run each), averaged."""
-    frame = "centred square" if spec.crop == "center" else "whole image"
-    zooms = ", ".join(f"the whole {frame}" if z == 1.0 else f"the middle {z:.0%} of the {frame}"
-                      for z in spec.photo_zooms)
+    """How a field photo is embedded: its views (one encoder run each), averaged. A zoom is
+    the share of the crop's side a centred box keeps (0.7: the middle 70% of each side)."""
+    frame = "centred square" if spec.crop == "center" else "whole frame"
+    zooms = [f"the {frame}" if z == 1.0 else f"the middle {100 * z:.3g}% (of each side) of the {frame}"
+             for z in spec.photo_zooms]
     n = spec.num_views
-    return (f"each embedded as {n} view{'s, averaged' if n != 1 else ''}: {zooms}"
-            + (", each with its mirror image" if spec.photo_mirror else ""))
+    mirror = ("" if not spec.photo_mirror else
+              ", and its mirror image" if len(zooms) == 1 else ", each with its mirror image")
+    return (f"each embedded as {n} view{'s, averaged' if n != 1 else ''}: "
+            + ", ".join(zooms) + mirror)
 
 
 # -- demo ----------------------------------------------------------------------------

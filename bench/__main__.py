@@ -55,8 +55,9 @@ SECTIONS = {
 
 HELD_OUT = ("held-out EER 15.2-22.3%, TAR at FAR 1% 10.4-14.7%, top-1 28.8-42.1% over three "
             "product folds")
-"""What README.md ("Products never seen in training") and docs/ablation.md report for
-products held out of training; quoted, not measured by the bench."""
+"""The ranges of README.md's fold table ("Products never seen in training", the shipped
+recipe and card) for products held out of training; quoted, not measured by the bench
+(tests/test_readme.py keeps the two equal)."""
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,15 @@ class PreprocessSpec:
     this fraction of the crop box's side (1.0: the plain input, as catalogue originals
     always are). A studio original fills its frame while a field photo shows shelf
     around the product, so a tighter first view can match better: the shipped model card
-    uses ``(0.7,)``, one view, no extra encoder run (docs/ablation.md, "The photo's
-    crop"). Each further view costs one more encoder run."""
+    uses ``(0.7,)`` (docs/ablation.md, "The photo's crop"). Each further view costs one
+    more encoder run."""
 
     photo_mirror: bool = False
-    """Add the mirror image of every zoom to the photo's views. Off by default: an encoder
-    trained with mirrored views (``training.augment``) gains nothing from them (measured in
-    docs/ablation.md), and each view costs one more encoder run."""
+    """Add the mirror image of every zoom to the photo's views (one more encoder run each).
+    The shipped model card turns it on: though trained with mirrored views, its encoder
+    does not map a photo and its mirror image to one point, and their average identifies
+    better (docs/ablation.md, "The photo and its mirror image at test time"). Off by
+    default, as a new model's card starts from the plain view."""
 
     def __post_init__(self) -> None:
         if self.crop not in ("center", "full"):

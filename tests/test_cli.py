@@ -261,10 +261,11 @@ def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_ph
     assert card.decision["calibrated_on"] and card.spec != other.spec
     assert other.decision["calibrated_on"] is None and other.threshold == DEFAULT_THRESHOLD
     # info says how each bundle embeds a photo
-    assert ("photos     each embedded as 2 views, averaged: the middle 70% of the centred square, "
-            "each with its mirror image") in run("info", tmp_path / "card", check_rc=0).stdout
-    assert ("photos     each embedded as 4 views, averaged: the whole centred square, the middle 60% "
-            "of the centred square, each with its mirror image") in run("info", tmp_path / "other", check_rc=0).stdout
+    assert ("photos     each embedded as 2 views, averaged: the middle 70% (of each side) of the "
+            "centred square, and its mirror image") in run("info", tmp_path / "card", check_rc=0).stdout
+    assert ("photos     each embedded as 4 views, averaged: the centred square, the middle 60% (of each "
+            "side) of the centred square, each with its mirror image") in run("info", tmp_path / "other",
+                                                                              check_rc=0).stdout
     bad = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "bad", "--photo-zooms", "0.8,0.2", check_rc=2)
     assert "photo_zooms must be one or more zooms within 0.3..1.0" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -578,3 +579,15 @@ def test_keygen_quotes_its_paths_and_restores_a_lost_public_key(tmp_path):
     assert "--restore-public" not in run("keygen", "--out", keys, check_rc=2).stderr
     lost = run("keygen", "--out", tmp_path / "empty", "--restore-public", check_rc=2)
     assert "cannot read the private key" in lost.stderr and not (tmp_path / "empty").exists()
+
+
+def test_info_describes_single_views_and_the_whole_frame():
+    from auditlens.cli import _describe_views
+    from auditlens.device_app.preprocess import PreprocessSpec
+
+    assert _describe_views(PreprocessSpec(64)) == "each embedded as 1 view: the centred square"
+    assert _describe_views(PreprocessSpec(64, crop="full")) == "each embedded as 1 view: the whole frame"
+    assert (_describe_views(PreprocessSpec(64, crop="full", photo_zooms=(0.675,)))
+            == "each embedded as 1 view: the middle 67.5% (of each side) of the whole frame")
+    assert (_describe_views(PreprocessSpec(64, photo_mirror=True))
+            == "each embedded as 2 views, averaged: the centred square, and its mirror image")

@@ -60,3 +60,7 @@ def test_the_bench_quotes_the_readmes_held_out_figures():
     quoted = [tuple(map(float, pair)) for pair in re.findall(r"([\d.]+)-([\d.]+)%", HELD_OUT)]
     for column, (low, high) in zip(zip(*rows), quoted, strict=True):
         assert (min(map(float, column)), max(map(float, column))) == (low, high)
+    # ... and so does the README's own sentence under the side-by-side table
+    (e_lo, e_hi), (t_lo, t_hi), (k_lo, k_hi) = quoted
+    assert (f"EER {e_lo}% to {e_hi}%, TAR at FAR 1% {t_lo}% to {t_hi}%\nand top-1 {k_lo}% to {k_hi}%"
+            in text)

@@ -840,7 +840,8 @@ def test_another_data_seed_starts_from_the_same_weights_on_other_batches(tiny_da
                    for wx, wy in zip(models[x].trainable_weights, models[y].trainable_weights))
 
     assert gap("a", "b") < 1e-5 < 1e-2 < gap("a", "c")
-    # ... on other batches: the losses of the first epoch differ
-    assert reports["a"]["history"][0]["loss"]["total"] != reports["b"]["history"][0]["loss"]["total"]
+    # ... on other batches: the first epoch's losses differ by far more than run-to-run noise
+    loss_a, loss_b = (reports[n]["history"][0]["loss"]["total"] for n in "ab")
+    assert abs(loss_a - loss_b) > 1e-3 * abs(loss_a), (loss_a, loss_b)
     assert main(["soup", runs["a"].encoder_path, runs["b"].encoder_path, "--out", str(tmp_path / "s")]) == 0
     assert "soup of 2 encoders" in capsys.readouterr().out

@@ -25,7 +25,8 @@ class TrainConfig:
     """Folder for the encoder, checkpoints, report and plots."""
 
     seed: int = 0
-    """Seed of numpy, TensorFlow and Keras randomness (same seed, same batches)."""
+    """Seed of numpy, TensorFlow and Keras randomness: the starting weights, and the batches
+    and augmentation too unless ``data_seed`` is given."""
     data_seed: int | None = None
     """Seed of the batches and the augmentation alone (default: ``seed``). Runs with one
     ``seed`` and different data seeds start from the same weights, so they can be souped."""
