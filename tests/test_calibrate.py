@@ -222,7 +222,9 @@ def test_model_card_takes_the_views_it_was_calibrated_with(tmp_path, capsys):
     views, so the next `enroll` with the card embeds photos the same way and applies it."""
     model = tmp_path / "encoder.tflite"
     shutil.copy(REPO / "models" / "encoder.tflite", model)
-    shutil.copy(REPO / "models" / "encoder.json", tmp_path / "encoder.json")
+    shipped = json.loads((REPO / "models" / "encoder.json").read_text())
+    shipped["preprocess"].update(photo_zooms=[0.7], photo_mirror=False)  # a card of one plain view
+    (tmp_path / "encoder.json").write_text(json.dumps(shipped))
     catalog = str(SAMPLE / "catalog.csv")
     assert main(["enroll", catalog, "--model", str(model), "--out", str(tmp_path / "views"),
                  "--photo-zooms", "1,0.7", "--photo-mirror", "--no-progress"]) == 0
