@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -99,8 +100,6 @@ def file_sha256(path: str | os.PathLike) -> str:
 def is_json_object_with(path: str | os.PathLike, keys: set[str]) -> bool:
     """Whether ``path`` holds a JSON object with every one of ``keys`` (how a command tells
     its own report.json from another's); False when it cannot be read or parsed."""
-    import json
-
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):

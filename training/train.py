@@ -259,11 +259,16 @@ def clear_run_folder(out: Path, earlier: list[Path]) -> Path | None:
         return None
     kept = out / REPLACED_RUN
     shutil.rmtree(kept, ignore_errors=True)
-    for path in earlier:
-        target = kept / path.relative_to(out)
+    _move_files(earlier, out, kept)
+    return kept
+
+
+def _move_files(files: list[Path], src: Path, dst: Path) -> None:
+    """Move each of ``files`` (all under ``src``) to the same place under ``dst``."""
+    for path in files:
+        target = dst / path.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         path.replace(target)
-    return kept
 
 
 def discard_unfinished_run(out: Path, *, made_folder: bool, kept: Path | None = None) -> None:
@@ -279,10 +284,7 @@ def discard_unfinished_run(out: Path, *, made_folder: bool, kept: Path | None = 
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
         if kept is not None and kept.is_dir():
-            for path in sorted(p for p in kept.rglob("*") if p.is_file()):
-                target = out / path.relative_to(kept)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                path.replace(target)
+            _move_files(sorted(p for p in kept.rglob("*") if p.is_file()), kept, out)
             shutil.rmtree(kept)
         for folder in (checkpoints, out) if made_folder else (checkpoints,):
             with contextlib.suppress(OSError):  # not empty: someone else's files stay

@@ -378,12 +378,11 @@ def build_app_class():
 
             def job():
                 record, photo = self.session.record_detail(record_id)
-                return record, photo, self.session.thumbnail(record.product_id)
+                original = self.session.thumbnail(record.product_id)  # unknown products raise here
+                return record, photo, original, self.session.bundle.product(record.product_id).name
 
             def ready(result):
-                record, photo, original = result
-                names = {p.product_id: p.name for p in self.session.bundle.products}
-                self.screens["record"].show(record, photo, original, names.get(record.product_id, record.product_id))
+                self.screens["record"].show(*result)
                 if asked == self._moves:
                     self._show("record")
 
