@@ -271,6 +271,7 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
     configure_kivy(size)
     from kivy.clock import Clock
     from kivy.core.window import Window
+    from kivy.uix.label import Label
 
     from auditlens.device_app.app.widgets import ACCENT
 
@@ -353,12 +354,38 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
             result["held"] = {"log_error": app.last_outcome.log_error, "decision": verdict_of()["decision"]}
             app.show_history()
 
+        def listed():  # History's rows, top first: (chip, first line, second line)
+            rows = list(reversed(app.screens["history"].grid.children))
+            return [[lab.text for lab in row.walk(restrict=True) if isinstance(lab, Label)] for row in rows]
+
+        def record_view():
+            screen = app.screens["record"]
+            return {"screen": app.sm.current, "title": screen.bar.title_label.text,
+                    "photo_shown": screen.photo.texture is not None,
+                    "original_shown": screen.original.texture is not None,
+                    "caption": screen.photo_caption.text,
+                    "details": [w.text for w in reversed(screen.details.children)]}
+
         @step
         def held_shown():
             screen = app.screens["history"]
             result["held"].update(screen=app.sm.current, label=screen.held.text, height=screen.held.height,
-                                  rows=len(app.session.history()))
+                                  rows=len(app.session.history()), listed=listed())
+            shot("6a-history-held")
+            screen.grid.children[-1].dispatch("on_release")  # the auditor taps the held verdict
+
+        @step
+        def held_opened():
+            result["held"]["view"] = record_view()
+            shot("6b-held-verdict")
             del app.session.log.append  # the disk has room again
+            (held,) = app.session.held_verdicts()
+            app.session.write_held()  # the log takes it (as a capture would)...
+            app.show_held(held.key)  # ...while History still lists it: tapped again
+
+        @step
+        def held_gone():
+            result["held"]["status_gone"] = app.screens["history"].status.text
             app.show_history()
 
         @step
@@ -373,7 +400,12 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
 
         @step
         def set_aside_shown():
-            result["held"].update(label_set_aside=app.screens["history"].held.text)
+            result["held"].update(label_set_aside=app.screens["history"].held.text, listed_set_aside=listed())
+            app.screens["history"].grid.children[-1].dispatch("on_release")
+
+        @step
+        def set_aside_opened():
+            result["held"]["view_set_aside"] = record_view()
     elif plan.get("mode") == "back_key":  # Android's Back key from each screen
         @step
         def back_from_camera():
@@ -601,6 +633,14 @@ def main(argv=None) -> int:
                 continue
             compact_png(Path(info["file"]), args.out / Path(info["file"]).name)
         print(size, json.dumps({k: result[k] for k in ("verdicts", "errors")}, indent=1))
+        if result["errors"]:
+            return 1
+    # History with a verdict the log could not take, and that verdict opened
+    (work / "plan-held.json").write_text(json.dumps(dict(demo, mode="held")))
+    for size in args.size or ["720x1280", "1280x800"]:
+        result = run_app_headless(work / "plan-held.json", work / f"held-{size}.db", work / f"held-{size}", size)
+        for info in result["screens"].values():
+            compact_png(Path(info["file"]), args.out / Path(info["file"]).name)
         if result["errors"]:
             return 1
     # the refusal screen: the same bundle with one byte of its latents flipped

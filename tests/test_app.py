@@ -210,6 +210,53 @@ def test_a_verdict_the_log_cannot_take_is_held_and_written_later(demo, tmp_path)
         session.close()
 
 
+def test_held_verdicts_are_listed_and_open_with_their_photo(demo, tmp_path):
+    """History lists what the log has not taken, newest first: a verdict held on disk, one
+    held only in memory (its folder could not be written) and a damaged file set aside;
+    each opens with its photo (none for the damaged one), and one the log has taken since
+    says so instead of showing stale data."""
+    from auditlens.device_app.auditlog import AuditLog
+    from auditlens.errors import AuditlensError
+
+    root, plan = demo
+    photo = (Path(plan["camera_dir"]) / plan["match_photo"]).read_bytes()
+    other = (Path(plan["camera_dir"]) / plan["mismatch_photo"]).read_bytes()
+    session = Session(Path(plan["bundle"]), tmp_path / "audit.db", auditor="Sam", device="t")
+    session.load()
+    try:
+        session.log.close()
+        session.held_dir.write_text("")  # a file where the held folder goes: held in memory
+        in_memory = session.verify(other, plan["product"])
+        assert "kept in memory" in in_memory.log_error and len(session.unlogged) == 1
+        session.held_dir.unlink()
+        on_disk = session.verify(photo, plan["product"])
+        (session.held_dir / "00000000000000000001-cut.unreadable").write_text("{truncated")
+
+        held, older, damaged = session.held_verdicts()
+        assert [h.state for h in (held, older, damaged)] == ["waiting", "in memory", "unreadable"]
+        assert older.decision == "no_match" and older.verdict == in_memory.verdict.to_dict()
+        assert held.decision == "match" and held.score == on_disk.verdict.score
+        assert held.judged_utc == on_disk.verdict.judged_utc and held.auditor == "Sam"
+        assert not held.set_aside and damaged.set_aside and damaged.verdict == {}
+        assert damaged.product_id == "?" and damaged.judged_utc.startswith("1970-01-01")
+
+        opened, image = session.held_detail(held.key)
+        assert opened == held and image.size == Image.open(io.BytesIO(photo)).size
+        opened, image = session.held_detail(older.key)
+        assert opened.verdict == older.verdict and image is not None
+        assert session.held_detail(damaged.key) == (damaged, None)
+
+        session.log = AuditLog(tmp_path / "audit.db", device="t")  # the log works again
+        assert session.write_held() == "" and session.check_log().records == 2
+        assert [h.state for h in session.held_verdicts()] == ["unreadable"]
+        with pytest.raises(AuditlensError, match="no longer held .* it is in History"):
+            session.held_detail(held.key)
+        with pytest.raises(AuditlensError, match="no longer held"):
+            session.held_detail("../audit.db")  # only files of the held folder are read
+    finally:
+        session.close()
+
+
 def test_a_held_verdict_survives_the_app_closing_and_is_written_once(demo, tmp_path):
     root, plan = demo
     photo = (Path(plan["camera_dir"]) / plan["match_photo"]).read_bytes()
@@ -650,11 +697,31 @@ def test_history_shows_verdicts_the_log_has_not_taken_yet(demo, tmp_path):
     assert held["decision"] == "match" and "disk is full" in held["log_error"]
     assert held["screen"] == "history" and held["rows"] == 0
     assert held["label"].startswith("1 verdict not yet in the audit log") and "disk is full" in held["label"]
+    # it is listed, marked HELD, and opens like a record: its photo beside the original
+    ((chip, top, bottom),) = held["listed"]
+    name = next(p["name"] for p in json.loads((Path(plan["bundle"]) / "products.json").read_text())
+                if p["product_id"] == plan["product"])
+    assert chip == "HELD" and top.startswith(f"{name}  (MATCH - score ") and "not in the audit log yet" in bottom
+    view = held["view"]
+    assert view["screen"] == "record" and view["title"] == "Held: MATCH"
+    assert view["photo_shown"] and view["original_shown"] and view["caption"] == "Photo held on this device"
+    assert view["details"][0] == f"{name}  ({plan['product']})" and view["details"][1].startswith("MATCH - score ")
+    assert view["details"][2].startswith("Not in the audit log yet")
+    assert any(f"kept in {tmp_path / '.audit.db.held'}/" in line for line in view["details"])
+    assert held["status_gone"].startswith("Held verdict could not be read: ")  # taken by the log meanwhile
+    assert held["status_gone"].endswith("no longer held (the audit log took it: it is in History)")
     assert held["label_after"] == "" and held["rows_after"] == 1 and held["waiting_after"] == 0
     assert held["height"] > 10 and held["height_after"] == 0  # no notice, no empty gap above the list
     # a held verdict the log refused stays on disk, and History says a person must look at it
     assert held["label_set_aside"].startswith("1 held verdict could not be written to the audit log")
     assert "a person must look at it" in held["label_set_aside"]
+    (chip, top, bottom), (record_chip, record_top, _) = held["listed_set_aside"]  # above the record
+    assert chip == "SET ASIDE" and "its verdict does not read" in top and "a person must look at it" in bottom
+    assert record_chip == "MATCH" and record_top == f"#1  {name}"
+    view = held["view_set_aside"]
+    assert view["title"] == "Set aside: UNKNOWN" and not view["photo_shown"]
+    assert "The audit log refused it as a record: a person must look at it." in view["details"]
+    assert "The held photo cannot be shown: its bytes do not decode." in view["details"]
 
 
 @needs_kivy

@@ -360,7 +360,7 @@ def build_app_class():
 
             def job():
                 why_held = self.session.write_held()  # verdicts the log could not take yet
-                held = (self.session.held(), why_held, self.session.set_aside())
+                held = (self.session.held_verdicts(), why_held)
                 records = self.session.history()
                 try:
                     return records, self.session.check_log(), "", held
@@ -374,35 +374,53 @@ def build_app_class():
 
         def show_record(self, record_id: int) -> None:
             """History's record view: the record and its stored photo, read on the worker."""
-            asked = self._moves
-
             def job():
                 record, photo = self.session.record_detail(record_id)
                 original = self.session.thumbnail(record.product_id)  # unknown products raise here
                 return record, photo, original, self.session.bundle.product(record.product_id).name
 
+            self._open_record(job, self.screens["record"].show, f"Record {record_id}")
+
+        def show_held(self, key: str) -> None:
+            """History's view of a verdict not in the log: the verdict and its photo."""
+            def job():
+                held, photo = self.session.held_detail(key)
+                try:
+                    name = self.session.bundle.product(held.product_id).name
+                except AuditlensError:  # held for a product this bundle does not carry
+                    name = held.product_id
+                where = "memory" if held.state == "in memory" else str(self.session.held_dir / held.key)
+                return held, photo, self.session.thumbnail(held.product_id), name, where
+
+            self._open_record(job, self.screens["record"].show_held, "Held verdict")
+
+        def _open_record(self, job, show, what: str) -> None:
+            """Read on the worker, then fill the record view with ``show(*result)`` and open
+            it, unless the auditor has moved on meanwhile; a failure is said on History."""
+            asked = self._moves
+
             def ready(result):
-                self.screens["record"].show(*result)
+                show(*result)
                 if asked == self._moves:
                     self._show("record")
 
             self.worker.submit(job, ready, lambda exc: setattr(
-                self.screens["history"].status, "text", f"Record {record_id} could not be read: {exc}"))
+                self.screens["history"].status, "text", f"{what} could not be read: {exc}"))
 
         def _open_history(self, asked: int) -> None:
             if asked == self._moves:
                 self._show("history")
 
         def _history_ready(self, result, asked: int):
-            records, report, error, (held, why_held, set_aside) = result
+            records, report, error, (held, why_held) = result
             names = {p.product_id: p.name for p in self.session.bundle.products}
             self.screens["history"].show(records, report, error, names, held=held, why_held=why_held,
-                                         set_aside=set_aside, held_dir=str(self.session.held_dir))
+                                         held_dir=str(self.session.held_dir))
             self._open_history(asked)
 
         def _history_failed(self, exc, asked: int):
             self.screens["history"].show([], None, f"History could not be read: {exc}", {},
-                                         held=self.session.held(), set_aside=self.session.set_aside(),
+                                         held=self.session.held_verdicts(),
                                          held_dir=str(self.session.held_dir))
             self._open_history(asked)
 

@@ -21,7 +21,7 @@ from kivy.uix.scrollview import ScrollView
 from kivy.uix.textinput import TextInput
 from kivy.uix.widget import Widget
 
-from auditlens.device_app.app.session import NO_MATCH_ADVICE, history_judgement
+from auditlens.device_app.app.session import NO_MATCH_ADVICE, HeldVerdict, history_judgement
 from auditlens.device_app.app.widgets import (
     ACCENT,
     AMBER,
@@ -515,32 +515,80 @@ class VerdictScreen(Screen):
 
 # -- history ----------------------------------------------------------------------------------
 class HistoryRow(ButtonBehavior, BgBox):
-    """One record in History; tap it to see the record with its photo."""
+    """One line of History: a chip with the decision, two lines of text; tap it to open."""
 
-    def __init__(self, record, name: str, **kw):
+    def __init__(self, chip: tuple[str, tuple, tuple], top: str, bottom: str, on_open, **kw):
         super().__init__(orientation="horizontal", size_hint_y=None, height=dp(70),
                          padding=dp(8), spacing=dp(10), bg=CARD, **kw)
-        self.record_id = record.id
-        self.bind(on_release=lambda *_: app().show_record(self.record_id))
-        word, colour, ink = DECISION_STYLE.get(record.decision, (record.decision, CARD, TEXT))
-        chip = BgBox(size_hint_x=None, width=dp(112), bg=colour)
-        chip.add_widget(Label(text=word, bold=True, font_size=FONT_SMALL, color=ink))
-        self.add_widget(chip)
+        self.bind(on_release=lambda *_: on_open())
+        word, colour, ink = chip
+        badge = BgBox(size_hint_x=None, width=dp(112), bg=colour)
+        badge.add_widget(Label(text=word, bold=True, font_size=FONT_SMALL, color=ink))
+        self.add_widget(badge)
         lines = BoxLayout(orientation="vertical")
-        try:
-            when = datetime.fromisoformat(record.created_utc.replace("Z", "+00:00"))
-            stamp = when.strftime("%Y-%m-%d %H:%M:%S UTC")
-        except ValueError:
-            stamp = record.created_utc
-        top = Label(text=f"#{record.id}  {name}", font_size=FONT, bold=True, color=TEXT,
-                    shorten=True, shorten_from="right")
-        bottom = Label(text=f"{stamp} - {history_judgement(record)} - {record.auditor or 'no auditor'}",
-                       font_size=FONT_SMALL, color=MUTED, shorten=True, shorten_from="right")
-        for lab in (top, bottom):
+        self.top_label = Label(text=top, font_size=FONT, bold=True, color=TEXT, shorten=True,
+                               shorten_from="right")
+        bottom_label = Label(text=bottom, font_size=FONT_SMALL, color=MUTED, shorten=True,
+                             shorten_from="right")
+        for lab in (self.top_label, bottom_label):
             lab.halign, lab.valign = "left", "middle"
             lab.bind(size=lambda w, *_: setattr(w, "text_size", w.size))
             lines.add_widget(lab)
         self.add_widget(lines)
+
+
+def judgement(item) -> str:
+    """:func:`history_judgement` of a record or a held verdict; a held file whose verdict
+    does not read has none."""
+    if isinstance(item, HeldVerdict) and not item.verdict:
+        return "its verdict does not read"
+    return history_judgement(item)
+
+
+def utc_stamp(iso: str) -> str:
+    """An ISO time as History shows it (as given when it does not parse)."""
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:
+        return iso
+
+
+def record_row(record, name: str) -> HistoryRow:
+    """A record of the log; tap it for the record with its photo."""
+    record_id = record.id
+    return HistoryRow(DECISION_STYLE.get(record.decision, (record.decision, CARD, TEXT)),
+                      f"#{record.id}  {name}",
+                      f"{utc_stamp(record.created_utc)} - {judgement(record)} - "
+                      f"{record.auditor or 'no auditor'}",
+                      lambda: app().show_record(record_id))
+
+
+HELD_STYLE = {"waiting": ("HELD", AMBER, DARK_TEXT), "in memory": ("HELD", AMBER, DARK_TEXT),
+              "refused": ("SET ASIDE", RED, TEXT), "unreadable": ("SET ASIDE", RED, TEXT)}
+"""A held verdict's chip: waiting for the log, or set aside for a person."""
+
+
+HELD_ROWS = 200
+"""History lists at most this many held verdicts (its notice counts them all)."""
+
+
+def held_summary(held) -> str:
+    """What a held verdict's row and record view say of it, after its judgement."""
+    return {"waiting": "not in the audit log yet: written when the log works again",
+            "in memory": "not in the audit log yet, and kept in memory only: lost if the app closes",
+            "refused": "the audit log refused it as a record: a person must look at it",
+            "unreadable": "its held file is damaged: a person must look at it"}[held.state]
+
+
+def held_row(held, name: str) -> HistoryRow:
+    """A verdict the log has not taken; tap it for the verdict with its photo."""
+    word, colour, ink = HELD_STYLE[held.state]
+    judged = (DECISION_STYLE.get(held.decision, (held.decision,))[0] + " - " + judgement(held)
+              if held.verdict else judgement(held))
+    key = held.key
+    return HistoryRow((word, colour, ink), f"{name}  ({judged})",
+                      f"{utc_stamp(held.judged_utc)} - {held_summary(held)}",
+                      lambda: app().show_held(key))
 
 
 class HistoryScreen(Screen):
@@ -573,16 +621,20 @@ class HistoryScreen(Screen):
         root.add_widget(body)
         self.add_widget(root)
 
-    def show(self, records, report, error: str, names: dict, held: int = 0, why_held: str = "",
-             set_aside: int = 0, held_dir: str = "") -> None:
-        """The log's records and chain check; ``held``: verdicts judged on this device that
-        the log has not taken yet (kept on the device and written when it works again);
-        ``set_aside``: held verdicts the log refused or that could not be read back, kept
-        in ``held_dir`` for a person (no later capture writes them)."""
+    def show(self, records, report, error: str, names: dict, held=(), why_held: str = "",
+             held_dir: str = "") -> None:
+        """The log's records and chain check, after ``held``: the verdicts judged on this
+        device that are not in the log (:class:`~auditlens.device_app.app.session.HeldVerdict`,
+        newest first), those waiting (kept on the device, written when the log works
+        again) and those set aside in ``held_dir`` for a person (the log refused them, or
+        their file is damaged: no later capture writes them)."""
+        set_aside = sum(h.set_aside for h in held)
+        waiting = len(held) - set_aside
         lines = []
-        if held:
-            lines.append(f"{held} verdict{'s' if held != 1 else ''} not yet in the audit log "
-                         f"(kept on this device, written when the log works again; not in exports)"
+        if waiting:
+            lines.append(f"{waiting} verdict{'s' if waiting != 1 else ''} not yet in the audit log "
+                         f"(kept on this device, written when the log works again; listed first, "
+                         f"marked HELD; not in exports)"
                          + (f": {why_held}" if why_held else ""))
         if set_aside:
             one = set_aside == 1
@@ -598,7 +650,7 @@ class HistoryScreen(Screen):
             self.chain_label.color = DARK_TEXT
             self.chain_label.text = (f"Records verify ({report.records}), but: "
                                      + "; ".join(report.warnings or ("the append-only guards are missing",)))
-            return self._rows(records, names)
+            return self._rows(records, held, names)
         else:
             self.chain.bg = (0.10, 0.30, 0.18, 1)
             self.chain_label.text = (f"Hash chain intact: {report.records} records"
@@ -606,13 +658,15 @@ class HistoryScreen(Screen):
                                         if len(records) < report.records else "")
                                      + f"\nhead {report.head_hash[:16]}...  log {report.log_id[:8]}")
         self.chain_label.color = TEXT
-        self._rows(records, names)
+        self._rows(records, held, names)
 
-    def _rows(self, records, names: dict) -> None:
+    def _rows(self, records, held, names: dict) -> None:
         self.grid.clear_widgets()
+        for h in held[:HELD_ROWS]:  # not in the log yet: above its newest record
+            self.grid.add_widget(held_row(h, names.get(h.product_id, h.product_id)))
         for r in records:
-            self.grid.add_widget(HistoryRow(r, names.get(r.product_id, r.product_id)))
-        if not records:
+            self.grid.add_widget(record_row(r, names.get(r.product_id, r.product_id)))
+        if not records and not held:
             self.grid.add_widget(WrapLabel(text="No verifications yet.", color=MUTED))
 
     def exported(self, path) -> None:
@@ -641,6 +695,7 @@ class RecordScreen(Screen):
         root.add_widget(self.bar)
         self.body = ResponsiveBox(spacing=dp(10), padding=dp(10))
         pics, self.original, self.photo = side_by_side("Photo on record")
+        self.photo_caption = self.photo.parent.children[0]  # the label under the photo
         self.body.add_widget(pics)
         view, self.details = scroll_list(spacing=8)
         self.body.add_widget(view)
@@ -648,23 +703,48 @@ class RecordScreen(Screen):
         self.add_widget(root)
 
     def show(self, record, photo, original, name: str) -> None:
-        word = DECISION_STYLE.get(record.decision, (record.decision,))[0]
-        self.bar.title_label.text = f"Record #{record.id}: {word}"
-        self.original.texture = pil_to_texture(original) if original is not None else None
-        self.photo.texture = pil_to_texture(photo) if photo is not None else None
-        d = self.details
-        d.clear_widgets()
-        d.add_widget(WrapLabel(text=f"{name}  ({record.product_id})", font_size=FONT_BIG, bold=True))
-        d.add_widget(WrapLabel(text=f"{word} - {history_judgement(record)}", font_size=FONT, bold=True))
-        for reason in record.reasons if record.decision == "retake" else ():  # why not judged, in full
-            d.add_widget(WrapLabel(text=f"- {reason}", font_size=FONT))
+        """A record of the log."""
+        self._head(f"Record #{record.id}", record, photo, original, name, "Photo on record")
         for line in (f"{record.created_utc} - auditor {record.auditor or '(none)'} - device "
                      f"{record.device or '(none)'}",
                      f"model {record.model_id[:16]} - bundle {str(record.verdict_value('bundle_id', '?'))[:16]}",
                      f"photo sha256 {record.photo_sha256[:16]}... - record hash {record.record_hash[:16]}..."
                      + (f" - signed by {record.signer}" if record.signer else "")):
+            self.details.add_widget(WrapLabel(text=line, font_size=FONT_SMALL, color=MUTED))
+        if photo is None:
+            self.details.add_widget(WrapLabel(
+                text="The stored photo cannot be shown (its bytes are kept as they came; "
+                     "verify-log --export-photos exports them).", font_size=FONT_SMALL, color=AMBER))
+
+    def show_held(self, held, photo, original, name: str, where: str) -> None:
+        """A verdict not in the log (a :class:`~auditlens.device_app.app.session.HeldVerdict`),
+        kept ``where`` (its file, or "memory")."""
+        self._head(HELD_STYLE[held.state][0].capitalize(), held, photo, original, name,
+                   "Photo held on this device")
+        d = self.details
+        summary = held_summary(held)
+        d.add_widget(WrapLabel(text=summary[0].upper() + summary[1:] + ".", font_size=FONT,
+                               color=RED if held.set_aside else AMBER))
+        v = held.verdict
+        for line in (f"judged {held.judged_utc or '?'} - auditor {held.auditor or '(none)'}",
+                     f"model {str(v.get('model_id', '?'))[:16]} - bundle {str(v.get('bundle_id', '?'))[:16]}",
+                     f"photo sha256 {str(v.get('photo_sha256', '?'))[:16]}... - kept in {where}"):
             d.add_widget(WrapLabel(text=line, font_size=FONT_SMALL, color=MUTED))
         if photo is None:
-            d.add_widget(WrapLabel(text="The stored photo cannot be shown (its bytes are kept as they "
-                                        "came; verify-log --export-photos exports them).",
+            d.add_widget(WrapLabel(text="The held photo cannot be shown: its bytes do not decode.",
                                    font_size=FONT_SMALL, color=AMBER))
+
+    def _head(self, title: str, item, photo, original, name: str, caption: str) -> None:
+        """The title, the two pictures, the product and the judgement of a record or a
+        held verdict (both carry decision, product id, score, threshold and reasons)."""
+        word = DECISION_STYLE.get(item.decision, (item.decision.upper(),))[0]
+        self.bar.title_label.text = f"{title}: {word}"
+        self.photo_caption.text = caption
+        self.original.texture = pil_to_texture(original) if original is not None else None
+        self.photo.texture = pil_to_texture(photo) if photo is not None else None
+        d = self.details
+        d.clear_widgets()
+        d.add_widget(WrapLabel(text=f"{name}  ({item.product_id})", font_size=FONT_BIG, bold=True))
+        d.add_widget(WrapLabel(text=f"{word} - {judgement(item)}", font_size=FONT, bold=True))
+        for reason in item.reasons if item.decision == "retake" else ():  # why not judged, in full
+            d.add_widget(WrapLabel(text=f"- {reason}", font_size=FONT))

@@ -55,6 +55,62 @@ class Outcome:
     next time the log accepts a record."""
 
 
+@dataclass(frozen=True)
+class HeldVerdict:
+    """A verdict judged on this device that is not in the audit log: waiting for it (a
+    file in :attr:`Session.held_dir`, or memory when that could not be written), or set
+    aside for a person (the log refused it, or its file is damaged). It reads like an
+    :class:`AuditRecord` where History lists it."""
+
+    key: str
+    """Its file's name in :attr:`Session.held_dir`, or ``memory:N`` (held in memory)."""
+    state: str
+    """``waiting``, ``in memory``, ``refused`` or ``unreadable``."""
+    held_ns: int
+    """When it was held (ns since the epoch; 0 when its file's name does not say)."""
+    verdict: dict
+    """The verdict as it would be logged ({} when its file does not read)."""
+    auditor: str = ""
+
+    @property
+    def set_aside(self) -> bool:
+        """Whether no later capture writes it: a person must look at it."""
+        return self.state in ("refused", "unreadable")
+
+    def _field(self, name: str, kind: type | tuple[type, ...], default):
+        """A verdict field of the type expected, else ``default`` (a damaged file still lists)."""
+        value = self.verdict.get(name, default)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else default
+
+    @property
+    def product_id(self) -> str:
+        return self._field("product_id", str, "?")
+
+    @property
+    def decision(self) -> str:
+        return self._field("decision", str, "unknown")
+
+    @property
+    def score(self) -> float:
+        return float(self._field("score", (int, float), float("nan")))
+
+    @property
+    def threshold(self) -> float:
+        return float(self._field("threshold", (int, float), float("nan")))
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(str(r) for r in self._field("reasons", list, []))
+
+    @property
+    def judged_utc(self) -> str:
+        """When it was judged (the verdict's time; else the time it was held)."""
+        stamp = self._field("judged_utc", str, "")
+        if stamp or not self.held_ns:
+            return stamp
+        return datetime.fromtimestamp(self.held_ns / 1e9, timezone.utc).isoformat(timespec="seconds")
+
+
 @dataclass
 class Session:
     """An auditor's session on the device: a verified bundle, a verifier and a log."""
@@ -277,6 +333,32 @@ class Session:
             except _LOG_ERRORS as exc:
                 return str(exc)
 
+    def held_verdicts(self) -> list[HeldVerdict]:
+        """The verdicts not in the log, newest first: those waiting and those set aside,
+        for History to list beside the records."""
+        with self._lock:
+            items = [HeldVerdict(f"memory:{ns}", "in memory", ns, verdict.to_dict(), auditor)
+                     for ns, verdict, _photo, auditor in self.unlogged]
+            files = self.held_dir.iterdir() if self.held_dir.is_dir() else ()
+            items += [_held_file(path)[0] for path in files if path.suffix in _HELD_STATES]
+        items.sort(key=lambda h: (h.held_ns, h.key), reverse=True)
+        return items
+
+    def held_detail(self, key: str) -> tuple[HeldVerdict, Image.Image | None]:
+        """One held verdict (a :meth:`held_verdicts` key) and its photo, for History's
+        record view (the photo None when it does not decode). Raises AuditlensError when
+        it is held no longer: the log took it meanwhile (it is a record now)."""
+        with self._lock:
+            for ns, verdict, photo, auditor in self.unlogged:
+                if key == f"memory:{ns}":
+                    return (HeldVerdict(key, "in memory", ns, verdict.to_dict(), auditor),
+                            _screen_image(photo))
+            path = self.held_dir / Path(key).name
+            if path.suffix not in _HELD_STATES or not path.is_file():
+                raise AuditlensError(f"{key}: no longer held (the audit log took it: it is in History)")
+            held, photo = _held_file(path)
+            return held, _screen_image(photo)
+
     def _hold(self, verdict: Verdict, photo: bytes, auditor: str) -> str:
         """Keep a verdict for later in :attr:`held_dir`; returns a note for the auditor."""
         import base64
@@ -317,12 +399,8 @@ class Session:
         import base64
         import json
 
-        def held_at(path: Path) -> int:  # NNN-sha.json: the time it was held, in ns
-            stamp = path.name.split("-", 1)[0]
-            return int(stamp) if stamp.isdigit() else 0
-
         files = sorted(self.held_dir.glob("*.json")) if self.held_dir.is_dir() else []
-        queue = [(held_at(p), p) for p in files] + [(entry[0], entry) for entry in self.unlogged]
+        queue = [(_held_at(p), p) for p in files] + [(entry[0], entry) for entry in self.unlogged]
         for _, item in sorted(queue, key=lambda t: t[0]):
             if isinstance(item, Path):
                 try:
@@ -332,7 +410,7 @@ class Session:
                 except (OSError, ValueError, KeyError, TypeError):
                     item.replace(item.with_suffix(UNREADABLE))
                     continue
-                signed = self._signed_by_this_device(held, photo, held_at(item))
+                signed = self._signed_by_this_device(held, photo, _held_at(item))
                 if signed is False:
                     item.replace(item.with_suffix(REFUSED))
                     continue
@@ -393,12 +471,7 @@ class Session:
         assert self.log is not None
         with self._lock:
             record, photo = self.log.record(record_id), self.log.photo(record_id)
-        try:
-            image = Image.open(io.BytesIO(photo))
-            image.draft("RGB", (640, 640))  # a screen's worth, not the stored 1600 px
-            return record, image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return record, None
+        return record, _screen_image(photo)
 
     def history(self, limit: int = 200) -> list[AuditRecord]:
         """The newest ``limit`` records of the log (verdicts still held are not among
@@ -439,6 +512,48 @@ def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
     out = io.BytesIO()
     image.convert("RGB").save(out, "JPEG", quality=quality)
     return out.getvalue()
+
+
+def _held_at(path: Path) -> int:
+    """When a held file's verdict was held, in ns: its name's leading number (0 if none)."""
+    stamp = path.name.split("-", 1)[0]
+    return int(stamp) if stamp.isdigit() else 0
+
+
+_HELD_STATES = {".json": "waiting", REFUSED: "refused", UNREADABLE: "unreadable"}
+"""A held file's state by its suffix."""
+
+
+def _held_file(path: Path) -> tuple[HeldVerdict, bytes | None]:
+    """A held file as History lists it, and its photo's bytes (None when they do not read:
+    a damaged file is still listed, with what of it reads)."""
+    import base64
+    import json
+
+    try:
+        held = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        held = {}
+    held = held if isinstance(held, dict) else {}
+    verdict = held.get("verdict") if isinstance(held.get("verdict"), dict) else {}
+    entry = HeldVerdict(path.name, _HELD_STATES[path.suffix], _held_at(path), verdict,
+                        str(held.get("auditor", "")))
+    try:
+        return entry, base64.b64decode(held.get("photo", ""), validate=True) or None
+    except (ValueError, TypeError):
+        return entry, None
+
+
+def _screen_image(photo: bytes | None) -> Image.Image | None:
+    """A stored photo decoded to a screen's worth of pixels; None when it does not decode."""
+    if not photo:
+        return None
+    try:
+        image = Image.open(io.BytesIO(photo))
+        image.draft("RGB", (640, 640))  # a screen's worth, not the stored 1600 px
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _held_message(verdict: dict, auditor: str, photo: bytes, log_id: str, held_ns: int) -> bytes:
