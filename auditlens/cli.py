@@ -141,6 +141,10 @@ def _add_enroll(p: argparse.ArgumentParser) -> None:
                    "(default: the model card's; other views need 'auditlens calibrate')")
     p.add_argument("--photo-mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="add the mirror image of each view (default: the model card's)")
+    p.add_argument("--photo-shift", type=_shift, default=None, metavar="SHARE",
+                   help="also embed each zoom's box moved left, right, up and down by this share of "
+                   "the crop box's side, e.g. 0.15 with zoom 0.7 (five times the encoder runs; "
+                   "0: none; default: the model card's; other views need 'auditlens calibrate')")
     p.add_argument("--sign-key", type=Path, default=None, metavar="publisher.key",
                    help="Ed25519 private key (PEM) to sign the bundle")
     p.add_argument("--drop-signature", action="store_true",
@@ -162,6 +166,18 @@ def _zooms(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _shift(text: str) -> float:
+    from auditlens.device_app.preprocess import MAX_PHOTO_SHIFT
+
+    try:
+        shift = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the shift must be a number, not {text!r}") from None
+    if not 0.0 <= shift <= MAX_PHOTO_SHIFT:
+        raise argparse.ArgumentTypeError(f"the shift must be within 0..{MAX_PHOTO_SHIFT}, not {shift:g}")
+    return shift
+
+
 def _run_enroll(args) -> int:
     from auditlens.catalog import open_catalog, read_labelled_photos, unchecked_verdicts
     from auditlens.export.enroll import EnrollOptions, enroll
@@ -173,7 +189,8 @@ def _run_enroll(args) -> int:
         print(f"auditlens: warning: --references {args.references}: {unchecked}", file=sys.stderr)
     out = enroll(catalog, args.out, model=args.model, extra_references=extras,
                  options=EnrollOptions(threshold=args.threshold, progress=not args.no_progress,
-                                       photo_zooms=args.photo_zooms, photo_mirror=args.photo_mirror),
+                                       photo_zooms=args.photo_zooms, photo_mirror=args.photo_mirror,
+                                       photo_shift=args.photo_shift),
                  signing_key=args.sign_key.read_bytes() if args.sign_key else None,
                  drop_signature=args.drop_signature,
                  warn=lambda message: print(f"auditlens: warning: {message}", file=sys.stderr))
@@ -439,10 +456,14 @@ def _describe_views(spec) -> str:
     zooms = [f"the {frame}" if z == 1.0 else f"the middle {100 * z:.3g}% (of each side) of the {frame}"
              for z in spec.photo_zooms]
     n = spec.num_views
+    shifted = len(zooms) > 1 or spec.photo_shift
+    each = "each " if len(zooms) > 1 else ""
+    shift = (f", {each}also moved left, right, up and down by {100 * spec.photo_shift:.3g}% of "
+             f"the {frame}'s side" if spec.photo_shift else "")
     mirror = ("" if not spec.photo_mirror else
-              ", and its mirror image" if len(zooms) == 1 else ", each with its mirror image")
+              ", each with its mirror image" if shifted else ", and its mirror image")
     return (f"each embedded as {n} view{'s, averaged' if n != 1 else ''}: "
-            + ", ".join(zooms) + mirror)
+            + ", ".join(zooms) + shift + mirror)
 
 
 # -- demo ----------------------------------------------------------------------------

@@ -73,6 +73,9 @@ class EnrollOptions:
     model card's. A bundle whose views differ from the card's is not calibrated."""
     photo_mirror: bool | None = None
     """Add mirror images to a photo's views; default: the model card's."""
+    photo_shift: float | None = None
+    """Add shifted copies of each zoom's box (``PreprocessSpec.photo_shift``); default: the
+    model card's."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -204,6 +207,7 @@ def enroll(
         card_spec,
         photo_zooms=card_spec.photo_zooms if options.photo_zooms is None else tuple(options.photo_zooms),
         photo_mirror=card_spec.photo_mirror if options.photo_mirror is None else options.photo_mirror,
+        photo_shift=card_spec.photo_shift if options.photo_shift is None else options.photo_shift,
     )
 
     if warn and not card:

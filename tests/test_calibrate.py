@@ -227,20 +227,23 @@ def test_model_card_takes_the_views_it_was_calibrated_with(tmp_path, capsys):
     (tmp_path / "encoder.json").write_text(json.dumps(shipped))
     catalog = str(SAMPLE / "catalog.csv")
     assert main(["enroll", catalog, "--model", str(model), "--out", str(tmp_path / "views"),
-                 "--photo-zooms", "1,0.7", "--photo-mirror", "--no-progress"]) == 0
+                 "--photo-zooms", "0.8,0.7", "--photo-mirror", "--photo-shift", "0.1", "--no-progress"]) == 0
     assert main(["calibrate", "-b", str(tmp_path / "views"), "--photos", str(SAMPLE / "photos.csv"),
                  "--target-far", "0.1", "--model-card", str(tmp_path / "encoder.json"), "--no-progress",
                  "--allow-few-photos"]) == 0
     card = json.loads((tmp_path / "encoder.json").read_text())
-    assert card["preprocess"]["photo_zooms"] == [1.0, 0.7] and card["preprocess"]["photo_mirror"] is True
+    assert card["preprocess"]["photo_zooms"] == [0.8, 0.7] and card["preprocess"]["photo_mirror"] is True
+    assert card["preprocess"]["photo_shift"] == 0.1
     out = capsys.readouterr().out  # the card's views changed: said, as every enrolment follows them
-    assert "and the calibrated bundle's photo_zooms: (0.7,) -> (1.0, 0.7) (bundles enrolled" in out
+    assert "and the calibrated bundle's photo_zooms: (0.7,) -> (0.8, 0.7) (bundles enrolled" in out
     assert "and the calibrated bundle's photo_mirror: False -> True" in out
+    assert "and the calibrated bundle's photo_shift: 0.0 -> 0.1" in out
     assert card["preprocess"]["input_size"] == 128  # the rest of the card is kept
 
     assert main(["enroll", catalog, "--model", str(model), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
     again = ReferenceBundle.load(tmp_path / "again")
-    assert again.spec.photo_zooms == (1.0, 0.7) and again.spec.photo_mirror
+    assert again.spec.photo_zooms == (0.8, 0.7) and again.spec.photo_mirror and again.spec.photo_shift == 0.1
+    assert again.spec.num_views == 20
     assert again.threshold == ReferenceBundle.load(tmp_path / "views").threshold
     assert again.manifest["decision"]["target_far"] == 0.1
     capsys.readouterr()

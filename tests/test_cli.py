@@ -268,6 +268,18 @@ def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_ph
                                                                               check_rc=0).stdout
     bad = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "bad", "--photo-zooms", "0.8,0.2", check_rc=2)
     assert "photo_zooms must be one or more zooms within 0.3..1.0" in bad.stderr and "Traceback" not in bad.stderr
+    # shifted copies of the card's 0.7 view: ten views, not calibrated
+    shifted = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "shifted", "--no-progress",
+                  "--photo-shift", "0.15", check_rc=0)
+    assert "not calibrated" in shifted.stderr and ReferenceBundle.load(tmp_path / "shifted").spec.num_views == 10
+    assert ("photos     each embedded as 10 views, averaged: the middle 70% (of each side) of the centred "
+            "square, also moved left, right, up and down by 15% of the centred square's side, each with "
+            "its mirror image") in run("info", tmp_path / "shifted", check_rc=0).stdout
+    outside = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "bad", "--photo-shift", "0.2", check_rc=2)
+    assert "keep every shifted box inside the crop box" in outside.stderr and not (tmp_path / "bad").exists()
+    for text, said in (("x", "must be a number, not 'x'"), ("0.5", "must be within 0..0.35, not 0.5")):
+        wrong = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "bad", "--photo-shift", text, check_rc=2)
+        assert f"--photo-shift: the shift {said}" in wrong.stderr
 
 
 @needs_signing
@@ -591,3 +603,7 @@ def test_info_describes_single_views_and_the_whole_frame():
             == "each embedded as 1 view: the middle 67.5% (of each side) of the whole frame")
     assert (_describe_views(PreprocessSpec(64, photo_mirror=True))
             == "each embedded as 2 views, averaged: the centred square, and its mirror image")
+    assert (_describe_views(PreprocessSpec(64, crop="full", photo_zooms=(0.8, 0.5), photo_shift=0.1))
+            == "each embedded as 10 views, averaged: the middle 80% (of each side) of the whole frame, "
+               "the middle 50% (of each side) of the whole frame, each also moved left, right, up and "
+               "down by 10% of the whole frame's side")

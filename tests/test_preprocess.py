@@ -77,6 +77,50 @@ def test_photo_views_are_the_plain_input_its_mirror_and_a_centred_zoom():
     np.testing.assert_array_equal(alone[0], views[2])
 
 
+def test_shifted_views_move_the_zoom_box_left_right_up_and_down():
+    """``photo_shift``: each zoom's centred box, then that box moved by the share of the
+    crop box's side, left, right, up, down, each with its mirror; the boxes stay inside."""
+    spec = PreprocessSpec(40, photo_zooms=(0.5,), photo_mirror=True, photo_shift=0.25)
+    assert spec.num_views == 10
+    # a 200x100 photo: its centred square is x 50..150; each quarter of the square has a colour
+    image = Image.new("RGB", (200, 100), (0, 0, 0))
+    quarters = {"left": ((50, 25, 75, 75), (220, 0, 0)), "right": ((125, 25, 150, 75), (0, 220, 0)),
+                "top": ((75, 0, 125, 25), (0, 0, 220)), "bottom": ((75, 75, 125, 100), (220, 220, 0))}
+    for box, colour in quarters.values():
+        image.paste(colour, box)
+    image.paste((255, 255, 255), (75, 25, 125, 75))  # the centre
+    views = to_photo_views(image, spec)
+    assert views.shape == (10, 40, 40, 3)
+    for k in range(0, 10, 2):
+        np.testing.assert_array_equal(views[k + 1], views[k][:, ::-1])
+    centre, left, right, up, down = (views[k].astype(int) for k in range(0, 10, 2))
+    inner = slice(3, -3)  # away from the box's edges, which the resize blends with what is outside
+
+    def near(pixels, colour):
+        return np.abs(pixels - colour).max() <= 3
+
+    assert near(centre[inner, inner], (255, 255, 255))  # the middle half of the square: white
+    # moved left by a quarter of the side: the box's left half is the left quarter, its right half white
+    assert near(left[inner, 3:17], (220, 0, 0)) and near(left[inner, 23:-3], (255, 255, 255))
+    assert near(right[inner, 23:-3], (0, 220, 0)) and near(right[inner, 3:17], (255, 255, 255))
+    assert near(up[3:17, inner], (0, 0, 220)) and near(up[23:-3, inner], (255, 255, 255))
+    assert near(down[23:-3, inner], (220, 220, 0)) and near(down[3:17, inner], (255, 255, 255))
+    # no shift: the centred views alone, as before
+    plain = to_photo_views(image, PreprocessSpec(40, photo_zooms=(0.5,), photo_mirror=True))
+    np.testing.assert_array_equal(plain, views[:2])
+    # a shifted box must stay inside the crop box; a shift is a number; a manifest keeps it
+    for zooms, shift in (((0.7,), 0.2), ((1.0,), 0.05), ((0.5,), -0.1), ((0.3,), 0.4)):
+        with pytest.raises(ValueError, match="photo_shift"):
+            PreprocessSpec(96, photo_zooms=zooms, photo_shift=shift)
+    with pytest.raises(ValueError, match="photo_shift .* is not a number"):
+        PreprocessSpec.from_dict({"input_size": 96, "photo_zooms": [0.7], "photo_shift": "0.15"})
+    with pytest.raises(ValueError, match="encoder runs a photo, more than 20"):
+        PreprocessSpec(96, photo_zooms=(0.7, 0.6, 0.5), photo_mirror=True, photo_shift=0.15)
+    shifted = PreprocessSpec(96, photo_zooms=(0.7,), photo_mirror=True, photo_shift=0.15)
+    assert PreprocessSpec.from_dict(shifted.to_dict()) == shifted and shifted.to_dict()["photo_shift"] == 0.15
+    assert PreprocessSpec.from_dict({"input_size": 96}).photo_shift == 0.0  # older manifests: none
+
+
 def test_pooled_views_are_the_normalised_mean():
     rng = np.random.default_rng(0)
     unit = rng.normal(size=(6, 8)).astype(np.float32)

@@ -356,7 +356,8 @@ def calibrate(
     else:
         decision_written_to = None
     decision["_written_to"] = decision_written_to
-    decision["_views"] = {"photo_zooms": list(b.spec.photo_zooms), "photo_mirror": b.spec.photo_mirror}
+    decision["_views"] = {"photo_zooms": list(b.spec.photo_zooms), "photo_mirror": b.spec.photo_mirror,
+                          "photo_shift": b.spec.photo_shift}
     decision["_was_signed"] = signed
     return decision
 
@@ -390,7 +391,7 @@ def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str
     """Store ``decision`` in a model card (``models/encoder.json``) under ``"decision"``,
     so that `auditlens enroll` writes it into every bundle made with that model.
 
-    ``views``: the calibrated bundle's ``photo_zooms`` and ``photo_mirror``. A threshold
+    ``views``: the calibrated bundle's ``photo_zooms``, ``photo_mirror`` and ``photo_shift``. A threshold
     holds only for photos embedded as the calibration embedded them, and `enroll` applies
     the card's decision only to bundles with the card's views, so the card takes them too.
 
