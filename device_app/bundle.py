@@ -57,6 +57,14 @@ FORMAT = "auditlens-bundle"
 FORMAT_VERSION = 1
 """Bumped whenever a reader of the previous version would misread a new bundle."""
 
+SHIFTED_FORMAT_VERSION = 2
+"""The version of a bundle whose photo views include shifted copies (``photo_shift``):
+a reader of version 1 would embed its photos without them and apply a threshold
+calibrated for other views, so it must refuse the bundle. Bundles without a shift keep
+version 1, which every reader reads."""
+
+READABLE_VERSIONS = (FORMAT_VERSION, SHIFTED_FORMAT_VERSION)
+
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 MODEL_FILE = "model.tflite"
@@ -388,10 +396,11 @@ class ReferenceBundle:
             raise BundleFormatError(f"{path}: not an auditlens bundle (manifest format is "
                                     f"{manifest.get('format') if isinstance(manifest, dict) else '?'!r})")
         version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise BundleFormatError(
-                f"{path}: bundle format version {version!r}, this auditlens reads version "
-                f"{FORMAT_VERSION}; re-run `auditlens enroll` with this version to rebuild it"
+                f"{path}: bundle format version {version!r}, this auditlens reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; re-run `auditlens enroll` with this "
+                "version to rebuild it"
             )
 
         signed_by = None
@@ -433,7 +442,9 @@ class ReferenceBundle:
                 )
             references = _load_npy(contents[REFERENCES_FILE], path)
             products = [ProductRecord.from_dict(d) for d in json.loads(contents[PRODUCTS_FILE])]
-            PreprocessSpec.from_dict(manifest["preprocess"])
+            if PreprocessSpec.from_dict(manifest["preprocess"]).photo_shift and version < SHIFTED_FORMAT_VERSION:
+                raise ValueError(f"photo_shift needs bundle format version {SHIFTED_FORMAT_VERSION}, "
+                                 f"not {version}")
         except ModelMismatchError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, EOFError, OSError,
@@ -606,7 +617,7 @@ def write_bundle(
                                       indent=1).encode("utf-8")
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": SHIFTED_FORMAT_VERSION if spec.photo_shift else FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "auditlens_version": auditlens.__version__,
         "model": {"file": MODEL_FILE, "id": model_id},

@@ -86,8 +86,12 @@ class PreprocessSpec:
         return len(self.photo_zooms) * (5 if self.photo_shift else 1) * (2 if self.photo_mirror else 1)
 
     def to_dict(self) -> dict:
+        """The spec as a manifest or model card stores it; ``photo_shift`` only when set, so
+        a spec without it reads the same to a reader that predates it."""
         d = asdict(self)
         d["photo_zooms"] = list(self.photo_zooms)
+        if not self.photo_shift:
+            del d["photo_shift"]
         return d
 
     @classmethod

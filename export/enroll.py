@@ -203,17 +203,24 @@ def enroll(
     except (ValueError, KeyError, TypeError, BundleFormatError) as exc:
         raise ModelError(f"the model card beside {model_path} is not usable ({exc!s}); repair it, or "
                          "move it away to go on without one") from exc
-    spec = replace(
-        card_spec,
-        photo_zooms=card_spec.photo_zooms if options.photo_zooms is None else tuple(options.photo_zooms),
-        photo_mirror=card_spec.photo_mirror if options.photo_mirror is None else options.photo_mirror,
-        photo_shift=card_spec.photo_shift if options.photo_shift is None else options.photo_shift,
-    )
+    try:
+        spec = replace(
+            card_spec,
+            photo_zooms=card_spec.photo_zooms if options.photo_zooms is None else tuple(options.photo_zooms),
+            photo_mirror=card_spec.photo_mirror if options.photo_mirror is None else options.photo_mirror,
+            photo_shift=card_spec.photo_shift if options.photo_shift is None else options.photo_shift,
+        )
+    except ValueError as exc:  # e.g. a wider zoom than the card's shift leaves room for
+        hint = (f" (the model card's photo_shift is {card_spec.photo_shift:g}: set --photo-shift too)"
+                if options.photo_shift is None and card_spec.photo_shift else "")
+        raise CatalogError(f"photo views: {exc}{hint}") from exc
 
     if warn and not card:
         warn(f"no model card beside {model_path} (the {model_path.with_suffix('.json').name} "
              f"that `auditlens export` writes): the preprocessing is assumed ({spec.input_size} px, "
-             f"{spec.crop} crop, photo views {', '.join(f'{z:g}' for z in spec.photo_zooms)}); a "
+             f"{spec.crop} crop, photo views {', '.join(f'{z:g}' for z in spec.photo_zooms)}"
+             f"{', mirrored' if spec.photo_mirror else ''}"
+             f"{f', shifted by {spec.photo_shift:g}' if spec.photo_shift else ''}); a "
              "model trained otherwise scores badly with it: put the card beside the model")
 
     extras: dict[str, list[LabelledPhoto]] = {}

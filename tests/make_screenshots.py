@@ -371,6 +371,8 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
             screen = app.screens["history"]
             result["held"].update(screen=app.sm.current, label=screen.held.text, height=screen.held.height,
                                   rows=len(app.session.history()), listed=listed())
+            (held_file,) = app.session.held_dir.glob("*.json")
+            state["held_file"] = held_file.read_bytes()  # set aside below, as a refused copy
             shot("6a-history-held")
             screen.grid.children[-1].dispatch("on_release")  # the auditor taps the held verdict
 
@@ -395,7 +397,7 @@ def drive(plan_json: str, log: str, out: str, size: str, auditor: str) -> None:
                                   rows_after=len(app.session.history()), waiting_after=app.session.held())
             # a held verdict the log refused as a record: set aside on disk for a person
             app.session.held_dir.mkdir(exist_ok=True)
-            (app.session.held_dir / "00000000000000000001-damaged.refused").write_text("{}")
+            (app.session.held_dir / "00000000000000000001-refused.refused").write_bytes(state["held_file"])
             app.show_history()
 
         @step

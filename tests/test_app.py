@@ -246,13 +246,29 @@ def test_held_verdicts_are_listed_and_open_with_their_photo(demo, tmp_path):
         assert opened.verdict == older.verdict and image is not None
         assert session.held_detail(damaged.key) == (damaged, None)
 
+        # set aside after History listed it (History not refreshed): opening it says so
+        kept = (session.held_dir / held.key).read_bytes()
+        (session.held_dir / held.key).rename(session.held_dir / held.key.replace(".json", ".refused"))
+        opened, image = session.held_detail(held.key)
+        assert opened.state == "refused" and opened.verdict == held.verdict and image is not None
+        (session.held_dir / held.key.replace(".json", ".refused")).rename(session.held_dir / held.key)
+        # a name no device writes (a stray file) is listed without a time, not a crash
+        (session.held_dir / ("9" * 30 + "-stray.unreadable")).write_text("{}")
+        stray = next(h for h in session.held_verdicts() if h.key.startswith("9" * 30))
+        assert stray.held_ns == 0 and stray.judged_utc == ""
+        # only files of the held folder are read
+        (tmp_path / "outside.json").write_bytes(kept)
+        with pytest.raises(AuditlensError, match="no longer held"):
+            session.held_detail("../outside.json")
+
         session.log = AuditLog(tmp_path / "audit.db", device="t")  # the log works again
-        assert session.write_held() == "" and session.check_log().records == 2
-        assert [h.state for h in session.held_verdicts()] == ["unreadable"]
+        entry = session.unlogged[0]  # its photo no longer the one judged: the log refuses it
+        session.unlogged[0] = (entry[0], entry[1], entry[2][:-1] + b"\x00", entry[3])
+        assert session.write_held() == "" and session.check_log().records == 1
+        assert sorted(h.state for h in session.held_verdicts()) == ["refused", "unreadable", "unreadable"]
+        assert session.held_verdicts()[0].key == older.key  # kept, set aside, not said to wait
         with pytest.raises(AuditlensError, match="no longer held .* it is in History"):
             session.held_detail(held.key)
-        with pytest.raises(AuditlensError, match="no longer held"):
-            session.held_detail("../audit.db")  # only files of the held folder are read
     finally:
         session.close()
 
@@ -716,12 +732,11 @@ def test_history_shows_verdicts_the_log_has_not_taken_yet(demo, tmp_path):
     assert held["label_set_aside"].startswith("1 held verdict could not be written to the audit log")
     assert "a person must look at it" in held["label_set_aside"]
     (chip, top, bottom), (record_chip, record_top, _) = held["listed_set_aside"]  # above the record
-    assert chip == "SET ASIDE" and "its verdict does not read" in top and "a person must look at it" in bottom
+    assert chip == "SET ASIDE" and top.startswith(f"{name}  (MATCH - score ") and "a person must look at it" in bottom
     assert record_chip == "MATCH" and record_top == f"#1  {name}"
     view = held["view_set_aside"]
-    assert view["title"] == "Set aside: UNKNOWN" and not view["photo_shown"]
+    assert view["title"] == "Set aside: MATCH" and view["photo_shown"]
     assert "The audit log refused it as a record: a person must look at it." in view["details"]
-    assert "The held photo cannot be shown: its bytes do not decode." in view["details"]
 
 
 @needs_kivy

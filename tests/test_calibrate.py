@@ -247,6 +247,21 @@ def test_model_card_takes_the_views_it_was_calibrated_with(tmp_path, capsys):
     assert again.threshold == ReferenceBundle.load(tmp_path / "views").threshold
     assert again.manifest["decision"]["target_far"] == 0.1
     capsys.readouterr()
+    # a whole-square view leaves the card's shift no room: the error says which flag to add
+    assert main(["enroll", catalog, "--model", str(model), "--out", str(tmp_path / "wide"),
+                 "--photo-zooms", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "photo_shift must be within" in err and "the model card's photo_shift is 0.1: set --photo-shift too" in err
+    # calibrated again on a bundle without the shift: the card drops it, as cards never shifted have none
+    assert main(["enroll", catalog, "--model", str(model), "--out", str(tmp_path / "plain"),
+                 "--photo-shift", "0", "--no-progress"]) == 0
+    assert main(["calibrate", "-b", str(tmp_path / "plain"), "--photos", str(SAMPLE / "photos.csv"),
+                 "--target-far", "0.1", "--model-card", str(tmp_path / "encoder.json"), "--no-progress",
+                 "--allow-few-photos"]) == 0
+    card = json.loads((tmp_path / "encoder.json").read_text())
+    assert "photo_shift" not in card["preprocess"] and card["preprocess"]["photo_zooms"] == [0.8, 0.7]
+    assert "and the calibrated bundle's photo_shift: 0.1 -> 0.0" in capsys.readouterr().out
+    capsys.readouterr()
 
 
 def test_model_card_of_another_model_is_refused(tmp_path, sample_bundle):

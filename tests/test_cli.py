@@ -247,6 +247,7 @@ def test_enroll_says_when_a_model_has_no_card_beside_it(tmp_path):
 
 def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_photos):
     from auditlens.device_app.bundle import ReferenceBundle
+    from auditlens.errors import BundleFormatError
     from auditlens.export.enroll import DEFAULT_THRESHOLD
 
     calibrated = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "card", "--no-progress", check_rc=0)
@@ -272,6 +273,18 @@ def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_ph
     shifted = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "shifted", "--no-progress",
                   "--photo-shift", "0.15", check_rc=0)
     assert "not calibrated" in shifted.stderr and ReferenceBundle.load(tmp_path / "shifted").spec.num_views == 10
+    # a reader that predates the shift would embed two views and apply this threshold: the
+    # bundle says format 2, which such a reader refuses; bundles without a shift stay format 1
+    manifest = json.loads((tmp_path / "shifted" / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["preprocess"]["photo_shift"] == 0.15
+    plain = json.loads((tmp_path / "card" / "manifest.json").read_text())
+    assert plain["format_version"] == 1 and "photo_shift" not in plain["preprocess"]
+    manifest["format_version"] = 1
+    (tmp_path / "shifted" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleFormatError, match="photo_shift needs bundle format version 2, not 1"):
+        ReferenceBundle.load(tmp_path / "shifted")
+    manifest["format_version"] = 2
+    (tmp_path / "shifted" / "manifest.json").write_text(json.dumps(manifest))
     assert ("photos     each embedded as 10 views, averaged: the middle 70% (of each side) of the centred "
             "square, also moved left, right, up and down by 15% of the centred square's side, each with "
             "its mirror image") in run("info", tmp_path / "shifted", check_rc=0).stdout

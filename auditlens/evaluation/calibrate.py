@@ -404,8 +404,10 @@ def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str
     changed = {}
     if views is not None:
         before = PreprocessSpec.from_dict(card["preprocess"])
-        card["preprocess"].update(views)
-        after = PreprocessSpec.from_dict(card["preprocess"])
+        after = PreprocessSpec.from_dict({**card["preprocess"], **views})
+        card["preprocess"] = {**card["preprocess"], **after.to_dict()}
+        if not after.photo_shift:  # written only when set (PreprocessSpec.to_dict)
+            card["preprocess"].pop("photo_shift", None)
         changed = {name: (getattr(before, name), getattr(after, name)) for name in views
                    if getattr(before, name) != getattr(after, name)}
     with atomic_write(card_path) as fh:

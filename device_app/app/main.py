@@ -360,8 +360,15 @@ def build_app_class():
 
             def job():
                 why_held = self.session.write_held()  # verdicts the log could not take yet
-                held = (self.session.held_verdicts(), why_held)
-                records = self.session.history()
+                try:
+                    held = (self.session.held_verdicts(), why_held)
+                except OSError as exc:  # the held folder cannot be listed: say so, show the log
+                    note = f"the verdicts held on this device cannot be listed: {exc}"
+                    held = ((), f"{why_held}; {note}" if why_held else note)
+                try:
+                    records = self.session.history()
+                except Exception as exc:  # noqa: BLE001 - the screen says why, the held list still shows
+                    return [], None, f"History could not be read: {exc}", held
                 try:
                     return records, self.session.check_log(), "", held
                 except AuditChainError as exc:  # the chain itself is broken
@@ -389,14 +396,15 @@ def build_app_class():
                     name = self.session.bundle.product(held.product_id).name
                 except AuditlensError:  # held for a product this bundle does not carry
                     name = held.product_id
-                where = "memory" if held.state == "in memory" else str(self.session.held_dir / held.key)
+                where = "memory" if held.key.startswith("memory:") else str(self.session.held_dir / held.key)
                 return held, photo, self.session.thumbnail(held.product_id), name, where
 
-            self._open_record(job, self.screens["record"].show_held, "Held verdict")
+            self._open_record(job, self.screens["record"].show_held, "Held verdict", refresh=True)
 
-        def _open_record(self, job, show, what: str) -> None:
+        def _open_record(self, job, show, what: str, refresh: bool = False) -> None:
             """Read on the worker, then fill the record view with ``show(*result)`` and open
-            it, unless the auditor has moved on meanwhile; a failure is said on History."""
+            it, unless the auditor has moved on meanwhile; a failure is said on History,
+            listed again with ``refresh`` (a held verdict the log took is a record now)."""
             asked = self._moves
 
             def ready(result):
@@ -404,8 +412,12 @@ def build_app_class():
                 if asked == self._moves:
                     self._show("record")
 
-            self.worker.submit(job, ready, lambda exc: setattr(
-                self.screens["history"].status, "text", f"{what} could not be read: {exc}"))
+            def failed(exc):
+                self.screens["history"].status.text = f"{what} could not be read: {exc}"
+                if refresh and asked == self._moves:
+                    self.show_history()
+
+            self.worker.submit(job, ready, failed)
 
         def _open_history(self, asked: int) -> None:
             if asked == self._moves:
@@ -420,7 +432,6 @@ def build_app_class():
 
         def _history_failed(self, exc, asked: int):
             self.screens["history"].show([], None, f"History could not be read: {exc}", {},
-                                         held=self.session.held_verdicts(),
                                          held_dir=str(self.session.held_dir))
             self._open_history(asked)
 

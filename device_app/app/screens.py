@@ -6,6 +6,7 @@ work happens in :mod:`auditlens.device_app.app.session` on the worker thread.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 
 from kivy.app import App
@@ -77,18 +78,20 @@ def header(title: str, *, left: Btn | None = None, right: Btn | None = None, bg=
     return bar
 
 
-def side_by_side(photo_caption: str) -> tuple[BoxLayout, Thumb, Thumb]:
-    """The catalogue original and a photo side by side, captioned: the row and its two
-    pictures (their textures set when shown)."""
+def side_by_side(photo_caption: str) -> tuple[BoxLayout, Thumb, Thumb, Label]:
+    """The catalogue original and a photo side by side, captioned: the row, its two
+    pictures (their textures set when shown) and the photo's caption."""
     pics = BoxLayout(orientation="horizontal", spacing=dp(8))
     original, photo = Thumb(), Thumb()
+    captions = []
     for caption, image in (("Catalogue original", original), (photo_caption, photo)):
         col = BgBox(orientation="vertical", bg=CARD, padding=dp(6), spacing=dp(4))
         col.add_widget(image)
-        col.add_widget(Label(text=caption, font_size=FONT_SMALL, color=MUTED, size_hint_y=None,
-                             height=dp(26)))
+        captions.append(Label(text=caption, font_size=FONT_SMALL, color=MUTED, size_hint_y=None,
+                              height=dp(26)))
+        col.add_widget(captions[-1])
         pics.add_widget(col)
-    return pics, original, photo
+    return pics, original, photo, captions[1]
 
 
 def scroll_list(spacing: float = 6) -> tuple[ScrollView, GridLayout]:
@@ -410,7 +413,7 @@ class VerdictScreen(Screen):
         root.add_widget(self.banner)
 
         self.body = ResponsiveBox(spacing=dp(10), padding=dp(10))
-        pics, self.original, self.photo = side_by_side("Your photo")
+        pics, self.original, self.photo, _ = side_by_side("Your photo")
         self.pics = pics
         self.body.add_widget(pics)
 
@@ -540,7 +543,8 @@ class HistoryRow(ButtonBehavior, BgBox):
 def judgement(item) -> str:
     """:func:`history_judgement` of a record or a held verdict; a held file whose verdict
     does not read has none."""
-    if isinstance(item, HeldVerdict) and not item.verdict:
+    if isinstance(item, HeldVerdict) and (not item.verdict or (
+            item.decision != "retake" and (math.isnan(item.score) or math.isnan(item.threshold)))):
         return "its verdict does not read"
     return history_judgement(item)
 
@@ -636,6 +640,8 @@ class HistoryScreen(Screen):
                          f"(kept on this device, written when the log works again; listed first, "
                          f"marked HELD; not in exports)"
                          + (f": {why_held}" if why_held else ""))
+        elif why_held:  # held verdicts that could not be listed
+            lines.append(why_held[0].upper() + why_held[1:])
         if set_aside:
             one = set_aside == 1
             lines.append(f"{set_aside} held verdict{'' if one else 's'} could not be written to the "
@@ -694,8 +700,7 @@ class RecordScreen(Screen):
         self.bar = header("Record", left=back)
         root.add_widget(self.bar)
         self.body = ResponsiveBox(spacing=dp(10), padding=dp(10))
-        pics, self.original, self.photo = side_by_side("Photo on record")
-        self.photo_caption = self.photo.parent.children[0]  # the label under the photo
+        pics, self.original, self.photo, self.photo_caption = side_by_side("Photo on record")
         self.body.add_widget(pics)
         view, self.details = scroll_list(spacing=8)
         self.body.add_widget(view)

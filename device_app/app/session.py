@@ -65,7 +65,9 @@ class HeldVerdict:
     key: str
     """Its file's name in :attr:`Session.held_dir`, or ``memory:N`` (held in memory)."""
     state: str
-    """``waiting``, ``in memory``, ``refused`` or ``unreadable``."""
+    """``waiting`` (a file) or ``in memory``, written when the log works again; ``refused``
+    (the log would not take it as a record) or ``unreadable`` (its file is damaged), set
+    aside for a person."""
     held_ns: int
     """When it was held (ns since the epoch; 0 when its file's name does not say)."""
     verdict: dict
@@ -108,7 +110,10 @@ class HeldVerdict:
         stamp = self._field("judged_utc", str, "")
         if stamp or not self.held_ns:
             return stamp
-        return datetime.fromtimestamp(self.held_ns / 1e9, timezone.utc).isoformat(timespec="seconds")
+        try:
+            return datetime.fromtimestamp(self.held_ns / 1e9, timezone.utc).isoformat(timespec="seconds")
+        except (OverflowError, OSError, ValueError):  # a name no device wrote
+            return ""
 
 
 @dataclass
@@ -136,6 +141,8 @@ class Session:
         """The device key (private, public hex) that signs held files, with ``log_key``: a
         file put in :attr:`held_dir` by anyone else is set aside, never signed into the log."""
         self._log_id: str | None = None
+        self._refused_in_memory: set[int] = set()
+        """Held times of :attr:`unlogged` verdicts the log refused as records (kept, skipped)."""
         self.unlogged: list[tuple[int, Verdict, bytes, str]] = []
         """Judged captures the log could not take and that could not be written to
         :attr:`held_dir` either (time held in ns, verdict, photo, auditor), oldest first:
@@ -337,8 +344,7 @@ class Session:
         """The verdicts not in the log, newest first: those waiting and those set aside,
         for History to list beside the records."""
         with self._lock:
-            items = [HeldVerdict(f"memory:{ns}", "in memory", ns, verdict.to_dict(), auditor)
-                     for ns, verdict, _photo, auditor in self.unlogged]
+            items = [self._in_memory(entry) for entry in self.unlogged]
             files = self.held_dir.iterdir() if self.held_dir.is_dir() else ()
             items += [_held_file(path)[0] for path in files if path.suffix in _HELD_STATES]
         items.sort(key=lambda h: (h.held_ns, h.key), reverse=True)
@@ -349,15 +355,23 @@ class Session:
         record view (the photo None when it does not decode). Raises AuditlensError when
         it is held no longer: the log took it meanwhile (it is a record now)."""
         with self._lock:
-            for ns, verdict, photo, auditor in self.unlogged:
-                if key == f"memory:{ns}":
-                    return (HeldVerdict(key, "in memory", ns, verdict.to_dict(), auditor),
-                            _screen_image(photo))
-            path = self.held_dir / Path(key).name
-            if path.suffix not in _HELD_STATES or not path.is_file():
-                raise AuditlensError(f"{key}: no longer held (the audit log took it: it is in History)")
-            held, photo = _held_file(path)
-            return held, _screen_image(photo)
+            for entry in self.unlogged:
+                if key == f"memory:{entry[0]}":
+                    return self._in_memory(entry), _screen_image(entry[2])
+            name = Path(key).name
+            stem = name.rsplit(".", 1)[0]
+            # listed as waiting, and set aside since (History was not refreshed): the same verdict
+            for path in [self.held_dir / name] + [self.held_dir / f"{stem}{s}" for s in _HELD_STATES]:
+                if path.suffix in _HELD_STATES and path.is_file():
+                    held, photo = _held_file(path, photo=True)
+                    return held, _screen_image(photo)
+            raise AuditlensError(f"{key}: no longer held (the audit log took it: it is in History)")
+
+    def _in_memory(self, entry) -> HeldVerdict:
+        """A verdict held in memory (an :attr:`unlogged` entry) as History lists it."""
+        ns, verdict, _photo, auditor = entry
+        state = "refused" if ns in self._refused_in_memory else "in memory"
+        return HeldVerdict(f"memory:{ns}", state, ns, verdict.to_dict(), auditor)
 
     def _hold(self, verdict: Verdict, photo: bytes, auditor: str) -> str:
         """Keep a verdict for later in :attr:`held_dir`; returns a note for the auditor."""
@@ -426,6 +440,7 @@ class Session:
                 try:
                     self.log.append(verdict, photo=photo, auditor=auditor)
                 except AuditRecordError:
+                    self._refused_in_memory.add(item[0])
                     continue
                 self.unlogged.remove(item)
 
@@ -515,18 +530,19 @@ def encode_jpeg(image: Image.Image, quality: int = 92) -> bytes:
 
 
 def _held_at(path: Path) -> int:
-    """When a held file's verdict was held, in ns: its name's leading number (0 if none)."""
+    """When a held file's verdict was held, in ns: its name's leading number, 20 digits as
+    the device writes it (0 for any other name)."""
     stamp = path.name.split("-", 1)[0]
-    return int(stamp) if stamp.isdigit() else 0
+    return int(stamp) if stamp.isdigit() and len(stamp) == 20 else 0
 
 
 _HELD_STATES = {".json": "waiting", REFUSED: "refused", UNREADABLE: "unreadable"}
 """A held file's state by its suffix."""
 
 
-def _held_file(path: Path) -> tuple[HeldVerdict, bytes | None]:
-    """A held file as History lists it, and its photo's bytes (None when they do not read:
-    a damaged file is still listed, with what of it reads)."""
+def _held_file(path: Path, photo: bool = False) -> tuple[HeldVerdict, bytes | None]:
+    """A held file as History lists it, and with ``photo`` its photo's bytes (None when they
+    do not read: a damaged file is still listed, with what of it reads)."""
     import base64
     import json
 
@@ -536,8 +552,10 @@ def _held_file(path: Path) -> tuple[HeldVerdict, bytes | None]:
         held = {}
     held = held if isinstance(held, dict) else {}
     verdict = held.get("verdict") if isinstance(held.get("verdict"), dict) else {}
-    entry = HeldVerdict(path.name, _HELD_STATES[path.suffix], _held_at(path), verdict,
-                        str(held.get("auditor", "")))
+    auditor = held.get("auditor") if isinstance(held.get("auditor"), str) else ""
+    entry = HeldVerdict(path.name, _HELD_STATES[path.suffix], _held_at(path), verdict, auditor)
+    if not photo:
+        return entry, None
     try:
         return entry, base64.b64decode(held.get("photo", ""), validate=True) or None
     except (ValueError, TypeError):
