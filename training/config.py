@@ -59,6 +59,9 @@ class TrainConfig:
     backbone_lr_scale: float = 0.1
     """The pretrained trunk's learning rate relative to ``learning_rate`` (the new layers
     take the full rate): fine-tuning, not relearning, the ImageNet features."""
+    freeze_blocks: int = 0
+    """Keep the pretrained trunk's stem and its first this many blocks as ImageNet left
+    them (weights and BatchNorm statistics), fine-tuning only the blocks after; 0: none."""
 
     epochs: int = 10
     """Epochs of the learning-rate schedule (the shipped model's: 10 of 150 steps, about an
