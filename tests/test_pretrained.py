@@ -145,10 +145,31 @@ def test_frozen_blocks_keep_their_imagenet_weights_and_statistics(tiny_data, tmp
     moved = encoder.get_layer("mb3_project_bn").get_weights()[2]  # block 3's statistics follow the data
     assert np.abs(moved - state["features.3.conv.3.running_mean"]).max() > 1e-4
     for bad, said in (({"freeze_blocks": 3}, "must leave a block of the 3-block trunk"),
-                      ({"freeze_blocks": 1, "backbone_weights": None}, "needs --backbone mobilenet_v2 and")):
+                      ({"freeze_blocks": 2, "freeze_late": 1}, "must leave a block of the 3-block trunk"),
+                      ({"freeze_late": -1}, "must leave a block"),
+                      ({"freeze_blocks": 1, "backbone_weights": None}, "need --backbone mobilenet_v2 and")):
         with pytest.raises(ValueError, match=said):
             train(tiny_config(tmp_path / "bad", tiny_data["catalog"], backbone="mobilenet_v2",
                               trunk_blocks=TRUNK_BLOCKS, **{"backbone_weights": str(DATA / "mnv2_trunk3.pth"), **bad}))
+
+
+def test_late_frozen_blocks_keep_their_weights_while_the_stem_trains(tiny_data, tmp_path):  # noqa: F811
+    """--freeze-late 1: the last block ends as loaded, the stem and blocks before train."""
+    import keras
+
+    from auditlens.training.train import train
+
+    config = tiny_config(tmp_path / "run", tiny_data["catalog"], photos=str(tiny_data["train"]),
+                         backbone="mobilenet_v2", backbone_weights=str(DATA / "mnv2_trunk3.pth"),
+                         trunk_blocks=TRUNK_BLOCKS, backbone_lr_scale=1.0, freeze_late=1, ema_decay=0.0)
+    encoder = keras.models.load_model(train(config).encoder_path)
+    state = read("mnv2_trunk3.pth")
+    np.testing.assert_array_equal(encoder.get_layer("mb3_project_conv").get_weights()[0],
+                                  state["features.3.conv.2.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(encoder.get_layer("mb3_project_bn").get_weights()[2],
+                                  state["features.3.conv.3.running_mean"])
+    stem = encoder.get_layer("mb_stem_conv").get_weights()[0]
+    assert np.abs(stem - state["features.0.0.weight"].transpose(2, 3, 1, 0)).max() > 1e-4
 
 
 def test_backbone_weights_need_the_mobilenet_backbone(tiny_data, tmp_path, capsys):  # noqa: F811

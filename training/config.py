@@ -62,6 +62,9 @@ class TrainConfig:
     freeze_blocks: int = 0
     """Keep the pretrained trunk's stem and its first this many blocks as ImageNet left
     them (weights and BatchNorm statistics), fine-tuning only the blocks after; 0: none."""
+    freeze_late: int = 0
+    """Keep the pretrained trunk's last this many blocks as ImageNet left them, fine-tuning
+    the stem and the blocks before; 0: none."""
 
     epochs: int = 10
     """Epochs of the learning-rate schedule (the shipped model's: 10 of 150 steps, about an

@@ -300,12 +300,13 @@ def _check_config(config: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, not {value}")
     if config.backbone == "mobilenet_v2" and not 1 <= config.trunk_blocks <= 17:
         raise ValueError(f"--trunk-blocks {config.trunk_blocks} is outside MobileNetV2's blocks 1 to 17")
-    if config.freeze_blocks and (config.backbone != "mobilenet_v2" or not config.backbone_weights):
-        raise ValueError("--freeze-blocks keeps pretrained blocks as they are: it needs --backbone "
-                         "mobilenet_v2 and --backbone-weights")
-    if not 0 <= config.freeze_blocks < config.trunk_blocks:
-        raise ValueError(f"--freeze-blocks {config.freeze_blocks} must leave a block of the "
-                         f"{config.trunk_blocks}-block trunk to train (0 to {config.trunk_blocks - 1})")
+    frozen = config.freeze_blocks + config.freeze_late
+    if frozen and (config.backbone != "mobilenet_v2" or not config.backbone_weights):
+        raise ValueError("--freeze-blocks and --freeze-late keep pretrained blocks as they are: they "
+                         "need --backbone mobilenet_v2 and --backbone-weights")
+    if min(config.freeze_blocks, config.freeze_late) < 0 or frozen >= config.trunk_blocks:
+        raise ValueError(f"--freeze-blocks {config.freeze_blocks} and --freeze-late {config.freeze_late} "
+                         f"must leave a block of the {config.trunk_blocks}-block trunk to train")
     if config.photos and config.views_per_product < 3:
         raise ValueError(f"--views-per-product {config.views_per_product} leaves no room for a field "
                          "photo beside the original and its augmented copy: use 3 or more with --photos")
@@ -571,8 +572,10 @@ def _build_networks(config: TrainConfig, mspec, backbone_state: dict | None, n_c
     head.build((None, config.latent_dim))
     optimizer = keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
     # A pretrained trunk (layers named mb*) gets its own optimizer at a lower rate; its stem
-    # (mb_*) and first blocks (mbN_*) stay as loaded with --freeze-blocks, BatchNorm included.
+    # (mb_*) and first blocks (mbN_*) stay as loaded with --freeze-blocks, its last blocks
+    # with --freeze-late, BatchNorm included.
     frozen = {"mb", *(f"mb{i}" for i in range(1, config.freeze_blocks + 1))} if config.freeze_blocks else set()
+    frozen |= {f"mb{i}" for i in range(config.trunk_blocks - config.freeze_late + 1, config.trunk_blocks + 1)}
     for layer in encoder.layers:
         if layer.name.split("_")[0] in frozen:
             layer.trainable = False
@@ -1055,6 +1058,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--freeze-blocks", type=int, default=d.freeze_blocks, metavar="N",
                         help="keep the pretrained trunk's stem and first N blocks as ImageNet left "
                         f"them and fine-tune the rest (default {d.freeze_blocks}: none)")
+    parser.add_argument("--freeze-late", type=int, default=d.freeze_late, metavar="N",
+                        help="keep the pretrained trunk's last N blocks as ImageNet left them and "
+                        f"fine-tune the stem and the blocks before (default {d.freeze_late}: none)")
     parser.add_argument("--products-per-batch", type=int, default=d.products_per_batch,
                         help=f"products per batch (default {d.products_per_batch})")
     parser.add_argument("--views-per-product", type=int, default=d.views_per_product,
@@ -1114,7 +1120,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         holdout_fold=args.holdout_fold, seed=args.seed, data_seed=args.data_seed, input_size=args.input_size,
         latent_dim=args.latent_dim, width=args.width, backbone=args.backbone,
         backbone_weights=args.backbone_weights, trunk_blocks=args.trunk_blocks, pooling=args.pooling,
-        backbone_lr_scale=args.backbone_lr_scale, freeze_blocks=args.freeze_blocks,
+        backbone_lr_scale=args.backbone_lr_scale, freeze_blocks=args.freeze_blocks, freeze_late=args.freeze_late,
         products_per_batch=args.products_per_batch,
         views_per_product=args.views_per_product, group_pairs=args.group_pairs,
         pseudo_products=args.pseudo_products, pseudo_kinds=tuple(args.pseudo_kinds),
