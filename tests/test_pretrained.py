@@ -121,27 +121,39 @@ def test_training_starts_from_the_file_and_a_zero_trunk_rate_keeps_it(tiny_data,
     assert report["config"]["backbone_weights"] == str(DATA / "mnv2_trunk3.pth")
 
 
-def test_frozen_blocks_keep_their_imagenet_weights_and_statistics(tiny_data, tmp_path):  # noqa: F811
-    """--freeze-blocks 2: the stem and blocks 1-2 end as loaded, BatchNorm's running
-    statistics included; block 3 trains."""
+def _trained_with_frozen_blocks(data, tmp_path, **freeze):
+    """The encoder of a short run on ``data`` (the tiny data set) from the 3-block trunk
+    file with ``freeze`` (the trunk at the full learning rate, raw weights), and the file's
+    tensors."""
     import keras
 
     from auditlens.training.train import train
 
-    config = tiny_config(tmp_path / "run", tiny_data["catalog"], photos=str(tiny_data["train"]),
+    config = tiny_config(tmp_path / "run", data["catalog"], photos=str(data["train"]),
                          backbone="mobilenet_v2", backbone_weights=str(DATA / "mnv2_trunk3.pth"),
-                         trunk_blocks=TRUNK_BLOCKS, backbone_lr_scale=1.0, freeze_blocks=2, ema_decay=0.0)
-    encoder = keras.models.load_model(train(config).encoder_path)
-    state = read("mnv2_trunk3.pth")
+                         trunk_blocks=TRUNK_BLOCKS, backbone_lr_scale=1.0, ema_decay=0.0, **freeze)
+    return keras.models.load_model(train(config).encoder_path), read("mnv2_trunk3.pth")
+
+
+def _conv(state, key):  # a torch convolution's weights as Keras holds them
+    return state[key].transpose(2, 3, 1, 0)
+
+
+def test_frozen_blocks_keep_their_imagenet_weights_and_statistics(tiny_data, tmp_path):  # noqa: F811
+    """--freeze-blocks 2: the stem and blocks 1-2 end as loaded, BatchNorm's running
+    statistics included; block 3 trains."""
+    from auditlens.training.train import train
+
+    encoder, state = _trained_with_frozen_blocks(tiny_data, tmp_path, freeze_blocks=2)
     np.testing.assert_array_equal(encoder.get_layer("mb_stem_conv").get_weights()[0],
-                                  state["features.0.0.weight"].transpose(2, 3, 1, 0))
+                                  _conv(state, "features.0.0.weight"))
     np.testing.assert_array_equal(encoder.get_layer("mb2_project_conv").get_weights()[0],
-                                  state["features.2.conv.2.weight"].transpose(2, 3, 1, 0))
+                                  _conv(state, "features.2.conv.2.weight"))
     gamma, beta, mean, var = encoder.get_layer("mb2_project_bn").get_weights()
     np.testing.assert_array_equal(mean, state["features.2.conv.3.running_mean"])
     np.testing.assert_array_equal(var, state["features.2.conv.3.running_var"])
     trained = encoder.get_layer("mb3_project_conv").get_weights()[0]
-    assert np.abs(trained - state["features.3.conv.2.weight"].transpose(2, 3, 1, 0)).max() > 1e-4
+    assert np.abs(trained - _conv(state, "features.3.conv.2.weight")).max() > 1e-4
     moved = encoder.get_layer("mb3_project_bn").get_weights()[2]  # block 3's statistics follow the data
     assert np.abs(moved - state["features.3.conv.3.running_mean"]).max() > 1e-4
     for bad, said in (({"freeze_blocks": 3}, "must leave a block of the 3-block trunk"),
@@ -155,21 +167,13 @@ def test_frozen_blocks_keep_their_imagenet_weights_and_statistics(tiny_data, tmp
 
 def test_late_frozen_blocks_keep_their_weights_while_the_stem_trains(tiny_data, tmp_path):  # noqa: F811
     """--freeze-late 1: the last block ends as loaded, the stem and blocks before train."""
-    import keras
-
-    from auditlens.training.train import train
-
-    config = tiny_config(tmp_path / "run", tiny_data["catalog"], photos=str(tiny_data["train"]),
-                         backbone="mobilenet_v2", backbone_weights=str(DATA / "mnv2_trunk3.pth"),
-                         trunk_blocks=TRUNK_BLOCKS, backbone_lr_scale=1.0, freeze_late=1, ema_decay=0.0)
-    encoder = keras.models.load_model(train(config).encoder_path)
-    state = read("mnv2_trunk3.pth")
+    encoder, state = _trained_with_frozen_blocks(tiny_data, tmp_path, freeze_late=1)
     np.testing.assert_array_equal(encoder.get_layer("mb3_project_conv").get_weights()[0],
-                                  state["features.3.conv.2.weight"].transpose(2, 3, 1, 0))
+                                  _conv(state, "features.3.conv.2.weight"))
     np.testing.assert_array_equal(encoder.get_layer("mb3_project_bn").get_weights()[2],
                                   state["features.3.conv.3.running_mean"])
     stem = encoder.get_layer("mb_stem_conv").get_weights()[0]
-    assert np.abs(stem - state["features.0.0.weight"].transpose(2, 3, 1, 0)).max() > 1e-4
+    assert np.abs(stem - _conv(state, "features.0.0.weight")).max() > 1e-4
 
 
 def test_backbone_weights_need_the_mobilenet_backbone(tiny_data, tmp_path, capsys):  # noqa: F811
