@@ -1057,10 +1057,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         f"(default {d.backbone_lr_scale})")
     parser.add_argument("--freeze-blocks", type=int, default=d.freeze_blocks, metavar="N",
                         help="keep the pretrained trunk's stem and first N blocks as ImageNet left "
-                        f"them and fine-tune the rest (default {d.freeze_blocks}: none)")
+                        f"them and fine-tune the rest (default {d.freeze_blocks}: none; 6 measured "
+                        "on one fold: worse on new and trained products, see docs/ablation.md)")
     parser.add_argument("--freeze-late", type=int, default=d.freeze_late, metavar="N",
                         help="keep the pretrained trunk's last N blocks as ImageNet left them and "
-                        f"fine-tune the stem and the blocks before (default {d.freeze_late}: none)")
+                        f"fine-tune the stem and the blocks before (default {d.freeze_late}: none; 7 "
+                        "measured on three folds: new packaged products identified better on two, "
+                        "trained products worse on all, see docs/ablation.md)")
     parser.add_argument("--products-per-batch", type=int, default=d.products_per_batch,
                         help=f"products per batch (default {d.products_per_batch})")
     parser.add_argument("--views-per-product", type=int, default=d.views_per_product,
