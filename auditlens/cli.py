@@ -319,34 +319,37 @@ def _add_score(p: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def _sigterm_interrupts():
-    """While inside, SIGTERM stops the command as Ctrl-C does (KeyboardInterrupt), so a long
-    command keeps its partial results; the handler before is restored after. Only in the
-    main thread, where Python allows signal handlers."""
+    """While inside, SIGTERM asks the command to stop as Ctrl-C does, so a long command
+    keeps its partial results: yields an event that the handler sets, for the command's
+    loop to check and raise KeyboardInterrupt at a point of its choosing (an exception
+    raised from the handler could land anywhere, in a library's cleanup included). The
+    handler before is restored after. Only in the main thread, where Python allows signal
+    handlers."""
     import signal
     import threading
 
+    stopped = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stopped
         return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    before = signal.signal(signal.SIGTERM, stop)
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
     try:
-        yield
+        yield stopped
     finally:
         signal.signal(signal.SIGTERM, before)
 
 
-def _score_pairs(pairs, verifier, rows: list[list[str]], progress: bool) -> tuple[int, int]:
+def _score_pairs(pairs, verifier, rows: list[list[str]], progress: bool, stopped) -> tuple[int, int]:
     """Score each pair into ``rows`` (the photo as the pairs file wrote it, so the rows join
-    back to it); each photo is decoded and embedded once. Returns (photos, errors)."""
+    back to it); each photo is decoded and embedded once; KeyboardInterrupt between pairs
+    once ``stopped`` is set (SIGTERM). Returns (photos, errors)."""
     from tqdm import tqdm
 
     captures: dict[str, object] = {}
     errors = 0
     for pair in tqdm(pairs, desc="scoring", unit="pair", disable=not progress):
+        if stopped.is_set():
+            raise KeyboardInterrupt
         try:
             capture = captures.get(pair.photo)
             if capture is None:
@@ -384,8 +387,8 @@ def _run_score(args) -> int:
             writer.writerows(rows)
 
     try:
-        with _sigterm_interrupts():  # `timeout`, systemd and CI cancel with SIGTERM, not Ctrl-C
-            photos, errors = _score_pairs(pairs, verifier, rows, not args.no_progress)
+        with _sigterm_interrupts() as stopped:  # `timeout`, systemd and CI cancel with SIGTERM, not Ctrl-C
+            photos, errors = _score_pairs(pairs, verifier, rows, not args.no_progress, stopped)
     except BaseException:  # interrupted, or a fault: keep what was scored, apart from OUT
         partial = args.out.with_name(f"{args.out.stem}.partial{args.out.suffix}")
         write(partial)
