@@ -405,9 +405,7 @@ def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str
     if views is not None:
         before = PreprocessSpec.from_dict(card["preprocess"])
         after = PreprocessSpec.from_dict({**card["preprocess"], **views})
-        card["preprocess"] = {**card["preprocess"], **after.to_dict()}
-        if not after.photo_shift:  # written only when set (PreprocessSpec.to_dict)
-            card["preprocess"].pop("photo_shift", None)
+        card["preprocess"] = after.to_dict()  # as export writes it: a shift of 0 is no key
         changed = {name: (getattr(before, name), getattr(after, name)) for name in views
                    if getattr(before, name) != getattr(after, name)}
     with atomic_write(card_path) as fh:

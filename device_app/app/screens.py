@@ -6,7 +6,6 @@ work happens in :mod:`auditlens.device_app.app.session` on the worker thread.
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 
 from kivy.app import App
@@ -22,7 +21,7 @@ from kivy.uix.scrollview import ScrollView
 from kivy.uix.textinput import TextInput
 from kivy.uix.widget import Widget
 
-from auditlens.device_app.app.session import NO_MATCH_ADVICE, HeldVerdict, history_judgement
+from auditlens.device_app.app.session import NO_MATCH_ADVICE, history_judgement
 from auditlens.device_app.app.widgets import (
     ACCENT,
     AMBER,
@@ -529,24 +528,20 @@ class HistoryRow(ButtonBehavior, BgBox):
         badge.add_widget(Label(text=word, bold=True, font_size=FONT_SMALL, color=ink))
         self.add_widget(badge)
         lines = BoxLayout(orientation="vertical")
-        self.top_label = Label(text=top, font_size=FONT, bold=True, color=TEXT, shorten=True,
-                               shorten_from="right")
+        top_label = Label(text=top, font_size=FONT, bold=True, color=TEXT, shorten=True,
+                          shorten_from="right")
         bottom_label = Label(text=bottom, font_size=FONT_SMALL, color=MUTED, shorten=True,
                              shorten_from="right")
-        for lab in (self.top_label, bottom_label):
+        for lab in (top_label, bottom_label):
             lab.halign, lab.valign = "left", "middle"
             lab.bind(size=lambda w, *_: setattr(w, "text_size", w.size))
             lines.add_widget(lab)
         self.add_widget(lines)
 
 
-def judgement(item) -> str:
-    """:func:`history_judgement` of a record or a held verdict; a held file whose verdict
-    does not read has none."""
-    if isinstance(item, HeldVerdict) and (not item.verdict or (
-            item.decision != "retake" and (math.isnan(item.score) or math.isnan(item.threshold)))):
-        return "its verdict does not read"
-    return history_judgement(item)
+def decision_word(decision: str) -> str:
+    """A decision as the app shows it (MATCH, NO MATCH, RETAKE; another in capitals)."""
+    return DECISION_STYLE.get(decision, (decision.upper(),))[0]
 
 
 def utc_stamp(iso: str) -> str:
@@ -562,7 +557,7 @@ def record_row(record, name: str) -> HistoryRow:
     record_id = record.id
     return HistoryRow(DECISION_STYLE.get(record.decision, (record.decision, CARD, TEXT)),
                       f"#{record.id}  {name}",
-                      f"{utc_stamp(record.created_utc)} - {judgement(record)} - "
+                      f"{utc_stamp(record.created_utc)} - {history_judgement(record)} - "
                       f"{record.auditor or 'no auditor'}",
                       lambda: app().show_record(record_id))
 
@@ -587,8 +582,8 @@ def held_summary(held) -> str:
 def held_row(held, name: str) -> HistoryRow:
     """A verdict the log has not taken; tap it for the verdict with its photo."""
     word, colour, ink = HELD_STYLE[held.state]
-    judged = (DECISION_STYLE.get(held.decision, (held.decision,))[0] + " - " + judgement(held)
-              if held.verdict else judgement(held))
+    judged = (f"{decision_word(held.decision)} - {history_judgement(held)}" if held.verdict
+              else history_judgement(held))
     key = held.key
     return HistoryRow((word, colour, ink), f"{name}  ({judged})",
                       f"{utc_stamp(held.judged_utc)} - {held_summary(held)}",
@@ -742,7 +737,7 @@ class RecordScreen(Screen):
     def _head(self, title: str, item, photo, original, name: str, caption: str) -> None:
         """The title, the two pictures, the product and the judgement of a record or a
         held verdict (both carry decision, product id, score, threshold and reasons)."""
-        word = DECISION_STYLE.get(item.decision, (item.decision.upper(),))[0]
+        word = decision_word(item.decision)
         self.bar.title_label.text = f"{title}: {word}"
         self.photo_caption.text = caption
         self.original.texture = pil_to_texture(original) if original is not None else None
@@ -750,6 +745,6 @@ class RecordScreen(Screen):
         d = self.details
         d.clear_widgets()
         d.add_widget(WrapLabel(text=f"{name}  ({item.product_id})", font_size=FONT_BIG, bold=True))
-        d.add_widget(WrapLabel(text=f"{word} - {judgement(item)}", font_size=FONT, bold=True))
+        d.add_widget(WrapLabel(text=f"{word} - {history_judgement(item)}", font_size=FONT, bold=True))
         for reason in item.reasons if item.decision == "retake" else ():  # why not judged, in full
             d.add_widget(WrapLabel(text=f"- {reason}", font_size=FONT))

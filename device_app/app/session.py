@@ -8,6 +8,7 @@ reusable by another front end.
 from __future__ import annotations
 
 import io
+import math
 import os
 import sqlite3
 import threading
@@ -599,4 +600,6 @@ def history_judgement(record) -> str:
         reasons = record.reasons
         reason = reasons[0].split(":")[0] if reasons else "the photo could not be judged"
         return f"not judged: {reason}"
+    if not (math.isfinite(record.score) and math.isfinite(record.threshold)):
+        return "its verdict does not read"  # a damaged held file (HeldVerdict: NaN for no score)
     return f"score {record.score:.3f}/{record.threshold:.3f}"
