@@ -108,6 +108,25 @@ def test_shifted_views_move_the_zoom_box_left_right_up_and_down():
     # no shift: the centred views alone, as before
     plain = to_photo_views(image, PreprocessSpec(40, photo_zooms=(0.5,), photo_mirror=True))
     np.testing.assert_array_equal(plain, views[:2])
+
+
+@pytest.mark.parametrize("name", ["Arla-Standard-Milk_001.jpg", "Banana_001.jpg"])
+def test_shifted_views_sliced_from_one_resize_are_each_box_resized_alone(name):
+    """The five boxes of a zoom come from one resize of the region they cover; each is,
+    to a grey level, its own box resized alone, moved by the whole input pixels that the
+    slicing rounds the shift to."""
+    spec = PreprocessSpec(128, photo_zooms=(0.7,), photo_shift=0.15)
+    image = load_image(SAMPLE / "photos" / name, draft=spec.draft_size)
+    left, top, right, bottom = crop_box(image.size, spec.crop)
+    width, height = right - left, bottom - top
+    step = round(0.15 * 128 / 0.7)  # 27 input pixels: a shift of 0.148 of the side
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    views = to_photo_views(image, spec).astype(int)
+    for view, (mx, my) in zip(views, [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]):
+        sx, sy = mx * step * 0.7 * width / 128, my * step * 0.7 * height / 128
+        box = (cx - 0.35 * width + sx, cy - 0.35 * height + sy, cx + 0.35 * width + sx, cy + 0.35 * height + sy)
+        alone = np.asarray(image.resize((128, 128), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0), int)
+        assert np.abs(view - alone).max() <= 1
     # a shifted box must stay inside the crop box; a shift is a number; a manifest keeps it
     for zooms, shift in (((0.7,), 0.2), ((1.0,), 0.05), ((0.5,), -0.1), ((0.3,), 0.4)):
         with pytest.raises(ValueError, match="photo_shift"):
