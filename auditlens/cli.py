@@ -409,6 +409,15 @@ def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-key", type=Path, default=None, metavar="KEY",
                    help="check the signature with this Ed25519 public key file")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--products", action="store_true",
+                   help="also list every product: its id (what verify --product takes), name, kind, group "
+                        "and number of references (with --json: a 'products' list)")
+
+
+def _product_rows(bundle) -> list[dict]:
+    """The bundle's products as ``info --products`` lists them."""
+    return [{"product_id": p.product_id, "name": p.name, "kind": p.kind, "group": p.group,
+             "references": len(p.references)} for p in bundle.products]
 
 
 def _run_info(args) -> int:
@@ -427,6 +436,8 @@ def _run_info(args) -> int:
         shown = {k: v for k, v in m.items() if k != "probe"}
         # not part of the manifest: what this command found about its signature
         shown["signature"] = {"present": b.has_signature, "checked_by": b.signed_by}
+        if args.products:
+            shown["products"] = _product_rows(b)
         print(json.dumps(shown, indent=1))
         return EXIT_OK
     d = m["decision"]
@@ -441,7 +452,8 @@ def _run_info(args) -> int:
     print(f"integrity  {len(m['files'])} files, every sha256 verified{signature}")
     print(f"model      {b.model_id}  ({size / 1024:.0f} KiB, input {b.spec.input_size}px {b.spec.crop}, "
           f"latent {m['latent_dim']}-d; reproduces the references' probe latent)")
-    print(f"products   {len(b.products)}  ({len(b.references)} reference images)")
+    print(f"products   {len(b.products)}  ({len(b.references)} reference images"
+          f"{'' if args.products else '; --products lists them'})")
     print(f"photos     {_describe_views(b.spec)}")
     cal = f"calibrated for false-accept rate {b.target_far:.2%} on {d.get('calibrated_on')}" if b.target_far is not None else "not calibrated"
     print(f"threshold  {d['threshold']:.4f}  ({cal})")
@@ -449,6 +461,14 @@ def _run_info(args) -> int:
         print(f"           warning: {w}")
     kinds = Counter(p.kind or "(no kind)" for p in b.products)
     print("kinds      " + ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())))
+    if args.products:
+        rows = _product_rows(b)
+        head = {"product_id": "product id", "name": "name", "kind": "kind", "group": "group",
+                "references": "refs"}
+        widths = {k: max(len(head[k]), *(len(str(r[k])) for r in rows)) for k in head}
+        print()
+        for r in [head, *rows]:
+            print("  ".join(f"{str(r[k]):{widths[k]}s}" for k in head).rstrip())
     return EXIT_OK
 
 

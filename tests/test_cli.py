@@ -221,6 +221,18 @@ def test_enroll_with_reference_photos_needs_its_own_calibration(tmp_path, sample
     # a photo enrolled as a reference is its product's best match
     ident = run("identify", "--bundle", tmp_path / "b", "--top", "1", photo.photo, check_rc=0).stdout
     assert photo.product_id in ident
+    # info --products lists every id verify takes, with its references, in text and JSON
+    listed = json.loads(run("info", tmp_path / "b", "--products", "--json", check_rc=0).stdout)["products"]
+    assert [r["product_id"] for r in listed] == [p.product_id for p in b.products]
+    assert {r["product_id"]: r["references"] for r in listed}[photo.product_id] == len(rows)
+    assert next(r for r in listed if r["product_id"] == "Banana") == {
+        "product_id": "Banana", "name": "Banana", "kind": "Fruit", "group": "Banana", "references": 1}
+    text = run("info", tmp_path / "b", "--products", check_rc=0).stdout.splitlines()
+    table = text[text.index("") + 1:]
+    assert table[0].split() == ["product", "id", "name", "kind", "group", "refs"] and len(table) == 11
+    assert table[1].split()[0] == b.products[0].product_id and table[1].split()[-1] == str(
+        len(b.products[0].references))
+    assert "--products lists them" in run("info", tmp_path / "b", check_rc=0).stdout
     # calibrating on labelled photos makes it a calibrated bundle again
     run("calibrate", "--bundle", tmp_path / "b", "--photos", SAMPLE / "photos.csv", "--no-progress", check_rc=0)
     recalibrated = ReferenceBundle.load(tmp_path / "b").decision

@@ -122,6 +122,9 @@ def test_unreadable_photos_and_unknown_products_are_counted(tmp_path, sample_bun
     # the skipped products are named, with the bundle's id a typo most likely meant
     assert ("3 photos of products not in the bundle were skipped: 'banana' (2 photos; did you mean "
             "'Banana'?), 'Not-Enrolled' (1 photo)") in report["warnings"]
+    # the unreadable photo is named in the warnings too, with why and where the rest are listed
+    unreadable = next(w for w in report["warnings"] if w.startswith("1 photo could not be read and was skipped"))
+    assert str(bad) in unreadable and "unreadable_photos lists the first 50" in unreadable
 
 
 def test_read_product_ids(tmp_path):
@@ -372,7 +375,9 @@ def test_the_summary_names_the_photos_left_out(tmp_path, sample_bundle, sample_p
     rows = [[p.photo, p.product_id] for p in sample_photos[:6]] + [[sample_photos[0].photo, "Not-In-Bundle"]]
     write_csv(tmp_path / "p.csv", ["photo", "product_id"], rows)
     evaluate(sample_bundle, tmp_path / "p.csv", tmp_path / "r", progress=False, plots=False)
-    assert "6 photos (p.csv, 1 of products not in the bundle (skipped))" in (tmp_path / "r" / "summary.md").read_text()
+    summary = (tmp_path / "r" / "summary.md").read_text()
+    assert "6 photos (p.csv, 1 whose product is not in the bundle (skipped))" in summary
+    assert "1 photo of products not in the bundle was skipped: 'Not-In-Bundle' (1 photo)" in summary
 
 
 def test_a_one_product_bundle_is_evaluated_with_a_warning_not_empty_figures(tmp_path, sample_photos):

@@ -60,6 +60,7 @@ from auditlens.evaluation.protocol import (
     not_enrolled_note,
     product_groups,
     protocol_description,
+    unreadable_note,
 )
 from auditlens.evaluation.protocol import (
     impostor_draws as pair_draws,
@@ -346,7 +347,7 @@ def calibrate(
     if embedded.not_enrolled:
         decision["warnings"].append(not_enrolled_note(embedded.not_enrolled, b))
     if embedded.failed:
-        decision["warnings"].append(f"{len(embedded.failed)} photos could not be read; skipped")
+        decision["warnings"].append(unreadable_note(embedded.failed))
 
     if write:
         target = Path(out) if out is not None else Path(bundle)

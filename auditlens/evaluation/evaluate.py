@@ -53,6 +53,7 @@ from auditlens.evaluation.protocol import (
     not_enrolled_note,
     product_groups,
     protocol_description,
+    unreadable_note,
 )
 from auditlens.files import atomic_write, check_output_dir, is_json_object_with
 
@@ -197,6 +198,8 @@ def _warnings(report: dict, photos: list[LabelledPhoto], embedded, bundle) -> li
         notes.append(contradictory_note(embedded.contradictory))
     if embedded.not_enrolled:
         notes.append(not_enrolled_note(embedded.not_enrolled, bundle))
+    if embedded.failed:
+        notes.append(unreadable_note(embedded.failed, " (report.json's unreadable_photos lists the first 50)"))
     calibrated_on = report["decision"].get("photos_source")
     if calibrated_on and report["photos_source"] and Path(report["photos_source"]).name == calibrated_on:
         notes.append(f"the bundle's threshold was calibrated on {calibrated_on} too: if these are the "
@@ -667,10 +670,10 @@ def evaluate(
 
 
 def _left_out(counts: dict) -> str:
-    """", 2 unreadable (skipped), 1 of products not in the bundle (skipped)", or nothing."""
+    """", 2 unreadable (skipped), 1 whose product is not in the bundle (skipped)", or nothing."""
     return "".join(f", {counts[key]} {what}" for key, what in (
         ("photos_unreadable", "unreadable (skipped)"),
-        ("photos_of_products_not_enrolled", "of products not in the bundle (skipped)"),
+        ("photos_of_products_not_enrolled", "whose product is not in the bundle (skipped)"),
         ("photo_rows_repeated", "repeated rows (counted once)"),
         ("photo_rows_contradictory", "labelled with two products (left out)")) if counts.get(key))
 

@@ -184,8 +184,21 @@ def not_enrolled_note(rows: Sequence[LabelledPhoto], bundle) -> str:
         named.append(f"{product_id!r} ({n} photo{'s' if n != 1 else ''}"
                      + (f"; did you mean {near!r}?)" if near else ")"))
     more = f" and {len(counts) - 5} more" if len(counts) > 5 else ""
-    return (f"{len(rows)} photo{'s' if len(rows) != 1 else ''} of products not in the bundle were "
+    return (f"{_photos(len(rows))} of products not in the bundle {'was' if len(rows) == 1 else 'were'} "
             f"skipped: {', '.join(named)}{more}")
+
+
+def unreadable_note(failed: Sequence[tuple[str, str]], listed_in: str = "") -> str:
+    """A warning naming the first photos that could not be read (skipped), with why."""
+    named = "; ".join(error if error.startswith(str(path)) else f"{path}: {error}"  # errors name their image
+                      for path, error in failed[:3])
+    more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+    return (f"{_photos(len(failed))} could not be read and {'was' if len(failed) == 1 else 'were'} "
+            f"skipped: {named}{more}{listed_in}")
+
+
+def _photos(n: int) -> str:
+    return f"{n} photo{'s' if n != 1 else ''}"
 
 
 def content_key(photo: LabelledPhoto) -> str:
