@@ -204,7 +204,8 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("photo", type=Path, help="the field photo (JPEG, PNG, WebP, ...)")
     p.add_argument("--product", "-p", required=True, help="product id the photo should show")
     _add_bundle(p)
-    p.add_argument("--json", action="store_true", help="print the full verdict as JSON")
+    p.add_argument("--json", action="store_true",
+                   help='print the full verdict as JSON; on an error (exit 2) {"ok": false, "error"}')
     p.add_argument("--log", type=Path, default=None, metavar="AUDIT.db",
                    help="append the verdict to this audit log (SQLite)")
     p.add_argument("--auditor", default=None, help="auditor name for the log (default: $USER, else the login name)")
@@ -280,7 +281,7 @@ def _add_identify(p: argparse.ArgumentParser) -> None:
     p.add_argument("photo", type=Path, help="the field photo")
     p.add_argument("--top", "-k", type=positive_int, default=5, help="how many products to list (default: 5)")
     _add_bundle(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help='print JSON; on an error (exit 2) {"ok": false, "error"}')
 
 
 def _run_identify(args) -> int:
@@ -408,7 +409,8 @@ def _add_info(p: argparse.ArgumentParser) -> None:
                    help="the same, as the other commands take it")
     p.add_argument("--public-key", type=Path, default=None, metavar="KEY",
                    help="check the signature with this Ed25519 public key file")
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--json", action="store_true",
+                   help='print the manifest as JSON; on an error (exit 2) {"ok": false, "error"}')
     p.add_argument("--products", action="store_true",
                    help="also list every product: its id (what verify --product takes), name, kind, group "
                         "and number of references (with --json: a 'products' list)")
@@ -589,6 +591,16 @@ COMMANDS: dict[str, tuple[str, Hook]] = {
 }
 
 
+_EXIT_STATUS = {
+    "verify": "Exit status: 0 MATCH, 1 NO MATCH, 3 RETAKE (the photo cannot be judged; the reasons "
+              "say what to do), 2 error.",
+    "identify": "Exit status: 0, 3 when the photo cannot be judged (the reasons say what to do), 2 error.",
+    "score": "Exit status: 0, 2 when any pair could not be scored (its row says why), 130 when stopped "
+             "(Ctrl-C or SIGTERM; the rows scored so far go to OUT.partial.csv).",
+}
+"""The exit codes of the commands scripts branch on, in their --help."""
+
+
 # the extra that installs each optional package a command may import late
 _EXTRAS = {"tensorflow": "train", "keras": "train", "matplotlib": "eval", "kivy": "app",
            "cryptography": "sign", "cv2": "bench", "imagehash": "bench", "skimage": "bench"}
@@ -626,7 +638,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"auditlens {auditlens.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (summary, hook) in COMMANDS.items():
-        p = sub.add_parser(name, help=summary, description=summary)
+        p = sub.add_parser(name, help=summary, description=summary, epilog=_EXIT_STATUS.get(name))
         if command == name:
             # only the chosen command's module is imported: `verify` never loads TensorFlow
             try:
@@ -687,29 +699,37 @@ def main(argv: list[str] | None = None) -> int:
             return int(run(args) or 0)
     except AuditlensError as exc:
         shipped = isinstance(exc, UnknownProductError) and getattr(args, "bundle", False) is None
-        print(f"auditlens: error: {exc}"
-              + (" (the shipped sample bundle: no --bundle was given)" if shipped else ""), file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(args, f"{exc}" + (" (the shipped sample bundle: no --bundle was given)" if shipped else ""))
     except BrokenPipeError:  # `auditlens demo | head`: the reader has what it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
         return 128 + 13  # as a shell reports a process ended by SIGPIPE
     except OSError as exc:  # a file named on the command line is missing or unreadable
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"auditlens: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(args, f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
         print("auditlens: interrupted", file=sys.stderr)
         return 130
     except ImportError as exc:  # an optional extra the command reached for is not installed
-        print(f"auditlens: error: {_missing_extra(args._command, exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(args, _missing_extra(args._command, exc))
     except Exception as exc:  # a bug: still exit 2, never 1 (which scripts read as NO MATCH)
         if os.environ.get("AUDITLENS_DEBUG"):
             raise
-        print(f"auditlens: internal error: {type(exc).__name__}: {exc} "
-              "(set AUDITLENS_DEBUG=1 for the traceback)", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(args, f"{type(exc).__name__}: {exc} (set AUDITLENS_DEBUG=1 for the traceback)",
+                     "internal error")
+
+
+_OWN_JSON_FAILURES = {"verify-log"}
+"""Commands whose --json prints its own failure object (verify-log's names the record)."""
+
+
+def _fail(args, message: str, what: str = "error") -> int:
+    """One line on stderr, and with --json a ``{"ok": false, "error": ...}`` object on stdout
+    (a script reading stdout gets JSON on failure too); exit 2."""
+    print(f"auditlens: {what}: {message}", file=sys.stderr)
+    if getattr(args, "json", False) and args._command not in _OWN_JSON_FAILURES:
+        print(json.dumps({"ok": False, "error": message}, indent=1), flush=True)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -589,6 +589,26 @@ def test_info_takes_the_bundle_as_the_other_commands_do_and_says_if_it_is_signed
     assert checked["signature"]["present"] and checked["signature"]["checked_by"].startswith("ed25519:")
 
 
+def test_json_commands_print_a_json_failure_on_stdout(tmp_path):
+    """A script that reads --json from stdout gets JSON when the command fails too (exit 2),
+    besides the one-line error on stderr; the verdict commands' --help gives their exit codes."""
+    missing = run("verify", "--json", "-p", "Banana", tmp_path / "gone.jpg")
+    assert missing.returncode == 2 and "auditlens: error:" in missing.stderr
+    failure = json.loads(missing.stdout)
+    assert failure["ok"] is False and "gone.jpg: no such image file" in failure["error"]
+    unknown = run("identify", "--json", "--bundle", tmp_path / "no-bundle", SAMPLE / "photos" / "Banana_001.jpg")
+    assert unknown.returncode == 2 and json.loads(unknown.stdout)["ok"] is False
+    wrong_id = run("verify", "--json", "-p", "banana", SAMPLE / "photos" / "Banana_001.jpg")
+    assert wrong_id.returncode == 2 and "did you mean 'Banana'?" in json.loads(wrong_id.stdout)["error"]
+    plain = run("verify", "-p", "Banana", tmp_path / "gone.jpg")  # without --json: stderr alone
+    assert plain.returncode == 2 and plain.stdout == ""
+    def help_text(command):  # argparse wraps to the terminal's width
+        return " ".join(run(command, "--help", check_rc=0).stdout.split())
+
+    assert "Exit status: 0 MATCH, 1 NO MATCH, 3 RETAKE" in help_text("verify")
+    assert "130 when stopped" in help_text("score")
+
+
 def test_a_reader_that_stops_early_is_not_an_error():
     proc = subprocess.run(f"{shlex.quote(sys.executable)} -m auditlens.cli demo | head -1", shell=True,
                           capture_output=True, text=True, timeout=300)
