@@ -219,7 +219,8 @@ def _decode(image: Image.Image, name: str, max_pixels: int, draft: tuple[int, in
     except OSError as exc:
         if "truncat" in str(exc).lower():
             raise TruncatedImageError(
-                f"{name}: the image data is cut off ({exc}); copy or upload the photo again"
+                f"{name}: the image data is cut off (the file ends before the image does); copy or "
+                "upload the photo again"  # not Pillow's "(N bytes not processed)": N is not what is lost
             ) from exc
         raise UnreadableImageError(f"{name}: the image data is corrupt: {exc}") from exc
     except (SyntaxError, ValueError, EOFError) as exc:
@@ -273,9 +274,15 @@ def _scale_to_uint8(values: np.ndarray, *, sixteen_bit: bool = False) -> np.ndar
     return np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
 
 
+TRANSPARENT_SHARE = "auditlens_transparent_share"
+"""Key of ``Image.info`` in which :func:`to_rgb` leaves the share of an image's pixels that
+were see-through (alpha under half) before it composited them on white."""
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB, compositing transparency on white and
-    scaling 16-bit and float images instead of clipping them."""
+    """Convert any Pillow mode to 8-bit RGB, compositing transparency on white (the share
+    of see-through pixels goes in ``info[TRANSPARENT_SHARE]``, so the quality check can say
+    why the frame is white) and scaling 16-bit and float images instead of clipping them."""
     mode = image.mode
     if mode == "RGB":
         return image
@@ -289,8 +296,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image, mode = image.convert("LA"), "LA"
     if mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
         canvas = Image.new("RGB", rgba.size, BACKGROUND)
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        canvas.paste(rgba, mask=alpha)
+        canvas.info[TRANSPARENT_SHARE] = float((np.asarray(alpha) < 128).mean())
         return canvas
     return image.convert("RGB")
 

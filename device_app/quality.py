@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from auditlens.device_app.imaging import TRANSPARENT_SHARE, to_rgb
+
 ANALYSIS_SIDE = 256
 """The capture is analysed at this size, so thresholds do not depend on the camera."""
 
@@ -104,8 +106,6 @@ def assess(image: Image.Image, thresholds: QualityThresholds | None = None, *,
     has no measurable detail: its sharpness is 0 and it is sent back as too narrow."""
     t = thresholds or QualityThresholds()
     if image.mode != "RGB":
-        from auditlens.device_app.imaging import to_rgb
-
         image = to_rgb(image)  # transparency on white, 16-bit scaled: what a verify sees
     small = analysed if analysed is not None else analysis_copy(image)
     grey = np.asarray(small, dtype=np.float32)
@@ -125,7 +125,10 @@ def assess(image: Image.Image, thresholds: QualityThresholds | None = None, *,
             "blank: the photo is one flat colour with nothing in it (a covered lens, an empty "
             "or fully transparent image); photograph the product",), colour)
     if clipped > t.max_clipped:
-        issues.append("overexposed or glare: avoid direct light on the product")
+        see_through = image.info.get(TRANSPARENT_SHARE, 0.0)
+        issues.append(f"partly transparent: {see_through:.0%} of the image is see-through and shows as "
+                      "white; send the camera's photo, not a cut-out" if see_through >= t.max_clipped / 2
+                      else "overexposed or glare: avoid direct light on the product")
     exposure_off = bool(issues)  # detail is not measurable in a dark or washed-out frame
     if min(grey.shape) < 3:
         issues.append(f"too narrow: a {image.width}x{image.height} photo shows no usable detail; "

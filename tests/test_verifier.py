@@ -148,6 +148,22 @@ def test_a_dark_or_washed_out_photo_is_sent_back_for_its_light_alone():
         assert [i.split(":")[0] for i in assess(flat).issues] == ["blank"]
 
 
+def test_a_partly_transparent_image_is_sent_back_as_such_not_as_glare(verifier, tmp_path):
+    """A PNG half see-through loads with that half white: the reason names the transparency,
+    while the same pixels with no alpha (a white half in the photo) read as glare."""
+    photo = np.asarray(Image.open(SAMPLE / "photos" / "Banana_001.jpg").convert("RGBA")).copy()
+    photo[:, : photo.shape[1] // 2, 3] = 0
+    Image.fromarray(photo).save(tmp_path / "cut.png")
+    verdict = verifier.verify(tmp_path / "cut.png", "Banana")
+    assert verdict.decision == "retake"
+    assert [r.split(":")[0] for r in verdict.reasons] == ["partly transparent"]
+    assert "50% of the image is see-through" in verdict.reasons[0]
+    whitened = photo[..., :3].copy()
+    whitened[:, : photo.shape[1] // 2] = 255
+    Image.fromarray(whitened).save(tmp_path / "white.png")
+    assert verifier.verify(tmp_path / "white.png", "Banana").reasons[0].startswith("overexposed or glare")
+
+
 def test_a_greyscale_photo_is_sent_back_for_its_colour(sample_photos):
     """A greyscale capture (a mono filter, a converted file) lost what tells products apart:
     on the shipped model it was judged, a genuine photo as NO MATCH and another milk's photo
