@@ -237,6 +237,14 @@ def _convert_with_float_ops(tf, make_converter, dataset, float_ops: int) -> byte
     """int8 with the graph's first ``float_ops`` quantizable ops left in float, through
     TFLite's QuantizationDebugger: one calibrated run names the ops in graph order, a
     second converts with the first ones denylisted."""
+    with warnings.catch_warnings():
+        # the debugger runs TensorFlow's own deprecated tf.lite.Interpreter inside: a notice
+        # the user cannot act on (auditlens itself runs models with ai-edge-litert)
+        warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated", category=UserWarning)
+        return _debugger_convert(tf, make_converter, dataset, float_ops)
+
+
+def _debugger_convert(tf, make_converter, dataset, float_ops: int) -> bytes:
     debugger = tf.lite.experimental.QuantizationDebugger(converter=make_converter(), debug_dataset=dataset)
     debugger.run()
     table = io.StringIO()

@@ -30,7 +30,7 @@ def attention_maps(encoder, images: np.ndarray) -> np.ndarray | None:
         layer = encoder.get_layer(ATTENTION_LAYER)
     except ValueError:
         return None
-    probe = keras.Model(encoder.inputs, layer.output)
+    probe = keras.Model(encoder.input, layer.output)  # one input tensor, as the encoder is called
     return np.asarray(probe(images.astype(np.float32), training=False))[..., 0]
 
 
