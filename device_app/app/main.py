@@ -22,7 +22,11 @@ ANALYSE_EVERY_S = 0.8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", "-b", type=Path, required=True, help="the reference bundle (folder or .zip)")
+    p.add_argument("--bundle", "-b", type=Path, required=True,
+                   help="the reference bundle (folder or .zip). Required, unlike the other commands' "
+                        "default of the sample, so that audits are never logged against the demo "
+                        "catalogue by mistake; to try the app: --bundle models/sample_bundle "
+                        "--camera-dir models/sample/photos")
     p.add_argument("--camera-dir", type=Path, default=None, metavar="DIR",
                    help="play the image files in DIR as the camera (demos, tests) instead of a webcam")
     p.add_argument("--camera-index", type=int, default=0, help="which webcam to open (default: %(default)s)")
