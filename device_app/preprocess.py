@@ -76,6 +76,9 @@ class PreprocessSpec:
             raise ValueError(f"photo_shift must be within 0..{MAX_PHOTO_SHIFT} and keep every shifted box inside "
                              f"the crop box (largest zoom / 2 + shift <= 0.5), not {shift:g} with zooms "
                              f"{', '.join(f'{z:g}' for z in zooms)}")
+        if shift and min(shift_step(z, shift, self.input_size) for z in zooms) < 1:
+            raise ValueError(f"photo_shift {shift:g} moves a {self.input_size} px view by less than one "
+                             "pixel: its shifted copies would repeat the centred view; use a larger shift")
         object.__setattr__(self, "photo_zooms", zooms)
         object.__setattr__(self, "photo_shift", shift)
         if self.num_views > MAX_PHOTO_VIEWS:
@@ -165,7 +168,7 @@ def to_photo_views(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         elif spec.photo_shift:
             boxes = _shifted_boxes(image, crop, zoom, spec.photo_shift, side)
         else:
-            boxes = [_zoom_canvas(image, crop, zoom, side, 0)]
+            boxes = [_zoom_canvas(image, crop, zoom, side)]
         for view in boxes:
             views.append(view)
             if spec.photo_mirror:
@@ -174,26 +177,33 @@ def to_photo_views(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 
 def _zoom_canvas(image: Image.Image, crop: tuple[int, int, int, int], zoom: float, side: int,
-                 margin: int) -> np.ndarray:
+                 margin: int = 0) -> np.ndarray:
     """The centred box ``zoom`` of the crop box's side, resized to ``side`` pixels with
     ``margin`` more pixels of the photo, at the same scale, on every side, uint8."""
     left, top, right, bottom = crop
-    half_w = (side / 2 + margin) * zoom * (right - left) / side
-    half_h = (side / 2 + margin) * zoom * (bottom - top) / side
-    cx, cy = (left + right) / 2, (top + bottom) / 2
-    box = (max(left, cx - half_w), max(top, cy - half_h),  # inside, to rounding
-           min(right, cx + half_w), min(bottom, cy + half_h))
+    width, height = right - left, bottom - top
+    dx, dy = width * (1 - zoom) / 2, height * (1 - zoom) / 2
+    mx, my = margin * zoom * width / side, margin * zoom * height / side
+    box = (max(left, left + dx - mx), max(top, top + dy - my),  # inside, to rounding
+           min(right, right - dx + mx), min(bottom, bottom - dy + my))
     out = side + 2 * margin
     return np.asarray(image.resize((out, out), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0),
                       dtype=np.uint8)
 
 
+def shift_step(zoom: float, shift: float, side: int) -> int:
+    """``shift`` of the crop box's side in input pixels of a ``zoom`` box ``side`` pixels
+    wide: the nearest whole number that keeps the moved box inside the crop box."""
+    inside = int(np.floor((0.5 - zoom / 2) * side / zoom + 1e-9))
+    return min(round(shift * side / zoom), inside)
+
+
 def _shifted_boxes(image: Image.Image, crop: tuple[int, int, int, int], zoom: float, shift: float,
                    side: int) -> list[np.ndarray]:
     """The centred zoom box and its copies moved left, right, up and down by ``shift`` of
-    the crop box's side (to the nearest input pixel), sliced from one resize of the region
-    they cover: a fifth of the resizing that five boxes would cost."""
-    step = round(shift * side / zoom)
+    the crop box's side (:func:`shift_step` input pixels), sliced from one resize of the
+    region they cover: a fifth of the resizing that five boxes would cost."""
+    step = shift_step(zoom, shift, side)
     canvas = _zoom_canvas(image, crop, zoom, side, step)
     return [np.ascontiguousarray(canvas[step + dy:step + dy + side, step + dx:step + dx + side])
             for dx, dy in ((0, 0), (-step, 0), (step, 0), (0, -step), (0, step))]

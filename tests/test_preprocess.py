@@ -110,23 +110,30 @@ def test_shifted_views_move_the_zoom_box_left_right_up_and_down():
     np.testing.assert_array_equal(plain, views[:2])
 
 
-@pytest.mark.parametrize("name", ["Arla-Standard-Milk_001.jpg", "Banana_001.jpg"])
-def test_shifted_views_sliced_from_one_resize_are_each_box_resized_alone(name):
+@pytest.mark.parametrize(("name", "side", "step"), [("Arla-Standard-Milk_001.jpg", 128, 27),
+                                                      ("Banana_001.jpg", 128, 27), ("Banana_001.jpg", 96, 20)])
+def test_shifted_views_sliced_from_one_resize_are_each_box_resized_alone(name, side, step):
     """The five boxes of a zoom come from one resize of the region they cover; each is,
     to a grey level, its own box resized alone, moved by the whole input pixels that the
-    slicing rounds the shift to."""
-    spec = PreprocessSpec(128, photo_zooms=(0.7,), photo_shift=0.15)
+    slicing rounds the shift to: 27 of 128 (0.148 of the side), and at 96 px 20, not 21,
+    which would put the moved boxes past the crop box's edge."""
+    spec = PreprocessSpec(side, photo_zooms=(0.7,), photo_shift=0.15)
     image = load_image(SAMPLE / "photos" / name, draft=spec.draft_size)
     left, top, right, bottom = crop_box(image.size, spec.crop)
     width, height = right - left, bottom - top
-    step = round(0.15 * 128 / 0.7)  # 27 input pixels: a shift of 0.148 of the side
     cx, cy = (left + right) / 2, (top + bottom) / 2
     views = to_photo_views(image, spec).astype(int)
+    plain = to_photo_views(image, PreprocessSpec(side, photo_zooms=(0.7,)))
+    assert np.abs(views[0] - plain[0]).max() <= 1  # the centred box: the unshifted view, to a grey level
     for view, (mx, my) in zip(views, [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]):
-        sx, sy = mx * step * 0.7 * width / 128, my * step * 0.7 * height / 128
+        sx, sy = mx * step * 0.7 * width / side, my * step * 0.7 * height / side
         box = (cx - 0.35 * width + sx, cy - 0.35 * height + sy, cx + 0.35 * width + sx, cy + 0.35 * height + sy)
-        alone = np.asarray(image.resize((128, 128), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0), int)
+        assert left <= box[0] and box[2] <= right
+        alone = np.asarray(image.resize((side, side), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0), int)
         assert np.abs(view - alone).max() <= 1
+
+
+def test_a_shift_must_fit_inside_the_crop_box_and_move_a_pixel():
     # a shifted box must stay inside the crop box; a shift is a number; a manifest keeps it
     for zooms, shift in (((0.7,), 0.2), ((1.0,), 0.05), ((0.5,), -0.1), ((0.3,), 0.4)):
         with pytest.raises(ValueError, match="photo_shift"):
@@ -138,6 +145,8 @@ def test_shifted_views_sliced_from_one_resize_are_each_box_resized_alone(name):
     shifted = PreprocessSpec(96, photo_zooms=(0.7,), photo_mirror=True, photo_shift=0.15)
     assert PreprocessSpec.from_dict(shifted.to_dict()) == shifted and shifted.to_dict()["photo_shift"] == 0.15
     assert PreprocessSpec.from_dict({"input_size": 96}).photo_shift == 0.0  # older manifests: none
+    with pytest.raises(ValueError, match="less than one pixel"):
+        PreprocessSpec(16, photo_zooms=(0.7,), photo_shift=0.01)
 
 
 def test_pooled_views_are_the_normalised_mean():
