@@ -283,6 +283,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, compositing transparency on white (the share
     of see-through pixels goes in ``info[TRANSPARENT_SHARE]``, so the quality check can say
     why the frame is white) and scaling 16-bit and float images instead of clipping them."""
+    image.info.pop(TRANSPARENT_SHARE, None)  # only this function's own count may stand there
     mode = image.mode
     if mode == "RGB":
         return image

@@ -125,10 +125,14 @@ def assess(image: Image.Image, thresholds: QualityThresholds | None = None, *,
             "blank: the photo is one flat colour with nothing in it (a covered lens, an empty "
             "or fully transparent image); photograph the product",), colour)
     if clipped > t.max_clipped:
-        see_through = image.info.get(TRANSPARENT_SHARE, 0.0)
-        issues.append(f"partly transparent: {see_through:.0%} of the image is see-through and shows as "
-                      "white; send the camera's photo, not a cut-out" if see_through >= t.max_clipped / 2
-                      else "overexposed or glare: avoid direct light on the product")
+        see_through = image.info.get(TRANSPARENT_SHARE)
+        see_through = see_through if isinstance(see_through, float) and 0 <= see_through <= 1 else 0.0
+        if see_through >= t.max_clipped / 2:
+            issues.append(f"partly transparent: {see_through:.0%} of the image is see-through and shows "
+                          "as white; send the camera's photo, not a cut-out")
+        opaque = 1.0 - see_through  # the rest glares too: judged as a whole frame would be
+        if see_through < t.max_clipped / 2 or (opaque > 0 and (clipped - see_through) / opaque > t.max_clipped):
+            issues.append("overexposed or glare: avoid direct light on the product")
     exposure_off = bool(issues)  # detail is not measurable in a dark or washed-out frame
     if min(grey.shape) < 3:
         issues.append(f"too narrow: a {image.width}x{image.height} photo shows no usable detail; "

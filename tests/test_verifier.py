@@ -162,6 +162,24 @@ def test_a_partly_transparent_image_is_sent_back_as_such_not_as_glare(verifier, 
     whitened[:, : photo.shape[1] // 2] = 255
     Image.fromarray(whitened).save(tmp_path / "white.png")
     assert verifier.verify(tmp_path / "white.png", "Banana").reasons[0].startswith("overexposed or glare")
+    # the count is the loader's own: a PNG text chunk of that name is not taken for it
+    from PIL import PngImagePlugin
+
+    from auditlens.device_app.imaging import TRANSPARENT_SHARE
+
+    chunk = PngImagePlugin.PngInfo()
+    chunk.add_text(TRANSPARENT_SHARE, "0.9")
+    Image.fromarray(whitened).save(tmp_path / "labelled.png", pnginfo=chunk)
+    assert Image.open(tmp_path / "labelled.png").info[TRANSPARENT_SHARE] == "0.9"
+    labelled = verifier.verify(tmp_path / "labelled.png", "Banana")
+    assert [r.split(":")[0] for r in labelled.reasons] == ["overexposed or glare"]
+    # and a see-through half beside an overexposed one: both are said
+    from PIL import ImageEnhance
+
+    bright = np.asarray(ImageEnhance.Brightness(Image.fromarray(photo[..., :3])).enhance(10.0)).copy()
+    Image.fromarray(np.dstack([bright, photo[..., 3]])).save(tmp_path / "cut_bright.png")
+    both = verifier.verify(tmp_path / "cut_bright.png", "Banana")
+    assert [r.split(":")[0] for r in both.reasons] == ["partly transparent", "overexposed or glare"]
 
 
 def test_a_greyscale_photo_is_sent_back_for_its_colour(sample_photos):
