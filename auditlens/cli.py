@@ -205,7 +205,8 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--product", "-p", required=True, help="product id the photo should show")
     _add_bundle(p)
     p.add_argument("--json", action="store_true",
-                   help='print the full verdict as JSON; on an error (exit 2) {"ok": false, "error"}')
+                   help='print the full verdict as JSON (with --log, "logged": true or false); when the '
+                        'command fails after reading its arguments (exit 2) {"ok": false, "error"}')
     p.add_argument("--log", type=Path, default=None, metavar="AUDIT.db",
                    help="append the verdict to this audit log (SQLite)")
     p.add_argument("--auditor", default=None, help="auditor name for the log (default: $USER, else the login name)")
@@ -233,6 +234,40 @@ def _format_verdict(v) -> str:
     return "\n".join([line, *extra])
 
 
+def _log_verdict(args, verdict) -> None:
+    """Append ``verdict`` to ``--log``; any failure is an :class:`AuditLogError` that says
+    the verdict was not logged."""
+    import hashlib
+
+    from auditlens.device_app.auditlog import AuditLog, default_auditor
+    from auditlens.errors import AuditLogError
+
+    try:
+        photo = args.photo.read_bytes()
+    except OSError as exc:
+        raise AuditLogError(f"{args.photo}: {exc.strerror or exc}; this verdict was NOT logged") from exc
+    if hashlib.sha256(photo).hexdigest() != verdict.photo_sha256:
+        raise AuditLogError(f"{args.photo} changed after it was verified; nothing was logged")
+    auditor = default_auditor() if args.auditor is None else args.auditor
+    if not auditor:
+        print("auditlens: warning: the log records no auditor: pass --auditor NAME", file=sys.stderr)
+    new_log = not args.log.exists()
+    try:
+        with AuditLog(args.log, signing_key=args.log_key) as log:
+            if log.guards_restored:
+                print(f"auditlens: warning: {args.log}: the log's append-only guards had been "
+                      f"removed outside auditlens ({', '.join(log.guards_restored)}); they are "
+                      "back, and the log keeps a note of it: check its records with "
+                      f"'auditlens verify-log {shlex.quote(str(args.log))}'", file=sys.stderr)
+            log.append(verdict, photo=photo, auditor=auditor,
+                       device=socket.gethostname() if args.device is None else args.device)
+    except (AuditlensError, OSError) as exc:  # the verdict is on screen: say it is not on record
+        detail = exc if isinstance(exc, AuditlensError) else f"{args.log}: {exc.strerror or exc}"
+        raise AuditLogError(f"{detail}; this verdict was NOT logged") from exc
+    if new_log:  # a mistyped --log would start a second chain: said, not silent
+        print(f"auditlens: started a new audit log {args.log} with this verdict", file=sys.stderr)
+
+
 def _run_verify(args) -> int:
     verifier = _verifier(args)
     for given, what in ((args.auditor is not None, "--auditor is recorded"),
@@ -245,35 +280,23 @@ def _run_verify(args) -> int:
         load_signing_key(args.log_key)  # a key that cannot sign is said before the photo is judged
     verdict = verifier.verify(args.photo, args.product)
     # the verdict is shown before it is logged: a log that cannot be written (an error,
-    # exit status 2) does not hide it from the auditor
-    print(json.dumps(verdict.to_dict(), indent=1) if args.json else _format_verdict(verdict), flush=True)
+    # exit status 2) does not hide it from the auditor. With --json it is one document,
+    # printed once the log has (or has not) taken it
+    if not args.json:
+        print(_format_verdict(verdict), flush=True)
+    elif not args.log:
+        print(json.dumps(verdict.to_dict(), indent=1), flush=True)
     if args.log:
-        import hashlib
-
-        from auditlens.device_app.auditlog import AuditLog, default_auditor
-        from auditlens.errors import AuditLogError
-
-        photo = args.photo.read_bytes()
-        if hashlib.sha256(photo).hexdigest() != verdict.photo_sha256:
-            raise AuditLogError(f"{args.photo} changed after it was verified; nothing was logged")
-        auditor = default_auditor() if args.auditor is None else args.auditor
-        if not auditor:
-            print("auditlens: warning: the log records no auditor: pass --auditor NAME", file=sys.stderr)
-        new_log = not args.log.exists()
         try:
-            with AuditLog(args.log, signing_key=args.log_key) as log:
-                if log.guards_restored:
-                    print(f"auditlens: warning: {args.log}: the log's append-only guards had been "
-                          f"removed outside auditlens ({', '.join(log.guards_restored)}); they are "
-                          "back, and the log keeps a note of it: check its records with "
-                          f"'auditlens verify-log {shlex.quote(str(args.log))}'", file=sys.stderr)
-                log.append(verdict, photo=photo, auditor=auditor,
-                           device=socket.gethostname() if args.device is None else args.device)
-        except (AuditlensError, OSError) as exc:  # the verdict is on screen: say it is not on record
-            detail = exc if isinstance(exc, AuditlensError) else f"{args.log}: {exc.strerror or exc}"
-            raise AuditLogError(f"{detail}; this verdict was NOT logged") from exc
-        if new_log:  # a mistyped --log would start a second chain: said, not silent
-            print(f"auditlens: started a new audit log {args.log} with this verdict", file=sys.stderr)
+            _log_verdict(args, verdict)
+        except AuditlensError as exc:
+            if args.json:
+                print(json.dumps({**verdict.to_dict(), "logged": False, "ok": False, "error": str(exc)},
+                                 indent=1), flush=True)
+                args.json_printed = True  # _fail prints no second document
+            raise
+        if args.json:
+            print(json.dumps({**verdict.to_dict(), "logged": True}, indent=1), flush=True)
     return {"match": EXIT_OK, "no_match": EXIT_NO_MATCH}.get(verdict.decision, EXIT_RETAKE)
 
 
@@ -281,7 +304,8 @@ def _add_identify(p: argparse.ArgumentParser) -> None:
     p.add_argument("photo", type=Path, help="the field photo")
     p.add_argument("--top", "-k", type=positive_int, default=5, help="how many products to list (default: 5)")
     _add_bundle(p)
-    p.add_argument("--json", action="store_true", help='print JSON; on an error (exit 2) {"ok": false, "error"}')
+    p.add_argument("--json", action="store_true", help='print JSON; when the command fails after reading its arguments (exit 2) '
+                        '{"ok": false, "error"}')
 
 
 def _run_identify(args) -> int:
@@ -410,7 +434,8 @@ def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-key", type=Path, default=None, metavar="KEY",
                    help="check the signature with this Ed25519 public key file")
     p.add_argument("--json", action="store_true",
-                   help='print the manifest as JSON; on an error (exit 2) {"ok": false, "error"}')
+                   help='print the manifest as JSON; when the command fails after reading its '
+                        'arguments (exit 2) {"ok": false, "error"}')
     p.add_argument("--products", action="store_true",
                    help="also list every product: its id (what verify --product takes), name, kind, group "
                         "and number of references (with --json: a 'products' list)")
@@ -467,6 +492,7 @@ def _run_info(args) -> int:
         rows = _product_rows(b)
         head = {"product_id": "product id", "name": "name", "kind": "kind", "group": "group",
                 "references": "refs"}
+        rows = [{k: r[k] if r[k] != "" else "-" for k in head} for r in rows]  # a blank column reads as a gap
         widths = {k: max(len(head[k]), *(len(str(r[k])) for r in rows)) for k in head}
         print()
         for r in [head, *rows]:
@@ -719,15 +745,13 @@ def main(argv: list[str] | None = None) -> int:
                      "internal error")
 
 
-_OWN_JSON_FAILURES = {"verify-log"}
-"""Commands whose --json prints its own failure object (verify-log's names the record)."""
-
-
 def _fail(args, message: str, what: str = "error") -> int:
     """One line on stderr, and with --json a ``{"ok": false, "error": ...}`` object on stdout
-    (a script reading stdout gets JSON on failure too); exit 2."""
+    (a script reading stdout gets JSON on failure too), unless the command printed its own
+    (``args.json_printed``: verify's verdict said not logged, verify-log's naming the
+    record); exit 2."""
     print(f"auditlens: {what}: {message}", file=sys.stderr)
-    if getattr(args, "json", False) and args._command not in _OWN_JSON_FAILURES:
+    if getattr(args, "json", False) and not getattr(args, "json_printed", False):
         print(json.dumps({"ok": False, "error": message}, indent=1), flush=True)
     return EXIT_ERROR
 

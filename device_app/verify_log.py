@@ -144,10 +144,11 @@ def run(args) -> int:
     script tells tampering from a log it could not read."""
     try:
         return _check_and_export(args)
-    except AuditlensError as exc:
+    except (AuditlensError, OSError) as exc:
         if args.json:
             print(json.dumps({"ok": False, "error": str(exc), "record_id": getattr(exc, "record_id", None)},
                              indent=2))
+            args.json_printed = True  # the command line's handler prints no second object
         if not isinstance(exc, AuditChainError):
             raise  # one line on stderr and exit 2, as every command
         print(f"auditlens: error: {exc}", file=sys.stderr)

@@ -212,7 +212,7 @@ def test_hand_edit_breaks_the_chain_and_verify_log_names_the_record(log_path, sq
     assert f"record {bad_id}:" in err
 
 
-def test_verify_log_cli_subprocess_names_the_edited_record(log_path):
+def test_verify_log_cli_subprocess_names_the_edited_record(log_path, tmp_path):
     """The same through the installed console command, as an auditor's supervisor runs it."""
     with AuditLog(log_path) as log:
         for i in range(4):
@@ -232,6 +232,14 @@ def test_verify_log_cli_subprocess_names_the_edited_record(log_path):
     missing_json = json.loads(missing.stdout)
     assert missing.returncode == 2 and missing_json["ok"] is False and missing_json["record_id"] is None
     assert "no audit log here" in missing_json["error"] and set(missing_json) == {"ok", "error", "record_id"}
+    # an export that cannot be written (not an audit-log error): still one JSON object
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with AuditLog(tmp_path / "intact.db"):
+        pass
+    blocked = subprocess.run([sys.executable, "-m", "auditlens.cli", "verify-log", str(tmp_path / "intact.db"), "--json",
+                              "--export-csv", str(tmp_path / "taken" / "x.csv")], capture_output=True, text=True)
+    blocked_json = json.loads(blocked.stdout)
+    assert blocked.returncode == 2 and blocked_json["ok"] is False and set(blocked_json) == {"ok", "error", "record_id"}
     assert "auditlens: error:" in missing.stderr
 
 
@@ -1098,6 +1106,19 @@ def test_cli_verify_with_log_refuses_a_catalogue_database(tmp_path, capsys):
     assert rc == 2 and "score" in captured.out and captured.err.count("\n") == 1
     assert captured.err.startswith(f"auditlens: error: {catalog / 'audit.db'}")
     assert captured.err.rstrip().endswith("this verdict was NOT logged")
+    # with --json: one document, the verdict said not logged, and the same line on stderr
+    args = ["verify", "--bundle", str(bundle), "--product", row["product_id"],
+            str(REPO / "models" / "sample" / row["photo"]), "--json"]
+    rc = cli_main([*args, "--log", str(catalog)])
+    captured = capsys.readouterr()
+    shown = json.loads(captured.out)  # a second document would not parse
+    assert rc == 2 and shown["logged"] is False and shown["ok"] is False
+    assert shown["product_id"] == row["product_id"] and "this verdict was NOT logged" in shown["error"]
+    assert captured.err.rstrip().endswith("this verdict was NOT logged")
+    # ... and when the log takes it, "logged": true
+    rc = cli_main([*args, "--log", str(tmp_path / "audit.db"), "--auditor", "A. Smith"])
+    shown = json.loads(capsys.readouterr().out)
+    assert rc in (0, 1, 3) and shown["logged"] is True and "ok" not in shown
 
 
 def test_verify_log_does_not_change_the_log(log_path, capsys):
