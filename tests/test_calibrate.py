@@ -396,6 +396,15 @@ def test_repeated_rows_count_once_and_evaluating_on_the_calibration_photos_is_fl
     assert d["pairs"]["photos"] == 16 and d["pairs"]["photo_rows_repeated"] == 5
     assert d["pairs"]["impostor"] == once["pairs"]["impostor"] and d["threshold"] == once["threshold"]
     assert any("5 photo rows repeat an earlier row" in w for w in d["warnings"])
+    # an unreadable photo is named in the manifest by its file name alone: no folder of this
+    # machine travels to the devices
+    secret = tmp_path / "private_share"
+    secret.mkdir()
+    (secret / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    write_csv(tmp_path / "with_broken.csv", ["photo", "product_id"], rows + [[secret / "broken.jpg", rows[0][1]]])
+    broken = calibrate(bundle_copy, tmp_path / "with_broken.csv", 0.1, write=False, progress=False)
+    assert "1 photo could not be read and was skipped: broken.jpg" in broken["warnings"]
+    assert "private_share" not in json.dumps(broken)
 
     report = evaluate(bundle_copy, tmp_path / "calib.csv", tmp_path / "r", progress=False, plots=False)
     text = describe(report)

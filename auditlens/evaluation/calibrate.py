@@ -347,7 +347,7 @@ def calibrate(
     if embedded.not_enrolled:
         decision["warnings"].append(not_enrolled_note(embedded.not_enrolled, b))
     if embedded.failed:
-        decision["warnings"].append(unreadable_note(embedded.failed))
+        decision["warnings"].append(unreadable_note(embedded.failed, file_names=True))
 
     if write:
         target = Path(out) if out is not None else Path(bundle)

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -188,10 +189,15 @@ def not_enrolled_note(rows: Sequence[LabelledPhoto], bundle) -> str:
             f"skipped: {', '.join(named)}{more}")
 
 
-def unreadable_note(failed: Sequence[tuple[str, str]], listed_in: str = "") -> str:
-    """A warning naming the first photos that could not be read (skipped), with why."""
-    named = "; ".join(error if error.startswith(str(path)) else f"{path}: {error}"  # errors name their image
-                      for path, error in failed[:3])
+def unreadable_note(failed: Sequence[tuple[str, str]], listed_in: str = "", *, file_names: bool = False) -> str:
+    """A warning naming the first photos that could not be read (skipped), with why; with
+    ``file_names`` their file names alone (for a manifest, which travels to the devices:
+    no folder of the calibrating machine, no error text quoting it)."""
+    if file_names:
+        named = ", ".join(Path(path).name for path, _ in failed[:3])
+    else:
+        named = "; ".join(error if error.startswith(str(path)) else f"{path}: {error}"  # errors name their image
+                          for path, error in failed[:3])
     more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
     return (f"{_photos(len(failed))} could not be read and {'was' if len(failed) == 1 else 'were'} "
             f"skipped: {named}{more}{listed_in}")
