@@ -147,6 +147,39 @@ def test_impostors_as_high_as_genuine_copies_keep_the_threshold_a_cosine():
     assert d["threshold"] == 1.0 and d["measured_far"] == pytest.approx(0.5)
 
 
+def test_a_target_no_threshold_reaches_is_refused_and_nothing_written(tmp_path, sample_photos, capsys):
+    """Two brands of milk enrolled from one image, and a photo that is that image: its pair
+    with the other brand scores as its genuine pair does, higher than any other genuine
+    photo. The only threshold that keeps that impostor out accepts no genuine pair at all
+    (and one at or above 1, as float16 references can give, none keeps out); stored, it would
+    read as calibrated and reject every photo. calibrate refuses and says why, writing nothing."""
+    import csv
+
+    rows = list(csv.DictReader((SAMPLE / "catalog.csv").open(newline="")))
+    milk = [r for r in rows if r["group"] == "Milk"]
+    assert len(milk) == 2
+    shared = str(SAMPLE / milk[0]["image"])
+    write_csv(tmp_path / "catalog.csv", ["product_id", "image", "name", "group", "kind"],
+              [[r["product_id"], shared if r in milk else str(SAMPLE / r["image"]), r["name"], r["group"],
+                r["kind"]] for r in rows])
+    # photos embedded as the whole frame, as originals are, so the copy scores exactly as its original
+    assert main(["enroll", str(tmp_path / "catalog.csv"), "--out", str(tmp_path / "b"), "--photo-zooms", "1",
+                 "--no-photo-mirror", "--no-progress"]) == 0
+    manifest = (tmp_path / "b" / "manifest.json").read_bytes()
+    shutil.copy(shared, tmp_path / "copy_of_the_original.jpg")
+    write_csv(tmp_path / "photos.csv", ["photo", "product_id"],
+              [[p.photo, p.product_id] for p in sample_photos]
+              + [[tmp_path / "copy_of_the_original.jpg", milk[0]["product_id"]]])
+    capsys.readouterr()
+    rc = main(["calibrate", "--bundle", str(tmp_path / "b"), "--photos", str(tmp_path / "photos.csv"),
+               "--target-far", "0.01", "--allow-few-photos", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the threshold that keeps a false-accept rate of 0.01" in err, err
+    assert "accepts none of the 17 genuine pairs" in err
+    assert "enrolled from one image" in err and "nothing was written" in err
+    assert (tmp_path / "b" / "manifest.json").read_bytes() == manifest
+
+
 def test_far_curve_and_decide_on_fixed_scores():
     imp = [0.9, 0.8, 0.8, 0.5, 0.1]
     curve = far_curve(imp)

@@ -21,7 +21,7 @@ from auditlens.evaluation.protocol import (
     product_groups,
 )
 
-from .conftest import SAMPLE
+from .conftest import REPO, SAMPLE
 
 PNGS = ("roc.png", "det.png", "scores.png", "confusions.png")
 
@@ -393,3 +393,26 @@ def test_a_one_product_bundle_is_evaluated_with_a_warning_not_empty_figures(tmp_
     report = evaluate(tmp_path / "b", photos, tmp_path / "r", progress=False, verbose=False, plots=False)
     assert report["counts"]["pairs"]["impostor"] == 0
     assert any(w.startswith("the bundle holds 1 product: no photo has an impostor") for w in report["warnings"])
+
+
+def test_an_encoder_that_maps_every_image_to_one_latent_is_said_to_measure_nothing(tmp_path, sample_photos):
+    """A run too short (or diverged) gives every image nearly the same latent: every pair
+    scores about 1, and the report says so instead of guessing at enrolled references."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    image = keras.Input((32, 32, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(image)
+    latent = keras.layers.Dense(8, kernel_initializer="zeros", bias_initializer="ones")(pooled)
+    (tmp_path / "flat.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(image, latent)).convert())
+    from auditlens.cli import main
+
+    assert main(["enroll", str(SAMPLE / "catalog.csv"), "--model", str(tmp_path / "flat.tflite"),
+                 "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    report = evaluate(tmp_path / "b", SAMPLE / "photos.csv", None, progress=False, verbose=False)
+    flat = [w for w in report["warnings"] if "nearly the same latent" in w]
+    assert flat and flat[0].startswith("photos score 1.000 on average against the other products")
+    assert not any("enroll --references" in w for w in report["warnings"])
+    # the shipped model scores other products about 0 on average: no such warning
+    shipped = evaluate(REPO / "models" / "sample_bundle", SAMPLE / "photos.csv", None, progress=False, verbose=False)
+    assert not any("nearly the same latent" in w for w in shipped["warnings"])

@@ -321,10 +321,18 @@ def calibrate(
             f"{few}; use more photos" + ("" if target_far * per_draw >= 1 else
                                          ": with under one a draw, the threshold is little more "
                                          "than the highest impostor score"))
-    if decision["measured_far"] > target_far:
-        decision["warnings"].append(
-            f"no threshold reaches a FAR of {target_far:g}: {decision['measured_far']:.2%} of the "
-            "impostor pairs score as high as the same image (products enrolled from one image?)")
+    if decision["measured_far"] > target_far or decision["measured_tar"] == 0:
+        # a threshold that cannot keep its rate would be stored as if it did, and one that
+        # keeps it only by accepting no genuine photo is no decision: nothing is written
+        missed = (f"no threshold reaches a false-accept rate of {target_far:g}: "
+                  f"{decision['measured_far']:.1%} of the impostor pairs score {decision['threshold']:.4f} or "
+                  "more, as high as a cosine goes" if decision["measured_far"] > target_far else
+                  f"the threshold that keeps a false-accept rate of {target_far:g}, "
+                  f"{decision['threshold']:.4f}, accepts none of the {len(genuine)} genuine pairs")
+        raise CatalogError(
+            f"{source or 'labelled photos'}: {missed}. Impostors that score like the product itself "
+            "come from products enrolled from one image, or from an encoder that gives every image "
+            "nearly the same latent (train it longer); nothing was written")
     if not counts[HARD]:
         decision["warnings"].append(
             "no look-alike impostor pairs (no product shares its catalogue group with another): "

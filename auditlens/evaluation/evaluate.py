@@ -183,6 +183,11 @@ def draw_spread(draws: Sequence[Pairs], masks: dict[str, np.ndarray], seed: int)
 FEW_PHOTOS = 100
 """Below this many scored photos the report warns that its figures say little."""
 
+COLLAPSED_SCORE = 0.98
+"""A mean score against *other* products this high: the encoder maps everything to one
+point (the shipped model scores other products about 0 on average over grocery-dev's val
+photos)."""
+
 COPY_SCORE = 0.999
 """A photo scoring this high against its own product is almost surely one of its
 references (an enrolled photo scores about 1.0 against itself)."""
@@ -213,7 +218,12 @@ def _warnings(report: dict, photos: list[LabelledPhoto], embedded, bundle) -> li
                      "so goals met or missed on them say little; evaluate on a few hundred")
     own = embedded.scores[np.arange(len(embedded.truth)), embedded.truth]
     copies = int((own >= COPY_SCORE).sum())
-    if copies:
+    others = np.ma.masked_array(embedded.scores, np.eye(*embedded.scores.shape, dtype=bool)[embedded.truth])
+    if embedded.scores.shape[1] > 1 and float(others.mean()) >= COLLAPSED_SCORE:
+        notes.append(f"photos score {float(others.mean()):.3f} on average against the other products, "
+                     "about as high as against their own: the encoder gives every image nearly the same "
+                     "latent (a run too short, or one that diverged); these figures measure nothing yet")
+    elif copies:
         notes.append(f"{copies} photo(s) score {COPY_SCORE} or more against their own product: "
                      "enrolled as its references (enroll --references)? they inflate TAR and top-1; "
                      "evaluate on photos the bundle was not made from")
