@@ -75,8 +75,10 @@ class Product:
 class Catalog(Sequence[Product]):
     """An ordered, id-unique list of products."""
 
-    def __init__(self, products: Sequence[Product], source: str = "") -> None:
+    def __init__(self, products: Sequence[Product], source: str = "", notes: Sequence[str] = ()) -> None:
         self.source = source
+        self.notes = list(notes)
+        """What the reader left unread and a person should know (columns it does not know)."""
         self._products = list(products)
         self._index: dict[str, int] = {}
         for i, product in enumerate(self._products):
@@ -158,6 +160,10 @@ def _csv_rows(fh, path: Path, required: tuple[str, ...], expected: str) -> list[
     return [(reader.line_num, row) for row in reader]
 
 
+CSV_COLUMNS = ("product_id", "image", "name", "group", "kind", "code")
+"""The columns a catalogue CSV is read by (header names compared stripped, in lower case)."""
+
+
 def _read_csv(path: Path) -> Catalog:
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's BOM
@@ -166,6 +172,9 @@ def _read_csv(path: Path) -> Catalog:
         raise CatalogError(f"{path}: not UTF-8 text ({exc}); save the CSV as UTF-8") from exc
     except (OSError, csv.Error) as exc:
         raise CatalogError(f"{path}: cannot read the catalogue CSV: {exc}") from exc
+    unread = [c for c in dict.fromkeys(rows[0][1] if rows else ()) if c and c not in CSV_COLUMNS]
+    notes = [f"{path}: column(s) {', '.join(map(repr, unread))} not read: a catalogue's columns are "
+             f"{', '.join(CSV_COLUMNS)} (products that look alike share a 'group')"] if unread else []
     products = []
     for line, row in rows:
         pid = (row.get("product_id") or "").strip()
@@ -178,7 +187,7 @@ def _read_csv(path: Path) -> Catalog:
             (row.get("group") or "").strip(), (row.get("kind") or "").strip(),
             (row.get("code") or "").strip(),
         ))
-    return Catalog(products, str(path))
+    return Catalog(products, str(path), notes)
 
 
 def _read_sqlite(url: str) -> Catalog:

@@ -183,6 +183,8 @@ def _run_enroll(args) -> int:
     from auditlens.export.enroll import EnrollOptions, enroll
 
     catalog = open_catalog(args.catalog)
+    for note in catalog.notes:
+        print(f"auditlens: warning: {note}", file=sys.stderr)
     extras = read_labelled_photos(args.references) if args.references else ()
     unchecked = unchecked_verdicts(extras)
     if unchecked:

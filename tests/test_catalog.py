@@ -172,3 +172,21 @@ def test_spaces_around_a_csv_file_name_are_dropped_unless_the_file_is_named_with
     (tmp_path / "catalog.csv").write_text("product_id,image\nA, a.png\nB,b.png \n", encoding="utf-8")
     cat = open_catalog(tmp_path / "catalog.csv")
     assert [cat.get(pid).open().size for pid in ("A", "B")] == [(160, 160)] * 2
+
+
+def test_columns_a_catalogue_does_not_read_are_named_once(tmp_path, capsys):
+    """A misnamed column ('category' for 'group') would silently leave every product
+    without look-alikes: the catalogue notes each column it leaves unread, and enroll says so."""
+    product_image(1).save(tmp_path / "a.png")
+    product_image(2).save(tmp_path / "b.png")
+    write_csv(tmp_path / "c.csv", ["product_id", "image", "Category", "price"],
+              [["a", "a.png", "Milk", "1.99"], ["b", "b.png", "Milk", "2.49"]])
+    catalog = open_catalog(tmp_path / "c.csv")
+    assert [p.group for p in catalog] == ["", ""]
+    assert len(catalog.notes) == 1 and "column(s) 'category', 'price' not read" in catalog.notes[0]
+    assert open_catalog(SAMPLE / "catalog.csv").notes == []
+    from auditlens.cli import main
+
+    assert main(["enroll", str(tmp_path / "c.csv"), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("not read: a catalogue's columns are product_id, image, name, group, kind, code") == 1

@@ -460,6 +460,8 @@ def load_training_data(config: TrainConfig, spec: PreprocessSpec, log) -> Traini
     from auditlens.training.augment import cache_size, object_mask
 
     catalog = open_catalog(config.catalog)
+    for note in catalog.notes:
+        log(f"warning: {note}")
     held_out, train_ids, eligible = _choose_products(config, catalog)
     csize = cache_size(config.input_size, config.cache_scale)
     log(f"caching {len(catalog)} originals ...")
