@@ -386,6 +386,10 @@ def load_keras_encoder(model):
         import keras
 
         path = Path(model)
+        if path.is_dir():
+            inside = sorted(path.glob("*.keras")) + sorted(path.glob("checkpoints/*.keras"))[-1:]
+            raise ModelError(f"{path} is a folder: export a .keras file"
+                             + (f", e.g. {' or '.join(map(str, inside))}" if inside else " (none is inside it)"))
         if not path.is_file():
             raise ModelError(f"{path}: no such Keras model file")
         try:
@@ -663,7 +667,7 @@ def run_export(args: argparse.Namespace) -> int:
         if exclude:  # a typo would silently calibrate on the product it meant to leave out
             unknown = sorted(exclude - {p.product_id for p in open_catalog(args.representative)})
             if unknown:
-                print(f"auditlens export: warning: --exclude-products names {len(unknown)} id(s) the "
+                print(f"auditlens: warning: --exclude-products names {len(unknown)} id(s) the "
                       f"catalogue does not hold, which exclude nothing: {', '.join(map(repr, unknown[:5]))}"
                       + (" ..." if len(unknown) > 5 else ""), file=sys.stderr)
                 exclude -= set(unknown)
@@ -684,11 +688,11 @@ def run_export(args: argparse.Namespace) -> int:
         compare = comparison_photos(args.photos, spec, args.max_photos, exclude=exclude)
         if config.representative is not None:
             for note in _calibration_warnings(len(config.representative), originals, compare):
-                print(f"auditlens export: warning: {note}", file=sys.stderr)
+                print(f"auditlens: warning: {note}", file=sys.stderr)
         report = export_encoder(encoder, rep, args.out, config, compare_images=compare,
                                 references=rep[:originals])
     except (AuditlensError, ValueError) as exc:
-        print(f"auditlens export: {exc}", file=sys.stderr)
+        print(f"auditlens: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
     card = {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import product_image
+from tests.conftest import SAMPLE, product_image
 
 tf = pytest.importorskip("tensorflow")
 
@@ -420,3 +420,16 @@ def test_products_held_out_of_training_never_calibrate(tiny_encoder, tmp_path, c
             "'Item-9'") in capsys.readouterr().err
     assert card["representative"]["excluded_products"] == ["item-1", "item-3"]
     assert card["representative"]["n_images"] == 8 and card["export"]["references"] == 3
+
+
+def test_a_run_folder_given_to_export_is_answered_with_the_files_inside_it(tmp_path, capsys):
+    from auditlens.cli import main
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("encoder.keras", "checkpoints/encoder_epoch_009.keras", "checkpoints/encoder_epoch_010.keras"):
+        (run / name).write_bytes(b"")
+    rc = main(["export", str(run), "--representative", str(SAMPLE / "catalog.csv"), "--out", str(tmp_path / "m.tflite")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"auditlens: error: {run} is a folder: export a .keras file")
+    assert f"{run / 'encoder.keras'} or {run / 'checkpoints' / 'encoder_epoch_010.keras'}" in err

@@ -172,7 +172,7 @@ def test_a_teacher_weights_file_that_is_not_there_is_named(tiny_data, tmp_path, 
     missing = tmp_path / "mobilenet_v2.h5"
     assert main(["teacher-features", str(tiny_data["catalog"]), "--model", "keras:MobileNetV2", "--weights",
                  str(missing), "--out", str(tmp_path / "t.npz"), "--quiet"]) == 2
-    assert capsys.readouterr().err.strip() == f"auditlens teacher-features: --weights {missing}: no such file"
+    assert capsys.readouterr().err.strip() == f"auditlens: error: --weights {missing}: no such file"
     assert not (tmp_path / "t.npz").exists()
 
 

@@ -107,7 +107,7 @@ def make_soup(sources: Sequence[str | Path], out_dir: str | Path, log=print) -> 
     reports = [run_report(m) for m in models]
     digests, warnings = check_ingredients(models, reports)
     for warning in warnings:
-        log(f"auditlens soup: warning: {warning}")
+        log(f"auditlens: warning: {warning}")
     target = out / "encoder.keras"
     for path in (target, out / "report.json"):
         if path.exists():

@@ -259,11 +259,11 @@ def run(args) -> int:
             raise  # the command line names the extra that installs them, [train]
         hint = ("; torchvision teachers need torch and torchvision (pip install torch torchvision), "
                 "which no auditlens extra installs" if args.model.startswith("torchvision:") else "")
-        print(f"auditlens teacher-features: {args.model} needs a package that is not installed "
+        print(f"auditlens: error: {args.model} needs a package that is not installed "
               f"({exc}){hint}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:
-        print(f"auditlens teacher-features: {exc}", file=sys.stderr)
+        print(f"auditlens: error: {exc}", file=sys.stderr)
         return 2
     spec = PreprocessSpec(input_size=args.input_size, crop=args.crop)
     keys, features = compute_teacher_features(sources, embed, spec, progress=not args.quiet)

@@ -1148,7 +1148,7 @@ def run_train(args: argparse.Namespace) -> int:
             parse_fold(config.holdout_fold)
         result = train(config)
     except (AuditlensError, ValueError) as exc:
-        print(f"auditlens train: {exc}", file=sys.stderr)
+        print(f"auditlens: error: {exc}", file=sys.stderr)
         return 2
     m = result.metrics
     chosen = "stopped at epoch" if config.stop_epoch else "best epoch"
@@ -1159,7 +1159,7 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"val {subset:6s}: n={s['n']} top1={s['top1']:.3f} EER={s['eer']:.3f} AUC={s['auc']:.3f}")
     print(f"report: {result.report_path}")
     for warning in filter(None, [collapse_warning(m), *result.warnings]):
-        print(f"auditlens train: warning: {warning}", file=sys.stderr)
+        print(f"auditlens: warning: {warning}", file=sys.stderr)
     return 0
 
 
