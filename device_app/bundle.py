@@ -191,6 +191,17 @@ class _FolderSource:
         pass
 
 
+def _what_else(path: Path) -> str:
+    """What a path given as a bundle is instead, when it is plainly something else of
+    auditlens' (a model, its card, a training run); "" otherwise."""
+    if path.is_file():
+        return {".tflite": "a TFLite model", ".keras": "a Keras model",
+                ".json": "a JSON file (a model card or a report?)"}.get(path.suffix.lower(), "")
+    if path.is_dir() and not (path / MANIFEST).exists() and (path / "report.json").is_file():
+        return "a training run or an evaluation report"
+    return ""
+
+
 class _ZipSource:
     def __init__(self, path: Path):
         self.path = path
@@ -371,6 +382,11 @@ class ReferenceBundle:
                 When given, unsigned or wrongly signed bundles are refused.
         """
         path = Path(path)
+        what = _what_else(path)
+        if what:
+            raise BundleFormatError(f"{path} is {what}, not a reference bundle (a folder holding "
+                                    f"{MANIFEST}, or its .zip): `auditlens enroll CATALOG --model "
+                                    "MODEL.tflite --out BUNDLE` makes one")
         if path.is_dir():
             source: _FolderSource | _ZipSource = _FolderSource(path)
         elif path.is_file():

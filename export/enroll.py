@@ -289,7 +289,7 @@ def enroll(
     uncalibrated = {"threshold": DEFAULT_THRESHOLD, "target_far": None, "calibrated_on": None}
     # The card's threshold was calibrated on photos embedded with the card's views.
     decision = dict(card.get("decision") or uncalibrated) if spec == card_spec else uncalibrated
-    why = "the model card has none for these photo views"
+    why = "the model card has none for these photo views" if card else "no model card beside the model"
     if decision.get("model_id") not in (None, encoder.model_id):
         decision, why = uncalibrated, (f"the model card's was calibrated for model {decision['model_id']}, "
                                        f"not this model {encoder.model_id}")

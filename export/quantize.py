@@ -486,8 +486,9 @@ def export_encoder(
             f"references every photo is scored against): worst cosine {report.reference_worst_cosine:.4f} "
             f"(need >= {config.min_worst_cosine}), mean {report.reference_mean_cosine:.4f} over "
             f"{report.references}; scores against them move by up to {report.score_error_max:.3f}. "
-            "Keep the first ops in float (--float-ops 6), use --float16, or accept the drift with "
-            "--min-worst-cosine after measuring what it costs (auditlens evaluate on the exported model)")
+            "Keep the first ops in float (--float-ops 6; for the mobilenet_v2 trunk's stem and first "
+            "block), use --float16, or export again with a lower --min-worst-cosine and measure what "
+            "the drift costs before shipping it (auditlens enroll and evaluate with that model)")
     if report.worst_cosine < config.min_worst_cosine or report.mean_cosine < config.min_mean_cosine:
         raise ModelError(
             f"{config.mode} model drifts from the Keras encoder: mean cosine {report.mean_cosine:.4f} "
@@ -495,8 +496,8 @@ def export_encoder(
             f"{config.min_worst_cosine}) on {report.n_images} {compared_on}; check the representative "
             "images (they must be preprocessed like the device's inputs), keep the first ops in "
             "float (--float-ops 6) or use --float16"
-            + (", or accept more drift with --min-worst-cosine after measuring what it costs "
-               "(auditlens evaluate on the exported model)"
+            + (", or export again with a lower --min-worst-cosine and measure what the drift costs "
+               "before shipping it (auditlens enroll and evaluate with that model)"
                if report.mean_cosine >= config.min_mean_cosine else
                " (the mean is below its floor: --min-worst-cosine does not relax it)")
         )

@@ -19,7 +19,7 @@ from auditlens.errors import (
 )
 from auditlens.export.enroll import enroll
 
-from .conftest import SAMPLE, needs_signing
+from .conftest import REPO, SAMPLE, needs_signing
 
 
 @pytest.fixture
@@ -499,3 +499,20 @@ def test_a_fifo_or_deep_json_in_a_bundle_is_refused_without_hanging(tmp_path, bu
     (deep / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(BundleError, match="manifest.json nests too deep"):
         ReferenceBundle.load(deep)
+
+
+def test_a_model_card_or_run_given_as_a_bundle_is_named_for_what_it_is(tmp_path):
+    """The files an engineer has beside a bundle (the model, its card, a training run) are
+    refused as what they are, with the command that makes a bundle."""
+    from auditlens.device_app.bundle import ReferenceBundle
+    from auditlens.errors import BundleFormatError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text("{}")
+    for path, what in ((REPO / "models" / "encoder.tflite", "is a TFLite model"),
+                       (REPO / "models" / "encoder.json", "is a JSON file (a model card or a report?)"),
+                       (run, "is a training run or an evaluation report")):
+        with pytest.raises(BundleFormatError, match=r"auditlens enroll CATALOG --model") as caught:
+            ReferenceBundle.load(path)
+        assert f"{path} {what}, not a reference bundle" in str(caught.value)

@@ -253,6 +253,7 @@ def test_enroll_says_when_a_model_has_no_card_beside_it(tmp_path):
     said = run("enroll", SAMPLE / "catalog.csv", "--model", alone, "--out", tmp_path / "b",
                "--no-progress", check_rc=0).stderr
     assert f"no model card beside {alone}" in said and "the preprocessing is assumed (128 px, center crop, photo views 1)" in said
+    assert "is not calibrated (no model card beside the model)" in said and "for these photo views" not in said
     with_card = run("enroll", SAMPLE / "catalog.csv", "--out", tmp_path / "c", "--no-progress", check_rc=0)
     assert "no model card" not in with_card.stderr
 
