@@ -428,11 +428,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = (
         "Choose a bundle's decision threshold for a target false-accept rate (FAR): the\n"
-        "smallest threshold whose FAR on the impostor pairs of LABELLED.csv (evaluation\n"
-        "protocol: 3 random other-class products and every same-class product per photo) is\n"
-        "at most the target. Writes threshold, target_far, measured_far/_tar, calibrated_on\n"
-        "and far_curve into the manifest's decision; verdicts then report an estimated\n"
-        "false-accept rate. Calibrate on photos you do not evaluate on.")
+        "smallest threshold whose FAR on the impostor pairs of LABELLED.csv is at most the\n"
+        "target (evaluation protocol: for each photo, 3 random products of other groups and\n"
+        "every other product of its own group, the catalogue's 'group' column). Writes\n"
+        "threshold, target_far, measured_far/_tar, calibrated_on and far_curve into the\n"
+        "manifest's decision; verdicts then report an estimated false-accept rate.\n"
+        "Calibrate on photos you do not evaluate on.")
     p.epilog = ("examples:\n"
                 "  auditlens calibrate --bundle bundle/ --photos heldout.csv --target-far 0.01\n"
                 "  auditlens calibrate --bundle b.zip --photos heldout.csv --out b-cal.zip --sign-key publisher.key\n"

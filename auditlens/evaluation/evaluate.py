@@ -775,11 +775,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = (
         "Evaluate a reference bundle on labelled field photos with auditlens' protocol: each\n"
-        "photo against its own product (genuine), 3 random products of other coarse classes\n"
-        "and every other product of its own class (hard impostors). Reports ROC AUC, EER,\n"
-        "TAR at FAR 1%/5%, EER on hard pairs, top-1/top-5 identification, per product kind,\n"
-        "and writes report.json, summary.md, pairs.csv, roc.png, det.png, scores.png and\n"
-        "confusions.png (the worst false accepts beside the originals they were taken for).")
+        "photo against its own product (genuine), 3 random products of other groups (the\n"
+        "catalogue's 'group' column: products that look alike) and every other product of\n"
+        "its own group (hard impostors). Reports ROC AUC, EER, TAR at FAR 1%/5%, EER on\n"
+        "hard pairs, top-1/top-5 identification, per product kind, and writes report.json,\n"
+        "summary.md, pairs.csv, roc.png, det.png, scores.png and confusions.png (the worst\n"
+        "false accepts beside the originals they were taken for).")
     p.epilog = ("example:\n  auditlens evaluate --bundle bundle/ --photos val.csv --out eval/ "
                 "--unseen-products heldout.txt")
     p.add_argument("--bundle", "-b", type=Path, default=None,
