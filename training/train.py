@@ -998,6 +998,10 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
     ax2.set_ylim(0, 1)
     ax2.legend()
     ax2.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):  # whole epochs: a two-epoch run's axis read 1.2, 1.4, ...
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -1011,7 +1015,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.description = (
         "Train the image encoder on a catalogue of originals, optionally with labelled field "
         "photos. Writes encoder.keras, autoencoder.keras, report.json, augment_grid.png, "
-        "training_curves.png and latent_preview.png to --out; export the encoder with 'auditlens export'."
+        "training_curves.png, latent_preview.png and checkpoints/ (the best and last weights, "
+        "and with --keep-epochs each epoch's encoder) to --out; export the encoder with "
+        "'auditlens export'."
     )
     parser.add_argument("catalog", help="catalogue of originals: folder of images, CSV or sqlite:///db")
     parser.add_argument("--photos", help="photo,product_id CSV of labelled field photos to train on")
