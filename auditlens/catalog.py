@@ -143,11 +143,13 @@ def _read_folder(folder: Path) -> Catalog:
     return Catalog([Product(f.stem, f.stem, str(f)) for f in files], str(folder))
 
 
-def _csv_rows(fh, path: Path, required: tuple[str, ...], expected: str) -> list[tuple[int, dict]]:
+def _csv_rows(fh, path: Path, required: tuple[str, ...], expected: str,
+              known: tuple[str, ...] | None = None) -> tuple[list[tuple[int, dict]], list[str]]:
     """The rows of a CSV with the line each starts on (blank lines count), keyed by its
     header's names stripped and lower-cased ("Product_ID", " image"); a file separated by
     semicolons or tabs (a spreadsheet's export in many locales) is read as such. A header
-    without the ``required`` columns is refused, quoting it."""
+    without the ``required`` columns is refused, quoting it. Also returns the header's
+    names, as written, that are not ``known`` (none when ``known`` is None)."""
     header = fh.readline()
     fh.seek(0)
     reader = csv.DictReader(fh, delimiter=max(",;\t", key=header.count))  # ties: a comma
@@ -157,7 +159,9 @@ def _csv_rows(fh, path: Path, required: tuple[str, ...], expected: str) -> list[
     if missing:
         raise CatalogError(f"{path}: missing column(s) {', '.join(missing)}; expected {expected}, "
                            f"found the header {header.strip()[:200]!r}")
-    return [(reader.line_num, row) for row in reader]
+    unknown = [raw.strip() for raw, name in zip(found, reader.fieldnames)
+               if known is not None and name and name not in known]
+    return [(reader.line_num, row) for row in reader], unknown
 
 
 CSV_COLUMNS = ("product_id", "image", "name", "group", "kind", "code")
@@ -167,12 +171,12 @@ CSV_COLUMNS = ("product_id", "image", "name", "group", "kind", "code")
 def _read_csv(path: Path) -> Catalog:
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's BOM
-            rows = _csv_rows(fh, path, ("product_id", "image"), "product_id,image[,name,group,kind,code]")
+            rows, unread = _csv_rows(fh, path, ("product_id", "image"), "product_id,image[,name,group,kind,code]",
+                                     known=CSV_COLUMNS)
     except UnicodeDecodeError as exc:
         raise CatalogError(f"{path}: not UTF-8 text ({exc}); save the CSV as UTF-8") from exc
     except (OSError, csv.Error) as exc:
         raise CatalogError(f"{path}: cannot read the catalogue CSV: {exc}") from exc
-    unread = [c for c in dict.fromkeys(rows[0][1] if rows else ()) if c and c not in CSV_COLUMNS]
     notes = [f"{path}: column(s) {', '.join(map(repr, unread))} not read: a catalogue's columns are "
              f"{', '.join(CSV_COLUMNS)} (products that look alike share a 'group')"] if unread else []
     products = []
@@ -304,7 +308,7 @@ def read_labelled_photos(path: str | Path) -> list[LabelledPhoto]:
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = _csv_rows(fh, path, ("photo", "product_id"), "photo,product_id")
+            rows, _ = _csv_rows(fh, path, ("photo", "product_id"), "photo,product_id")
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CatalogError(f"{path}: cannot read labelled photos: {exc}") from exc
     out = []

@@ -178,13 +178,22 @@ def _shift(text: str) -> float:
     return shift
 
 
-def _run_enroll(args) -> int:
-    from auditlens.catalog import open_catalog, read_labelled_photos, unchecked_verdicts
-    from auditlens.export.enroll import EnrollOptions, enroll
+def open_catalog_said(source):
+    """:func:`~auditlens.catalog.open_catalog`, its notes (columns it did not read) said on
+    stderr as warnings."""
+    from auditlens.catalog import open_catalog
 
-    catalog = open_catalog(args.catalog)
+    catalog = open_catalog(source)
     for note in catalog.notes:
         print(f"auditlens: warning: {note}", file=sys.stderr)
+    return catalog
+
+
+def _run_enroll(args) -> int:
+    from auditlens.catalog import read_labelled_photos, unchecked_verdicts
+    from auditlens.export.enroll import EnrollOptions, enroll
+
+    catalog = open_catalog_said(args.catalog)
     extras = read_labelled_photos(args.references) if args.references else ()
     unchecked = unchecked_verdicts(extras)
     if unchecked:

@@ -191,15 +191,22 @@ class _FolderSource:
         pass
 
 
-def _what_else(path: Path) -> str:
-    """What a path given as a bundle is instead, when it is plainly something else of
-    auditlens' (a model, its card, a training run); "" otherwise."""
-    if path.is_file():
-        return {".tflite": "a TFLite model", ".keras": "a Keras model",
+def refuse_non_bundle(path: str | os.PathLike) -> None:
+    """Refuse, as what it is, a path given as a bundle that is plainly something else of
+    auditlens' (a model, its card, a bundle's own manifest, a training run)."""
+    path = Path(path)
+    what = ""
+    if path.is_file() and path.name == MANIFEST:
+        what = "a bundle's manifest: give the bundle's folder, the one holding it"
+    elif path.is_file():
+        what = {".tflite": "a TFLite model", ".keras": "a Keras model",
                 ".json": "a JSON file (a model card or a report?)"}.get(path.suffix.lower(), "")
-    if path.is_dir() and not (path / MANIFEST).exists() and (path / "report.json").is_file():
-        return "a training run or an evaluation report"
-    return ""
+    elif path.is_dir() and not (path / MANIFEST).exists() and (path / "report.json").is_file():
+        what = "a training run or an evaluation report"
+    if what:
+        raise BundleFormatError(f"{path} is {what}, not a reference bundle (a folder holding {MANIFEST}, "
+                                "or its .zip); `auditlens enroll CATALOG --model MODEL.tflite --out BUNDLE` "
+                                "makes one")
 
 
 class _ZipSource:
@@ -382,11 +389,7 @@ class ReferenceBundle:
                 When given, unsigned or wrongly signed bundles are refused.
         """
         path = Path(path)
-        what = _what_else(path)
-        if what:
-            raise BundleFormatError(f"{path} is {what}, not a reference bundle (a folder holding "
-                                    f"{MANIFEST}, or its .zip): `auditlens enroll CATALOG --model "
-                                    "MODEL.tflite --out BUNDLE` makes one")
+        refuse_non_bundle(path)
         if path.is_dir():
             source: _FolderSource | _ZipSource = _FolderSource(path)
         elif path.is_file():

@@ -387,7 +387,8 @@ def load_keras_encoder(model):
 
         path = Path(model)
         if path.is_dir():
-            inside = sorted(path.glob("*.keras")) + sorted(path.glob("checkpoints/*.keras"))[-1:]
+            inside = [p for p in sorted(path.glob("*.keras")) if p.name != "autoencoder.keras"]  # not an encoder
+            inside += sorted(path.glob("checkpoints/*.keras"))[-1:]
             raise ModelError(f"{path} is a folder: export a .keras file"
                              + (f", e.g. {' or '.join(map(str, inside))}" if inside else " (none is inside it)"))
         if not path.is_file():

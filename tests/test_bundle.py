@@ -512,7 +512,9 @@ def test_a_model_card_or_run_given_as_a_bundle_is_named_for_what_it_is(tmp_path)
     (run / "report.json").write_text("{}")
     for path, what in ((REPO / "models" / "encoder.tflite", "is a TFLite model"),
                        (REPO / "models" / "encoder.json", "is a JSON file (a model card or a report?)"),
-                       (run, "is a training run or an evaluation report")):
+                       (run, "is a training run or an evaluation report"),
+                       (REPO / "models" / "sample_bundle" / "manifest.json",
+                        "is a bundle's manifest: give the bundle's folder, the one holding it")):
         with pytest.raises(BundleFormatError, match=r"auditlens enroll CATALOG --model") as caught:
             ReferenceBundle.load(path)
         assert f"{path} {what}, not a reference bundle" in str(caught.value)

@@ -178,6 +178,17 @@ def test_a_target_no_threshold_reaches_is_refused_and_nothing_written(tmp_path, 
     assert "accepts none of the 17 genuine pairs" in err
     assert "enrolled from one image" in err and "nothing was written" in err
     assert (tmp_path / "b" / "manifest.json").read_bytes() == manifest
+    # photos labelled with the wrong products: their true products are now impostors that
+    # outscore every "genuine" pair; the refusal names the scores and asks for the labels
+    ids = [r["product_id"] for r in rows]
+    write_csv(tmp_path / "mislabelled.csv", ["photo", "product_id"],
+              [[p.photo, ids[(ids.index(p.product_id) + 5) % len(ids)]] for p in sample_photos])
+    rc = main(["calibrate", "--bundle", str(SAMPLE.parent / "sample_bundle"), "--photos",
+               str(tmp_path / "mislabelled.csv"), "--target-far", "0.05", "--allow-few-photos", "--dry-run",
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "accepts none of the 16 genuine pairs: the highest impostor scores " in err, err
+    assert "Check the photos' labels" in err and "enrolled from one image" not in err
 
 
 def test_far_curve_and_decide_on_fixed_scores():

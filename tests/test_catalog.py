@@ -183,8 +183,10 @@ def test_columns_a_catalogue_does_not_read_are_named_once(tmp_path, capsys):
               [["a", "a.png", "Milk", "1.99"], ["b", "b.png", "Milk", "2.49"]])
     catalog = open_catalog(tmp_path / "c.csv")
     assert [p.group for p in catalog] == ["", ""]
-    assert len(catalog.notes) == 1 and "column(s) 'category', 'price' not read" in catalog.notes[0]
+    assert len(catalog.notes) == 1 and "column(s) 'Category', 'price' not read" in catalog.notes[0]
     assert open_catalog(SAMPLE / "catalog.csv").notes == []
+    write_csv(tmp_path / "first_row_blank.csv", ["product_id", "image", "category"], [["a", "a.png", ""]])
+    assert "'category' not read" in open_catalog(tmp_path / "first_row_blank.csv").notes[0]  # by the header
     from auditlens.cli import main
 
     assert main(["enroll", str(tmp_path / "c.csv"), "--out", str(tmp_path / "b"), "--no-progress"]) == 0

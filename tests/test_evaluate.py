@@ -416,3 +416,8 @@ def test_an_encoder_that_maps_every_image_to_one_latent_is_said_to_measure_nothi
     # the shipped model scores other products about 0 on average: no such warning
     shipped = evaluate(REPO / "models" / "sample_bundle", SAMPLE / "photos.csv", None, progress=False, verbose=False)
     assert not any("nearly the same latent" in w for w in shipped["warnings"])
+    # fewer photos than products (two photos of the last product): the same check, no crash
+    few = [p for p in sample_photos if p.product_id == "Carrots"]
+    assert len(few) == 2
+    small = evaluate(tmp_path / "b", few, None, progress=False, verbose=False)
+    assert any(w.startswith("photos score 1.000 on average") for w in small["warnings"])

@@ -427,9 +427,11 @@ def test_a_run_folder_given_to_export_is_answered_with_the_files_inside_it(tmp_p
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    for name in ("encoder.keras", "checkpoints/encoder_epoch_009.keras", "checkpoints/encoder_epoch_010.keras"):
+    for name in ("autoencoder.keras", "encoder.keras", "checkpoints/encoder_epoch_009.keras",
+                 "checkpoints/encoder_epoch_010.keras"):
         (run / name).write_bytes(b"")
     rc = main(["export", str(run), "--representative", str(SAMPLE / "catalog.csv"), "--out", str(tmp_path / "m.tflite")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith(f"auditlens: error: {run} is a folder: export a .keras file")
-    assert f"{run / 'encoder.keras'} or {run / 'checkpoints' / 'encoder_epoch_010.keras'}" in err
+    assert f"e.g. {run / 'encoder.keras'} or {run / 'checkpoints' / 'encoder_epoch_010.keras'}" in err
+    assert "autoencoder.keras" not in err  # a run writes it too, and export refuses it

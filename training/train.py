@@ -461,7 +461,7 @@ def load_training_data(config: TrainConfig, spec: PreprocessSpec, log) -> Traini
 
     catalog = open_catalog(config.catalog)
     for note in catalog.notes:
-        log(f"warning: {note}")
+        log(f"auditlens: warning: {note}")
     held_out, train_ids, eligible = _choose_products(config, catalog)
     csize = cache_size(config.input_size, config.cache_scale)
     log(f"caching {len(catalog)} originals ...")
@@ -948,7 +948,9 @@ def train(config: TrainConfig) -> TrainResult:
         plot_curves(fit.history, out / "training_curves.png")
         save_latent_preview(nets.encoder, nets.decoder, preview_samples(data, val, preview),
                             out / "latent_preview.png")
-        warnings = [overlap_warning(val.also_trained, len(val.labels))] if val.also_trained else []
+        warnings = [*data.catalog.notes]  # said again at the end, where --quiet still shows it
+        if val.also_trained:
+            warnings.append(overlap_warning(val.also_trained, len(val.labels)))
         if kept is not None:  # the new run is whole: the earlier one it replaces goes
             shutil.rmtree(kept, ignore_errors=True)
         return TrainResult(str(out), str(encoder_path), str(autoencoder_path), str(report_path),

@@ -2,7 +2,7 @@
 rate on labelled photos, and write it into the bundle.
 
 The photos are paired by the evaluation protocol (:mod:`.protocol`); the impostor pairs
-(random other-class products and every same-class product) give the false-accept rate
+(random products of other groups and every other product of the same group) give the false-accept rate
 ``FAR(t) = #{impostor score >= t} / #impostor``, pooled over 20 draws of the random
 impostors (seeds ``seed`` to ``seed + 19``: the mean FAR over the draws), so that the
 threshold does not jump with one draw's few highest impostor scores. The threshold is the *smallest* one
@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos, unchecked_verdicts
-from auditlens.cli import non_negative_int, thread_count
+from auditlens.cli import non_negative_int, open_catalog_said, thread_count
 from auditlens.device_app.preprocess import PreprocessSpec
 from auditlens.errors import AuditlensError, BundleSignatureError, CatalogError
 from auditlens.evaluation import metrics
@@ -140,6 +140,31 @@ def decide(genuine, impostor, target_far: float, *, hard=None) -> dict:
     return out
 
 
+def _no_decision(decision: dict, genuine: np.ndarray, impostor: np.ndarray) -> str:
+    """Why a calibration stores nothing: its target rate cannot be kept, or only by a
+    threshold that accepts none of the genuine pairs; and what to do about it."""
+    target, threshold = decision["target_far"], decision["threshold"]
+    top_impostor, top_genuine = float(impostor.max()), float(genuine.max()) if genuine.size else float("nan")
+    if decision["measured_far"] > target:
+        said = (f"no threshold reaches a false-accept rate of {target:g}: {decision['measured_far']:.1%} of "
+                f"the impostor pairs score {threshold:.4f} or more, as high as a cosine goes")
+    else:
+        said = (f"the threshold that keeps a false-accept rate of {target:g}, {threshold:.4f}, accepts none "
+                f"of the {genuine.size} genuine pairs: the highest impostor scores {top_impostor:.4f}, the "
+                f"best genuine pair {top_genuine:.4f}")
+    if top_impostor >= COPY_LIKE:
+        return (f"{said}. Impostors that score like the product itself come from products enrolled from "
+                "one image, or from an encoder that gives every image nearly the same latent (train it "
+                "longer); nothing was written")
+    return (f"{said}. Check the photos' labels; if they are right, the model cannot tell these products "
+            "apart at that rate: calibrate on more labelled photos, or for a higher --target-far; nothing "
+            "was written")
+
+
+COPY_LIKE = 0.999
+"""An impostor scoring this high scores as an image scores against itself."""
+
+
 def far_upper_bound(far: float, pairs: int, z: float = 1.645) -> float:
     """One-sided upper confidence bound (95% for the default ``z``) on a false-accept rate
     measured as ``far`` over ``pairs`` impostor pairs (Wilson score interval: sound at 0
@@ -218,12 +243,15 @@ def calibrate(
         check_replaceable,
         is_signed,
         products_fingerprint,
+        refuse_non_bundle,
     )
     from auditlens.device_app.signing import public_key_of
     from auditlens.device_app.verifier import Verifier, VerifierOptions
 
     if not 0.0 < target_far < 1.0:
         raise CatalogError(f"target false-accept rate must be within (0, 1), not {target_far}")
+    if isinstance(bundle, (str, os.PathLike)):
+        refuse_non_bundle(bundle)  # a model, card or run given as the bundle: said as such
     if write:  # before the photos are embedded, not after
         if out is not None:
             check_replaceable(out)
@@ -324,15 +352,7 @@ def calibrate(
     if decision["measured_far"] > target_far or decision["measured_tar"] == 0:
         # a threshold that cannot keep its rate would be stored as if it did, and one that
         # keeps it only by accepting no genuine photo is no decision: nothing is written
-        missed = (f"no threshold reaches a false-accept rate of {target_far:g}: "
-                  f"{decision['measured_far']:.1%} of the impostor pairs score {decision['threshold']:.4f} or "
-                  "more, as high as a cosine goes" if decision["measured_far"] > target_far else
-                  f"the threshold that keeps a false-accept rate of {target_far:g}, "
-                  f"{decision['threshold']:.4f}, accepts none of the {len(genuine)} genuine pairs")
-        raise CatalogError(
-            f"{source or 'labelled photos'}: {missed}. Impostors that score like the product itself "
-            "come from products enrolled from one image, or from an encoder that gives every image "
-            "nearly the same latent (train it longer); nothing was written")
+        raise CatalogError(f"{source or 'labelled photos'}: " + _no_decision(decision, genuine, impostor))
     if not counts[HARD]:
         decision["warnings"].append(
             "no look-alike impostor pairs (no product shares its catalogue group with another): "
@@ -462,16 +482,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", default=None, help="catalogue to take group/kind from when the bundle lacks them")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="protocol seed (default: %(default)s)")
     p.add_argument("--impostors", type=non_negative_int, default=N_IMPOSTORS,
-                   help="random other-class impostors per photo (default: %(default)s)")
+                   help="random impostors from other groups per photo (default: %(default)s)")
     p.add_argument("--threads", type=thread_count, default=min(2, os.cpu_count() or 1),
                    help="interpreter threads (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args) -> int:
-    from auditlens.catalog import open_catalog
-
-    catalog = open_catalog(args.catalog) if args.catalog else None
+    catalog = open_catalog_said(args.catalog) if args.catalog else None
     key = args.sign_key.read_bytes() if args.sign_key else None
     try:
         d = calibrate(args.bundle, args.photos, args.target_far, out=args.out, write=not args.dry_run,

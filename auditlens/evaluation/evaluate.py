@@ -37,7 +37,7 @@ from auditlens.catalog import (
     read_product_ids,
     unchecked_verdicts,
 )
-from auditlens.cli import non_negative_int, thread_count
+from auditlens.cli import non_negative_int, open_catalog_said, thread_count
 from auditlens.errors import AuditlensError, CatalogError, OutputPathError
 from auditlens.evaluation import metrics
 from auditlens.evaluation.protocol import (
@@ -218,7 +218,9 @@ def _warnings(report: dict, photos: list[LabelledPhoto], embedded, bundle) -> li
                      "so goals met or missed on them say little; evaluate on a few hundred")
     own = embedded.scores[np.arange(len(embedded.truth)), embedded.truth]
     copies = int((own >= COPY_SCORE).sum())
-    others = np.ma.masked_array(embedded.scores, np.eye(*embedded.scores.shape, dtype=bool)[embedded.truth])
+    own_cell = np.zeros(embedded.scores.shape, bool)
+    own_cell[np.arange(len(embedded.truth)), embedded.truth] = True
+    others = np.ma.masked_array(embedded.scores, own_cell)
     if embedded.scores.shape[1] > 1 and float(others.mean()) >= COLLAPSED_SCORE:
         notes.append(f"photos score {float(others.mean()):.3f} on average against the other products, "
                      "about as high as against their own: the encoder gives every image nearly the same "
@@ -795,7 +797,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="catalogue to take group/kind from when the bundle lacks them")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="protocol seed (default: %(default)s)")
     p.add_argument("--impostors", type=non_negative_int, default=N_IMPOSTORS,
-                   help="random other-class impostors per photo (default: %(default)s)")
+                   help="random impostors from other groups per photo (default: %(default)s)")
     p.add_argument("--worst", type=non_negative_int, default=12, help="mistakes on the confusion sheet (default: %(default)s)")
     p.add_argument("--threads", type=thread_count, default=min(2, os.cpu_count() or 1),
                    help="interpreter threads (default: %(default)s)")
@@ -804,10 +806,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from auditlens.catalog import open_catalog
     from auditlens.cli import default_bundle
 
-    catalog = open_catalog(args.catalog) if args.catalog else None
+    catalog = open_catalog_said(args.catalog) if args.catalog else None
     unseen = read_product_ids(args.unseen_products) if args.unseen_products else None
     report = evaluate(args.bundle or default_bundle(), args.photos, args.out, catalog=catalog,
                       unseen_products=unseen, seed=args.seed, n_impostors=args.impostors,

@@ -4,11 +4,11 @@ every figure auditlens reports is measured the same way.
 For each labelled photo of an enrolled product:
 
 * **genuine**: the photo against its own product;
-* **impostor**: against ``n_impostors`` (3) products drawn at random from *other* coarse
-  classes (``group``); the draw depends only on the seed and the photo's file name and
+* **impostor**: against ``n_impostors`` (3) products drawn at random from *other* groups
+  (the catalogue's ``group``; grocery-dev's coarse classes); the draw depends only on the seed and the photo's file name and
   product (not the folder it sits in, so the same photos give the same figures on any
   machine), and adding photos never changes another photo's pairs;
-* **hard**: against *every other* product of its own coarse class (another brand of
+* **hard**: against *every other* product of its own group (another brand of
   milk). Products with an empty ``group`` have no hard impostors, and draw their random
   impostors from all other products.
 
@@ -284,8 +284,8 @@ def protocol_description(seed: int, n_impostors: int = N_IMPOSTORS) -> dict:
     return {
         "version": PROTOCOL_VERSION, "seed": seed, "random_impostors_per_photo": n_impostors,
         "pairs": "each photo vs its own product (genuine), vs "
-                 f"{n_impostors} random products of other coarse classes (impostor), and vs "
-                 "every other product of its own coarse class (hard impostor); "
+                 f"{n_impostors} random products of other groups (impostor), and vs "
+                 "every other product of its own group (hard impostor); "
                  "score = cosine to the product's best reference",
         "identification": "rank of the true product among every product of the bundle",
     }
