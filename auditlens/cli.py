@@ -315,7 +315,8 @@ def _add_identify(p: argparse.ArgumentParser) -> None:
     p.add_argument("photo", type=Path, help="the field photo")
     p.add_argument("--top", "-k", type=positive_int, default=5, help="how many products to list (default: 5)")
     _add_bundle(p)
-    p.add_argument("--json", action="store_true", help='print JSON; when the command fails after reading its arguments (exit 2) '
+    p.add_argument("--json", action="store_true",
+                   help='print JSON; when the command fails after reading its arguments (exit 2) '
                         '{"ok": false, "error"}')
 
 

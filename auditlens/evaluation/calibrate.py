@@ -2,8 +2,8 @@
 rate on labelled photos, and write it into the bundle.
 
 The photos are paired by the evaluation protocol (:mod:`.protocol`); the impostor pairs
-(random products of other groups and every other product of the same group) give the false-accept rate
-``FAR(t) = #{impostor score >= t} / #impostor``, pooled over 20 draws of the random
+(random products of other groups and every other product of the same group) give the
+false-accept rate ``FAR(t) = #{impostor score >= t} / #impostor``, pooled over 20 draws of the random
 impostors (seeds ``seed`` to ``seed + 19``: the mean FAR over the draws), so that the
 threshold does not jump with one draw's few highest impostor scores. The threshold is the *smallest* one
 whose FAR on these pairs is at most the target (:func:`metrics.threshold_at_far`): the
@@ -51,6 +51,7 @@ from auditlens.device_app.preprocess import PreprocessSpec
 from auditlens.errors import AuditlensError, BundleSignatureError, CatalogError
 from auditlens.evaluation import metrics
 from auditlens.evaluation.protocol import (
+    COPY_SCORE,
     DEFAULT_SEED,
     HARD,
     IMPOSTOR_DRAWS,
@@ -152,17 +153,13 @@ def _no_decision(decision: dict, genuine: np.ndarray, impostor: np.ndarray) -> s
         said = (f"the threshold that keeps a false-accept rate of {target:g}, {threshold:.4f}, accepts none "
                 f"of the {genuine.size} genuine pairs: the highest impostor scores {top_impostor:.4f}, the "
                 f"best genuine pair {top_genuine:.4f}")
-    if top_impostor >= COPY_LIKE:
+    if top_impostor >= COPY_SCORE:
         return (f"{said}. Impostors that score like the product itself come from products enrolled from "
                 "one image, or from an encoder that gives every image nearly the same latent (train it "
                 "longer); nothing was written")
     return (f"{said}. Check the photos' labels; if they are right, the model cannot tell these products "
             "apart at that rate: calibrate on more labelled photos, or for a higher --target-far; nothing "
             "was written")
-
-
-COPY_LIKE = 0.999
-"""An impostor scoring this high scores as an image scores against itself."""
 
 
 def far_upper_bound(far: float, pairs: int, z: float = 1.645) -> float:

@@ -41,6 +41,7 @@ from auditlens.cli import non_negative_int, open_catalog_said, thread_count
 from auditlens.errors import AuditlensError, CatalogError, OutputPathError
 from auditlens.evaluation import metrics
 from auditlens.evaluation.protocol import (
+    COPY_SCORE,
     DEFAULT_SEED,
     GENUINE,
     HARD,
@@ -187,10 +188,6 @@ COLLAPSED_SCORE = 0.98
 """A mean score against *other* products this high: the encoder maps everything to one
 point (the shipped model scores other products about 0 on average over grocery-dev's val
 photos)."""
-
-COPY_SCORE = 0.999
-"""A photo scoring this high against its own product is almost surely one of its
-references (an enrolled photo scores about 1.0 against itself)."""
 
 
 def _warnings(report: dict, photos: list[LabelledPhoto], embedded, bundle) -> list[str]:

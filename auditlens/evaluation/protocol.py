@@ -5,9 +5,10 @@ For each labelled photo of an enrolled product:
 
 * **genuine**: the photo against its own product;
 * **impostor**: against ``n_impostors`` (3) products drawn at random from *other* groups
-  (the catalogue's ``group``; grocery-dev's coarse classes); the draw depends only on the seed and the photo's file name and
-  product (not the folder it sits in, so the same photos give the same figures on any
-  machine), and adding photos never changes another photo's pairs;
+  (the catalogue's ``group``; grocery-dev's coarse classes); the draw depends only on the
+  seed and the photo's file name and product (not the folder it sits in, so the same
+  photos give the same figures on any machine), and adding photos never changes another
+  photo's pairs;
 * **hard**: against *every other* product of its own group (another brand of
   milk). Products with an empty ``group`` have no hard impostors, and draw their random
   impostors from all other products.
@@ -36,6 +37,12 @@ from auditlens.errors import AuditlensError
 from auditlens.files import file_sha256
 
 GENUINE, IMPOSTOR, HARD = "genuine", "impostor", "hard"
+
+COPY_SCORE = 0.999
+"""A pair scoring this high scores as an image does against itself: a photo against its
+own product is almost surely one of its references (enroll --references), an impostor pair
+shows one image enrolled under two products, or an encoder that maps everything to one point."""
+
 PROTOCOL_VERSION = 2
 """2: impostors drawn by the photo's file name (1: by its path as given)."""
 N_IMPOSTORS = 3
