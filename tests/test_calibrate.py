@@ -191,6 +191,20 @@ def test_a_target_no_threshold_reaches_is_refused_and_nothing_written(tmp_path, 
     assert "Check the photos' labels" in err and "enrolled from one image" not in err
 
 
+def test_a_target_no_threshold_can_reach_is_said_with_its_cause():
+    """Impostors at or above 1 (float16 references can give 1.00005): no threshold a cosine
+    may take keeps them out; the refusal says so and names the likely causes."""
+    from auditlens.evaluation.calibrate import _no_decision
+
+    genuine, impostor = np.array([0.95, 0.9]), np.array([1.00005, 1.00005, 0.2, 0.1])
+    d = decide(genuine, impostor, 0.01)
+    assert d["threshold"] == 1.0 and d["measured_far"] == pytest.approx(0.5)
+    said = _no_decision(d, genuine, impostor)
+    assert said.startswith("no threshold reaches a false-accept rate of 0.01: 50.0% of the impostor pairs "
+                           "score 1.0000 or more")
+    assert "enrolled from one image" in said and "Check the photos' labels" not in said
+
+
 def test_far_curve_and_decide_on_fixed_scores():
     imp = [0.9, 0.8, 0.8, 0.5, 0.1]
     curve = far_curve(imp)
