@@ -138,7 +138,7 @@ def load_image(
     """
     name = _describe(source)
     if isinstance(source, np.ndarray):
-        source = image_from_array(source, name)
+        source = image_from_array(source, name, max_pixels)
     if isinstance(source, Image.Image):
         image = source
     else:
@@ -305,8 +305,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_from_array(array: np.ndarray, name: str = "<array>") -> Image.Image:
-    """Turn a pixel array into a Pillow image for :func:`load_image`.
+def image_from_array(array: np.ndarray, name: str = "the pixel array",
+                     max_pixels: int | None = None) -> Image.Image:
+    """Turn a pixel array into a Pillow image for :func:`load_image`; one of more than
+    ``max_pixels`` is refused before any of it is converted (a float array's conversion
+    takes several times its own memory).
 
     Accepts grey (H, W) or (H, W, 1), RGB (H, W, 3) and RGBA (H, W, 4) arrays (alpha is
     composited on white later, as for files) of uint8, other integer types (uint16 as
@@ -315,6 +318,9 @@ def image_from_array(array: np.ndarray, name: str = "<array>") -> Image.Image:
     :class:`~auditlens.errors.ImageError`.
     """
     array = np.asarray(array)
+    if max_pixels is not None and array.ndim >= 2 and array.shape[0] * array.shape[1] > max_pixels:
+        raise ImageTooLargeError(f"{name}: {array.shape[1]}x{array.shape[0]} pixels is more than the "
+                                 f"{max_pixels:,} allowed; resize the photo before handing it over")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))

@@ -42,6 +42,18 @@ class QualityThresholds:
     capture has no colour; every one of the 2,271 grocery-dev field photos measures 19 or
     more, a greyscale photo 0."""
 
+    def __post_init__(self) -> None:
+        """Refuse limits that would fail on every capture (text read from a service's
+        settings) or turn a check off unnoticed (NaN compares false with everything)."""
+        for name, most in (("min_brightness", 255.0), ("max_clipped", 1.0), ("min_sharpness", None),
+                           ("min_centre_detail", 255.0), ("min_frame_detail", 255.0), ("min_colour", 255.0)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                    or not np.isfinite(value) or value < 0 or (most is not None and value > most)):
+                span = f"0 to {most:g}" if most is not None else "0 or more"
+                raise ValueError(f"QualityThresholds.{name} must be a number {span}, not {value!r}")
+            object.__setattr__(self, name, float(value))
+
 
 @dataclass(frozen=True)
 class Quality:

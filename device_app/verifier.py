@@ -47,6 +47,10 @@ PROBE_MIN_COSINE = 0.98
 """The bundle's probe latent and the model's must agree this well (same model, any CPU)."""
 
 
+MAX_THREADS = 64
+"""Interpreter threads a Verifier may ask for (LiteRT starts every one of them)."""
+
+
 @dataclass(frozen=True)
 class VerifierOptions:
     """How verification runs and decides."""
@@ -79,7 +83,7 @@ class VerifierOptions:
                 raise ValueError(f"VerifierOptions.{name} must be a whole number {span}, not {value!r}")
             object.__setattr__(self, name, int(value))  # numpy's integers reach LiteRT as int
 
-        whole("num_threads", 1)
+        whole("num_threads", 1, MAX_THREADS)
         whole("suggestions", 0)
         whole("near_duplicate_bits", 0, 64)
         whole("max_pixels", 1)
@@ -233,6 +237,9 @@ def _read_stream(stream, max_bytes: int) -> bytes:
     data = b"".join(chunks)
     if len(data) > max_bytes:
         raise ImageTooLargeError(f"{name}: more than the {max_bytes:,} bytes a photo may have")
+    if not data:
+        raise UnreadableImageError(f"{name}: the stream gave no bytes: nothing was uploaded, or it was "
+                                   "read to its end before (seek(0) rewinds it)")
     return data
 
 
@@ -342,8 +349,8 @@ class Verifier:
         ``PIL.ImageOps.exif_transpose``, which clears it, or pass the file's bytes).
         """
         draft = self.spec.draft_size
-        if isinstance(photo, np.ndarray):
-            photo = image_from_array(photo)  # grey, RGB or RGBA; integer or 0..1 float
+        if isinstance(photo, np.ndarray):  # grey, RGB or RGBA; integer or 0..1 float
+            photo = image_from_array(photo, max_pixels=self.options.max_pixels)
         if isinstance(photo, Image.Image):
             image = load_image(photo, max_pixels=self.options.max_pixels)
             # the digest is of the pixels as handed over (the audit log takes a lossless
@@ -358,6 +365,9 @@ class Verifier:
                 source.name = str(photo)  # errors name the file
             elif isinstance(photo, (bytes, bytearray, memoryview)):
                 data = bytes(photo)
+                if len(data) > self.options.max_file_bytes:  # the same limit as for a file or a stream
+                    raise ImageTooLargeError(f"the photo ({len(data):,} bytes): more than the "
+                                             f"{self.options.max_file_bytes:,} bytes a photo may have")
                 source = io.BytesIO(data)
                 source.name = f"the photo ({len(data):,} bytes)"  # a camera's capture has no file name
             elif callable(getattr(photo, "read", None)):
@@ -468,6 +478,9 @@ class Verifier:
         )
 
     def identify(self, photo: ImageSource | np.ndarray | Capture, top_k: int = 5) -> list[Candidate]:
-        """The ``top_k`` products the photo most resembles, best first."""
+        """The ``top_k`` products the photo most resembles, best first. It ranks and does
+        not judge the capture: before acting on a candidate, ask
+        :meth:`retake_reasons` of the same :meth:`prepare`-d capture (too dark, blurred,
+        a copy of the candidate's original ...), as ``auditlens identify`` does."""
         capture = photo if isinstance(photo, Capture) else self.prepare(photo)
         return self.rank(self.embed(capture), top_k)

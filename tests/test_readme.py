@@ -27,6 +27,7 @@ def test_readme_python_example_runs():
     lines = out.getvalue().splitlines()
     assert lines[0].split()[0] in ("match", "no_match", "retake")
     assert lines[1].startswith("Banana ")  # the photo's own product ranks first
+    assert lines[-1] == "[]"  # and the capture can be judged as it
 
 
 def test_checkout_resolves_the_design_card_folders_under_auditlens():

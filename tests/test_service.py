@@ -145,7 +145,8 @@ def test_a_capture_made_for_one_bundle_is_embedded_again_by_another(tmp_path, ve
     ("threshold", float("nan"), "cosine within -1..1"),
     ("threshold", 1.5, "cosine within -1..1"),
     ("threshold", True, "cosine within -1..1"),
-    ("num_threads", 0, "num_threads must be a whole number at least 1"),
+    ("num_threads", 0, "num_threads must be a whole number 1 to 64"),
+    ("num_threads", 10**6, "num_threads must be a whole number 1 to 64"),  # LiteRT would start them all
     ("num_threads", 2.0, "num_threads must be a whole number"),
     ("suggestions", -1, "suggestions must be a whole number at least 0"),
     ("near_duplicate_bits", 65, "near_duplicate_bits must be a whole number 0 to 64"),
@@ -158,6 +159,40 @@ def test_a_capture_made_for_one_bundle_is_embedded_again_by_another(tmp_path, ve
 def test_verifier_options_that_cannot_work_are_refused_when_made(setting, value, why):
     with pytest.raises(ValueError, match=why):
         VerifierOptions(**{setting: value})
+
+
+@pytest.mark.parametrize("limit, value", [("min_brightness", "40"), ("min_colour", float("nan")),
+                                          ("max_clipped", 1.5), ("min_sharpness", -1), ("min_frame_detail", True)])
+def test_quality_limits_that_would_fail_or_switch_a_check_off_are_refused_when_made(limit, value):
+    """Text read from a service's settings failed every verify; NaN turned the colour
+    check off unnoticed (it compares false with everything)."""
+    from auditlens.device_app.quality import QualityThresholds
+
+    with pytest.raises(ValueError, match=f"QualityThresholds.{limit} must be a number"):
+        QualityThresholds(**{limit: value})
+    assert QualityThresholds(min_brightness=np.float32(30)).min_brightness == 30.0
+
+
+def test_the_size_limits_hold_for_every_form_of_a_photo(sample_bundle, sample_photos):
+    """max_file_bytes holds for bytes handed over as for a file or a stream, and max_pixels
+    refuses a pixel array before converting it (a float array takes several times its
+    own memory to convert); an empty stream says it may not have been rewound."""
+    import io
+
+    from auditlens.errors import ImageTooLargeError, UnreadableImageError
+
+    data = Path(sample_photos[0].photo).read_bytes()
+    small = Verifier(sample_bundle, VerifierOptions(max_file_bytes=1000, max_pixels=100_000))
+    for form in (data, io.BytesIO(data), sample_photos[0].photo):
+        with pytest.raises(ImageTooLargeError, match="1,000"):
+            small.prepare(form)
+    big = np.zeros((1000, 1000, 3), np.float32)
+    with pytest.raises(ImageTooLargeError, match="the pixel array: 1000x1000 pixels is more than the 100,000"):
+        small.prepare(big)
+    stream = io.BytesIO(data)
+    stream.read()
+    with pytest.raises(UnreadableImageError, match=r"gave no bytes.*seek\(0\) rewinds it"):
+        Verifier(sample_bundle).prepare(stream)
 
 
 def test_verifier_options_take_a_threshold_in_any_number_type(sample_bundle):
