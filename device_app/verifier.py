@@ -47,8 +47,10 @@ PROBE_MIN_COSINE = 0.98
 """The bundle's probe latent and the model's must agree this well (same model, any CPU)."""
 
 
-MAX_THREADS = 64
-"""Interpreter threads a Verifier may ask for (LiteRT starts every one of them)."""
+MAX_THREADS = 256
+"""Interpreter threads a Verifier may ask for: far above any device's cores; LiteRT starts
+every one of them, and a million crashed its teardown (the command line's ``--threads``
+takes the same limit)."""
 
 
 @dataclass(frozen=True)

@@ -145,8 +145,8 @@ def test_a_capture_made_for_one_bundle_is_embedded_again_by_another(tmp_path, ve
     ("threshold", float("nan"), "cosine within -1..1"),
     ("threshold", 1.5, "cosine within -1..1"),
     ("threshold", True, "cosine within -1..1"),
-    ("num_threads", 0, "num_threads must be a whole number 1 to 64"),
-    ("num_threads", 10**6, "num_threads must be a whole number 1 to 64"),  # LiteRT would start them all
+    ("num_threads", 0, "num_threads must be a whole number 1 to 256"),
+    ("num_threads", 10**6, "num_threads must be a whole number 1 to 256"),  # LiteRT would start them all
     ("num_threads", 2.0, "num_threads must be a whole number"),
     ("suggestions", -1, "suggestions must be a whole number at least 0"),
     ("near_duplicate_bits", 65, "near_duplicate_bits must be a whole number 0 to 64"),
@@ -193,6 +193,13 @@ def test_the_size_limits_hold_for_every_form_of_a_photo(sample_bundle, sample_ph
     stream.read()
     with pytest.raises(UnreadableImageError, match=r"gave no bytes.*seek\(0\) rewinds it"):
         Verifier(sample_bundle).prepare(stream)
+
+
+def test_the_command_line_takes_the_engines_thread_limit():
+    from auditlens import cli
+    from auditlens.device_app import verifier
+
+    assert cli.MAX_THREADS == verifier.MAX_THREADS
 
 
 def test_verifier_options_take_a_threshold_in_any_number_type(sample_bundle):
