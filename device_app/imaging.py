@@ -8,6 +8,7 @@ specific :class:`~auditlens.errors.ImageError` for what it cannot use.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -143,8 +144,7 @@ def load_image(
         image = source
     else:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _pillow_quiet():
                 image = _open(source)
         except Image.DecompressionBombError as exc:
             # Pillow's own guard (2x Image.MAX_IMAGE_PIXELS) fires before ours can
@@ -213,8 +213,7 @@ def _decode(image: Image.Image, name: str, max_pixels: int, draft: tuple[int, in
             "resize the photo before uploading it"
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _pillow_quiet():
             image.load()
     except OSError as exc:
         if "truncat" in str(exc).lower():
@@ -227,11 +226,24 @@ def _decode(image: Image.Image, name: str, max_pixels: int, draft: tuple[int, in
         raise UnreadableImageError(f"{name}: the image data is corrupt: {exc}") from exc
 
     try:
-        image = ImageOps.exif_transpose(image)
+        with _pillow_quiet():  # a damaged EXIF block warns as Pillow reads it
+            image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block must not cost the photo; keep pixels as stored
         pass
     image = to_rgb(image)
     return image if draft is None or drafted else reduce_like_draft(image, draft)
+
+
+@contextlib.contextmanager
+def _pillow_quiet():
+    """Pillow's own warnings while it opens and decodes a photo ("Corrupt EXIF data",
+    "Truncated File Read", the decompression-bomb notice) stay quiet: what makes a photo
+    unusable is auditlens' error to raise, and a service that turns warnings into errors
+    would otherwise get a UserWarning for an upload instead of an ImageError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        yield
 
 
 def draft_scale(size: tuple[int, int], draft: tuple[int, int]) -> int:

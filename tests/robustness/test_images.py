@@ -416,3 +416,22 @@ def test_a_capture_handed_over_as_bytes_is_named_in_errors(sample_bundle):
     for given in (cut, io.BytesIO(cut)):
         with pytest.raises(errors.TruncatedImageError, match=r"^the photo \(300 bytes\): the file ends"):
             verifier.prepare(given)
+
+
+def test_pillows_warnings_about_a_photo_stay_inside_the_loader():
+    """A JPEG whose EXIF block is cut short makes Pillow warn ("Corrupt EXIF data") as it
+    reads it: the loader keeps that quiet, so a service that turns warnings into errors
+    gets the photo (or auditlens' own ImageError), never a UserWarning."""
+    import warnings
+
+    photo = Path(__file__).resolve().parents[2] / "models" / "sample" / "photos" / "Banana_001.jpg"
+    buf = io.BytesIO()
+    Image.open(photo).save(buf, "JPEG", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05"
+                                                   b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x01")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Image.open(io.BytesIO(buf.getvalue())).getexif().get_ifd(0x8769)
+        assert any("Corrupt EXIF" in str(w.message) for w in caught)  # Pillow does warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(io.BytesIO(buf.getvalue())).size == (348, 348)
