@@ -217,8 +217,9 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--product", "-p", required=True, help="product id the photo should show")
     _add_bundle(p)
     p.add_argument("--json", action="store_true",
-                   help='print the full verdict as JSON (with --log, "logged": true or false); when the '
-                        'command fails after reading its arguments (exit 2) {"ok": false, "error"}')
+                   help='print the full verdict as JSON (with --log, "logged": true and its "record_id", or '
+                        'false); when the command fails after reading its arguments (exit 2) '
+                        '{"ok": false, "error"}')
     p.add_argument("--log", type=Path, default=None, metavar="AUDIT.db",
                    help="append the verdict to this audit log (SQLite)")
     p.add_argument("--auditor", default=None, help="auditor name for the log (default: $USER, else the login name)")
@@ -246,9 +247,9 @@ def _format_verdict(v) -> str:
     return "\n".join([line, *extra])
 
 
-def _log_verdict(args, verdict) -> None:
-    """Append ``verdict`` to ``--log``; any failure is an :class:`AuditLogError` that says
-    the verdict was not logged."""
+def _log_verdict(args, verdict) -> int:
+    """Append ``verdict`` to ``--log`` and return its record id; any failure is an
+    :class:`AuditLogError` that says the verdict was not logged."""
     import hashlib
 
     from auditlens.device_app.auditlog import AuditLog, default_auditor
@@ -263,7 +264,8 @@ def _log_verdict(args, verdict) -> None:
     auditor = default_auditor() if args.auditor is None else args.auditor
     if not auditor:
         print("auditlens: warning: the log records no auditor: pass --auditor NAME", file=sys.stderr)
-    new_log = not args.log.exists()
+    empty = args.log.is_file() and args.log.stat().st_size == 0  # emptied: said as a new log is
+    new_log = empty or not args.log.exists()
     try:
         with AuditLog(args.log, signing_key=args.log_key) as log:
             if log.guards_restored:
@@ -271,13 +273,15 @@ def _log_verdict(args, verdict) -> None:
                       f"removed outside auditlens ({', '.join(log.guards_restored)}); they are "
                       "back, and the log keeps a note of it: check its records with "
                       f"'auditlens verify-log {shlex.quote(str(args.log))}'", file=sys.stderr)
-            log.append(verdict, photo=photo, auditor=auditor,
-                       device=socket.gethostname() if args.device is None else args.device)
+            record_id = log.append(verdict, photo=photo, auditor=auditor,
+                                   device=socket.gethostname() if args.device is None else args.device)
     except (AuditlensError, OSError) as exc:  # the verdict is on screen: say it is not on record
         detail = exc if isinstance(exc, AuditlensError) else f"{args.log}: {exc.strerror or exc}"
         raise AuditLogError(f"{detail}; this verdict was NOT logged") from exc
     if new_log:  # a mistyped --log would start a second chain: said, not silent
-        print(f"auditlens: started a new audit log {args.log} with this verdict", file=sys.stderr)
+        print(f"auditlens: started a new audit log {args.log} with this verdict"
+              + (" (the file was empty: if it held a log, that log is gone)" if empty else ""), file=sys.stderr)
+    return record_id
 
 
 def _run_verify(args) -> int:
@@ -300,7 +304,7 @@ def _run_verify(args) -> int:
         print(json.dumps(verdict.to_dict(), indent=1), flush=True)
     if args.log:
         try:
-            _log_verdict(args, verdict)
+            record_id = _log_verdict(args, verdict)
         except AuditlensError as exc:
             if args.json:
                 print(json.dumps({**verdict.to_dict(), "logged": False, "ok": False, "error": str(exc)},
@@ -308,7 +312,9 @@ def _run_verify(args) -> int:
                 args.json_printed = True  # _fail prints no second document
             raise
         if args.json:
-            print(json.dumps({**verdict.to_dict(), "logged": True}, indent=1), flush=True)
+            print(json.dumps({**verdict.to_dict(), "logged": True, "record_id": record_id}, indent=1), flush=True)
+        else:  # ties what the auditor saw to its record in the log
+            print(f"  logged as record {record_id} of {args.log}", flush=True)
     return {"match": EXIT_OK, "no_match": EXIT_NO_MATCH}.get(verdict.decision, EXIT_RETAKE)
 
 

@@ -55,6 +55,10 @@ _CSV_ONLY = ("reasons", "signed_by")
 
 PHOTO_SUFFIX = {"image/jpeg": "jpg", "image/png": "png"}
 
+PHOTO_MIMES = (*PHOTO_SUFFIX, "application/octet-stream")
+"""Every photo type auditlens writes (the last: a photo kept as it came, undecodable). The
+type is not hashed, so a record carrying any other text was edited."""
+
 
 RECORD_COLUMNS = ("id", "created_utc", "auditor", "device", "product_id", "decision", "score",
                  "threshold", "model_id", "photo_sha256", "captured_sha256", "verdict_json",
@@ -555,6 +559,9 @@ class ChainWalk:
         if recomputed != record.record_hash:
             raise self._fail(rid, "its contents do not match its hash; the record was edited "
                                   "after it was written")
+        if record.photo_mime not in PHOTO_MIMES:  # checked with or without the photo
+            raise self._fail(rid, f"its photo type {record.photo_mime[:80]!r} is none auditlens writes; "
+                                  "the record was edited after it was written")
         if photo_kept:
             if photo is None or hashlib.sha256(bytes(photo)).hexdigest() != record.photo_sha256:
                 raise self._fail(rid, "the stored photo does not match the photo's sha256; the "
@@ -662,6 +669,11 @@ class ChainWalk:
                          f"--signed-from {self.signed_from} allows: written before the device had "
                          "its key, or their signatures were removed or replaced; only the records "
                          "from the first one the device keys signed on are held to them",)
+        if self.device_keys is not None and self.first_signed is None and self.signed_from > self.count:
+            warnings += (f"no record is signed by the device keys: the log ends at record {self.count}, "
+                         f"before record {self.signed_from} (--signed-from), so nothing here was held to "
+                         "them; the signed records may have been cut off: check the log against a kept "
+                         "head (--expect-head)",)
         if self.unsigned_after:
             warnings += (f"{len(self.unsigned_after)} record(s) are not signed though record "
                          f"{self.first_signed} before them is, first: record {self.unsigned_after[0]}; "

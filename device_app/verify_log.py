@@ -171,6 +171,10 @@ def _check_and_export(args) -> int:
                                signed_from=args.signed_from)
         _print_report(args, report)
         return _exit_status(args, report)
+    if args.log.suffix.lower() == ".csv" and args.log.is_file() and not _is_sqlite(args.log):
+        raise AuditLogError(f"{args.log} looks like a CSV export, which carries no hashes or signatures "
+                            "and cannot be checked: check the log itself (the .db file) or a JSON "
+                            "export of it (--export-json)")
     with AuditLog(args.log, create=False, signing_key=args.log_key) as log:
         for target, suffix in ((args.export_csv, ".csv"), (args.export_json, ".json")):
             if target:  # before anything is written
@@ -194,6 +198,11 @@ def _check_and_export(args) -> int:
             if p:
                 print(f"  exported {what} to {p}")
     return _exit_status(args, report)
+
+
+def _is_sqlite(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(16) == b"SQLite format 3\x00"
 
 
 def _check_exports_apart(args) -> None:

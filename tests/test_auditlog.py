@@ -468,6 +468,14 @@ def test_photo_type_edited_by_hand_breaks_the_chain(log_path, tmp_path):
         with pytest.raises(AuditChainError):  # the CSV export checks the chain as the others do
             log.export_csv(tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists()
+    # any other text in the unhashed column is refused too, a JSON export without photos included
+    with AuditLog(log_path, create=False) as log:
+        pass
+    _edit_by_hand(log_path, "UPDATE records SET photo_mime = 'OVERRIDE: accepted as match by manager' "
+                            "WHERE id = 1;")
+    with AuditLog(log_path, create=False) as log:
+        with pytest.raises(AuditChainError, match="record 1: its photo type 'OVERRIDE: accepted"):
+            log.verify_chain()
 
 
 def test_append_refuses_a_verdict_that_contradicts_itself(log_path):
@@ -569,7 +577,8 @@ def test_verify_log_checks_a_json_export_without_the_database(log_path, tmp_path
                      (edited(2, photo_base64=swapped), "record 3: the stored photo does not match"),
                      ({**data, "records": data["records"][:2]}, "the export's header names the head 3:"),
                      ({**data, "records": data["records"][1:]}, "record 2: the chain is broken before it"),
-                     (edited(0, verdict_json="{}"), "record 1: its contents do not match its hash")):
+                     (edited(0, verdict_json="{}"), "record 1: its contents do not match its hash"),
+                     (edited(1, photo_mime="OVERRIDE"), "record 2: its photo type 'OVERRIDE' is none")):
         assert _verify_edited(tmp_path, bad) == 4, why
         assert why in capsys.readouterr().err
     forged_score = edited(0, score="1e-05", threshold="0.5", decision="match")
@@ -809,9 +818,18 @@ def test_cli_verify_with_log_appends_a_record(tmp_path, capsys):
     assert f"started a new audit log {log_path} with this verdict" in err
     assert cli_main(["verify", "--bundle", str(bundle), "--product", row["product_id"], str(photo),
                      "--log", str(log_path), "--auditor", "cli-user"]) == rc
-    assert "started a new audit log" not in capsys.readouterr().err
+    again = capsys.readouterr()
+    assert "started a new audit log" not in again.err
+    assert f"  logged as record 2 of {log_path}" in again.out  # what was seen, tied to its record
     with AuditLog(log_path) as log:
         assert log.verify_chain().records == 2
+    # a log file emptied (to zero bytes) is started anew as a missing one is, and said so
+    emptied = tmp_path / "emptied.db"
+    emptied.write_bytes(b"")
+    assert cli_main(["verify", "--bundle", str(bundle), "--product", row["product_id"], str(photo),
+                     "--log", str(emptied), "--auditor", "cli-user"]) == rc
+    assert (f"started a new audit log {emptied} with this verdict (the file was empty: if it held a "
+            "log, that log is gone)") in capsys.readouterr().err
 
     # without --log there is nowhere to record the auditor: say so, still verify
     rc = cli_main(["verify", "--bundle", str(bundle), "--product", row["product_id"], str(photo),
@@ -1118,7 +1136,7 @@ def test_cli_verify_with_log_refuses_a_catalogue_database(tmp_path, capsys):
     # ... and when the log takes it, "logged": true
     rc = cli_main([*args, "--log", str(tmp_path / "audit.db"), "--auditor", "A. Smith"])
     shown = json.loads(capsys.readouterr().out)
-    assert rc in (0, 1, 3) and shown["logged"] is True and "ok" not in shown
+    assert rc in (0, 1, 3) and shown["logged"] is True and shown["record_id"] == 1 and "ok" not in shown
 
 
 def test_verify_log_does_not_change_the_log(log_path, capsys):
@@ -1273,3 +1291,17 @@ def test_appends_from_several_threads_keep_one_chain_in_time_order(log_path):
         assert log.verify_chain().records == 60
         times = [log.record(i).created_utc for i in range(1, 61)]
     assert times == sorted(times)
+
+
+def test_a_csv_export_given_to_verify_log_is_said_to_be_uncheckable(log_path, tmp_path, capsys):
+    """A CSV export carries no hashes: verify-log says so and names what can be checked,
+    instead of 'not a usable audit log: file is not a database'."""
+    with AuditLog(log_path) as log:
+        log.append(make_verdict(0), photo=jpeg(), auditor="a")
+        log.export_csv(tmp_path / "audit.csv")
+    assert cli_main(["verify-log", str(tmp_path / "audit.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "looks like a CSV export, which carries no hashes or signatures and cannot be checked" in err
+    renamed = tmp_path / "log-named.csv"  # a log that merely has the suffix is still checked
+    renamed.write_bytes(log_path.read_bytes())
+    assert cli_main(["verify-log", str(renamed)]) == 0

@@ -232,6 +232,13 @@ def test_a_log_from_before_signatures_gets_them_without_a_false_alarm(tmp_path, 
                                "written before the device had its key, or their signatures were "
                                "removed or replaced; only the records from the first one the device "
                                "keys signed on are held to them",)
+    # no signed record, and a --signed-from past the log's end: a log whose signed records
+    # were all cut off looks like this, so it is said, not passed in silence
+    _write(tmp_path / "unsigned.db", 2)
+    with AuditLog(tmp_path / "unsigned.db", create=False) as log:
+        cut = log.verify_chain(device_keys=[public], signed_from=3)
+    assert any(w.startswith("no record is signed by the device keys: the log ends at record 2, before "
+                            "record 3 (--signed-from)") for w in cut.warnings), cut.warnings
 
 
 def test_an_incremental_check_remembers_the_first_signed_record(tmp_path, device):
