@@ -517,6 +517,8 @@ class ChainWalk:
         self.head_hash, self.count = start_hash, start_id
         self.first_utc, self.last_utc = first_utc, last_utc
         self.backwards: list[str] = []
+        self.no_auditor: list[int] = []
+        """Records that name no auditor (the command line lets one through, with a warning)."""
         self.runs: list[dict] = []
         self.log_id = log_id
         """The log's id, which each signature covers."""
@@ -588,6 +590,8 @@ class ChainWalk:
         if self.last_utc and record.created_utc < self.last_utc:
             self.backwards.append(f"record {rid} ({record.created_utc}) was written before "
                                   f"record {rid - 1} ({self.last_utc})")
+        if not str(record.auditor or "").strip():
+            self.no_auditor.append(rid)
         self.head_hash, self.count = record.record_hash, rid
         self.first_utc = self.first_utc or record.created_utc
         self.last_utc = record.created_utc
@@ -682,6 +686,9 @@ class ChainWalk:
         if self.unchecked:
             warnings += (f"{self.unchecked} record signature(s) were not checked: the [sign] "
                          "extra (cryptography) is not installed",)
+        if self.no_auditor:
+            warnings += (f"{len(self.no_auditor)} record(s) name no auditor, first: record "
+                         f"{self.no_auditor[0]}; who made those verifications is not on record",)
         if self.backwards:
             warnings += (
                 f"the records' times go backwards {len(self.backwards)} time(s), first: "

@@ -1293,6 +1293,19 @@ def test_appends_from_several_threads_keep_one_chain_in_time_order(log_path):
     assert times == sorted(times)
 
 
+def test_records_that_name_no_auditor_are_flagged_by_the_check(log_path, capsys):
+    """The command line lets a verdict through without an auditor (with a warning as it
+    writes it); the check says which records name nobody, and --strict fails on them."""
+    with AuditLog(log_path) as log:
+        log.append(make_verdict(0), photo=jpeg(), auditor="A. Smith")
+        log.append(make_verdict(1), photo=jpeg(colour=(9, 9, 9)), auditor="  ")
+        report = log.verify_chain()
+    assert "1 record(s) name no auditor, first: record 2; who made those verifications is not on record" \
+        in report.warnings
+    assert cli_main(["verify-log", str(log_path), "--strict"]) == 5
+    assert "name no auditor" in capsys.readouterr().out
+
+
 def test_a_csv_export_given_to_verify_log_is_said_to_be_uncheckable(log_path, tmp_path, capsys):
     """A CSV export carries no hashes: verify-log says so and names what can be checked,
     instead of 'not a usable audit log: file is not a database'."""
