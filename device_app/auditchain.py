@@ -480,15 +480,22 @@ def check_kept_heads(where: str, kept: dict[int, str], hash_of: Callable[[int], 
                                "re-hashed after that hash was kept", rid)
 
 
-def is_export(path: Path) -> bool:
-    """Whether ``path`` is a JSON export rather than a SQLite log (by its first bytes)."""
+def log_file_kind(path: Path) -> str:
+    """What ``path`` holds by its first bytes: "sqlite" (a log), "json" (an export), or ""
+    (neither, or unreadable)."""
     try:
         with open(path, "rb") as f:
             start = f.read(64)
     except OSError:
-        return False
-    return not start.startswith(b"SQLite format 3") and start.removeprefix(
-        b"\xef\xbb\xbf").lstrip()[:1] == b"{"  # a UTF-8 BOM, if an editor added one
+        return ""
+    if start.startswith(b"SQLite format 3\x00"):
+        return "sqlite"
+    return "json" if start.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"{" else ""  # a BOM an editor added
+
+
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a JSON export rather than a SQLite log (by its first bytes)."""
+    return log_file_kind(path) == "json"
 
 
 def _wrong_types(record: AuditRecord) -> str:

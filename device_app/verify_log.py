@@ -23,6 +23,7 @@ from auditlens.device_app.auditchain import (
     ChainReport,
     id_range,
     is_export,
+    log_file_kind,
     verify_export,
 )
 from auditlens.device_app.auditlog import AuditLog
@@ -171,7 +172,7 @@ def _check_and_export(args) -> int:
                                signed_from=args.signed_from)
         _print_report(args, report)
         return _exit_status(args, report)
-    if args.log.suffix.lower() == ".csv" and args.log.is_file() and not _is_sqlite(args.log):
+    if args.log.suffix.lower() == ".csv" and args.log.is_file() and log_file_kind(args.log) != "sqlite":
         raise AuditLogError(f"{args.log} looks like a CSV export, which carries no hashes or signatures "
                             "and cannot be checked: check the log itself (the .db file) or a JSON "
                             "export of it (--export-json)")
@@ -198,11 +199,6 @@ def _check_and_export(args) -> int:
             if p:
                 print(f"  exported {what} to {p}")
     return _exit_status(args, report)
-
-
-def _is_sqlite(path: Path) -> bool:
-    with path.open("rb") as fh:
-        return fh.read(16) == b"SQLite format 3\x00"
 
 
 def _check_exports_apart(args) -> None:

@@ -241,22 +241,18 @@ def _convert_with_float_ops(tf, make_converter, dataset, float_ops: int) -> byte
         # the debugger runs TensorFlow's own deprecated tf.lite.Interpreter inside: a notice
         # the user cannot act on (auditlens itself runs models with ai-edge-litert)
         warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated", category=UserWarning)
-        return _debugger_convert(tf, make_converter, dataset, float_ops)
-
-
-def _debugger_convert(tf, make_converter, dataset, float_ops: int) -> bytes:
-    debugger = tf.lite.experimental.QuantizationDebugger(converter=make_converter(), debug_dataset=dataset)
-    debugger.run()
-    table = io.StringIO()
-    debugger.layer_statistics_dump(table)
-    table.seek(0)
-    names = [row["tensor_name"] for row in csv.DictReader(table)]
-    if float_ops > len(names):
-        raise ModelError(f"float_ops {float_ops}: the model has only {len(names)} quantizable ops")
-    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=names[:float_ops])
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=make_converter(), debug_dataset=dataset, debug_options=options)
-    return debugger.get_nondebug_quantized_model()
+        debugger = tf.lite.experimental.QuantizationDebugger(converter=make_converter(), debug_dataset=dataset)
+        debugger.run()
+        table = io.StringIO()
+        debugger.layer_statistics_dump(table)
+        table.seek(0)
+        names = [row["tensor_name"] for row in csv.DictReader(table)]
+        if float_ops > len(names):
+            raise ModelError(f"float_ops {float_ops}: the model has only {len(names)} quantizable ops")
+        options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=names[:float_ops])
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=make_converter(), debug_dataset=dataset, debug_options=options)
+        return debugger.get_nondebug_quantized_model()
 
 
 def convert(model, config: QuantizationConfig) -> bytes:

@@ -3,11 +3,12 @@ rate on labelled photos, and write it into the bundle.
 
 The photos are paired by the evaluation protocol (:mod:`.protocol`); the impostor pairs
 (random products of other groups and every other product of the same group) give the
-false-accept rate ``FAR(t) = #{impostor score >= t} / #impostor``, pooled over 20 draws of the random
-impostors (seeds ``seed`` to ``seed + 19``: the mean FAR over the draws), so that the
-threshold does not jump with one draw's few highest impostor scores. The threshold is the *smallest* one
-whose FAR on these pairs is at most the target (:func:`metrics.threshold_at_far`): the
-most genuine photos accepted for that false-accept budget.
+false-accept rate ``FAR(t) = #{impostor score >= t} / #impostor``, pooled over 20 draws
+of the random impostors (seeds ``seed`` to ``seed + 19``: the mean FAR over the draws), so
+that the threshold does not jump with one draw's few highest impostor scores. The
+threshold is the *smallest* one whose FAR on these pairs is at most the target
+(:func:`metrics.threshold_at_far`): the most genuine photos accepted for that false-accept
+budget.
 
 The bundle's ``decision`` then holds::
 

@@ -215,11 +215,10 @@ def _warnings(report: dict, photos: list[LabelledPhoto], embedded, bundle) -> li
                      "so goals met or missed on them say little; evaluate on a few hundred")
     own = embedded.scores[np.arange(len(embedded.truth)), embedded.truth]
     copies = int((own >= COPY_SCORE).sum())
-    own_cell = np.zeros(embedded.scores.shape, bool)
-    own_cell[np.arange(len(embedded.truth)), embedded.truth] = True
-    others = np.ma.masked_array(embedded.scores, own_cell)
-    if embedded.scores.shape[1] > 1 and float(others.mean()) >= COLLAPSED_SCORE:
-        notes.append(f"photos score {float(others.mean()):.3f} on average against the other products, "
+    others = embedded.scores.size - own.size  # each photo's scores against the other products
+    others_mean = float((embedded.scores.sum(dtype=np.float64) - own.sum(dtype=np.float64)) / others) if others else 0.0
+    if others_mean >= COLLAPSED_SCORE:
+        notes.append(f"photos score {others_mean:.3f} on average against the other products, "
                      "about as high as against their own: the encoder gives every image nearly the same "
                      "latent (a run too short, or one that diverged); these figures measure nothing yet")
     elif copies:
