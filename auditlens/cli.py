@@ -142,7 +142,7 @@ def _add_enroll(p: argparse.ArgumentParser) -> None:
                    "(default: the model card's; other views need 'auditlens calibrate')")
     p.add_argument("--photo-mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="add the mirror image of each view (default: the model card's)")
-    p.add_argument("--photo-shift", type=_shift, default=None, metavar="SHARE",
+    p.add_argument("--photo-shift", type=photo_shift, default=None, metavar="SHARE",
                    help="also embed each zoom's box moved left, right, up and down by this share of "
                    "the crop box's side, e.g. 0.15 with zoom 0.7 (five times the encoder runs; "
                    "0: none; default: the model card's; other views need 'auditlens calibrate')")
@@ -167,7 +167,8 @@ def _zooms(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _shift(text: str) -> float:
+def photo_shift(text: str) -> float:
+    """argparse type: a photo view's shift, 0 to MAX_PHOTO_SHIFT of the crop box."""
     from auditlens.device_app.preprocess import MAX_PHOTO_SHIFT
 
     try:
@@ -398,8 +399,10 @@ def _score_pairs(pairs, verifier, rows: list[list[str]], progress: bool, stopped
             capture = captures.get(pair.photo)
             if capture is None:
                 try:
-                    capture = verifier.prepare(pair.photo, keep_image=False)
+                    capture = verifier.prepare(pair.photo)
                     verifier.embed(capture)
+                    if verifier.second_look:  # its pairs may score near the threshold
+                        verifier.embed_second_look(capture)
                     capture.release_pixels()  # memory stays flat over 10k photos
                 except AuditlensError as exc:
                     capture = exc  # remembered: a bad photo is decoded once too
@@ -570,7 +573,8 @@ def _run_demo(args) -> int:
             rejected += not same and not v.matched
             ok = v.matched == same
             print(f"{Path(photo.photo).name:{wp}s} {claimed:{wc}s} {'same' if same else 'other':6s} "
-                  f"{v.decision.upper().replace('_', ' '):9s} {v.score:6.3f}{'' if ok else '  (wrong)'}")
+                  f"{v.decision.upper().replace('_', ' '):9s} {v.score:6.3f}"
+                  f"{'' if v.first_score is None else ' (second look)'}{'' if ok else '  (wrong)'}")
     n = len(photos)
     far = verifier.bundle.target_far
     print(f"\ngenuine photos accepted: {accepted}/{n}; photos of another product rejected: {rejected}/{n}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +94,21 @@ def encoder_latency(models: dict[str, Path], runs: int, log=print) -> list[Laten
     return rows
 
 
+def second_look_latency(verifier: Verifier, photo: Path, product_id: str, runs: int) -> list[LatencyRow]:
+    """A verify that takes the bundle's second look against one that takes none, in
+    alternation: what the photos whose first score lands near the threshold pay."""
+    options = VerifierOptions(num_threads=1)
+    always = Verifier(verifier.bundle, options)
+    always.second_look = replace(verifier.second_look, band=2.0)  # every first score is near
+    never = Verifier(verifier.bundle, replace(options, second_look=False))
+    t_look, t_first = measure_interleaved([lambda: always.verify(photo, product_id),
+                                           lambda: never.verify(photo, product_id)], runs, warmup=1)
+    views = verifier.spec.num_views
+    return [LatencyRow("verify 1 MP JPEG, second look taken", t_look,
+                       f"first score near the threshold: {5 * views} views instead of {views}"),
+            LatencyRow("verify 1 MP JPEG, first look only", t_first, "in alternation with the row above")]
+
+
 def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, phones: dict[str, Path],
                    runs: int, runs_12mp_full: int, log=print) -> tuple[list[LatencyRow], dict]:
     """Whole verify of the phone JPEGs (:func:`make_phone_jpegs` of ``photo``) with draft vs
@@ -128,6 +143,10 @@ def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, phones
         ratios[f"decode {label}: full / draft"] = d_full.median / d_draft.median
         for r in rows[-4:]:
             log(f"  {r.what:44s} {r.timing.cell(2)} ms")
+        if label == "1 MP" and verifier.second_look:
+            rows += second_look_latency(verifier, path, product_id, n)
+            for r in rows[-2:]:
+                log(f"  {r.what:44s} {r.timing.cell(2)} ms")
 
     # preprocessing alone: crop + resize to the encoder input
     for label, image in (("grocery photo", load_image(photo)),

@@ -42,7 +42,8 @@ from PIL import Image
 
 from auditlens.catalog import check_product_id
 from auditlens.device_app.interpreter import model_id_of
-from auditlens.device_app.preprocess import PreprocessSpec
+from auditlens.device_app.preprocess import MAX_PHOTO_SHIFT, PreprocessSpec
+from auditlens.device_app.second_look import SecondLook
 from auditlens.errors import (
     BundleError,
     BundleFormatError,
@@ -63,7 +64,19 @@ a reader of version 1 would embed its photos without them and apply a threshold
 calibrated for other views, so it must refuse the bundle. Bundles without a shift keep
 version 1, which every reader reads."""
 
-READABLE_VERSIONS = (FORMAT_VERSION, SHIFTED_FORMAT_VERSION)
+SECOND_LOOK_FORMAT_VERSION = 3
+"""The version of a bundle whose decision takes a second look near the threshold
+(:mod:`.second_look`): a reader of an earlier version would judge those photos by their
+first score alone, against a threshold calibrated for verdicts that take it."""
+
+READABLE_VERSIONS = (FORMAT_VERSION, SHIFTED_FORMAT_VERSION, SECOND_LOOK_FORMAT_VERSION)
+
+
+def format_version(spec: PreprocessSpec, decision: Mapping) -> int:
+    """The lowest format version that every reader able to read the bundle reads right."""
+    if decision.get("second_look"):
+        return SECOND_LOOK_FORMAT_VERSION
+    return SHIFTED_FORMAT_VERSION if spec.photo_shift else FORMAT_VERSION
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -326,6 +339,11 @@ class ReferenceBundle:
         return self.manifest["decision"]
 
     @property
+    def second_look(self) -> SecondLook | None:
+        """The decision's second look near the threshold, if it takes one."""
+        return SecondLook.from_decision(self.decision, self.spec)
+
+    @property
     def target_far(self) -> float | None:
         """The false-accept rate the threshold was calibrated for; None: never calibrated
         (``auditlens calibrate``), the default threshold or one given by hand."""
@@ -461,9 +479,10 @@ class ReferenceBundle:
                 )
             references = _load_npy(contents[REFERENCES_FILE], path)
             products = [ProductRecord.from_dict(d) for d in json.loads(contents[PRODUCTS_FILE])]
-            if PreprocessSpec.from_dict(manifest["preprocess"]).photo_shift and version < SHIFTED_FORMAT_VERSION:
-                raise ValueError(f"photo_shift needs bundle format version {SHIFTED_FORMAT_VERSION}, "
-                                 f"not {version}")
+            spec = PreprocessSpec.from_dict(manifest["preprocess"])
+            if version < (needed := format_version(spec, manifest.get("decision") or {})):
+                raise ValueError(f"its {'second look' if needed == SECOND_LOOK_FORMAT_VERSION else 'photo_shift'} "
+                                 f"needs bundle format version {needed}, not {version}")
         except ModelMismatchError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, EOFError, OSError,
@@ -483,6 +502,10 @@ class ReferenceBundle:
         _check_unit_rows(references, path)
         _check_probe(manifest, path)
         check_decision(manifest.get("decision"), path)
+        try:
+            SecondLook.from_decision(manifest["decision"], spec)
+        except ValueError as exc:
+            raise BundleFormatError(f"{path}: manifest decision.second_look: {exc}") from exc
         thumbs = {n: d for n, d in contents.items() if n.startswith("thumbs/")}
         owner = np.full(len(references), -1, dtype=np.int32)
         for i, record in enumerate(products):
@@ -558,7 +581,29 @@ def check_decision(decision, path: Path, what: str = "manifest decision") -> Non
     if target_far is not None and not (_is_finite_number(target_far) and 0.0 <= target_far <= 1.0):
         raise BundleFormatError(f"{path}: {what}.target_far {target_far!r} is not a "
                                 "rate within [0, 1]")
-    curve = decision.get("far_curve")
+    second = decision.get("second_look")
+    if second is not None:
+        _check_second_look(second, path, f"{what}.second_look")
+    _check_far_curve(decision.get("far_curve"), path, what)
+
+
+def _check_second_look(block, path: Path, what: str) -> None:
+    """A second look (:mod:`.second_look`): a shift and band, and a threshold with its own
+    far_curve."""
+    if not isinstance(block, dict):
+        raise BundleFormatError(f"{path}: {what} is not an object")
+    shift, band, threshold = block.get("photo_shift"), block.get("band"), block.get("threshold")
+    if not _is_finite_number(shift) or not 0.0 < shift <= MAX_PHOTO_SHIFT:
+        raise BundleFormatError(f"{path}: {what}.photo_shift {shift!r} is not a shift within "
+                                f"(0, {MAX_PHOTO_SHIFT}]")
+    if not _is_finite_number(band) or not 0.0 < band <= 1.0:
+        raise BundleFormatError(f"{path}: {what}.band {band!r} is not a cosine band within (0, 1]")
+    if not _is_finite_number(threshold) or not -1.0 <= threshold <= 1.0:
+        raise BundleFormatError(f"{path}: {what}.threshold {threshold!r} is not a cosine within [-1, 1]")
+    _check_far_curve(block.get("far_curve"), path, what)
+
+
+def _check_far_curve(curve, path: Path, what: str) -> None:
     if not curve:  # absent, null or []: not calibrated
         return
     if not isinstance(curve, list) or not all(
@@ -636,7 +681,7 @@ def write_bundle(
                                       indent=1).encode("utf-8")
     manifest = {
         "format": FORMAT,
-        "format_version": SHIFTED_FORMAT_VERSION if spec.photo_shift else FORMAT_VERSION,
+        "format_version": format_version(spec, decision),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "auditlens_version": auditlens.__version__,
         "model": {"file": MODEL_FILE, "id": model_id},

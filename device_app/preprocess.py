@@ -7,7 +7,7 @@ the same pixels (``tests/test_preprocess.py`` proves the parity).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -169,11 +169,29 @@ def to_photo_views(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
             boxes = _shifted_boxes(image, crop, zoom, spec.photo_shift, side)
         else:
             boxes = [_zoom_canvas(image, crop, zoom, side)]
-        for view in boxes:
-            views.append(view)
-            if spec.photo_mirror:
-                views.append(np.ascontiguousarray(view[:, ::-1]))
+        views += _with_mirrors(boxes, spec.photo_mirror)
     return np.stack(views)
+
+
+def moved_views(image: Image.Image, spec: PreprocessSpec, shift: float) -> np.ndarray:
+    """The views a photo's second look adds to its :func:`to_photo_views`: each zoom's box
+    moved left, right, up and down by ``shift`` of the crop box's side (with mirror images
+    when the spec has them), uint8 (4 * V, S, S, 3). With the first views they are the
+    views of the spec with that ``photo_shift``, whose checks ``shift`` must pass (raises
+    ValueError)."""
+    shifted = replace(spec, photo_shift=shift)
+    crop = crop_box(image.size, spec.crop)
+    views = []
+    for zoom in shifted.photo_zooms:
+        views += _with_mirrors(_shifted_boxes(image, crop, zoom, shift, spec.input_size)[1:], spec.photo_mirror)
+    return np.stack(views)
+
+
+def _with_mirrors(boxes: list[np.ndarray], mirror: bool) -> list[np.ndarray]:
+    """``boxes``, each followed by its mirror image when ``mirror``."""
+    if not mirror:
+        return list(boxes)
+    return [v for box in boxes for v in (box, np.ascontiguousarray(box[:, ::-1]))]
 
 
 def _zoom_canvas(image: Image.Image, crop: tuple[int, int, int, int], zoom: float, side: int,

@@ -30,7 +30,7 @@ from auditlens.device_app.imaging import (
     reduce_like_draft,
 )
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
-from auditlens.device_app.preprocess import PreprocessSpec, pool_views, to_photo_views
+from auditlens.device_app.preprocess import PreprocessSpec, moved_views, pool_views, to_photo_views
 from auditlens.device_app.quality import Quality, QualityThresholds, analysis_copy, assess
 from auditlens.device_app.search import ReferenceSearch
 from auditlens.errors import (
@@ -73,6 +73,11 @@ class VerifierOptions:
     """Refuse photos larger than this (decompression-bomb guard)."""
     max_file_bytes: int = 100 * 1024**2
     """Refuse photo files larger than this before reading them (100 MiB)."""
+    second_look: bool = True
+    """Take the bundle's second look at photos that score near the threshold, when it has
+    one (:mod:`.second_look`). Off, every verify costs the same, and verdicts near the
+    threshold are those of the first views alone. A threshold given by hand turns it off:
+    the second look's threshold was calibrated with the bundle's."""
 
     def __post_init__(self) -> None:
         """Refuse settings that would fail later or silently decide every photo the same
@@ -96,9 +101,11 @@ class VerifierOptions:
                 raise ValueError(f"VerifierOptions.threshold must be a cosine within -1..1 (or None for "
                                  f"the bundle's calibrated one), not {t!r}")
             object.__setattr__(self, "threshold", float(t))
-        if not isinstance(self.check_quality, (bool, np.bool_)):  # "no" would read as true
-            raise ValueError(f"VerifierOptions.check_quality must be True or False, not {self.check_quality!r}")
-        object.__setattr__(self, "check_quality", bool(self.check_quality))
+        for name in ("check_quality", "second_look"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):  # "no" would read as true
+                raise ValueError(f"VerifierOptions.{name} must be True or False, not {value!r}")
+            object.__setattr__(self, name, bool(value))
         if not isinstance(self.quality, QualityThresholds):
             raise ValueError(f"VerifierOptions.quality must be QualityThresholds, not {self.quality!r}")
 
@@ -140,6 +147,10 @@ class Verdict:
     bundle_id: str = ""
     """The reference bundle judged against (:attr:`ReferenceBundle.bundle_id`): with
     ``model_id``, which references and threshold the verdict rests on."""
+    first_score: float | None = None
+    """When a second look decided (the first score was near the threshold): the first
+    score, against the bundle's threshold; ``score`` and ``threshold`` are then the
+    second look's. None when the first look decided."""
 
     @property
     def matched(self) -> bool:
@@ -175,13 +186,18 @@ class Capture:
     """The upright RGB photo (None when the caller asked not to keep it)."""
     latent: np.ndarray | None = None
     """Memoised unit latent, filled by :meth:`Verifier.embed`."""
+    view_latents: np.ndarray | None = None
+    """The unit latents of ``views``, one a row, that ``latent`` pools."""
+    second_latents: dict[float, np.ndarray] = field(default_factory=dict)
+    """Memoised unit latents of second looks (:meth:`Verifier.embed_second_look`), by shift."""
     model_id: str | None = None
     """The model that computed ``latent``; another verifier's model embeds it again."""
     spec: PreprocessSpec | None = None
     """The preprocessing ``views`` were made with; another bundle's makes them again."""
 
     def release_pixels(self) -> None:
-        """Forget the pixels once the latent is known; quality, dHash and latent stay."""
+        """Forget the pixels once the latent is known; quality, dHash and latent stay (a
+        second look needs them: :meth:`Verifier.embed_second_look` first)."""
         if self.latent is None:
             raise ValueError("embed the capture before releasing its pixels")
         self.image = None
@@ -324,6 +340,8 @@ class Verifier:
         self.search = ReferenceSearch(bundle.references, bundle.reference_owner, len(bundle.products))
         self.threshold = (self.options.threshold if self.options.threshold is not None
                           else bundle.threshold)
+        self.second_look = (bundle.second_look if self.options.second_look and self.options.threshold is None
+                            else None)
         # a rate measured on another catalogue's products is not quoted for these
         far_curve = bundle.decision.get("far_curve") if bundle.far_measured else None
         self._far_curve = np.asarray(far_curve, dtype=np.float64) if far_curve else None
@@ -400,9 +418,29 @@ class Verifier:
             raise ModelMismatchError(
                 f"this capture was prepared for model {capture.model_id or 'of another bundle'} and its "
                 f"pixels were released; prepare the photo again to score it with model {self.bundle.model_id}")
-        capture.latent = self.embed_views(capture.views)[0]
+        capture.view_latents = self.encoder.embed(capture.views, batch_size=len(capture.views))
+        capture.latent = pool_views(capture.view_latents, len(capture.views))[0]
+        capture.second_latents = {}
         capture.model_id = self.bundle.model_id
         return capture.latent
+
+    def embed_second_look(self, capture: Capture) -> np.ndarray:
+        """The capture's unit latent with the bundle's second look: its views and their
+        moved copies pooled (computed once per capture). Needs the capture's image, so
+        call it before :meth:`Capture.release_pixels`."""
+        if self.second_look is None:
+            raise ValueError("this verifier takes no second look (the bundle has none, or "
+                             "VerifierOptions turned it off)")
+        self.embed(capture)  # a capture embedded again has dropped its second looks
+        shift = self.second_look.photo_shift
+        if shift not in capture.second_latents:
+            if capture.image is None:
+                raise ModelMismatchError("the capture's pixels were released before its second look; "
+                                         "prepare the photo again")
+            moved = moved_views(capture.image, self.spec, shift)
+            latents = np.concatenate([capture.view_latents, self.encoder.embed(moved, batch_size=len(moved))])
+            capture.second_latents[shift] = pool_views(latents, len(latents))[0]
+        return capture.second_latents[shift]
 
     def embed_views(self, views: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Unit latents (N, D) of N photos from their consecutive views (N * V, S, S, 3)."""
@@ -425,11 +463,14 @@ class Verifier:
         return [Candidate(self.bundle.products[i].product_id, self.bundle.products[i].name,
                           float(s)) for i, s in zip(top, scores)]
 
-    def estimated_far(self, score: float) -> float | None:
-        if self._far_curve is None:
+    def estimated_far(self, score: float, *, second_look: bool = False) -> float | None:
+        """The calibrated false-accept rate at a first score (or a second look's)."""
+        curve = self._far_curve
+        if second_look:
+            curve = self.second_look.far_curve if self._far_curve is not None else None
+        if curve is None:
             return None
-        scores, fars = self._far_curve[:, 0], self._far_curve[:, 1]
-        return float(np.interp(score, scores, fars))
+        return float(np.interp(score, curve[:, 0], curve[:, 1]))
 
     def copies_original(self, capture: Capture, product_id: str) -> bool:
         """Whether the photo reproduces the product's catalogue original (its dHash within
@@ -455,28 +496,32 @@ class Verifier:
         capture = photo if isinstance(photo, Capture) else self.prepare(photo)
         latent = self.embed(capture)
         score = self.score(latent, product_id)
+        threshold, first_score = self.threshold, None
         near_duplicate = self.copies_original(capture, product_id)
         reasons = self._retake_reasons(capture, near_duplicate)
-        if reasons:
+        if not reasons and self.second_look and self.second_look.applies(score, threshold):
+            first_score = score
+            score = self.score(self.embed_second_look(capture), product_id)
+            threshold = self.second_look.threshold
+            reasons = [f"{score_against_threshold(first_score, self.threshold, 'near', word='first score')}"
+                       f": a second look with {len(capture.view_latents) * 5} views"]
+        if reasons and first_score is None:
             decision = RETAKE
-        elif score >= self.threshold:
-            decision = MATCH
-            reasons = [score_against_threshold(score, self.threshold, ">=")]
         else:
-            decision = NO_MATCH
-            reasons = [score_against_threshold(score, self.threshold, "<")]
+            decision = MATCH if score >= threshold else NO_MATCH
+            reasons.append(score_against_threshold(score, threshold, ">=" if decision == MATCH else "<"))
 
         suggestions: tuple[Candidate, ...] = ()
         if decision == NO_MATCH and self.options.suggestions:
             suggestions = tuple(c for c in self.rank(latent, self.options.suggestions + 1)
                                 if c.product_id != product_id)[: self.options.suggestions]
         return Verdict(
-            decision=decision, product_id=product_id, score=score, threshold=self.threshold,
-            estimated_far=self.estimated_far(score), reasons=tuple(reasons),
+            decision=decision, product_id=product_id, score=score, threshold=threshold,
+            estimated_far=self.estimated_far(score, second_look=first_score is not None), reasons=tuple(reasons),
             model_id=self.bundle.model_id, photo_sha256=capture.sha256, quality=capture.quality,
             near_duplicate=near_duplicate, suggestions=suggestions,
             target_far=self.bundle.target_far, judged_utc=utc_now(),
-            bundle_id=self.bundle.bundle_id,
+            bundle_id=self.bundle.bundle_id, first_score=first_score,
         )
 
     def identify(self, photo: ImageSource | np.ndarray | Capture, top_k: int = 5) -> list[Candidate]:

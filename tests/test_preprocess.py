@@ -21,7 +21,7 @@ from auditlens.device_app.preprocess import (
     to_photo_views,
 )
 from auditlens.device_app.verifier import Verifier
-from auditlens.errors import ImageError
+from auditlens.errors import ImageError, ModelError
 from auditlens.export.enroll import EnrollOptions, _load_original
 
 from .conftest import MODELS, SAMPLE
@@ -181,6 +181,11 @@ def test_verifier_pools_the_views_of_a_capture(tmp_path):
     shutil.copy(MODELS / "encoder.tflite", model)
     card = json.loads((MODELS / "encoder.json").read_text())
     card["preprocess"] = PreprocessSpec(card["preprocess"]["input_size"], photo_zooms=(1.0, 0.85)).to_dict()
+    (tmp_path / "encoder.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="second look"):  # the card's second look cannot move a 1.0 view
+        enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "bundle", model=model,
+               options=EnrollOptions(progress=False))
+    del card["decision"]["second_look"]
     (tmp_path / "encoder.json").write_text(json.dumps(card))
     bundle = enroll(open_catalog(SAMPLE / "catalog.csv"), tmp_path / "bundle", model=model,
                     options=EnrollOptions(progress=False))

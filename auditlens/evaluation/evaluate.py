@@ -190,6 +190,31 @@ point (the shipped model scores other products about 0 on average over grocery-d
 photos)."""
 
 
+def _without_curves(decision: dict) -> dict:
+    """The decision as a report quotes it: without its (long) far curves."""
+    out = {k: v for k, v in decision.items() if k != "far_curve"}
+    if isinstance(out.get("second_look"), dict):
+        out["second_look"] = _without_curves(out["second_look"])
+    return out
+
+
+def second_look_report(look, embedded: Embedded, pairs: Pairs, threshold: float) -> dict:
+    """How often the second look was taken, and the first look's figures beside the verdicts'."""
+    first = embedded.scores[pairs.photo, pairs.product]
+    taken = np.abs(first - threshold) < look.band
+    genuine, impostor = first[pairs.genuine], first[pairs.impostor]
+    both = genuine.size and impostor.size
+    return {
+        "photo_shift": look.photo_shift, "band": look.band, "threshold": look.threshold,
+        "share_of_genuine_pairs": _f(taken[pairs.genuine].mean()) if genuine.size else None,
+        "share_of_impostor_pairs": _f(taken[pairs.impostor].mean()) if impostor.size else None,
+        "first_look": {"eer": _f(metrics.eer(genuine, impostor).eer) if both else None,
+                       "tar_at_far_1%": _f(metrics.tar_at_far(genuine, impostor, 0.01)[0]) if both else None,
+                       "far_at_threshold": _f((impostor >= threshold).mean()) if impostor.size else None,
+                       "tar_at_threshold": _f((genuine >= threshold).mean()) if genuine.size else None},
+    }
+
+
 def _warnings(report: dict, photos: list[LabelledPhoto], embedded, bundle) -> list[str]:
     """What makes these figures optimistic or their labels doubtful, in words."""
     notes = []
@@ -571,11 +596,15 @@ def evaluate(
         raise CatalogError(f"{source or 'labelled photos'}: no photos to evaluate")
     verifier = _verifier(bundle, threads)
     b = verifier.bundle
-    embedded = embed_photos(verifier, photos, progress=progress, desc="evaluating")
+    look = verifier.second_look
+    embedded = embed_photos(verifier, photos, progress=progress, desc="evaluating",
+                            second_look_shift=look.photo_shift if look else 0.0)
     if not embedded.photos:
         raise CatalogError(f"{source or 'labelled photos'}: none of the {len(photos)} photos could be "
                            f"scored ({len(embedded.failed)} unreadable, {len(embedded.not_enrolled)} "
                            "of products not in the bundle)")
+    if look:  # the pairs score as the verifier decides them
+        embedded.pair_scores = look.decision_scores(embedded.scores, embedded.second_scores, b.threshold)
     groups, kinds = product_groups(b, catalog)
     draws = impostor_draws(embedded, groups, seed=seed, n_impostors=n_impostors)
     pairs = draws[0]  # the report's pairs; the other draws give the spread
@@ -589,7 +618,7 @@ def evaluate(
         "bundle": str(b.path),
         "model_id": b.model_id,
         "photos_source": source,
-        "decision": {k: v for k, v in b.decision.items() if k != "far_curve"},
+        "decision": _without_curves(b.decision),
         "protocol": protocol_description(seed, n_impostors),
         "counts": {"photos_given": len(photos), "photos_scored": len(embedded.photos),
                    "photos_unreadable": len(embedded.failed),
@@ -626,6 +655,8 @@ def evaluate(
     if "seen" in report:
         masks.update(seen=~is_unseen, unseen=is_unseen)
     report["impostor_draws"] = draw_spread(draws, masks, seed)
+    if look:
+        report["second_look"] = second_look_report(look, embedded, pairs, threshold)
     report["goals"] = _goals(report)
     report["warnings"] = _warnings(report, photos, embedded, b)
 
@@ -759,6 +790,15 @@ def describe(report: dict) -> str:
             sub = report.get(block, {}).get("all", {}).get("at_bundle_threshold")
             if sub:
                 lines.append(f"  {label + ':':37s} {rates(sub)}")
+    look = report.get("second_look")
+    if look and None not in (look["share_of_genuine_pairs"], look["share_of_impostor_pairs"]):
+        first = look["first_look"]
+        lines += ["", f"second look (views moved by {look['photo_shift']:g}) at first scores within "
+                      f"{look['band']:g} of the threshold: {look['share_of_genuine_pairs']:.1%} of genuine, "
+                      f"{look['share_of_impostor_pairs']:.1%} of impostor pairs",
+                  f"  first look alone: EER {first['eer']:.2%}, TAR at FAR 1% {first['tar_at_far_1%']:.2%}; "
+                  f"at the threshold FAR {first['far_at_threshold']:.2%}, "
+                  f"FRR {1 - first['tar_at_threshold']:.2%}"]
     if report.get("goals"):
         lines += ["", "quality goals:"]
         for g in report["goals"]:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto
+from auditlens.device_app.preprocess import moved_views, pool_views
 from auditlens.device_app.search import best_reference_scores
 from auditlens.errors import AuditlensError
 from auditlens.files import file_sha256
@@ -73,6 +74,12 @@ class Embedded:
     contradictory: list[LabelledPhoto] = field(default_factory=list)
     """Rows whose image (same bytes) other rows label with another product: all left out,
     since one of the labels is wrong and the image would count as its own impostor."""
+    second_scores: np.ndarray | None = None
+    """float32 (N, P): the scores of a second look (the photos' views and their moved
+    copies, :mod:`auditlens.device_app.second_look`), when one was embedded."""
+    pair_scores: np.ndarray | None = None
+    """(N, P): the scores pairs take when not ``scores``: the verdicts' decision scores
+    (:meth:`SecondLook.decision_scores`). Identification ranks ``scores``."""
 
 
 @dataclass
@@ -106,8 +113,12 @@ class Pairs:
 
 
 def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int = 32,
-                 workers: int | None = None, progress: bool = True, desc: str = "photos") -> Embedded:
+                 workers: int | None = None, progress: bool = True, desc: str = "photos",
+                 second_look_shift: float = 0.0) -> Embedded:
     """Decode (in threads) and embed (in batches) each photo once with the verifier's model.
+
+    ``second_look_shift``: also embed each photo's views moved by that shift
+    (:func:`~auditlens.device_app.preprocess.moved_views`) and fill ``second_scores``.
 
     Photos that cannot be decoded are listed in ``failed``, photos of products the
     bundle does not hold in ``not_enrolled``, rows repeating an earlier row's image (the
@@ -141,13 +152,17 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
 
     def load(photo: LabelledPhoto):
         try:
-            return verifier.prepare(photo.photo, keep_image=False).views
+            if not second_look_shift:
+                return verifier.prepare(photo.photo, keep_image=False).views
+            capture = verifier.prepare(photo.photo)
+            return np.concatenate([capture.views, moved_views(capture.image, verifier.spec, second_look_shift)])
         except AuditlensError as exc:
             return exc
         except OSError as exc:  # e.g. the file vanished
             return exc
 
     workers = workers or min(4, os.cpu_count() or 1)
+    views = verifier.spec.num_views * (5 if second_look_shift else 1)
     inputs: list[np.ndarray] = []
     kept: list[LabelledPhoto] = []
     failed: list[tuple[str, str]] = []
@@ -162,16 +177,22 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
             kept.append(photo)
             inputs.append(result)
             if len(inputs) == batch_size:
-                latents.append(verifier.embed_views(np.concatenate(inputs), batch_size))
+                latents.append(verifier.encoder.embed(np.concatenate(inputs), batch_size=batch_size))
                 inputs = []
     if inputs:
-        latents.append(verifier.embed_views(np.concatenate(inputs), batch_size))
+        latents.append(verifier.encoder.embed(np.concatenate(inputs), batch_size=batch_size))
     bar.close()
     dim = bundle.references.shape[1]
-    lat = np.concatenate(latents) if latents else np.zeros((0, dim), np.float32)
+    per_view = np.concatenate(latents).reshape(len(kept), -1, dim) if latents else np.zeros((0, views, dim), np.float32)
+
+    def scored(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pooled = pool_views(latents.reshape(-1, dim), latents.shape[1]) if len(latents) else latents[:, 0]
+        return pooled, best_reference_scores(pooled, bundle.references, bundle.reference_owner, len(bundle.products))
+
+    lat, scores = scored(per_view[:, :verifier.spec.num_views])
     truth = np.array([bundle.index(p.product_id) for p in kept], dtype=np.int64)
-    scores = best_reference_scores(lat, bundle.references, bundle.reference_owner, len(bundle.products))
-    return Embedded(kept, lat, truth, scores, failed, not_enrolled, repeated, contradictory)
+    second = scored(per_view)[1] if second_look_shift else None
+    return Embedded(kept, lat, truth, scores, failed, not_enrolled, repeated, contradictory, second)
 
 
 def contradictory_note(rows: Sequence[LabelledPhoto]) -> str:
@@ -275,7 +296,8 @@ def make_pairs(embedded: Embedded, groups: Sequence[str], *, seed: int = DEFAULT
             kinds.append(HARD)
     photo_a = np.asarray(photo_idx, dtype=np.int64)
     product_a = np.asarray(product_idx, dtype=np.int64)
-    score = embedded.scores[photo_a, product_a] if photo_a.size else np.zeros(0, np.float32)
+    table = embedded.scores if embedded.pair_scores is None else embedded.pair_scores
+    score = table[photo_a, product_a] if photo_a.size else np.zeros(0, np.float32)
     return Pairs(photo_a, product_a, np.asarray(kinds, dtype=object).astype(str), score)
 
 
