@@ -392,6 +392,10 @@ def _score_pairs(pairs, verifier, rows: list[list[str]], progress: bool, stopped
 
     captures: dict[str, object] = {}
     errors = 0
+    enrolled = {p.product_id for p in verifier.bundle.products}
+    claims: dict[str, set[str]] = {}  # the products each photo is paired with
+    for pair in pairs:
+        claims.setdefault(pair.photo, set()).add(pair.product_id)
     for pair in tqdm(pairs, desc="scoring", unit="pair", disable=not progress):
         if stopped.is_set():
             raise KeyboardInterrupt
@@ -400,9 +404,9 @@ def _score_pairs(pairs, verifier, rows: list[list[str]], progress: bool, stopped
             if capture is None:
                 try:
                     capture = verifier.prepare(pair.photo)
-                    verifier.embed(capture)
-                    if verifier.second_look:  # its pairs may score near the threshold
-                        verifier.embed_second_look(capture)
+                    latent = verifier.embed(capture)
+                    if any(verifier.takes_second_look(latent, p) for p in claims[pair.photo] & enrolled):
+                        verifier.embed_second_look(capture)  # before its pixels go
                     capture.release_pixels()  # memory stays flat over 10k photos
                 except AuditlensError as exc:
                     capture = exc  # remembered: a bad photo is decoded once too
@@ -506,6 +510,11 @@ def _run_info(args) -> int:
     print(f"photos     {_describe_views(b.spec)}")
     cal = f"calibrated for false-accept rate {b.target_far:.2%} on {d.get('calibrated_on')}" if b.target_far is not None else "not calibrated"
     print(f"threshold  {d['threshold']:.4f}  ({cal})")
+    if b.second_look:
+        look = b.second_look
+        print(f"           first scores within {look.band:g} of it take a second look: "
+              f"{5 * b.spec.num_views} views (each box also moved by {100 * look.photo_shift:.3g}%), "
+              f"threshold {look.threshold:.4f}")
     for w in d.get("warnings") or ():
         print(f"           warning: {w}")
     kinds = Counter(p.kind or "(no kind)" for p in b.products)

@@ -149,7 +149,8 @@ class ChainReport:
     judged_with: tuple[dict, ...] = field(default_factory=tuple, compare=False)
     """Runs of consecutive records judged with the same model, bundle and threshold, oldest
     first: ``{"first_id", "last_id", "model_id", "bundle_id", "threshold"}`` (the
-    bundle id is "" for verdicts that do not name one); over the records this check read
+    bundle id is "" for verdicts that do not name one; the threshold is the bundle's, which
+    a verdict that took a second look compared its first score with); over the records this check read
     (a check ``since`` an earlier head reads only the newer ones)."""
     head_signed_by: str = ""
     """A JSON export whose header a device key signed: that key's fingerprint (its head,
@@ -587,8 +588,10 @@ class ChainWalk:
             raise self._fail(rid, f"{disagreement}; auditlens never writes such a record, so it "
                                   "was made or edited outside auditlens")
         self._check_signature(record)
+        # a second look's verdict carries its own threshold; the run is the bundle's
+        first_threshold = verdict.get("first_threshold")
         setting = {"model_id": record.model_id, "bundle_id": storable_text(verdict.get("bundle_id", "")),
-                   "threshold": record.threshold}
+                   "threshold": first_threshold if isinstance(first_threshold, float) else record.threshold}
         if self.runs and self.runs[-1]["last_id"] == rid - 1 and all(
                 self.runs[-1][k] == v for k, v in setting.items()):
             self.runs[-1]["last_id"] = rid

@@ -64,19 +64,7 @@ a reader of version 1 would embed its photos without them and apply a threshold
 calibrated for other views, so it must refuse the bundle. Bundles without a shift keep
 version 1, which every reader reads."""
 
-SECOND_LOOK_FORMAT_VERSION = 3
-"""The version of a bundle whose decision takes a second look near the threshold
-(:mod:`.second_look`): a reader of an earlier version would judge those photos by their
-first score alone, against a threshold calibrated for verdicts that take it."""
-
-READABLE_VERSIONS = (FORMAT_VERSION, SHIFTED_FORMAT_VERSION, SECOND_LOOK_FORMAT_VERSION)
-
-
-def format_version(spec: PreprocessSpec, decision: Mapping) -> int:
-    """The lowest format version that every reader able to read the bundle reads right."""
-    if decision.get("second_look"):
-        return SECOND_LOOK_FORMAT_VERSION
-    return SHIFTED_FORMAT_VERSION if spec.photo_shift else FORMAT_VERSION
+READABLE_VERSIONS = (FORMAT_VERSION, SHIFTED_FORMAT_VERSION)
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -480,9 +468,9 @@ class ReferenceBundle:
             references = _load_npy(contents[REFERENCES_FILE], path)
             products = [ProductRecord.from_dict(d) for d in json.loads(contents[PRODUCTS_FILE])]
             spec = PreprocessSpec.from_dict(manifest["preprocess"])
-            if version < (needed := format_version(spec, manifest.get("decision") or {})):
-                raise ValueError(f"its {'second look' if needed == SECOND_LOOK_FORMAT_VERSION else 'photo_shift'} "
-                                 f"needs bundle format version {needed}, not {version}")
+            if spec.photo_shift and version < SHIFTED_FORMAT_VERSION:
+                raise ValueError(f"photo_shift needs bundle format version {SHIFTED_FORMAT_VERSION}, "
+                                 f"not {version}")
         except ModelMismatchError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, EOFError, OSError,
@@ -681,7 +669,7 @@ def write_bundle(
                                       indent=1).encode("utf-8")
     manifest = {
         "format": FORMAT,
-        "format_version": format_version(spec, decision),
+        "format_version": SHIFTED_FORMAT_VERSION if spec.photo_shift else FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "auditlens_version": auditlens.__version__,
         "model": {"file": MODEL_FILE, "id": model_id},

@@ -14,6 +14,10 @@ times the encoder runs, paid by the few photos whose verdict they can change.
 ``threshold`` and ``far_curve`` are calibrated on the second look's scores (those of the
 spec with that ``photo_shift``); ``measured_far`` and ``measured_tar`` are those of the
 verdicts as a whole, first and second looks together.
+
+The bundle's own ``threshold`` is calibrated on first scores alone, so a reader that does
+not know the second look still gives verdicts within the target rate, only fewer matches:
+the bundle keeps its format version.
 """
 
 from __future__ import annotations
@@ -54,17 +58,17 @@ class SecondLook:
         return cls(float(block["photo_shift"]), float(block["band"]), float(block["threshold"]),
                    np.asarray(curve, dtype=np.float64) if curve else None)
 
-    def applies(self, score: float, threshold: float) -> bool:
-        """Whether a first score ``score`` against ``threshold`` takes a second look."""
-        return abs(score - threshold) < self.band
+    def near(self, first, threshold: float):
+        """Whether first scores (a number or an array) against ``threshold`` take a second look."""
+        return np.abs(np.asarray(first, dtype=np.float64) - threshold) < self.band
 
     def decision_scores(self, first: np.ndarray, second: np.ndarray, threshold: float) -> np.ndarray:
         """Scores whose comparison with ``threshold`` gives the verdicts: a first score
         where no second look is taken, else the second score moved by the difference of
         the two thresholds. For ROC curves and calibration reports of the verdicts."""
-        first = np.asarray(first, dtype=np.float64)
         second = np.asarray(second, dtype=np.float64)
-        return np.where(np.abs(first - threshold) < self.band, second - self.threshold + threshold, first)
+        return np.where(self.near(first, threshold), second - self.threshold + threshold,
+                        np.asarray(first, dtype=np.float64))
 
 
 

@@ -149,8 +149,11 @@ class Verdict:
     ``model_id``, which references and threshold the verdict rests on."""
     first_score: float | None = None
     """When a second look decided (the first score was near the threshold): the first
-    score, against the bundle's threshold; ``score`` and ``threshold`` are then the
-    second look's. None when the first look decided."""
+    score; ``score`` and ``threshold`` are then the second look's. None when the first
+    look decided."""
+    first_threshold: float | None = None
+    """The threshold ``first_score`` was compared with (the bundle's), when a second look
+    decided."""
 
     @property
     def matched(self) -> bool:
@@ -161,7 +164,8 @@ class Verdict:
         """Whether a suggested product scores above the claimed one (the photo then looks
         more like it); otherwise the suggestions are only the claimed product's nearest
         neighbours."""
-        return bool(self.suggestions) and self.suggestions[0].score > self.score
+        claimed = self.score if self.first_score is None else self.first_score  # as the suggestions were scored
+        return bool(self.suggestions) and self.suggestions[0].score > claimed
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -424,6 +428,12 @@ class Verifier:
         capture.model_id = self.bundle.model_id
         return capture.latent
 
+    def takes_second_look(self, latent: np.ndarray, product_id: str) -> bool:
+        """Whether a photo of this first ``latent`` claimed as ``product_id`` scores near
+        enough the threshold for the bundle's second look (when its capture is judged)."""
+        return self.second_look is not None and bool(self.second_look.near(self.score(latent, product_id),
+                                                                           self.threshold))
+
     def embed_second_look(self, capture: Capture) -> np.ndarray:
         """The capture's unit latent with the bundle's second look: its views and their
         moved copies pooled (computed once per capture). Needs the capture's image, so
@@ -496,18 +506,21 @@ class Verifier:
         capture = photo if isinstance(photo, Capture) else self.prepare(photo)
         latent = self.embed(capture)
         score = self.score(latent, product_id)
-        threshold, first_score = self.threshold, None
+        threshold, first_score, first_threshold = self.threshold, None, None
         near_duplicate = self.copies_original(capture, product_id)
         reasons = self._retake_reasons(capture, near_duplicate)
-        if not reasons and self.second_look and self.second_look.applies(score, threshold):
-            first_score = score
-            score = self.score(self.embed_second_look(capture), product_id)
-            threshold = self.second_look.threshold
-            reasons = [f"{score_against_threshold(first_score, self.threshold, 'near', word='first score')}"
-                       f": a second look with {len(capture.view_latents) * 5} views"]
-        if reasons and first_score is None:
+        if reasons:
             decision = RETAKE
         else:
+            if self.takes_second_look(latent, product_id):
+                near = score_against_threshold(score, threshold, "near", word="first score")
+                if capture.image is None and self.second_look.photo_shift not in capture.second_latents:
+                    reasons.append(f"{near}: no second look, the capture's pixels were released")
+                else:
+                    first_score, first_threshold = score, threshold
+                    score = self.score(self.embed_second_look(capture), product_id)
+                    threshold = self.second_look.threshold
+                    reasons.append(f"{near}: a second look with {len(capture.view_latents) * 5} views")
             decision = MATCH if score >= threshold else NO_MATCH
             reasons.append(score_against_threshold(score, threshold, ">=" if decision == MATCH else "<"))
 
@@ -521,7 +534,7 @@ class Verifier:
             model_id=self.bundle.model_id, photo_sha256=capture.sha256, quality=capture.quality,
             near_duplicate=near_duplicate, suggestions=suggestions,
             target_far=self.bundle.target_far, judged_utc=utc_now(),
-            bundle_id=self.bundle.bundle_id, first_score=first_score,
+            bundle_id=self.bundle.bundle_id, first_score=first_score, first_threshold=first_threshold,
         )
 
     def identify(self, photo: ImageSource | np.ndarray | Capture, top_k: int = 5) -> list[Candidate]:

@@ -287,13 +287,13 @@ def test_enroll_with_other_photo_views_drops_the_calibration(tmp_path, sample_ph
                   "--photo-shift", "0.15", check_rc=0)
     assert "not calibrated" in shifted.stderr and ReferenceBundle.load(tmp_path / "shifted").spec.num_views == 10
     # a reader that predates the shift would embed two views and apply this threshold: the
-    # bundle says format 2, which such a reader refuses; the card's bundles say 3 for the
-    # card's second look near the threshold, and bundles with neither stay format 1
+    # bundle says format 2, which such a reader refuses; bundles without a shift stay format 1
+    # (the card's second look near the threshold included: its first threshold holds alone)
     manifest = json.loads((tmp_path / "shifted" / "manifest.json").read_text())
     assert manifest["format_version"] == 2 and manifest["preprocess"]["photo_shift"] == 0.15
     plain = json.loads((tmp_path / "card" / "manifest.json").read_text())
-    assert plain["format_version"] == 3 and "photo_shift" not in plain["preprocess"]
-    assert json.loads((tmp_path / "other" / "manifest.json").read_text())["format_version"] == 1
+    assert plain["format_version"] == 1 and "photo_shift" not in plain["preprocess"]
+    assert plain["decision"]["second_look"]["photo_shift"] == 0.15
     manifest["format_version"] = 1
     (tmp_path / "shifted" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleFormatError, match="photo_shift needs bundle format version 2, not 1"):

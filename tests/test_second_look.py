@@ -5,12 +5,14 @@ decides."""
 import csv
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from auditlens.cli import main
-from auditlens.device_app.bundle import SECOND_LOOK_FORMAT_VERSION, ReferenceBundle
+from auditlens.device_app.auditlog import AuditLog
+from auditlens.device_app.bundle import ReferenceBundle
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.preprocess import moved_views, pool_views, to_photo_views
 from auditlens.device_app.verifier import Verifier, VerifierOptions
@@ -48,7 +50,7 @@ def test_moved_views_are_the_shifted_views_besides_the_first(sample_bundle, samp
 def test_calibration_keeps_the_verdicts_within_the_target(looked, sample_photos):
     b = ReferenceBundle.load(looked)
     look = b.decision["second_look"]
-    assert b.manifest["format_version"] == SECOND_LOOK_FORMAT_VERSION
+    assert b.manifest["format_version"] == 1  # the first threshold holds without the second look
     assert look["photo_shift"] == 0.15 and look["band"] == 1.0 and look["share_of_pairs"] == 1.0
     assert look["measured_far"] <= 0.1 and 0 < look["measured_tar"] <= 1
     # the verdicts the verifier gives the calibration photos' genuine pairs
@@ -125,15 +127,43 @@ def test_a_damaged_second_look_is_refused(tmp_path, looked, edit, why):
         ReferenceBundle.load(folder)
 
 
-def test_a_second_look_in_an_older_format_is_refused(tmp_path, looked):
+def test_a_capture_whose_pixels_are_gone_is_judged_by_its_first_look(looked, sample_photos):
+    v = Verifier(looked, QUIET)
+    photo = sample_photos[0]
+    capture = v.prepare(photo.photo, keep_image=False)
+    verdict = v.verify(capture, photo.product_id)
+    plain = Verifier(looked, replace(QUIET, second_look=False)).verify(photo.photo, photo.product_id)
+    assert verdict.first_score is None and verdict.threshold == v.threshold
+    assert verdict.score == pytest.approx(plain.score) and verdict.decision == plain.decision
+    assert "no second look, the capture's pixels were released" in verdict.reasons[0]
+
+
+def test_the_audit_trail_keeps_one_run_across_second_looks(tmp_path, looked, sample_photos, capsys):
+    v = Verifier(looked, QUIET)
+    narrow = Verifier(looked, replace(QUIET, second_look=False))
+    with AuditLog(tmp_path / "audit.db") as log:
+        for p in sample_photos[:3]:
+            for verifier in (v, narrow):
+                log.append(verifier.verify(p.photo, p.product_id), photo=Path(p.photo).read_bytes(),
+                           auditor="A. Smith")
+        report = log.verify_chain()
+    # thresholds 0.599 (second looks) and the bundle's alternate, yet it is one bundle's run
+    assert [(r["first_id"], r["last_id"], r["threshold"]) for r in report.judged_with] == [(1, 6, v.threshold)]
+    assert main(["verify-log", str(tmp_path / "audit.db")]) == 0
+    assert "second look" not in capsys.readouterr().err
+
+
+def test_info_and_pairs_csv_say_what_the_second_look_did(tmp_path, looked, capsys):
+    assert main(["info", str(looked)]) == 0
+    assert "first scores within 1 of it take a second look: 10 views" in capsys.readouterr().out
+    evaluate(looked, SAMPLE / "photos.csv", tmp_path / "ev", plots=False, progress=False, verbose=False)
+    with open(tmp_path / "ev" / "pairs.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     b = ReferenceBundle.load(looked)
-    folder = tmp_path / "b"
-    rewrite_bundle(b, folder, b.decision)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["format_version"] = 1  # a reader of version 1 would judge by the first look alone
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleFormatError, match=f"needs bundle format version {SECOND_LOOK_FORMAT_VERSION}"):
-        ReferenceBundle.load(folder)
+    look = b.decision["second_look"]
+    for row in rows:  # band 1.0: every pair took it, and its score is the second one moved
+        moved = float(row["second_look_score"]) - look["threshold"] + b.threshold
+        assert float(row["score"]) == pytest.approx(moved, abs=2e-6) and row["first_score"]
 
 
 def test_calibrate_refuses_a_shift_the_views_cannot_take(tmp_path, sample_bundle, capsys):
@@ -143,6 +173,9 @@ def test_calibrate_refuses_a_shift_the_views_cannot_take(tmp_path, sample_bundle
                  "--target-far", "0.1", "--second-look", "0.15", "--second-look-band", "0", "--dry-run",
                  "--no-progress"])
     assert code != 0 and "--second-look-band must be" in capsys.readouterr().err
+    with pytest.raises(CatalogError, match="--second-look-band 0.05 without a second look: --second-look 0 drops"):
+        calibrate(sample_bundle, SAMPLE / "photos.csv", 0.1, write=False, progress=False, second_look=0,
+                  second_look_band=0.05)
 
 
 def test_recalibration_keeps_the_bundles_second_look_unless_told(tmp_path, looked):

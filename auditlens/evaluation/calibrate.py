@@ -154,7 +154,7 @@ def decide_second_look(first: Pairs, second: np.ndarray, impostor_first: np.ndar
     The second look's threshold is the smallest that keeps both its own scores' FAR and
     that of the verdicts (first and second looks together) within ``target_far``."""
     own = metrics.threshold_at_far(impostor_second, target_far)
-    near = np.abs(impostor_first - threshold) < band
+    near = SecondLook(shift, band, own).near(impostor_first, threshold)
     # false accepts the verdicts may still take from the second looks
     allowed = math.floor(target_far * impostor_first.size + 1e-9) - int((impostor_first[~near] >= threshold).sum())
     looked = impostor_second[near]
@@ -169,7 +169,7 @@ def decide_second_look(first: Pairs, second: np.ndarray, impostor_first: np.ndar
     out = {"photo_shift": shift, "band": band, "threshold": second_threshold,
            "measured_far": float((pooled >= threshold).mean()),
            "measured_tar": float((verdict[first.genuine] >= threshold).mean()),
-           "share_of_pairs": float(np.mean(np.abs(first.score - threshold) < band))}
+           "share_of_pairs": float(np.mean(look.near(first.score, threshold)))}
     if hard.any():
         out["measured_far_hard"] = float((verdict[hard] >= threshold).mean())
     out["far_curve"] = _with_point(far_curve(impostor_second), second_threshold,
@@ -256,7 +256,7 @@ def calibrate(
     model_card: str | os.PathLike | None = None,
     allow_few_photos: bool = False,
     second_look: float | None = None,
-    second_look_band: float = DEFAULT_BAND,
+    second_look_band: float | None = None,
 ) -> dict:
     """Calibrate the bundle at ``bundle`` for ``target_far`` and return the decision.
 
@@ -274,8 +274,9 @@ def calibrate(
     is refused.
 
     ``second_look``: the shift of a second look near the threshold (:mod:`auditlens.device_app.second_look`)
-    to calibrate with the threshold, for first scores within ``second_look_band`` of it;
-    0 for none; None keeps the bundle's (or none, when it has none).
+    to calibrate with the threshold, for first scores within ``second_look_band`` of it
+    (default: the bundle's band, or :data:`DEFAULT_BAND`); 0 for none; None keeps the
+    bundle's (none when it has none).
     """
     from auditlens.device_app.bundle import (
         ReferenceBundle,
@@ -323,8 +324,13 @@ def calibrate(
                 "gives it to those), and photo references raise impostor scores: calibrate this "
                 "bundle without --model-card")
     if second_look is None:
-        second_look, second_look_band = ((b.second_look.photo_shift, b.second_look.band) if b.second_look
-                                         else (0.0, second_look_band))
+        second_look = b.second_look.photo_shift if b.second_look else 0.0
+    if second_look_band is None:
+        second_look_band = b.second_look.band if b.second_look else DEFAULT_BAND
+    elif not second_look:
+        raise CatalogError(f"--second-look-band {second_look_band:g} without a second look: "
+                           + ("--second-look 0 drops the bundle's" if b.second_look else
+                              "the bundle has none; give --second-look SHIFT"))
     if second_look:
         try:
             check_shift(b.spec, second_look)
@@ -408,6 +414,11 @@ def calibrate(
             pairs, embedded.second_scores[pairs.photo, pairs.product], impostor,
             np.concatenate([embedded.second_scores[d.photo, d.product][d.impostor] for d in draws]),
             decision["threshold"], target_far, shift=second_look, band=second_look_band)
+        if decision["second_look"]["measured_tar"] < decision["measured_tar"]:
+            decision["warnings"].append(
+                f"the second look lowers the share of genuine pairs accepted on these photos "
+                f"({decision['measured_tar']:.1%} -> {decision['second_look']['measured_tar']:.1%}): "
+                "consider calibrating without it (--second-look 0)")
     if not counts[HARD]:
         decision["warnings"].append(
             "no look-alike impostor pairs (no product shares its catalogue group with another): "
@@ -544,8 +555,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also calibrate a second look at photos that score near the threshold: their "
                    "view moved left, right, up and down by SHIFT of the crop box (0.15 measured best), "
                    "five times the encoder runs for those photos alone; 0: none (default: the bundle's own)")
-    p.add_argument("--second-look-band", type=float, default=DEFAULT_BAND, metavar="COSINE",
-                   help="how near the threshold a first score takes the second look (default: %(default)s)")
+    p.add_argument("--second-look-band", type=float, default=None, metavar="COSINE",
+                   help="how near the threshold a first score takes the second look (default: the "
+                   f"bundle's, else {DEFAULT_BAND})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

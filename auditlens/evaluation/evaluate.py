@@ -13,6 +13,11 @@ training, for seen and unseen products separately:
 ``det.png``, ``scores.png`` (genuine / impostor histograms with the thresholds) and
 ``confusions.png`` (the worst false accepts: photo, wrongly matched original, true
 original). Metric definitions: :mod:`auditlens.evaluation.metrics`.
+
+A bundle that takes a second look near its threshold
+(:mod:`auditlens.device_app.second_look`) has each pair scored as ``Verifier.verify``
+decides it; the report's ``second_look`` says how often the look was taken, with the first
+look's figures beside.
 """
 
 from __future__ import annotations
@@ -201,7 +206,7 @@ def _without_curves(decision: dict) -> dict:
 def second_look_report(look, embedded: Embedded, pairs: Pairs, threshold: float) -> dict:
     """How often the second look was taken, and the first look's figures beside the verdicts'."""
     first = embedded.scores[pairs.photo, pairs.product]
-    taken = np.abs(first - threshold) < look.band
+    taken = look.near(first, threshold)
     genuine, impostor = first[pairs.genuine], first[pairs.impostor]
     both = genuine.size and impostor.size
     return {
@@ -543,12 +548,22 @@ def plot_confusions(mistakes: list[dict], bundle, spec, out_dir: Path, title: st
 
 
 def _write_pairs_csv(path: Path, embedded: Embedded, pairs: Pairs, bundle) -> None:
+    """Every pair and its score. With a second look, ``score`` is the verdict's score on
+    the bundle threshold's scale, and ``first_score`` and ``second_look_score`` (empty
+    where none was taken) the scores ``verify`` reports."""
+    look = bundle.second_look if embedded.pair_scores is not None else None
     with atomic_write(path, newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["photo", "photo_product", "product", "pair", "score"])
+        w.writerow(["photo", "photo_product", "product", "pair", "score"]
+                   + (["first_score", "second_look_score"] if look else []))
         for n, p, k, s in zip(pairs.photo, pairs.product, pairs.kind, pairs.score):
             photo = embedded.photos[int(n)]
-            w.writerow([photo.photo, photo.product_id, bundle.products[int(p)].product_id, k, f"{s:.6f}"])
+            row = [photo.photo, photo.product_id, bundle.products[int(p)].product_id, k, f"{s:.6f}"]
+            if look:
+                first = embedded.scores[n, p]
+                row += [f"{first:.6f}", f"{embedded.second_scores[n, p]:.6f}" if look.near(first, bundle.threshold)
+                        else ""]
+            w.writerow(row)
 
 
 def _atomic_json(path: Path, data) -> None:
