@@ -48,10 +48,13 @@ VERDICT_COLUMNS = ("product_id", "decision", "score", "threshold", "model_id")
 CSV_COLUMNS = (
     "id", "created_utc", "auditor", "device", "product_id", "decision", "score", "threshold",
     "model_id", "photo_sha256", "captured_sha256", "reasons", "prev_hash", "record_hash",
-    "signed_by",
+    "signed_by", "bundle_id", "first_score",
 )
-_CSV_ONLY = ("reasons", "signed_by")
-"""CSV columns made for people from other fields (the reasons joined, the signer's fingerprint)."""
+_CSV_ONLY = ("reasons", "signed_by", "bundle_id", "first_score")
+"""CSV columns made for people from other fields: the reasons joined, the fingerprint of
+the key that signed the record (the JSON export gives the key itself, ``signer``), and
+from the verdict the bundle judged against and, when a second look decided, the first
+score."""
 
 PHOTO_SUFFIX = {"image/jpeg": "jpg", "image/png": "png"}
 
@@ -150,8 +153,8 @@ class ChainReport:
     """Runs of consecutive records judged with the same model, bundle and threshold, oldest
     first: ``{"first_id", "last_id", "model_id", "bundle_id", "threshold"}`` (the
     bundle id is "" for verdicts that do not name one; the threshold is the bundle's, which
-    a verdict that took a second look compared its first score with); over the records this check read
-    (a check ``since`` an earlier head reads only the newer ones)."""
+    a verdict that took a second look compared its first score with); over the records this
+    check read (a check ``since`` an earlier head reads only the newer ones)."""
     head_signed_by: str = ""
     """A JSON export whose header a device key signed: that key's fingerprint (its head,
     warnings and guards' state are then the device's word); "" otherwise."""
@@ -160,6 +163,10 @@ class ChainReport:
     photos_checked: bool = True
     """False for a JSON export made without its photos: the records' photo hashes were
     checked against nothing (not a warning: the hashes still bind each record's photo)."""
+    notes: tuple[str, ...] = field(default_factory=tuple, compare=False)
+    """What the check was asked to allow and found (the records before ``--signed-from``
+    not held to the device keys): said, but not warnings, so ``--strict`` passes them. Not
+    in :meth:`to_dict`, which an export's header repeats."""
 
     @property
     def head(self) -> str:
@@ -527,6 +534,10 @@ class ChainWalk:
         self.backwards: list[str] = []
         self.no_auditor: list[int] = []
         """Records that name no auditor (the command line lets one through, with a warning)."""
+        self.matched_photos: dict[str, int] = {}
+        """Each MATCH's photo sha256 -> the first record it passed."""
+        self.rematched: list[tuple[int, int]] = []
+        """(record, earlier record) pairs of MATCHes on one photo."""
         self.runs: list[dict] = []
         self.log_id = log_id
         """The log's id, which each signature covers."""
@@ -602,6 +613,10 @@ class ChainWalk:
                                   f"record {rid - 1} ({self.last_utc})")
         if not str(record.auditor or "").strip():
             self.no_auditor.append(rid)
+        if record.decision == "match":
+            first = self.matched_photos.setdefault(record.photo_sha256, rid)
+            if first != rid:
+                self.rematched.append((rid, first))
         self.head_hash, self.count = record.record_hash, rid
         self.first_utc = self.first_utc or record.created_utc
         self.last_utc = record.created_utc
@@ -678,8 +693,9 @@ class ChainWalk:
 
     def report(self, log_id: str, triggers_intact: bool, warnings: tuple[str, ...]) -> ChainReport:
         unsigned_start = min(self.count + 1, self.first_signed or self.signed_from)
-        if self.device_keys is not None and unsigned_start > 1:
-            warnings += (f"{id_range(1, unsigned_start - 1)} not held to the device keys, as "
+        notes: tuple[str, ...] = ()
+        if self.device_keys is not None and unsigned_start > 1:  # what --signed-from asked for
+            notes += (f"{id_range(1, unsigned_start - 1)} not held to the device keys, as "
                          f"--signed-from {self.signed_from} allows: written before the device had "
                          "its key, or their signatures were removed or replaced; only the records "
                          "from the first one the device keys signed on are held to them",)
@@ -696,6 +712,11 @@ class ChainWalk:
         if self.unchecked:
             warnings += (f"{self.unchecked} record signature(s) were not checked: the [sign] "
                          "extra (cryptography) is not installed",)
+        if self.rematched:
+            rid, first = self.rematched[0]
+            warnings += (f"{len(self.rematched)} MATCH record(s) judged a photo an earlier MATCH had "
+                         f"judged, first: record {rid}, on record {first}'s photo; one photo passed "
+                         "several verifications: check that each audit photographed its product",)
         if self.no_auditor:
             warnings += (f"{len(self.no_auditor)} record(s) name no auditor, first: record "
                          f"{self.no_auditor[0]}; who made those verifications is not on record",)
@@ -707,7 +728,7 @@ class ChainWalk:
         return ChainReport(self.where, self.count, self.head_hash, log_id, triggers_intact,
                            self.first_utc, self.last_utc, tuple(dict.fromkeys(warnings)),  # an export's
                            tuple(self.signed_by), self.device_keys is not None,  # header may
-                           tuple(self.runs))  # already carry what the walk found
+                           tuple(self.runs), notes=notes)  # already carry what the walk found
 
 
 def verdict_contradiction(decision: str, score: float, threshold: float) -> str:

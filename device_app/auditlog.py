@@ -778,8 +778,9 @@ class AuditLog:
 
     def export_csv(self, path: str | os.PathLike) -> Path:
         """One row per record (no photo bytes; the photo's sha256 identifies it; the
-        fingerprint of the key that signed it, if one did). The whole chain is checked
-        first, as for the other exports."""
+        fingerprint of the key that signed it, if one did; the verdict's bundle id and,
+        when a second look decided, its first score). The whole chain is checked first,
+        as for the other exports."""
         from auditlens.device_app.signing import fingerprint_hex
 
         path = self.check_export_path(path, ".csv")
@@ -794,6 +795,9 @@ class AuditLog:
                 row["signed_by"] = fingerprint_hex(r.signer) if r.signer else ""
                 row["score"] = f"{r.score:.6f}"
                 row["threshold"] = f"{r.threshold:.6f}"
+                row["bundle_id"] = storable_text(r.verdict_value("bundle_id", ""))
+                first = r.verdict_value("first_score")
+                row["first_score"] = f"{first:.6f}" if isinstance(first, float) else ""
                 writer.writerow([row[c] for c in CSV_COLUMNS])
         return _write_atomically(path, write, newline="")
 

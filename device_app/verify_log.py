@@ -222,7 +222,7 @@ def _exit_status(args, report: ChainReport) -> int:
 
 def _print_report(args, report: ChainReport) -> None:
     if args.json:
-        print(json.dumps({"ok": True, **report.to_dict()}, indent=2))
+        print(json.dumps({"ok": True, **report.to_dict(), "notes": list(report.notes)}, indent=2))
     else:
         print(f"{report.path}: OK, {report.records} records, hash chain intact")
         print(f"  log id     {report.log_id}")
@@ -241,5 +241,7 @@ def _print_report(args, report: ChainReport) -> None:
                   f"{report.head_signed_by}{checked}")
         _print_signed_by(report)
         _print_judged_with(report.judged_with)
+        for n in report.notes:
+            print(f"  note: {n}")
         for w in report.warnings:
             print(f"  warning: {w}")

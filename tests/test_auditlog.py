@@ -338,7 +338,7 @@ def test_a_verdict_whose_score_refutes_its_decision_is_reported(log_path):
 def test_times_that_go_backwards_are_a_warning_not_an_error(log_path, capsys):
     with AuditLog(log_path) as log:
         for i in range(3):
-            log.append(make_verdict(i), photo=jpeg(), auditor="a")
+            log.append(make_verdict(i), photo=jpeg(colour=(200, 30, 10 * i)), auditor="a")
         assert log.verify_chain().warnings == ()
     _forge(log_path, 3, created_utc="2020-01-01T00:00:00.000Z")  # e.g. a clock set back
     with AuditLog(log_path) as log:
@@ -1162,7 +1162,7 @@ def test_verify_log_on_read_only_media(tmp_path):
     log_path = media / "audit.db"
     with AuditLog(log_path) as log:
         for i in range(3):
-            log.append(make_verdict(i), photo=jpeg(), auditor="a")
+            log.append(make_verdict(i), photo=jpeg(colour=(200, 30, 10 * i)), auditor="a")
     assert sorted(os.listdir(media)) == ["audit.db"]  # closed cleanly: no -wal, no -shm
     cmd = [sys.executable, "-m", "auditlens.cli", "verify-log", "--json", str(log_path)]
     if os.geteuid() == 0:  # root writes through file modes: mount the folder read-only
@@ -1318,3 +1318,22 @@ def test_a_csv_export_given_to_verify_log_is_said_to_be_uncheckable(log_path, tm
     renamed = tmp_path / "log-named.csv"  # a log that merely has the suffix is still checked
     renamed.write_bytes(log_path.read_bytes())
     assert cli_main(["verify-log", str(renamed)]) == 0
+
+
+def test_one_photo_passing_several_verifications_is_a_warning(log_path, capsys):
+    """A MATCH on a photo an earlier MATCH already judged: one photo standing for several
+    audits (a NO MATCH or RETAKE verified again is routine and not flagged)."""
+    with AuditLog(log_path) as log:
+        log.append(make_verdict(0), photo=jpeg(), auditor="a")
+        log.append(make_verdict(1, "no_match"), photo=jpeg(colour=(0, 90, 0)), auditor="a")
+        log.append(make_verdict(2, "no_match"), photo=jpeg(colour=(0, 90, 0)), auditor="a")
+        assert log.verify_chain().warnings == ()
+        log.append(make_verdict(3), photo=jpeg(colour=(0, 90, 0)), auditor="a")  # first MATCH of it
+        log.append(make_verdict(4), photo=jpeg(), auditor="b")
+        log.append(make_verdict(5), photo=jpeg(), auditor="c")
+        report = log.verify_chain()
+    assert report.warnings == ("2 MATCH record(s) judged a photo an earlier MATCH had judged, first: "
+                               "record 5, on record 1's photo; one photo passed several verifications: "
+                               "check that each audit photographed its product",)
+    assert cli_main(["verify-log", str(log_path), "--strict"]) == 5
+    assert "one photo passed several verifications" in capsys.readouterr().out

@@ -203,7 +203,7 @@ def test_a_signature_cannot_be_added_or_changed_through_sqlite(tmp_path, device)
     db.close()
 
 
-def test_a_log_from_before_signatures_gets_them_without_a_false_alarm(tmp_path, device):
+def test_a_log_from_before_signatures_gets_them_without_a_false_alarm(tmp_path, device, capsys):
     """A log written before the signatures table existed: it reads as unsigned, and the
     first append with a key adds the table without reporting its guards as removed. Its
     unsigned records pass a check with the device's key only when the auditor says the key
@@ -227,11 +227,15 @@ def test_a_log_from_before_signatures_gets_them_without_a_false_alarm(tmp_path, 
         with pytest.raises(AuditChainError, match="record 2: it is not signed, and every record from 2 on"):
             log.verify_chain(device_keys=[public], signed_from=2)
         report = log.verify_chain(device_keys=[public], signed_from=3)
-    assert report.triggers_intact
-    assert report.warnings == ("records 1-2 not held to the device keys, as --signed-from 3 allows: "
-                               "written before the device had its key, or their signatures were "
-                               "removed or replaced; only the records from the first one the device "
-                               "keys signed on are held to them",)
+    assert report.triggers_intact and report.warnings == ()
+    # what --signed-from asked to allow is a note, which --strict passes
+    assert report.notes == ("records 1-2 not held to the device keys, as --signed-from 3 allows: "
+                            "written before the device had its key, or their signatures were "
+                            "removed or replaced; only the records from the first one the device "
+                            "keys signed on are held to them",)
+    assert cli_main(["verify-log", str(log_path), "--device-key", str(public), "--signed-from", "3",
+                     "--strict"]) == 0
+    assert "  note: records 1-2 not held to the device keys" in capsys.readouterr().out
     # no signed record, and a --signed-from past the log's end: a log whose signed records
     # were all cut off looks like this, so it is said, not passed in silence
     _write(tmp_path / "unsigned.db", 2)

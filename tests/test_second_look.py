@@ -147,6 +147,13 @@ def test_the_audit_trail_keeps_one_run_across_second_looks(tmp_path, looked, sam
                 log.append(verifier.verify(p.photo, p.product_id), photo=Path(p.photo).read_bytes(),
                            auditor="A. Smith")
         report = log.verify_chain()
+        log.export_csv(tmp_path / "audit.csv")
+    with open(tmp_path / "audit.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["bundle_id"] for r in rows} == {v.bundle.bundle_id}
+    looked_twice = [r for r in rows if r["first_score"]]  # the CSV says which verdicts took it
+    assert [int(r["id"]) for r in looked_twice] == [1, 3, 5]
+    assert all(float(r["threshold"]) == pytest.approx(v.second_look.threshold) for r in looked_twice)
     # thresholds 0.599 (second looks) and the bundle's alternate, yet it is one bundle's run
     assert [(r["first_id"], r["last_id"], r["threshold"]) for r in report.judged_with] == [(1, 6, v.threshold)]
     assert main(["verify-log", str(tmp_path / "audit.db")]) == 0
