@@ -483,6 +483,11 @@ class VerdictScreen(Screen):
             bar = ScoreBar(size_hint_y=None, height=dp(16))
             bar.set(v.score, v.threshold, colour)
             d.add_widget(bar)
+            if v.first_score is not None:  # the second look near the threshold decided
+                d.add_widget(WrapLabel(
+                    text=f"Close to the line at first ({v.first_score:.3f} against {v.first_threshold:.3f}): "
+                         "judged again with four shifted copies of its view.",
+                    font_size=FONT_SMALL, color=MUTED))
             if v.estimated_far is not None:
                 share = far_share(v.estimated_far)
                 text = ("No different product scored this high in the calibration photos."
