@@ -863,3 +863,26 @@ def test_no_camera_advice_fits_the_device():
     if importlib.util.find_spec("android") is None:  # off Android there is nothing to ask
         asked = []
         assert request_camera_permission(asked.append) is False and asked == []
+
+
+@needs_kivy
+def test_a_verdict_the_second_look_decided_says_so(demo, tmp_path):
+    from auditlens.device_app.bundle import ReferenceBundle
+    from auditlens.evaluation.calibrate import rewrite_bundle
+
+    root, plan = demo
+    b = ReferenceBundle.load(plan["bundle"])
+    decision = json.loads(json.dumps(b.decision))
+    # a band over every score: each judged photo takes the second look
+    decision["second_look"] = {"photo_shift": 0.15, "band": 1.0, "threshold": b.threshold}
+    looked = rewrite_bundle(b, tmp_path / "looked", decision)
+    match, no_match, retake = run_plan(tmp_path, dict(plan, bundle=str(looked)))["verdicts"]
+    verifier = Verifier(looked)
+    camera = Path(plan["camera_dir"])
+    for shown in (match, no_match):
+        expect = verifier.verify((camera / shown["photo"]).read_bytes(), plan["product"])
+        assert expect.first_score is not None and shown["decision"] == expect.decision
+        assert shown["score"] == pytest.approx(expect.score, abs=1e-5)
+        said = f"Close to the line at first ({expect.first_score:.3f} against {b.threshold:.3f})"
+        assert any(t.startswith(said) for t in shown["texts"]), shown["texts"]
+    assert retake["decision"] == "retake" and not any("Close to the line" in t for t in retake["texts"])
