@@ -356,8 +356,10 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", required=True, type=Path, metavar="PAIRS.csv",
                    help="CSV with columns photo,product_id (photo paths relative to the CSV)")
     p.add_argument("--out", "-o", required=True, type=Path,
-                   help="CSV written with columns photo,product_id,score,verdict,error,reasons "
-                   "(reasons: why the verdict, e.g. what a RETAKE must fix; '; '-separated)")
+                   help="CSV written with columns photo,product_id,score,verdict,error,reasons,"
+                   "threshold,first_score (reasons: why the verdict, e.g. what a RETAKE must fix; "
+                   "'; '-separated; threshold: the one the score was judged against, a second "
+                   "look's own when first_score, near the bundle's threshold, took one)")
     _add_bundle(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -415,10 +417,11 @@ def _score_pairs(pairs, verifier, rows: list[list[str]], progress: bool, stopped
                 raise capture
             v = verifier.verify(capture, pair.product_id)
             rows.append([pair.given or pair.photo, pair.product_id, f"{v.score:.5f}", v.decision, "",
-                         "; ".join(v.reasons)])
+                         "; ".join(v.reasons), f"{v.threshold:.5f}",
+                         "" if v.first_score is None else f"{v.first_score:.5f}"])
         except AuditlensError as exc:
             errors += 1
-            rows.append([pair.given or pair.photo, pair.product_id, "", "error", str(exc), ""])
+            rows.append([pair.given or pair.photo, pair.product_id, "", "error", str(exc), "", "", ""])
     return len(captures), errors
 
 
@@ -434,7 +437,8 @@ def _run_score(args) -> int:
     def write(path: Path) -> None:
         with atomic_write(path, newline="") as fh:
             writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["photo", "product_id", "score", "verdict", "error", "reasons"])
+            writer.writerow(["photo", "product_id", "score", "verdict", "error", "reasons", "threshold",
+                             "first_score"])
             writer.writerows(rows)
 
     try:

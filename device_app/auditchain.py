@@ -31,6 +31,11 @@ from auditlens.errors import AuditChainError, AuditlensError, AuditLogError
 
 LOG_FORMAT = "auditlens-audit-log"
 LOG_VERSION = 1
+EXPORT_VERSION = 2
+"""Of a JSON export: 2 since a header's ``judged_with`` runs are keyed on the bundle's
+threshold (a second look's verdict carries its own); a reader of version 1 would take such
+a header for an edited one, so it is told the version instead."""
+EXPORT_VERSIONS_READ = (1, 2)
 GENESIS_HASH = "0" * 64
 MAX_RECORD_ID = 2**63 - 1
 """The largest id a record can have (SQLite's largest integer); a larger one names no record."""
@@ -48,13 +53,14 @@ VERDICT_COLUMNS = ("product_id", "decision", "score", "threshold", "model_id")
 CSV_COLUMNS = (
     "id", "created_utc", "auditor", "device", "product_id", "decision", "score", "threshold",
     "model_id", "photo_sha256", "captured_sha256", "reasons", "prev_hash", "record_hash",
-    "signed_by", "bundle_id", "first_score",
+    "signed_by", "bundle_id", "first_score", "first_threshold",
 )
-_CSV_ONLY = ("reasons", "signed_by", "bundle_id", "first_score")
+_CSV_ONLY = ("reasons", "signed_by", "bundle_id", "first_score", "first_threshold")
 """CSV columns made for people from other fields: the reasons joined, the fingerprint of
 the key that signed the record (the JSON export gives the key itself, ``signer``), and
 from the verdict the bundle judged against and, when a second look decided, the first
-score."""
+score and the bundle's threshold it was compared with (``threshold`` is then the second
+look's)."""
 
 PHOTO_SUFFIX = {"image/jpeg": "jpg", "image/png": "png"}
 
@@ -280,9 +286,9 @@ def verify_export(path: str | os.PathLike, *, anchors: Sequence[tuple[int, str]]
         raise AuditLogError(f"{path}: not an audit log export (not valid JSON: {exc})") from exc
     if not isinstance(data, dict) or data.get("format") != LOG_FORMAT:
         raise AuditLogError(f"{path}: not an auditlens audit log export")
-    if type(data.get("version")) is not int or data["version"] != LOG_VERSION:  # not true
+    if type(data.get("version")) is not int or data["version"] not in EXPORT_VERSIONS_READ:  # not true
         raise AuditLogError(f"{path}: audit log export version {data.get('version')!r}, this "
-                            f"auditlens reads version {LOG_VERSION}")
+                            f"auditlens reads versions {', '.join(map(str, EXPORT_VERSIONS_READ))}")
     header, records = data.get("log"), data.get("records")
     if not isinstance(header, dict) or not isinstance(records, list):
         raise AuditLogError(f"{path}: not an auditlens audit log export (no log header or records)")

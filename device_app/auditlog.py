@@ -76,6 +76,7 @@ from pathlib import Path
 
 from auditlens.device_app.auditchain import (
     CSV_COLUMNS,
+    EXPORT_VERSION,
     GENESIS_HASH,
     LOG_FORMAT,
     LOG_VERSION,
@@ -736,6 +737,10 @@ class AuditLog:
                 (start_id,))
             walk = ChainWalk(str(self.path), start_id, start_hash, first, last, log_id=self.log_id,
                               device_keys=trusted, signed_from=signed_from, first_signed=signed_before)
+            if start_id:  # a MATCH after the head on a photo an earlier MATCH judged is said too
+                walk.matched_photos = dict(self._db.execute(
+                    "SELECT photo_sha256, MIN(id) FROM records WHERE decision = 'match' AND id <= ? "
+                    "GROUP BY photo_sha256", (start_id,)).fetchall())
             for row in cursor:
                 walk.add(AuditRecord(*row[:-1]), row[-1])
             total, lowest = self._db.execute(  # the rows the walk could see (appends go past it)
@@ -796,8 +801,9 @@ class AuditLog:
                 row["score"] = f"{r.score:.6f}"
                 row["threshold"] = f"{r.threshold:.6f}"
                 row["bundle_id"] = storable_text(r.verdict_value("bundle_id", ""))
-                first = r.verdict_value("first_score")
-                row["first_score"] = f"{first:.6f}" if isinstance(first, float) else ""
+                for name in ("first_score", "first_threshold"):
+                    value = r.verdict_value(name)
+                    row[name] = f"{value:.6f}" if isinstance(value, float) else ""
                 writer.writerow([row[c] for c in CSV_COLUMNS])
         return _write_atomically(path, write, newline="")
 
@@ -820,7 +826,7 @@ class AuditLog:
             attestation = f'"attestation": {attestation}, '
 
         def write(f):
-            f.write(f'{{"format": {json.dumps(LOG_FORMAT)}, "version": {LOG_VERSION}, '
+            f.write(f'{{"format": {json.dumps(LOG_FORMAT)}, "version": {EXPORT_VERSION}, '
                     f'"log": {json.dumps(header)}, "photos": {json.dumps(photos)}, '
                     f'{attestation}"records": [\n')
             for i, r in enumerate(self.iter_records(limit=newest)):

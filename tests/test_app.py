@@ -883,6 +883,32 @@ def test_a_verdict_the_second_look_decided_says_so(demo, tmp_path):
         expect = verifier.verify((camera / shown["photo"]).read_bytes(), plan["product"])
         assert expect.first_score is not None and shown["decision"] == expect.decision
         assert shown["score"] == pytest.approx(expect.score, abs=1e-5)
-        said = f"Close to the line at first ({expect.first_score:.3f} against {b.threshold:.3f})"
+        said = f"Close to the line at first (first score {expect.first_score:.3f} near threshold {b.threshold:.3f}"
         assert any(t.startswith(said) for t in shown["texts"]), shown["texts"]
     assert retake["decision"] == "retake" and not any("Close to the line" in t for t in retake["texts"])
+
+
+def test_records_from_before_the_device_key_are_said_in_history(demo, tmp_path):
+    """The app holds its log to its key from the first record the key signed; the records
+    before it are a note of the check, which History shows (amber) with its warnings."""
+    pytest.importorskip("cryptography")
+    from auditlens.device_app.signing import generate_keypair
+
+    root, plan = demo
+    photo = (Path(plan["camera_dir"]) / plan["match_photo"]).read_bytes()
+    before = Session(Path(plan["bundle"]), tmp_path / "audit.db", auditor="Sam")
+    before.load()
+    try:
+        before.verify(photo, plan["product"])
+    finally:
+        before.close()
+    private, _ = generate_keypair(tmp_path / "keys", device=True)
+    session = Session(Path(plan["bundle"]), tmp_path / "audit.db", auditor="Sam", log_key=private)
+    session.load()
+    try:
+        assert session.verify(photo, plan["product"]).record_id == 2
+        report = session.check_log()
+    finally:
+        session.close()
+    assert report.records == 2 and report.notes and report.notes[0].startswith(
+        "record 1 not held to the device keys")

@@ -1329,9 +1329,13 @@ def test_one_photo_passing_several_verifications_is_a_warning(log_path, capsys):
         log.append(make_verdict(2, "no_match"), photo=jpeg(colour=(0, 90, 0)), auditor="a")
         assert log.verify_chain().warnings == ()
         log.append(make_verdict(3), photo=jpeg(colour=(0, 90, 0)), auditor="a")  # first MATCH of it
+        head = log.verify_chain()
         log.append(make_verdict(4), photo=jpeg(), auditor="b")
         log.append(make_verdict(5), photo=jpeg(), auditor="c")
         report = log.verify_chain()
+        # a check since the head kept before them remembers the MATCHes it did not read again
+        since = log.verify_chain(since=(head.records, head.head_hash))
+    assert since.warnings == report.warnings
     assert report.warnings == ("2 MATCH record(s) judged a photo an earlier MATCH had judged, first: "
                                "record 5, on record 1's photo; one photo passed several verifications: "
                                "check that each audit photographed its product",)

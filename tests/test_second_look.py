@@ -153,7 +153,8 @@ def test_the_audit_trail_keeps_one_run_across_second_looks(tmp_path, looked, sam
     assert {r["bundle_id"] for r in rows} == {v.bundle.bundle_id}
     looked_twice = [r for r in rows if r["first_score"]]  # the CSV says which verdicts took it
     assert [int(r["id"]) for r in looked_twice] == [1, 3, 5]
-    assert all(float(r["threshold"]) == pytest.approx(v.second_look.threshold) for r in looked_twice)
+    assert all(float(r["threshold"]) == pytest.approx(v.second_look.threshold, abs=1e-6) for r in looked_twice)
+    assert all(float(r["first_threshold"]) == pytest.approx(v.threshold, abs=1e-6) for r in looked_twice)
     # thresholds 0.599 (second looks) and the bundle's alternate, yet it is one bundle's run
     assert [(r["first_id"], r["last_id"], r["threshold"]) for r in report.judged_with] == [(1, 6, v.threshold)]
     assert main(["verify-log", str(tmp_path / "audit.db")]) == 0
@@ -209,4 +210,6 @@ def test_batch_scoring_takes_the_second_look_as_verify_does(tmp_path, looked, sa
     for row in rows:  # each photo's pixels are released after its first pair: the second look came before
         verdict = v.verify(row["photo"], row["product_id"])
         assert row["verdict"] == verdict.decision and float(row["score"]) == pytest.approx(verdict.score, abs=1e-5)
+        assert float(row["threshold"]) == pytest.approx(verdict.threshold, abs=1e-5)
+        assert (row["first_score"] != "") == (verdict.first_score is not None)
         assert verdict.decision == "retake" or "second look" in row["reasons"]

@@ -484,10 +484,10 @@ class VerdictScreen(Screen):
             bar.set(v.score, v.threshold, colour)
             d.add_widget(bar)
             if v.first_score is not None:  # the second look near the threshold decided
+                first = score_against_threshold(v.first_score, v.first_threshold, "near", word="first score")
                 d.add_widget(WrapLabel(
-                    text=f"Close to the line at first ({v.first_score:.3f} against {v.first_threshold:.3f}): "
-                         "judged again with four shifted copies of its view.",
-                    font_size=FONT_SMALL, color=MUTED))
+                    text=f"Close to the line at first ({first}): judged again with its view also "
+                         "moved left, right, up and down.", font_size=FONT_SMALL, color=MUTED))
             if v.estimated_far is not None:
                 share = far_share(v.estimated_far)
                 text = ("No different product scored this high in the calibration photos."
@@ -651,11 +651,13 @@ class HistoryScreen(Screen):
         if error:  # the app's words: "AUDIT LOG TAMPERED: ..." only for a broken chain
             self.chain.bg = RED
             self.chain_label.text = error
-        elif report.warnings or not report.triggers_intact:  # records verify, file was opened by hand
+        # the notes too: the app, not a person, chose from which record its key must have signed
+        elif report.warnings or report.notes or not report.triggers_intact:  # or the file was opened by hand
             self.chain.bg = AMBER
             self.chain_label.color = DARK_TEXT
             self.chain_label.text = (f"Records verify ({report.records}), but: "
-                                     + "; ".join(report.warnings or ("the append-only guards are missing",)))
+                                     + "; ".join(report.warnings + report.notes
+                                                 or ("the append-only guards are missing",)))
             return self._rows(records, held, names)
         else:
             self.chain.bg = (0.10, 0.30, 0.18, 1)
