@@ -63,11 +63,12 @@ def cosines(latents: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``latents @ rows.T`` in float32, (..., R): rows of any float type (a bundle's are
     float16) converted :data:`_CHUNK` at a time into one reused buffer, each score the
     float32 dot product of the row as stored (BLAS may round the last bit differently for
-    another number of rows)."""
+    another number of rows), kept within -1..1: a float16 row of the photo's own latent
+    gives 1.00005, which no cosine is."""
     rows = np.asarray(rows)
     q = np.asarray(latents, dtype=np.float32)
     if rows.dtype == np.float32:
-        return q @ rows.T
+        return np.clip(q @ rows.T, -1.0, 1.0)
     out = np.empty((*q.shape[:-1], len(rows)), dtype=np.float32)
     buf = np.empty((min(_CHUNK, len(rows)), rows.shape[1]), dtype=np.float32)
     for start in range(0, len(rows), _CHUNK):
@@ -75,7 +76,7 @@ def cosines(latents: np.ndarray, rows: np.ndarray) -> np.ndarray:
         block = buf[: stop - start]
         block[...] = rows[start:stop]
         out[..., start:stop] = q @ block.T
-    return out
+    return np.clip(out, -1.0, 1.0, out=out)
 
 
 def best_reference_scores(latents: np.ndarray, references: np.ndarray, owner: np.ndarray,

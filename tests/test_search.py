@@ -10,6 +10,7 @@ from auditlens.device_app.search import (
     FLOAT32_COPY_BYTES,
     LatentIndex,
     ReferenceSearch,
+    best_reference_scores,
     cosines,
 )
 from bench.scale import GENUINE_COSINE, noisy_queries
@@ -200,3 +201,21 @@ def test_cosines_of_float16_rows_are_float32_dot_products_of_the_stored_values()
     got = cosines(q, rows)
     assert got.dtype == np.float32 and got.shape == (3, 40_000)
     np.testing.assert_allclose(got, q.astype(np.float64) @ rows.astype(np.float64).T, atol=1e-6)
+
+
+def test_a_latent_against_its_own_float16_row_scores_no_more_than_one():
+    """Rounded to float16 (as a bundle stores references), a unit latent's own row gives a
+    dot product a little above 1 for some latents; a score is a cosine, so it stays <= 1."""
+    rng = np.random.default_rng(3)
+    latents = rng.normal(size=(200, 128)).astype(np.float32)
+    latents /= np.linalg.norm(latents, axis=1, keepdims=True)
+    rows = latents.astype(np.float16)
+    raw = np.einsum("nd,nd->n", latents, rows.astype(np.float32))
+    assert raw.max() > 1.0  # what the clip is for
+    assert cosines(latents, rows).max() <= 1.0
+    owner = np.arange(200)
+    assert best_reference_scores(latents, rows, owner, 200).max() <= 1.0
+    search = ReferenceSearch(rows, owner, 200)
+    top = int(raw.argmax())
+    assert search.best_of_rows(latents[top], [top]) == 1.0
+    assert search.top_k(latents[top], 1)[1][0] <= 1.0 and search.product_scores(latents[top]).max() <= 1.0

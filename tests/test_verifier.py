@@ -252,8 +252,10 @@ def test_best_reference_scores_is_the_best_of_each_products_references():
 
     rng = np.random.default_rng(0)
     references = rng.standard_normal((7, 4)).astype(np.float32)
+    references /= np.linalg.norm(references, axis=1, keepdims=True)  # unit rows, as bundles hold
     owner = np.array([0, 1, 1, 2, 3, 3, 3])  # product 4 has no reference
     latents = rng.standard_normal((5, 4)).astype(np.float32)
+    latents /= np.linalg.norm(latents, axis=1, keepdims=True)
     sims = latents @ references.T
     got = best_reference_scores(latents, references, owner, 5)
     for p in range(4):
