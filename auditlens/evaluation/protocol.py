@@ -183,10 +183,12 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
         latents.append(verifier.encoder.embed(np.concatenate(inputs), batch_size=batch_size))
     bar.close()
     dim = bundle.references.shape[1]
-    per_view = np.concatenate(latents).reshape(len(kept), -1, dim) if latents else np.zeros((0, views, dim), np.float32)
+    per_view = (np.concatenate(latents).reshape(len(kept), -1, dim) if latents
+                else np.zeros((0, views, dim), np.float32))  # (photos, views, D)
 
-    def scored(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pooled = pool_views(latents.reshape(-1, dim), latents.shape[1]) if len(latents) else latents[:, 0]
+    def scored(of_views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each photo's pooled latent of these views, and its scores."""
+        pooled = pool_views(of_views.reshape(-1, dim), of_views.shape[1]) if len(of_views) else of_views[:, 0]
         return pooled, best_reference_scores(pooled, bundle.references, bundle.reference_owner, len(bundle.products))
 
     lat, scores = scored(per_view[:, :verifier.spec.num_views])
