@@ -489,11 +489,7 @@ class ReferenceBundle:
         references = references.astype(np.float16, copy=False)
         _check_unit_rows(references, path)
         _check_probe(manifest, path)
-        check_decision(manifest.get("decision"), path)
-        try:
-            SecondLook.from_decision(manifest["decision"], spec)
-        except ValueError as exc:
-            raise BundleFormatError(f"{path}: manifest decision.second_look: {exc}") from exc
+        check_decision(manifest.get("decision"), path, spec=spec)
         thumbs = {n: d for n, d in contents.items() if n.startswith("thumbs/")}
         owner = np.full(len(references), -1, dtype=np.int32)
         for i, record in enumerate(products):
@@ -556,9 +552,11 @@ def _check_probe(manifest: dict, path: Path) -> None:
                                 "latent the model gives its probe image")
 
 
-def check_decision(decision, path: Path, what: str = "manifest decision") -> None:
+def check_decision(decision, path: Path, what: str = "manifest decision", *,
+                   spec: PreprocessSpec | None = None) -> None:
     """``threshold`` is a cosine; ``far_curve``, when there is one, is [[score, far], ...]
-    by strictly increasing score with falling FAR (the verifier interpolates it)."""
+    by strictly increasing score with falling FAR (the verifier interpolates it); a
+    ``second_look`` has the same, and given the photos' ``spec``, views that can take it."""
     if not isinstance(decision, dict):
         raise BundleFormatError(f"{path}: {what} is missing or not an object")
     threshold = decision.get("threshold")
@@ -572,6 +570,11 @@ def check_decision(decision, path: Path, what: str = "manifest decision") -> Non
     second = decision.get("second_look")
     if second is not None:
         _check_second_look(second, path, f"{what}.second_look")
+        if spec is not None:
+            try:
+                SecondLook.from_decision(decision, spec)
+            except ValueError as exc:  # views edited to ones that cannot take it
+                raise BundleFormatError(f"{path}: {what}'s second look: {exc}") from exc
     _check_far_curve(decision.get("far_curve"), path, what)
 
 
@@ -653,7 +656,7 @@ def write_bundle(
     import auditlens
 
     out = Path(out)
-    check_decision(dict(decision), out)  # nothing is replaced by a bundle no device would load
+    check_decision(dict(decision), out, spec=spec)  # nothing is replaced by a bundle no device would load
     model_id = model_id_of(model_content)
     files: dict[str, bytes] = {MODEL_FILE: model_content}
     buf = io.BytesIO()

@@ -173,16 +173,25 @@ def to_photo_views(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.stack(views)
 
 
+def check_shift(spec: PreprocessSpec, shift: float) -> None:
+    """Raise ValueError unless photos embedded with ``spec`` can take views moved by
+    ``shift`` besides their own (a second look): views without shifted copies yet, and
+    every moved box inside the crop box (the checks of the spec with that shift)."""
+    if spec.photo_shift:
+        raise ValueError("a second look adds shifted views, and the photo views already have them "
+                         f"(photo_shift {spec.photo_shift:g})")
+    replace(spec, photo_shift=shift)
+
+
 def moved_views(image: Image.Image, spec: PreprocessSpec, shift: float) -> np.ndarray:
     """The views a photo's second look adds to its :func:`to_photo_views`: each zoom's box
     moved left, right, up and down by ``shift`` of the crop box's side (with mirror images
     when the spec has them), uint8 (4 * V, S, S, 3). With the first views they are the
-    views of the spec with that ``photo_shift``, whose checks ``shift`` must pass (raises
-    ValueError)."""
-    shifted = replace(spec, photo_shift=shift)
+    views of the spec with that ``photo_shift``; raises :func:`check_shift`'s ValueError."""
+    check_shift(spec, shift)
     crop = crop_box(image.size, spec.crop)
     views = []
-    for zoom in shifted.photo_zooms:
+    for zoom in spec.photo_zooms:
         views += _with_mirrors(_shifted_boxes(image, crop, zoom, shift, spec.input_size)[1:], spec.photo_mirror)
     return np.stack(views)
 

@@ -22,11 +22,11 @@ the bundle keeps its format version.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from auditlens.device_app.preprocess import PreprocessSpec
+from auditlens.device_app.preprocess import PreprocessSpec, check_shift
 
 DEFAULT_BAND = 0.03
 """How near the threshold (in cosine) a first score takes a second look. Measured with the
@@ -70,12 +70,3 @@ class SecondLook:
         return np.where(self.near(first, threshold), second - self.threshold + threshold,
                         np.asarray(first, dtype=np.float64))
 
-
-
-def check_shift(spec: PreprocessSpec, shift: float) -> None:
-    """Raise ValueError unless photos embedded with ``spec`` can take a second look moved
-    by ``shift``: views without shifted copies yet, every moved box inside the crop box."""
-    if spec.photo_shift:
-        raise ValueError("a second look adds shifted views, and the photo views already have them "
-                         f"(photo_shift {spec.photo_shift:g})")
-    replace(spec, photo_shift=shift)  # the spec's own checks of the shift

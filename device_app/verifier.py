@@ -428,11 +428,10 @@ class Verifier:
         capture.model_id = self.bundle.model_id
         return capture.latent
 
-    def takes_second_look(self, latent: np.ndarray, product_id: str) -> bool:
-        """Whether a photo of this first ``latent`` claimed as ``product_id`` scores near
-        enough the threshold for the bundle's second look (when its capture is judged)."""
-        return self.second_look is not None and bool(self.second_look.near(self.score(latent, product_id),
-                                                                           self.threshold))
+    def takes_second_look(self, score: float) -> bool:
+        """Whether a first ``score`` (of a capture that is judged) is near enough the
+        threshold for the bundle's second look."""
+        return self.second_look is not None and bool(self.second_look.near(score, self.threshold))
 
     def embed_second_look(self, capture: Capture) -> np.ndarray:
         """The capture's unit latent with the bundle's second look: its views and their
@@ -441,12 +440,19 @@ class Verifier:
         if self.second_look is None:
             raise ValueError("this verifier takes no second look (the bundle has none, or "
                              "VerifierOptions turned it off)")
+        latent = self._second_latent(capture)
+        if latent is None:
+            raise ModelMismatchError("the capture's pixels were released before its second look; "
+                                     "prepare the photo again")
+        return latent
+
+    def _second_latent(self, capture: Capture) -> np.ndarray | None:
+        """:meth:`embed_second_look`, or None when the capture's pixels are gone."""
         self.embed(capture)  # a capture embedded again has dropped its second looks
         shift = self.second_look.photo_shift
         if shift not in capture.second_latents:
             if capture.image is None:
-                raise ModelMismatchError("the capture's pixels were released before its second look; "
-                                         "prepare the photo again")
+                return None
             moved = moved_views(capture.image, self.spec, shift)
             latents = np.concatenate([capture.view_latents, self.encoder.embed(moved, batch_size=len(moved))])
             capture.second_latents[shift] = pool_views(latents, len(latents))[0]
@@ -512,14 +518,14 @@ class Verifier:
         if reasons:
             decision = RETAKE
         else:
-            if self.takes_second_look(latent, product_id):
+            if self.takes_second_look(score):
                 near = score_against_threshold(score, threshold, "near", word="first score")
-                if capture.image is None and self.second_look.photo_shift not in capture.second_latents:
+                second = self._second_latent(capture)
+                if second is None:
                     reasons.append(f"{near}: no second look, the capture's pixels were released")
                 else:
                     first_score, first_threshold = score, threshold
-                    score = self.score(self.embed_second_look(capture), product_id)
-                    threshold = self.second_look.threshold
+                    score, threshold = self.score(second, product_id), self.second_look.threshold
                     reasons.append(f"{near}: a second look with {len(capture.view_latents) * 5} views")
             decision = MATCH if score >= threshold else NO_MATCH
             reasons.append(score_against_threshold(score, threshold, ">=" if decision == MATCH else "<"))

@@ -38,7 +38,6 @@ from auditlens.device_app.preprocess import (
     to_model_input,
     to_photo_views,
 )
-from auditlens.device_app.second_look import SecondLook
 from auditlens.device_app.verifier import dhash
 from auditlens.errors import (
     AuditlensError,
@@ -200,11 +199,7 @@ def enroll(
         card_spec = (PreprocessSpec.from_dict(card["preprocess"]) if "preprocess" in card
                      else PreprocessSpec(encoder.input_size))
         if card.get("decision") is not None:
-            check_decision(card["decision"], model_path, "its decision")
-            try:
-                SecondLook.from_decision(card["decision"], card_spec)
-            except ValueError as exc:  # views the card was edited to, which cannot take it
-                raise ValueError(f"its decision's second look: {exc}") from exc
+            check_decision(card["decision"], model_path, "its decision", spec=card_spec)
     except (ValueError, KeyError, TypeError, BundleFormatError) as exc:
         raise ModelError(f"the model card beside {model_path} is not usable ({exc!s}); repair it, or "
                          "move it away to go on without one") from exc

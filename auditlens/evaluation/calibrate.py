@@ -41,6 +41,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,8 +49,8 @@ import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos, unchecked_verdicts
 from auditlens.cli import non_negative_int, open_catalog_said, photo_shift, thread_count
-from auditlens.device_app.preprocess import PreprocessSpec
-from auditlens.device_app.second_look import DEFAULT_BAND, SecondLook, check_shift
+from auditlens.device_app.preprocess import PreprocessSpec, check_shift
+from auditlens.device_app.second_look import DEFAULT_BAND, SecondLook
 from auditlens.errors import AuditlensError, BundleSignatureError, CatalogError
 from auditlens.evaluation import metrics
 from auditlens.evaluation.protocol import (
@@ -154,7 +155,8 @@ def decide_second_look(first: Pairs, second: np.ndarray, impostor_first: np.ndar
     The second look's threshold is the smallest that keeps both its own scores' FAR and
     that of the verdicts (first and second looks together) within ``target_far``."""
     own = metrics.threshold_at_far(impostor_second, target_far)
-    near = SecondLook(shift, band, own).near(impostor_first, threshold)
+    look = SecondLook(shift, band, own)
+    near = look.near(impostor_first, threshold)
     # false accepts the verdicts may still take from the second looks
     allowed = math.floor(target_far * impostor_first.size + 1e-9) - int((impostor_first[~near] >= threshold).sum())
     looked = impostor_second[near]
@@ -162,7 +164,7 @@ def decide_second_look(first: Pairs, second: np.ndarray, impostor_first: np.ndar
     if looked.size and (looked >= own).sum() > allowed:
         smallest = max(own, metrics.threshold_at_far(looked, (max(allowed, 0) + 0.5) / looked.size))
     second_threshold = min(_with_margin(smallest, impostor_second), 1.0)
-    look = SecondLook(shift, band, second_threshold)
+    look = replace(look, threshold=second_threshold)
     verdict = look.decision_scores(first.score, second, threshold)
     pooled = look.decision_scores(impostor_first, impostor_second, threshold)
     hard = first.kind == HARD
