@@ -18,9 +18,10 @@ from PIL import Image
 
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.interpreter import Encoder, EncoderOptions
+from auditlens.device_app.nearcopy import dhash, trimmed_hashes
 from auditlens.device_app.preprocess import PreprocessSpec, to_model_input, to_photo_views
 from auditlens.device_app.quality import analysis_copy, assess
-from auditlens.device_app.verifier import Verifier, VerifierOptions, dhash
+from auditlens.device_app.verifier import Verifier, VerifierOptions
 
 from .common import Timing, measure, measure_interleaved
 
@@ -175,7 +176,7 @@ def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, phones
         f"encoder, {n} view{'s' if n > 1 else ''} (int8, 1 thread)": lambda: verifier.embed_views(views),
         "score (best reference)": lambda: verifier.score(latent, product_id),
         "capture quality check (small grey copy + checks)": lambda: assess(image),
-        "near-copy dHash (of the small copy)": lambda: dhash(small),
+        "near-copy dHashes (of the small copy, whole and trimmed)": lambda: (dhash(small), trimmed_hashes(small)),
     }
     breakdown = {}
     for name, fn in stages.items():

@@ -103,12 +103,15 @@ class ProductRecord:
     """64-bit difference hash of the original, hex: flags photos that merely copy it."""
     thumbnail: str = ""
     """Path of the thumbnail inside the bundle."""
+    box_dhashes: tuple[str, ...] = ()
+    """dHashes of the original with its plain borders trimmed (its studio background):
+    a photo of it on a white canvas is caught by them. Bundles before 2026-12-07 have none."""
 
     def to_dict(self) -> dict:
         return {
             "product_id": self.product_id, "name": self.name, "group": self.group,
             "kind": self.kind, "code": self.code, "references": list(self.references),
-            "dhash": self.dhash, "thumbnail": self.thumbnail,
+            "dhash": self.dhash, "thumbnail": self.thumbnail, "box_dhashes": list(self.box_dhashes),
         }
 
     @classmethod
@@ -131,8 +134,11 @@ class ProductRecord:
         rows = d.get("references", [])
         if not isinstance(rows, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in rows):
             raise ValueError(f"product {product_id!r}: references {rows!r} is not a list of row numbers")
+        boxes = d.get("box_dhashes", [])
+        if not isinstance(boxes, list) or not all(isinstance(h, str) for h in boxes):
+            raise ValueError(f"product {product_id!r}: box_dhashes {boxes!r} is not a list of texts")
         return cls(product_id, texts["name"], texts["group"], texts["kind"], texts["code"],
-                   tuple(rows), texts["dhash"], texts["thumbnail"])
+                   tuple(rows), texts["dhash"], texts["thumbnail"], tuple(boxes))
 
 
 def products_fingerprint(product_ids) -> dict:
@@ -498,9 +504,10 @@ class ReferenceBundle:
             if record.thumbnail not in thumbs:
                 raise BundleFormatError(f"{path}: product {record.product_id!r} names thumbnail "
                                         f"{record.thumbnail!r}, which the manifest does not list")
-            if record.dhash and not _DHASH.match(record.dhash):
-                raise BundleFormatError(f"{path}: product {record.product_id!r} has a dhash "
-                                        f"{record.dhash!r} that is not hexadecimal")
+            for value in [record.dhash][:bool(record.dhash)] + list(record.box_dhashes):
+                if not _DHASH.match(value):
+                    raise BundleFormatError(f"{path}: product {record.product_id!r} has a dhash "
+                                            f"{value!r} that is not hexadecimal")
             for row in record.references:
                 if not 0 <= row < len(references) or owner[row] != -1:
                     raise BundleFormatError(f"{path}: product {record.product_id!r} names an "
@@ -667,7 +674,7 @@ def write_bundle(
         name = f"thumbs/{i:04d}.jpg"
         files[name] = thumb
         records.append(ProductRecord(**{**record.to_dict(), "references": tuple(record.references),
-                                        "thumbnail": name}))
+                                        "box_dhashes": tuple(record.box_dhashes), "thumbnail": name}))
     files[PRODUCTS_FILE] = json.dumps([r.to_dict() for r in records], ensure_ascii=False,
                                       indent=1).encode("utf-8")
     manifest = {

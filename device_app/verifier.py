@@ -30,6 +30,7 @@ from auditlens.device_app.imaging import (
     reduce_like_draft,
 )
 from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_of
+from auditlens.device_app.nearcopy import copies, dhash, trimmed_hashes
 from auditlens.device_app.preprocess import PreprocessSpec, moved_views, pool_views, to_photo_views
 from auditlens.device_app.quality import Quality, QualityThresholds, analysis_copy, assess
 from auditlens.device_app.search import ReferenceSearch
@@ -68,7 +69,8 @@ class VerifierOptions:
     quality: QualityThresholds = field(default_factory=QualityThresholds)
     """Limits of the capture-quality check."""
     near_duplicate_bits: int = 5
-    """A photo whose 64-bit dHash is within this many bits of the original's copies it."""
+    """A photo whose 64-bit dHash (of the frame, or of the frame with its plain borders
+    trimmed) is within this many bits of the original's copies it."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Refuse photos larger than this (decompression-bomb guard)."""
     max_file_bytes: int = 100 * 1024**2
@@ -186,6 +188,7 @@ class Capture:
     sha256: str
     quality: Quality
     dhash: str
+    """The whole frame's 64-bit difference hash (:mod:`.nearcopy`)."""
     image: Image.Image | None = None
     """The upright RGB photo (None when the caller asked not to keep it)."""
     latent: np.ndarray | None = None
@@ -198,6 +201,9 @@ class Capture:
     """The model that computed ``latent``; another verifier's model embeds it again."""
     spec: PreprocessSpec | None = None
     """The preprocessing ``views`` were made with; another bundle's makes them again."""
+    box_dhashes: tuple[str, ...] = ()
+    """The dHashes of the frame with its plain borders trimmed (a screenshot's canvas, a
+    frame): :func:`~auditlens.device_app.nearcopy.trimmed_hashes`."""
 
     def release_pixels(self) -> None:
         """Forget the pixels once the latent is known; quality, dHash and latent stay (a
@@ -265,13 +271,6 @@ def _read_stream(stream, max_bytes: int) -> bytes:
     return data
 
 
-def dhash(image: Image.Image) -> str:
-    """64-bit difference hash (hex) of an image: robust to resizing and re-encoding."""
-    grey = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
-    bits = (grey[:, 1:] > grey[:, :-1]).flatten()
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
-
-
 def far_share(far: float) -> str | None:
     """An estimated false-accept rate as people read it ("0.96%", "< 0.01%"); None when
     the score is above every impostor of the calibration (an estimate of 0, not a
@@ -288,10 +287,6 @@ def score_against_threshold(score: float, threshold: float, relation: str, *, wo
     while digits < 6 and f"{score:.{digits}f}" == f"{threshold:.{digits}f}":
         digits += 1
     return f"{word} {score:.{digits}f} {relation} threshold {threshold:.{digits}f}"
-
-
-def hamming(a: str, b: str) -> int:
-    return (int(a, 16) ^ int(b, 16)).bit_count()
 
 
 class Verifier:
@@ -407,7 +402,7 @@ class Verifier:
         small = analysis_copy(image)  # one small grey copy for both checks
         return Capture(to_photo_views(image, self.spec), digest,
                        assess(image, self.options.quality, analysed=small), dhash(small),
-                       image if keep_image else None, spec=self.spec)
+                       image if keep_image else None, spec=self.spec, box_dhashes=trimmed_hashes(small))
 
     def embed(self, capture: Capture) -> np.ndarray:
         """The capture's unit latent (computed once per capture and model). A capture
@@ -489,10 +484,12 @@ class Verifier:
         return float(np.interp(score, curve[:, 0], curve[:, 1]))
 
     def copies_original(self, capture: Capture, product_id: str) -> bool:
-        """Whether the photo reproduces the product's catalogue original (its dHash within
-        ``near_duplicate_bits``) instead of showing the product."""
+        """Whether the photo reproduces the product's catalogue original instead of showing
+        the product: a dHash of its frame, or of the frame with its plain borders trimmed,
+        within ``near_duplicate_bits`` of the original's (:mod:`.nearcopy`)."""
         record = self.bundle.product(product_id)
-        return bool(record.dhash) and hamming(capture.dhash, record.dhash) <= self.options.near_duplicate_bits
+        return bool(record.dhash) and copies((capture.dhash, *capture.box_dhashes),
+                                             (record.dhash, *record.box_dhashes), self.options.near_duplicate_bits)
 
     def retake_reasons(self, capture: Capture, product_id: str) -> list[str]:
         """Why the photo cannot be judged as ``product_id`` (a copy of its original, or a

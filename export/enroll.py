@@ -32,13 +32,14 @@ from auditlens.device_app.bundle import (
 )
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.interpreter import Encoder, EncoderOptions
+from auditlens.device_app.nearcopy import dhash, trimmed_hashes
 from auditlens.device_app.preprocess import (
     PreprocessSpec,
     pool_views,
     to_model_input,
     to_photo_views,
 )
-from auditlens.device_app.verifier import dhash
+from auditlens.device_app.quality import analysis_copy
 from auditlens.errors import (
     AuditlensError,
     BundleFormatError,
@@ -120,6 +121,7 @@ class _Loaded:
     model_input: np.ndarray
     thumbnail: bytes
     dhash: str
+    box_dhashes: tuple[str, ...]
 
 
 def _load_original(product, spec: PreprocessSpec, side: int) -> _Loaded:
@@ -128,7 +130,7 @@ def _load_original(product, spec: PreprocessSpec, side: int) -> _Loaded:
     thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     thumb.save(buf, "JPEG", quality=85)
-    return _Loaded(to_model_input(image, spec), buf.getvalue(), dhash(image))
+    return _Loaded(to_model_input(image, spec), buf.getvalue(), dhash(image), trimmed_hashes(analysis_copy(image)))
 
 
 def _load_photo(photo: LabelledPhoto, spec: PreprocessSpec) -> np.ndarray:
@@ -271,7 +273,7 @@ def enroll(
             photo_rows.append(rows[-1])
             photo_views.append(extra)
         records.append(ProductRecord(product.product_id, product.name, product.group, product.kind,
-                                     product.code, tuple(rows), item.dhash))
+                                     product.code, tuple(rows), item.dhash, box_dhashes=item.box_dhashes))
     # stacked one batch at a time: a whole-catalogue np.stack would double peak memory
     original_latents = np.concatenate([
         encoder.embed(np.stack(inputs[i:i + options.batch_size]), batch_size=options.batch_size)

@@ -445,6 +445,8 @@ def _rehashed(bundle: Path, name: str, data: bytes) -> None:
     (lambda p: p[0].update(product_id="../x"), "invalid product id '../x'"),
     (lambda p: p[0].update(name=None), "name is None, not text"),
     (lambda p: p.__setitem__(0, "Banana"), "a product entry is str, not an object"),
+    (lambda p: p[0].update(box_dhashes="1e06"), "box_dhashes '1e06' is not a list of texts"),
+    (lambda p: p[0].update(box_dhashes=["1e06", "xyz"]), "has a dhash 'xyz' that is not hexadecimal"),
 ])
 def test_products_of_the_wrong_type_are_refused_not_converted(tmp_path, bundle_dir, edit, why):
     """products.json re-hashed into the manifest: a row written as a string, a null id or

@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from auditlens.device_app.nearcopy import dhash, hamming
 from auditlens.device_app.verifier import (
     MATCH,
     NO_MATCH,
     RETAKE,
     Verifier,
     VerifierOptions,
-    dhash,
-    hamming,
 )
 from auditlens.errors import UnknownProductError
 
