@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -27,6 +28,12 @@ def test_demo_prints_matches_and_mismatches():
     out = run("demo", check_rc=0).stdout
     assert "MATCH" in out and "NO MATCH" in out
     assert "genuine photos accepted" in out
+    # the README shows the demo's output (some rows left out as "..."): it must be this one
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = next(b for b in re.findall(r"```\n(.*?)```", readme, flags=re.S) if "genuine photos accepted" in b)
+    printed = out.splitlines()
+    for line in shown.splitlines():
+        assert line in ("", "...") or line in printed, f"README's demo line is not what demo prints: {line}"
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
