@@ -426,6 +426,26 @@ def _score_pairs(pairs, verifier, rows: list[list[str]], progress: bool, stopped
     return len(captures), errors
 
 
+def _keep_rows(out: Path, write, what: str) -> None:
+    """``write`` the rows scored so far to OUT.partial.csv beside OUT or, when that fails
+    too (the disk is full), in the temporary folder, and say where they are."""
+    import tempfile
+
+    name = f"{out.stem}.partial{out.suffix}"
+    failure: OSError | None = None
+    for partial in (out.with_name(name), Path(tempfile.gettempdir()) / name):
+        try:
+            write(partial)
+        except OSError as exc:
+            failure = exc
+            continue
+        print(f"auditlens: {what}; those rows are in {partial}", file=sys.stderr)
+        return
+    where = f"{failure.filename}: " if failure.filename else ""
+    print(f"auditlens: {what}; those rows could not be kept either ({where}{failure.strerror or failure})",
+          file=sys.stderr)
+
+
 def _run_score(args) -> int:
     from auditlens.catalog import read_labelled_photos
     from auditlens.files import atomic_write, check_output_file
@@ -446,12 +466,13 @@ def _run_score(args) -> int:
         with _sigterm_interrupts() as stopped:  # `timeout`, systemd and CI cancel with SIGTERM, not Ctrl-C
             photos, errors = _score_pairs(pairs, verifier, rows, not args.no_progress, stopped)
     except BaseException:  # interrupted, or a fault: keep what was scored, apart from OUT
-        partial = args.out.with_name(f"{args.out.stem}.partial{args.out.suffix}")
-        write(partial)
-        print(f"auditlens: stopped after {len(rows)} of {len(pairs)} pairs; those rows are in {partial}",
-              file=sys.stderr)
+        _keep_rows(args.out, write, f"stopped after {len(rows)} of {len(pairs)} pairs")
         raise
-    write(args.out)
+    try:
+        write(args.out)
+    except OSError:  # a full disk, a folder made read-only while scoring
+        _keep_rows(args.out, write, f"scored {len(rows)} pairs, but could not write {args.out}")
+        raise
     print(f"{len(pairs) - errors} of {len(pairs)} pairs scored ({photos} distinct photos"
           + (f"; {errors} could not be: see their error column" if errors else "") + f") into {args.out}")
     return EXIT_OK if not errors else EXIT_ERROR

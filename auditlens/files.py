@@ -21,7 +21,10 @@ def atomic_write(path: str | os.PathLike, *, newline: str | None = None,
     success it is flushed to disk and renamed over ``path``, on any error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from exc
     try:
         with (os.fdopen(fd, "wb") if binary else
               os.fdopen(fd, "w", encoding="utf-8", newline=newline)) as fh:
@@ -30,10 +33,23 @@ def atomic_write(path: str | os.PathLike, *, newline: str | None = None,
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary files to share
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename not in (None, tmp):
+            raise  # another file's error, raised by the caller's own code
+        raise _naming(exc, path) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)  # the rename itself survives a power cut, not only the bytes
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """The same error (a full disk, a folder without write permission) naming the file
+    being written instead of its hidden temporary name, or none."""
+    if exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, f"cannot write it: {exc.strerror}", str(path))
 
 
 def fsync_dir(path: Path) -> None:
@@ -53,8 +69,9 @@ def fsync_dir(path: Path) -> None:
 def check_output_file(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (),
                       make_folder: bool = False) -> Path:
     """Refuse, before any work, a file output whose path is a folder, has no folder (unless
-    ``make_folder``: :func:`atomic_write` will make it), or is one of the command's
-    ``inputs`` (writing it would replace what is being read)."""
+    ``make_folder``: :func:`atomic_write` will make it), lies in a folder this user cannot
+    write to, or is one of the command's ``inputs`` (writing it would replace what is being
+    read)."""
     path = Path(path)
     for given in inputs:
         if path.exists() and Path(given).exists() and path.samefile(given):
@@ -64,6 +81,8 @@ def check_output_file(path: str | os.PathLike, *, inputs: tuple[str | os.PathLik
     check_not_under_a_file(path)
     if not make_folder and not path.parent.is_dir():
         raise OutputPathError(f"{path}: the folder {path.parent} does not exist")
+    if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{path}: the folder {path.parent} is not writable; choose another path")
     return path
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import re
 import shlex
 import shutil
@@ -156,6 +157,37 @@ def test_score_interrupted_keeps_the_rows_it_scored(tmp_path, sample_photos, mon
     kept = list(csv.DictReader((tmp_path / "scores.partial.csv").open()))
     assert [r["product_id"] for r in kept] == [p.product_id for p in sample_photos[:3]]
     assert all(-1 <= float(r["score"]) <= 1 for r in kept)
+
+
+def test_score_that_cannot_write_its_output_names_it_and_says_what_became_of_the_rows(tmp_path, sample_photos):
+    """The disk fills while `score` runs (here a 1,500-byte file-size limit): the error
+    names OUT, not its hidden temporary file, says where the scored rows went (nowhere: the
+    partial copies fail too), exits 2 without a traceback and leaves no temporary file."""
+    import resource
+
+    pairs = write_csv(tmp_path / "pairs.csv", ["photo", "product_id"],
+                      [[p.photo, p.product_id] for p in sample_photos])
+    out = tmp_path / "out" / "scores.csv"
+    out.parent.mkdir()
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))  # noqa: E731
+    proc = subprocess.run([sys.executable, "-m", "auditlens.cli", "score", "--pairs", str(pairs), "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=300, preexec_fn=limit,
+                          env={**os.environ, "TMPDIR": str(tmp_path / "out")})
+    assert proc.returncode == 2, proc.stderr
+    assert f"scored {len(sample_photos)} pairs, but could not write {out}" in proc.stderr
+    assert (f"those rows could not be kept either ({out.parent / 'scores.partial.csv'}: cannot write it: "
+            "File too large)") in proc.stderr
+    assert f"auditlens: error: {out}: cannot write it: File too large" in proc.stderr
+    assert "Traceback" not in proc.stderr and list(out.parent.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_an_output_in_a_folder_without_write_permission_is_refused_before_any_work(tmp_path, sample_photos):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    pairs = write_csv(tmp_path / "pairs.csv", ["photo", "product_id"], [[sample_photos[0].photo, "Banana"]])
+    proc = run("score", "--pairs", pairs, "--out", locked / "scores.csv", check_rc=2)
+    assert "is not writable" in proc.stderr and "scored" not in proc.stderr
 
 
 def test_enroll_then_info_and_identify(tmp_path, sample_photos):
