@@ -249,6 +249,18 @@ def storable_text(value) -> str:
     return _SURROGATES.sub("\ufffd", str(value))
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_text(value: str) -> str:
+    """Free text (an auditor's or device's name) for a CSV cell that a spreadsheet may
+    open: text that starts as a formula would (``= + - @``, a tab or a carriage return)
+    gets a leading apostrophe, so the spreadsheet shows it and does not run it (CSV
+    injection, e.g. an auditor named ``=HYPERLINK(...)``). The log and the JSON export
+    keep the text as it was typed."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
 def verdict_text(verdict_d: dict) -> str:
     return storable_text(json.dumps(verdict_d, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                             default=str))

@@ -95,6 +95,7 @@ from auditlens.device_app.auditchain import (
     record_hash,
     signed_message,
     sniffed_mime,
+    spreadsheet_text,
     storable_text,
     trusted_keys,
     verdict_contradiction,
@@ -785,7 +786,8 @@ class AuditLog:
         """One row per record (no photo bytes; the photo's sha256 identifies it; the
         fingerprint of the key that signed it, if one did; the verdict's bundle id and,
         when a second look decided, its first score). The whole chain is checked first,
-        as for the other exports."""
+        as for the other exports. An auditor's or device's name that a spreadsheet would
+        run as a formula is written with a leading apostrophe (:func:`spreadsheet_text`)."""
         from auditlens.device_app.signing import fingerprint_hex
 
         path = self.check_export_path(path, ".csv")
@@ -796,11 +798,13 @@ class AuditLog:
             writer.writerow(CSV_COLUMNS)
             for r in self.iter_records():
                 row = r.to_dict(verdict=False)
-                row["reasons"] = " | ".join(r.reasons)
+                row["reasons"] = spreadsheet_text(" | ".join(r.reasons))
+                for name in ("auditor", "device"):
+                    row[name] = spreadsheet_text(row[name])
                 row["signed_by"] = fingerprint_hex(r.signer) if r.signer else ""
                 row["score"] = f"{r.score:.6f}"
                 row["threshold"] = f"{r.threshold:.6f}"
-                row["bundle_id"] = storable_text(r.verdict_value("bundle_id", ""))
+                row["bundle_id"] = spreadsheet_text(storable_text(r.verdict_value("bundle_id", "")))
                 for name in ("first_score", "first_threshold"):
                     value = r.verdict_value(name)
                     row[name] = f"{value:.6f}" if isinstance(value, float) else ""
@@ -875,7 +879,7 @@ class AuditLog:
                     name = f"{r.id:06d}.{PHOTO_SUFFIX.get(sniffed_mime(photo), 'bin')}"
                     _write_synced(staging / name, photo)
                     writer.writerow([name, r.product_id, r.decision, f"{r.score:.6f}",
-                                     f"{r.threshold:.6f}", r.id, r.created_utc, r.auditor,
+                                     f"{r.threshold:.6f}", r.id, r.created_utc, spreadsheet_text(r.auditor),
                                      r.photo_sha256])
                 f.flush()
                 os.fsync(f.fileno())

@@ -509,6 +509,27 @@ def test_append_refuses_a_photo_other_than_the_judged_one(log_path, sample_bundl
             log.append(from_pixels, photo=jpeg(), auditor="a")
 
 
+def test_names_a_spreadsheet_would_run_are_exported_to_csv_as_text(log_path, tmp_path):
+    """An auditor or device named like a formula (CSV injection): the CSV exports write it
+    with a leading apostrophe, which a spreadsheet shows instead of running; the JSON
+    export and the chain keep the name as typed; a name with a hyphen inside is unchanged."""
+    names = ['=HYPERLINK("http://example.invalid","click")', "@SUM(1+1)", "+1-2", "-x", "\tcmd", "Ann-Marie"]
+    with AuditLog(log_path, device="=cmd|' /C calc'!A0") as log:
+        for i, name in enumerate(names):
+            log.append(make_verdict(i, "match"), photo=jpeg(colour=(200, 30 + i, 30)), auditor=name)
+        log.export_csv(tmp_path / "out.csv")
+        log.export_json(tmp_path / "out.json")
+        log.export_photos(tmp_path / "photos")
+    rows = list(csv.DictReader(open(tmp_path / "out.csv", newline="", encoding="utf-8")))
+    assert [r["auditor"] for r in rows] == ["'" + n for n in names[:-1]] + ["Ann-Marie"]
+    assert {r["device"] for r in rows} == {"'=cmd|' /C calc'!A0"}
+    assert [r["score"] for r in rows] == [f"{0.7 + i / 1000:.6f}" for i in range(len(names))]  # numbers untouched
+    photos = list(csv.DictReader(open(tmp_path / "photos" / "photos.csv", newline="", encoding="utf-8")))
+    assert [r["auditor"] for r in photos] == [r["auditor"] for r in rows]
+    data = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert [r["auditor"] for r in data["records"]] == names
+
+
 def test_exports(log_path, tmp_path, capsys):
     with AuditLog(log_path) as log:
         log.append(make_verdict(1, "match"), photo=jpeg(), auditor="Åsa Öberg")
