@@ -161,7 +161,16 @@ def _csv_rows(fh, path: Path, required: tuple[str, ...], expected: str,
                            f"found the header {header.strip()[:200]!r}")
     unknown = [raw.strip() for raw, name in zip(found, reader.fieldnames)
                if known is not None and name and name not in known]
-    return [(reader.line_num, row) for row in reader], unknown
+    rows = []
+    for row in reader:
+        extra = row.get(None)  # DictReader keeps fields past the header's under None
+        if extra is not None and any(str(v).strip() for v in extra):
+            raise CatalogError(
+                f"{path}:{reader.line_num}: {len(found) + len(extra)} fields where the header has {len(found)} "
+                f"(the extra: {', '.join(map(repr, extra))[:200]}): a comma inside a value? Quote the value "
+                "(\"Lemon,Big\") or remove the comma")
+        rows.append((reader.line_num, row))
+    return rows, unknown
 
 
 CSV_COLUMNS = ("product_id", "image", "name", "group", "kind", "code")

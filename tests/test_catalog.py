@@ -192,3 +192,19 @@ def test_columns_a_catalogue_does_not_read_are_named_once(tmp_path, capsys):
     assert main(["enroll", str(tmp_path / "c.csv"), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert err.count("not read: a catalogue's columns are product_id, image, name, group, kind, code") == 1
+
+
+def test_a_row_with_more_fields_than_its_header_is_refused_not_cut(tmp_path):
+    """An unquoted comma in an id (``Lemon,Big,originals/Lemon.jpg`` under a two-column
+    header) used to drop the last field and report the image ``Big`` missing."""
+    from auditlens.catalog import open_catalog, read_labelled_photos
+
+    product_image(0).save(tmp_path / "Lemon.jpg")
+    (tmp_path / "catalog.csv").write_text("product_id,image\nLemon,Big,Lemon.jpg\n")
+    with pytest.raises(CatalogError, match=r"catalog.csv:2: 3 fields where the header has 2 .*Quote the value"):
+        open_catalog(tmp_path / "catalog.csv")
+    (tmp_path / "photos.csv").write_text("photo,product_id\nLemon.jpg,Lemon,Big\n")
+    with pytest.raises(CatalogError, match=r"photos.csv:2: 3 fields where the header has 2"):
+        read_labelled_photos(tmp_path / "photos.csv")
+    (tmp_path / "trailing.csv").write_text("product_id,image\nLemon,Lemon.jpg,\n")  # an empty extra field
+    assert [p.product_id for p in open_catalog(tmp_path / "trailing.csv")] == ["Lemon"]
