@@ -718,6 +718,23 @@ def is_signed(path: str | os.PathLike) -> bool:
         return False
 
 
+def calibration_of(path: str | os.PathLike) -> dict | None:
+    """The decision of the bundle at ``path`` when it holds a calibrated threshold (one
+    with a target false-accept rate), else None; None too when there is no readable bundle
+    there (its own checks come when it is loaded)."""
+    path = Path(path)
+    source = None
+    try:
+        source = _FolderSource(path) if path.is_dir() else _ZipSource(path)
+        decision = json.loads(source.read(MANIFEST)).get("decision")
+    except (BundleError, OSError, ValueError, AttributeError, zipfile.BadZipFile):
+        return None
+    finally:
+        if source is not None:
+            source.close()
+    return decision if isinstance(decision, dict) and decision.get("target_far") else None
+
+
 def check_replaceable(out: str | os.PathLike, *, advice: str = "choose another --out or remove it") -> None:
     """Raise :class:`BundleError` (an ``OutputPathError`` when ``out`` lies under a plain
     file) unless writing a bundle to ``out`` would replace nothing

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from auditlens.catalog import Catalog, LabelledPhoto
 from auditlens.device_app.bundle import (
     ProductRecord,
+    calibration_of,
     check_decision,
     check_replaceable,
     is_signed,
@@ -42,6 +43,7 @@ from auditlens.device_app.preprocess import (
 from auditlens.device_app.quality import analysis_copy
 from auditlens.errors import (
     AuditlensError,
+    BundleError,
     BundleFormatError,
     BundleSignatureError,
     CatalogError,
@@ -133,6 +135,43 @@ def _load_original(product, spec: PreprocessSpec, side: int) -> _Loaded:
     return _Loaded(to_model_input(image, spec), buf.getvalue(), dhash(image), trimmed_hashes(analysis_copy(image)))
 
 
+def _check_calibration_kept(out, replaced: dict | None, decision: dict) -> None:
+    """Refuse to replace a bundle whose threshold was calibrated (for it, or carried from
+    a model card) by one that would judge with another: the calibration is lost in silence
+    otherwise (re-enrolling to add a product after `calibrate` wrote the threshold into the
+    bundle alone)."""
+    same = ("threshold", "target_far", "calibrated_on")
+    if replaced is None or all(replaced.get(k) == decision.get(k) for k in same):
+        return
+    now = (f"the threshold {decision['threshold']:.4f}, " + (
+        f"calibrated on {decision['calibrated_on']}" if decision.get("target_far") else
+        "set by hand" if decision.get("calibrated_on") else "not calibrated"))
+    raise BundleError(
+        f"{out} holds a threshold calibrated for a {replaced['target_far']:g} false-accept rate "
+        f"({replaced['threshold']:.4f}, on {replaced.get('calibrated_on')}); the bundle enrolled now would "
+        f"judge with {now}. Replacing it would lose that calibration: enroll to another --out and run "
+        "`auditlens calibrate` on it (or calibrate with --model-card, so that enrolments carry the "
+        f"threshold), or remove {out} first; nothing was written")
+
+
+def _check_spread(original_latents: np.ndarray, model_id: str) -> None:
+    """Refuse a model that gives every original nearly the same latent (one trained for
+    too short a time, or diverged): any photo would score about 1 against any product, a
+    MATCH at an uncalibrated threshold. Two products may legitimately look alike (two sizes
+    of one carton), so it takes three or more."""
+    from auditlens.evaluation.metrics import COLLAPSED_SCORE, mean_cross_cosine
+
+    if len(original_latents) < 3:
+        return
+    spread = mean_cross_cosine(original_latents)
+    if spread >= COLLAPSED_SCORE:
+        raise ModelError(
+            f"model {model_id} gives every original nearly the same latent (mean cosine "
+            f"{spread:.4f} between different products; a trained model gives about 0): it cannot tell "
+            "products apart, and any photo would MATCH any product. Train it longer (--epochs, "
+            "--steps-per-epoch) or check why the run diverged; nothing was written")
+
+
 def _load_photo(photo: LabelledPhoto, spec: PreprocessSpec) -> np.ndarray:
     try:
         return to_photo_views(load_image(photo.photo, draft=spec.draft_size), spec)
@@ -176,6 +215,7 @@ def enroll(
     any work.
     """
     check_replaceable(out)
+    replaced_calibration = calibration_of(out)
     if signing_key is None and not drop_signature and is_signed(out):
         raise BundleSignatureError(
             f"{out} holds a signed bundle; replacing it unsigned would drop the publisher's "
@@ -280,6 +320,7 @@ def enroll(
         for i in tqdm(range(0, len(inputs), options.batch_size), desc="embedding", unit="batch",
                       disable=not options.progress)
     ])
+    _check_spread(original_latents, encoder.model_id)
     latents = np.empty((len(inputs) + len(photo_views), encoder.latent_dim), np.float32)
     is_photo = np.zeros(len(latents), bool)
     is_photo[photo_rows] = True
@@ -321,6 +362,7 @@ def enroll(
     if warn and not decision.get("target_far") and not decision.get("calibrated_on"):
         warn(f"the threshold {decision['threshold']:.3f} is not calibrated ({why}): run "
              "`auditlens calibrate` on labelled photos before field use")
+    _check_calibration_kept(out, replaced_calibration, decision)
     return write_bundle(
         out, model_content=content, spec=spec, products=records, references=latents,
         thumbnails=[item.thumbnail for item in loaded if item is not None], decision=decision,

@@ -190,9 +190,24 @@ class ExportReport:
     """Of those pairs, how many land on the other side of ``flip_threshold`` than Keras put them."""
     flip_threshold: float = DEFAULT_THRESHOLD
     """The uncalibrated default threshold of a bundle (the calibrated one comes later)."""
+    cross_cosine: float | None = None
+    """Mean Keras cosine between *different* compared images: near 1, the encoder gives
+    every image the same latent (:func:`collapse_note`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def collapse_note(report: ExportReport) -> str | None:
+    """What to tell an engineer whose encoder gives every compared image nearly the same
+    latent (a drift check then passes, at cosine 1, on a model that tells nothing apart)."""
+    from auditlens.evaluation.metrics import COLLAPSED_SCORE
+
+    if report.cross_cosine is None or report.cross_cosine < COLLAPSED_SCORE:
+        return None
+    return (f"the encoder gives every image nearly the same latent (mean cosine {report.cross_cosine:.4f} "
+            f"between different images of the {report.n_images} compared, a trained model's is far lower): "
+            "its drift figures say nothing, and enroll refuses it; train it longer")
 
 
 def spread_indices(n: int, k: int) -> np.ndarray:
@@ -308,6 +323,12 @@ def _both_latents(encoder, content: bytes, images: np.ndarray) -> tuple[np.ndarr
         for i in range(0, len(images), 64)
     ])
     return keras_latents, run_tflite(content, images)
+
+
+def _cross_cosine(latents: np.ndarray) -> float | None:
+    from auditlens.evaluation.metrics import mean_cross_cosine
+
+    return None if len(latents) < 3 else mean_cross_cosine(l2_normalize(latents))
 
 
 def _reference_check(encoder, content: bytes, references: np.ndarray | None,
@@ -475,7 +496,7 @@ def export_encoder(
         input_quantization=_quant_params(inp), output_quantization=_quant_params(out),
         latency_ms_median=median_latency_ms(content, compare[0]),
         convert_seconds=round(convert_seconds, 2), float_ops=config.float_ops,
-        compared_on=compared_on, **checked,
+        compared_on=compared_on, cross_cosine=_cross_cosine(keras_latents), **checked,
     )
     if report.references and report.reference_worst_cosine < config.min_worst_cosine:
         raise ModelError(
@@ -721,6 +742,9 @@ def run_export(args: argparse.Namespace) -> int:
               f"99th percentile, {report.score_error_max:.4f} at most; {report.decisions_flipped} of "
               f"{report.decision_pairs} pairs change side of the default threshold {report.flip_threshold}")
     print(f"model card: {card_path}")
+    note = collapse_note(report)
+    if note:
+        print(f"auditlens: warning: {note}", file=sys.stderr)
     return 0
 
 

@@ -490,3 +490,19 @@ def test_repeated_rows_count_once_and_evaluating_on_the_calibration_photos_is_fl
     report = evaluate(bundle_copy, tmp_path / "renamed.csv", None, progress=False, plots=False, verbose=False)
     assert report["counts"]["photo_rows_contradictory"] == 2 and report["counts"]["photos_scored"] == 15
     assert "2 labelled with two products (left out)" in describe(report)
+
+
+def test_enrolling_again_over_a_bundle_calibrated_for_itself_is_refused(tmp_path, bundle_copy, sample_photos,
+                                                                        capsys):
+    """A threshold written into the bundle alone (no --model-card) is not in the card that
+    a new enrolment takes its threshold from: enrolling over it (to add a product) would
+    drop the calibration in silence. The shipped sample, whose threshold is the card's, is
+    enrolled over as before."""
+    calibrate(bundle_copy, sample_photos, 0.1, progress=False)
+    calibrated = (bundle_copy / "manifest.json").read_bytes()
+    assert main(["enroll", str(SAMPLE / "catalog.csv"), "--out", str(bundle_copy), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a threshold calibrated for a 0.1 false-accept rate" in err and "would lose that calibration" in err
+    assert (bundle_copy / "manifest.json").read_bytes() == calibrated
+    assert main(["enroll", str(SAMPLE / "catalog.csv"), "--out", str(tmp_path / "fresh"), "--no-progress"]) == 0
+    assert main(["enroll", str(SAMPLE / "catalog.csv"), "--out", str(tmp_path / "fresh"), "--no-progress"]) == 0

@@ -133,3 +133,13 @@ def test_empty_and_invalid_inputs_fail_clearly():
 def test_probit():
     assert m.probit(0.5) == pytest.approx(0.0)
     assert m.probit([0.025, 0.975]) == pytest.approx([-1.959964, 1.959964], abs=1e-5)
+
+
+def test_mean_cross_cosine_is_the_mean_over_pairs_of_different_rows():
+    from auditlens.evaluation.metrics import mean_cross_cosine
+
+    rows = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # cosines 1, 0, 0 between different rows
+    assert mean_cross_cosine(rows) == pytest.approx(1 / 3)
+    assert mean_cross_cosine(np.array([[0.6, 0.8], [-0.6, -0.8]])) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="two rows"):
+        mean_cross_cosine(np.array([[1.0, 0.0]]))

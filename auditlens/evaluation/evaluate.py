@@ -189,10 +189,6 @@ def draw_spread(draws: Sequence[Pairs], masks: dict[str, np.ndarray], seed: int)
 FEW_PHOTOS = 100
 """Below this many scored photos the report warns that its figures say little."""
 
-COLLAPSED_SCORE = 0.98
-"""A mean score against *other* products this high: the encoder maps everything to one
-point (the shipped model scores other products about 0 on average over grocery-dev's val
-photos)."""
 
 
 def _without_curves(decision: dict) -> dict:
@@ -247,7 +243,7 @@ def _warnings(report: dict, photos: list[LabelledPhoto], embedded, bundle) -> li
     copies = int((own >= COPY_SCORE).sum())
     others = embedded.scores.size - own.size  # each photo's scores against the other products
     others_mean = float((embedded.scores.sum(dtype=np.float64) - own.sum(dtype=np.float64)) / others) if others else 0.0
-    if others_mean >= COLLAPSED_SCORE:
+    if others_mean >= metrics.COLLAPSED_SCORE:
         notes.append(f"photos score {others_mean:.3f} on average against the other products, "
                      "about as high as against their own: the encoder gives every image nearly the same "
                      "latent (a run too short, or one that diverged); these figures measure nothing yet")
