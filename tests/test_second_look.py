@@ -99,6 +99,11 @@ def test_evaluate_scores_each_pair_as_the_verifier_decides_it(tmp_path, looked):
                       verbose=False)
     assert report["second_look"]["share_of_genuine_pairs"] == 1.0
     assert "far_curve" not in report["decision"]["second_look"]
+    # 16 photos give fewer than 100 impostor pairs: no TAR at FAR 1%, for the first look either
+    assert report["overall"]["all"]["tar_at_far_1%"] is None and report["second_look"]["first_look"]["tar_at_far_1%"] is None
+    from auditlens.evaluation.evaluate import describe
+
+    assert "first look alone: EER" in describe(report) and "TAR at FAR 1% -;" in describe(report)
     v = Verifier(looked, QUIET)
     with open(tmp_path / "ev" / "pairs.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -210,7 +210,8 @@ def second_look_report(look, embedded: Embedded, pairs: Pairs, threshold: float)
         "share_of_genuine_pairs": _f(taken[pairs.genuine].mean()) if genuine.size else None,
         "share_of_impostor_pairs": _f(taken[pairs.impostor].mean()) if impostor.size else None,
         "first_look": {"eer": _f(metrics.eer(genuine, impostor).eer) if both else None,
-                       "tar_at_far_1%": _f(metrics.tar_at_far(genuine, impostor, 0.01)[0]) if both else None,
+                       "tar_at_far_1%": (_f(metrics.tar_at_far(genuine, impostor, 0.01)[0])  # as summarize:
+                                         if both and 0.01 * impostor.size >= 1 else None),  # resolved only
                        "far_at_threshold": _f((impostor >= threshold).mean()) if impostor.size else None,
                        "tar_at_threshold": _f((genuine >= threshold).mean()) if genuine.size else None},
     }
@@ -769,8 +770,9 @@ def _second_look_lines(report: dict) -> list[str]:
     return [f"second look (views moved by {look['photo_shift']:g}) at first scores within {look['band']:g} "
             f"of the threshold: {look['share_of_genuine_pairs']:.1%} of genuine, "
             f"{look['share_of_impostor_pairs']:.1%} of impostor pairs",
-            f"first look alone: EER {first['eer']:.2%}, TAR at FAR 1% {first['tar_at_far_1%']:.2%}; at the "
-            f"threshold FAR {first['far_at_threshold']:.2%}, FRR {1 - first['tar_at_threshold']:.2%}",
+            f"first look alone: EER {first['eer']:.2%}, TAR at FAR 1% "
+            + ("-" if first["tar_at_far_1%"] is None else f"{first['tar_at_far_1%']:.2%}")
+            + f"; at the threshold FAR {first['far_at_threshold']:.2%}, FRR {1 - first['tar_at_threshold']:.2%}",
             "the table scores each pair as the verdict does: a TAR at FAR 1% swept over these scores "
             "counts the second look only near the bundle's threshold, so for a set whose 1% point "
             "lies elsewhere (a kind) read its rates at the threshold"]
