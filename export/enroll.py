@@ -242,6 +242,9 @@ def enroll(
                      else PreprocessSpec(encoder.input_size))
         if card.get("decision") is not None:
             check_decision(card["decision"], model_path, "its decision", spec=card_spec)
+        if card_spec.input_size != encoder.input_size:
+            raise ValueError(f"it gives an input of {card_spec.input_size} px, but the model takes "
+                             f"{encoder.input_size} px: they do not belong together (export writes a model's card)")
     except (ValueError, KeyError, TypeError, BundleFormatError) as exc:
         raise ModelError(f"the model card beside {model_path} is not usable ({exc!s}); repair it, or "
                          "move it away to go on without one") from exc

@@ -287,6 +287,7 @@ def test_enrol_refuses_an_unreadable_model_card_and_ignores_another_models_decis
     (lambda c: c.update(preprocess={}), "input_size"),
     (lambda c: c["decision"].update(threshold=2), "its decision.threshold 2 is not a cosine"),
     (lambda c: c["decision"].update(far_curve=[[0.1, 0.5], [0.2, 0.9]]), "falling false-accept rates"),
+    (lambda c: c["preprocess"].update(input_size=96), "gives an input of 96 px, but the model takes 128 px"),
 ])
 def test_enrol_refuses_a_model_card_with_unusable_values(tmp_path, shipped_model, edit, why):
     """A card that reads as JSON but holds values no bundle may carry is refused before any
