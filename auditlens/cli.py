@@ -236,7 +236,8 @@ def _format_verdict(v) -> str:
     from auditlens.device_app.verifier import far_share
 
     line = f"{v.decision.upper().replace('_', ' '):8s} {v.product_id}  score {v.score:.3f} (threshold {v.threshold:.3f}"
-    if v.estimated_far is not None and v.decision != "retake":  # a RETAKE was not judged
+    if v.estimated_far is not None and v.decision == "match":  # the risk of the acceptance: a
+        # rejected or unjudged photo accepts nothing (its rate is in --json)
         share = far_share(v.estimated_far)
         line += (", above every calibration impostor" if share is None  # not a certainty
                  else f", est. false-accept {share}")
