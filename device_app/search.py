@@ -301,8 +301,8 @@ class ReferenceSearch:
     def top_k(self, latent: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best products for ``latent``: (product indices, exact cosines), best
         first; equal scores in product order."""
-        if int(k) < 1:
-            raise ValueError(f"top_k must be at least 1, not {k}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"top_k must be a whole number of at least 1, not {k!r}")
         k = min(int(k), self.num_products)
         if self.index is None:
             scores = self.product_scores(latent)

@@ -361,7 +361,12 @@ class Verifier:
         """Decode a photo (path, bytes, file, PIL image or grey/RGB/RGBA array) for scoring.
 
         ``keep_image=False`` drops the decoded pixels once the model input, quality and
-        dHash are computed (batch scoring keeps thousands of captures).
+        dHash are computed (batch scoring keeps thousands of captures). A second look
+        needs them: a capture without them is judged by its first look alone, near the
+        threshold too, and its verdict says so. To keep memory flat and the second look,
+        keep the image, :meth:`embed` the capture, call :meth:`embed_second_look` when
+        :meth:`takes_second_look` says so for its score, then :meth:`Capture.release_pixels`
+        (as ``auditlens score`` does).
 
         A PIL image is taken as a decoded file: its EXIF orientation is applied. An image
         the caller turned upright by hand must not carry the tag any more (turn it with

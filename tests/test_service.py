@@ -248,3 +248,29 @@ def test_enrolling_with_a_model_that_cannot_be_read_is_a_model_error(tmp_path):
         with pytest.raises(ModelError, match=f"cannot read the model file: {why}"):
             enroll(catalog, tmp_path / "b", model=model)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("top_k", [0, -1, None, "3", 2.5, True])
+def test_a_top_k_that_is_not_a_whole_number_of_at_least_one_is_a_value_error(verifier, sample_photos, top_k):
+    """`identify(top_k=None)` raised a TypeError from deep inside, not the ValueError the
+    README promises for a wrong argument."""
+    capture = verifier.prepare(sample_photos[0].photo)
+    with pytest.raises(ValueError, match="top_k must be a whole number of at least 1"):
+        verifier.identify(capture, top_k=top_k)
+    assert len(verifier.identify(capture, top_k=np.int64(2))) == 2
+
+
+def test_a_capture_without_its_pixels_is_judged_by_its_first_look_and_says_so(verifier, sample_photos):
+    """Near the threshold the second look needs the pixels: keep_image=False judges by the
+    first look (as documented); the embed, look, release order keeps the look."""
+    photo = next(p for p in sample_photos if verifier.takes_second_look(
+        verifier.score(verifier.embed(verifier.prepare(p.photo)), p.product_id)))
+    whole = verifier.verify(photo.photo, photo.product_id)
+    bare = verifier.verify(verifier.prepare(photo.photo, keep_image=False), photo.product_id)
+    assert whole.first_score is not None and bare.first_score is None
+    assert "no second look, the capture's pixels were released" in bare.reasons[0]
+    capture = verifier.prepare(photo.photo)
+    verifier.embed_second_look(capture)
+    capture.release_pixels()
+    kept = verifier.verify(capture, photo.product_id)
+    assert (kept.score, kept.decision, kept.first_score) == (whole.score, whole.decision, whole.first_score)
