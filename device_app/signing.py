@@ -81,6 +81,17 @@ def _as_bytes(key: bytes | bytearray | str | os.PathLike) -> bytes:
     raise BundleSignatureError(f"a key must be bytes or text, not {type(key).__name__}")
 
 
+def _path_hint(key) -> str:
+    """A hint when a key given as text is the name of a file (text is read as the key)."""
+    if isinstance(key, str) and len(key) < 4096 and "\n" not in key:
+        try:
+            if Path(key).is_file():
+                return f"; {key!r} names a file: pass it as a path, pathlib.Path({key!r})"
+        except (OSError, ValueError):
+            pass
+    return ""
+
+
 def _hex32(data: bytes) -> bytes | None:
     text = data.strip()
     if len(text) != 2 * KEY_SIZE:
@@ -128,7 +139,7 @@ def load_private_key(private_key: bytes | str | os.PathLike):
     if raw is None:
         raise BundleSignatureError(
             f"the private key is neither PEM, 32 raw bytes nor 64 hex digits ({len(data)} bytes)"
-        )
+            + _path_hint(private_key))
     return ed25519.Ed25519PrivateKey.from_private_bytes(raw)
 
 
@@ -152,7 +163,7 @@ def load_public_key(public_key: bytes | str | os.PathLike):
     if raw is None:
         raise BundleSignatureError(
             f"the public key is neither PEM, 32 raw bytes nor 64 hex digits ({len(data)} bytes)"
-        )
+            + _path_hint(public_key))
     try:
         return ed25519.Ed25519PublicKey.from_public_bytes(raw)
     except ValueError as exc:

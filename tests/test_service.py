@@ -62,6 +62,11 @@ def test_a_preloaded_bundle_is_held_to_the_publisher_key(tmp_path, shipped_model
     accepted = Verifier(ReferenceBundle.load(signed, public_key=public.read_bytes()),
                         public_key=public.read_bytes())
     assert accepted.bundle.signed_by and len(accepted.bundle.products) == 10
+    # the key file's name, as the command line takes it: as text it is read as the key,
+    # so the refusal says to pass a path; a Path is read
+    with pytest.raises(BundleSignatureError, match=r"names a file: pass it as a path, pathlib.Path"):
+        Verifier(signed, public_key=str(public))
+    assert Verifier(signed, public_key=public).bundle.signed_by == accepted.bundle.signed_by
 
 
 def test_one_photo_scores_alike_from_a_file_bytes_a_stream_a_pil_image_and_an_array(verifier, big_photo, tmp_path):
