@@ -88,6 +88,12 @@ class Catalog(Sequence[Product]):
                     f"{source}: product id {product.product_id!r} appears more than once"
                 )
             self._index[product.product_id] = i
+        by_case: dict[str, str] = {}
+        for product in self._products:
+            first = by_case.setdefault(product.product_id.casefold(), product.product_id)
+            if first != product.product_id:  # allowed (ids are case-sensitive), but rarely meant
+                self.notes.append(f"{source}: product ids {first!r} and {product.product_id!r} differ only in "
+                                  "case: they are two products, and a field auditor picks one by its id")
         codes: dict[str, str] = {}
         for product in self._products:
             if product.code and codes.setdefault(product.code, product.product_id) != product.product_id:

@@ -208,3 +208,13 @@ def test_a_row_with_more_fields_than_its_header_is_refused_not_cut(tmp_path):
         read_labelled_photos(tmp_path / "photos.csv")
     (tmp_path / "trailing.csv").write_text("product_id,image\nLemon,Lemon.jpg,\n")  # an empty extra field
     assert [p.product_id for p in open_catalog(tmp_path / "trailing.csv")] == ["Lemon"]
+
+
+def test_ids_that_differ_only_in_case_are_two_products_and_said_to_be(tmp_path):
+    for i, name in enumerate(("Milk", "milk", "Juice")):
+        product_image(i).save(tmp_path / f"{name}_{i}.png")
+    (tmp_path / "catalog.csv").write_text("product_id,image\nMilk,Milk_0.png\nmilk,milk_1.png\nJuice,Juice_2.png\n")
+    catalog = open_catalog(tmp_path / "catalog.csv")
+    assert [p.product_id for p in catalog] == ["Milk", "milk", "Juice"]
+    assert any("'Milk' and 'milk' differ only in case" in n for n in catalog.notes)
+    assert not open_catalog(SAMPLE / "catalog.csv").notes
