@@ -161,15 +161,17 @@ def _check_spread(original_latents: np.ndarray, model_id: str) -> None:
     of one carton), so it takes three or more."""
     from auditlens.evaluation.metrics import COLLAPSED_SCORE, mean_cross_cosine
 
-    if len(original_latents) < 3:
+    distinct = np.unique(np.asarray(original_latents), axis=0)  # one image enrolled twice is warned of apart
+    if len(distinct) < 3:
         return
-    spread = mean_cross_cosine(original_latents)
+    spread = mean_cross_cosine(distinct)
     if spread >= COLLAPSED_SCORE:
         raise ModelError(
             f"model {model_id} gives every original nearly the same latent (mean cosine "
-            f"{spread:.4f} between different products; a trained model gives about 0): it cannot tell "
-            "products apart, and any photo would MATCH any product. Train it longer (--epochs, "
-            "--steps-per-epoch) or check why the run diverged; nothing was written")
+            f"{spread:.4f} between {len(distinct)} different originals; a trained model gives about 0): "
+            "it cannot tell products apart, and any photo would MATCH any product. Train it longer "
+            "(--epochs, --steps-per-epoch) or check why the run diverged (or, if the originals are "
+            "copies of one picture, give each product its own); nothing was written")
 
 
 def _load_photo(photo: LabelledPhoto, spec: PreprocessSpec) -> np.ndarray:
