@@ -208,8 +208,9 @@ def _decode(image: Image.Image, name: str, max_pixels: int, draft: tuple[int, in
         drafted = image.draft("RGB", draft) is not None  # None: already decoded
     # the limit is on what gets decoded: a 108 MP phone JPEG drafted to 1/8 is 1.7 MP
     if image.size[0] * image.size[1] > max_pixels:
+        decoded = f" (decoded at {image.size[0]}x{image.size[1]})" if drafted else ""
         raise ImageTooLargeError(
-            f"{name}: {width}x{height} pixels is more than the {max_pixels:,} allowed; "
+            f"{name}: {width}x{height} pixels{decoded} is more than the {max_pixels:,} allowed; "
             "resize the photo before uploading it"
         )
     try:

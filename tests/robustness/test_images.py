@@ -396,6 +396,11 @@ def test_the_pixel_limit_counts_what_a_drafted_jpeg_decodes():
         load_image(jpeg, max_pixels=limit)  # no draft: decoded whole
     with pytest.raises(errors.ImageTooLargeError, match="2000x1500 pixels"):
         load_image(png, max_pixels=limit, draft=(256, 256))
+    # drafted, yet still over the limit: the message gives the size decoded, which the
+    # limit is on (it quoted only the file's size, which a larger limit then let through)
+    with pytest.raises(errors.ImageTooLargeError, match=r"2000x1500 pixels \(decoded at 500x375\) is more than "
+                                                        "the 100,000"):
+        load_image(jpeg, max_pixels=100_000, draft=(256, 256))
 
 
 def test_a_heic_photo_is_named_as_such_with_what_to_do():
