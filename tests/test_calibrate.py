@@ -463,7 +463,12 @@ def test_repeated_rows_count_once_and_evaluating_on_the_calibration_photos_is_fl
     write_csv(tmp_path / "with_broken.csv", ["photo", "product_id"], rows + [[secret / "broken.jpg", rows[0][1]]])
     broken = calibrate(bundle_copy, tmp_path / "with_broken.csv", 0.1, write=False, progress=False)
     assert "1 photo could not be read and was skipped: broken.jpg" in broken["warnings"]
-    assert "private_share" not in json.dumps(broken)
+    assert "private_share" not in json.dumps({k: v for k, v in broken.items() if not k.startswith("_")})
+    # ... while the command line, on the machine that has the photo, names it in full with why
+    assert main(["calibrate", "-b", str(bundle_copy), "--photos", str(tmp_path / "with_broken.csv"),
+                 "--target-far", "0.1", "--dry-run", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert f"warning: 1 photo could not be read and was skipped: {secret / 'broken.jpg'}: " in said
 
     report = evaluate(bundle_copy, tmp_path / "calib.csv", tmp_path / "r", progress=False, plots=False)
     text = describe(report)

@@ -442,8 +442,10 @@ def calibrate(
         decision["warnings"].append(contradictory_note(embedded.contradictory))
     if embedded.not_enrolled:
         decision["warnings"].append(not_enrolled_note(embedded.not_enrolled, b))
+    said_here = {}  # the manifest names skipped photos by file name; the command line, in full
     if embedded.failed:
         decision["warnings"].append(unreadable_note(embedded.failed, file_names=True))
+        said_here[decision["warnings"][-1]] = unreadable_note(embedded.failed)
 
     if write:
         target = Path(out) if out is not None else Path(bundle)
@@ -456,6 +458,7 @@ def calibrate(
     decision["_views"] = {"photo_zooms": list(b.spec.photo_zooms), "photo_mirror": b.spec.photo_mirror,
                           "photo_shift": b.spec.photo_shift}
     decision["_was_signed"] = signed
+    decision["_said_here"] = said_here
     return decision
 
 
@@ -588,7 +591,7 @@ def run(args) -> int:
               + (f", FAR on hard impostors {look['measured_far_hard']:.2%}" if "measured_far_hard" in look else ""))
     print(f"calibrated on {d['calibrated_on']}; far_curve of {len(d['far_curve'])} points")
     for w in d["warnings"]:
-        print(f"warning: {w}")
+        print(f"warning: {d['_said_here'].get(w, w)}")
     if d["_written_to"]:
         sig = ""
         if d["_was_signed"]:
