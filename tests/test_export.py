@@ -28,7 +28,8 @@ def _train_tiny(root: Path, **overrides) -> dict:
         catalog=str(originals), out_dir=str(root / "run"), input_size=32, latent_dim=16, width=8,
         head_channels=32, recon_size=16, epochs=1, steps_per_epoch=3, products_per_batch=4,
         views_per_product=3, progress=False,
-    )
+        bn_batches=0,  # as trained: three steps leave the BatchNorm statistics stale (every latent
+    )                  # nearly alike); the collapse test below recomputes them
     config = TrainConfig(**{**values, **overrides})
     result = train(config)
     return {"root": root, "catalog": originals, "encoder": result.encoder_path}
@@ -435,3 +436,57 @@ def test_a_run_folder_given_to_export_is_answered_with_the_files_inside_it(tmp_p
     assert rc == 2 and err.startswith(f"auditlens: error: {run} is a folder: export a .keras file")
     assert f"e.g. {run / 'encoder.keras'} or {run / 'checkpoints' / 'encoder_epoch_010.keras'}" in err
     assert "autoencoder.keras" not in err  # a run writes it too, and export refuses it
+
+
+def test_an_encoder_that_gives_every_image_one_latent_is_flagged_by_export_and_refused_by_enroll(
+        tiny_encoder, tmp_path, capsys):
+    """A run too short (a review's 150-300 steps from scratch gave the originals a mean
+    cosine of 0.9999 between products) passed export's drift check at cosine 1, enrolled,
+    and verified a lemon as a banana: MATCH at 1.000. Here an encoder whose latent barely
+    depends on the image."""
+    import argparse
+
+    import keras
+
+    from auditlens.cli import main
+    from auditlens.export.quantize import add_export_arguments, run_export
+
+    inputs = keras.Input((32, 32, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    latent = keras.layers.Dense(16, kernel_initializer=keras.initializers.RandomNormal(stddev=1e-6),
+                                bias_initializer="ones")(pooled)
+    flat = tmp_path / "flat.keras"
+    keras.Model(inputs, latent).save(flat)
+    out = tmp_path / "flat.tflite"
+    args = add_export_arguments(argparse.ArgumentParser()).parse_args(
+        [str(flat), "--representative", str(tiny_encoder["catalog"]), "--out", str(out)])
+    assert run_export(args) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["export"]["cross_cosine"] > 0.99
+    assert "the encoder gives every image nearly the same latent" in capsys.readouterr().err
+    assert main(["enroll", str(tiny_encoder["catalog"]), "--model", str(out), "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "gives every original nearly the same latent" in err and "any photo would MATCH" in err
+    assert not (tmp_path / "b").exists()
+    # a three-step run as trained is one too (its BatchNorm statistics still hold their
+    # early values) ...
+    stale = tmp_path / "stale.tflite"
+    args = add_export_arguments(argparse.ArgumentParser()).parse_args(
+        [tiny_encoder["encoder"], "--representative", str(tiny_encoder["catalog"]), "--out", str(stale)])
+    assert run_export(args) == 0
+    assert json.loads(stale.with_suffix(".json").read_text())["export"]["cross_cosine"] >= 0.98
+    assert "nearly the same latent" in capsys.readouterr().err
+    # ... which train mends by default: it recomputes them and says so
+    (tmp_path / "mended").mkdir()
+    mended = _train_tiny(tmp_path / "mended", bn_batches=20)
+    report = json.loads((Path(mended["encoder"]).parent / "report.json").read_text())
+    assert all(h["val"].get("batchnorm_recomputed") for h in report["history"])
+    good = tmp_path / "good.tflite"
+    args = add_export_arguments(argparse.ArgumentParser()).parse_args(
+        [mended["encoder"], "--representative", str(mended["catalog"]), "--out", str(good), "--float16"])
+    assert run_export(args) == 0
+    assert json.loads(good.with_suffix(".json").read_text())["export"]["cross_cosine"] < 0.98
+    assert "nearly the same latent" not in capsys.readouterr().err
+    assert main(["enroll", str(mended["catalog"]), "--model", str(good), "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 0

@@ -39,9 +39,12 @@ def test_train_export_enroll_verify(tmp_path, generated_catalog):
     enrolled = cli("enroll", generated_catalog, "--model", tflite, "--out", bundle, "--no-progress")
     assert enrolled.returncode == 0, enrolled.stderr[-3000:]
 
-    # a "field photo" of product-1: the original, smaller, on a grey background
+    # a "field photo" of product-1: the original, smaller and turned, on a grey background
+    # with sensor noise (the original merely framed on grey is a copy of it: a RETAKE)
     photo = Image.new("RGB", (240, 240), (120, 124, 118))
-    photo.paste(product_image(1).resize((150, 150)), (40, 50))
+    photo.paste(product_image(1).resize((150, 150)).rotate(9, expand=True, fillcolor=(120, 124, 118)), (35, 40))
+    noisy = np.asarray(photo, np.float32) + np.random.default_rng(1).normal(0, 6, (240, 240, 3))
+    photo = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     photo.save(tmp_path / "photo.jpg", quality=88)
     verified = cli("verify", "--json", "--bundle", bundle, "--product", "product-1", tmp_path / "photo.jpg")
     assert verified.returncode in (0, 1), verified.stderr[-3000:]

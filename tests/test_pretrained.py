@@ -204,3 +204,15 @@ def test_a_file_named_with_a_hash_must_have_that_hash(tmp_path):
     shutil.copy(source, bad)
     with pytest.raises(AuditlensError, match=f"sha256 begins {digest[:8]}, not {wrong}"):
         read_torch_state_dict(bad)
+
+
+def test_a_mobilenet_trunk_without_its_weights_file_is_said_to_start_at_random():
+    """A review trained --backbone mobilenet_v2 without --backbone-weights: the trunk
+    started from random weights and nothing said so (report.json: backbone_weights null)."""
+    from auditlens.training.config import TrainConfig
+    from auditlens.training.train import _random_trunk_note
+
+    note = _random_trunk_note(TrainConfig(backbone="mobilenet_v2"))
+    assert "start from random weights, not ImageNet's" in note and "--backbone-weights" in note
+    assert _random_trunk_note(TrainConfig(backbone="mobilenet_v2", backbone_weights="w.pth")) is None
+    assert _random_trunk_note(TrainConfig()) is None  # the small encoder always starts at random

@@ -198,6 +198,35 @@ def test_weight_average_follows_the_weights_and_swaps_back():
         WeightAverage([w], decay=1.0)
 
 
+def test_batchnorm_statistics_are_recomputed_as_the_plain_mean_over_the_batches():
+    """The moving statistics become the equal-weight mean of the batches' statistics (the
+    layer's own momentum is put back after); a frozen BatchNorm layer keeps its own."""
+    import keras
+
+    from auditlens.training.averaging import batchnorm_layers, recalibrate_batchnorm
+
+    inputs = keras.Input((3,))
+    frozen = keras.layers.BatchNormalization(name="frozen")
+    frozen.trainable = False
+    live = keras.layers.BatchNormalization(momentum=0.99, name="live")
+    model = keras.Model(inputs, live(keras.layers.Dense(3, name="dense")(frozen(inputs))))
+    outer_in = keras.Input((3,))
+    inner = keras.Model(outer_in, model(outer_in))  # nested, as the trunk is
+    assert batchnorm_layers(inner) == [live]
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc=i, scale=1 + i, size=(16, 3)).astype(np.float32) for i in range(4)]
+    dense = model.get_layer("dense")
+    hidden = [np.asarray(dense(frozen(b, training=False))) for b in batches]  # what reaches `live`
+    assert recalibrate_batchnorm(inner, iter(batches)) == 4
+    np.testing.assert_allclose(np.asarray(live.moving_mean), np.mean([h.mean(0) for h in hidden], 0), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(live.moving_variance), np.mean([h.var(0) for h in hidden], 0), rtol=1e-3)
+    assert live.momentum == 0.99
+    np.testing.assert_array_equal(np.asarray(frozen.moving_mean), np.zeros(3))
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate_batchnorm(inner, iter([]))
+
+
 def test_supcon_prefers_clustered_latents():
     from auditlens.training.losses import cosface_loss, supcon_loss
 

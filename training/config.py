@@ -102,6 +102,11 @@ class TrainConfig:
     """Validate, keep and ship an exponential moving average of the encoder's weights with
     this decay per step (0: the raw weights). Smooths the epoch-to-epoch jumps of a small
     batch on a small catalogue."""
+    bn_batches: int = 20
+    """When the weights validated give every image nearly the same latent (a short run,
+    whose BatchNorm moving statistics still hold their early values), recompute those
+    statistics from this many training batches for the weights validated, kept and shipped
+    (0: never). The shipped recipe's runs never trigger it."""
     keep_epochs: bool = False
     """Also save the (averaged) encoder after every epoch as ``checkpoints/encoder_epoch_NNN.keras``,
     so a checkpoint other than the one chosen on seen products can be exported later."""

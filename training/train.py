@@ -43,6 +43,9 @@ EVAL_BATCH = 128
 MAX_TRAIN_THREADS = 256
 """Most TensorFlow threads ``--threads`` accepts (0: TensorFlow's choice)."""
 
+RECALIBRATION_SEED = 7919
+"""Offset of the seed of the batches that BatchNorm statistics are recomputed from."""
+
 COLLAPSED_AUC = 0.6
 """Below this validation AUC on trained products, ``auditlens train`` warns that the encoder
 has not learnt to tell products apart (0.5: every latent alike)."""
@@ -343,6 +346,8 @@ def _check_config(config: TrainConfig) -> None:
             raise ValueError(f"{flag} {value} must be a number of at least 0")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"--ema-decay {config.ema_decay} is not a decay within 0..1 (1 excluded; 0: raw weights)")
+    if isinstance(config.bn_batches, bool) or not isinstance(config.bn_batches, int) or config.bn_batches < 0:
+        raise ValueError(f"--bn-batches {config.bn_batches!r} is not a whole number of at least 0")
     if config.pseudo_kinds and not config.pseudo_products:
         raise ValueError("--pseudo-kinds picks which products get made-up variants: it needs --pseudo-products")
 
@@ -354,12 +359,25 @@ def _read_backbone(config: TrainConfig, log) -> dict | None:
     if config.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {config.backbone!r}; choose from {', '.join(BACKBONES)}")
     if not config.backbone_weights:
+        note = _random_trunk_note(config)
+        if note:
+            log(f"encoder trunk: {note}")
         return None
     if config.backbone != "mobilenet_v2":
         raise ValueError("--backbone-weights needs --backbone mobilenet_v2")
     state = read_torch_state_dict(config.backbone_weights)
     log(f"encoder trunk: MobileNetV2 blocks 1-{config.trunk_blocks} from {config.backbone_weights}")
     return state
+
+
+def _random_trunk_note(config: TrainConfig) -> str | None:
+    """What to say of a MobileNetV2 trunk started from random weights (no
+    ``--backbone-weights``): allowed, but not the ImageNet start the recipe is measured with."""
+    if config.backbone != "mobilenet_v2" or config.backbone_weights:
+        return None
+    return (f"MobileNetV2 blocks 1-{config.trunk_blocks} start from random weights, not ImageNet's: "
+            "give --backbone-weights mobilenet_v2-b0353104.pth for the shipped recipe's start "
+            "(the README says where the file comes from)")
 
 
 # -- what a run learns from ---------------------------------------------------------------
@@ -618,13 +636,10 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, a
 
     encoder, decoder, head, projection = nets.encoder, nets.decoder, nets.head, nets.projection
     n_train = len(data.train_ids)
-    side = data.originals_big.shape[1]  # the cache size
-    orig_big_t = tf.constant(data.originals_big)
-    masks_t = tf.constant(data.masks)
-    clean_t = tf.constant(data.originals_clean)
-    recon_t = tf.image.resize(tf.cast(clean_t, tf.float32) / 255.0, [config.recon_size] * 2, antialias=True)
+    batch_images = _batch_images(data, augmenter, variants)
+    recon_t = tf.image.resize(tf.cast(tf.constant(data.originals_clean), tf.float32) / 255.0,
+                              [config.recon_size] * 2, antialias=True)
     has_photos = len(data.photo_images) > 0
-    photos_t = tf.constant(data.photo_images if has_photos else np.zeros((1, side, side, 3), np.uint8))
     photo_labels_t = tf.constant(data.photo_labels.astype(np.int32) if has_photos else np.zeros(1, np.int32))
     if teacher_targets is not None:
         teacher, t_orig, t_photo = teacher_targets
@@ -643,11 +658,8 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, a
 
     @tf.function(input_signature=[idx_spec, idx_spec, idx_spec, idx_spec])
     def train_step(clean_idx, aug_idx, photo_idx, variant):
-        clean = tf.cast(tf.gather(clean_t, clean_idx), tf.float32)
-        aug = augmenter.originals(tf.gather(orig_big_t, aug_idx), tf.gather(masks_t, aug_idx))
-        photo = augmenter.photos(tf.gather(photos_t, photo_idx))
         products = tf.concat([clean_idx, aug_idx, tf.gather(photo_labels_t, photo_idx)], 0)
-        images = as_variant(tf.concat([clean, aug, photo], 0), variant)
+        images = batch_images(clean_idx, aug_idx, photo_idx, variant)
         labels = products + n_train * variant
         target = as_variant(tf.gather(recon_t, products), variant)
         with tf.GradientTape() as tape:
@@ -676,6 +688,59 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, a
         return total, l_metric, l_class, l_recon, l_distill
 
     return train_step
+
+
+def _batch_images(data: TrainingData, augmenter, variants: list):
+    """The compiled function that makes one batch's images (float32 0..255) from the
+    indices :func:`_batch_sampler` draws: the clean originals, augmented originals and
+    augmented photos, each turned into its made-up variant."""
+    import tensorflow as tf
+
+    from auditlens.training.augment import variant_images
+
+    side = data.originals_big.shape[1]  # the cache size
+    orig_big_t = tf.constant(data.originals_big)
+    masks_t = tf.constant(data.masks)
+    clean_t = tf.constant(data.originals_clean)
+    has_photos = len(data.photo_images) > 0
+    photos_t = tf.constant(data.photo_images if has_photos else np.zeros((1, side, side, 3), np.uint8))
+    as_variant = variant_images(variants)
+    idx_spec = tf.TensorSpec([None], tf.int32)
+
+    @tf.function(input_signature=[idx_spec, idx_spec, idx_spec, idx_spec])
+    def batch_images(clean_idx, aug_idx, photo_idx, variant):
+        clean = tf.cast(tf.gather(clean_t, clean_idx), tf.float32)
+        aug = augmenter.originals(tf.gather(orig_big_t, aug_idx), tf.gather(masks_t, aug_idx))
+        photo = augmenter.photos(tf.gather(photos_t, photo_idx))
+        return as_variant(tf.concat([clean, aug, photo], 0), variant)
+
+    return batch_images
+
+
+def _recalibrator(config: TrainConfig, encoder, data: TrainingData, backgrounds: np.ndarray,
+                  variants: list, data_seed: int):
+    """A function that recomputes ``encoder``'s BatchNorm statistics from
+    ``config.bn_batches`` training batches (None when it is 0), for :func:`_fit` to call
+    on a validated encoder that has :func:`collapsed`. Its batches and their
+    augmentation draw from their own generators, so the training batches are those of a
+    run without it."""
+    if not config.bn_batches:
+        return None
+    import tensorflow as tf
+
+    from auditlens.training.augment import AugmentSwitches, CaptureAugmenter
+    from auditlens.training.averaging import recalibrate_batchnorm
+
+    augmenter = CaptureAugmenter(config.input_size, backgrounds, AugmentSwitches.from_config(config),
+                                 seed=data_seed + RECALIBRATION_SEED)
+    images = _batch_images(data, augmenter, variants)
+    sample_batch = _batch_sampler(config, data, np.random.default_rng(data_seed + RECALIBRATION_SEED))
+
+    def recalibrate() -> int:
+        return recalibrate_batchnorm(encoder, (images(*(tf.constant(a) for a in sample_batch()))
+                                               for _ in range(config.bn_batches)))
+
+    return recalibrate
 
 
 def _batch_sampler(config: TrainConfig, data: TrainingData, rng: np.random.Generator):
@@ -774,9 +839,11 @@ class _Fit:
 
 
 def _fit(config: TrainConfig, nets: _Networks, train_step, sample_batch, evaluate, average,
-         out: Path, log, distilling: bool) -> _Fit:
+         out: Path, log, distilling: bool, recalibrate=None) -> _Fit:
     """Run the epochs: steps with the scheduled rate, then a validation of the weight
-    average, its checkpoints, and one log line per epoch."""
+    average (its BatchNorm statistics recomputed by ``recalibrate`` when they leave every
+    image with nearly one latent, :func:`collapsed`), its checkpoints, and one log line per
+    epoch."""
     import tensorflow as tf
 
     try:
@@ -820,6 +887,11 @@ def _fit(config: TrainConfig, nets: _Networks, train_step, sample_batch, evaluat
         t_eval = time.perf_counter()
         with average.applied():
             metrics = evaluate()
+            if recalibrate is not None and collapsed(metrics):
+                # stale moving statistics: recompute them for the weights validated (the raw
+                # weights and statistics come back after the block) and validate again
+                recalibrate()
+                metrics = {**evaluate(), "batchnorm_recomputed": True}
             seen = metrics["seen"]
             if config.stop_epoch:  # keep the epoch the run stops at (or the budget ends in)
                 better = stop or epoch == config.stop_epoch
@@ -843,7 +915,9 @@ def _fit(config: TrainConfig, nets: _Networks, train_step, sample_batch, evaluat
             f"recon {mean[3]:.3f}" + (f" distill {mean[4]:.3f}" if distilling else "")
             + f") | val seen EER {seen['eer']:.3f} top1 {seen['top1']:.3f}"
             + (f" | unseen EER {unseen['eer']:.3f} top1 {unseen['top1']:.3f}" if unseen and unseen.get('n') else "")
-            + (" *" if better else ""))
+            + (" *" if better else "")
+            + (" (BatchNorm statistics recomputed: the moving ones gave every image one latent)"
+               if metrics.get("batchnorm_recomputed") else ""))
         if stop or epoch == config.stop_epoch:
             break
     return _Fit(history, best["epoch"], best_path, step, time.perf_counter() - t_train, t_eval_total)
@@ -907,7 +981,8 @@ def train(config: TrainConfig) -> TrainResult:
             + (f" x {len(variants)} variants" + (f" ({', '.join(config.pseudo_kinds)} only)" if config.pseudo_kinds else "")
                if len(variants) > 1 else "") + f", {len(data.photos)} photos; "
             f"budget {f'{config.minutes:.1f} min' if config.minutes else f'{config.epochs} epochs'}")
-        fit = _fit(config, nets, train_step, sample_batch, evaluate, average, out, log, teacher is not None)
+        fit = _fit(config, nets, train_step, sample_batch, evaluate, average, out, log, teacher is not None,
+                   _recalibrator(config, nets.encoder, data, backgrounds, variants, data_seed))
 
         # ---- outputs: the best encoder, alone and with its decoder
         nets.autoencoder.load_weights(fit.best_path)
@@ -948,7 +1023,8 @@ def train(config: TrainConfig) -> TrainResult:
         plot_curves(fit.history, out / "training_curves.png")
         save_latent_preview(nets.encoder, nets.decoder, preview_samples(data, val, preview),
                             out / "latent_preview.png")
-        warnings = [*data.catalog.notes]  # said again at the end, where --quiet still shows it
+        warnings = [*data.catalog.notes, *filter(None, [_random_trunk_note(config)])]  # said again at
+        # the end, where --quiet still shows it
         if val.also_trained:
             warnings.append(overlap_warning(val.also_trained, len(val.labels)))
         if kept is not None:  # the new run is whole: the earlier one it replaces goes
@@ -1117,6 +1193,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--ema-decay", type=float, default=d.ema_decay,
                         help="per-step decay of the weight moving average that is validated and "
                         f"shipped (default {d.ema_decay}; 0: raw weights)")
+    parser.add_argument("--bn-batches", type=int, default=d.bn_batches, metavar="N",
+                        help="when the validated encoder gives every image nearly the same latent (a "
+                        "short run: its BatchNorm moving statistics still hold their early values), "
+                        "recompute them from N training batches for the encoder kept and shipped "
+                        f"(default {d.bn_batches}; 0: never)")
     parser.add_argument("--keep-epochs", action="store_true",
                         help="also save the encoder of every epoch (checkpoints/encoder_epoch_NNN.keras), "
                         "to export a checkpoint other than the best one on seen products")
@@ -1143,7 +1224,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cosface_margin=args.cosface_margin, arcface_margin=args.arcface_margin, teacher_features=args.teacher_features,
         distill_weight=args.distill_weight, augment=not args.no_augment,
         paste_background=not args.no_paste_background, mirror=not args.no_mirror,
-        ema_decay=args.ema_decay, keep_epochs=args.keep_epochs, threads=args.threads,
+        ema_decay=args.ema_decay, bn_batches=args.bn_batches, keep_epochs=args.keep_epochs, threads=args.threads,
         progress=not args.quiet, overwrite=args.overwrite,
     )
 
@@ -1171,11 +1252,28 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def collapse_warning(metrics: dict) -> str | None:
-    """What to tell an engineer whose encoder scores its trained products' validation
-    photos near chance (AUC below :data:`COLLAPSED_AUC`), else None."""
+def collapsed(metrics: dict) -> bool:
+    """Whether validation photos score about as high against other products' originals as
+    a copy would (the encoder gives every image nearly the same latent)."""
+    from auditlens.evaluation.metrics import COLLAPSED_SCORE
+
     seen = metrics.get("seen") or {}
-    if not seen.get("n") or seen.get("auc", 1.0) >= COLLAPSED_AUC:
+    return bool(seen.get("n")) and seen.get("impostor_mean", 0.0) >= COLLAPSED_SCORE
+
+
+def collapse_warning(metrics: dict) -> str | None:
+    """What to tell an engineer whose encoder gives every validation photo and original
+    nearly the same latent, or scores its trained products' validation photos near chance
+    (AUC below :data:`COLLAPSED_AUC`), else None."""
+    seen = metrics.get("seen") or {}
+    if not seen.get("n"):
+        return None
+    if collapsed(metrics):
+        return (f"the encoder gives every image nearly the same latent (validation photos score "
+                f"{seen['impostor_mean']:.4f} on average against the other products' originals, a trained "
+                "model about 0): any photo would MATCH any product. Train longer (--epochs, "
+                "--steps-per-epoch); enroll refuses such a model")
+    if seen.get("auc", 1.0) >= COLLAPSED_AUC:
         return None
     return (f"the encoder does not tell the validation products apart (AUC {seen['auc']:.2f}, 0.5 is "
             "chance): train longer (--epochs, --steps-per-epoch) or check the photos' labels before "
