@@ -154,14 +154,15 @@ def _check_calibration_kept(out, replaced: dict | None, decision: dict) -> None:
         f"threshold), or remove {out} first; nothing was written")
 
 
-def _check_spread(original_latents: np.ndarray, model_id: str) -> None:
+def _check_spread(original_latents: np.ndarray, inputs: Sequence[np.ndarray], model_id: str) -> None:
     """Refuse a model that gives every original nearly the same latent (one trained for
     too short a time, or diverged): any photo would score about 1 against any product, a
     MATCH at an uncalibrated threshold. Two products may legitimately look alike (two sizes
     of one carton), so it takes three or more."""
     from auditlens.evaluation.metrics import COLLAPSED_SCORE, mean_cross_cosine
 
-    distinct = np.unique(np.asarray(original_latents), axis=0)  # one image enrolled twice is warned of apart
+    firsts = {hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest(): i for i, x in reversed(list(enumerate(inputs)))}
+    distinct = np.asarray(original_latents)[sorted(firsts.values())]  # one picture enrolled twice is warned of apart
     if len(distinct) < 3:
         return
     spread = mean_cross_cosine(distinct)
@@ -325,7 +326,7 @@ def enroll(
         for i in tqdm(range(0, len(inputs), options.batch_size), desc="embedding", unit="batch",
                       disable=not options.progress)
     ])
-    _check_spread(original_latents, encoder.model_id)
+    _check_spread(original_latents, inputs, encoder.model_id)
     latents = np.empty((len(inputs) + len(photo_views), encoder.latent_dim), np.float32)
     is_photo = np.zeros(len(latents), bool)
     is_photo[photo_rows] = True
