@@ -159,17 +159,17 @@ def _check_spread(original_latents: np.ndarray, inputs: Sequence[np.ndarray], mo
     too short a time, or diverged): any photo would score about 1 against any product, a
     MATCH at an uncalibrated threshold. Two products may legitimately look alike (two sizes
     of one carton), so it takes three or more."""
-    from auditlens.evaluation.metrics import COLLAPSED_SCORE, mean_cross_cosine
+    from auditlens.evaluation.metrics import ONE_LATENT_COSINE, mean_cross_cosine
 
     firsts = {hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest(): i for i, x in reversed(list(enumerate(inputs)))}
     distinct = np.asarray(original_latents)[sorted(firsts.values())]  # one picture enrolled twice is warned of apart
     if len(distinct) < 3:
         return
     spread = mean_cross_cosine(distinct)
-    if spread >= COLLAPSED_SCORE:
+    if spread >= ONE_LATENT_COSINE:
         raise ModelError(
             f"model {model_id} gives every original nearly the same latent (mean cosine "
-            f"{spread:.4f} between {len(distinct)} different originals; a trained model gives about 0): "
+            f"{spread:.4f} between {len(distinct)} different originals, as if each were a copy of the others): "
             "it cannot tell products apart, and any photo would MATCH any product. Train it longer "
             "(--epochs, --steps-per-epoch) or check why the run diverged (or, if the originals are "
             "copies of one picture, give each product its own); nothing was written")

@@ -201,12 +201,12 @@ class ExportReport:
 def collapse_note(report: ExportReport) -> str | None:
     """What to tell an engineer whose encoder gives every compared image nearly the same
     latent (a drift check then passes, at cosine 1, on a model that tells nothing apart)."""
-    from auditlens.evaluation.metrics import COLLAPSED_SCORE
+    from auditlens.evaluation.metrics import ONE_LATENT_COSINE
 
-    if report.cross_cosine is None or report.cross_cosine < COLLAPSED_SCORE:
+    if report.cross_cosine is None or report.cross_cosine < ONE_LATENT_COSINE:
         return None
     return (f"the encoder gives every image nearly the same latent (mean cosine {report.cross_cosine:.4f} "
-            f"between different images of the {report.n_images} compared, a trained model's is far lower): "
+            f"between different images of the {report.n_images} compared, as if each were a copy of the others): "
             "its drift figures say nothing, and enroll refuses it; train it longer")
 
 

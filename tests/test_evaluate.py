@@ -395,9 +395,11 @@ def test_a_one_product_bundle_is_evaluated_with_a_warning_not_empty_figures(tmp_
     assert any(w.startswith("the bundle holds 1 product: no photo has an impostor") for w in report["warnings"])
 
 
-def test_an_encoder_that_maps_every_image_to_one_latent_is_said_to_measure_nothing(tmp_path, sample_photos):
+def test_an_encoder_that_maps_every_image_to_one_latent_is_said_to_measure_nothing(tmp_path, sample_photos,
+                                                                                 monkeypatch, capsys):
     """A run too short (or diverged) gives every image nearly the same latent: every pair
-    scores about 1, and the report says so instead of guessing at enrolled references."""
+    scores about 1, and the report says so instead of guessing at enrolled references.
+    enroll now refuses such a model; the bundle here is made as enroll made it before."""
     tf = pytest.importorskip("tensorflow")
     import keras
 
@@ -407,8 +409,13 @@ def test_an_encoder_that_maps_every_image_to_one_latent_is_said_to_measure_nothi
     (tmp_path / "flat.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(keras.Model(image, latent)).convert())
     from auditlens.cli import main
 
-    assert main(["enroll", str(SAMPLE / "catalog.csv"), "--model", str(tmp_path / "flat.tflite"),
-                 "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    enrol = ["enroll", str(SAMPLE / "catalog.csv"), "--model", str(tmp_path / "flat.tflite"),
+             "--out", str(tmp_path / "b"), "--no-progress"]
+    assert main(enrol) == 2 and "gives every original nearly the same latent" in capsys.readouterr().err
+    from auditlens.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "ONE_LATENT_COSINE", 1.01)  # the enroll of before the check
+    assert main(enrol) == 0
     report = evaluate(tmp_path / "b", SAMPLE / "photos.csv", None, progress=False, verbose=False)
     flat = [w for w in report["warnings"] if "nearly the same latent" in w]
     assert flat and flat[0].startswith("photos score 1.000 on average against the other products")

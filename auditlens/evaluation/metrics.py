@@ -25,7 +25,7 @@ import numpy as np
 __all__ = [
     "OperatingPoints", "operating_points", "roc_auc", "eer", "EER", "threshold_at_far",
     "tar_at_far", "far_frr_at", "topk_accuracy", "identification_ranks", "probit",
-    "COLLAPSED_SCORE", "mean_cross_cosine",
+    "COLLAPSED_SCORE", "ONE_LATENT_COSINE", "mean_cross_cosine",
 ]
 
 COLLAPSED_SCORE = 0.98
@@ -198,6 +198,13 @@ def probit(p) -> np.ndarray:
     nd = NormalDist()
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
     return np.vectorize(nd.inv_cdf, otypes=[np.float64])(p)
+
+
+ONE_LATENT_COSINE = 0.999
+"""A mean cosine between *different* images this high: the encoder gives every image one
+latent (collapsed runs measured 0.9999 to 1.0). Stricter than :data:`COLLAPSED_SCORE`,
+because images alike in kind score high between them with a trained model too: the
+shipped model gives 50 made-up products (coloured shapes on white) 0.983."""
 
 
 def mean_cross_cosine(unit_rows) -> float:
