@@ -157,12 +157,14 @@ def _check_calibration_kept(out, replaced: dict | None, decision: dict) -> None:
 def _check_spread(original_latents: np.ndarray, inputs: Sequence[np.ndarray], model_id: str) -> None:
     """Refuse a model that gives every original nearly the same latent (one trained for
     too short a time, or diverged): any photo would score about 1 against any product, a
-    MATCH at an uncalibrated threshold. Two products may legitimately look alike (two sizes
-    of one carton), so it takes three or more."""
+    MATCH at an uncalibrated threshold. Originals are counted once per distinct picture,
+    and it takes three: two products may legitimately look alike (two sizes of one carton)."""
     from auditlens.evaluation.metrics import ONE_LATENT_COSINE, mean_cross_cosine
 
-    firsts = {hashlib.sha256(np.ascontiguousarray(x).tobytes()).digest(): i for i, x in reversed(list(enumerate(inputs)))}
-    distinct = np.asarray(original_latents)[sorted(firsts.values())]  # one picture enrolled twice is warned of apart
+    first_of: dict[bytes, int] = {}  # one picture enrolled for several products is warned of apart
+    for i, pixels in enumerate(inputs):
+        first_of.setdefault(hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).digest(), i)
+    distinct = np.asarray(original_latents)[sorted(first_of.values())]
     if len(distinct) < 3:
         return
     spread = mean_cross_cosine(distinct)
