@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from auditlens.device_app.imaging import ImageSource, load_image
+from auditlens.errors import ImageError
 
 MAX_PHOTO_ZOOMS = 8
 """Photo zooms a spec may ask for; each is one more encoder run of every verification."""
@@ -248,16 +249,26 @@ def stack_inputs(sources, spec: PreprocessSpec, *, size: int | None = None,
     """Decode and preprocess many images the device's way: uint8 (N, S, S, 3), or with
     ``views`` each photo's :func:`to_photo_views`, consecutive, (N * V, S, S, 3).
 
-    ``size`` overrides the input side (plain inputs only). Raises the first image's
-    :class:`~auditlens.errors.ImageError`, which names the image.
+    ``size`` overrides the input side (plain inputs only). Every image is tried: one that
+    cannot be used raises its :class:`~auditlens.errors.ImageError` (which names it),
+    several one ``ImageError`` naming the first five and the count.
     """
     side = size or spec.input_size
     # reduced JPEG decoding as on the device, so large JPEGs give the device's pixels
     draft = spec.draft_size if views or not size else (2 * side, 2 * side)
-    if views:
-        arrays = [to_photo_views(load_image(src, draft=draft), spec) for src in sources]
-    else:
-        arrays = [to_model_input(load_image(src, draft=draft), spec, size)[None] for src in sources]
+    arrays, failed = [], []
+    for src in sources:
+        try:
+            image = load_image(src, draft=draft)
+        except ImageError as exc:
+            failed.append(exc)
+            continue
+        arrays.append(to_photo_views(image, spec) if views else to_model_input(image, spec, size)[None])
+    if len(failed) == 1:
+        raise failed[0]
+    if failed:
+        more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
+        raise ImageError(f"{len(failed)} images cannot be used: " + "; ".join(map(str, failed[:5])) + more)
     return np.concatenate(arrays) if arrays else np.zeros((0, side, side, 3), np.uint8)
 
 

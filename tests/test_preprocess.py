@@ -292,3 +292,21 @@ def test_verifier_prepares_arrays_as_it_prepares_files(sample_photos):
     assert grey.image.mode == "RGB"
     with pytest.raises(ImageError):
         verifier.prepare(rgb[..., :2])
+
+
+def test_stack_inputs_names_every_image_it_cannot_use(tmp_path):
+    """train read a catalogue's originals through here and reported the first bad one only
+    (enroll lists them all): one is raised as it is, several in one error with the count."""
+    from auditlens.errors import ImageError, TruncatedImageError, UnreadableImageError
+
+    spec = PreprocessSpec(48)
+    good = sorted((SAMPLE / "photos").glob("*.jpg"))[:2]
+    (tmp_path / "text.jpg").write_text("not an image")
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(good[0].read_bytes()[:4000])
+    with pytest.raises(UnreadableImageError, match="text.jpg"):
+        stack_inputs([good[0], tmp_path / "text.jpg", good[1]], spec)
+    bad = [tmp_path / "text.jpg", cut] + [tmp_path / f"missing{i}.jpg" for i in range(5)]
+    with pytest.raises(ImageError, match=r"^7 images cannot be used: .*text.jpg.*; .*cut.jpg.*; and 2 more$") as info:
+        stack_inputs([good[0], *bad], spec)
+    assert not isinstance(info.value, (UnreadableImageError, TruncatedImageError))
