@@ -154,17 +154,15 @@ def _check_calibration_kept(out, replaced: dict | None, decision: dict) -> None:
         f"threshold), or remove {out} first; nothing was written")
 
 
-def _check_spread(original_latents: np.ndarray, inputs: Sequence[np.ndarray], model_id: str) -> None:
+def _check_spread(original_latents: np.ndarray, groups: list[list[int]], model_id: str) -> None:
     """Refuse a model that gives every original nearly the same latent (one trained for
     too short a time, or diverged): any photo would score about 1 against any product, a
     MATCH at an uncalibrated threshold. Originals are counted once per distinct picture,
     and it takes three: two products may legitimately look alike (two sizes of one carton)."""
     from auditlens.evaluation.metrics import ONE_LATENT_COSINE, mean_cross_cosine
 
-    first_of: dict[bytes, int] = {}  # one picture enrolled for several products is warned of apart
-    for i, pixels in enumerate(inputs):
-        first_of.setdefault(hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).digest(), i)
-    distinct = np.asarray(original_latents)[sorted(first_of.values())]
+    # one picture enrolled for several products (a group of :func:`_input_groups`) is warned of apart
+    distinct = np.asarray(original_latents)[[group[0] for group in groups]]
     if len(distinct) < 3:
         return
     spread = mean_cross_cosine(distinct)
@@ -184,17 +182,26 @@ def _load_photo(photo: LabelledPhoto, spec: PreprocessSpec) -> np.ndarray:
         raise CatalogError(f"reference photo for {photo.product_id!r}: {exc}") from exc
 
 
-def _same_inputs(catalog: Catalog, loaded: Sequence[_Loaded | None]) -> list[str]:
-    """A note for each set of products whose originals reach the encoder as the same
-    pixels (a placeholder picture, one image filed under two ids): they get the same
-    reference, so a photo of any of them matches them all."""
-    by_input: dict[str, list[str]] = {}
-    for product, item in zip(catalog, loaded):
-        if item is not None:
-            by_input.setdefault(hashlib.sha256(item.model_input.tobytes()).hexdigest(), []).append(product.product_id)
-    return [f"products {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''} ({len(ids)}) have the same "
-            "original image, so a photo of any of them matches them all: give each its own image"
-            for ids in by_input.values() if len(ids) > 1]
+def _input_groups(loaded: Sequence[_Loaded]) -> list[list[int]]:
+    """The originals grouped by the pixels they reach the encoder as (indices, in catalogue
+    order): products in one group share a picture (a placeholder, one image filed under two
+    ids)."""
+    by_input: dict[bytes, list[int]] = {}
+    for i, item in enumerate(loaded):
+        by_input.setdefault(hashlib.sha256(item.model_input.tobytes()).digest(), []).append(i)
+    return list(by_input.values())
+
+
+def _same_inputs(catalog: Catalog, groups: list[list[int]]) -> list[str]:
+    """A note for each group of :func:`_input_groups` with more than one product: they get
+    the same reference, so a photo of any of them matches them all."""
+    notes = []
+    for group in groups:
+        ids = [catalog[i].product_id for i in group]
+        if len(ids) > 1:
+            notes.append(f"products {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''} ({len(ids)}) have "
+                         "the same original image, so a photo of any of them matches them all: give each its own image")
+    return notes
 
 
 def enroll(
@@ -305,8 +312,9 @@ def enroll(
         problems.append(f"{len(bad_photos)} reference photo(s) could not be used:\n  " + "\n  ".join(bad_photos))
     if problems:
         raise CatalogError("\n".join(problems))
+    groups = _input_groups(loaded)
     if warn:
-        for note in _same_inputs(catalog, loaded):
+        for note in _same_inputs(catalog, groups):
             warn(note)
 
     # Originals are embedded as they are (a studio image, one view); an extra reference
@@ -328,7 +336,7 @@ def enroll(
         for i in tqdm(range(0, len(inputs), options.batch_size), desc="embedding", unit="batch",
                       disable=not options.progress)
     ])
-    _check_spread(original_latents, inputs, encoder.model_id)
+    _check_spread(original_latents, groups, encoder.model_id)
     latents = np.empty((len(inputs) + len(photo_views), encoder.latent_dim), np.float32)
     is_photo = np.zeros(len(latents), bool)
     is_photo[photo_rows] = True

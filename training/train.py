@@ -618,11 +618,11 @@ def _build_networks(config: TrainConfig, mspec, backbone_state: dict | None, n_c
                      trainable, trunk)
 
 
-def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, augmenter,
+def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, batch_images,
                      variants: list, teacher_targets, average):
     """The compiled step on one batch, given as indices (clean originals, augmented originals,
-    photos, each image's made-up variant): the weighted losses, clipped gradients, both
-    optimizers and the weight average. Returns the loss terms."""
+    photos, each image's made-up variant, made into images by ``batch_images``): the weighted
+    losses, clipped gradients, both optimizers and the weight average. Returns the loss terms."""
     import tensorflow as tf
 
     from auditlens.training.augment import variant_images
@@ -636,7 +636,6 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, a
 
     encoder, decoder, head, projection = nets.encoder, nets.decoder, nets.head, nets.projection
     n_train = len(data.train_ids)
-    batch_images = _batch_images(data, augmenter, variants)
     recon_t = tf.image.resize(tf.cast(tf.constant(data.originals_clean), tf.float32) / 255.0,
                               [config.recon_size] * 2, antialias=True)
     has_photos = len(data.photo_images) > 0
@@ -690,10 +689,11 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, a
     return train_step
 
 
-def _batch_images(data: TrainingData, augmenter, variants: list):
-    """The compiled function that makes one batch's images (float32 0..255) from the
-    indices :func:`_batch_sampler` draws: the clean originals, augmented originals and
-    augmented photos, each turned into its made-up variant."""
+def _batch_images(data: TrainingData, variants: list):
+    """A maker of compiled functions, one per augmenter, that make one batch's images
+    (float32 0..255) from the indices :func:`_batch_sampler` draws: the clean originals,
+    augmented originals and augmented photos, each turned into its made-up variant. The
+    cached images become tensors once, whichever augmenters draw on them."""
     import tensorflow as tf
 
     from auditlens.training.augment import variant_images
@@ -707,18 +707,21 @@ def _batch_images(data: TrainingData, augmenter, variants: list):
     as_variant = variant_images(variants)
     idx_spec = tf.TensorSpec([None], tf.int32)
 
-    @tf.function(input_signature=[idx_spec, idx_spec, idx_spec, idx_spec])
-    def batch_images(clean_idx, aug_idx, photo_idx, variant):
-        clean = tf.cast(tf.gather(clean_t, clean_idx), tf.float32)
-        aug = augmenter.originals(tf.gather(orig_big_t, aug_idx), tf.gather(masks_t, aug_idx))
-        photo = augmenter.photos(tf.gather(photos_t, photo_idx))
-        return as_variant(tf.concat([clean, aug, photo], 0), variant)
+    def with_augmenter(augmenter):
+        @tf.function(input_signature=[idx_spec, idx_spec, idx_spec, idx_spec])
+        def batch_images(clean_idx, aug_idx, photo_idx, variant):
+            clean = tf.cast(tf.gather(clean_t, clean_idx), tf.float32)
+            aug = augmenter.originals(tf.gather(orig_big_t, aug_idx), tf.gather(masks_t, aug_idx))
+            photo = augmenter.photos(tf.gather(photos_t, photo_idx))
+            return as_variant(tf.concat([clean, aug, photo], 0), variant)
 
-    return batch_images
+        return batch_images
+
+    return with_augmenter
 
 
-def _recalibrator(config: TrainConfig, encoder, data: TrainingData, backgrounds: np.ndarray,
-                  variants: list, data_seed: int):
+def _recalibrator(config: TrainConfig, encoder, data: TrainingData, images_with, backgrounds: np.ndarray,
+                  data_seed: int):
     """A function that recomputes ``encoder``'s BatchNorm statistics from
     ``config.bn_batches`` training batches (None when it is 0), for :func:`_fit` to call
     on a validated encoder that has :func:`collapsed`. Its batches and their
@@ -733,7 +736,7 @@ def _recalibrator(config: TrainConfig, encoder, data: TrainingData, backgrounds:
 
     augmenter = CaptureAugmenter(config.input_size, backgrounds, AugmentSwitches.from_config(config),
                                  seed=data_seed + RECALIBRATION_SEED)
-    images = _batch_images(data, augmenter, variants)
+    images = images_with(augmenter)
     sample_batch = _batch_sampler(config, data, np.random.default_rng(data_seed + RECALIBRATION_SEED))
 
     def recalibrate() -> int:
@@ -967,7 +970,9 @@ def train(config: TrainConfig) -> TrainResult:
         nets = _build_networks(config, mspec, backbone_state, n_classes, teacher.dim if teacher else None)
         # Validation, checkpoints and the shipped encoder use the weights' moving average.
         average = WeightAverage(nets.encoder.weights, config.ema_decay)
-        train_step = _make_train_step(config, nets, data, augmenter, variants, teacher_targets, average)
+        images_with = _batch_images(data, variants)
+        train_step = _make_train_step(config, nets, data, images_with(augmenter), variants, teacher_targets,
+                                      average)
         evaluate = _evaluator(config, nets.encoder, data, val)
         sample_batch = _batch_sampler(config, data, rng)
 
@@ -982,7 +987,7 @@ def train(config: TrainConfig) -> TrainResult:
                if len(variants) > 1 else "") + f", {len(data.photos)} photos; "
             f"budget {f'{config.minutes:.1f} min' if config.minutes else f'{config.epochs} epochs'}")
         fit = _fit(config, nets, train_step, sample_batch, evaluate, average, out, log, teacher is not None,
-                   _recalibrator(config, nets.encoder, data, backgrounds, variants, data_seed))
+                   _recalibrator(config, nets.encoder, data, images_with, backgrounds, data_seed))
 
         # ---- outputs: the best encoder, alone and with its decoder
         nets.autoencoder.load_weights(fit.best_path)
