@@ -268,6 +268,34 @@ def test_arcface_loss_matches_hand_computed_values():
     assert np.all(np.isfinite(tape.gradient(loss, edge).numpy()))
 
 
+def test_original_anchor_loss_matches_hand_computed_values():
+    """Two clean originals (labels 7 and 3) first, then three views: each view's cosines with
+    the two originals, its own original's lowered by the margin, through a softmax."""
+    from auditlens.training.losses import original_anchor_loss
+
+    def unit(deg):
+        return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+    # originals at 0 and 90 degrees; views at 10 (of 7), 60 (of 3), 100 (of 7, the hard one)
+    latents = tf.constant([unit(0), unit(90), unit(10), unit(60), unit(100)], tf.float32)
+    latents = latents * tf.constant([[2.0], [0.5], [1.0], [3.0], [1.0]])  # norms do not matter
+    labels = tf.constant([7, 3, 7, 3, 7])
+    s, m = 20.0, 0.25
+
+    def row(view, own):
+        cosines = [math.cos(math.radians(view)), math.cos(math.radians(view - 90))]
+        logits = np.array(cosines, np.float64) * s
+        logits[own] -= s * m
+        return float(np.log(np.exp(logits).sum()) - logits[own])
+
+    expected = (row(10, 0) + row(60, 1) + row(100, 0)) / 3
+    assert float(original_anchor_loss(latents, labels, 2, s, m)) == pytest.approx(expected, rel=1e-5)
+    # views nearer their own original cost less than views nearer the other one
+    swapped = tf.constant([7, 3, 3, 7, 3])
+    assert float(original_anchor_loss(latents, labels, 2, s, m)) < float(
+        original_anchor_loss(latents, swapped, 2, s, m))
+
+
 def test_holdout_folds_partition_the_products():
     from auditlens.training.train import holdout_products, parse_fold
 
@@ -536,6 +564,23 @@ def test_arcface_margin_replaces_the_cosface_term_in_training(tiny_data, tmp_pat
         losses[name] = report["history"][-1]["loss"]
     assert all(np.isfinite(v) for loss in losses.values() for v in loss.values())
     assert losses["arcface"]["cosface"] != pytest.approx(losses["cosface"]["cosface"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_anchor_weight_adds_its_term_to_training(tiny_data, tmp_path):
+    """``anchor_weight`` adds the original-anchored term: it is logged, and the total is the
+    weighted sum of the terms (one step, so the epoch's means are that step's values)."""
+    from auditlens.training.train import train
+
+    config = tiny_config(tmp_path / "run", tiny_data["catalog"], photos=str(tiny_data["train"]),
+                         epochs=1, steps_per_epoch=1, anchor_weight=2.0)
+    report = json.loads(Path(train(config).report_path).read_text())
+    loss = report["history"][-1]["loss"]
+    assert report["config"]["anchor_weight"] == 2.0
+    assert loss["anchor"] > 0
+    parts = loss["supcon"] + 0.5 * loss["cosface"] + loss["recon"] + 2.0 * loss["anchor"]
+    assert loss["total"] == pytest.approx(parts, rel=1e-4)
+    assert "distill" not in loss
 
 
 @pytest.mark.slow

@@ -125,6 +125,9 @@ class TrainConfig:
     """Scale s of the CosFace logits."""
     cosface_margin: float = 0.25
     """Margin m subtracted from the true class's cosine."""
+    anchor_weight: float = 0.0
+    """Weight of the original-anchored loss: each augmented view and photo in a batch against
+    the batch's clean originals, with the CosFace scale and margin (0: off)."""
     arcface_margin: float = 0.0
     """When above 0, the head's loss is ArcFace instead: this angle (radians) is added to the
     true class's angle, and ``cosface_margin`` is not used."""

@@ -10,6 +10,9 @@
   training products (Wang et al. 2018). It tightens each product's cluster around one
   learnt centre; it is a training-only head and never ships. :func:`arcface_loss` is the
   additive angular margin variant of the same head (Deng et al. 2019), an option.
+* :func:`original_anchor_loss`: the comparison the device makes, trained directly: each
+  augmented view and field photo in the batch is classified among the batch's *clean
+  originals* (their latents, not learnt centres), with the CosFace scale and margin.
 * :func:`reconstruction_loss`: denoising reconstruction, the decoder must redraw the clean
   original from the latent of an augmented view or a field photo, so the latent has to keep
   the product's appearance instead of only what separates the training products.
@@ -93,6 +96,19 @@ def arcface_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float = 20.0, mar
         return tf.where(cos > math.cos(math.pi - margin), added, cos - margin * math.sin(margin))
 
     return _margin_softmax_loss(cosines, labels, scale, shifted)
+
+
+def original_anchor_loss(latents: tf.Tensor, labels: tf.Tensor, n_originals: int | tf.Tensor,
+                         scale: float = 20.0, margin: float = 0.25) -> tf.Tensor:
+    """CosFace over the batch's clean originals: rows ``n_originals:`` of ``latents`` (views and
+    photos) each against rows ``:n_originals`` (one clean original per label), the true
+    original's cosine lowered by ``margin``. Every view's label must be one of the originals'."""
+    z = l2_normalize(latents)
+    labels = tf.reshape(labels, [-1])
+    originals, views = z[:n_originals], z[n_originals:]
+    own = tf.argmax(tf.cast(tf.equal(labels[n_originals:, None], labels[None, :n_originals]), tf.int32),
+                    axis=1, output_type=tf.int32)
+    return cosface_loss(tf.matmul(views, originals, transpose_b=True), own, scale, margin)
 
 
 def reconstruction_loss(reconstruction: tf.Tensor, target: tf.Tensor) -> tf.Tensor:

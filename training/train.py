@@ -6,6 +6,7 @@ labelled photos exist, real field photos. The objective (weights in :class:`Trai
 
     metric_weight * supcon + class_weight * cosface + recon_weight * reconstruction
         [+ distill_weight * distillation, with --teacher-features]
+        [+ anchor_weight * original-anchored CosFace, with --anchor-weight]
 
 Validation embeds every original and each val photo exactly as the device does (the
 original's ``to_model_input``; the photo's ``to_photo_views``, latents pooled), and reports
@@ -341,7 +342,8 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"--lr {config.learning_rate} must be a number more than 0")
     for flag, value in (("--weight-decay", config.weight_decay), ("--backbone-lr-scale", config.backbone_lr_scale),
                         ("--metric-weight", config.metric_weight), ("--class-weight", config.class_weight),
-                        ("--recon-weight", config.recon_weight), ("--distill-weight", config.distill_weight)):
+                        ("--recon-weight", config.recon_weight), ("--distill-weight", config.distill_weight),
+                        ("--anchor-weight", config.anchor_weight)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{flag} {value} must be a number of at least 0")
     if not 0.0 <= config.ema_decay < 1.0:
@@ -630,6 +632,7 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, b
         arcface_loss,
         cosface_loss,
         distill_loss,
+        original_anchor_loss,
         reconstruction_loss,
         supcon_loss,
     )
@@ -668,6 +671,12 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, b
             recon = decoder(latents, training=True)
             l_recon = reconstruction_loss(recon, target)
             total = weights[0] * l_metric + weights[1] * l_class + weights[2] * l_recon
+            if config.anchor_weight > 0:
+                l_anchor = original_anchor_loss(latents, labels, tf.shape(clean_idx)[0],
+                                                config.cosface_scale, config.cosface_margin)
+                total += config.anchor_weight * l_anchor
+            else:
+                l_anchor = tf.constant(0.0)
             if teacher_targets is not None:
                 aim = tf.concat([tf.gather(t_orig_t, clean_idx), tf.gather(t_orig_t, aug_idx),
                                  tf.gather(t_photo_t, photo_idx)], 0)
@@ -684,7 +693,7 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, b
         if nets.trunk:
             nets.trunk_optimizer.apply_gradients(zip(grads[len(nets.trainable):], nets.trunk))
         average.update()
-        return total, l_metric, l_class, l_recon, l_distill
+        return total, l_metric, l_class, l_recon, l_distill, l_anchor
 
     return train_step
 
@@ -825,8 +834,9 @@ def scheduled_learning_rate(config: TrainConfig, step: int, elapsed: float) -> f
 
 
 # -- the run ---------------------------------------------------------------------------------
-LOSS_NAMES = ("total", "supcon", "cosface", "recon", "distill")
-"""The train step's loss terms, in its order (distill is 0 without a teacher)."""
+LOSS_NAMES = ("total", "supcon", "cosface", "recon", "distill", "anchor")
+"""The train step's loss terms, in its order (distill is 0 without a teacher, anchor without
+``anchor_weight``)."""
 
 
 @dataclass
@@ -853,7 +863,8 @@ def _fit(config: TrainConfig, nets: _Networks, train_step, sample_batch, evaluat
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    names = LOSS_NAMES if distilling else LOSS_NAMES[:-1]
+    off = {"distill": not distilling, "anchor": config.anchor_weight <= 0}  # terms left out of the step
+    used = [not off.get(name, False) for name in LOSS_NAMES]
     history: list[dict] = []
     best = {"eer": math.inf, "top1": -1.0, "epoch": 0}
     best_path = out / "checkpoints" / "best.weights.h5"
@@ -910,12 +921,13 @@ def _fit(config: TrainConfig, nets: _Networks, train_step, sample_batch, evaluat
         mean = sums / max(n, 1)
         history.append({
             "epoch": epoch, "steps": step, "train_seconds": round(train_seconds, 2), "lr": float(lr),
-            "loss": dict(zip(names, mean)),
+            "loss": {name: value for name, value, on in zip(LOSS_NAMES, mean, used) if on},
             "val": metrics,
         })
         unseen = metrics.get("unseen")
         log(f"epoch {epoch} step {step}: loss {mean[0]:.3f} (supcon {mean[1]:.3f} cos {mean[2]:.3f} "
             f"recon {mean[3]:.3f}" + (f" distill {mean[4]:.3f}" if distilling else "")
+            + (f" anchor {mean[5]:.3f}" if used[5] else "")
             + f") | val seen EER {seen['eer']:.3f} top1 {seen['top1']:.3f}"
             + (f" | unseen EER {unseen['eer']:.3f} top1 {unseen['top1']:.3f}" if unseen and unseen.get('n') else "")
             + (" *" if better else "")
@@ -1064,7 +1076,7 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
         return None
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("total", "supcon", "cosface", "recon", "distill"):
+    for key in LOSS_NAMES:
         if all(key in h["loss"] for h in history):
             ax1.plot(epochs, [h["loss"][key] for h in history], label=key)
     ax1.set_xlabel("epoch")
@@ -1180,6 +1192,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
             ("temperature", "supervised contrastive temperature", ""),
             ("cosface_scale", "scale of the CosFace (or ArcFace) logits", ""),
             ("cosface_margin", "CosFace margin subtracted from the true product's cosine", ""),
+            ("anchor_weight", "weight of the original-anchored loss (each view and photo among the "
+             "batch's clean originals, CosFace scale and margin)", "; 0 disables"),
             ("arcface_margin", "ArcFace margin in radians added to the true product's angle",
              "; above 0 replaces the CosFace margin, e.g. 0.3")):
         default = getattr(d, field)
@@ -1226,7 +1240,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         learning_rate=args.lr,
         weight_decay=args.weight_decay, metric_weight=args.metric_weight, class_weight=args.class_weight,
         recon_weight=args.recon_weight, temperature=args.temperature, cosface_scale=args.cosface_scale,
-        cosface_margin=args.cosface_margin, arcface_margin=args.arcface_margin, teacher_features=args.teacher_features,
+        cosface_margin=args.cosface_margin, anchor_weight=args.anchor_weight, arcface_margin=args.arcface_margin, teacher_features=args.teacher_features,
         distill_weight=args.distill_weight, augment=not args.no_augment,
         paste_background=not args.no_paste_background, mirror=not args.no_mirror,
         ema_decay=args.ema_decay, bn_batches=args.bn_batches, keep_epochs=args.keep_epochs, threads=args.threads,
