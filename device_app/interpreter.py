@@ -86,12 +86,12 @@ def without_delegate_notice():
 
 def load_interpreter(model_content: bytes, num_threads: int = 1, source: str | os.PathLike | None = None):
     """Create a TFLite interpreter from the model bytes with the best runtime available:
-    ``ai_edge_litert`` (LiteRT), then ``tflite_runtime``, then TensorFlow's own."""
+    ``ai_edge_litert`` (LiteRT), else ``tflite_runtime``. Never TensorFlow's own, so that the
+    engine runs where TensorFlow is not installed and never loads it where it is."""
     errors = []
     for module, attr in (
         ("ai_edge_litert.interpreter", "Interpreter"),
         ("tflite_runtime.interpreter", "Interpreter"),
-        ("tensorflow.lite", "Interpreter"),
     ):
         try:
             cls = getattr(__import__(module, fromlist=[attr]), attr)
