@@ -926,8 +926,8 @@ def _fit(config: TrainConfig, nets: _Networks, train_step, sample_batch, evaluat
         })
         unseen = metrics.get("unseen")
         log(f"epoch {epoch} step {step}: loss {mean[0]:.3f} (supcon {mean[1]:.3f} cos {mean[2]:.3f} "
-            f"recon {mean[3]:.3f}" + (f" distill {mean[4]:.3f}" if distilling else "")
-            + (f" anchor {mean[5]:.3f}" if used[5] else "")
+            f"recon {mean[3]:.3f}"
+            + "".join(f" {name} {mean[i]:.3f}" for i, name in enumerate(LOSS_NAMES) if name in off and used[i])
             + f") | val seen EER {seen['eer']:.3f} top1 {seen['top1']:.3f}"
             + (f" | unseen EER {unseen['eer']:.3f} top1 {unseen['top1']:.3f}" if unseen and unseen.get('n') else "")
             + (" *" if better else "")
@@ -1240,7 +1240,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         learning_rate=args.lr,
         weight_decay=args.weight_decay, metric_weight=args.metric_weight, class_weight=args.class_weight,
         recon_weight=args.recon_weight, temperature=args.temperature, cosface_scale=args.cosface_scale,
-        cosface_margin=args.cosface_margin, anchor_weight=args.anchor_weight, arcface_margin=args.arcface_margin, teacher_features=args.teacher_features,
+        cosface_margin=args.cosface_margin, anchor_weight=args.anchor_weight, arcface_margin=args.arcface_margin,
+        teacher_features=args.teacher_features,
         distill_weight=args.distill_weight, augment=not args.no_augment,
         paste_background=not args.no_paste_background, mirror=not args.no_mirror,
         ema_decay=args.ema_decay, bn_batches=args.bn_batches, keep_epochs=args.keep_epochs, threads=args.threads,
