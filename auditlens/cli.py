@@ -408,7 +408,7 @@ def _score_pairs(pairs, verifier, rows: list[list[str]], progress: bool, stopped
                 try:
                     capture = verifier.prepare(pair.photo)
                     latent = verifier.embed(capture)
-                    if any(verifier.takes_second_look(verifier.score(latent, p))
+                    if any(verifier.takes_second_look(verifier.score(latent, p, capture.cells))
                            for p in claims[pair.photo] & enrolled):
                         verifier.embed_second_look(capture)  # before its pixels go
                     capture.release_pixels()  # memory stays flat over 10k photos

@@ -165,7 +165,8 @@ def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, phones
     data = path.read_bytes()
     image = load_image(io.BytesIO(data), draft=spec.draft_size)
     views = to_photo_views(image, spec)
-    latent = verifier.embed_views(views)[0]
+    capture = verifier.prepare(path)
+    latent = verifier.embed(capture)
     small = analysis_copy(image)
     n = spec.num_views
     stages = {
@@ -173,8 +174,11 @@ def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, phones
         "sha256 of the file": lambda: hashlib.sha256(data).hexdigest(),
         "decode (draft) + EXIF + RGB": lambda: load_image(io.BytesIO(data), draft=spec.draft_size),
         f"crop + resize to {n} view{'s' if n > 1 else ''}": lambda: to_photo_views(image, spec),
-        f"encoder, {n} view{'s' if n > 1 else ''} (int8, 1 thread)": lambda: verifier.embed_views(views),
-        "score (best reference)": lambda: verifier.score(latent, product_id),
+        f"encoder, {n} view{'s' if n > 1 else ''} (int8, 1 thread)": (
+            (lambda: verifier.encoder.embed_with_cells(views, batch_size=n)) if verifier.cells_weight
+            else (lambda: verifier.embed_views(views))),
+        ("score (best reference, cells against every product)" if verifier.cells_weight
+         else "score (best reference)"): lambda: verifier.score(latent, product_id, capture.cells),
         "capture quality check (small grey copy + checks)": lambda: assess(image),
         "near-copy dHashes (of the small copy, whole and trimmed)": lambda: (dhash(small), trimmed_hashes(small)),
     }

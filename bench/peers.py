@@ -238,10 +238,11 @@ class SIFT(_Features):
 
 # -- auditlens ----------------------------------------------------------------------------
 class Auditlens(Method):
-    """The product itself: the bundle's int8 encoder, cosine to the best reference."""
+    """The product itself: the bundle's int8 encoder, scored as the verifier scores (the
+    cosine to the best reference, plus the cell term of a bundle that weighs cells)."""
 
     name = "auditlens"
-    describe = "int8 TFLite encoder (1 thread), cosine to the product's best reference"
+    describe = "int8 TFLite encoder (1 thread), the verifier's score"
     references_from_bundle = True
 
     def __init__(self, bundle_path) -> None:
@@ -258,20 +259,25 @@ class Auditlens(Method):
         return product.product_id, bundle.references[rows]
 
     def prepare_query(self, photo):
-        return self.verifier.embed(self.verifier.prepare(photo))
+        capture = self.verifier.prepare(photo, keep_image=False)
+        self.verifier.embed(capture)
+        capture.release_pixels()  # the latent (and cells) stay
+        return capture
 
     def score(self, reference, query) -> float:
-        return float((reference[1] @ query).max())
+        return self.verifier.score(query.latent, reference[0], query.cells)
 
     def score_matrix(self, references, queries):
-        lat = np.stack(queries)
-        return np.stack([(lat @ r[1].T).max(axis=1) for r in references], axis=1).astype(np.float64)
+        rows = [self.verifier.bundle.index(r[0]) for r in references]
+        return np.stack([self.verifier.product_scores(q.latent, q.cells)[rows] for q in queries]).astype(np.float64)
 
     def verify(self, photo, reference) -> float:
         return self.verifier.verify(photo, reference[0]).score
 
     def reference_bytes(self, reference) -> int:
-        return int(reference[1].shape[0] * reference[1].shape[1] * 2)  # float16 in the bundle
+        rows, dim = reference[1].shape
+        cells = self.verifier.bundle.cells
+        return int(rows * dim * 2 + (rows * cells.shape[1] * dim if cells is not None else 0))  # float16, int8
 
 
 PEERS = (PHash, DHash, HSVHistogram, SSIM, ORB, SIFT)

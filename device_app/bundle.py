@@ -7,6 +7,10 @@ A bundle is a folder (or the same files in one zip) holding::
     manifest.sig      optional Ed25519 signature of manifest.json
     model.tflite      the encoder the latents were computed with
     references.npy    float16 (R, D) unit latents, one row per reference image
+    cells.npy         optional int8 (R, C, D) feature-map cells of each reference
+                      (a model exported with cells: :mod:`.cells`)
+    cohort.npy        with cells.npy: int8 (K, C, D) cells of the originals a photo's
+                      cell scores are standardised against
     products.json     per product: id, name, group, kind, code, reference rows, dHash
     thumbs/NNNN.jpg   a small thumbnail of each original, for display
 
@@ -41,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from auditlens.catalog import check_product_id
+from auditlens.device_app.cells import CELLS_FILE, COHORT_FILE, Z_LIMIT, npy_bytes
 from auditlens.device_app.interpreter import model_id_of
 from auditlens.device_app.preprocess import MAX_PHOTO_SHIFT, PreprocessSpec
 from auditlens.device_app.second_look import SecondLook
@@ -81,7 +86,7 @@ MAX_COMPRESSION_RATIO = 100
 """A zip member above 1 MiB that inflates more than this many times is refused (zip bomb);
 real bundle files (model, float16 latents, JSON, JPEGs) compress far less."""
 
-_SAFE_NAME = re.compile(r"^(model\.tflite|references\.npy|products\.json|thumbs/[0-9]{4,9}\.(jpg|png))$")
+_SAFE_NAME = re.compile(r"^(model\.tflite|references\.npy|cells\.npy|cohort\.npy|products\.json|thumbs/[0-9]{4,9}\.(jpg|png))$")
 _DHASH = re.compile(r"^[0-9a-fA-F]{1,16}$")
 
 MAX_MANIFEST_BYTES = 64 * 1024**2
@@ -302,6 +307,17 @@ class ReferenceBundle:
     manifest_sha256: str = ""
     """sha256 of manifest.json as stored; the manifest holds every file's sha256, so this
     names the bundle's whole content (see :attr:`bundle_id`)."""
+    cells: np.ndarray | None = field(default=None, repr=False)
+    """int8 (R, C, D): each reference row's feature-map cells (:mod:`.cells`), when the
+    bundle's model gives them; None otherwise."""
+    cohort: np.ndarray | None = field(default=None, repr=False)
+    """int8 (K, C, D): the cohort's cells, beside ``cells``."""
+
+    @property
+    def cells_weight(self) -> float:
+        """The cell term's weight in the score (:func:`~.cells.fuse`); 0: cosine alone."""
+        block = self.decision.get("cells")
+        return float(block["weight"]) if block and self.cells is not None else 0.0
 
     @property
     def model_id(self) -> str:
@@ -472,6 +488,8 @@ class ReferenceBundle:
                     "re-enrol the catalogue with this model"
                 )
             references = _load_npy(contents[REFERENCES_FILE], path)
+            cells, cohort = (_load_npy(contents[name], path, name) if name in contents else None
+                             for name in (CELLS_FILE, COHORT_FILE))
             products = [ProductRecord.from_dict(d) for d in json.loads(contents[PRODUCTS_FILE])]
             spec = PreprocessSpec.from_dict(manifest["preprocess"])
             if spec.photo_shift and version < SHIFTED_FORMAT_VERSION:
@@ -494,6 +512,7 @@ class ReferenceBundle:
         # held as float16 in native byte order, whatever float type the file holds
         references = references.astype(np.float16, copy=False)
         _check_unit_rows(references, path)
+        _check_cells(cells, cohort, references, manifest.get("decision"), path)
         _check_probe(manifest, path)
         check_decision(manifest.get("decision"), path, spec=spec)
         thumbs = {n: d for n, d in contents.items() if n.startswith("thumbs/")}
@@ -529,7 +548,7 @@ class ReferenceBundle:
         return cls(path, manifest, contents[MODEL_FILE], products,
                    references, owner, thumbs, signed_by,
                    has_signature=source.exists(SIGNATURE),
-                   manifest_sha256=sha256_bytes(raw_manifest))
+                   manifest_sha256=sha256_bytes(raw_manifest), cells=cells, cohort=cohort)
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -561,22 +580,30 @@ def _check_probe(manifest: dict, path: Path) -> None:
 
 def check_decision(decision, path: Path, what: str = "manifest decision", *,
                    spec: PreprocessSpec | None = None) -> None:
-    """``threshold`` is a cosine; ``far_curve``, when there is one, is [[score, far], ...]
+    """``threshold`` is a cosine (moved by the cell term of a decision that weighs cells);
+    ``far_curve``, when there is one, is [[score, far], ...]
     by strictly increasing score with falling FAR (the verifier interpolates it); a
     ``second_look`` has the same, and given the photos' ``spec``, views that can take it."""
     if not isinstance(decision, dict):
         raise BundleFormatError(f"{path}: {what} is missing or not an object")
+    cells = decision.get("cells")
+    if cells is not None and not (isinstance(cells, dict) and _is_finite_number(cells.get("weight"))
+                                  and 0.0 <= cells["weight"] <= 1.0):
+        raise BundleFormatError(f"{path}: {what}.cells is not an object with a weight within [0, 1] "
+                                f"(the cell term's weight in the score): {cells!r:.200}")
+    # a score is a cosine, which the cell term moves by its weight times a z-score
+    limit = 1.0 + (cells["weight"] * Z_LIMIT if cells else 0.0)
     threshold = decision.get("threshold")
-    if not _is_finite_number(threshold) or not -1.0 <= threshold <= 1.0:
+    if not _is_finite_number(threshold) or not -limit <= threshold <= limit:
         raise BundleFormatError(f"{path}: {what}.threshold {threshold!r} is not a "
-                                "cosine within [-1, 1]")
+                                + (f"score within [-{limit:g}, {limit:g}]" if cells else "cosine within [-1, 1]"))
     target_far = decision.get("target_far")
     if target_far is not None and not (_is_finite_number(target_far) and 0.0 <= target_far <= 1.0):
         raise BundleFormatError(f"{path}: {what}.target_far {target_far!r} is not a "
                                 "rate within [0, 1]")
     second = decision.get("second_look")
     if second is not None:
-        _check_second_look(second, path, f"{what}.second_look")
+        _check_second_look(second, path, f"{what}.second_look", limit)
         if spec is not None:
             try:
                 SecondLook.from_decision(decision, spec)
@@ -585,7 +612,7 @@ def check_decision(decision, path: Path, what: str = "manifest decision", *,
     _check_far_curve(decision.get("far_curve"), path, what)
 
 
-def _check_second_look(block, path: Path, what: str) -> None:
+def _check_second_look(block, path: Path, what: str, limit: float = 1.0) -> None:
     """A second look (:mod:`.second_look`): a shift and band, and a threshold with its own
     far_curve."""
     if not isinstance(block, dict):
@@ -596,8 +623,9 @@ def _check_second_look(block, path: Path, what: str) -> None:
                                 f"(0, {MAX_PHOTO_SHIFT}]")
     if not _is_finite_number(band) or not 0.0 < band <= 1.0:
         raise BundleFormatError(f"{path}: {what}.band {band!r} is not a cosine band within (0, 1]")
-    if not _is_finite_number(threshold) or not -1.0 <= threshold <= 1.0:
-        raise BundleFormatError(f"{path}: {what}.threshold {threshold!r} is not a cosine within [-1, 1]")
+    if not _is_finite_number(threshold) or not -limit <= threshold <= limit:
+        raise BundleFormatError(f"{path}: {what}.threshold {threshold!r} is not a "
+                                + (f"score within [-{limit:g}, {limit:g}]" if limit > 1 else "cosine within [-1, 1]"))
     _check_far_curve(block.get("far_curve"), path, what)
 
 
@@ -630,11 +658,34 @@ def _check_unit_rows(references: np.ndarray, path: Path, block: int = 65536) -> 
                 "re-enrol the catalogue")
 
 
-def _load_npy(data: bytes, path: Path) -> np.ndarray:
+def _check_cells(cells: np.ndarray | None, cohort: np.ndarray | None, references: np.ndarray, decision,
+                 path: Path) -> None:
+    """cells.npy, when there is one: int8 (R, C, D) beside the (R, D) references, with a
+    cohort.npy of int8 (K, C, D); a decision that weighs cells into the score needs them."""
+    if cells is None:
+        if isinstance(decision, dict) and decision.get("cells"):
+            raise BundleFormatError(f"{path}: the decision weighs cells into the score, but the bundle "
+                                    f"holds no {CELLS_FILE}")
+        if cohort is not None:
+            raise BundleFormatError(f"{path}: {COHORT_FILE} without {CELLS_FILE}")
+        return
+    rows, dim = references.shape
+    if cells.dtype != np.int8 or cells.ndim != 3 or cells.shape[0] != rows or cells.shape[2] != dim \
+            or cells.shape[1] == 0:
+        raise BundleFormatError(f"{path}: {CELLS_FILE} holds {cells.dtype} {cells.shape}, expected int8 "
+                                f"(R, C, D) with R = {rows} references and D = {dim}")
+    if cohort is None or cohort.dtype != np.int8 or cohort.ndim != 3 or cohort.shape[1:] != cells.shape[1:] \
+            or len(cohort) == 0:
+        got = "none" if cohort is None else f"{cohort.dtype} {cohort.shape}"
+        raise BundleFormatError(f"{path}: {COHORT_FILE} holds {got}, expected int8 (K, C, D) with "
+                                f"C, D = {cells.shape[1]}, {dim} as in {CELLS_FILE}")
+
+
+def _load_npy(data: bytes, path: Path, name: str = REFERENCES_FILE) -> np.ndarray:
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:  # numpy raises many types (ValueError, EOFError, SyntaxError, ...)
-        raise BundleFormatError(f"{path}: references.npy is not a readable array: {exc!r}") from exc
+        raise BundleFormatError(f"{path}: {name} is not a readable array: {exc!r}") from exc
 
 
 # -- writing ------------------------------------------------------------------------
@@ -650,13 +701,17 @@ def write_bundle(
     probe_latent: Sequence[float],
     extra: Mapping | None = None,
     signing_key: bytes | str | None = None,
+    cells: np.ndarray | None = None,
+    cohort: np.ndarray | None = None,
 ) -> Path:
     """Write a bundle folder, or a zip when ``out`` ends in ``.zip``, atomically.
 
     ``thumbnails[i]`` is the JPEG of ``products[i]``'s original; ``decision`` holds at
     least ``threshold``. An existing bundle at ``out`` is replaced only once the new one
     is complete; anything else at ``out`` but an empty folder is refused
-    (:func:`check_replaceable`), never deleted.
+    (:func:`check_replaceable`), never deleted. ``cells``: int8 (R, C, D) cells of the
+    references (:func:`~.cells.quantize_cells`), for a model that gives them, with the
+    ``cohort``'s (K, C, D).
     """
     from datetime import datetime, timezone
 
@@ -664,11 +719,16 @@ def write_bundle(
 
     out = Path(out)
     check_decision(dict(decision), out, spec=spec)  # nothing is replaced by a bundle no device would load
+    _check_cells(None if cells is None else np.asarray(cells), None if cohort is None else np.asarray(cohort),
+                 np.asarray(references), dict(decision), out)
     model_id = model_id_of(model_content)
     files: dict[str, bytes] = {MODEL_FILE: model_content}
     buf = io.BytesIO()
     np.save(buf, np.asarray(references, dtype=np.float16), allow_pickle=False)
     files[REFERENCES_FILE] = buf.getvalue()
+    for name, array in ((CELLS_FILE, cells), (COHORT_FILE, cohort)):
+        if array is not None:
+            files[name] = npy_bytes(array)
     records = []
     for i, (record, thumb) in enumerate(zip(products, thumbnails, strict=True)):
         name = f"thumbs/{i:04d}.jpg"

@@ -140,7 +140,8 @@ def _is_keras_zip(content: bytes) -> bool:
 
 
 class Encoder:
-    """Runs a TFLite image encoder: uint8 images (N, S, S, 3) in, unit latents (N, D) out.
+    """Runs a TFLite image encoder: uint8 images (N, S, S, 3) in, unit latents (N, D) out
+    (and, from a model exported with cells, unit feature-map cells (N, C, D): :mod:`.cells`).
 
     Safe to share between threads: one interpreter runs one batch at a time (callers
     queue on a lock); for parallel inference, give each thread its own Encoder."""
@@ -171,16 +172,35 @@ class Encoder:
         self._lock = threading.Lock()
         self._batch = 1
         inputs = self._interpreter.get_input_details()
-        outputs = self._interpreter.get_output_details()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelError(f"an encoder has one input and one output, this model has "
-                             f"{len(inputs)} and {len(outputs)}")
-        self._input, self._output = inputs[0], outputs[0]
+        if len(inputs) != 1:
+            raise ModelError(f"an encoder has one input, this model has {len(inputs)}")
+        self._input = inputs[0]
+        self._output, self._cells = self._outputs()
         shape = tuple(int(s) for s in self._input["shape"])
         if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
             raise ModelError(f"expected an encoder input of shape (1, S, S, 3), got {shape}")
         self.input_size = shape[1]
         self.latent_dim = int(self._output["shape"][-1])
+        self.cell_count = 0 if self._cells is None else int(np.prod(self._cells["shape"][1:-1]))
+        """Feature-map cells per image of a model exported with cells (:mod:`.cells`), else 0."""
+
+    def _outputs(self) -> tuple[dict, dict | None]:
+        """The latent's output detail, and the cells' (None for a latent-only model)."""
+        outputs = self._interpreter.get_output_details()
+        latent = [o for o in outputs if len(o["shape"]) == 2]
+        cells = [o for o in outputs if len(o["shape"]) == 4]
+        if len(outputs) == 1 and len(latent) == 1:
+            return latent[0], None
+        if (len(outputs) == 2 and len(latent) == 1 and len(cells) == 1
+                and int(cells[0]["shape"][-1]) == int(latent[0]["shape"][-1])):
+            return latent[0], cells[0]
+        raise ModelError("an encoder gives a latent (1, D), and with cells also a feature map "
+                         f"(1, H, W, D); this model gives {[tuple(map(int, o['shape'])) for o in outputs]}")
+
+    @property
+    def has_cells(self) -> bool:
+        """Whether the model also gives its feature-map cells (``export --cells``)."""
+        return self._cells is not None
 
     @property
     def input_dtype(self) -> np.dtype:
@@ -197,10 +217,11 @@ class Encoder:
         q = np.round(images.astype(np.float32) / scale) + zero
         return np.clip(q, info.min, info.max).astype(dtype)
 
-    def _dequantize_output(self, raw: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _dequantize(raw: np.ndarray, detail: dict) -> np.ndarray:
         if raw.dtype == np.float32:
             return raw
-        scale, zero = self._output["quantization"]
+        scale, zero = detail["quantization"]
         return (raw.astype(np.float32) - zero) * scale
 
     def _resize(self, batch: int) -> None:
@@ -208,11 +229,21 @@ class Encoder:
             self._interpreter.resize_tensor_input(self._input["index"], [batch, self.input_size, self.input_size, 3])
             self._interpreter.allocate_tensors()
             self._input = self._interpreter.get_input_details()[0]
-            self._output = self._interpreter.get_output_details()[0]
+            self._output, self._cells = self._outputs()
             self._batch = batch
 
     def raw_latents(self, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
         """Latents before normalisation, float32 (N, D)."""
+        return self._run(images, batch_size, with_cells=False)[0]
+
+    def embed_with_cells(self, images: np.ndarray, batch_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Unit latents (N, D) and unit cells (N, C, D) of a model exported with cells."""
+        if self._cells is None:
+            raise ModelError("this model has no cells output; export it with --cells")
+        latents, cells = self._run(images, batch_size, with_cells=True)
+        return l2_normalize(latents), l2_normalize(cells)
+
+    def _run(self, images: np.ndarray, batch_size: int, with_cells: bool) -> tuple[np.ndarray, np.ndarray | None]:
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[None]
@@ -220,15 +251,19 @@ class Encoder:
             raise ModelError(f"images of shape {images.shape[1:]} do not fit the encoder's "
                              f"input ({self.input_size}, {self.input_size}, 3)")
         out = np.empty((len(images), self.latent_dim), dtype=np.float32)
+        cells = np.empty((len(images), self.cell_count, self.latent_dim), np.float32) if with_cells else None
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             with self._lock:  # resize, set, invoke and read belong together
                 self._resize(len(chunk))
                 self._interpreter.set_tensor(self._input["index"], self._quantize_input(chunk))
                 self._interpreter.invoke()
-                out[start:start + len(chunk)] = self._dequantize_output(
-                    self._interpreter.get_tensor(self._output["index"]))
-        return out
+                out[start:start + len(chunk)] = self._dequantize(
+                    self._interpreter.get_tensor(self._output["index"]), self._output)
+                if with_cells:
+                    raw = self._dequantize(self._interpreter.get_tensor(self._cells["index"]), self._cells)
+                    cells[start:start + len(chunk)] = raw.reshape(len(chunk), self.cell_count, self.latent_dim)
+        return out, cells
 
     def embed(self, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
         """Unit-length latents, float32 (N, D); one uint8 image (S, S, 3) gives (1, D)."""

@@ -84,7 +84,11 @@ def best_reference_scores(latents: np.ndarray, references: np.ndarray, owner: np
     """Best cosine of a latent (D,) or of each of latents (N, D) against every product's
     references (rows of ``references``, ``owner`` naming each row's product): (P,) or
     (N, P). The verifier's rule, shared by evaluation and the bench."""
-    sims = cosines(latents, references)
+    return best_per_product(cosines(latents, references), owner, n_products)
+
+
+def best_per_product(sims: np.ndarray, owner: np.ndarray, n_products: int) -> np.ndarray:
+    """Each product's best of its reference rows' scores: (..., R) -> (..., P)."""
     best = np.full((*sims.shape[:-1], n_products), -np.inf, dtype=np.float32)
     if len(owner) == n_products and (np.bincount(owner, minlength=n_products) == 1).all():
         best[..., owner] = sims  # one reference per product
@@ -239,6 +243,18 @@ every product. The shortlist grows until its k-th exact score leads every produc
 out by this margin."""
 
 
+def check_top_k(k) -> int:
+    """``k`` of a top-k as an int; ValueError unless a whole number of at least 1."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"top_k must be a whole number of at least 1, not {k!r}")
+    return int(k)
+
+
+def top_of(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` best ``scores``, best first; equal scores in index order."""
+    return np.lexsort((np.arange(len(scores)), -scores))[:k]
+
+
 class ReferenceSearch:
     """Ranks a bundle's products for a latent with the verifier's exact scores.
 
@@ -301,9 +317,7 @@ class ReferenceSearch:
     def top_k(self, latent: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best products for ``latent``: (product indices, exact cosines), best
         first; equal scores in product order."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"top_k must be a whole number of at least 1, not {k!r}")
-        k = min(int(k), self.num_products)
+        k = min(check_top_k(k), self.num_products)
         if self.index is None:
             scores = self.product_scores(latent)
             kth = np.partition(scores, self.num_products - k)[self.num_products - k]

@@ -2,7 +2,8 @@
 
 ``Verifier(bundle).verify(photo, product_id)`` returns a :class:`Verdict`: MATCH when
 the photo's latent is at least the bundle's calibrated threshold close (cosine) to one
-of the product's references, NO MATCH below it (with the products the photo resembles
+of the product's references (plus, for a bundle that weighs them, the match of its
+feature-map cells against the catalogue's: :mod:`.cells`), NO MATCH below it (with the products the photo resembles
 most), and RETAKE when the capture itself cannot be judged (too dark, blurred, no
 product) or merely reproduces the catalogue original instead of photographing the
 product.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,13 @@ from PIL import Image
 
 from auditlens.device_app.auditlog import utc_now
 from auditlens.device_app.bundle import ReferenceBundle, probe_image
+from auditlens.device_app.cells import (
+    cell_scores,
+    fuse,
+    product_cell_scores,
+    quantize_cells,
+    score_ceiling,
+)
 from auditlens.device_app.imaging import (
     DEFAULT_MAX_PIXELS,
     ImageSource,
@@ -33,7 +42,7 @@ from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_o
 from auditlens.device_app.nearcopy import copies, dhash, trimmed_hashes
 from auditlens.device_app.preprocess import PreprocessSpec, moved_views, pool_views, to_photo_views
 from auditlens.device_app.quality import Quality, QualityThresholds, analysis_copy, assess
-from auditlens.device_app.search import ReferenceSearch
+from auditlens.device_app.search import ReferenceSearch, check_top_k, top_of
 from auditlens.errors import (
     BundleSignatureError,
     ImageTooLargeError,
@@ -43,6 +52,9 @@ from auditlens.errors import (
 )
 
 MATCH, NO_MATCH, RETAKE = "match", "no_match", "retake"
+
+ScoredCells = tuple[np.ndarray, np.ndarray]
+"""A photo's cell scores against every product (P,) and against the cohort (K,)."""
 
 PROBE_MIN_COSINE = 0.98
 """The bundle's probe latent and the model's must agree this well (same model, any CPU)."""
@@ -61,7 +73,9 @@ class VerifierOptions:
     num_threads: int = 1
     """Interpreter threads."""
     threshold: float | None = None
-    """Override the bundle's calibrated decision threshold (cosine)."""
+    """Override the bundle's calibrated decision threshold (a score: a cosine, moved by the
+    cell term of a bundle that weighs cells; the verifier refuses one outside the bundle's
+    scores)."""
     suggestions: int = 3
     """How many look-alike products a NO MATCH lists."""
     check_quality: bool = True
@@ -99,9 +113,10 @@ class VerifierOptions:
         whole("max_file_bytes", 1)
         if self.threshold is not None:
             t = self.threshold
-            if isinstance(t, bool) or not isinstance(t, (int, float, np.number)) or not -1.0 <= t <= 1.0:
-                raise ValueError(f"VerifierOptions.threshold must be a cosine within -1..1 (or None for "
-                                 f"the bundle's calibrated one), not {t!r}")
+            if isinstance(t, bool) or not isinstance(t, (int, float, np.number)) or not math.isfinite(t):
+                raise ValueError(f"VerifierOptions.threshold must be a finite score, a cosine within -1..1 "
+                                 f"moved by the cell term of a bundle that weighs cells (or None for the "
+                                 f"bundle's calibrated one), not {t!r}")
             object.__setattr__(self, "threshold", float(t))
         for name in ("check_quality", "second_look"):
             value = getattr(self, name)
@@ -129,7 +144,9 @@ class Verdict:
     """'match', 'no_match' or 'retake'."""
     product_id: str
     score: float
-    """Cosine similarity between the photo and the product's closest reference, -1..1."""
+    """Cosine similarity between the photo and the product's closest reference, -1..1;
+    for a bundle that weighs cells, plus the cell term (:func:`~.cells.fuse`), which can
+    take it a little past either end."""
     threshold: float
     """Scores at or above this are a match."""
     estimated_far: float | None
@@ -195,6 +212,9 @@ class Capture:
     """Memoised unit latent, filled by :meth:`Verifier.embed`."""
     view_latents: np.ndarray | None = None
     """The unit latents of ``views``, one a row, that ``latent`` pools."""
+    cells: np.ndarray | None = None
+    """Memoised feature-map cells (V, C, D) of ``views``, int8 as a bundle stores them, filled
+    by :meth:`Verifier.embed` for a bundle that weighs cells into the score (:mod:`.cells`)."""
     second_latents: dict[float, np.ndarray] = field(default_factory=dict)
     """Memoised unit latents of second looks (:meth:`Verifier.embed_second_look`), by shift."""
     model_id: str | None = None
@@ -337,6 +357,15 @@ class Verifier:
         # built here, once (not on a first identify, which services make from many threads):
         # a large catalogue's int8 index takes about 0.2 s per 100,000 products
         self.search = ReferenceSearch(bundle.references, bundle.reference_owner, len(bundle.products))
+        self.cells_weight = bundle.cells_weight
+        """The cell term's weight in every score (:func:`~.cells.fuse`); 0: the cosine alone."""
+        limit = score_ceiling(self.cells_weight)
+        if self.options.threshold is not None and not -limit <= self.options.threshold <= limit:
+            raise ValueError(f"VerifierOptions.threshold {self.options.threshold:g} lies outside the scores "
+                             f"this bundle gives ({'a cosine within -1..1' if limit == 1 else f'-{limit:g}..{limit:g}'})")
+        if self.cells_weight and not self.encoder.has_cells:
+            raise ModelMismatchError(f"{bundle.path}: the bundle weighs feature-map cells into the score, "
+                                     "but its model gives none")
         self.threshold = (self.options.threshold if self.options.threshold is not None
                           else bundle.threshold)
         self.second_look = (bundle.second_look if self.options.second_look and self.options.threshold is None
@@ -414,7 +443,8 @@ class Verifier:
         prepared or embedded for another bundle (a second catalogue, a bundle replaced
         while a service runs) is embedded again with this one's model and views; once its
         pixels are released that is refused."""
-        if capture.latent is not None and capture.model_id == self.bundle.model_id and capture.spec == self.spec:
+        if (capture.latent is not None and capture.model_id == self.bundle.model_id and capture.spec == self.spec
+                and (capture.cells is not None or not self.cells_weight)):
             return capture.latent
         if capture.spec != self.spec and capture.image is not None:
             capture.views, capture.spec = to_photo_views(capture.image, self.spec), self.spec
@@ -422,7 +452,11 @@ class Verifier:
             raise ModelMismatchError(
                 f"this capture was prepared for model {capture.model_id or 'of another bundle'} and its "
                 f"pixels were released; prepare the photo again to score it with model {self.bundle.model_id}")
-        capture.view_latents = self.encoder.embed(capture.views, batch_size=len(capture.views))
+        if self.cells_weight:  # int8 as a bundle keeps them: 16 KiB a photo, scored alike everywhere
+            capture.view_latents, cells = self.encoder.embed_with_cells(capture.views, batch_size=len(capture.views))
+            capture.cells = quantize_cells(cells)
+        else:
+            capture.view_latents = self.encoder.embed(capture.views, batch_size=len(capture.views))
         capture.latent = pool_views(capture.view_latents, len(capture.views))[0]
         capture.second_latents = {}
         capture.model_id = self.bundle.model_id
@@ -465,17 +499,52 @@ class Verifier:
         return pool_views(self.encoder.embed(views, batch_size=batch), v)
 
     # -- scoring --------------------------------------------------------------------
-    def product_scores(self, latent: np.ndarray) -> np.ndarray:
-        """Best cosine of ``latent`` against each product's references, shape (P,)."""
-        return self.search.product_scores(latent)
+    # ``cells``: the photo's (Capture.cells), which a bundle that weighs cells needs.
+    def product_scores(self, latent: np.ndarray, cells: np.ndarray | None = None) -> np.ndarray:
+        """The score of ``latent`` against every product, shape (P,): the best cosine of the
+        product's references, plus the cell term for a bundle that weighs cells."""
+        return self._fused(self.search.product_scores(latent), self._cells_of(cells))
 
-    def score(self, latent: np.ndarray, product_id: str) -> float:
-        return self.search.best_of_rows(latent, list(self.bundle.product(product_id).references))
+    def score(self, latent: np.ndarray, product_id: str, cells: np.ndarray | None = None) -> float:
+        return self._score(latent, product_id, self._cells_of(cells))
 
-    def rank(self, latent: np.ndarray, top_k: int = 5) -> list[Candidate]:
+    def rank(self, latent: np.ndarray, top_k: int = 5, cells: np.ndarray | None = None) -> list[Candidate]:
         """The ``top_k`` products most like ``latent``, best first, with the scores
         :meth:`score` gives them."""
-        top, scores = self.search.top_k(latent, top_k)
+        return self._rank(latent, top_k, self._cells_of(cells))
+
+    def _cells_of(self, cells: np.ndarray | None) -> ScoredCells | None:
+        """A photo's cell scores against every product (P,) and against the cohort (K,),
+        when the bundle weighs cells."""
+        if not self.cells_weight:
+            return None
+        if cells is None:
+            raise ValueError("this bundle weighs feature-map cells into the score: pass the photo's "
+                             "cells (Capture.cells, which Verifier.embed fills)")
+        photo = np.asarray(cells)[None]
+        return (product_cell_scores(photo, self.bundle.cells, self.bundle.reference_owner,
+                                    len(self.bundle.products))[0],
+                cell_scores(photo, self.bundle.cohort)[0])
+
+    def _fused(self, cosines: np.ndarray, scored_cells: ScoredCells | None) -> np.ndarray:
+        if scored_cells is None:
+            return cosines
+        return fuse(cosines, scored_cells[0], self.cells_weight, scored_cells[1])
+
+    def _score(self, latent: np.ndarray, product_id: str, scored_cells: ScoredCells | None) -> float:
+        record = self.bundle.product(product_id)
+        if scored_cells is None:
+            return self.search.best_of_rows(latent, list(record.references))
+        # the cell term is z-scored against the whole catalogue: every product is scored
+        return float(self._fused(self.search.product_scores(latent), scored_cells)[self.bundle.index(product_id)])
+
+    def _rank(self, latent: np.ndarray, top_k: int, scored_cells: ScoredCells | None) -> list[Candidate]:
+        if scored_cells is None:
+            top, scores = self.search.top_k(latent, top_k)
+        else:
+            every = self._fused(self.search.product_scores(latent), scored_cells)
+            top = top_of(every, min(check_top_k(top_k), len(every)))
+            scores = every[top]
         return [Candidate(self.bundle.products[i].product_id, self.bundle.products[i].name,
                           float(s)) for i, s in zip(top, scores)]
 
@@ -513,7 +582,8 @@ class Verifier:
         self.bundle.product(product_id)  # unknown ids fail before any decoding
         capture = photo if isinstance(photo, Capture) else self.prepare(photo)
         latent = self.embed(capture)
-        score = self.score(latent, product_id)
+        scored_cells = self._cells_of(capture.cells)
+        score = self._score(latent, product_id, scored_cells)
         threshold, first_score, first_threshold = self.threshold, None, None
         near_duplicate = self.copies_original(capture, product_id)
         reasons = self._retake_reasons(capture, near_duplicate)
@@ -527,14 +597,14 @@ class Verifier:
                     reasons.append(f"{near}: no second look, the capture's pixels were released")
                 else:
                     first_score, first_threshold = score, threshold
-                    score, threshold = self.score(second, product_id), self.second_look.threshold
+                    score, threshold = self._score(second, product_id, scored_cells), self.second_look.threshold
                     reasons.append(f"{near}: a second look with {len(capture.view_latents) * 5} views")
             decision = MATCH if score >= threshold else NO_MATCH
             reasons.append(score_against_threshold(score, threshold, ">=" if decision == MATCH else "<"))
 
         suggestions: tuple[Candidate, ...] = ()
         if decision == NO_MATCH and self.options.suggestions:
-            suggestions = tuple(c for c in self.rank(latent, self.options.suggestions + 1)
+            suggestions = tuple(c for c in self._rank(latent, self.options.suggestions + 1, scored_cells)
                                 if c.product_id != product_id)[: self.options.suggestions]
         return Verdict(
             decision=decision, product_id=product_id, score=score, threshold=threshold,
@@ -551,4 +621,5 @@ class Verifier:
         :meth:`retake_reasons` of the same :meth:`prepare`-d capture (too dark, blurred,
         a copy of the candidate's original ...), as ``auditlens identify`` does."""
         capture = photo if isinstance(photo, Capture) else self.prepare(photo)
-        return self.rank(self.embed(capture), top_k)
+        latent = self.embed(capture)
+        return self._rank(latent, top_k, self._cells_of(capture.cells))

@@ -29,8 +29,10 @@ from auditlens.device_app.bundle import (
     check_replaceable,
     is_signed,
     probe_image,
+    sha256_bytes,
     write_bundle,
 )
+from auditlens.device_app.cells import quantize_cells
 from auditlens.device_app.imaging import load_image
 from auditlens.device_app.interpreter import Encoder, EncoderOptions
 from auditlens.device_app.nearcopy import dhash, trimmed_hashes
@@ -100,15 +102,40 @@ def load_model_card(card: str | os.PathLike) -> dict:
     return data
 
 
-def model_card(model_path: str | os.PathLike) -> dict:
-    """The card beside a model (``encoder.json`` or ``encoder.tflite.json``), or an empty
-    dict when there is none. A card that cannot be read is refused: enrolling without it
-    would silently change views and threshold."""
+def model_card_path(model_path: str | os.PathLike) -> Path | None:
+    """The card beside a model (``encoder.json`` or ``encoder.tflite.json``), if any."""
     path = Path(model_path)
-    for card in (path.with_suffix(".json"), path.with_name(path.name + ".json")):
-        if card.is_file():
-            return load_model_card(card)
-    return {}
+    return next((card for card in (path.with_suffix(".json"), path.with_name(path.name + ".json"))
+                 if card.is_file()), None)
+
+
+def model_card(model_path: str | os.PathLike) -> dict:
+    """The card beside a model, or an empty dict when there is none. A card that cannot be
+    read is refused: enrolling without it would silently change views and threshold."""
+    card = model_card_path(model_path)
+    return load_model_card(card) if card is not None else {}
+
+
+def cohort_path(card_path: str | os.PathLike) -> Path:
+    """Where a card keeps the cohort its decision weighs cells against
+    (:mod:`auditlens.device_app.cells`): ``encoder.cohort.npy`` beside ``encoder.json``."""
+    return Path(card_path).with_suffix(".cohort.npy")
+
+
+def card_cohort(card_path: Path, decision: dict) -> tuple[np.ndarray | None, str]:
+    """The cohort of a card whose decision weighs cells, checked against its sha256; else
+    None and why not."""
+    path = cohort_path(card_path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    if sha256_bytes(data) != decision["cells"].get("cohort_sha256"):
+        return None, "is not the one it was calibrated with (its sha256 differs)"
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False), ""
+    except Exception as exc:  # numpy raises many types
+        return None, f"is not a readable array ({exc!r})"
 
 
 def default_model_path() -> Path:
@@ -173,6 +200,13 @@ def _check_spread(original_latents: np.ndarray, groups: list[list[int]], model_i
             "it cannot tell products apart, and any photo would MATCH any product. Train it longer "
             "(--epochs, --steps-per-epoch) or check why the run diverged (or, if the originals are "
             "copies of one picture, give each product its own); nothing was written")
+
+
+def _embed(encoder: Encoder, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Unit latents of ``images``, and their unit cells when the model gives them."""
+    if encoder.has_cells:
+        return encoder.embed_with_cells(images, batch_size=batch_size)
+    return encoder.embed(images, batch_size=batch_size), None
 
 
 def _load_photo(photo: LabelledPhoto, spec: PreprocessSpec) -> np.ndarray:
@@ -331,19 +365,24 @@ def enroll(
         records.append(ProductRecord(product.product_id, product.name, product.group, product.kind,
                                      product.code, tuple(rows), item.dhash, box_dhashes=item.box_dhashes))
     # stacked one batch at a time: a whole-catalogue np.stack would double peak memory
-    original_latents = np.concatenate([
-        encoder.embed(np.stack(inputs[i:i + options.batch_size]), batch_size=options.batch_size)
-        for i in tqdm(range(0, len(inputs), options.batch_size), desc="embedding", unit="batch",
-                      disable=not options.progress)
-    ])
+    embedded = [_embed(encoder, np.stack(inputs[i:i + options.batch_size]), options.batch_size)
+                for i in tqdm(range(0, len(inputs), options.batch_size), desc="embedding", unit="batch",
+                              disable=not options.progress)]
+    original_latents = np.concatenate([latent for latent, _ in embedded])
     _check_spread(original_latents, groups, encoder.model_id)
     latents = np.empty((len(inputs) + len(photo_views), encoder.latent_dim), np.float32)
     is_photo = np.zeros(len(latents), bool)
     is_photo[photo_rows] = True
     latents[~is_photo] = original_latents
+    cells = None
+    if encoder.has_cells:
+        cells = np.empty((len(latents), encoder.cell_count, encoder.latent_dim), np.int8)
+        cells[~is_photo] = np.concatenate([quantize_cells(c) for _, c in embedded])
     if photo_views:
-        latents[is_photo] = pool_views(encoder.embed(np.concatenate(photo_views), batch_size=spec.num_views),
-                                       spec.num_views)
+        view_latents, view_cells = _embed(encoder, np.concatenate(photo_views), spec.num_views)
+        latents[is_photo] = pool_views(view_latents, spec.num_views)
+        if cells is not None:  # a photo reference's cells are those of its first view
+            cells[is_photo] = quantize_cells(view_cells[::spec.num_views])
 
     uncalibrated = {"threshold": DEFAULT_THRESHOLD, "target_far": None, "calibrated_on": None}
     # The card's threshold was calibrated on photos embedded with the card's views.
@@ -379,9 +418,23 @@ def enroll(
         warn(f"the threshold {decision['threshold']:.3f} is not calibrated ({why}): run "
              "`auditlens calibrate` on labelled photos before field use")
     _check_calibration_kept(out, replaced_calibration, decision)
+    cohort = None
+    if decision.get("cells"):  # the cohort the card's threshold was calibrated with
+        card_path = model_card_path(model_path)
+        cohort, why = card_cohort(card_path, decision)
+        if cohort is None:
+            note = (f"the threshold weighs cells against the cohort {cohort_path(card_path).name} beside "
+                    f"the model card, which {why}: the bundle's own {len(records)} originals stand in, "
+                    "so its scores and the card's rates may not agree; copy the cohort with the model "
+                    "and its card (calibrate --model-card writes it)")
+            decision["warnings"] = [*decision.get("warnings", []), note]
+            if warn:
+                warn(note)
+    if cohort is None and cells is not None:  # the catalogue's own originals
+        cohort = cells[[record.references[0] for record in records]]
     return write_bundle(
         out, model_content=content, spec=spec, products=records, references=latents,
         thumbnails=[item.thumbnail for item in loaded if item is not None], decision=decision,
         probe_latent=encoder.embed(probe_image(spec.input_size))[0],
-        extra={"catalog": Path(catalog.source).name}, signing_key=signing_key,
+        extra={"catalog": Path(catalog.source).name}, signing_key=signing_key, cells=cells, cohort=cohort,
     )

@@ -37,6 +37,7 @@ import numpy as np
 from auditlens.catalog import open_catalog, read_labelled_photos, read_product_ids
 from auditlens.cli import cosine_threshold, non_negative_int
 from auditlens.device_app.interpreter import (
+    Encoder,
     l2_normalize,
     model_id_of,
     runtime_notices_dropped,
@@ -193,6 +194,10 @@ class ExportReport:
     cross_cosine: float | None = None
     """Mean Keras cosine between *different* compared images: near 1, the encoder gives
     every image the same latent (:func:`collapse_note`)."""
+    cells: int = 0
+    """Feature-map cells the model also gives per image (``--cells``; 0: the latent alone)."""
+    cells_mean_cosine: float | None = None
+    """Mean TFLite-vs-Keras cosine of those cells over the compared images."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -397,6 +402,47 @@ def _similarities(latents: np.ndarray) -> np.ndarray:
     return z @ z.T
 
 
+CELLS_SOURCE_LAYER = "head_relu"
+"""The encoder's last feature map, which average pooling and the ``latent`` Dense layer
+turn into the latent (:func:`auditlens.training.model.build_encoder`)."""
+
+
+def with_cells(encoder):
+    """The encoder with a second output: its last feature map's cells, each projected by
+    the latent layer's kernel (no bias), so that they average (plus the bias) to the
+    latent (:mod:`auditlens.device_app.cells`). Refused for an encoder that does not pool
+    its feature map straight into the latent."""
+    import keras
+
+    try:
+        fmap = encoder.get_layer(CELLS_SOURCE_LAYER).output
+        dense = encoder.get_layer("latent")
+    except ValueError:
+        raise ModelError(f"{encoder.name}: --cells needs an encoder with a '{CELLS_SOURCE_LAYER}' feature "
+                         "map and a 'latent' Dense layer, as auditlens train builds them") from None
+    kernel = dense.get_weights()[0]
+    pool = next((layer for layer in encoder.layers if layer.name == "pool"), None)
+    averaged = isinstance(pool, keras.layers.GlobalAveragePooling2D) and pool.input is fmap
+    if not averaged or len(fmap.shape) != 4 or kernel.shape[0] != fmap.shape[-1]:
+        raise ModelError(f"{encoder.name}: --cells needs the '{CELLS_SOURCE_LAYER}' feature map "
+                         f"({fmap.shape}) pooled straight into the latent (kernel {kernel.shape}); "
+                         "this encoder pools otherwise")
+    project = keras.layers.Dense(kernel.shape[1], use_bias=False, name="cells")
+    cells = project(fmap)
+    project.set_weights([kernel])
+    return keras.Model(encoder.input, [encoder.output, cells], name=f"{encoder.name}_cells")
+
+
+def _cells_agreement(encoder, content: bytes, images: np.ndarray) -> tuple[int, float]:
+    """The TFLite model's cells an image, and their mean cosine to the Keras ones on ``images``."""
+    two = with_cells(encoder)
+    keras_cells = np.concatenate([np.asarray(two(images[i:i + 64].astype(np.float32), training=False)[1])
+                                  for i in range(0, len(images), 64)])
+    cells = Encoder(content).embed_with_cells(images)[1]
+    keras_cells = l2_normalize(keras_cells.reshape(cells.shape))
+    return cells.shape[1], float(np.sum(cells * keras_cells, axis=-1).mean())
+
+
 def load_keras_encoder(model):
     """A Keras model, or the path of a ``.keras`` file."""
     if isinstance(model, (str, Path)):
@@ -431,6 +477,7 @@ def export_encoder(
     config: QuantizationConfig | None = None,
     compare_images: np.ndarray | None = None,
     references: np.ndarray | None = None,
+    cells: bool = False,
 ) -> ExportReport:
     """Convert ``model`` as ``config`` says, write it to ``out_path`` and check its drift.
 
@@ -444,6 +491,8 @@ def export_encoder(
         references: the catalogue's originals as the device embeds them: their own drift
             is held to the same worst cosine, and the score of each compared image against
             each of them is checked against the Keras score.
+        cells: also give the feature map's cells (:func:`with_cells`); the drift checks
+            stay on the latent, the cells' agreement is reported.
 
     Raises:
         ModelError: conversion failed, or the TFLite latents drift from the Keras ones
@@ -469,7 +518,7 @@ def export_encoder(
         compare = compare[spread_indices(len(compare), MAX_COMPARE_IMAGES)]
 
     t = time.perf_counter()
-    content = convert(encoder, config)
+    content = convert(with_cells(encoder) if cells else encoder, config)
     convert_seconds = time.perf_counter() - t
 
     keras_latents, latents = _both_latents(encoder, content, compare)
@@ -484,7 +533,7 @@ def export_encoder(
 
     interpreter = Interpreter(model_content=content)
     inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
+    out = next(o for o in interpreter.get_output_details() if len(o["shape"]) == 2)  # the latent
     report = ExportReport(
         out_path=str(out_path), mode=config.mode, size_bytes=len(content), n_images=len(compare),
         mean_cosine=float(cos.mean()), worst_cosine=float(cos.min()),
@@ -497,6 +546,8 @@ def export_encoder(
         latency_ms_median=median_latency_ms(content, compare[0]),
         convert_seconds=round(convert_seconds, 2), float_ops=config.float_ops,
         compared_on=compared_on, cross_cosine=_cross_cosine(keras_latents), **checked,
+        **(dict(zip(("cells", "cells_mean_cosine"), _cells_agreement(encoder, content, compare)))
+           if cells else {}),
     )
     if report.references and report.reference_worst_cosine < config.min_worst_cosine:
         raise ModelError(
@@ -628,6 +679,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="int8: keep the graph's first N ops in float, float32 in and out "
                              "(6: input normalisation, stem and block 1 of the mobilenet_v2 trunk; "
                              "docs/ablation.md) (default 0: full int8)")
+    parser.add_argument("--cells", action="store_true",
+                        help="also give the last feature map's cells (8 x 8 at 128 px), which bundles "
+                             "keep beside the latents and `calibrate` weighs into the score; measured "
+                             "to help products added after training (docs/ablation.md)")
     parser.add_argument("--crop", choices=("center", "full"), default=None,
                         help="preprocessing crop the model was trained with (default: the one in the "
                         "training run's report.json beside the model, else center); a crop the run's "
@@ -709,7 +764,7 @@ def run_export(args: argparse.Namespace) -> int:
             for note in _calibration_warnings(len(config.representative), originals, compare):
                 print(f"auditlens: warning: {note}", file=sys.stderr)
         report = export_encoder(encoder, rep, args.out, config, compare_images=compare,
-                                references=rep[:originals])
+                                references=rep[:originals], cells=args.cells)
     except (AuditlensError, ValueError) as exc:
         print(f"auditlens: error: {exc}", file=sys.stderr)
         return 2
@@ -741,6 +796,8 @@ def run_export(args: argparse.Namespace) -> int:
               f"them moves by {report.score_error_mean:.4f} on average, {report.score_error_p99:.4f} at the "
               f"99th percentile, {report.score_error_max:.4f} at most; {report.decisions_flipped} of "
               f"{report.decision_pairs} pairs change side of the default threshold {report.flip_threshold}")
+    if report.cells:
+        print(f"cells: {report.cells} an image, mean cosine {report.cells_mean_cosine:.4f} to the Keras ones")
     print(f"model card: {card_path}")
     note = collapse_note(report)
     if note:

@@ -210,8 +210,8 @@ def make_demo(root: Path, model: Path | None = None, source: str = "auto") -> di
     ids = [p.product_id for p in verifier.bundle.products]
     kinds = {p.product_id: p.kind for p in verifier.bundle.products}
     names = list(photos)
-    scores = np.array([verifier.product_scores(verifier.embed(verifier.prepare(photos[n][0])))
-                       for n in names])  # (photos, products)
+    captures = [verifier.prepare(photos[n][0]) for n in names]
+    scores = np.array([verifier.product_scores(verifier.embed(c), c.cells) for c in captures])  # (photos, products)
     calibrated = verifier.threshold
     best = None
     for a_i, a in enumerate(ids):

@@ -873,8 +873,9 @@ def test_a_verdict_the_second_look_decided_says_so(demo, tmp_path):
     root, plan = demo
     b = ReferenceBundle.load(plan["bundle"])
     decision = json.loads(json.dumps(b.decision))
-    # a band over every score: each judged photo takes the second look
-    decision["second_look"] = {"photo_shift": 0.15, "band": 1.0, "threshold": b.threshold}
+    # a band over both photos' scores (a cosine plus the cell term: about -0.3 and 1.1 here)
+    decision["threshold"] = 0.4
+    decision["second_look"] = {"photo_shift": 0.15, "band": 1.0, "threshold": 0.4}
     looked = rewrite_bundle(b, tmp_path / "looked", decision)
     match, no_match, retake = run_plan(tmp_path, dict(plan, bundle=str(looked)))["verdicts"]
     verifier = Verifier(looked)
@@ -883,7 +884,7 @@ def test_a_verdict_the_second_look_decided_says_so(demo, tmp_path):
         expect = verifier.verify((camera / shown["photo"]).read_bytes(), plan["product"])
         assert expect.first_score is not None and shown["decision"] == expect.decision
         assert shown["score"] == pytest.approx(expect.score, abs=1e-5)
-        said = f"Close to the line at first (first score {expect.first_score:.3f} near threshold {b.threshold:.3f}"
+        said = f"Close to the line at first (first score {expect.first_score:.3f} near threshold 0.400"
         assert any(t.startswith(said) for t in shown["texts"]), shown["texts"]
     assert retake["decision"] == "retake" and not any("Close to the line" in t for t in retake["texts"])
 

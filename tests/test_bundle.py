@@ -285,7 +285,9 @@ def test_enrol_refuses_an_unreadable_model_card_and_ignores_another_models_decis
     (lambda c: c["preprocess"].update(input_size="x"), "input_size .x. is not a whole number"),
     (lambda c: c["preprocess"].update(photo_mirror="false"), "photo_mirror .false. is not true or false"),
     (lambda c: c.update(preprocess={}), "input_size"),
-    (lambda c: c["decision"].update(threshold=2), "its decision.threshold 2 is not a cosine"),
+    (lambda c: (c["decision"].pop("cells"), c["decision"].update(threshold=2)),
+     "its decision.threshold 2 is not a cosine"),
+    (lambda c: c["decision"].update(threshold=50), r"its decision.threshold 50 is not a score within \[-11"),
     (lambda c: c["decision"].update(far_curve=[[0.1, 0.5], [0.2, 0.9]]), "falling false-accept rates"),
     (lambda c: c["preprocess"].update(input_size=96), "gives an input of 96 px, but the model takes 128 px"),
 ])

@@ -128,7 +128,10 @@ def test_score_writes_every_pair_even_bad_photos(tmp_path, sample_photos):
     assert [r["product_id"] for r in got] == [r[1] for r in rows]
     assert got[-1]["verdict"] == "error" and got[-1]["error"] and not got[-1]["reasons"]
     assert all(r["verdict"] in ("match", "no_match", "retake") for r in got[:-1])
-    assert -1 <= float(got[0]["score"]) <= 1
+    from auditlens.device_app.verifier import Verifier
+
+    verifier = Verifier(REPO / "models" / "sample_bundle")  # the default bundle `score` used
+    assert float(got[0]["score"]) == pytest.approx(verifier.verify(rows[0][0], rows[0][1]).score, abs=1e-5)
     # a RETAKE row says what to fix (the catalogue image itself was submitted)
     assert got[-2]["verdict"] == "retake" and "catalogue" in got[-2]["reasons"]
     assert all(r["reasons"] for r in got[:-1])
@@ -157,7 +160,8 @@ def test_score_interrupted_keeps_the_rows_it_scored(tmp_path, sample_photos, mon
     assert "stopped after 3 of 5 pairs" in capsys.readouterr().err and not out.exists()
     kept = list(csv.DictReader((tmp_path / "scores.partial.csv").open()))
     assert [r["product_id"] for r in kept] == [p.product_id for p in sample_photos[:3]]
-    assert all(-1 <= float(r["score"]) <= 1 for r in kept)
+    scores = [Verifier(REPO / "models" / "sample_bundle").verify(p.photo, p.product_id).score for p in sample_photos[:3]]
+    assert [float(r["score"]) for r in kept] == pytest.approx(scores, abs=1e-5)
 
 
 def test_score_that_cannot_write_its_output_names_it_and_says_what_became_of_the_rows(tmp_path, sample_photos):
@@ -516,6 +520,7 @@ def test_a_card_calibrated_on_another_catalogue_lends_its_threshold_with_a_warni
     catalog = open_catalog(SAMPLE / "catalog.csv")
     model = tmp_path / "encoder.tflite"
     model.write_bytes((REPO / "models" / "encoder.tflite").read_bytes())
+    shutil.copy(REPO / "models" / "encoder.cohort.npy", tmp_path)  # the card's cell cohort
     card = json.loads((REPO / "models" / "encoder.json").read_text())
     card["decision"]["products"] = products_fingerprint(["Milk-A", "Milk-B"])  # another catalogue
     (tmp_path / "encoder.json").write_text(json.dumps(card))

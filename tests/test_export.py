@@ -490,3 +490,37 @@ def test_an_encoder_that_gives_every_image_one_latent_is_flagged_by_export_and_r
     assert "nearly the same latent" not in capsys.readouterr().err
     assert main(["enroll", str(mended["catalog"]), "--model", str(good), "--out", str(tmp_path / "b"),
                  "--no-progress"]) == 0
+
+
+def test_cells_export_gives_cells_that_average_to_the_latent(tiny_encoder, tmp_path):
+    import keras
+
+    from auditlens.device_app.interpreter import Encoder, l2_normalize
+    from auditlens.export.quantize import QuantizationConfig, export_encoder, with_cells
+
+    model = keras.models.load_model(tiny_encoder["encoder"], compile=False)
+    images = images_of(tiny_encoder["catalog"])
+    latent, cells = (np.asarray(a) for a in with_cells(model)(images.astype(np.float32), training=False))
+    bias = model.get_layer("latent").get_weights()[1]
+    np.testing.assert_allclose(cells.mean(axis=(1, 2)) + bias, latent, atol=1e-4)
+
+    out = tmp_path / "cells.tflite"
+    report = export_encoder(model, images, out, QuantizationConfig.for_float32(), cells=True)
+    assert report.cells == cells.shape[1] * cells.shape[2] and report.cells_mean_cosine > 0.999
+    encoder = Encoder(out)
+    assert encoder.has_cells and encoder.cell_count == report.cells
+    got_latent, got_cells = encoder.embed_with_cells(images)
+    np.testing.assert_allclose(got_latent, l2_normalize(latent), atol=1e-4)
+    np.testing.assert_allclose(got_cells, l2_normalize(cells.reshape(got_cells.shape)), atol=1e-4)
+    export_encoder(model, images, tmp_path / "plain.tflite", QuantizationConfig.for_float32())
+    assert not Encoder(tmp_path / "plain.tflite").has_cells
+
+
+def test_cells_are_refused_for_an_encoder_that_does_not_average_its_feature_map(tmp_path):
+    from auditlens.errors import ModelError
+    from auditlens.export.quantize import with_cells
+    from auditlens.training.model import ModelSpec, build_encoder
+
+    with pytest.raises(ModelError, match="pools otherwise"):
+        with_cells(build_encoder(ModelSpec(input_size=32, width=8, head_channels=16, latent_dim=8,
+                                           backbone="scratch", pooling="attention")))

@@ -28,10 +28,11 @@ QUIET = VerifierOptions(check_quality=False)
 @pytest.fixture(scope="module")
 def looked(tmp_path_factory, sample_bundle):
     """The sample bundle calibrated for 10% with a second look over every first score
-    (band 1.0), so that each of the sample's few pairs takes it."""
+    (band 1.0), so that each of the sample's few pairs takes it: scored by the cosine
+    alone, within -1..1 (the cell term's second look: test_cells.py)."""
     out = tmp_path_factory.mktemp("second_look") / "bundle"
     calibrate(sample_bundle, SAMPLE / "photos.csv", 0.1, out=out, progress=False,
-              second_look=0.15, second_look_band=1.0)
+              second_look=0.15, second_look_band=1.0, cells_weight=0)
     return out
 
 
@@ -71,9 +72,10 @@ def test_a_second_look_decides_near_the_threshold_and_only_there(looked, sample_
     assert "a second look with 10 views" in verdict.reasons[0]
     # the second score is the product's score of the ten views, first and moved, pooled
     capture = v.prepare(photo.photo)
+    v.embed(capture)  # its cells, when the bundle weighs them
     views = np.concatenate([capture.views, moved_views(capture.image, v.spec, 0.15)])
     pooled = pool_views(v.encoder.embed(views), len(views))[0]
-    assert verdict.score == pytest.approx(v.score(pooled, photo.product_id), abs=1e-6)
+    assert verdict.score == pytest.approx(v.score(pooled, photo.product_id, capture.cells), abs=1e-6)
     assert verdict.matched == (verdict.score >= verdict.threshold)
 
     # a band that no first score falls in: the first look decides

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -146,10 +147,10 @@ def test_a_capture_made_for_one_bundle_is_embedded_again_by_another(tmp_path, ve
 
 
 @pytest.mark.parametrize("setting, value, why", [
-    ("threshold", "0.6", "cosine within -1..1"),
-    ("threshold", float("nan"), "cosine within -1..1"),
-    ("threshold", 1.5, "cosine within -1..1"),
-    ("threshold", True, "cosine within -1..1"),
+    ("threshold", "0.6", "finite score"),
+    ("threshold", float("nan"), "finite score"),
+    ("threshold", float("inf"), "finite score"),
+    ("threshold", True, "finite score"),
     ("num_threads", 0, "num_threads must be a whole number 1 to 256"),
     ("num_threads", 10**6, "num_threads must be a whole number 1 to 256"),  # LiteRT would start them all
     ("num_threads", 2.0, "num_threads must be a whole number"),
@@ -164,6 +165,18 @@ def test_a_capture_made_for_one_bundle_is_embedded_again_by_another(tmp_path, ve
 def test_verifier_options_that_cannot_work_are_refused_when_made(setting, value, why):
     with pytest.raises(ValueError, match=why):
         VerifierOptions(**{setting: value})
+
+
+def test_a_threshold_outside_the_bundles_scores_is_refused(sample_bundle, tmp_path):
+    from auditlens.evaluation.calibrate import rewrite_bundle
+
+    weighted = ReferenceBundle.load(sample_bundle)  # cosine + 0.107 x cells z: within -11.7..11.7
+    assert Verifier(weighted, VerifierOptions(threshold=1.5)).threshold == 1.5
+    with pytest.raises(ValueError, match=r"outside the scores this bundle gives \(-11.\d+\.\.11.\d+\)"):
+        Verifier(weighted, VerifierOptions(threshold=50))
+    cosine = ReferenceBundle.load(rewrite_bundle(weighted, tmp_path / "cosine", {"threshold": 0.6}))
+    with pytest.raises(ValueError, match="outside the scores this bundle gives .a cosine within -1..1"):
+        Verifier(cosine, VerifierOptions(threshold=1.5))
 
 
 @pytest.mark.parametrize("limit, value", [("min_brightness", "40"), ("min_colour", float("nan")),
@@ -268,8 +281,10 @@ def test_a_top_k_that_is_not_a_whole_number_of_at_least_one_is_a_value_error(ver
 def test_a_capture_without_its_pixels_is_judged_by_its_first_look_and_says_so(verifier, sample_photos):
     """Near the threshold the second look needs the pixels: keep_image=False judges by the
     first look (as documented); the embed, look, release order keeps the look."""
+    verifier = Verifier(verifier.bundle)
+    verifier.second_look = replace(verifier.second_look, band=2.0)  # every first score is near
     photo = next(p for p in sample_photos if verifier.takes_second_look(
-        verifier.score(verifier.embed(verifier.prepare(p.photo)), p.product_id)))
+        verifier.score(verifier.embed(c := verifier.prepare(p.photo)), p.product_id, c.cells)))
     whole = verifier.verify(photo.photo, photo.product_id)
     bare = verifier.verify(verifier.prepare(photo.photo, keep_image=False), photo.product_id)
     assert whole.first_score is not None and bare.first_score is None

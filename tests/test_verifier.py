@@ -40,8 +40,8 @@ def test_genuine_photos_outscore_impostors(verifier, sample_photos):
     average other product does (a property of a working encoder, not of one photo)."""
     wins = 0
     for photo in sample_photos:
-        latent = verifier.embed(verifier.prepare(photo.photo))
-        scores = verifier.product_scores(latent)
+        capture = verifier.prepare(photo.photo)
+        scores = verifier.product_scores(verifier.embed(capture), capture.cells)
         own = scores[verifier.bundle.index(photo.product_id)]
         wins += own > np.median(scores)
     assert wins >= 0.75 * len(sample_photos)
@@ -49,11 +49,15 @@ def test_genuine_photos_outscore_impostors(verifier, sample_photos):
 
 def test_rank_scores_are_the_scores_verify_gives(verifier, sample_photos):
     """identify's candidates carry the score a verify of that product would log."""
-    latent = verifier.embed(verifier.prepare(sample_photos[0].photo))
-    ranked = verifier.rank(latent, len(verifier.bundle.products))
+    capture = verifier.prepare(sample_photos[0].photo)
+    latent = verifier.embed(capture)
+    ranked = verifier.rank(latent, len(verifier.bundle.products), capture.cells)
     assert [c.score for c in ranked] == sorted((c.score for c in ranked), reverse=True)
     for c in ranked:
-        assert c.score == pytest.approx(verifier.score(latent, c.product_id), abs=1e-6)
+        assert c.score == pytest.approx(verifier.score(latent, c.product_id, capture.cells), abs=1e-6)
+        verdict = verifier.verify(capture, c.product_id)
+        first = verdict.score if verdict.first_score is None else verdict.first_score
+        assert c.score == pytest.approx(first, abs=1e-6)
 
 
 def test_verdict_carries_what_an_audit_record_needs(verifier, sample_photos):
@@ -84,7 +88,7 @@ def test_dark_capture_asks_for_a_retake(verifier, sample_photos):
 
 
 def test_no_match_lists_lookalikes_and_never_the_claimed_product(verifier, sample_photos):
-    strict = Verifier(verifier.bundle, VerifierOptions(threshold=1.0))
+    strict = Verifier(verifier.bundle, VerifierOptions(threshold=5.0))  # above every score
     v = strict.verify(sample_photos[0].photo, "Carrots")
     assert v.decision == NO_MATCH
     assert len(v.suggestions) == 3 and "Carrots" not in [c.product_id for c in v.suggestions]
@@ -107,9 +111,10 @@ def test_identify_ranks_all_products(verifier, sample_photos):
     assert {c.product_id for c in ranked} == {p.product_id for p in verifier.bundle.products}
     scores = [c.score for c in ranked]
     assert scores == sorted(scores, reverse=True)
-    latent = verifier.embed(verifier.prepare(sample_photos[0].photo))
+    capture = verifier.prepare(sample_photos[0].photo)
+    latent = verifier.embed(capture)
     for c in ranked:  # each score is the photo's score against that product
-        assert c.score == pytest.approx(verifier.score(latent, c.product_id), abs=1e-6)
+        assert c.score == pytest.approx(verifier.score(latent, c.product_id, capture.cells), abs=1e-6)
 
 
 def test_capture_checks_read_the_luminance_as_the_colour_image_would(verifier, sample_photos):
@@ -298,7 +303,7 @@ def test_a_score_and_threshold_never_print_alike_in_a_comparison(verifier, sampl
     assert score_against_threshold(0.61234, 0.572, ">=") == "score 0.612 >= threshold 0.572"
     assert score_against_threshold(0.99961, 1.0, "<") == "score 0.9996 < threshold 1.0000"
     assert score_against_threshold(0.5720004, 0.572, ">=", word="Score") == "Score 0.572000 >= threshold 0.572000"
-    strict = Verifier(verifier.bundle, VerifierOptions(threshold=1.0))
+    strict = Verifier(verifier.bundle, VerifierOptions(threshold=5.0))  # above every score
     reason = strict.verify(sample_photos[0].photo, sample_photos[0].product_id).reasons[0]
     score, threshold = (float(w) for w in reason.split()[1::3])
-    assert score < threshold and reason.split()[1] != reason.split()[4]
+    assert score < threshold == 5.0 and reason.split()[1] != reason.split()[4]

@@ -49,6 +49,8 @@ import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto, read_labelled_photos, unchecked_verdicts
 from auditlens.cli import non_negative_int, open_catalog_said, photo_shift, thread_count
+from auditlens.device_app.bundle import sha256_bytes
+from auditlens.device_app.cells import DEFAULT_SD_WEIGHT, npy_bytes, score_ceiling
 from auditlens.device_app.preprocess import PreprocessSpec, check_shift
 from auditlens.device_app.second_look import DEFAULT_BAND, SecondLook
 from auditlens.errors import AuditlensError, BundleSignatureError, CatalogError
@@ -74,6 +76,9 @@ from auditlens.files import atomic_write
 
 CURVE_POINTS = 160
 """About how many [score, far] points the far_curve keeps (log-spaced in FAR)."""
+
+MAX_SD_WEIGHT = 5.0
+"""The largest ``--cells-weight`` taken: beyond, the cells alone decide (measured weaker)."""
 
 MIN_IMPOSTORS_PER_TARGET = 10
 """Warn when fewer than this many impostor pairs are expected to pass at the target."""
@@ -125,13 +130,15 @@ def _with_margin(smallest: float, impostor: np.ndarray) -> float:
     return smallest + min(gap / 2, CALIBRATION_MARGIN)
 
 
-def decide(genuine, impostor, target_far: float, *, hard=None) -> dict:
-    """The decision dict for ``target_far`` from genuine and impostor scores (no I/O)."""
+def decide(genuine, impostor, target_far: float, *, hard=None, ceiling: float = 1.0) -> dict:
+    """The decision dict for ``target_far`` from genuine and impostor scores (no I/O).
+    ``ceiling``: the highest score there is (a cosine's 1; more with a cell term:
+    :func:`~auditlens.device_app.cells.score_ceiling`)."""
     genuine = np.asarray(genuine, dtype=np.float64)
     impostor = np.asarray(impostor, dtype=np.float64)
     # A threshold is a cosine: at most 1, even when impostors score 1 (one image enrolled
     # under two products), and then the measured FAR says the target was not reached.
-    threshold = min(_with_margin(metrics.threshold_at_far(impostor, target_far), impostor), 1.0)
+    threshold = min(_with_margin(metrics.threshold_at_far(impostor, target_far), impostor), ceiling)
     far, frr = metrics.far_frr_at(genuine, impostor, threshold)
     out = {
         "threshold": threshold,
@@ -147,7 +154,7 @@ def decide(genuine, impostor, target_far: float, *, hard=None) -> dict:
 
 def decide_second_look(first: Pairs, second: np.ndarray, impostor_first: np.ndarray,
                        impostor_second: np.ndarray, threshold: float, target_far: float, *,
-                       shift: float, band: float) -> dict:
+                       shift: float, band: float, ceiling: float = 1.0) -> dict:
     """The decision's ``second_look`` block (:mod:`auditlens.device_app.second_look`).
 
     ``first``: one draw's pairs with their first scores, ``second`` their second-look
@@ -163,7 +170,7 @@ def decide_second_look(first: Pairs, second: np.ndarray, impostor_first: np.ndar
     smallest = own
     if looked.size and (looked >= own).sum() > allowed:
         smallest = max(own, metrics.threshold_at_far(looked, (max(allowed, 0) + 0.5) / looked.size))
-    second_threshold = min(_with_margin(smallest, impostor_second), 1.0)
+    second_threshold = min(_with_margin(smallest, impostor_second), ceiling)
     look = replace(look, threshold=second_threshold)
     verdict = look.decision_scores(first.score, second, threshold)
     pooled = look.decision_scores(impostor_first, impostor_second, threshold)
@@ -179,9 +186,11 @@ def decide_second_look(first: Pairs, second: np.ndarray, impostor_first: np.ndar
     return out
 
 
-def _no_decision(decision: dict, genuine: np.ndarray, impostor: np.ndarray) -> str:
+def _no_decision(decision: dict, genuine: np.ndarray, impostor: np.ndarray,
+                 top_cosine: float | None = None) -> str:
     """Why a calibration stores nothing: its target rate cannot be kept, or only by a
-    threshold that accepts none of the genuine pairs; and what to do about it."""
+    threshold that accepts none of the genuine pairs; and what to do about it.
+    ``top_cosine``: the impostors' highest cosine, when their scores add a cell term."""
     target, threshold = decision["target_far"], decision["threshold"]
     top_impostor, top_genuine = float(impostor.max()), float(genuine.max()) if genuine.size else float("nan")
     if decision["measured_far"] > target:
@@ -191,7 +200,7 @@ def _no_decision(decision: dict, genuine: np.ndarray, impostor: np.ndarray) -> s
         said = (f"the threshold that keeps a false-accept rate of {target:g}, {threshold:.4f}, accepts none "
                 f"of the {genuine.size} genuine pairs: the highest impostor scores {top_impostor:.4f}, the "
                 f"best genuine pair {top_genuine:.4f}")
-    if top_impostor >= COPY_SCORE:
+    if (top_impostor if top_cosine is None else top_cosine) >= COPY_SCORE:  # a copy: a cosine of 1
         return (f"{said}. Impostors that score like the product itself come from products enrolled from "
                 "one image, or from an encoder that gives every image nearly the same latent (train it "
                 "longer); nothing was written")
@@ -236,7 +245,8 @@ def rewrite_bundle(bundle, out: str | os.PathLike, decision: dict, *,
     return write_bundle(
         out, model_content=bundle.model_content, spec=bundle.spec, products=bundle.products,
         references=bundle.references, thumbnails=thumbnails, decision=decision,
-        probe_latent=m["probe"]["latent"], extra=extra, signing_key=signing_key,
+        probe_latent=m["probe"]["latent"], extra=extra, signing_key=signing_key, cells=bundle.cells,
+        cohort=bundle.cohort,
     )
 
 
@@ -259,6 +269,7 @@ def calibrate(
     allow_few_photos: bool = False,
     second_look: float | None = None,
     second_look_band: float | None = None,
+    cells_weight: float | None = None,
 ) -> dict:
     """Calibrate the bundle at ``bundle`` for ``target_far`` and return the decision.
 
@@ -279,6 +290,11 @@ def calibrate(
     to calibrate with the threshold, for first scores within ``second_look_band`` of it
     (default: the bundle's band, or :data:`DEFAULT_BAND`); 0 for none; None keeps the
     bundle's (none when it has none).
+
+    ``cells_weight``: for a bundle with feature-map cells, the cell term's weight in
+    standard deviations of the photos' cosines (:mod:`auditlens.device_app.cells`; default
+    :data:`~auditlens.device_app.cells.DEFAULT_SD_WEIGHT`; 0: the cosine alone). The
+    threshold, its rates and the second look are calibrated on the scores with that term.
     """
     from auditlens.device_app.bundle import (
         ReferenceBundle,
@@ -340,6 +356,12 @@ def calibrate(
             raise CatalogError(f"--second-look {second_look:g}: {exc}") from exc
         if not 0.0 < second_look_band <= 1.0:
             raise CatalogError(f"--second-look-band must be a cosine band within (0, 1], not {second_look_band:g}")
+    if cells_weight is not None and not (math.isfinite(cells_weight) and 0 <= cells_weight <= MAX_SD_WEIGHT):
+        raise CatalogError(f"--cells-weight must be within 0..{MAX_SD_WEIGHT:g} standard deviations, "
+                           f"not {cells_weight:g}")
+    if cells_weight and b.cells is None:
+        raise CatalogError(f"--cells-weight {cells_weight:g}: {bundle} holds no feature-map cells; export "
+                           "the model with --cells and enrol the catalogue with it")
     verifier = Verifier(b, VerifierOptions(num_threads=threads, check_quality=False))
     embedded = embed_photos(verifier, photos, progress=progress, desc="calibrating",
                             second_look_shift=second_look)
@@ -347,6 +369,15 @@ def calibrate(
         raise CatalogError(f"{source or 'labelled photos'}: none of the {len(photos)} photos could be "
                            f"used ({len(embedded.failed)} unreadable, {len(embedded.not_enrolled)} of "
                            "products not in the bundle)")
+    cells_block = None
+    if b.cells is not None:
+        sd_weight = DEFAULT_SD_WEIGHT if cells_weight is None else float(cells_weight)
+        spread = float(np.std(embedded.cosines))
+        if sd_weight:
+            cells_block = {"weight": round(min(1.0, sd_weight * spread), 6), "sd_weight": sd_weight,
+                           "cosine_sd": round(spread, 6), "cohort": len(b.cohort),
+                           "cohort_sha256": sha256_bytes(npy_bytes(b.cohort))}
+        embedded = embedded.with_cells_weight(cells_block["weight"] if cells_block else 0.0)
     groups, _ = product_groups(b, catalog)
     # The FAR pooled over several draws of the random impostors: one draw's 1% rests on
     # about ten impostor scores of a few hundred photos, and its threshold jumps with them.
@@ -368,7 +399,11 @@ def calibrate(
             f"least {math.ceil(1 / target_far)}): calibrate on more labelled photos, or a higher "
             "--target-far, or pass --allow-few-photos to store a threshold that only keeps out the "
             "impostors seen")
-    decision = decide(genuine, impostor, target_far, hard=pairs.score[pairs.kind == HARD])  # the same in every draw
+    ceiling = score_ceiling(cells_block["weight"]) if cells_block else 1.0
+    decision = decide(genuine, impostor, target_far, hard=pairs.score[pairs.kind == HARD],  # the same in every draw
+                      ceiling=ceiling)
+    if cells_block:
+        decision["cells"] = cells_block
     counts = pairs.counts()
     decision["calibrated_on"] = (
         f"{Path(source).name if source else 'labelled photos'}: {len(embedded.photos)} photos, "
@@ -410,12 +445,14 @@ def calibrate(
     if decision["measured_far"] > target_far or decision["measured_tar"] == 0:
         # a threshold that cannot keep its rate would be stored as if it did, and one that
         # keeps it only by accepting no genuine photo is no decision: nothing is written
-        raise CatalogError(f"{source or 'labelled photos'}: " + _no_decision(decision, genuine, impostor))
+        cosines = embedded.scores if embedded.cosines is None else embedded.cosines
+        top_cosine = max(float(cosines[d.photo, d.product][d.impostor].max(initial=-1.0)) for d in draws)
+        raise CatalogError(f"{source or 'labelled photos'}: " + _no_decision(decision, genuine, impostor, top_cosine))
     if second_look:
         decision["second_look"] = decide_second_look(
             pairs, embedded.second_scores[pairs.photo, pairs.product], impostor,
             np.concatenate([embedded.second_scores[d.photo, d.product][d.impostor] for d in draws]),
-            decision["threshold"], target_far, shift=second_look, band=second_look_band)
+            decision["threshold"], target_far, shift=second_look, band=second_look_band, ceiling=ceiling)
         if decision["second_look"]["measured_tar"] < decision["measured_tar"]:
             decision["warnings"].append(
                 f"the second look lowers the share of genuine pairs accepted on these photos "
@@ -459,6 +496,7 @@ def calibrate(
                           "photo_shift": b.spec.photo_shift}
     decision["_was_signed"] = signed
     decision["_said_here"] = said_here
+    decision["_cohort"] = b.cohort  # for a model card (write_model_card)
     return decision
 
 
@@ -501,6 +539,11 @@ def write_model_card(card_path: str | os.PathLike, decision: dict, model_id: str
     card_path = Path(card_path)
     card = read_model_card(card_path, model_id)
     card["decision"] = {k: v for k, v in decision.items() if not k.startswith("_")}
+    if decision.get("cells"):  # the cohort the threshold was calibrated with, for later enrolments
+        from auditlens.export.enroll import cohort_path
+
+        with atomic_write(cohort_path(card_path), binary=True) as fh:
+            fh.write(npy_bytes(decision["_cohort"]))
     changed = {}
     if views is not None:
         before = PreprocessSpec.from_dict(card["preprocess"])
@@ -563,6 +606,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--second-look-band", type=float, default=None, metavar="COSINE",
                    help="how near the threshold a first score takes the second look (default: the "
                    f"bundle's, else {DEFAULT_BAND})")
+    p.add_argument("--cells-weight", type=float, default=None, metavar="SD",
+                   help="for a bundle whose model gives feature-map cells (export --cells): the cell "
+                   "term's weight in the score, in standard deviations of the photos' cosines "
+                   f"(default {DEFAULT_SD_WEIGHT:g}; 0: the cosine alone)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -575,7 +622,7 @@ def run(args) -> int:
                       drop_signature=args.drop_signature, threads=args.threads,
                       progress=not args.no_progress, model_card=args.model_card,
                       allow_few_photos=args.allow_few_photos, second_look=args.second_look,
-                      second_look_band=args.second_look_band)
+                      second_look_band=args.second_look_band, cells_weight=args.cells_weight)
     except ValueError as exc:
         raise CatalogError(str(exc)) from exc
     print(f"threshold {d['threshold']:.6f} for target FAR {d['target_far']:.2%}: measured FAR "
@@ -589,6 +636,9 @@ def run(args) -> int:
               f"of the threshold ({look['share_of_pairs']:.1%} of the pairs): threshold {look['threshold']:.6f}; "
               f"the verdicts: FAR {look['measured_far']:.2%}, TAR {look['measured_tar']:.2%}"
               + (f", FAR on hard impostors {look['measured_far_hard']:.2%}" if "measured_far_hard" in look else ""))
+    if d.get("cells"):
+        print(f"scores: cosine + {d['cells']['weight']:.4f} x the cell score's z against a cohort of {d['cells']['cohort']} originals "
+              f"({d['cells']['sd_weight']:g} x the photos' cosine spread {d['cells']['cosine_sd']:.4f})")
     print(f"calibrated on {d['calibrated_on']}; far_curve of {len(d['far_curve'])} points")
     for w in d["warnings"]:
         print(f"warning: {d['_said_here'].get(w, w)}")

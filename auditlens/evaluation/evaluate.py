@@ -240,10 +240,11 @@ def _warnings(report: dict, photos: list[LabelledPhoto], embedded, bundle) -> li
     if scored < FEW_PHOTOS:
         notes.append(f"only {scored} photos: one photo moves these rates by {1 / scored:.0%} or more, "
                      "so goals met or missed on them say little; evaluate on a few hundred")
-    own = embedded.scores[np.arange(len(embedded.truth)), embedded.truth]
+    cosines = embedded.scores if embedded.cosines is None else embedded.cosines  # not the cell term
+    own = cosines[np.arange(len(embedded.truth)), embedded.truth]
     copies = int((own >= COPY_SCORE).sum())
-    others = embedded.scores.size - own.size  # each photo's scores against the other products
-    others_mean = float((embedded.scores.sum(dtype=np.float64) - own.sum(dtype=np.float64)) / others) if others else 0.0
+    others = cosines.size - own.size  # each photo's scores against the other products
+    others_mean = float((cosines.sum(dtype=np.float64) - own.sum(dtype=np.float64)) / others) if others else 0.0
     if others_mean >= metrics.COLLAPSED_SCORE:
         notes.append(f"photos score {others_mean:.3f} on average against the other products, "
                      "about as high as against their own: the encoder gives every image nearly the same "

@@ -14,7 +14,8 @@ For each labelled photo of an enrolled product:
   impostors from all other products.
 
 A pair's score is the cosine between the photo's latent and the product's closest
-reference (the verifier's rule). Each photo is decoded and embedded once, with the
+reference, plus the cell term for a bundle that weighs cells (the verifier's rule,
+:mod:`auditlens.device_app.cells`). Each photo is decoded and embedded once, with the
 bundle's own model and preprocessing (``Verifier.prepare``), and scored against the
 whole bundle at once, which also gives the identification ranks.
 """
@@ -26,12 +27,13 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto
+from auditlens.device_app.cells import cell_scores, fuse, product_cell_scores, quantize_cells
 from auditlens.device_app.preprocess import moved_views, pool_views
 from auditlens.device_app.search import best_reference_scores
 from auditlens.errors import AuditlensError
@@ -64,7 +66,8 @@ class Embedded:
     truth: np.ndarray
     """int (N,): index into the bundle's products of each photo's product."""
     scores: np.ndarray
-    """float32 (N, P): best-reference cosine of each photo against every product."""
+    """float32 (N, P): the verifier's score of each photo against every product (the
+    best-reference cosine, plus the cell term of a bundle that weighs cells)."""
     failed: list[tuple[str, str]] = field(default_factory=list)
     """(photo, reason) of photos that could not be decoded."""
     not_enrolled: list[LabelledPhoto] = field(default_factory=list)
@@ -80,6 +83,26 @@ class Embedded:
     pair_scores: np.ndarray | None = None
     """(N, P): the scores pairs take when not ``scores``: the verdicts' decision scores
     (:meth:`SecondLook.decision_scores`). Identification ranks ``scores``."""
+    cell_scores: np.ndarray | None = None
+    """float32 (N, P): each photo's cell score against every product, for a bundle with
+    cells (:mod:`auditlens.device_app.cells`)."""
+    cohort_scores: np.ndarray | None = None
+    """float32 (N, K): the same against the bundle's cohort."""
+    cosines: np.ndarray | None = None
+    """float32 (N, P): the best-reference cosines alone, when ``scores`` add a cell term."""
+    second_cosines: np.ndarray | None = None
+    """The same for ``second_scores``."""
+
+    def with_cells_weight(self, weight: float) -> Embedded:
+        """The same photos scored with the cell term at ``weight`` (0: cosines alone)."""
+        if self.cell_scores is None:
+            raise ValueError("these photos were embedded against a bundle without cells")
+        cosines = self.scores if self.cosines is None else self.cosines
+        second = self.second_scores if self.second_cosines is None else self.second_cosines
+        cells, cohort = self.cell_scores, self.cohort_scores
+        return replace(self, scores=fuse(cosines, cells, weight, cohort), cosines=cosines,
+                       second_scores=None if second is None else fuse(second, cells, weight, cohort),
+                       second_cosines=second, pair_scores=None)
 
 
 @dataclass
@@ -167,6 +190,18 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
     kept: list[LabelledPhoto] = []
     failed: list[tuple[str, str]] = []
     latents: list[np.ndarray] = []
+    scored_cells: list[tuple[np.ndarray, np.ndarray]] = []  # (batch, P), (batch, K), for a bundle with cells
+
+    def run(batch: list[np.ndarray]) -> None:
+        images = np.concatenate(batch)
+        if bundle.cells is None:
+            latents.append(verifier.encoder.embed(images, batch_size=batch_size))
+            return
+        lat, cells = verifier.encoder.embed_with_cells(images, batch_size=batch_size)
+        latents.append(lat)
+        first = quantize_cells(cells.reshape(len(batch), views, *cells.shape[1:])[:, :verifier.spec.num_views])
+        scored_cells.append((product_cell_scores(first, bundle.cells, bundle.reference_owner, len(bundle.products)),
+                             cell_scores(first, bundle.cohort)))
     bar = tqdm(total=len(usable), desc=desc, unit="img", disable=not progress)
     with ThreadPoolExecutor(workers) as pool:
         for photo, result in zip(usable, pool.map(load, usable)):
@@ -177,10 +212,10 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
             kept.append(photo)
             inputs.append(result)
             if len(inputs) == batch_size:
-                latents.append(verifier.encoder.embed(np.concatenate(inputs), batch_size=batch_size))
+                run(inputs)
                 inputs = []
     if inputs:
-        latents.append(verifier.encoder.embed(np.concatenate(inputs), batch_size=batch_size))
+        run(inputs)
     bar.close()
     dim = bundle.references.shape[1]
     per_view = (np.concatenate(latents).reshape(len(kept), -1, dim) if latents
@@ -194,7 +229,13 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
     lat, scores = scored(per_view[:, :verifier.spec.num_views])
     truth = np.array([bundle.index(p.product_id) for p in kept], dtype=np.int64)
     second = scored(per_view)[1] if second_look_shift else None
-    return Embedded(kept, lat, truth, scores, failed, not_enrolled, repeated, contradictory, second)
+    embedded = Embedded(kept, lat, truth, scores, failed, not_enrolled, repeated, contradictory, second)
+    if bundle.cells is None:
+        return embedded
+    embedded.cell_scores, embedded.cohort_scores = (
+        (np.concatenate([s[k] for s in scored_cells]) for k in (0, 1)) if scored_cells
+        else (np.zeros((0, len(bundle.products)), np.float32), np.zeros((0, len(bundle.cohort)), np.float32)))
+    return embedded.with_cells_weight(verifier.cells_weight)
 
 
 def contradictory_note(rows: Sequence[LabelledPhoto]) -> str:

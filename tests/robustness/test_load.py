@@ -59,7 +59,9 @@ def test_score_memory_does_not_grow_with_distinct_photos(workdir, model_path):
     large = _run("score", 1200, workdir, model_path, 1200)
     per_photo_kib = (large["peak_rss_mib"] - small["peak_rss_mib"]) * 1024 / 1000
     print(f"score: {per_photo_kib:.0f} KiB of peak RSS per distinct photo")
-    assert per_photo_kib < 16
+    # a released capture keeps its latent, dHashes and, for a bundle that weighs cells, its
+    # cells as int8 (2 views x 64 cells x 128: 16 KiB); its pixels (~400 KiB) go
+    assert per_photo_kib < 32
 
 
 def test_enroll_many_originals(tmp_path, model_path):
