@@ -24,8 +24,10 @@ from PIL import Image
 from auditlens.device_app.auditlog import utc_now
 from auditlens.device_app.bundle import ReferenceBundle, probe_image
 from auditlens.device_app.cells import (
+    as_float_cells,
     cell_scores,
     fuse,
+    held_for_scoring,
     product_cell_scores,
     quantize_cells,
     score_ceiling,
@@ -53,8 +55,14 @@ from auditlens.errors import (
 
 MATCH, NO_MATCH, RETAKE = "match", "no_match", "retake"
 
-ScoredCells = tuple[np.ndarray, np.ndarray]
-"""A photo's cell scores against every product (P,) and against the cohort (K,)."""
+@dataclass(frozen=True)
+class PhotoCells:
+    """A photo's cells as the verifier scores them."""
+
+    cells: np.ndarray
+    """int8 (1, V, C, D)."""
+    cohort: np.ndarray
+    """(K,): its cell scores against the bundle's cohort, which standardise the others."""
 
 PROBE_MIN_COSINE = 0.98
 """The bundle's probe latent and the model's must agree this well (same model, any CPU)."""
@@ -359,6 +367,9 @@ class Verifier:
         self.search = ReferenceSearch(bundle.references, bundle.reference_owner, len(bundle.products))
         self.cells_weight = bundle.cells_weight
         """The cell term's weight in every score (:func:`~.cells.fuse`); 0: the cosine alone."""
+        if self.cells_weight:  # converted once (:func:`~.cells.as_float_cells`)
+            self._cohort_cells = as_float_cells(bundle.cohort)
+            self._reference_cells = held_for_scoring(bundle.cells)
         limit = score_ceiling(self.cells_weight)
         if self.options.threshold is not None and not -limit <= self.options.threshold <= limit:
             raise ValueError(f"VerifierOptions.threshold {self.options.threshold:g} lies outside the scores "
@@ -513,36 +524,39 @@ class Verifier:
         :meth:`score` gives them."""
         return self._rank(latent, top_k, self._cells_of(cells))
 
-    def _cells_of(self, cells: np.ndarray | None) -> ScoredCells | None:
-        """A photo's cell scores against every product (P,) and against the cohort (K,),
-        when the bundle weighs cells."""
+    def _cells_of(self, cells: np.ndarray | None) -> PhotoCells | None:
+        """A photo's cells with its cell scores against the cohort, when the bundle weighs
+        cells; its scores against products are computed for the products asked about."""
         if not self.cells_weight:
             return None
         if cells is None:
             raise ValueError("this bundle weighs feature-map cells into the score: pass the photo's "
                              "cells (Capture.cells, which Verifier.embed fills)")
         photo = np.asarray(cells)[None]
-        return (product_cell_scores(photo, self.bundle.cells, self.bundle.reference_owner,
-                                    len(self.bundle.products))[0],
-                cell_scores(photo, self.bundle.cohort)[0])
+        return PhotoCells(photo, cell_scores(photo, self._cohort_cells)[0])
 
-    def _fused(self, cosines: np.ndarray, scored_cells: ScoredCells | None) -> np.ndarray:
-        if scored_cells is None:
+    def _fused(self, cosines: np.ndarray, photo_cells: PhotoCells | None) -> np.ndarray:
+        """Every product's score from their cosines (P,)."""
+        if photo_cells is None:
             return cosines
-        return fuse(cosines, scored_cells[0], self.cells_weight, scored_cells[1])
+        every = product_cell_scores(photo_cells.cells, self._reference_cells, self.bundle.reference_owner,
+                                    len(self.bundle.products))[0]
+        return fuse(cosines, every, self.cells_weight, photo_cells.cohort)
 
-    def _score(self, latent: np.ndarray, product_id: str, scored_cells: ScoredCells | None) -> float:
-        record = self.bundle.product(product_id)
-        if scored_cells is None:
-            return self.search.best_of_rows(latent, list(record.references))
-        # the cell term is z-scored against the whole catalogue: every product is scored
-        return float(self._fused(self.search.product_scores(latent), scored_cells)[self.bundle.index(product_id)])
+    def _score(self, latent: np.ndarray, product_id: str, photo_cells: PhotoCells | None) -> float:
+        rows = list(self.bundle.product(product_id).references)
+        cosine = self.search.best_of_rows(latent, rows)
+        if photo_cells is None:
+            return cosine
+        # the cell term needs this product's references and the cohort, not the catalogue
+        own = cell_scores(photo_cells.cells, self._reference_cells[rows])[0].max()
+        return float(fuse(np.array([cosine]), np.array([own]), self.cells_weight, photo_cells.cohort)[0])
 
-    def _rank(self, latent: np.ndarray, top_k: int, scored_cells: ScoredCells | None) -> list[Candidate]:
-        if scored_cells is None:
+    def _rank(self, latent: np.ndarray, top_k: int, photo_cells: PhotoCells | None) -> list[Candidate]:
+        if photo_cells is None:
             top, scores = self.search.top_k(latent, top_k)
         else:
-            every = self._fused(self.search.product_scores(latent), scored_cells)
+            every = self._fused(self.search.product_scores(latent), photo_cells)
             top = top_of(every, min(check_top_k(top_k), len(every)))
             scores = every[top]
         return [Candidate(self.bundle.products[i].product_id, self.bundle.products[i].name,
@@ -582,8 +596,8 @@ class Verifier:
         self.bundle.product(product_id)  # unknown ids fail before any decoding
         capture = photo if isinstance(photo, Capture) else self.prepare(photo)
         latent = self.embed(capture)
-        scored_cells = self._cells_of(capture.cells)
-        score = self._score(latent, product_id, scored_cells)
+        photo_cells = self._cells_of(capture.cells)
+        score = self._score(latent, product_id, photo_cells)
         threshold, first_score, first_threshold = self.threshold, None, None
         near_duplicate = self.copies_original(capture, product_id)
         reasons = self._retake_reasons(capture, near_duplicate)
@@ -597,14 +611,14 @@ class Verifier:
                     reasons.append(f"{near}: no second look, the capture's pixels were released")
                 else:
                     first_score, first_threshold = score, threshold
-                    score, threshold = self._score(second, product_id, scored_cells), self.second_look.threshold
+                    score, threshold = self._score(second, product_id, photo_cells), self.second_look.threshold
                     reasons.append(f"{near}: a second look with {len(capture.view_latents) * 5} views")
             decision = MATCH if score >= threshold else NO_MATCH
             reasons.append(score_against_threshold(score, threshold, ">=" if decision == MATCH else "<"))
 
         suggestions: tuple[Candidate, ...] = ()
         if decision == NO_MATCH and self.options.suggestions:
-            suggestions = tuple(c for c in self._rank(latent, self.options.suggestions + 1, scored_cells)
+            suggestions = tuple(c for c in self._rank(latent, self.options.suggestions + 1, photo_cells)
                                 if c.product_id != product_id)[: self.options.suggestions]
         return Verdict(
             decision=decision, product_id=product_id, score=score, threshold=threshold,

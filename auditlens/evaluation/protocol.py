@@ -33,7 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from auditlens.catalog import Catalog, LabelledPhoto
-from auditlens.device_app.cells import cell_scores, fuse, product_cell_scores, quantize_cells
+from auditlens.device_app.cells import (
+    as_float_cells,
+    cell_scores,
+    fuse,
+    held_for_scoring,
+    product_cell_scores,
+    quantize_cells,
+)
 from auditlens.device_app.preprocess import moved_views, pool_views
 from auditlens.device_app.search import best_reference_scores
 from auditlens.errors import AuditlensError
@@ -192,6 +199,9 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
     latents: list[np.ndarray] = []
     scored_cells: list[tuple[np.ndarray, np.ndarray]] = []  # (batch, P), (batch, K), for a bundle with cells
 
+    if bundle.cells is not None:  # converted once, not at every batch
+        reference_cells, cohort_cells = held_for_scoring(bundle.cells), as_float_cells(bundle.cohort)
+
     def run(batch: list[np.ndarray]) -> None:
         images = np.concatenate(batch)
         if bundle.cells is None:
@@ -200,8 +210,8 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
         lat, cells = verifier.encoder.embed_with_cells(images, batch_size=batch_size)
         latents.append(lat)
         first = quantize_cells(cells.reshape(len(batch), views, *cells.shape[1:])[:, :verifier.spec.num_views])
-        scored_cells.append((product_cell_scores(first, bundle.cells, bundle.reference_owner, len(bundle.products)),
-                             cell_scores(first, bundle.cohort)))
+        scored_cells.append((product_cell_scores(first, reference_cells, bundle.reference_owner, len(bundle.products)),
+                             cell_scores(first, cohort_cells)))
     bar = tqdm(total=len(usable), desc=desc, unit="img", disable=not progress)
     with ThreadPoolExecutor(workers) as pool:
         for photo, result in zip(usable, pool.map(load, usable)):
