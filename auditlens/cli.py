@@ -407,8 +407,8 @@ def _score_pairs(pairs, verifier, rows: list[list[str]], progress: bool, stopped
             if capture is None:
                 try:
                     capture = verifier.prepare(pair.photo)
-                    latent = verifier.embed(capture)
-                    if any(verifier.takes_second_look(verifier.score(latent, p, capture.cells))
+                    verifier.embed(capture)
+                    if any(verifier.takes_second_look(verifier.capture_score(capture, p))
                            for p in claims[pair.photo] & enrolled):
                         verifier.embed_second_look(capture)  # before its pixels go
                     capture.release_pixels()  # memory stays flat over 10k photos

@@ -55,6 +55,13 @@ from auditlens.errors import (
 
 MATCH, NO_MATCH, RETAKE = "match", "no_match", "retake"
 
+CELL_SHORTLIST = 64
+"""``identify`` and a NO MATCH's suggestions add the cell term to the products the cosine
+ranks best, this many (every product of a catalogue this small): the cell term costs a
+matrix product per reference, and a product far down the cosine's ranking does not climb
+into the first few."""
+
+
 @dataclass(frozen=True)
 class PhotoCells:
     """A photo's cells as the verifier scores them."""
@@ -223,6 +230,8 @@ class Capture:
     cells: np.ndarray | None = None
     """Memoised feature-map cells (V, C, D) of ``views``, int8 as a bundle stores them, filled
     by :meth:`Verifier.embed` for a bundle that weighs cells into the score (:mod:`.cells`)."""
+    scored_cells: tuple[str, PhotoCells] | None = None
+    """Memoised (bundle id, the cells' scores against that bundle's cohort)."""
     second_latents: dict[float, np.ndarray] = field(default_factory=dict)
     """Memoised unit latents of second looks (:meth:`Verifier.embed_second_look`), by shift."""
     model_id: str | None = None
@@ -470,6 +479,7 @@ class Verifier:
             capture.view_latents = self.encoder.embed(capture.views, batch_size=len(capture.views))
         capture.latent = pool_views(capture.view_latents, len(capture.views))[0]
         capture.second_latents = {}
+        capture.scored_cells = None
         capture.model_id = self.bundle.model_id
         return capture.latent
 
@@ -519,6 +529,11 @@ class Verifier:
     def score(self, latent: np.ndarray, product_id: str, cells: np.ndarray | None = None) -> float:
         return self._score(latent, product_id, self._cells_of(cells))
 
+    def capture_score(self, capture: Capture, product_id: str) -> float:
+        """The first look's score of an embedded capture against ``product_id`` (what
+        :meth:`verify` compares first), its cell scores against the cohort computed once."""
+        return self._score(self.embed(capture), product_id, self._capture_cells(capture))
+
     def rank(self, latent: np.ndarray, top_k: int = 5, cells: np.ndarray | None = None) -> list[Candidate]:
         """The ``top_k`` products most like ``latent``, best first, with the scores
         :meth:`score` gives them."""
@@ -534,6 +549,15 @@ class Verifier:
                              "cells (Capture.cells, which Verifier.embed fills)")
         photo = np.asarray(cells)[None]
         return PhotoCells(photo, cell_scores(photo, self._cohort_cells)[0])
+
+    def _capture_cells(self, capture: Capture) -> PhotoCells | None:
+        """:meth:`_cells_of` a capture's cells, computed once per capture and bundle (``score``
+        judges one photo against many products)."""
+        if not self.cells_weight:
+            return None
+        if capture.scored_cells is None or capture.scored_cells[0] != self.bundle.bundle_id:
+            capture.scored_cells = (self.bundle.bundle_id, self._cells_of(capture.cells))
+        return capture.scored_cells[1]
 
     def _fused(self, cosines: np.ndarray, photo_cells: PhotoCells | None) -> np.ndarray:
         """Every product's score from their cosines (P,)."""
@@ -555,10 +579,15 @@ class Verifier:
     def _rank(self, latent: np.ndarray, top_k: int, photo_cells: PhotoCells | None) -> list[Candidate]:
         if photo_cells is None:
             top, scores = self.search.top_k(latent, top_k)
-        else:
-            every = self._fused(self.search.product_scores(latent), photo_cells)
-            top = top_of(every, min(check_top_k(top_k), len(every)))
-            scores = every[top]
+        else:  # the cell term for the best products by cosine (every product of a small catalogue)
+            k = min(check_top_k(top_k), len(self.bundle.products))
+            shortlist, cosines = self.search.top_k(latent, max(k, CELL_SHORTLIST))
+            rows = [list(self.bundle.products[i].references) for i in shortlist]
+            sims = cell_scores(photo_cells.cells, self._reference_cells[np.concatenate(rows)])[0]
+            own = np.maximum.reduceat(sims, np.r_[0, np.cumsum([len(r) for r in rows])[:-1]])
+            fused = fuse(cosines, own, self.cells_weight, photo_cells.cohort)
+            best = top_of(fused, k)
+            top, scores = shortlist[best], fused[best]
         return [Candidate(self.bundle.products[i].product_id, self.bundle.products[i].name,
                           float(s)) for i, s in zip(top, scores)]
 
@@ -596,7 +625,7 @@ class Verifier:
         self.bundle.product(product_id)  # unknown ids fail before any decoding
         capture = photo if isinstance(photo, Capture) else self.prepare(photo)
         latent = self.embed(capture)
-        photo_cells = self._cells_of(capture.cells)
+        photo_cells = self._capture_cells(capture)
         score = self._score(latent, product_id, photo_cells)
         threshold, first_score, first_threshold = self.threshold, None, None
         near_duplicate = self.copies_original(capture, product_id)
@@ -636,4 +665,4 @@ class Verifier:
         a copy of the candidate's original ...), as ``auditlens identify`` does."""
         capture = photo if isinstance(photo, Capture) else self.prepare(photo)
         latent = self.embed(capture)
-        return self._rank(latent, top_k, self._cells_of(capture.cells))
+        return self._rank(latent, top_k, self._capture_cells(capture))

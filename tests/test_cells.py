@@ -255,3 +255,28 @@ def test_a_second_look_scores_its_ten_views_with_the_first_views_cells(sample_bu
     cohort = cell_scores(capture.cells[None], bundle.cohort)[0]
     expected = cosines + looked.cells_weight * (cells - cohort.mean()) / cohort.std()
     assert verdict.score == pytest.approx(expected[bundle.index(photo.product_id)], abs=1e-4)
+
+
+def test_identify_in_a_large_catalogue_adds_the_cell_term_to_the_cosines_shortlist(sample_bundle, sample_photos,
+                                                                                    tmp_path):
+    from auditlens.device_app.bundle import ProductRecord
+    from auditlens.device_app.verifier import CELL_SHORTLIST
+
+    bundle = ReferenceBundle.load(sample_bundle)
+    rng = np.random.default_rng(3)
+    extra = CELL_SHORTLIST + 6 - len(bundle.products)  # past the shortlist
+    latents = _unit(rng, extra, bundle.references.shape[1])
+    cells = quantize_cells(_unit(rng, extra, *bundle.cells.shape[1:]))
+    first = len(bundle.references)
+    products = list(bundle.products) + [
+        ProductRecord(f"filler-{i}", f"Filler {i}", "", "", "", (first + i,), "") for i in range(extra)]
+    thumbs = [bundle.thumbnails[p.thumbnail] for p in bundle.products] + [bundle.thumbnails[bundle.products[0].thumbnail]] * extra
+    big = ReferenceBundle.load(_rewrite(bundle, tmp_path / "big", products=products, thumbnails=thumbs,
+                                        references=np.concatenate([bundle.references, latents.astype(np.float16)]),
+                                        cells=np.concatenate([bundle.cells, cells])))
+    verifier = Verifier(big, VerifierOptions(check_quality=False))
+    capture = verifier.prepare(sample_photos[0].photo)
+    exact = verifier.product_scores(verifier.embed(capture), capture.cells)  # every product scored
+    ranked = verifier.identify(capture, top_k=5)
+    assert [big.index(c.product_id) for c in ranked] == list(np.argsort(-exact)[:5])
+    np.testing.assert_allclose([c.score for c in ranked], np.sort(exact)[::-1][:5], atol=1e-5)
