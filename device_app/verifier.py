@@ -70,6 +70,9 @@ class PhotoCells:
     """int8 (1, V, C, D)."""
     cohort: np.ndarray
     """(K,): its cell scores against the bundle's cohort, which standardise the others."""
+    ranked: dict = field(default_factory=dict, compare=False)
+    """Memoised first-look rankings by ``top_k`` (a NO MATCH's suggestions do not depend on
+    the product claimed, and ``score`` judges one photo against many)."""
 
 PROBE_MIN_COSINE = 0.98
 """The bundle's probe latent and the model's must agree this well (same model, any CPU)."""
@@ -579,6 +582,8 @@ class Verifier:
     def _rank(self, latent: np.ndarray, top_k: int, photo_cells: PhotoCells | None) -> list[Candidate]:
         if photo_cells is None:
             top, scores = self.search.top_k(latent, top_k)
+        elif top_k in photo_cells.ranked:
+            return list(photo_cells.ranked[top_k])
         else:  # the cell term for the best products by cosine (every product of a small catalogue)
             k = min(check_top_k(top_k), len(self.bundle.products))
             shortlist, cosines = self.search.top_k(latent, max(k, CELL_SHORTLIST))
@@ -588,8 +593,11 @@ class Verifier:
             fused = fuse(cosines, own, self.cells_weight, photo_cells.cohort)
             best = top_of(fused, k)
             top, scores = shortlist[best], fused[best]
-        return [Candidate(self.bundle.products[i].product_id, self.bundle.products[i].name,
-                          float(s)) for i, s in zip(top, scores)]
+        ranked = [Candidate(self.bundle.products[i].product_id, self.bundle.products[i].name,
+                            float(s)) for i, s in zip(top, scores)]
+        if photo_cells is not None:
+            photo_cells.ranked[top_k] = ranked
+        return ranked
 
     def estimated_far(self, score: float, *, second_look: bool = False) -> float | None:
         """The calibrated false-accept rate at a first score (or a second look's)."""
