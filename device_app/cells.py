@@ -52,9 +52,10 @@ to 80.1%, and takes new products' 3-fold mean EER from 18.7% to 17.0%; 1.0 does 
 more for new products (16.1%) and costs trained ones EER (6.4%) and cartons' EER."""
 
 Z_LIMIT = 100.0
-"""The largest cell z-score a threshold is set at: cell scores lie within -1..1 and a
-cohort's spread is far above 0.02, so no photo's z comes near; a threshold beyond
-``1 + weight * Z_LIMIT`` is no calibrated one."""
+"""The largest cell z-score a threshold is set at: a cell score is at most 1, and on the
+sample photos the cohort's spread is 0.025 or more (median 0.042), which puts even a
+perfect cell score at z 26 or less; a threshold beyond ``1 + weight * Z_LIMIT`` is no
+calibrated one."""
 
 _REFERENCE_BLOCK = 256
 """References scored at a time: a (V*C, 256*C) float32 block is 8 MiB for 128 photo cells."""

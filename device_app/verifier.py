@@ -3,8 +3,8 @@
 ``Verifier(bundle).verify(photo, product_id)`` returns a :class:`Verdict`: MATCH when
 the photo's latent is at least the bundle's calibrated threshold close (cosine) to one
 of the product's references (plus, for a bundle that weighs them, the match of its
-feature-map cells against the catalogue's: :mod:`.cells`), NO MATCH below it (with the products the photo resembles
-most), and RETAKE when the capture itself cannot be judged (too dark, blurred, no
+feature-map cells with the product's, standardised against a cohort: :mod:`.cells`), NO
+MATCH below it (with the products the photo resembles most), and RETAKE when the capture itself cannot be judged (too dark, blurred, no
 product) or merely reproduces the catalogue original instead of photographing the
 product.
 """

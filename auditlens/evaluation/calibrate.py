@@ -78,7 +78,8 @@ CURVE_POINTS = 160
 """About how many [score, far] points the far_curve keeps (log-spaced in FAR)."""
 
 MAX_SD_WEIGHT = 5.0
-"""The largest ``--cells-weight`` taken: beyond, the cells alone decide (measured weaker)."""
+"""The largest ``--cells-weight`` taken: the cell term then outweighs the cosine many times
+over (the cells alone scored trained products worse: docs/ablation.md)."""
 
 MIN_IMPOSTORS_PER_TARGET = 10
 """Warn when fewer than this many impostor pairs are expected to pass at the target."""
