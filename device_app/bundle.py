@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from auditlens.catalog import check_product_id
-from auditlens.device_app.cells import CELLS_FILE, COHORT_FILE, Z_LIMIT, npy_bytes
+from auditlens.device_app.cells import CELLS_FILE, COHORT_FILE, npy_bytes, score_ceiling
 from auditlens.device_app.interpreter import model_id_of
 from auditlens.device_app.preprocess import MAX_PHOTO_SHIFT, PreprocessSpec
 from auditlens.device_app.second_look import SecondLook
@@ -592,7 +592,7 @@ def check_decision(decision, path: Path, what: str = "manifest decision", *,
         raise BundleFormatError(f"{path}: {what}.cells is not an object with a weight within [0, 1] "
                                 f"(the cell term's weight in the score): {cells!r:.200}")
     # a score is a cosine, which the cell term moves by its weight times a z-score
-    limit = 1.0 + (cells["weight"] * Z_LIMIT if cells else 0.0)
+    limit = score_ceiling(cells["weight"] if cells else 0.0)
     threshold = decision.get("threshold")
     if not _is_finite_number(threshold) or not -limit <= threshold <= limit:
         raise BundleFormatError(f"{path}: {what}.threshold {threshold!r} is not a "

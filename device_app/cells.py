@@ -68,13 +68,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def unit_cells(raw: np.ndarray) -> np.ndarray:
-    """Raw cell outputs (N, H, W, D) or (N, C, D) as unit float32 (N, C, D)."""
-    raw = np.asarray(raw, dtype=np.float32)
-    cells = raw.reshape(raw.shape[0], -1, raw.shape[-1])
-    return cells / np.maximum(np.linalg.norm(cells, axis=-1, keepdims=True), 1e-12)
-
-
 def quantize_cells(cells: np.ndarray) -> np.ndarray:
     """Unit cells (R, C, D) as a bundle stores them: int8, ``round(127 * x)``."""
     return np.clip(np.round(np.asarray(cells, dtype=np.float32) * CELL_SCALE), -127, 127).astype(np.int8)

@@ -433,9 +433,9 @@ def with_cells(encoder):
     return keras.Model(encoder.input, [encoder.output, cells], name=f"{encoder.name}_cells")
 
 
-def _cells_agreement(encoder, content: bytes, images: np.ndarray) -> tuple[int, float]:
-    """The TFLite model's cells an image, and their mean cosine to the Keras ones on ``images``."""
-    two = with_cells(encoder)
+def _cells_agreement(two, content: bytes, images: np.ndarray) -> tuple[int, float]:
+    """The TFLite model's cells an image, and their mean cosine on ``images`` to those of
+    ``two``, the Keras encoder with its cells output (:func:`with_cells`)."""
     keras_cells = np.concatenate([np.asarray(two(images[i:i + 64].astype(np.float32), training=False)[1])
                                   for i in range(0, len(images), 64)])
     cells = Encoder(content).embed_with_cells(images)[1]
@@ -518,7 +518,8 @@ def export_encoder(
         compare = compare[spread_indices(len(compare), MAX_COMPARE_IMAGES)]
 
     t = time.perf_counter()
-    content = convert(with_cells(encoder) if cells else encoder, config)
+    two = with_cells(encoder) if cells else None
+    content = convert(encoder if two is None else two, config)
     convert_seconds = time.perf_counter() - t
 
     keras_latents, latents = _both_latents(encoder, content, compare)
@@ -546,8 +547,8 @@ def export_encoder(
         latency_ms_median=median_latency_ms(content, compare[0]),
         convert_seconds=round(convert_seconds, 2), float_ops=config.float_ops,
         compared_on=compared_on, cross_cosine=_cross_cosine(keras_latents), **checked,
-        **(dict(zip(("cells", "cells_mean_cosine"), _cells_agreement(encoder, content, compare)))
-           if cells else {}),
+        **(dict(zip(("cells", "cells_mean_cosine"), _cells_agreement(two, content, compare)))
+           if two is not None else {}),
     )
     if report.references and report.reference_worst_cosine < config.min_worst_cosine:
         raise ModelError(
