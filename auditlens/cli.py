@@ -502,6 +502,7 @@ def _product_rows(bundle) -> list[dict]:
 
 def _run_info(args) -> int:
     from auditlens.device_app.bundle import ReferenceBundle
+    from auditlens.device_app.rivals import missing_note
     from auditlens.device_app.verifier import Verifier
 
     key = args.public_key.read_bytes() if args.public_key else None
@@ -520,7 +521,7 @@ def _run_info(args) -> int:
             shown["products"] = _product_rows(b)
         print(json.dumps(shown, indent=1))
         return EXIT_OK
-    d = m["decision"]
+    d = b.decision  # the manifest's, or without rivals the bundle does not all hold
     size = len(b.model_content)
     print(f"bundle     {b.path}  (id {b.bundle_id}, format {m['format_version']}, made "
           f"{m.get('created', '?')}, auditlens {m.get('auditlens_version', '?')})")
@@ -542,6 +543,10 @@ def _run_info(args) -> int:
         print(f"           first scores within {look.band:g} of it take a second look: "
               f"{5 * b.spec.num_views} views (each box also moved by {100 * look.photo_shift:.3g}%), "
               f"threshold {look.threshold:.4f}")
+    if b.rival_weight:
+        print(f"           scores less {b.rival_weight:g} x what another product beats the claim by (rivals)")
+    elif m["decision"].get("rivals"):
+        print(f"           warning: {missing_note(m['decision'], (p.product_id for p in b.products))}")
     for w in d.get("warnings") or ():
         print(f"           warning: {w}")
     kinds = Counter(p.kind or "(no kind)" for p in b.products)

@@ -177,8 +177,10 @@ def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, phones
         f"encoder, {n} view{'s' if n > 1 else ''} (int8, 1 thread)": (
             (lambda: verifier.encoder.embed_with_cells(views, batch_size=n)) if verifier.cells_weight
             else (lambda: verifier.embed_views(views))),
-        ("score (best reference, plus the cell term: the product's and the cohort's cells)"
-         if verifier.cells_weight else "score (best reference)"): lambda: verifier.score(latent, product_id, capture.cells),
+        ("score (best reference" + (", plus the cell term: the product's and the cohort's cells" if verifier.cells_weight
+                                    else "") + (", less the rival term: the best other product's score"
+                                                if verifier.rival_weight else "") + ")"):
+            lambda: verifier.score(latent, product_id, capture.cells),
         "capture quality check (small grey copy + checks)": lambda: assess(image),
         "near-copy dHashes (of the small copy, whole and trimmed)": lambda: (dhash(small), trimmed_hashes(small)),
     }

@@ -48,6 +48,7 @@ from auditlens.catalog import check_product_id
 from auditlens.device_app.cells import CELLS_FILE, COHORT_FILE, npy_bytes, score_ceiling
 from auditlens.device_app.interpreter import model_id_of
 from auditlens.device_app.preprocess import MAX_PHOTO_SHIFT, PreprocessSpec
+from auditlens.device_app.rivals import ALONE_KEYS, MAX_WEIGHT, RIVALS, effective_decision
 from auditlens.device_app.second_look import SecondLook
 from auditlens.errors import (
     BundleError,
@@ -342,11 +343,23 @@ class ReferenceBundle:
 
     @property
     def threshold(self) -> float:
-        return float(self.manifest["decision"]["threshold"])
+        return float(self.decision["threshold"])
 
     @property
     def decision(self) -> dict:
-        return self.manifest["decision"]
+        """The decision this bundle judges by: the manifest's, or, when it weighs rival
+        products this bundle does not all hold, the one calibrated without them
+        (:func:`~.rivals.effective_decision`)."""
+        stored = self.manifest["decision"]
+        if self._decision[0] is not stored:
+            self._decision = (stored, effective_decision(stored, self._index))
+        return self._decision[1]
+
+    @property
+    def rival_weight(self) -> float:
+        """The rival term's weight in the score (:mod:`.rivals`); 0: none."""
+        block = self.decision.get(RIVALS)
+        return float(block["weight"]) if block else 0.0
 
     @property
     def second_look(self) -> SecondLook | None:
@@ -371,6 +384,7 @@ class ReferenceBundle:
 
     def __post_init__(self) -> None:
         self._index = {p.product_id: i for i, p in enumerate(self.products)}
+        self._decision: tuple = (None, None)  # (the manifest's decision, the one judged by)
         self._by_code = {p.code: i for i, p in enumerate(self.products) if p.code}
 
     def index(self, product_id: str) -> int:
@@ -610,6 +624,27 @@ def check_decision(decision, path: Path, what: str = "manifest decision", *,
             except ValueError as exc:  # views edited to ones that cannot take it
                 raise BundleFormatError(f"{path}: {what}'s second look: {exc}") from exc
     _check_far_curve(decision.get("far_curve"), path, what)
+    rivals = decision.get(RIVALS)
+    if rivals is not None:
+        _check_rivals(rivals, decision, path, f"{what}.{RIVALS}", spec)
+
+
+def _check_rivals(block, decision: dict, path: Path, what: str, spec: PreprocessSpec | None) -> None:
+    """A rival term (:mod:`.rivals`): its weight, the products it was calibrated with, and
+    the decision without it, which must hold up as a decision of its own."""
+    if not (isinstance(block, dict) and _is_finite_number(block.get("weight"))
+            and 0.0 < block["weight"] <= MAX_WEIGHT):
+        raise BundleFormatError(f"{path}: {what} is not an object with a weight within (0, {MAX_WEIGHT:g}] "
+                                f"(the rival term's weight in the score): {block!r:.200}")
+    products = block.get("products")
+    if not (isinstance(products, list) and products and all(isinstance(p, str) for p in products)):
+        raise BundleFormatError(f"{path}: {what}.products is not the list of product ids it was calibrated with")
+    alone = block.get("alone")
+    if not isinstance(alone, dict) or "threshold" not in alone or not set(alone) <= set(ALONE_KEYS):
+        raise BundleFormatError(f"{path}: {what}.alone is not the decision calibrated without rivals "
+                                f"(an object of {', '.join(ALONE_KEYS)})")
+    without = {k: v for k, v in decision.items() if k != RIVALS and k not in ALONE_KEYS}
+    check_decision({**without, **alone}, path, f"{what}.alone", spec=spec)
 
 
 def _check_second_look(block, path: Path, what: str, limit: float = 1.0) -> None:

@@ -15,7 +15,7 @@ import hashlib
 import io
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from PIL import Image
 from auditlens.device_app.auditlog import utc_now
 from auditlens.device_app.bundle import ReferenceBundle, probe_image
 from auditlens.device_app.cells import (
+    CELL_SHORTLIST,
     as_float_cells,
     cell_scores,
     fuse,
@@ -44,6 +45,7 @@ from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_o
 from auditlens.device_app.nearcopy import copies, dhash, trimmed_hashes
 from auditlens.device_app.preprocess import PreprocessSpec, moved_views, pool_views, to_photo_views
 from auditlens.device_app.quality import Quality, QualityThresholds, analysis_copy, assess
+from auditlens.device_app.rivals import best_rivals, penalise, rival_shortlist
 from auditlens.device_app.search import ReferenceSearch, check_top_k, top_of
 from auditlens.errors import (
     BundleSignatureError,
@@ -54,13 +56,6 @@ from auditlens.errors import (
 )
 
 MATCH, NO_MATCH, RETAKE = "match", "no_match", "retake"
-
-CELL_SHORTLIST = 64
-"""``identify`` and a NO MATCH's suggestions add the cell term to the products the cosine
-ranks best, this many (every product of a catalogue this small): the cell term costs a
-matrix product per reference, and a product far down the cosine's ranking does not climb
-into the first few."""
-
 
 @dataclass(frozen=True)
 class PhotoCells:
@@ -379,6 +374,8 @@ class Verifier:
         self.search = ReferenceSearch(bundle.references, bundle.reference_owner, len(bundle.products))
         self.cells_weight = bundle.cells_weight
         """The cell term's weight in every score (:func:`~.cells.fuse`); 0: the cosine alone."""
+        self.rival_weight = bundle.rival_weight
+        """The rival term's weight (:mod:`.rivals`); 0: a claim's score ignores the others'."""
         if self.cells_weight:  # converted once (:func:`~.cells.as_float_cells`)
             self._cohort_cells = as_float_cells(bundle.cohort)
             self._reference_cells = held_for_scoring(bundle.cells)
@@ -526,21 +523,54 @@ class Verifier:
     # ``cells``: the photo's (Capture.cells), which a bundle that weighs cells needs.
     def product_scores(self, latent: np.ndarray, cells: np.ndarray | None = None) -> np.ndarray:
         """The score of ``latent`` against every product, shape (P,): the best cosine of the
-        product's references, plus the cell term for a bundle that weighs cells."""
-        return self._fused(self.search.product_scores(latent), self._cells_of(cells))
+        product's references, plus the cell term for a bundle that weighs cells, less the
+        rival term for one that weighs rivals."""
+        cosines = self.search.product_scores(latent)
+        scores = self._fused(cosines, self._cells_of(cells))
+        if not self.rival_weight:
+            return scores
+        rivals = best_rivals(scores[None], rival_shortlist(cosines[None], self.cells_weight > 0))[0]
+        return penalise(scores, rivals, self.rival_weight)
 
     def score(self, latent: np.ndarray, product_id: str, cells: np.ndarray | None = None) -> float:
-        return self._score(latent, product_id, self._cells_of(cells))
+        return self._claim_score(latent, product_id, self._cells_of(cells))
 
     def capture_score(self, capture: Capture, product_id: str) -> float:
         """The first look's score of an embedded capture against ``product_id`` (what
         :meth:`verify` compares first), its cell scores against the cohort computed once."""
-        return self._score(self.embed(capture), product_id, self._capture_cells(capture))
+        return self._claim_score(self.embed(capture), product_id, self._capture_cells(capture))
+
+    def _claim_score(self, latent: np.ndarray, product_id: str, photo_cells: PhotoCells | None) -> float:
+        return self._judged(self._score(latent, product_id, photo_cells), self._rival(latent, product_id, photo_cells))
+
+    def _rival(self, latent: np.ndarray, product_id: str, photo_cells: PhotoCells | None) -> Candidate | None:
+        """The product other than ``product_id`` the photo scores best against, for a bundle
+        that weighs rivals (from the ranking a NO MATCH's suggestions take, memoised)."""
+        if not self.rival_weight:
+            return None
+        ranked = self._rank_raw(latent, max(2, self.options.suggestions + 1), photo_cells)
+        return next((c for c in ranked if c.product_id != product_id), None)
+
+    def _judged(self, score: float, rival: Candidate | None) -> float:
+        """A claim's score less the rival term (:mod:`.rivals`)."""
+        if rival is None:
+            return score
+        return float(penalise(np.float32(score), np.float32(rival.score), self.rival_weight))
 
     def rank(self, latent: np.ndarray, top_k: int = 5, cells: np.ndarray | None = None) -> list[Candidate]:
         """The ``top_k`` products most like ``latent``, best first, with the scores
         :meth:`score` gives them."""
         return self._rank(latent, top_k, self._cells_of(cells))
+
+    def _rank(self, latent: np.ndarray, top_k: int, photo_cells: PhotoCells | None) -> list[Candidate]:
+        """:meth:`_rank_raw` with the rival term: every product but the first loses what the
+        first beats it by (the order stays)."""
+        ranked = self._rank_raw(latent, top_k, photo_cells)
+        if not self.rival_weight or len(ranked) < 2:
+            return ranked
+        best = np.float32(ranked[0].score)
+        return [ranked[0], *(replace(c, score=float(penalise(np.float32(c.score), best, self.rival_weight)))
+                             for c in ranked[1:])]
 
     def _cells_of(self, cells: np.ndarray | None) -> PhotoCells | None:
         """A photo's cells with its cell scores against the cohort, when the bundle weighs
@@ -579,7 +609,8 @@ class Verifier:
         own = cell_scores(photo_cells.cells, self._reference_cells[rows])[0].max()
         return float(fuse(np.array([cosine]), np.array([own]), self.cells_weight, photo_cells.cohort)[0])
 
-    def _rank(self, latent: np.ndarray, top_k: int, photo_cells: PhotoCells | None) -> list[Candidate]:
+    def _rank_raw(self, latent: np.ndarray, top_k: int, photo_cells: PhotoCells | None) -> list[Candidate]:
+        """The ``top_k`` products by their scores before the rival term."""
         if photo_cells is None:
             top, scores = self.search.top_k(latent, top_k)
         elif top_k in photo_cells.ranked:
@@ -634,7 +665,8 @@ class Verifier:
         capture = photo if isinstance(photo, Capture) else self.prepare(photo)
         latent = self.embed(capture)
         photo_cells = self._capture_cells(capture)
-        score = self._score(latent, product_id, photo_cells)
+        rival = self._rival(latent, product_id, photo_cells)
+        score = self._judged(self._score(latent, product_id, photo_cells), rival)
         threshold, first_score, first_threshold = self.threshold, None, None
         near_duplicate = self.copies_original(capture, product_id)
         reasons = self._retake_reasons(capture, near_duplicate)
@@ -648,9 +680,14 @@ class Verifier:
                     reasons.append(f"{near}: no second look, the capture's pixels were released")
                 else:
                     first_score, first_threshold = score, threshold
-                    score, threshold = self._score(second, product_id, photo_cells), self.second_look.threshold
+                    # the second look rescores the claim; its rival stays the first look's
+                    score = self._judged(self._score(second, product_id, photo_cells), rival)
+                    threshold = self.second_look.threshold
                     reasons.append(f"{near}: a second look with {len(capture.view_latents) * 5} views")
             decision = MATCH if score >= threshold else NO_MATCH
+            if rival is not None and rival.score > score:
+                reasons.append(f"{rival.product_id} scores higher ({rival.score:.3f}): the claim's score is "
+                               f"lowered by {self.rival_weight:g} x the gap")
             reasons.append(score_against_threshold(score, threshold, ">=" if decision == MATCH else "<"))
 
         suggestions: tuple[Candidate, ...] = ()

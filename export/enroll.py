@@ -43,6 +43,7 @@ from auditlens.device_app.preprocess import (
     to_photo_views,
 )
 from auditlens.device_app.quality import analysis_copy
+from auditlens.device_app.rivals import effective_decision, missing_note
 from auditlens.errors import (
     AuditlensError,
     BundleError,
@@ -411,6 +412,12 @@ def enroll(
             decision["warnings"] = [*decision.get("warnings", []), note]
             if warn and options.threshold is None:
                 warn(note)
+        rivals_missing = missing_note(decision, (p.product_id for p in catalog))
+        if rivals_missing:  # the card's rivals are not all enrolled: its threshold without them
+            decision = effective_decision(decision, (p.product_id for p in catalog))
+            decision["warnings"] = [*decision.get("warnings", []), rivals_missing]
+            if warn and options.threshold is None:
+                warn(rivals_missing)
     if options.threshold is not None:
         decision = {"threshold": float(options.threshold), "target_far": None,
                     "calibrated_on": "set by hand at enrolment"}

@@ -516,12 +516,16 @@ def test_verdicts_of_an_uncalibrated_bundle_say_so(tmp_path, sample_photos):
 def test_a_card_calibrated_on_another_catalogue_lends_its_threshold_with_a_warning(tmp_path):
     from auditlens.catalog import open_catalog
     from auditlens.device_app.bundle import ReferenceBundle, products_fingerprint
+    from auditlens.device_app.rivals import effective_decision
 
     catalog = open_catalog(SAMPLE / "catalog.csv")
     model = tmp_path / "encoder.tflite"
     model.write_bytes((REPO / "models" / "encoder.tflite").read_bytes())
     shutil.copy(REPO / "models" / "encoder.cohort.npy", tmp_path)  # the card's cell cohort
     card = json.loads((REPO / "models" / "encoder.json").read_text())
+    # the card's decision without rivals (lent without them to a bundle that lacks its
+    # products: tests/test_rivals.py)
+    card["decision"] = effective_decision(card["decision"], [])
     card["decision"]["products"] = products_fingerprint(["Milk-A", "Milk-B"])  # another catalogue
     (tmp_path / "encoder.json").write_text(json.dumps(card))
     other = run("enroll", SAMPLE / "catalog.csv", "--model", model, "--out", tmp_path / "b1",

@@ -29,10 +29,11 @@ QUIET = VerifierOptions(check_quality=False)
 def looked(tmp_path_factory, sample_bundle):
     """The sample bundle calibrated for 10% with a second look over every first score
     (band 1.0), so that each of the sample's few pairs takes it: scored by the cosine
-    alone, within -1..1 (the cell term's second look: test_cells.py)."""
+    alone, within -1..1 (the cell term's second look: test_cells.py; with rivals, whose
+    term takes scores below -1: test_rivals.py)."""
     out = tmp_path_factory.mktemp("second_look") / "bundle"
     calibrate(sample_bundle, SAMPLE / "photos.csv", 0.1, out=out, progress=False,
-              second_look=0.15, second_look_band=1.0, cells_weight=0)
+              second_look=0.15, second_look_band=1.0, cells_weight=0, rival_weight=0)
     return out
 
 

@@ -52,6 +52,9 @@ from auditlens.cli import non_negative_int, open_catalog_said, photo_shift, thre
 from auditlens.device_app.bundle import sha256_bytes
 from auditlens.device_app.cells import DEFAULT_SD_WEIGHT, npy_bytes, score_ceiling
 from auditlens.device_app.preprocess import PreprocessSpec, check_shift
+from auditlens.device_app.rivals import ALONE_KEYS, RIVALS
+from auditlens.device_app.rivals import DEFAULT_WEIGHT as DEFAULT_RIVAL_WEIGHT
+from auditlens.device_app.rivals import MAX_WEIGHT as MAX_RIVAL_WEIGHT
 from auditlens.device_app.second_look import DEFAULT_BAND, SecondLook
 from auditlens.errors import AuditlensError, BundleSignatureError, CatalogError
 from auditlens.evaluation import metrics
@@ -61,6 +64,7 @@ from auditlens.evaluation.protocol import (
     HARD,
     IMPOSTOR_DRAWS,
     N_IMPOSTORS,
+    Embedded,
     Pairs,
     contradictory_note,
     embed_photos,
@@ -271,6 +275,7 @@ def calibrate(
     second_look: float | None = None,
     second_look_band: float | None = None,
     cells_weight: float | None = None,
+    rival_weight: float = DEFAULT_RIVAL_WEIGHT,
 ) -> dict:
     """Calibrate the bundle at ``bundle`` for ``target_far`` and return the decision.
 
@@ -296,6 +301,10 @@ def calibrate(
     standard deviations of the photos' cosines (:mod:`auditlens.device_app.cells`; default
     :data:`~auditlens.device_app.cells.DEFAULT_SD_WEIGHT`; 0: the cosine alone). The
     threshold, its rates and the second look are calibrated on the scores with that term.
+
+    ``rival_weight``: the rival term's weight (:mod:`auditlens.device_app.rivals`; 0: none).
+    The decision is calibrated with it, and stores the bundle's products and the decision
+    calibrated without it, which bundles that lack some of those products judge by.
     """
     from auditlens.device_app.bundle import (
         ReferenceBundle,
@@ -360,6 +369,8 @@ def calibrate(
     if cells_weight is not None and not (math.isfinite(cells_weight) and 0 <= cells_weight <= MAX_SD_WEIGHT):
         raise CatalogError(f"--cells-weight must be within 0..{MAX_SD_WEIGHT:g} standard deviations, "
                            f"not {cells_weight:g}")
+    if not (math.isfinite(rival_weight) and 0 <= rival_weight <= MAX_RIVAL_WEIGHT):
+        raise CatalogError(f"--rival-weight must be within 0..{MAX_RIVAL_WEIGHT:g}, not {rival_weight:g}")
     if cells_weight and b.cells is None:
         raise CatalogError(f"--cells-weight {cells_weight:g}: {bundle} holds no feature-map cells; export "
                            "the model with --cells and enrol the catalogue with it")
@@ -378,31 +389,52 @@ def calibrate(
             cells_block = {"weight": round(min(1.0, sd_weight * spread), 6), "sd_weight": sd_weight,
                            "cosine_sd": round(spread, 6), "cohort": len(b.cohort),
                            "cohort_sha256": sha256_bytes(npy_bytes(b.cohort))}
-        embedded = embedded.with_cells_weight(cells_block["weight"] if cells_block else 0.0)
+        embedded = embedded.weighed(cells_block["weight"] if cells_block else 0.0)
     groups, _ = product_groups(b, catalog)
-    # The FAR pooled over several draws of the random impostors: one draw's 1% rests on
-    # about ten impostor scores of a few hundred photos, and its threshold jumps with them.
-    draws = pair_draws(embedded, groups, seed=seed, n_impostors=n_impostors, draws=impostor_draws)
-    pairs = draws[0]
-    genuine = pairs.score[pairs.genuine]
-    impostor = np.concatenate([d.score[d.impostor] for d in draws])
-    if impostor.size == 0:
-        raise CatalogError("calibration needs impostor pairs: " + (
-            "the bundle holds a single product" if len(b.products) < 2 else
-            f"--impostors {n_impostors} draws none, and no product shares a group with another"))
-    n_products = len(b.products)
-    distinct = np.unique(np.concatenate([d.photo[d.impostor] * n_products + d.product[d.impostor]
-                                         for d in draws])).size
-    if target_far * distinct < 1 and not allow_few_photos:
-        raise CatalogError(
-            f"{source or 'labelled photos'}: {len(embedded.photos)} usable photo(s) give {distinct} distinct "
-            f"impostor pairs, too few to measure a false-accept rate of {target_far:g} (that needs at "
-            f"least {math.ceil(1 / target_far)}): calibrate on more labelled photos, or a higher "
-            "--target-far, or pass --allow-few-photos to store a threshold that only keeps out the "
-            "impostors seen")
-    ceiling = score_ceiling(cells_block["weight"]) if cells_block else 1.0
-    decision = decide(genuine, impostor, target_far, hard=pairs.score[pairs.kind == HARD],  # the same in every draw
-                      ceiling=ceiling)
+
+    def decide_on(emb: Embedded):
+        """The threshold (and second look) for scores ``emb``, with the draws and pairs they rest on."""
+        # The FAR pooled over several draws of the random impostors: one draw's 1% rests on
+        # about ten impostor scores of a few hundred photos, and its threshold jumps with them.
+        draws = pair_draws(emb, groups, seed=seed, n_impostors=n_impostors, draws=impostor_draws)
+        pairs = draws[0]
+        genuine = pairs.score[pairs.genuine]
+        impostor = np.concatenate([d.score[d.impostor] for d in draws])
+        if impostor.size == 0:
+            raise CatalogError("calibration needs impostor pairs: " + (
+                "the bundle holds a single product" if len(b.products) < 2 else
+                f"--impostors {n_impostors} draws none, and no product shares a group with another"))
+        n_products = len(b.products)
+        distinct = np.unique(np.concatenate([d.photo[d.impostor] * n_products + d.product[d.impostor]
+                                             for d in draws])).size
+        if target_far * distinct < 1 and not allow_few_photos:
+            raise CatalogError(
+                f"{source or 'labelled photos'}: {len(emb.photos)} usable photo(s) give {distinct} distinct "
+                f"impostor pairs, too few to measure a false-accept rate of {target_far:g} (that needs at "
+                f"least {math.ceil(1 / target_far)}): calibrate on more labelled photos, or a higher "
+                "--target-far, or pass --allow-few-photos to store a threshold that only keeps out the "
+                "impostors seen")
+        ceiling = score_ceiling(cells_block["weight"]) if cells_block else 1.0
+        decision = decide(genuine, impostor, target_far, hard=pairs.score[pairs.kind == HARD],  # the same in every draw
+                          ceiling=ceiling)
+        if decision["measured_far"] > target_far or decision["measured_tar"] == 0:
+            # a threshold that cannot keep its rate would be stored as if it did, and one that
+            # keeps it only by accepting no genuine photo is no decision: nothing is written
+            cosines = emb.scores if emb.cosines is None else emb.cosines
+            top_cosine = max(float(cosines[d.photo, d.product][d.impostor].max(initial=-1.0)) for d in draws)
+            raise CatalogError(f"{source or 'labelled photos'}: " + _no_decision(decision, genuine, impostor, top_cosine))
+        if second_look:  # the second look's threshold, beside the first
+            decision["second_look"] = decide_second_look(
+                pairs, emb.second_scores[pairs.photo, pairs.product], impostor,
+                np.concatenate([emb.second_scores[d.photo, d.product][d.impostor] for d in draws]),
+                decision["threshold"], target_far, shift=second_look, band=second_look_band, ceiling=ceiling)
+        return decision, draws, pairs, distinct
+
+    alone = None
+    if rival_weight:  # the threshold without rivals too, for bundles that lack some of these products
+        alone = decide_on(embedded)[0]
+        embedded = embedded.weighed(cells_block["weight"] if cells_block else 0.0, rival_weight)
+    decision, draws, pairs, distinct = decide_on(embedded)
     if cells_block:
         decision["cells"] = cells_block
     counts = pairs.counts()
@@ -427,6 +459,10 @@ def calibrate(
     decision["warnings"] = []
     per_draw = counts["impostor"] + counts[HARD]  # the draws repeat the hard pairs
     decision["measured_far_upper95"] = far_upper_bound(decision["measured_far"], per_draw)
+    if alone is not None:
+        alone["measured_far_upper95"] = far_upper_bound(alone["measured_far"], per_draw)
+        decision[RIVALS] = {"weight": float(rival_weight), "products": [p.product_id for p in b.products],
+                            "alone": {k: alone[k] for k in ALONE_KEYS if k in alone}}
     if target_far * per_draw < MIN_IMPOSTORS_PER_TARGET:
         few = (f"only {per_draw} impostor pairs a draw ({distinct} distinct over {len(draws)} draws): "
                f"a FAR of {target_far:g} is measured from {target_far * per_draw:.1f} expected false "
@@ -443,17 +479,7 @@ def calibrate(
             f"{few}; use more photos" + ("" if target_far * per_draw >= 1 else
                                          ": with under one a draw, the threshold is little more "
                                          "than the highest impostor score"))
-    if decision["measured_far"] > target_far or decision["measured_tar"] == 0:
-        # a threshold that cannot keep its rate would be stored as if it did, and one that
-        # keeps it only by accepting no genuine photo is no decision: nothing is written
-        cosines = embedded.scores if embedded.cosines is None else embedded.cosines
-        top_cosine = max(float(cosines[d.photo, d.product][d.impostor].max(initial=-1.0)) for d in draws)
-        raise CatalogError(f"{source or 'labelled photos'}: " + _no_decision(decision, genuine, impostor, top_cosine))
     if second_look:
-        decision["second_look"] = decide_second_look(
-            pairs, embedded.second_scores[pairs.photo, pairs.product], impostor,
-            np.concatenate([embedded.second_scores[d.photo, d.product][d.impostor] for d in draws]),
-            decision["threshold"], target_far, shift=second_look, band=second_look_band, ceiling=ceiling)
         if decision["second_look"]["measured_tar"] < decision["measured_tar"]:
             decision["warnings"].append(
                 f"the second look lowers the share of genuine pairs accepted on these photos "
@@ -611,6 +637,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="for a bundle whose model gives feature-map cells (export --cells): the cell "
                    "term's weight in the score, in standard deviations of the photos' cosines "
                    f"(default {DEFAULT_SD_WEIGHT:g}; 0: the cosine alone)")
+    p.add_argument("--rival-weight", type=float, default=DEFAULT_RIVAL_WEIGHT, metavar="W",
+                   help="lower a claim's score by W x what another enrolled product beats it by "
+                   "(look-alikes then fall below the threshold); calibrated with the bundle's products, "
+                   "and bundles that lack some of them take the threshold calibrated without it "
+                   f"(default {DEFAULT_RIVAL_WEIGHT:g}; 0: none)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -623,7 +654,8 @@ def run(args) -> int:
                       drop_signature=args.drop_signature, threads=args.threads,
                       progress=not args.no_progress, model_card=args.model_card,
                       allow_few_photos=args.allow_few_photos, second_look=args.second_look,
-                      second_look_band=args.second_look_band, cells_weight=args.cells_weight)
+                      second_look_band=args.second_look_band, cells_weight=args.cells_weight,
+                      rival_weight=args.rival_weight)
     except ValueError as exc:
         raise CatalogError(str(exc)) from exc
     print(f"threshold {d['threshold']:.6f} for target FAR {d['target_far']:.2%}: measured FAR "
@@ -640,6 +672,11 @@ def run(args) -> int:
     if d.get("cells"):
         print(f"scores: cosine + {d['cells']['weight']:.4f} x the cell score's z against a cohort of {d['cells']['cohort']} originals "
               f"({d['cells']['sd_weight']:g} x the photos' cosine spread {d['cells']['cosine_sd']:.4f})")
+    if d.get(RIVALS):
+        alone = d[RIVALS]["alone"]
+        print(f"scores less {d[RIVALS]['weight']:g} x what a rival product beats the claim by; without rivals "
+              f"(bundles lacking some of these {len(d[RIVALS]['products'])} products): threshold "
+              f"{alone['threshold']:.6f}, TAR {alone['measured_tar']:.2%}")
     print(f"calibrated on {d['calibrated_on']}; far_curve of {len(d['far_curve'])} points")
     for w in d["warnings"]:
         print(f"warning: {d['_said_here'].get(w, w)}")

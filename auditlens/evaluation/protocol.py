@@ -42,6 +42,7 @@ from auditlens.device_app.cells import (
     quantize_cells,
 )
 from auditlens.device_app.preprocess import moved_views, pool_views
+from auditlens.device_app.rivals import best_rivals, penalise, rival_shortlist
 from auditlens.device_app.search import best_reference_scores
 from auditlens.errors import AuditlensError
 from auditlens.files import file_sha256
@@ -100,15 +101,26 @@ class Embedded:
     second_cosines: np.ndarray | None = None
     """The same for ``second_scores``."""
 
-    def with_cells_weight(self, weight: float) -> Embedded:
-        """The same photos scored with the cell term at ``weight`` (0: cosines alone)."""
-        if self.cell_scores is None:
+    def weighed(self, cells_weight: float, rival_weight: float = 0.0) -> Embedded:
+        """The same photos scored with the cell term at ``cells_weight`` (0: cosines alone)
+        and the rival term at ``rival_weight`` (:mod:`auditlens.device_app.rivals`; 0: none).
+        A second look's scores lose to the first look's rivals, as the verifier's do."""
+        if cells_weight and self.cell_scores is None:
             raise ValueError("these photos were embedded against a bundle without cells")
         cosines = self.scores if self.cosines is None else self.cosines
         second = self.second_scores if self.second_cosines is None else self.second_cosines
-        cells, cohort = self.cell_scores, self.cohort_scores
-        return replace(self, scores=fuse(cosines, cells, weight, cohort), cosines=cosines,
-                       second_scores=None if second is None else fuse(second, cells, weight, cohort),
+        scores = second_scores = None
+        if self.cell_scores is None:
+            scores, second_scores = cosines, second
+        else:
+            cells, cohort = self.cell_scores, self.cohort_scores
+            scores = fuse(cosines, cells, cells_weight, cohort)
+            second_scores = None if second is None else fuse(second, cells, cells_weight, cohort)
+        if rival_weight:
+            rivals = best_rivals(scores, rival_shortlist(cosines, self.cell_scores is not None))
+            scores = penalise(scores, rivals, rival_weight)
+            second_scores = None if second_scores is None else penalise(second_scores, rivals, rival_weight)
+        return replace(self, scores=scores, cosines=cosines, second_scores=second_scores,
                        second_cosines=second, pair_scores=None)
 
 
@@ -241,11 +253,11 @@ def embed_photos(verifier, photos: Sequence[LabelledPhoto], *, batch_size: int =
     second = scored(per_view)[1] if second_look_shift else None
     embedded = Embedded(kept, lat, truth, scores, failed, not_enrolled, repeated, contradictory, second)
     if bundle.cells is None:
-        return embedded
+        return embedded.weighed(0.0, verifier.rival_weight) if verifier.rival_weight else embedded
     embedded.cell_scores, embedded.cohort_scores = (
         (np.concatenate([s[k] for s in scored_cells]) for k in (0, 1)) if scored_cells
         else (np.zeros((0, len(bundle.products)), np.float32), np.zeros((0, len(bundle.cohort)), np.float32)))
-    return embedded.with_cells_weight(verifier.cells_weight)
+    return embedded.weighed(verifier.cells_weight, verifier.rival_weight)
 
 
 def contradictory_note(rows: Sequence[LabelledPhoto]) -> str:
