@@ -45,7 +45,7 @@ from auditlens.device_app.interpreter import Encoder, EncoderOptions, model_id_o
 from auditlens.device_app.nearcopy import copies, dhash, trimmed_hashes
 from auditlens.device_app.preprocess import PreprocessSpec, moved_views, pool_views, to_photo_views
 from auditlens.device_app.quality import Quality, QualityThresholds, analysis_copy, assess
-from auditlens.device_app.rivals import best_rivals, penalise, rival_shortlist
+from auditlens.device_app.rivals import RIVAL_SHORTLIST, best_rivals, penalise, rival_shortlist
 from auditlens.device_app.search import ReferenceSearch, check_top_k, top_of
 from auditlens.errors import (
     BundleSignatureError,
@@ -66,8 +66,9 @@ class PhotoCells:
     cohort: np.ndarray
     """(K,): its cell scores against the bundle's cohort, which standardise the others."""
     ranked: dict = field(default_factory=dict, compare=False)
-    """Memoised first-look rankings by ``top_k`` (a NO MATCH's suggestions do not depend on
-    the product claimed, and ``score`` judges one photo against many)."""
+    """Memoised first-look rankings by ``(top_k, shortlist)`` (a NO MATCH's suggestions and a
+    photo's rival do not depend on the product claimed, and ``score`` judges one photo
+    against many)."""
 
 PROBE_MIN_COSINE = 0.98
 """The bundle's probe latent and the model's must agree this well (same model, any CPU)."""
@@ -529,7 +530,7 @@ class Verifier:
         scores = self._fused(cosines, self._cells_of(cells))
         if not self.rival_weight:
             return scores
-        rivals = best_rivals(scores[None], rival_shortlist(cosines[None], self.cells_weight > 0))[0]
+        rivals = best_rivals(scores[None], rival_shortlist(cosines[None]))[0]
         return penalise(scores, rivals, self.rival_weight)
 
     def score(self, latent: np.ndarray, product_id: str, cells: np.ndarray | None = None) -> float:
@@ -544,11 +545,12 @@ class Verifier:
         return self._judged(self._score(latent, product_id, photo_cells), self._rival(latent, product_id, photo_cells))
 
     def _rival(self, latent: np.ndarray, product_id: str, photo_cells: PhotoCells | None) -> Candidate | None:
-        """The product other than ``product_id`` the photo scores best against, for a bundle
-        that weighs rivals (from the ranking a NO MATCH's suggestions take, memoised)."""
+        """The product other than ``product_id`` the photo scores best against among the
+        cosine's best :data:`~.rivals.RIVAL_SHORTLIST`, for a bundle that weighs rivals
+        (memoised with a capture's cells)."""
         if not self.rival_weight:
             return None
-        ranked = self._rank_raw(latent, max(2, self.options.suggestions + 1), photo_cells)
+        ranked = self._rank_raw(latent, RIVAL_SHORTLIST, photo_cells, shortlist=RIVAL_SHORTLIST)
         return next((c for c in ranked if c.product_id != product_id), None)
 
     def _judged(self, score: float, rival: Candidate | None) -> float:
@@ -563,14 +565,13 @@ class Verifier:
         return self._rank(latent, top_k, self._cells_of(cells))
 
     def _rank(self, latent: np.ndarray, top_k: int, photo_cells: PhotoCells | None) -> list[Candidate]:
-        """:meth:`_rank_raw` with the rival term: every product but the first loses what the
-        first beats it by (the order stays)."""
+        """:meth:`_rank_raw` with each product's score as :meth:`score` gives it (the rival
+        term lowers every product but the best: the order stays)."""
         ranked = self._rank_raw(latent, top_k, photo_cells)
-        if not self.rival_weight or len(ranked) < 2:
+        if not self.rival_weight:
             return ranked
-        best = np.float32(ranked[0].score)
-        return [ranked[0], *(replace(c, score=float(penalise(np.float32(c.score), best, self.rival_weight)))
-                             for c in ranked[1:])]
+        return [replace(c, score=self._judged(c.score, self._rival(latent, c.product_id, photo_cells)))
+                for c in ranked]
 
     def _cells_of(self, cells: np.ndarray | None) -> PhotoCells | None:
         """A photo's cells with its cell scores against the cohort, when the bundle weighs
@@ -609,25 +610,27 @@ class Verifier:
         own = cell_scores(photo_cells.cells, self._reference_cells[rows])[0].max()
         return float(fuse(np.array([cosine]), np.array([own]), self.cells_weight, photo_cells.cohort)[0])
 
-    def _rank_raw(self, latent: np.ndarray, top_k: int, photo_cells: PhotoCells | None) -> list[Candidate]:
-        """The ``top_k`` products by their scores before the rival term."""
+    def _rank_raw(self, latent: np.ndarray, top_k: int, photo_cells: PhotoCells | None,
+                  shortlist: int = CELL_SHORTLIST) -> list[Candidate]:
+        """The ``top_k`` products by their scores before the rival term, with the cell term
+        added to the cosine's best ``shortlist``."""
         if photo_cells is None:
             top, scores = self.search.top_k(latent, top_k)
-        elif top_k in photo_cells.ranked:
-            return list(photo_cells.ranked[top_k])
+        elif (top_k, shortlist) in photo_cells.ranked:
+            return list(photo_cells.ranked[top_k, shortlist])
         else:  # the cell term for the best products by cosine (every product of a small catalogue)
             k = min(check_top_k(top_k), len(self.bundle.products))
-            shortlist, cosines = self.search.top_k(latent, max(k, CELL_SHORTLIST))
-            rows = [list(self.bundle.products[i].references) for i in shortlist]
+            near, cosines = self.search.top_k(latent, max(k, shortlist))
+            rows = [list(self.bundle.products[i].references) for i in near]
             sims = cell_scores(photo_cells.cells, self._reference_cells[np.concatenate(rows)])[0]
             own = np.maximum.reduceat(sims, np.r_[0, np.cumsum([len(r) for r in rows])[:-1]])
             fused = fuse(cosines, own, self.cells_weight, photo_cells.cohort)
             best = top_of(fused, k)
-            top, scores = shortlist[best], fused[best]
+            top, scores = near[best], fused[best]
         ranked = [Candidate(self.bundle.products[i].product_id, self.bundle.products[i].name,
                             float(s)) for i, s in zip(top, scores)]
         if photo_cells is not None:
-            photo_cells.ranked[top_k] = ranked
+            photo_cells.ranked[top_k, shortlist] = ranked
         return ranked
 
     def estimated_far(self, score: float, *, second_look: bool = False) -> float | None:

@@ -12,6 +12,7 @@ import pytest
 from auditlens.cli import main
 from auditlens.device_app.bundle import ReferenceBundle
 from auditlens.device_app.rivals import (
+    RIVAL_SHORTLIST,
     RIVALS,
     best_rivals,
     effective_decision,
@@ -40,11 +41,11 @@ def test_best_rivals_and_the_penalty_by_hand():
     np.testing.assert_array_equal(penalise(scores[:, :1], best_rivals(scores[:, :1]), 1.0), scores[:, :1])
 
 
-def test_the_rival_is_sought_among_the_cosines_shortlist_when_cells_are_weighed():
+def test_the_rival_is_sought_among_the_cosines_shortlist():
     cosines = np.random.default_rng(0).normal(size=(3, 70)).astype(np.float32)
-    assert rival_shortlist(cosines, with_cells=False) is None and rival_shortlist(cosines[:, :64], True) is None
-    shortlist = rival_shortlist(cosines, with_cells=True)
-    assert (shortlist.sum(axis=1) == 64).all()
+    assert rival_shortlist(cosines[:, :8]) is None
+    shortlist = rival_shortlist(cosines)
+    assert RIVAL_SHORTLIST == 8 and (shortlist.sum(axis=1) == RIVAL_SHORTLIST).all()
     for row, chosen in zip(cosines, shortlist):
         assert row[chosen].min() >= row[~chosen].max()
 
@@ -72,18 +73,21 @@ def test_verify_lowers_a_claim_by_what_its_rival_beats_it_by(calibrated, sample_
         capture = raw.prepare(photo.photo)
         raw.embed(capture)
         scores = np.array([raw.capture_score(capture, pid) for pid in ids])
+        cosines = raw.search.product_scores(capture.latent)
+        near = np.argsort(-cosines)[:RIVAL_SHORTLIST]  # the rival is one of the photo's nearest
         for k, pid in enumerate(ids):
-            rival = np.delete(scores, k).max()
+            rival = max(scores[q] for q in near if q != k)
             expected = scores[k] - 1.5 * max(0.0, rival - scores[k])
             verdict = judged.verify(capture, pid)
             assert verdict.score == pytest.approx(expected, abs=1e-5)
             assert verdict.threshold == d["threshold"]
             if rival > scores[k]:
                 lowered += 1
-                beaten_by = ids[int(np.argmax(np.where(np.arange(len(ids)) == k, -np.inf, scores)))]
+                beaten_by = ids[max((q for q in near if q != k), key=lambda q: scores[q])]
                 assert any(r.startswith(f"{beaten_by} scores higher") for r in verdict.reasons)
         np.testing.assert_allclose(judged.product_scores(capture.latent, capture.cells),
-                                   penalise(scores, best_rivals(scores[None])[0], 1.5), atol=1e-5)
+                                   penalise(scores, best_rivals(scores[None], rival_shortlist(cosines[None]))[0], 1.5),
+                                   atol=1e-5)
         # the ranking is the same; the best product keeps its score
         assert [c.product_id for c in judged.identify(capture, 3)] == [c.product_id for c in raw.identify(capture, 3)]
         assert judged.identify(capture, 1)[0].score == pytest.approx(scores.max(), abs=1e-6)

@@ -117,7 +117,7 @@ class Embedded:
             scores = fuse(cosines, cells, cells_weight, cohort)
             second_scores = None if second is None else fuse(second, cells, cells_weight, cohort)
         if rival_weight:
-            rivals = best_rivals(scores, rival_shortlist(cosines, self.cell_scores is not None))
+            rivals = best_rivals(scores, rival_shortlist(cosines))
             scores = penalise(scores, rivals, rival_weight)
             second_scores = None if second_scores is None else penalise(second_scores, rivals, rival_weight)
         return replace(self, scores=scores, cosines=cosines, second_scores=second_scores,
