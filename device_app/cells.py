@@ -57,12 +57,6 @@ sample photos the cohort's spread is 0.025 or more (median 0.042), which puts ev
 perfect cell score at z 26 or less; a threshold beyond ``1 + weight * Z_LIMIT`` is no
 calibrated one."""
 
-CELL_SHORTLIST = 64
-"""``identify`` and a NO MATCH's suggestions add the cell term to the products the cosine
-ranks best, this many (every product of a catalogue this small): the cell term costs a
-matrix product per reference, and a product far down the cosine's ranking does not climb
-into the first few."""
-
 _REFERENCE_BLOCK = 256
 """References scored at a time: a (V*C, 256*C) float32 block is 8 MiB for 128 photo cells."""
 

@@ -24,7 +24,6 @@ from PIL import Image
 from auditlens.device_app.auditlog import utc_now
 from auditlens.device_app.bundle import ReferenceBundle, probe_image
 from auditlens.device_app.cells import (
-    CELL_SHORTLIST,
     as_float_cells,
     cell_scores,
     fuse,
@@ -56,6 +55,13 @@ from auditlens.errors import (
 )
 
 MATCH, NO_MATCH, RETAKE = "match", "no_match", "retake"
+
+CELL_SHORTLIST = 64
+"""``identify`` and a NO MATCH's suggestions add the cell term to the products the cosine
+ranks best, this many (every product of a catalogue this small): the cell term costs a
+matrix product per reference, and a product far down the cosine's ranking does not climb
+into the first few."""
+
 
 @dataclass(frozen=True)
 class PhotoCells:
