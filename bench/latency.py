@@ -95,6 +95,16 @@ def encoder_latency(models: dict[str, Path], runs: int, log=print) -> list[Laten
     return rows
 
 
+def score_stage(verifier: Verifier) -> str:
+    """What a verify's score step does for this bundle, as its row names it."""
+    terms = ["best reference"]
+    if verifier.cells_weight:
+        terms.append("plus the cell term: the product's and the cohort's cells")
+    if verifier.rival_weight:
+        terms.append("less the rival term: the best other product's score")
+    return f"score ({', '.join(terms)})"
+
+
 def second_look_latency(verifier: Verifier, photo: Path, product_id: str, runs: int) -> list[LatencyRow]:
     """A verify that takes the bundle's second look against one that takes none, in
     alternation: what the photos whose first score lands near the threshold pay."""
@@ -177,10 +187,7 @@ def verify_latency(bundle_path: Path, photo: str | Path, product_id: str, phones
         f"encoder, {n} view{'s' if n > 1 else ''} (int8, 1 thread)": (
             (lambda: verifier.encoder.embed_with_cells(views, batch_size=n)) if verifier.cells_weight
             else (lambda: verifier.embed_views(views))),
-        ("score (best reference" + (", plus the cell term: the product's and the cohort's cells" if verifier.cells_weight
-                                    else "") + (", less the rival term: the best other product's score"
-                                                if verifier.rival_weight else "") + ")"):
-            lambda: verifier.score(latent, product_id, capture.cells),
+        score_stage(verifier): lambda: verifier.score(latent, product_id, capture.cells),
         "capture quality check (small grey copy + checks)": lambda: assess(image),
         "near-copy dHashes (of the small copy, whole and trimmed)": lambda: (dhash(small), trimmed_hashes(small)),
     }

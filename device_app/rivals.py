@@ -67,13 +67,9 @@ def best_rivals(scores: np.ndarray, eligible: np.ndarray | None = None) -> np.nd
     held = scores if eligible is None else np.where(eligible, scores, -np.inf)
     if held.shape[1] < 2:
         return np.full(held.shape, -np.inf, np.float32)
-    order = np.argpartition(-held, 1, axis=1)[:, :2]
-    first = np.take_along_axis(held, order[:, :1], axis=1)
-    second = np.take_along_axis(held, order[:, 1:], axis=1)
-    swap = second > first
-    best = np.where(swap, order[:, 1:], order[:, :1])
-    first, second = np.maximum(first, second), np.minimum(first, second)
-    is_best = np.arange(held.shape[1])[None, :] == best
+    order = np.argpartition(-held, 1, axis=1)[:, :2]  # each row's best, then its second best
+    first, second = np.take_along_axis(held, order, axis=1).T[..., None]
+    is_best = np.arange(held.shape[1])[None, :] == order[:, :1]
     return np.where(is_best, second, first).astype(np.float32)
 
 

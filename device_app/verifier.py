@@ -76,6 +76,12 @@ class PhotoCells:
     photo's rival do not depend on the product claimed, and ``score`` judges one photo
     against many)."""
 
+
+def _other_than(ranked: list[Candidate], product_id: str) -> Candidate | None:
+    """The best of ``ranked`` that is not ``product_id``."""
+    return next((c for c in ranked if c.product_id != product_id), None)
+
+
 PROBE_MIN_COSINE = 0.98
 """The bundle's probe latent and the model's must agree this well (same model, any CPU)."""
 
@@ -551,13 +557,15 @@ class Verifier:
         return self._judged(self._score(latent, product_id, photo_cells), self._rival(latent, product_id, photo_cells))
 
     def _rival(self, latent: np.ndarray, product_id: str, photo_cells: PhotoCells | None) -> Candidate | None:
-        """The product other than ``product_id`` the photo scores best against among the
-        cosine's best :data:`~.rivals.RIVAL_SHORTLIST`, for a bundle that weighs rivals
-        (memoised with a capture's cells)."""
-        if not self.rival_weight:
-            return None
-        ranked = self._rank_raw(latent, RIVAL_SHORTLIST, photo_cells, shortlist=RIVAL_SHORTLIST)
-        return next((c for c in ranked if c.product_id != product_id), None)
+        """The product other than ``product_id`` the photo scores best against, for a bundle
+        that weighs rivals."""
+        return _other_than(self._near(latent, photo_cells), product_id) if self.rival_weight else None
+
+    def _near(self, latent: np.ndarray, photo_cells: PhotoCells | None) -> list[Candidate]:
+        """The cosine's best :data:`~.rivals.RIVAL_SHORTLIST` products, ranked by their
+        scores before the rival term: where a photo's rival is sought (memoised with a
+        capture's cells)."""
+        return self._rank_raw(latent, RIVAL_SHORTLIST, photo_cells, shortlist=RIVAL_SHORTLIST)
 
     def _judged(self, score: float, rival: Candidate | None) -> float:
         """A claim's score less the rival term (:mod:`.rivals`)."""
@@ -576,8 +584,8 @@ class Verifier:
         ranked = self._rank_raw(latent, top_k, photo_cells)
         if not self.rival_weight:
             return ranked
-        return [replace(c, score=self._judged(c.score, self._rival(latent, c.product_id, photo_cells)))
-                for c in ranked]
+        near = self._near(latent, photo_cells)
+        return [replace(c, score=self._judged(c.score, _other_than(near, c.product_id))) for c in ranked]
 
     def _cells_of(self, cells: np.ndarray | None) -> PhotoCells | None:
         """A photo's cells with its cell scores against the cohort, when the bundle weighs

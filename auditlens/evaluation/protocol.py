@@ -109,7 +109,6 @@ class Embedded:
             raise ValueError("these photos were embedded against a bundle without cells")
         cosines = self.scores if self.cosines is None else self.cosines
         second = self.second_scores if self.second_cosines is None else self.second_cosines
-        scores = second_scores = None
         if self.cell_scores is None:
             scores, second_scores = cosines, second
         else:
