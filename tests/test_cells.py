@@ -12,6 +12,7 @@ import pytest
 
 from auditlens.device_app.bundle import ReferenceBundle, write_bundle
 from auditlens.device_app.cells import (
+    _REFERENCE_BLOCK,
     CELLS_FILE,
     Z_LIMIT,
     cell_scores,
@@ -46,6 +47,17 @@ def test_cell_scores_are_each_photo_cells_best_match_averaged():
     assert stored.dtype == np.int8 and np.abs(stored).max() <= 127
     np.testing.assert_allclose(cell_scores(photos, stored), expected, atol=0.02)
 
+
+
+def test_cell_scores_of_a_catalogue_scored_block_by_block_match_one_at_a_time():
+    # more references than one block holds: each block's scores land in its own columns
+    rng = np.random.default_rng(2)
+    photos = _unit(rng, 3, 2, 5, 6)
+    refs = quantize_cells(_unit(rng, 2 * _REFERENCE_BLOCK + 7, 3, 6))  # int8, as a bundle holds them
+    together = cell_scores(photos, refs)
+    assert together.shape == (3, len(refs))
+    alone = np.concatenate([cell_scores(photos, refs[r:r + 1]) for r in range(len(refs))], axis=1)
+    np.testing.assert_allclose(together, alone, atol=1e-6)
 
 def test_a_product_takes_its_best_reference_cell_score():
     rng = np.random.default_rng(2)
