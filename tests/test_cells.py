@@ -48,7 +48,6 @@ def test_cell_scores_are_each_photo_cells_best_match_averaged():
     np.testing.assert_allclose(cell_scores(photos, stored), expected, atol=0.02)
 
 
-
 def test_cell_scores_of_a_catalogue_scored_block_by_block_match_one_at_a_time():
     # more references than one block holds: each block's scores land in its own columns
     rng = np.random.default_rng(2)
@@ -58,6 +57,7 @@ def test_cell_scores_of_a_catalogue_scored_block_by_block_match_one_at_a_time():
     assert together.shape == (3, len(refs))
     alone = np.concatenate([cell_scores(photos, refs[r:r + 1]) for r in range(len(refs))], axis=1)
     np.testing.assert_allclose(together, alone, atol=1e-6)
+
 
 def test_a_product_takes_its_best_reference_cell_score():
     rng = np.random.default_rng(2)
