@@ -48,7 +48,13 @@ from auditlens.catalog import check_product_id
 from auditlens.device_app.cells import CELLS_FILE, COHORT_FILE, npy_bytes, score_ceiling
 from auditlens.device_app.interpreter import model_id_of
 from auditlens.device_app.preprocess import MAX_PHOTO_SHIFT, PreprocessSpec
-from auditlens.device_app.rivals import ALONE_KEYS, MAX_WEIGHT, RIVALS, effective_decision
+from auditlens.device_app.rivals import (
+    ALONE_KEYS,
+    MAX_WEIGHT,
+    RIVALS,
+    effective_decision,
+    without_rivals,
+)
 from auditlens.device_app.second_look import SecondLook
 from auditlens.errors import (
     BundleError,
@@ -643,8 +649,7 @@ def _check_rivals(block, decision: dict, path: Path, what: str, spec: Preprocess
     if not isinstance(alone, dict) or "threshold" not in alone or not set(alone) <= set(ALONE_KEYS):
         raise BundleFormatError(f"{path}: {what}.alone is not the decision calibrated without rivals "
                                 f"(an object of {', '.join(ALONE_KEYS)})")
-    without = {k: v for k, v in decision.items() if k != RIVALS and k not in ALONE_KEYS}
-    check_decision({**without, **alone}, path, f"{what}.alone", spec=spec)
+    check_decision(without_rivals(decision), path, f"{what}.alone", spec=spec)
 
 
 def _check_second_look(block, path: Path, what: str, limit: float = 1.0) -> None:

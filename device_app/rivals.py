@@ -105,8 +105,14 @@ def effective_decision(decision: dict, product_ids: Iterable[str]) -> dict:
     block = decision.get(RIVALS)
     if not block or applies(decision, product_ids):
         return decision
-    alone = {k: v for k, v in decision.items() if k != RIVALS and k not in ALONE_KEYS}
-    return {**alone, **block["alone"]}
+    return without_rivals(decision)
+
+
+def without_rivals(decision: dict) -> dict:
+    """The decision calibrated without the rival term: ``decision`` with its threshold, rates
+    and second look replaced by those of ``decision["rivals"]["alone"]``."""
+    kept = {k: v for k, v in decision.items() if k != RIVALS and k not in ALONE_KEYS}
+    return {**kept, **decision[RIVALS]["alone"]}
 
 
 def missing_note(decision: dict, product_ids: Iterable[str]) -> str | None:

@@ -43,7 +43,7 @@ from auditlens.device_app.preprocess import (
     to_photo_views,
 )
 from auditlens.device_app.quality import analysis_copy
-from auditlens.device_app.rivals import effective_decision, missing_note
+from auditlens.device_app.rivals import missing_note, without_rivals
 from auditlens.errors import (
     AuditlensError,
     BundleError,
@@ -412,9 +412,9 @@ def enroll(
             decision["warnings"] = [*decision.get("warnings", []), note]
             if warn and options.threshold is None:
                 warn(note)
-        rivals_missing = missing_note(decision, (p.product_id for p in catalog))
+        rivals_missing = missing_note(decision, [p.product_id for p in catalog])
         if rivals_missing:  # the card's rivals are not all enrolled: its threshold without them
-            decision = effective_decision(decision, (p.product_id for p in catalog))
+            decision = without_rivals(decision)
             decision["warnings"] = [*decision.get("warnings", []), rivals_missing]
             if warn and options.threshold is None:
                 warn(rivals_missing)
