@@ -547,6 +547,7 @@ def test_train_from_originals_alone(tiny_data, tmp_path):
     assert report["data"]["train_photos"] == 0
     assert report["data"]["val_queries"] == 4 * N_PRODUCTS
     assert Path(result.encoder_path).is_file()
+    assert not [w for w in result.warnings if "no training photo" in w]  # every product alike
 
 
 @pytest.mark.slow
@@ -707,6 +708,24 @@ def test_validating_on_the_training_photos_is_warned_about(tiny_data, tmp_path, 
     assert report["data"]["val_photos_also_trained"] == report["data"]["val_queries"] == 2 * N_PRODUCTS
     assert (f"warning: {2 * N_PRODUCTS} of the {2 * N_PRODUCTS} validation photos are training photos "
             "too (is --val-photos the --photos file?)") in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_products_without_photos_beside_products_with_them_are_warned_about(tiny_data, tmp_path, capsys):
+    """Two of six products lose their photos: train says how many, and names one."""
+    from auditlens.training.train import main
+
+    rows = [line.split(",") for line in tiny_data["train"].read_text().splitlines()[1:]]
+    some = write_csv(tiny_data["root"] / "some.csv", ["photo", "product_id"],  # photo paths are the CSV's
+                     [r for r in rows if r[1] not in ("product-4", "product-5")])
+    assert main([str(tiny_data["catalog"]), "--photos", str(some), "--out", str(tmp_path / "run"),
+                 "--input-size", "32", "--latent-dim", "16", "--width", "8", "--epochs", "1",
+                 "--steps-per-epoch", "1", "--products-per-batch", "4", "--views-per-product", "3",
+                 "--quiet"]) == 0
+    said = capsys.readouterr().err
+    assert ("warning: 2 of the 6 trained products have no training photo (first: 'product-4') and "
+            "train from their originals alone") in said
+    assert "leave them out of the training catalogue" in said
 
 
 @pytest.mark.slow
