@@ -716,8 +716,8 @@ def test_products_without_photos_beside_products_with_them_are_warned_about(tiny
     from auditlens.training.train import main
 
     rows = [line.split(",") for line in tiny_data["train"].read_text().splitlines()[1:]]
-    some = write_csv(tiny_data["root"] / "some.csv", ["photo", "product_id"],  # photo paths are the CSV's
-                     [r for r in rows if r[1] not in ("product-4", "product-5")])
+    some = write_csv(tmp_path / "some.csv", ["photo", "product_id"],
+                     [[str(tiny_data["root"] / r[0]), r[1]] for r in rows if r[1] not in ("product-4", "product-5")])
     assert main([str(tiny_data["catalog"]), "--photos", str(some), "--out", str(tmp_path / "run"),
                  "--input-size", "32", "--latent-dim", "16", "--width", "8", "--epochs", "1",
                  "--steps-per-epoch", "1", "--products-per-batch", "4", "--views-per-product", "3",
