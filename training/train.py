@@ -379,7 +379,7 @@ def _random_trunk_note(config: TrainConfig) -> str | None:
         return None
     return (f"MobileNetV2 blocks 1-{config.trunk_blocks} start from random weights, not ImageNet's: "
             "give --backbone-weights mobilenet_v2-b0353104.pth for the shipped recipe's start "
-            "(the README says where the file comes from)")
+            "(docs/training.md says where the file comes from)")
 
 
 # -- what a run learns from ---------------------------------------------------------------
