@@ -500,8 +500,9 @@ def load_training_data(config: TrainConfig, spec: PreprocessSpec, log) -> Traini
     photo_labels = np.array([train_index[p.product_id] for p in photos], np.int64)
     data = TrainingData(catalog, held_out, train_ids, eligible, originals_ref, originals_big, masks,
                         photos, photo_images, photo_labels)
-    if data.photoless_note:
-        log(f"auditlens: warning: {data.photoless_note}")
+    note = data.photoless_note
+    if note:
+        log(f"auditlens: warning: {note}")
     return data
 
 
