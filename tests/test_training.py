@@ -296,50 +296,6 @@ def test_original_anchor_loss_matches_hand_computed_values():
         original_anchor_loss(latents, swapped, 2, s, m))
 
 
-def test_rows_of_weight_0_train_only_as_the_other_rows_negatives():
-    """``rows`` leaves rows out as anchors (contrastive) and as classified rows (CosFace,
-    original-anchored), not out of the others' denominators: products without photos then
-    train as negatives only."""
-    from auditlens.training.losses import cosface_loss, original_anchor_loss, supcon_loss
-
-    rng = np.random.default_rng(0)
-    latents = rng.normal(size=(6, 4)).astype(np.float32)
-    labels = np.array([0, 0, 1, 1, 2, 2])
-    z = latents / np.linalg.norm(latents, axis=1, keepdims=True)
-    t = 0.1
-
-    def anchor(i):  # supervised contrastive, one anchor, in float64
-        logits = (z @ z[i]).astype(np.float64) / t
-        others = np.arange(6) != i
-        log_den = np.log(np.exp(logits[others]).sum())
-        pos = others & (labels == labels[i])
-        return -np.mean(logits[pos] - log_den)
-
-    rows = np.array([1, 1, 1, 1, 0, 0], np.float32)
-    expected = np.mean([anchor(i) for i in range(4)])
-    assert float(supcon_loss(tf.constant(latents), tf.constant(labels), t, tf.constant(rows))) == \
-        pytest.approx(expected, rel=1e-4)
-    # the rows left out are still negatives: moving them onto product 0 costs products 0 and 1
-    crowded = latents.copy()
-    crowded[4:] = latents[0]
-    assert float(supcon_loss(tf.constant(crowded), tf.constant(labels), t, tf.constant(rows))) > expected
-    assert float(supcon_loss(tf.constant(latents), tf.constant(labels), t, tf.zeros(6))) == 0.0
-
-    cosines = tf.constant([[0.9, 0.1], [0.2, 0.3], [0.5, -0.4]], tf.float32)
-    own = tf.constant([0, 1, 0])
-    only_first = float(cosface_loss(cosines[:1], own[:1]))
-    assert float(cosface_loss(cosines, own, rows=tf.constant([1.0, 0.0, 0.0]))) == pytest.approx(only_first, rel=1e-6)
-    assert float(cosface_loss(cosines, own, rows=tf.ones(3))) == pytest.approx(float(cosface_loss(cosines, own)),
-                                                                              rel=1e-6)
-    # original-anchored: the clean originals' rows are never classified; a view's weight of 0 drops it
-    anchored = tf.constant(latents[[0, 2, 1, 3, 5]])
-    view_labels = tf.constant([0, 1, 0, 1, 0])
-    kept = original_anchor_loss(anchored, view_labels, 2, rows=tf.constant([0.0, 0.0, 1.0, 0.0, 1.0]))
-    alone = [float(original_anchor_loss(tf.gather(anchored, [0, 1, i]), tf.constant([0, 1, label]), 2))
-             for i, label in ((2, 0), (4, 0))]
-    assert float(kept) == pytest.approx(np.mean(alone), rel=1e-5)
-
-
 def test_holdout_folds_partition_the_products():
     from auditlens.training.train import holdout_products, parse_fold
 
@@ -773,35 +729,6 @@ def test_products_without_photos_beside_products_with_them_are_warned_about(tiny
 
 
 @pytest.mark.slow
-def test_photoless_negatives_change_only_the_metric_terms(tiny_data, tmp_path):
-    """One step over all six products, two of them without photos: with
-    ``photoless_negatives`` their views stop being anchors and CosFace rows, so the
-    contrastive and CosFace terms change, while the decoder's term, drawn from the same
-    batch by the same weights, does not. With photos for every product the setting changes
-    nothing."""
-    from auditlens.training.train import train
-
-    rows = [line.split(",") for line in tiny_data["train"].read_text().splitlines()[1:]]
-    some = write_csv(tmp_path / "some.csv", ["photo", "product_id"],
-                     [[str(tiny_data["root"] / r[0]), r[1]] for r in rows if r[1] not in ("product-4", "product-5")])
-    loss = {}
-    for photos in (some, tiny_data["train"]):
-        for negatives in (False, True):
-            config = tiny_config(tmp_path / f"{photos.stem}-{negatives}", tiny_data["catalog"], photos=str(photos),
-                                 epochs=1, steps_per_epoch=1, products_per_batch=N_PRODUCTS,
-                                 photoless_negatives=negatives)
-            report = json.loads(Path(train(config).report_path).read_text())
-            assert report["config"]["photoless_negatives"] is negatives
-            loss[photos.stem, negatives] = report["history"][-1]["loss"]
-    plain, negatives = loss["some", False], loss["some", True]
-    assert negatives["recon"] == pytest.approx(plain["recon"], rel=1e-5)
-    assert negatives["supcon"] != pytest.approx(plain["supcon"], rel=1e-3)
-    assert negatives["cosface"] != pytest.approx(plain["cosface"], rel=1e-3)
-    every = tiny_data["train"].stem
-    assert loss[every, True] == pytest.approx(loss[every, False], rel=1e-5)
-
-
-@pytest.mark.slow
 def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
     import argparse
 
@@ -814,11 +741,10 @@ def test_cli_arguments_reach_the_config(tiny_data, tmp_path, capsys):
                               "--keep-epochs", "--pseudo-products", "5", "--pseudo-kinds", "Packages", "Bottles",
                               "--epochs", "25", "--stop-epoch", "10", "--temperature", "0.2",
                               "--cosface-scale", "30", "--cosface-margin", "0.35", "--arcface-margin", "0.3",
-                              "--seed", "3", "--data-seed", "4", "--photoless-negatives"])
+                              "--seed", "3", "--data-seed", "4"])
     config = config_from_args(args)
     assert (config.temperature, config.cosface_scale, config.cosface_margin) == (0.2, 30.0, 0.35)
     assert config.arcface_margin == 0.3 and (config.seed, config.data_seed) == (3, 4)
-    assert config.photoless_negatives
     assert config.minutes == 2 and config.holdout_fold == "2/4"
     assert not config.paste_background and config.recon_weight == 0
     assert not config.mirror and config.ema_decay == 0

@@ -128,10 +128,6 @@ class TrainConfig:
     anchor_weight: float = 0.0
     """Weight of the original-anchored loss: each augmented view and photo in a batch against
     the batch's clean originals, with the CosFace scale and margin (0: off)."""
-    photoless_negatives: bool = False
-    """Trained products without a single field photo (beside products with photos) only serve
-    as negatives: their views are neither contrastive anchors nor CosFace rows. The decoder
-    still redraws them."""
     arcface_margin: float = 0.0
     """When above 0, the head's loss is ArcFace instead: this angle (radians) is added to the
     true class's angle, and ``cosface_margin`` is not used."""

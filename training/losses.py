@@ -35,11 +35,8 @@ def l2_normalize(x: tf.Tensor) -> tf.Tensor:
     return tf.math.l2_normalize(x, axis=-1, epsilon=1e-12)
 
 
-def supcon_loss(latents: tf.Tensor, labels: tf.Tensor, temperature: float = 0.1,
-                rows: tf.Tensor | None = None) -> tf.Tensor:
-    """Supervised contrastive loss; anchors without any positive in the batch are skipped, and
-    so are the rows whose ``rows`` weight (one 0/1 per row, when given) is 0: such rows only
-    serve as the other rows' negatives."""
+def supcon_loss(latents: tf.Tensor, labels: tf.Tensor, temperature: float = 0.1) -> tf.Tensor:
+    """Supervised contrastive loss; anchors without any positive in the batch are skipped."""
     z = l2_normalize(latents)
     logits = tf.matmul(z, z, transpose_b=True) / temperature
     n = tf.shape(z)[0]
@@ -53,8 +50,6 @@ def supcon_loss(latents: tf.Tensor, labels: tf.Tensor, temperature: float = 0.1,
     n_pos = tf.reduce_sum(positives, axis=1)
     mean_log_prob = tf.reduce_sum(positives * log_prob, axis=1) / tf.maximum(n_pos, 1.0)
     has_pos = tf.cast(n_pos > 0, tf.float32)
-    if rows is not None:
-        has_pos *= tf.cast(tf.reshape(rows, [-1]), tf.float32)
     return -tf.reduce_sum(mean_log_prob * has_pos) / tf.maximum(tf.reduce_sum(has_pos), 1.0)
 
 
@@ -75,28 +70,20 @@ class CosFaceHead(keras.layers.Layer):
         return tf.matmul(l2_normalize(latents), tf.math.l2_normalize(self.centres, axis=0))
 
 
-def _margin_softmax_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float, true_logit,
-                         rows: tf.Tensor | None = None) -> tf.Tensor:
+def _margin_softmax_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float, true_logit) -> tf.Tensor:
     """Cross-entropy on ``scale * cos``, the true product's cosine replaced by
-    ``true_logit(cos)`` (the margin); averaged over the rows whose ``rows`` weight is 1 when
-    given (none: 0)."""
+    ``true_logit(cos)`` (the margin)."""
     onehot = tf.one_hot(tf.reshape(labels, [-1]), tf.shape(cosines)[1])
     logits = scale * tf.where(onehot > 0, true_logit(cosines), cosines)
-    loss = tf.nn.softmax_cross_entropy_with_logits(onehot, logits)
-    if rows is None:
-        return tf.reduce_mean(loss)
-    rows = tf.cast(tf.reshape(rows, [-1]), loss.dtype)
-    return tf.reduce_sum(loss * rows) / tf.maximum(tf.reduce_sum(rows), 1.0)
+    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
 
 
-def cosface_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float = 20.0, margin: float = 0.25,
-                 rows: tf.Tensor | None = None) -> tf.Tensor:
+def cosface_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float = 20.0, margin: float = 0.25) -> tf.Tensor:
     """Large-margin cosine loss: cross-entropy on ``scale * (cos - margin * onehot)``."""
-    return _margin_softmax_loss(cosines, labels, scale, lambda cos: cos - margin, rows)
+    return _margin_softmax_loss(cosines, labels, scale, lambda cos: cos - margin)
 
 
-def arcface_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float = 20.0, margin: float = 0.3,
-                 rows: tf.Tensor | None = None) -> tf.Tensor:
+def arcface_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float = 20.0, margin: float = 0.3) -> tf.Tensor:
     """Additive angular margin loss: cross-entropy on ``scale * cos(theta + margin)`` for the
     true product and ``scale * cos(theta)`` for the others. Where ``theta + margin`` would pass
     pi (a latent nearly opposite its centre), ``cos(theta + margin)`` stops falling as theta
@@ -108,23 +95,20 @@ def arcface_loss(cosines: tf.Tensor, labels: tf.Tensor, scale: float = 20.0, mar
         added = cos * math.cos(margin) - sin * math.sin(margin)
         return tf.where(cos > math.cos(math.pi - margin), added, cos - margin * math.sin(margin))
 
-    return _margin_softmax_loss(cosines, labels, scale, shifted, rows)
+    return _margin_softmax_loss(cosines, labels, scale, shifted)
 
 
 def original_anchor_loss(latents: tf.Tensor, labels: tf.Tensor, n_originals: int | tf.Tensor,
-                         scale: float = 20.0, margin: float = 0.25, rows: tf.Tensor | None = None) -> tf.Tensor:
+                         scale: float = 20.0, margin: float = 0.25) -> tf.Tensor:
     """CosFace over the batch's clean originals: rows ``n_originals:`` of ``latents`` (views and
     photos) each against rows ``:n_originals`` (one clean original per label), the true
-    original's cosine lowered by ``margin``. Every view's label must be one of the originals'.
-    ``rows`` (one 0/1 per row of ``latents``) leaves the views of weight 0 out."""
+    original's cosine lowered by ``margin``. Every view's label must be one of the originals'."""
     z = l2_normalize(latents)
     labels = tf.reshape(labels, [-1])
     originals, views = z[:n_originals], z[n_originals:]
     own = tf.argmax(tf.cast(tf.equal(labels[n_originals:, None], labels[None, :n_originals]), tf.int32),
                     axis=1, output_type=tf.int32)
-    if rows is not None:
-        rows = tf.reshape(rows, [-1])[n_originals:]
-    return cosface_loss(tf.matmul(views, originals, transpose_b=True), own, scale, margin, rows)
+    return cosface_loss(tf.matmul(views, originals, transpose_b=True), own, scale, margin)
 
 
 def reconstruction_loss(reconstruction: tf.Tensor, target: tf.Tensor) -> tf.Tensor:

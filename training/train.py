@@ -680,17 +680,11 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, b
     as_variant = variant_images(variants)
     idx_spec = tf.TensorSpec([None], tf.int32)
     if config.arcface_margin > 0:
-        def class_loss(cosines, labels, rows):
-            return arcface_loss(cosines, labels, config.cosface_scale, config.arcface_margin, rows)
+        def class_loss(cosines, labels):
+            return arcface_loss(cosines, labels, config.cosface_scale, config.arcface_margin)
     else:
-        def class_loss(cosines, labels, rows):
-            return cosface_loss(cosines, labels, config.cosface_scale, config.cosface_margin, rows)
-    # Per trained product, 1 where its views train as anchors and CosFace rows (all, unless
-    # --photoless-negatives leaves the products without photos to be negatives only).
-    anchored = np.ones(n_train, np.float32)
-    if config.photoless_negatives and has_photos:
-        anchored = (np.bincount(data.photo_labels, minlength=n_train) > 0).astype(np.float32)
-    anchored_t = tf.constant(anchored)
+        def class_loss(cosines, labels):
+            return cosface_loss(cosines, labels, config.cosface_scale, config.cosface_margin)
 
     @tf.function(input_signature=[idx_spec, idx_spec, idx_spec, idx_spec])
     def train_step(clean_idx, aug_idx, photo_idx, variant):
@@ -700,15 +694,14 @@ def _make_train_step(config: TrainConfig, nets: _Networks, data: TrainingData, b
         target = as_variant(tf.gather(recon_t, products), variant)
         with tf.GradientTape() as tape:
             latents = encoder(images, training=True)
-            rows = tf.gather(anchored_t, products)
-            l_metric = supcon_loss(latents, labels, config.temperature, rows)
-            l_class = class_loss(head(latents), labels, rows)
+            l_metric = supcon_loss(latents, labels, config.temperature)
+            l_class = class_loss(head(latents), labels)
             recon = decoder(latents, training=True)
             l_recon = reconstruction_loss(recon, target)
             total = weights[0] * l_metric + weights[1] * l_class + weights[2] * l_recon
             if config.anchor_weight > 0:
                 l_anchor = original_anchor_loss(latents, labels, tf.shape(clean_idx)[0],
-                                                config.cosface_scale, config.cosface_margin, rows)
+                                                config.cosface_scale, config.cosface_margin)
                 total += config.anchor_weight * l_anchor
             else:
                 l_anchor = tf.constant(0.0)
@@ -1235,9 +1228,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default = getattr(d, field)
         parser.add_argument("--" + field.replace("_", "-"), type=float, default=default,
                             help=f"{what} (default {default}{note})")
-    parser.add_argument("--photoless-negatives", action="store_true",
-                        help="trained products without any training photo only serve as the "
-                        "others' negatives (no contrastive anchor, no CosFace row of their own)")
     parser.add_argument("--teacher-features", metavar="NPZ",
                         help="a pretrained model's features of every training image (auditlens "
                         "teacher-features) to distil into the latent")
@@ -1280,7 +1270,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, metric_weight=args.metric_weight, class_weight=args.class_weight,
         recon_weight=args.recon_weight, temperature=args.temperature, cosface_scale=args.cosface_scale,
         cosface_margin=args.cosface_margin, anchor_weight=args.anchor_weight, arcface_margin=args.arcface_margin,
-        photoless_negatives=args.photoless_negatives,
         teacher_features=args.teacher_features,
         distill_weight=args.distill_weight, augment=not args.no_augment,
         paste_background=not args.no_paste_background, mirror=not args.no_mirror,
