@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from auditlens.device_app.signing import read_key_file
 from auditlens.errors import AuditlensError, BundleError, UnknownProductError
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_ERROR, EXIT_RETAKE = 0, 1, 2, 3
@@ -96,7 +97,7 @@ def _add_bundle(p: argparse.ArgumentParser) -> None:
 def _verifier(args, **overrides):
     from auditlens.device_app.verifier import Verifier, VerifierOptions
 
-    key = args.public_key.read_bytes() if args.public_key else None
+    key = read_key_file(args.public_key, "publisher's public key")
     verifier = Verifier(args.bundle or default_bundle(),
                         VerifierOptions(num_threads=args.threads, **overrides), public_key=key)
     signature = verifier.bundle.signature
@@ -204,7 +205,7 @@ def _run_enroll(args) -> int:
                  options=EnrollOptions(threshold=args.threshold, progress=not args.no_progress,
                                        photo_zooms=args.photo_zooms, photo_mirror=args.photo_mirror,
                                        photo_shift=args.photo_shift),
-                 signing_key=args.sign_key.read_bytes() if args.sign_key else None,
+                 signing_key=read_key_file(args.sign_key, "publisher's private key"),
                  drop_signature=args.drop_signature,
                  warn=lambda message: print(f"auditlens: warning: {message}", file=sys.stderr))
     print(f"enrolled {len(catalog)} product{'' if len(catalog) == 1 else 's'} ({len(extras)} extra reference "
@@ -505,7 +506,7 @@ def _run_info(args) -> int:
     from auditlens.device_app.rivals import missing_note
     from auditlens.device_app.verifier import Verifier
 
-    key = args.public_key.read_bytes() if args.public_key else None
+    key = read_key_file(args.public_key, "publisher's public key")
     if args.bundle and args.bundle_option and args.bundle != args.bundle_option:
         from auditlens.errors import BundleError
 

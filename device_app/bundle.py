@@ -44,7 +44,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from auditlens.catalog import check_product_id
+from auditlens.catalog import IMAGE_SUFFIXES, check_product_id
 from auditlens.device_app.cells import CELLS_FILE, COHORT_FILE, npy_bytes, score_ceiling
 from auditlens.device_app.interpreter import model_id_of
 from auditlens.device_app.preprocess import MAX_PHOTO_SHIFT, PreprocessSpec
@@ -222,10 +222,26 @@ def refuse_non_bundle(path: str | os.PathLike) -> None:
                 ".json": "a JSON file (a model card or a report?)"}.get(path.suffix.lower(), "")
     elif path.is_dir() and not (path / MANIFEST).exists() and (path / "report.json").is_file():
         what = "a training run or an evaluation report"
+    elif path.is_dir() and not (path / MANIFEST).exists() and _holds_images(path):
+        what = "a folder of images (a catalogue's originals?)"
     if what:
         raise BundleFormatError(f"{path} is {what}, not a reference bundle (a folder holding {MANIFEST}, "
                                 "or its .zip); `auditlens enroll CATALOG --model MODEL.tflite --out BUNDLE` "
                                 "makes one")
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` holds an image file at its top level (its first 1,000 entries)."""
+    try:
+        with os.scandir(folder) as entries:
+            for i, entry in enumerate(entries):
+                if i >= 1000:
+                    break
+                if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+                    return True
+    except OSError:
+        pass
+    return False
 
 
 class _ZipSource:
@@ -401,7 +417,8 @@ class ReferenceBundle:
             raise UnknownProductError(
                 f"product {product_id!r} is not in this bundle ({len(self.products)} products, "
                 f"made {self.manifest.get('created', '?')}); "
-                + (f"did you mean {near!r}?" if near else "enrol it or update the bundle")
+                + (f"did you mean {near!r}?" if near else "enrol it or update the bundle (`auditlens info "
+                   "BUNDLE --products` lists the ids it holds)")
             ) from None
 
     def near_id(self, product_id) -> str | None:

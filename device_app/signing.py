@@ -81,6 +81,19 @@ def _as_bytes(key: bytes | bytearray | str | os.PathLike) -> bytes:
     raise BundleSignatureError(f"a key must be bytes or text, not {type(key).__name__}")
 
 
+def read_key_file(path: str | os.PathLike | None, role: str) -> bytes | None:
+    """The bytes of the key file a command line names (``None`` for none); ``role`` says
+    which key it should be, for the error when it cannot be read."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise BundleSignatureError(f"{path}: cannot read the {role} ({exc.strerror or exc}); "
+                                   "`auditlens keygen` writes publisher.key (private, for signing) "
+                                   "and publisher.pub (public, for checking)") from exc
+
+
 def _path_hint(key) -> str:
     """A hint when a key given as text is the name of a file (text is read as the key)."""
     if isinstance(key, str) and len(key) < 4096 and "\n" not in key:

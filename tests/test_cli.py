@@ -423,8 +423,17 @@ def test_an_unexpected_error_exits_2_not_1_which_means_no_match(tmp_path, monkey
     (["verify", "--product", "Banana", "--threads", "0", "PHOTO"], "--threads: must be at least 1"),
     (["enroll", "CATALOG", "--out", "OUT", "--threshold", "nan"], "lies in [-1, 1], not nan"),
     (["enroll", "CATALOG", "--out", "OUT", "--threshold", "1.5"], "lies in [-1, 1], not 1.5"),
-    (["verify", "--product", "Banana", "--public-key", "MISSING", "PHOTO"], "MISSING: No such file"),
-    (["info", "--public-key", "MISSING"], "MISSING: No such file"),
+    (["verify", "--product", "Banana", "--public-key", "MISSING", "PHOTO"],
+     "MISSING: cannot read the publisher's public key (No such file or directory); `auditlens keygen` writes"),
+    (["info", "--public-key", "MISSING"], "MISSING: cannot read the publisher's public key (No such file"),
+    (["enroll", "CATALOG", "--out", "OUT", "--sign-key", "MISSING"],
+     "MISSING: cannot read the publisher's private key (No such file"),
+    (["calibrate", "--bundle", "BUNDLE", "--photos", "PHOTOS", "--out", "OUT", "--sign-key", "MISSING"],
+     "MISSING: cannot read the publisher's private key (No such file"),
+    (["verify", "--product", "NoSuchProduct", "PHOTO"], "is not in this bundle (10 products, made "),
+    (["verify", "--product", "NoSuchProduct", "PHOTO"], "(`auditlens info BUNDLE --products` lists the ids"),
+    (["identify", "--bundle", "ORIGINALS", "PHOTO"], "originals is a folder of images (a catalogue's "
+     "originals?), not a reference bundle"),
     (["enroll", "CATALOG", "--out", "OUT", "--model", "MISSING"], "MISSING: cannot read the model file: No such file"),
     (["export", "MISSING", "--representative", "CATALOG", "--out", "m.tflite", "--float16", "--float-ops", "2"],
      "--float-ops applies to the int8 export only"),
@@ -440,7 +449,9 @@ def test_an_unexpected_error_exits_2_not_1_which_means_no_match(tmp_path, monkey
 def test_bad_arguments_and_missing_files_are_one_clear_line(tmp_path, sample_photos, args, message):
     names = {"PHOTO": sample_photos[0].photo, "CATALOG": SAMPLE / "catalog.csv",
              "OUT": tmp_path / "b", "MISSING": tmp_path / "nothing-here",
-             "KERAS": REPO / "models" / "default.keras", "FOLDER": SAMPLE, "ZIP": tmp_path / "bundle.zip"}
+             "KERAS": REPO / "models" / "default.keras", "FOLDER": SAMPLE, "ZIP": tmp_path / "bundle.zip",
+             "PHOTOS": SAMPLE / "photos.csv", "ORIGINALS": SAMPLE / "originals",
+             "BUNDLE": REPO / "models" / "sample_bundle"}
     if "ZIP" in args:  # a bundle zip given as the model
         shutil.make_archive(str(tmp_path / "bundle"), "zip", REPO / "models" / "sample_bundle")
     proc = run(*[names.get(a, a) for a in args], check_rc=2)

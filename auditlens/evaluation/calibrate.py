@@ -56,6 +56,7 @@ from auditlens.device_app.rivals import ALONE_KEYS, RIVALS
 from auditlens.device_app.rivals import DEFAULT_WEIGHT as DEFAULT_RIVAL_WEIGHT
 from auditlens.device_app.rivals import MAX_WEIGHT as MAX_RIVAL_WEIGHT
 from auditlens.device_app.second_look import DEFAULT_BAND, SecondLook
+from auditlens.device_app.signing import read_key_file
 from auditlens.errors import AuditlensError, BundleSignatureError, CatalogError
 from auditlens.evaluation import metrics
 from auditlens.evaluation.protocol import (
@@ -647,7 +648,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     catalog = open_catalog_said(args.catalog) if args.catalog else None
-    key = args.sign_key.read_bytes() if args.sign_key else None
+    key = read_key_file(args.sign_key, "publisher's private key")
     try:
         d = calibrate(args.bundle, args.photos, args.target_far, out=args.out, write=not args.dry_run,
                       catalog=catalog, seed=args.seed, n_impostors=args.impostors, signing_key=key,
