@@ -682,7 +682,7 @@ def test_export_photos_gives_labelled_photos_the_other_commands_read(tmp_path, c
     assert cli_main(["calibrate", "--bundle", str(REPO / "models" / "sample_bundle"), "--photos",
                      str(tmp_path / "unchecked" / "photos.csv"), "--target-far", "0.05", "--dry-run",
                      "--no-progress"]) == 0
-    assert "verdicts other than MATCH (1 NO MATCH)" in capsys.readouterr().out
+    assert "verdicts other than MATCH (1 NO MATCH)" in capsys.readouterr().err
 
     # exports that would land on each other: refused before any of them is written
     same = tmp_path / "same.out"

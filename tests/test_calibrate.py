@@ -260,10 +260,10 @@ def test_cli_calibrate_and_model_card(tmp_path, bundle_copy, capsys):
     assert "--allow-few-photos" in err
     rc = main(["calibrate", "--bundle", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
                "--target-far", "0.1", "--model-card", str(card), "--no-progress", "--dry-run"])
-    out = capsys.readouterr().out
-    assert rc == 0 and "warning: only 52 impostor pairs a draw" in out  # writes nothing
+    err = capsys.readouterr().err
+    assert rc == 0 and "auditlens: warning: only 52 impostor pairs a draw" in err  # writes nothing
     # the sample's 16 photos show 8 of its 10 products: the other 2 are not measured
-    assert "warning: calibrated with 10 products, 2 of them without a photo" in out
+    assert "auditlens: warning: calibrated with 10 products, 2 of them without a photo" in err
     assert (card.read_bytes(), (bundle_copy / "manifest.json").read_bytes()) == before
     rc = main(["calibrate", "--bundle", str(bundle_copy), "--photos", str(SAMPLE / "photos.csv"),
                "--target-far", "0.1", "--model-card", str(card), "--no-progress", "--allow-few-photos"])
@@ -467,8 +467,8 @@ def test_repeated_rows_count_once_and_evaluating_on_the_calibration_photos_is_fl
     # ... while the command line, on the machine that has the photo, names it in full with why
     assert main(["calibrate", "-b", str(bundle_copy), "--photos", str(tmp_path / "with_broken.csv"),
                  "--target-far", "0.1", "--dry-run", "--no-progress"]) == 0
-    said = capsys.readouterr().out
-    assert f"warning: 1 photo could not be read and was skipped: {secret / 'broken.jpg'}: " in said
+    said = capsys.readouterr().err
+    assert f"auditlens: warning: 1 photo could not be read and was skipped: {secret / 'broken.jpg'}: " in said
 
     report = evaluate(bundle_copy, tmp_path / "calib.csv", tmp_path / "r", progress=False, plots=False)
     text = describe(report)
@@ -511,3 +511,31 @@ def test_enrolling_again_over_a_bundle_calibrated_for_itself_is_refused(tmp_path
     assert (bundle_copy / "manifest.json").read_bytes() == calibrated
     assert main(["enroll", str(SAMPLE / "catalog.csv"), "--out", str(tmp_path / "fresh"), "--no-progress"]) == 0
     assert main(["enroll", str(SAMPLE / "catalog.csv"), "--out", str(tmp_path / "fresh"), "--no-progress"]) == 0
+
+
+def test_a_second_look_that_accepts_no_genuine_pair_is_refused():
+    """Genuine pairs whose first scores sit just above the threshold are looked at again; when
+    every second look scores them low, the verdicts accept none of them, and the decision is
+    refused with the way out, though the first look alone accepted them all."""
+    from auditlens.evaluation.calibrate import decide_second_look, second_look_refusal
+    from auditlens.evaluation.protocol import Pairs
+
+    rng = np.random.default_rng(0)
+    impostor_first = rng.uniform(-0.5, 0.4, 1000).astype(np.float32)
+    impostor_second = rng.uniform(-0.5, 0.4, 1000).astype(np.float32)
+    first = Pairs(photo=np.zeros(1010, int), product=np.zeros(1010, int),
+                  kind=np.array(["genuine"] * 10 + ["impostor"] * 1000),
+                  score=np.concatenate([np.full(10, 0.46, np.float32), impostor_first]))
+    for genuine_second, accepted in ((0.0, False), (0.9, True)):
+        second = np.concatenate([np.full(10, genuine_second, np.float32), impostor_second])
+        look = decide_second_look(first, second, impostor_first, impostor_second, 0.45, 0.01,
+                                  shift=0.15, band=0.03)
+        decision = {"measured_tar": 1.0, "second_look": look}
+        assert (look["measured_tar"] > 0) == accepted
+        refused = second_look_refusal(decision, 10)
+        assert (refused is None) == accepted
+    assert refused is None and second_look_refusal({"measured_tar": 1.0}, 10) is None
+    look["measured_tar"] = 0.0
+    assert second_look_refusal({"measured_tar": 0.5, "second_look": look}, 10) == (
+        "with the second look (views moved by 0.15) the verdicts accept none of the 10 genuine pairs, "
+        "the first look alone 50.0%: calibrate without it (--second-look 0); nothing was written")

@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -213,6 +214,17 @@ def _no_decision(decision: dict, genuine: np.ndarray, impostor: np.ndarray,
     return (f"{said}. Check the photos' labels; if they are right, the model cannot tell these products "
             "apart at that rate: calibrate on more labelled photos, or for a higher --target-far; nothing "
             "was written")
+
+
+def second_look_refusal(decision: dict, genuine_pairs: int) -> str | None:
+    """Why a decision with a second look stores nothing: its verdicts accept none of the
+    genuine pairs, though the first look alone accepts some (``None`` when they accept any)."""
+    look = decision.get("second_look")
+    if not look or look["measured_tar"] > 0:
+        return None
+    return (f"with the second look (views moved by {look['photo_shift']:g}) the verdicts accept none of the "
+            f"{genuine_pairs} genuine pairs, the first look alone {decision['measured_tar']:.1%}: "
+            "calibrate without it (--second-look 0); nothing was written")
 
 
 def far_upper_bound(far: float, pairs: int, z: float = 1.645) -> float:
@@ -429,6 +441,9 @@ def calibrate(
                 pairs, emb.second_scores[pairs.photo, pairs.product], impostor,
                 np.concatenate([emb.second_scores[d.photo, d.product][d.impostor] for d in draws]),
                 decision["threshold"], target_far, shift=second_look, band=second_look_band, ceiling=ceiling)
+            refused = second_look_refusal(decision, genuine.size)
+            if refused:
+                raise CatalogError(f"{source or 'labelled photos'}: {refused}")
         return decision, draws, pairs, distinct
 
     alone = None
@@ -680,7 +695,7 @@ def run(args) -> int:
               f"{alone['threshold']:.6f}, TAR {alone['measured_tar']:.2%}")
     print(f"calibrated on {d['calibrated_on']}; far_curve of {len(d['far_curve'])} points")
     for w in d["warnings"]:
-        print(f"warning: {d['_said_here'].get(w, w)}")
+        print(f"auditlens: warning: {d['_said_here'].get(w, w)}", file=sys.stderr)
     if d["_written_to"]:
         sig = ""
         if d["_was_signed"]:
