@@ -544,6 +544,9 @@ def _run_info(args) -> int:
         print(f"           first scores within {look.band:g} of it take a second look: "
               f"{5 * b.spec.num_views} views (each box also moved by {100 * look.photo_shift:.3g}%), "
               f"threshold {look.threshold:.4f}")
+    if b.cells_weight:
+        print(f"           scores: cosine + {b.cells_weight:.4f} x the cell score's z against a cohort of "
+              f"{len(b.cohort)} originals (feature-map cells)")
     if b.rival_weight:
         print(f"           scores less {b.rival_weight:g} x what another product beats the claim by (rivals)")
     elif m["decision"].get("rivals"):

@@ -212,7 +212,8 @@ def collapse_note(report: ExportReport) -> str | None:
         return None
     return (f"the encoder gives every image nearly the same latent (mean cosine {report.cross_cosine:.4f} "
             f"between different images of the {report.n_images} compared, as if each were a copy of the others): "
-            "its drift figures say nothing, and enroll refuses it; train it longer")
+            "its drift figures say nothing, and enroll refuses it; train it longer, and keep --bn-batches "
+            "above 0 (BatchNorm statistics recomputed after a short run)")
 
 
 def spread_indices(n: int, k: int) -> np.ndarray:

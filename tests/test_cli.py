@@ -565,7 +565,12 @@ def test_info_runs_the_model_on_the_probe(tmp_path):
 
     bundle = tmp_path / "bundle"
     shutil.copytree(REPO / "models" / "sample_bundle", bundle)
-    assert "reproduces the references' probe latent" in run("info", bundle, check_rc=0).stdout
+    said = run("info", bundle, check_rc=0).stdout
+    assert "reproduces the references' probe latent" in said
+    # the score's cell term, with the card's weight and the cohort the bundle carries
+    cells = json.loads((bundle / "manifest.json").read_text())["decision"]["cells"]
+    assert (f"scores: cosine + {cells['weight']:.4f} x the cell score's z against a cohort of "
+            f"{cells['cohort']} originals") in said
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["probe"]["latent"] = [-v for v in manifest["probe"]["latent"]]
     (bundle / "manifest.json").write_text(json.dumps(manifest))

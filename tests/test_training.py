@@ -472,6 +472,9 @@ def test_an_encoder_at_chance_is_warned_about():
     assert "does not tell the validation products apart (AUC 0.50" in collapse_warning(
         {"seen": {"n": 40, "auc": 0.501, "eer": 0.5}})
     assert collapse_warning({"seen": {"n": 40, "auc": 0.93}}) is None
+    same = {"seen": {"n": 40, "auc": 0.55, "impostor_mean": 0.999}}
+    assert "Train longer (--epochs" in collapse_warning(same)
+    assert "Train again with --bn-batches 20 (this run recomputed no BatchNorm" in collapse_warning(same, 0)
     assert collapse_warning({"seen": {"n": 0}}) is None and collapse_warning({}) is None
 
 

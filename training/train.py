@@ -1106,7 +1106,7 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for key in LOSS_NAMES:
         if all(key in h["loss"] for h in history):
-            ax1.plot(epochs, [h["loss"][key] for h in history], label=key)
+            ax1.plot(epochs, [h["loss"][key] for h in history], marker=".", label=key)  # one epoch: a dot
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
     ax1.set_yscale("log")
@@ -1115,8 +1115,8 @@ def plot_curves(history: list[dict], path: Path) -> Path | None:
     for subset, style in (("seen", "-"), ("unseen", "--")):
         if all(subset in h["val"] and h["val"][subset].get("n") for h in history):
             name = f"val {subset}" if held_out else "val"
-            ax2.plot(epochs, [h["val"][subset]["eer"] for h in history], "C0" + style, label=f"EER {name}")
-            ax2.plot(epochs, [h["val"][subset]["top1"] for h in history], "C1" + style, label=f"top-1 {name}")
+            ax2.plot(epochs, [h["val"][subset]["eer"] for h in history], "C0." + style, label=f"EER {name}")
+            ax2.plot(epochs, [h["val"][subset]["top1"] for h in history], "C1." + style, label=f"top-1 {name}")
     ax2.set_xlabel("epoch")
     ax2.set_ylim(0, 1)
     ax2.legend()
@@ -1296,7 +1296,7 @@ def run_train(args: argparse.Namespace) -> int:
         if s and s.get("n") and (subset == "seen" or "unseen" in m):
             print(f"val {subset:6s}: n={s['n']} top1={s['top1']:.3f} EER={s['eer']:.3f} AUC={s['auc']:.3f}")
     print(f"report: {result.report_path}")
-    for warning in filter(None, [collapse_warning(m), *result.warnings]):
+    for warning in filter(None, [collapse_warning(m, config.bn_batches), *result.warnings]):
         print(f"auditlens: warning: {warning}", file=sys.stderr)
     return 0
 
@@ -1310,18 +1310,21 @@ def collapsed(metrics: dict) -> bool:
     return bool(seen.get("n")) and seen.get("impostor_mean", 0.0) >= COLLAPSED_SCORE
 
 
-def collapse_warning(metrics: dict) -> str | None:
+def collapse_warning(metrics: dict, bn_batches: int = 1) -> str | None:
     """What to tell an engineer whose encoder gives every validation photo and original
     nearly the same latent, or scores its trained products' validation photos near chance
-    (AUC below :data:`COLLAPSED_AUC`), else None."""
+    (AUC below :data:`COLLAPSED_AUC`), else None. ``bn_batches``: the run's
+    ``--bn-batches``; at 0 the BatchNorm statistics, the usual cause, were never recomputed."""
     seen = metrics.get("seen") or {}
     if not seen.get("n"):
         return None
     if collapsed(metrics):
+        fix = ("Train again with --bn-batches 20 (this run recomputed no BatchNorm statistics, which "
+               "a short run leaves at their early values), or longer (--epochs, --steps-per-epoch)"
+               if not bn_batches else "Train longer (--epochs, --steps-per-epoch)")
         return (f"the encoder gives every image nearly the same latent (validation photos score "
                 f"{seen['impostor_mean']:.4f} on average against the other products' originals, a trained "
-                "model about 0): any photo would MATCH any product. Train longer (--epochs, "
-                "--steps-per-epoch); enroll refuses such a model")
+                f"model about 0): any photo would MATCH any product. {fix}; enroll refuses such a model")
     if seen.get("auc", 1.0) >= COLLAPSED_AUC:
         return None
     return (f"the encoder does not tell the validation products apart (AUC {seen['auc']:.2f}, 0.5 is "
