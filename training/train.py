@@ -1310,18 +1310,19 @@ def collapsed(metrics: dict) -> bool:
     return bool(seen.get("n")) and seen.get("impostor_mean", 0.0) >= COLLAPSED_SCORE
 
 
-def collapse_warning(metrics: dict, bn_batches: int = 1) -> str | None:
+def collapse_warning(metrics: dict, bn_batches: int | None = None) -> str | None:
     """What to tell an engineer whose encoder gives every validation photo and original
     nearly the same latent, or scores its trained products' validation photos near chance
     (AUC below :data:`COLLAPSED_AUC`), else None. ``bn_batches``: the run's
-    ``--bn-batches``; at 0 the BatchNorm statistics, the usual cause, were never recomputed."""
+    ``--bn-batches`` when known; at 0 the BatchNorm statistics, the usual cause, were never
+    recomputed."""
     seen = metrics.get("seen") or {}
     if not seen.get("n"):
         return None
     if collapsed(metrics):
         fix = ("Train again with --bn-batches 20 (this run recomputed no BatchNorm statistics, which "
                "a short run leaves at their early values), or longer (--epochs, --steps-per-epoch)"
-               if not bn_batches else "Train longer (--epochs, --steps-per-epoch)")
+               if bn_batches == 0 else "Train longer (--epochs, --steps-per-epoch)")
         return (f"the encoder gives every image nearly the same latent (validation photos score "
                 f"{seen['impostor_mean']:.4f} on average against the other products' originals, a trained "
                 f"model about 0): any photo would MATCH any product. {fix}; enroll refuses such a model")
