@@ -167,7 +167,10 @@ END;{_unchangeable("meta", "meta_read_only", "the audit log header cannot be cha
                    "the audit log header cannot be changed")}
 """
 
-_TRIGGERS = ("records_append_only_update", "records_append_only_delete", "records_extend_chain")
+_TRIGGERS = ("records_append_only_update", "records_append_only_delete", "records_extend_chain",
+             "meta_read_only_update", "meta_read_only_delete")
+"""Guards every log has had from its first version (the header's too: its log id is what a
+signed record's signature covers besides the record)."""
 _SIGNATURE_TRIGGERS = ("signatures_append_only_update", "signatures_append_only_delete",
                        "signatures_of_the_newest")
 """Guards of the signatures table (which logs written before it existed get on their next
@@ -217,7 +220,9 @@ def _check_judged_photo(photo: bytes, judged_sha256: str) -> None:
         raise AuditRecordError(
             "the photo given to the log is not the photo the verdict judged (its sha256 "
             f"differs from the verdict's photo_sha256 {judged_sha256[:12]}...); log the "
-            "bytes that were verified")
+            "bytes that were verified, or for a photo handed over as pixels (a PIL image, an "
+            "array) a PNG of the pixels as judged: auditlens.device_app.imaging.load_image(image), "
+            "EXIF orientation applied")
 
 
 def default_auditor() -> str:

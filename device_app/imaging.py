@@ -52,6 +52,8 @@ def _describe(source: ImageSource) -> str:
         return str(source)
     if isinstance(source, (bytes, bytearray)):
         return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):  # its file's name when opened from one
+        return getattr(source, "filename", "") or "<image handed over as pixels>"
     return getattr(source, "name", "<stream>")
 
 

@@ -505,8 +505,23 @@ def test_append_refuses_a_photo_other_than_the_judged_one(log_path, sample_bundl
         Image.fromarray(pixels).save(png, "PNG")
         assert log.append(from_pixels, photo=png.getvalue(), auditor="a") == 2
         assert log.append(from_pixels, photo=photo, auditor="a") == 3  # decodes to them too
-        with pytest.raises(AuditLogError, match="not the photo the verdict judged"):
+        with pytest.raises(AuditLogError, match="not the photo the verdict judged") as refused:
             log.append(from_pixels, photo=jpeg(), auditor="a")
+        assert "a PNG of the pixels as judged: auditlens.device_app.imaging.load_image(image)" in str(refused.value)
+        # a PIL image opened from an EXIF-rotated JPEG is judged upright: the log takes its
+        # pixels as load_image gives them, not as the file stores them
+        rotated = io.BytesIO()
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: rotate 90 degrees to view
+        Image.fromarray(pixels).save(rotated, "JPEG", exif=exif)
+        opened = Image.open(io.BytesIO(rotated.getvalue()))
+        judged = verifier.verify(opened, "Banana")
+        as_stored, as_judged = io.BytesIO(), io.BytesIO()
+        Image.open(io.BytesIO(rotated.getvalue())).convert("RGB").save(as_stored, "PNG")
+        load_image(opened).save(as_judged, "PNG")
+        with pytest.raises(AuditLogError, match="not the photo the verdict judged"):
+            log.append(judged, photo=as_stored.getvalue(), auditor="a")
+        assert log.append(judged, photo=as_judged.getvalue(), auditor="a") == 4
 
 
 def test_names_a_spreadsheet_would_run_are_exported_to_csv_as_text(log_path, tmp_path):
@@ -1175,6 +1190,22 @@ def test_verify_log_does_not_change_the_log(log_path, capsys):
             log.append(make_verdict(), photo=jpeg(), auditor="a")
     assert not report.triggers_intact  # not quietly restored by a verification
     assert _sha(log_path) == before
+
+
+@pytest.mark.parametrize("trigger", ["meta_read_only_update", "meta_read_only_delete"])
+def test_a_header_guard_dropped_by_hand_is_warned_about(log_path, trigger, capsys):
+    """The header's guards count among the append-only guards: one dropped (to rewrite the
+    log id or its creation time) is reported as the records' guards are."""
+    with AuditLog(log_path) as log:
+        log.append(make_verdict(), photo=jpeg(), auditor="a")
+    db = sqlite3.connect(log_path)
+    db.executescript(f"DROP TRIGGER {trigger};" + (
+        " UPDATE meta SET value = '2020-01-01T00:00:00+00:00' WHERE key = 'created_utc';"
+        if trigger.endswith("update") else ""))
+    db.close()
+    assert cli_main(["verify-log", str(log_path)]) == 0
+    assert "append-only guards are missing" in capsys.readouterr().out
+    assert cli_main(["verify-log", str(log_path), "--strict"]) == 5
 
 
 def test_verify_log_on_read_only_media(tmp_path):

@@ -271,12 +271,17 @@ def test_unusable_arrays_raise_image_error_naming_what_is_accepted(array):
 
 
 def test_small_arrays_are_refused_like_small_files():
+    from auditlens.cli import default_bundle
     from auditlens.errors import ImageTooSmallError
 
     with pytest.raises(ImageTooSmallError, match="8x8 pixels"):
         load_image(np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(ImageTooSmallError):
         load_image(np.zeros((0, 0), np.float32))
+    # through the verifier, which turns the array into an image first: named as pixels
+    # handed over, not as a stream
+    with pytest.raises(ImageTooSmallError, match=r"^<image handed over as pixels>: 0x0 pixels"):
+        Verifier(default_bundle()).prepare(np.zeros((0, 0, 3), np.uint8))
 
 
 def test_verifier_prepares_arrays_as_it_prepares_files(sample_photos):
