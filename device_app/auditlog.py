@@ -101,7 +101,7 @@ from auditlens.device_app.auditchain import (
     verdict_contradiction,
     verdict_text,
 )
-from auditlens.errors import AuditLogError, AuditLogKeyError, AuditRecordError
+from auditlens.errors import AuditChainError, AuditLogError, AuditLogKeyError, AuditRecordError
 from auditlens.files import atomic_write, fsync_dir
 
 MAX_PHOTO_SIDE = 1600
@@ -225,6 +225,24 @@ def _check_judged_photo(photo: bytes, judged_sha256: str) -> None:
             "EXIF orientation applied")
 
 
+def _cut_short(path: Path) -> tuple[int, int] | None:
+    """(the file's size, the size its SQLite header declares) when a SQLite file is shorter
+    than its header says it is (truncated after it was written), else None."""
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(100)
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return None
+    if header[92:96] != header[24:28]:  # the declared size is stale (written by an old SQLite)
+        return None
+    page_size = int.from_bytes(header[16:18], "big")
+    declared = (65536 if page_size == 1 else page_size) * int.from_bytes(header[28:32], "big")
+    return (size, declared) if size < declared else None
+
+
 def default_auditor() -> str:
     """The auditor name a log records when none is given: $USER, else the login name, else
     "" (no such name on this system)."""
@@ -314,6 +332,11 @@ class AuditLog:
             except sqlite3.DatabaseError as exc:
                 self.close()
                 locked = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+                cut = None if locked else _cut_short(self.path)
+                if cut:  # records lost, not a file of another kind: tampering's exit status
+                    raise AuditChainError(
+                        f"{self.path}: the log file is cut short ({cut[0]:,} of the {cut[1]:,} bytes "
+                        f"its header declares): records were lost or removed ({exc})") from exc
                 if not locked or time.monotonic() >= deadline:
                     raise AuditLogError(f"{self.path}: not a usable audit log: {exc}") from exc
                 time.sleep(random.uniform(0.01, 0.1))

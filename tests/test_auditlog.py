@@ -1192,6 +1192,25 @@ def test_verify_log_does_not_change_the_log(log_path, capsys):
     assert _sha(log_path) == before
 
 
+def test_a_log_file_cut_short_is_tampering_not_an_unreadable_file(log_path, tmp_path, capsys):
+    """A log truncated after it was written (records lost at its end, or most of it) exits
+    as a broken chain (4), saying how much of the file is missing; a file that is no log at
+    all stays an unreadable log (2)."""
+    with AuditLog(log_path) as log:
+        for i in range(12):
+            log.append(make_verdict(i), photo=jpeg(colour=(i * 20, 0, 0)), auditor="a")
+    size = log_path.stat().st_size
+    for keep in (size - 4096, size // 2, 4096):
+        cut = tmp_path / f"cut-{keep}.db"
+        cut.write_bytes(log_path.read_bytes()[:keep])
+        assert cli_main(["verify-log", str(cut)]) == 4
+        said = capsys.readouterr().err
+        assert f"the log file is cut short ({keep:,} of the {size:,} bytes its header declares)" in said
+    (tmp_path / "photo.db").write_bytes(jpeg())
+    assert cli_main(["verify-log", str(tmp_path / "photo.db")]) == 2
+    assert cli_main(["verify-log", str(log_path)]) == 0
+
+
 @pytest.mark.parametrize("trigger", ["meta_read_only_update", "meta_read_only_delete"])
 def test_a_header_guard_dropped_by_hand_is_warned_about(log_path, trigger, capsys):
     """The header's guards count among the append-only guards: one dropped (to rewrite the
