@@ -220,10 +220,11 @@ def refuse_non_bundle(path: str | os.PathLike) -> None:
     elif path.is_file():
         what = {".tflite": "a TFLite model", ".keras": "a Keras model",
                 ".json": "a JSON file (a model card or a report?)"}.get(path.suffix.lower(), "")
-    elif path.is_dir() and not (path / MANIFEST).exists() and (path / "report.json").is_file():
-        what = "a training run or an evaluation report"
-    elif path.is_dir() and not (path / MANIFEST).exists() and _holds_images(path):
-        what = "a folder of images (a catalogue's originals?)"
+    elif path.is_dir() and not (path / MANIFEST).exists():
+        if (path / "report.json").is_file():
+            what = "a training run or an evaluation report"
+        elif _holds_images(path):
+            what = "a folder of images (a catalogue's originals?)"
     if what:
         raise BundleFormatError(f"{path} is {what}, not a reference bundle (a folder holding {MANIFEST}, "
                                 "or its .zip); `auditlens enroll CATALOG --model MODEL.tflite --out BUNDLE` "

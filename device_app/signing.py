@@ -70,10 +70,7 @@ def require_cryptography() -> None:
 
 def _as_bytes(key: bytes | bytearray | str | os.PathLike) -> bytes:
     if isinstance(key, os.PathLike):
-        try:
-            return Path(key).read_bytes()
-        except OSError as exc:
-            raise BundleSignatureError(f"{key}: cannot read the key file: {exc}") from exc
+        return read_key_file(key, "key file")
     if isinstance(key, str):
         return key.encode("utf-8", "surrogateescape")
     if isinstance(key, (bytes, bytearray, memoryview)):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -408,9 +409,10 @@ class TrainingData:
     def ids(self) -> list[str]:
         return self.catalog.ids
 
-    @property
+    @functools.cached_property
     def photoless_note(self) -> str | None:
-        """What to say when some trained products have field photos and others none."""
+        """What to say when some trained products have field photos and others none (worked
+        out once: said when the data is loaded and again at the end of the run)."""
         return photoless_warning(self.train_ids, self.photos)
 
     @property
@@ -1320,8 +1322,9 @@ def collapse_warning(metrics: dict, bn_batches: int | None = None) -> str | None
     if not seen.get("n"):
         return None
     if collapsed(metrics):
-        fix = ("Train again with --bn-batches 20 (this run recomputed no BatchNorm statistics, which "
-               "a short run leaves at their early values), or longer (--epochs, --steps-per-epoch)"
+        fix = (f"Train again with --bn-batches {TrainConfig().bn_batches} (this run recomputed no "
+               "BatchNorm statistics, which a short run leaves at their early values), or longer "
+               "(--epochs, --steps-per-epoch)"
                if bn_batches == 0 else "Train longer (--epochs, --steps-per-epoch)")
         return (f"the encoder gives every image nearly the same latent (validation photos score "
                 f"{seen['impostor_mean']:.4f} on average against the other products' originals, a trained "
