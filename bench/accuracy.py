@@ -26,9 +26,6 @@ from auditlens.evaluation.protocol import make_pairs as protocol_pairs
 from .common import Timing, measure_interleaved
 from .peers import Method, ProductRef
 
-TARGET_FAR = 0.01
-
-
 # -- metrics and pairs: the evaluation module's, so the bench and `evaluate` agree ----------
 METRICS_SOURCE = "auditlens.evaluation.metrics"
 

@@ -120,11 +120,6 @@ class PreprocessSpec:
         return cls(input_size=size, crop=crop, photo_zooms=tuple(zooms), photo_mirror=mirror,
                    photo_shift=shift)
 
-    @classmethod
-    def single_view(cls, input_size: int = 96, crop: str = "center") -> PreprocessSpec:
-        """A spec that embeds a photo as its plain input alone (no view averaging)."""
-        return cls(input_size=input_size, crop=crop, photo_zooms=(1.0,), photo_mirror=False)
-
     @property
     def draft_size(self) -> tuple[int, int]:
         """Smallest decode size that still leaves 2x headroom for an antialiased resize."""
