@@ -17,6 +17,7 @@ from auditlens.device_app.imaging import load_image
 from auditlens.device_app.preprocess import moved_views, pool_views, to_photo_views
 from auditlens.device_app.verifier import Verifier, VerifierOptions
 from auditlens.errors import BundleFormatError, CatalogError
+from auditlens.evaluation import metrics
 from auditlens.evaluation.calibrate import calibrate, rewrite_bundle
 from auditlens.evaluation.evaluate import evaluate
 
@@ -113,6 +114,15 @@ def test_evaluate_scores_each_pair_as_the_verifier_decides_it(tmp_path, looked):
     assert len(rows) > 50
     for row in rows:
         assert (float(row["score"]) >= v.threshold) == v.verify(row["photo"], row["product"]).matched, row
+    # the first look's figures are those of the same pairs at their first scores
+    first = np.array([float(r["first_score"]) for r in rows])
+    kind = np.array([r["pair"] for r in rows])
+    look = report["second_look"]["first_look"]
+    assert look["eer"] == pytest.approx(metrics.eer(first[kind == "genuine"], first[kind != "genuine"]).eer, abs=1e-6)
+    assert look["eer_hard"] == pytest.approx(metrics.eer(first[kind == "genuine"], first[kind == "hard"]).eer, abs=1e-6)
+    assert look["auc"] == pytest.approx(metrics.roc_auc(first[kind == "genuine"], first[kind != "genuine"]), abs=1e-6)
+    assert not np.allclose(first, [float(r["score"]) for r in rows])  # every pair took the look: verdicts score otherwise
+    assert look["top1"] == report["overall"]["all"]["top1"]  # identification ranks first looks in both
 
 
 @pytest.mark.parametrize("edit, why", [

@@ -200,18 +200,20 @@ def _without_curves(decision: dict) -> dict:
 
 
 def second_look_report(look, embedded: Embedded, pairs: Pairs, threshold: float) -> dict:
-    """How often the second look was taken, and the first look's figures beside the verdicts'."""
+    """How often the second look was taken, and the first look's figures (every metric the
+    table has) beside the verdicts'."""
     first = embedded.scores[pairs.photo, pairs.product]
     taken = look.near(first, threshold)
     genuine, impostor = first[pairs.genuine], first[pairs.impostor]
-    both = genuine.size and impostor.size
+    ranks = metrics.identification_ranks(embedded.scores, embedded.truth)  # the first look's, as the table's
+    everyone = np.ones(len(embedded.photos), bool)
+    figures = summarize(Pairs(pairs.photo, pairs.product, pairs.kind, first), ranks, everyone,
+                        n_products=embedded.scores.shape[1])
     return {
         "photo_shift": look.photo_shift, "band": look.band, "threshold": look.threshold,
         "share_of_genuine_pairs": _f(taken[pairs.genuine].mean()) if genuine.size else None,
         "share_of_impostor_pairs": _f(taken[pairs.impostor].mean()) if impostor.size else None,
-        "first_look": {"eer": _f(metrics.eer(genuine, impostor).eer) if both else None,
-                       "tar_at_far_1%": (_f(metrics.tar_at_far(genuine, impostor, 0.01)[0])  # as summarize:
-                                         if both and 0.01 * impostor.size >= 1 else None),  # resolved only
+        "first_look": {**{k: v for k, v in figures.items() if k not in ("photos", "pairs")},
                        "far_at_threshold": _f((impostor >= threshold).mean()) if impostor.size else None,
                        "tar_at_threshold": _f((genuine >= threshold).mean()) if genuine.size else None},
     }
@@ -771,8 +773,9 @@ def _second_look_lines(report: dict) -> list[str]:
     return [f"second look (views moved by {look['photo_shift']:g}) at first scores within {look['band']:g} "
             f"of the threshold: {look['share_of_genuine_pairs']:.1%} of genuine, "
             f"{look['share_of_impostor_pairs']:.1%} of impostor pairs",
-            f"first look alone: EER {first['eer']:.2%}, TAR at FAR 1% "
-            + ("-" if first["tar_at_far_1%"] is None else f"{first['tar_at_far_1%']:.2%}")
+            f"first look alone: EER {first['eer']:.2%}, "
+            + ("" if first.get("eer_hard") is None else f"same-class EER {first['eer_hard']:.2%}, ")
+            + "TAR at FAR 1% " + ("-" if first["tar_at_far_1%"] is None else f"{first['tar_at_far_1%']:.2%}")
             + f"; at the threshold FAR {first['far_at_threshold']:.2%}, FRR {1 - first['tar_at_threshold']:.2%}",
             "the table scores each pair as the verdict does: a TAR at FAR 1% swept over these scores "
             "counts the second look only near the bundle's threshold, so for a set whose 1% point "
