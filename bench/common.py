@@ -253,9 +253,5 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def mib(nbytes: float) -> float:
-    return nbytes / 1024**2
-
-
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"

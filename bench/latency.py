@@ -97,12 +97,12 @@ def encoder_latency(models: dict[str, Path], runs: int, log=print) -> list[Laten
 
 def score_stage(verifier: Verifier) -> str:
     """What a verify's score step does for this bundle, as its row names it."""
-    terms = ["best reference"]
+    terms = ["best reference's cosine"]
     if verifier.cells_weight:
-        terms.append("plus the cell term: the product's and the cohort's cells")
+        terms.append("+ cell term (the product's and the cohort's cells)")
     if verifier.rival_weight:
-        terms.append("less the rival term: the best other product's score")
-    return f"score ({', '.join(terms)})"
+        terms.append("- rival term (the best other product)")
+    return f"score: {' '.join(terms)}"
 
 
 def second_look_latency(verifier: Verifier, photo: Path, product_id: str, runs: int) -> list[LatencyRow]:

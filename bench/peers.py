@@ -216,7 +216,7 @@ class _Features(Method):
 
 class ORB(_Features):
     name = "ORB + RANSAC"
-    describe = "OpenCV ORB (500 features, 480 px), ratio test 0.75, homography RANSAC inliers"
+    describe = "OpenCV ORB (500 features, longer side brought down to 480 px), ratio test 0.75, homography RANSAC inliers"
 
     def _make_detector(self):
         return self._cv2.ORB_create(nfeatures=self.nfeatures)
@@ -227,7 +227,7 @@ class ORB(_Features):
 
 class SIFT(_Features):
     name = "SIFT + RANSAC"
-    describe = "OpenCV SIFT (500 features, 480 px), ratio test 0.75, homography RANSAC inliers"
+    describe = "OpenCV SIFT (500 features, longer side brought down to 480 px), ratio test 0.75, homography RANSAC inliers"
 
     def _make_detector(self):
         return self._cv2.SIFT_create(nfeatures=self.nfeatures)
@@ -239,10 +239,14 @@ class SIFT(_Features):
 # -- auditlens ----------------------------------------------------------------------------
 class Auditlens(Method):
     """The product itself: the bundle's int8 encoder, scored as the verifier scores (the
-    cosine to the best reference, plus the cell term of a bundle that weighs cells)."""
+    cosine to the best reference, plus the cell term of a bundle that weighs cells, less
+    the rival term of one that weighs rivals: both look beyond the pair, at a cohort of
+    originals and at the photo's best other product)."""
 
     name = "auditlens"
-    describe = "int8 TFLite encoder (1 thread), the verifier's score"
+    describe = ("int8 TFLite encoder (1 thread), the verifier's score: the cosine plus the bundle's "
+                "cell term (standardised against a cohort of originals) less its rival term (what the "
+                "photo's best other product beats the claim by)")
     references_from_bundle = True
 
     def __init__(self, bundle_path) -> None:

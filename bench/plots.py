@@ -22,21 +22,24 @@ def roc(methods, out: Path, labels: dict[str, str] | None = None) -> Path:
     labels = labels or {}
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    lowest = 1e-3  # the smallest FAR the impostor pairs resolve (one of them), at most 1e-3
     for m in methods:
         g, i = np.asarray(m.genuine, float), np.asarray(m.impostor, float)
         ts = np.unique(np.concatenate([g, i]))[::-1]
         far = np.array([(i >= t).mean() for t in ts])
         tar = np.array([(g >= t).mean() for t in ts])
-        ax.plot(np.maximum(far, 1e-4), tar, label=f"{labels.get(m.name, m.name)} (EER {m.eer:.1%})",
+        lowest = max(lowest, 1 / max(len(i), 1))
+        seen = far > 0  # FAR 0 has no place on a log axis, and says nothing below 1 / pairs
+        ax.plot(far[seen], tar[seen], label=f"{labels.get(m.name, m.name)} (EER {m.eer:.1%})",
                 lw=2.5 if m.name == "auditlens" else 1.2)
     ax.axvline(0.01, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
-    ax.set_xlim(1e-3, 1)
+    ax.set_xlim(lowest, 1)
     ax.set_ylim(0, 1.01)
     ax.set_xlabel("false-accept rate (FAR)")
     ax.set_ylabel("true-accept rate (TAR)")
     ax.set_title("Verification ROC, same pairs for every method")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -66,22 +69,27 @@ def speed_accuracy(methods, out: Path, photo_size: str, labels: dict[str, str] |
 
 
 def latency(rows, out: Path) -> Path:
-    """Median (dot) and p95 (end of the line) of each latency row, on a log axis (dots, not
-    bars: a bar's length on a log axis means nothing)."""
+    """Median (dot, with its value) and p95 (end of the line) of each latency row, on a log
+    axis (dots, not bars: a bar's length on a log axis means nothing)."""
+    import textwrap
+
     plt = _pyplot()
-    labels = [r.what for r in rows]
+    labels = [textwrap.fill(r.what, 58) for r in rows]
     med = np.array([r.timing.median for r in rows])
     p95 = np.array([r.timing.p95 for r in rows])
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2))
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig, ax = plt.subplots(figsize=(10, 0.26 * lines + 0.12 * len(rows) + 1.3))
     y = np.arange(len(rows))
     ax.hlines(y, med, np.maximum(p95, med), color="tab:blue", lw=1.2)
-    ax.plot(med, y, "o", color="tab:blue", ms=4, label="median")
-    ax.plot(p95, y, "|", color="tab:blue", ms=7, label="p95")
+    ax.plot(med, y, "o", color="tab:blue", ms=4)
+    ax.plot(p95, y, "|", color="tab:blue", ms=7)
+    for yy, m, p in zip(y, med, np.maximum(p95, med)):
+        ax.annotate(f"{m:.2f}", (p, yy), textcoords="offset points", xytext=(6, -3), fontsize=7)
     ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("ms (dot: median, line to p95; log)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlim(right=ax.get_xlim()[1] * 3)  # room for the values
+    ax.set_xlabel("ms, log (dot and number: median; line to p95)")
     ax.set_title("auditlens latency")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
@@ -108,7 +116,7 @@ def identify_scale(rows, out: Path) -> Path:
     a1.axhline(20, color="grey", ls=":", lw=1, label="goal: <= 20 ms at 100k (engine)")
     a2.axhline(50, color="grey", ls=":", lw=1, label="goal: <= 50 MB at 100k (engine)")
     for ax in (a1, a2):
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle("identify over large catalogues (random unit latents)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
