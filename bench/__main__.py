@@ -368,9 +368,11 @@ def trained_on(model_id: str, product_ids, split: str | None) -> str | None:
     decision = card.get("decision") or {}
     ids = list(product_ids)
     whole = decision.get("products") == products_fingerprint(ids)
-    named = (decision.get("rivals") or {}).get("products") if isinstance(decision.get("rivals"), dict) else None
+    rivals = decision.get("rivals")
+    named = rivals.get("products") if isinstance(rivals, dict) else None
     some = isinstance(named, list) and set(ids) <= set(named)
-    if card.get("model_id") != model_id or not (whole or some) or (training.get("data") or {}).get("held_out_products") != []:
+    held_out = (training.get("data") or {}).get("held_out_products")
+    if card.get("model_id") != model_id or not (whole or some) or held_out != []:
         return None
     val = whole and split == "val" and decision.get("photos_source") == "val.csv"
     return "trained on these products" + (" (val split)" if val else "")

@@ -242,6 +242,30 @@ def test_ratio_column_says_n_a_without_auditlens():
     assert (cells[3], cells[7], cells[8]) == ("n/a", "n/a", "n/a")  # TAR, both ratios
 
 
+def test_time_ratios_keep_two_significant_figures():
+    from bench.__main__ import _times
+
+    assert [_times(x) for x in (0.0612, 0.115, 0.2, 1.0, 3.627, 14.4, None)] == [
+        "0.061x", "0.12x", "0.20x", "1.0x", "3.6x", "14x", "n/a"]
+
+
+def test_the_shipped_models_products_count_as_trained_on_whole_or_in_part():
+    """The bench names auditlens' row as trained on these products for the card's 61
+    products and for a part of them (the sample's 10), not for a product it never saw or
+    for another model."""
+    from bench.__main__ import trained_on
+
+    card = json.loads((REPO / "models" / "encoder.json").read_text(encoding="utf-8"))
+    model_id, all_61 = card["model_id"], card["decision"]["rivals"]["products"]
+    sample = [r["product_id"] for r in csv.DictReader(open(REPO / "models" / "sample" / "catalog.csv"))]
+    assert len(all_61) == 61 and set(sample) < set(all_61)
+    assert trained_on(model_id, all_61, "val") == "trained on these products (val split)"
+    assert trained_on(model_id, sample, None) == "trained on these products"
+    assert trained_on(model_id, sample, "val") == "trained on these products"  # a part: no split named
+    assert trained_on(model_id, [*sample, "Some-New-Product"], None) is None
+    assert trained_on("0" * 16, sample, None) is None
+
+
 def test_bench_limits_numpy_blas_to_one_thread():
     """Importing the bench before numpy pins BLAS to one thread, whatever the environment
     asked for (a 2-thread OpenBLAS runs a second thread from import on)."""
